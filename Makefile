@@ -1,0 +1,28 @@
+# Everything a fresh machine needs: `make demo` (main job) and `make test` (test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sparseft-installed
+
+.PHONY: demo test lint bench clean-venv
+
+$(STAMP): pyproject.toml requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sparseft demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sparseft tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_cost.py
+
+clean-venv:
+	rm -rf $(VENV)

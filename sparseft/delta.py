@@ -1,0 +1,446 @@
+"""The sparse-delta engine: train selected weight entries without dense gradients.
+
+After `apply(model, selection)`:
+- every selected weight stays a frozen parameter that holds the *merged* value base + delta in
+  place; its trainable part is a small `values` vector (one entry per selected index) in a
+  `SparseDelta` module attached to the layer as `<layer>.sparse_delta[<param name>]`;
+- forward uses that dense weight as it is (no copy); when the optimizer has changed `values`
+  (detected through the tensor's version counter) the next forward rewrites only the selected
+  entries, so any training loop works;
+- backward of an `nn.Linear` computes the input gradient as usual and, for the weight, only the
+  selected entries (sampled dot products, `sparseft.kernels`); other layers (convolutions, any
+  other module) get the gradient of their weight as a transient tensor from which the selected
+  entries are gathered: no `.grad`, no optimizer state is ever held for frozen weights;
+- biases, layer-scale and the head train in full; all other parameters are frozen.
+
+`merge` turns the model into a plain one (no extra modules, parameters or forward overrides);
+`unmerge` writes every base value back bit-exactly, from an applied or from a merged model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseft.kernels import sampled_dot
+from sparseft.models import fingerprint, head_parameter_names
+from sparseft.select.selection import Selection
+
+BatchNormMode = Literal["update", "frozen"]
+
+
+class DeltaError(RuntimeError):
+    """A model in the wrong state for the requested delta operation."""
+
+
+# -- flat index helpers ------------------------------------------------------------------
+
+def _read_flat(param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return param.detach().reshape(-1).index_select(0, index)
+
+
+def _write_flat(param: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    with torch.no_grad():
+        values = values.to(param.dtype)
+        if param.is_contiguous():
+            param.view(-1).index_copy_(0, index, values)
+        else:
+            param.index_put_(torch.unravel_index(index, param.shape), values)
+
+
+def _merged_values(base: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """base + delta in the delta's precision: the single formula every writer uses."""
+    return base.to(values.dtype) + values.detach()
+
+
+# -- autograd functions ------------------------------------------------------------------
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+class _SparseLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with the gradient of W taken at the selected entries only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, rows, cpos, ucols):  # noqa: ARG004 - values ties the graph
+        cast = _autocast_dtype(x)
+        compute = cast or x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(compute)
+            y = F.linear(xc, weight.to(compute), None if bias is None else bias.to(compute))
+        x2 = xc.reshape(-1, xc.shape[-1])
+        saved_x = x2 if ucols is None else x2.index_select(1, ucols)
+        ctx.save_for_backward(saved_x, weight, rows, cpos)
+        ctx.compute, ctx.x_dtype, ctx.x_shape = compute, x.dtype, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.values_dtype = values.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved_x, weight, rows, cpos = ctx.saved_tensors
+        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.compute)
+        grad_x = grad_b = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ weight.to(ctx.compute)).reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0, dtype=torch.float32 if ctx.compute != torch.float64 else torch.float64)
+            grad_b = grad_b.to(ctx.bias_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_values = sampled_dot(g2, saved_x, rows, cpos).to(ctx.values_dtype)
+        return grad_x, None, grad_b, grad_values, None, None, None
+
+
+class _InjectDelta(torch.autograd.Function):
+    """Pass a frozen weight through unchanged; route its gradient's selected entries to `values`."""
+
+    @staticmethod
+    def forward(ctx, weight, values, index):  # noqa: ARG004
+        ctx.save_for_backward(index)
+        ctx.values_dtype = values.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_weight):
+        (index,) = ctx.saved_tensors
+        return None, grad_weight.reshape(-1).index_select(0, index).to(ctx.values_dtype), None
+
+
+# -- the per-parameter delta module --------------------------------------------------------
+
+class SparseDelta(nn.Module):
+    """Trainable `values` at fixed flat `index` entries of one frozen parameter.
+
+    `base` keeps the original values of those entries (for unmerge and for re-writing
+    base + values after each update). For 2-D weights it also keeps the row and column of each
+    entry and the columns that occur, so a Linear backward saves only those input columns.
+    """
+
+    def __init__(self, param: torch.Tensor, index: torch.Tensor, linear: bool = False) -> None:
+        super().__init__()
+        index = index.to(device=param.device, dtype=torch.int64)
+        value_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        self.values = nn.Parameter(torch.zeros(index.numel(), dtype=value_dtype, device=param.device))
+        self.register_buffer("index", index)
+        self.register_buffer("base", _read_flat(param, index).clone(), persistent=False)
+        self.shape = tuple(param.shape)
+        self._synced_version = -1
+        self.linear = linear
+        if linear:
+            in_features = param.shape[1]
+            rows, cols = index // in_features, index % in_features
+            ucols, cpos = torch.unique(cols, return_inverse=True)
+            self.register_buffer("rows", rows.to(torch.int32), persistent=False)
+            self.register_buffer("cpos", cpos.to(torch.int32), persistent=False)
+            # when every column occurs, the backward keeps the whole input as it is
+            self.register_buffer("ucols", None if ucols.numel() == in_features else ucols, persistent=False)
+
+    def sync(self, param: torch.Tensor, force: bool = False) -> None:
+        """Write base + values into `param` if `values` changed since the last write."""
+        version = self.values._version
+        if force or version != self._synced_version:
+            _write_flat(param, self.index, _merged_values(self.base, self.values))
+            self._synced_version = self.values._version
+
+    def extra_repr(self) -> str:
+        return f"nnz={self.index.numel()}, shape={self.shape}, linear={self.linear}"
+
+
+def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    delta: SparseDelta = self.sparse_delta["weight"]
+    delta.sync(self.weight)
+    return _SparseLinear.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
+
+
+def _injected_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    originals = {}
+    try:
+        for name, delta in self.sparse_delta.items():
+            param = self._parameters[name]
+            delta.sync(param)
+            originals[name] = param
+            self._parameters[name] = _InjectDelta.apply(param, delta.values, delta.index)
+        forward = self._sparseft_prev_forward or types.MethodType(type(self).forward, self)
+        return forward(*args, **kwargs)
+    finally:
+        self._parameters.update(originals)
+
+
+def _frozen_bn_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """`train()` replacement that keeps a BatchNorm layer in eval mode (frozen statistics)."""
+    return nn.Module.train(self, False)
+
+
+def _uses_linear_path(module: nn.Module, name: str) -> bool:
+    if name != "weight" or not isinstance(module, nn.Linear) or "forward" in module.__dict__:
+        return False
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
+        return True
+    try:
+        from timm.layers import Linear as TimmLinear
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return forward is TimmLinear.forward
+
+
+# -- model-level state ---------------------------------------------------------------------
+
+@dataclass
+class DeltaState:
+    """What sparseft remembers on a model (as `model._sparseft`) between apply and unmerge."""
+
+    selection: Selection
+    fingerprint: str
+    head: list[str]
+    base_full: dict[str, torch.Tensor]
+    base_buffers: dict[str, torch.Tensor]
+    requires_grad: dict[str, bool]
+    batchnorm: BatchNormMode
+    merged: bool = False
+    # filled by merge(): per parameter (index, base values, delta values)
+    merged_entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def state_of(model: nn.Module) -> DeltaState | None:
+    """The model's `DeltaState`, or None for a plain model."""
+    return model.__dict__.get("_sparseft")
+
+
+def _owner(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
+    mod_name, _, leaf = param_name.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), leaf
+
+
+def _batchnorm_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = "update",
+          head: str | None = None) -> nn.Module:
+    """Make `model` train only what `selection` names, in place; returns the model.
+
+    `batchnorm="update"` lets BatchNorm running statistics adapt during training (they are
+    saved with the delta); `"frozen"` keeps BatchNorm layers in eval mode.
+    """
+    if state_of(model) is not None:
+        raise DeltaError("model already has sparseft deltas; merge or unmerge it first")
+    if batchnorm not in ("update", "frozen"):
+        raise ValueError(f"batchnorm must be 'update' or 'frozen', not {batchnorm!r}")
+    selection.check_model(model)
+    heads = head_parameter_names(model, head)
+    state = DeltaState(
+        selection=selection,
+        fingerprint=fingerprint(model, exclude=set(heads)),
+        head=heads,
+        base_full={n: p.detach().clone() for n, p in model.named_parameters() if n in set(selection.full)},
+        base_buffers={n: b.detach().clone() for n, b in model.named_buffers()},
+        requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+        batchnorm=batchnorm,
+    )
+    full = set(selection.full)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in full)
+        p.grad = None
+    for name, index in selection.indices.items():
+        if index.numel() == 0:
+            continue
+        module, leaf = _owner(model, name)
+        linear = _uses_linear_path(module, leaf)
+        if "sparse_delta" not in module._modules:
+            module.sparse_delta = nn.ModuleDict()
+        module.sparse_delta[leaf] = SparseDelta(module._parameters[leaf], index, linear=linear)
+        if linear:
+            module.forward = types.MethodType(_sparse_linear_forward, module)
+        elif not getattr(module, "_sparseft_injected", False):
+            module._sparseft_prev_forward = module.__dict__.get("forward")
+            module._sparseft_injected = True
+            module.forward = types.MethodType(_injected_forward, module)
+    if batchnorm == "frozen":
+        for bn in _batchnorm_modules(model):
+            bn.train = types.MethodType(_frozen_bn_train, bn)
+            bn.train(False)
+    model._sparseft = state
+    return model
+
+
+def _detach_modules(model: nn.Module) -> None:
+    """Remove delta modules, forward overrides and BatchNorm overrides."""
+    for module in model.modules():
+        if "sparse_delta" in module._modules:
+            del module._modules["sparse_delta"]
+        if getattr(module, "_sparseft_injected", False):
+            prev = module.__dict__.pop("_sparseft_prev_forward")
+            del module.__dict__["_sparseft_injected"]
+            if prev is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = prev
+        elif getattr(module.__dict__.get("forward"), "__func__", None) is _sparse_linear_forward:
+            del module.__dict__["forward"]
+        if getattr(module.__dict__.get("train"), "__func__", None) is _frozen_bn_train:
+            del module.__dict__["train"]
+
+
+def deltas(model: nn.Module) -> dict[str, SparseDelta]:
+    """The live `SparseDelta` modules of an applied model, by parameter name."""
+    found = {}
+    for mod_name, module in model.named_modules():
+        if "sparse_delta" in module._modules:
+            for leaf, delta in module.sparse_delta.items():
+                found[f"{mod_name}.{leaf}" if mod_name else leaf] = delta
+    return found
+
+
+def sync(model: nn.Module) -> None:
+    """Write base + delta into every selected entry now (forward does it lazily).
+
+    Needed only after changing `values.data` directly, which bypasses version tracking.
+    """
+    for name, delta in deltas(model).items():
+        module, leaf = _owner(model, name)
+        delta.sync(module._parameters[leaf], force=True)
+
+
+def _require_state(model: nn.Module) -> DeltaState:
+    state = state_of(model)
+    if state is None:
+        raise DeltaError("model has no sparseft deltas (apply() or load_delta() first)")
+    return state
+
+
+def sparse_entries(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(index, delta values) per selected parameter, for an applied or merged model."""
+    state = _require_state(model)
+    if state.merged:
+        return {n: (idx, vals) for n, (idx, _, vals) in state.merged_entries.items()}
+    return {n: (d.index, d.values.detach()) for n, d in deltas(model).items()}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Bake the deltas in and drop every sparseft module and override: a plain model remains.
+
+    The base values are kept on the side (not as parameters or buffers) so `unmerge` can
+    restore them; `forget_base(model)` drops them.
+    """
+    state = _require_state(model)
+    if state.merged:
+        return model
+    sync(model)
+    state.merged_entries = {n: (d.index.clone(), d.base.clone(), d.values.detach().clone())
+                            for n, d in deltas(model).items()}
+    _detach_modules(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(name, True))
+    state.merged = True
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore the base model bit-exactly (weights, biases, head, buffers) and drop the deltas."""
+    state = _require_state(model)
+    params = dict(model.named_parameters())
+    if state.merged:
+        for name, (index, base, _) in state.merged_entries.items():
+            _write_flat(params[name], index, base)
+    else:
+        for name, delta in deltas(model).items():
+            _write_flat(params[name], delta.index, delta.base)
+        _detach_modules(model)
+    with torch.no_grad():
+        for name, value in state.base_full.items():
+            params[name].copy_(value)
+        buffers = dict(model.named_buffers())
+        for name, value in state.base_buffers.items():
+            if name in buffers:
+                buffers[name].copy_(value)
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(name, True))
+        p.grad = None
+    del model.__dict__["_sparseft"]
+    return model
+
+
+def forget_base(model: nn.Module) -> nn.Module:
+    """Drop the remembered base values of a merged model (it can no longer be unmerged)."""
+    state = _require_state(model)
+    if not state.merged:
+        raise DeltaError("forget_base needs a merged model")
+    del model.__dict__["_sparseft"]
+    return model
+
+
+@contextlib.contextmanager
+def base_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily run the base model (deltas written out), e.g. to compare outputs."""
+    state = _require_state(model)
+    if state.merged:
+        raise DeltaError("base_weights needs an applied (not merged) model")
+    params = dict(model.named_parameters())
+    saved_full = {n: params[n].detach().clone() for n in state.base_full}
+    buffers = dict(model.named_buffers())
+    saved_buffers = {n: b.detach().clone() for n, b in buffers.items() if n in state.base_buffers}
+    try:
+        with torch.no_grad():
+            for name, delta in deltas(model).items():
+                _write_flat(params[name], delta.index, delta.base)
+                delta._synced_version = -1
+            for n, v in state.base_full.items():
+                params[n].copy_(v)
+            for n, v in state.base_buffers.items():
+                if n in buffers:
+                    buffers[n].copy_(v)
+            for d in deltas(model).values():
+                d._synced_version = d.values._version  # keep the base values during the block
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, v in saved_full.items():
+                params[n].copy_(v)
+            for n, v in saved_buffers.items():
+                buffers[n].copy_(v)
+        sync(model)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of trainable values (parameters with requires_grad), head included."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_summary(model: nn.Module) -> dict[str, Any]:
+    """Trainable values split into backbone and head, with the backbone share in percent.
+
+    Sparse deltas count one value per selected entry; the base weights they live in do not
+    count as trainable. The share is relative to the backbone's parameter count.
+    """
+    state = state_of(model)
+    heads = set(state.head if state else head_parameter_names(model))
+    total_backbone = trainable_backbone = trainable_head = 0
+    for name, p in model.named_parameters():
+        if "sparse_delta." in name:
+            continue
+        if name in heads:
+            trainable_head += p.numel() if p.requires_grad else 0
+        else:
+            total_backbone += p.numel()
+            trainable_backbone += p.numel() if p.requires_grad else 0
+    for d in (deltas(model).values() if state and not state.merged else []):
+        trainable_backbone += d.values.numel()
+    return {
+        "backbone_params": total_backbone,
+        "trainable_backbone": trainable_backbone,
+        "trainable_head": trainable_head,
+        "trainable_total": trainable_backbone + trainable_head,
+        "backbone_percent": 100.0 * trainable_backbone / max(total_backbone, 1),
+    }

@@ -1,0 +1,211 @@
+"""Delta files: one small `.safetensors` file per task.
+
+Contents: for every selected parameter its indices (int32 where they fit) and delta values; the
+parameters trained in full (biases, layer-scale, head); buffers that training changed (BatchNorm
+statistics); and a JSON header with the method, the selection's settings, a fingerprint of the
+base model, a manifest of every tensor (name, dtype, shape) and a sha256 of all tensor bytes.
+
+`load_delta` checks all of that before it touches the model: a delta made for another base, a
+truncated or corrupt file, a missing or extra tensor, or shapes that do not fit are refused with
+an error that names the file and the problem, and the model is left as it was. Nothing is ever
+unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sparseft import __version__
+from sparseft.delta import DeltaError, apply, deltas, sparse_entries, state_of, unmerge
+from sparseft.delta import merge as merge_model
+from sparseft.fileutil import atomic_path
+from sparseft.models import fingerprint, head_parameter_names
+from sparseft.select.selection import Selection
+
+FORMAT = "sparseft.delta/1"
+
+
+class DeltaFileError(ValueError):
+    """A delta file that cannot be applied to the given model."""
+
+
+def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _manifest(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    return {n: [str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in sorted(tensors.items())}
+
+
+def delta_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a delta file holds for an applied or merged model (CPU, contiguous)."""
+    state = state_of(model)
+    if state is None:
+        raise DeltaFileError("model has no sparseft deltas to save (apply() or load_delta() first)")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (index, values) in sparse_entries(model).items():
+        small = index.numel() == 0 or int(index.max()) < 2**31 - 1
+        tensors[f"sparse/{name}/index"] = index.to(torch.int32 if small else torch.int64).cpu().contiguous()
+        tensors[f"sparse/{name}/values"] = values.detach().cpu().contiguous()
+    params = dict(model.named_parameters())
+    for name in state.selection.full:
+        tensors[f"full/{name}"] = params[name].detach().cpu().contiguous()
+    for name, buf in model.named_buffers():
+        base = state.base_buffers.get(name)
+        if base is not None and not torch.equal(buf, base):
+            tensors[f"buffer/{name}"] = buf.detach().cpu().contiguous()
+    return tensors
+
+
+def save_delta(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the model's task delta to `path` atomically; returns the path."""
+    state = state_of(model)
+    tensors = delta_tensors(model)
+    header = {
+        "format": FORMAT,
+        "sparseft_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": state.fingerprint,
+        "head": state.head,
+        "batchnorm": state.batchnorm,
+        "shapes": {n: list(s) for n, s in state.selection.shapes.items() if n in state.selection.indices},
+        "full": state.selection.full,
+        "selection": state.selection.meta,
+        "manifest": _manifest(tensors),
+        "checksum": _tensor_checksum(tensors),
+        "extra": extra or {},
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "header": json.dumps(header)})
+    return Path(path)
+
+
+def read_delta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and verify a delta file on its own (no model): returns (header, tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaFileError(f"{path}: delta file not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise DeltaFileError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from err
+    if metadata.get("format") != FORMAT:
+        raise DeltaFileError(f"{path}: not a sparseft delta (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    try:
+        header = json.loads(metadata["header"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise DeltaFileError(f"{path}: delta header is missing or malformed") from err
+    manifest = header.get("manifest", {})
+    missing = sorted(set(manifest) - set(tensors))
+    unexpected = sorted(set(tensors) - set(manifest))
+    if missing:
+        raise DeltaFileError(f"{path}: file is missing tensors listed in its manifest: {missing[:10]}")
+    if unexpected:
+        raise DeltaFileError(f"{path}: file holds tensors not in its manifest: {unexpected[:10]}")
+    if _manifest(tensors) != manifest:
+        bad = [n for n, t in _manifest(tensors).items() if manifest.get(n) != t]
+        raise DeltaFileError(f"{path}: tensors differ from the manifest in dtype or shape: {bad[:10]}")
+    if _tensor_checksum(tensors) != header.get("checksum"):
+        raise DeltaFileError(f"{path}: tensor checksum mismatch: the file's contents are corrupt")
+    return header, tensors
+
+
+def _plan(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], path: Path) -> Selection:
+    """Check everything against the model and return the selection to apply."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    shapes = {n: tuple(s) for n, s in header["shapes"].items()}
+    indices = {}
+    for name, shape in shapes.items():
+        if name not in params:
+            raise DeltaFileError(f"{path}: delta for parameter '{name}', which this model does not have")
+        if tuple(params[name].shape) != shape:
+            raise DeltaFileError(f"{path}: '{name}' has shape {shape} in the delta but "
+                                 f"{tuple(params[name].shape)} in the model")
+        index, values = tensors[f"sparse/{name}/index"], tensors[f"sparse/{name}/values"]
+        if index.shape != values.shape:
+            raise DeltaFileError(f"{path}: '{name}' has {index.numel()} indices but {values.numel()} values")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= params[name].numel()):
+            raise DeltaFileError(f"{path}: '{name}' has indices outside its {params[name].numel()} entries")
+        if not torch.isfinite(values).all():
+            raise DeltaFileError(f"{path}: '{name}' holds NaN or infinite delta values")
+        if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+            raise DeltaFileError(f"{path}: '{name}' indices are not strictly increasing")
+        indices[name] = index.to(torch.int64)
+    for name in header["full"]:
+        t = tensors.get(f"full/{name}")
+        if t is None:
+            raise DeltaFileError(f"{path}: no tensor for fully trained parameter '{name}'")
+        if name not in params or params[name].shape != t.shape:
+            raise DeltaFileError(f"{path}: fully trained parameter '{name}' {tuple(t.shape)} does not fit the model")
+    for key, t in tensors.items():
+        if key.startswith("buffer/"):
+            name = key.removeprefix("buffer/")
+            if name not in buffers or buffers[name].shape != t.shape:
+                raise DeltaFileError(f"{path}: buffer '{name}' {tuple(t.shape)} does not fit the model")
+    return Selection(indices=indices, shapes=shapes, full=header["full"], meta=header.get("selection", {}))
+
+
+def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, merge: bool = False) -> nn.Module:
+    """Apply the task delta in `path` to a plain base `model`, in place; returns the model.
+
+    The model stays trainable (an applied model) unless `merge=True`. With `check_base=False`
+    the base fingerprint is not compared (for deliberate transfer to another base of the same
+    architecture).
+    """
+    path = Path(path)
+    if state_of(model) is not None:
+        raise DeltaError("model already has sparseft deltas; unmerge it before loading another delta")
+    header, tensors = read_delta(path)
+    head = header.get("head") or head_parameter_names(model)
+    if check_base:
+        missing_head = [n for n in head if n not in dict(model.named_parameters())]
+        if missing_head:
+            raise DeltaFileError(f"{path}: the model has no head parameters {missing_head}")
+        actual = fingerprint(model, exclude=set(head))
+        if actual != header["fingerprint"]:
+            raise DeltaFileError(
+                f"{path}: this delta was made for another base model (fingerprint {header['fingerprint'][:12]}…, "
+                f"this model {actual[:12]}…); load the base weights it was trained from")
+    selection = _plan(model, header, tensors, path)
+    head_module = None
+    if header.get("head"):
+        head_module = header["head"][0].rsplit(".", 1)[0]
+    apply(model, selection, batchnorm=header.get("batchnorm", "update"), head=head_module)
+    try:
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, delta in deltas(model).items():
+                delta.values.copy_(tensors[f"sparse/{name}/values"].to(delta.values))
+                delta.sync(params[name], force=True)
+            for name in selection.full:
+                params[name].copy_(tensors[f"full/{name}"])
+            for key, t in tensors.items():
+                if key.startswith("buffer/"):
+                    buffers[key.removeprefix("buffer/")].copy_(t)
+    except Exception:
+        unmerge(model)
+        raise
+    # the sparse entries were applied: state keeps the file's fingerprint for later saves
+    state_of(model).fingerprint = header["fingerprint"]
+    if merge:
+        merge_model(model)
+    return model
