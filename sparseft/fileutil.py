@@ -36,6 +36,16 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def cache_dir() -> Path:
+    """sparseft's cache folder: compiled kernels, fetched data sets and weights.
+
+    ``$SPARSEFT_CACHE`` if set, else ``$XDG_CACHE_HOME/sparseft`` or ``~/.cache/sparseft``.
+    """
+    root = os.environ.get("SPARSEFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sparseft")
+    return Path(root)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()

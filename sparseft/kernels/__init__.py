@@ -24,19 +24,13 @@ from pathlib import Path
 
 import torch
 
+from sparseft.fileutil import cache_dir
+
 _SOURCE = Path(__file__).with_name("sddmm.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_failed = False
-
-
-def cache_dir() -> Path:
-    """Folder for sparseft's compiled kernels and downloads (``$SPARSEFT_CACHE``)."""
-    root = os.environ.get("SPARSEFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sparseft"
-    )
-    return Path(root)
 
 
 def _cpu_signature() -> str:
