@@ -38,7 +38,12 @@ class Eligibility:
     full: tuple[str, ...] = ()     # fnmatch patterns forced to train in full
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready form (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Eligibility:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def _is_norm_module(mod: nn.Module) -> bool:

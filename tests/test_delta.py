@@ -1,0 +1,236 @@
+"""The sparse-delta engine: exact gradients, frozen entries untouched, merge/unmerge exact."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model, toy_batches
+from torch import nn
+
+import sparseft
+from sparseft.delta import DeltaError, deltas, state_of
+from sparseft.select import Selection, parameter_roles
+
+
+def random_selection(model: nn.Module, k: int = 2, seed: int = 0) -> Selection:
+    """Top-k of random scores per neuron over the default eligible weights."""
+    g = torch.Generator().manual_seed(seed)
+    roles = parameter_roles(model)
+    params = dict(model.named_parameters())
+    indices, shapes = {}, {}
+    for name, role in roles.items():
+        if role != "select":
+            continue
+        p = params[name]
+        rows = torch.rand(p.shape[0], p[0].numel(), generator=g)
+        cols = rows.topk(min(k, rows.shape[1]), dim=1).indices
+        indices[name] = (cols + torch.arange(p.shape[0])[:, None] * rows.shape[1]).reshape(-1)
+        shapes[name] = tuple(p.shape)
+    return Selection(indices=indices, shapes=shapes, full=[n for n, r in roles.items() if r == "full"])
+
+
+def dense_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    F.cross_entropy(ref(x), y).backward()
+    return {n: p.grad for n, p in ref.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "convnext", "mobilenetv2", "mlp"])
+def test_delta_gradients_equal_dense_autograd_float64(family):
+    model = tiny_model(family).double().eval()  # eval: no dropout / drop-path, deterministic
+    x, y = toy_batches(1, batch=4, dtype=torch.float64)[0]
+    reference = dense_grads(model, x, y)
+    x_ref = x.clone().requires_grad_(True)
+    x_ref_grad = torch.autograd.grad(F.cross_entropy(_with_grad(model)(x_ref), y), x_ref)[0]
+    x.requires_grad_(True)
+
+    sel = random_selection(model)
+    sparseft.apply(model, sel)
+    F.cross_entropy(model(x), y).backward()
+    params = dict(model.named_parameters())
+    checked_sparse = 0
+    for name, delta in deltas(model).items():
+        expected = reference[name].reshape(-1)[delta.index]
+        torch.testing.assert_close(delta.values.grad, expected, rtol=1e-10, atol=1e-12)
+        checked_sparse += 1
+        assert params[name].grad is None, f"{name}: a frozen weight got a dense gradient"
+    assert checked_sparse == len([i for i in sel.indices.values() if i.numel()])
+    for name in sel.full:
+        torch.testing.assert_close(params[name].grad, reference[name], rtol=1e-10, atol=1e-12)
+    for name, p in params.items():
+        if not p.requires_grad:
+            assert p.grad is None, name
+    torch.testing.assert_close(x.grad, x_ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def _with_grad(model):
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def test_linear_fast_path_is_used_for_vit_and_mlp():
+    for family in ("vit", "mlp"):
+        model = tiny_model(family)
+        sparseft.apply(model, random_selection(model))
+        linear = [n for n, d in deltas(model).items() if d.linear]
+        assert linear, family
+        if family == "vit":
+            assert "blocks.0.attn.qkv.weight" in linear
+            assert "patch_embed.proj.weight" in deltas(model) and not deltas(model)["patch_embed.proj.weight"].linear
+
+
+def test_bf16_autocast_gradients_close_to_fp32():
+    model = tiny_model("vit").eval()
+    x, y = toy_batches(1, batch=8)[0]
+    sel = random_selection(model)
+    ref = copy.deepcopy(model)
+    sparseft.apply(model, sel)
+    sparseft.apply(ref, sel)
+    F.cross_entropy(ref(x), y).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    F.cross_entropy(out.float(), y).backward()
+    for name, d in deltas(model).items():
+        r = deltas(ref)[name].values.grad
+        assert d.values.grad.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(d.values.grad, r, dim=0) > 0.98, name
+
+
+def _train(model, steps=3, lr=1e-2, weight_decay=0.05, batches=None):
+    batches = batches or toy_batches(steps, batch=8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    model.train()
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_training_changes_only_selected_entries(family):
+    model = tiny_model(family)
+    base = copy.deepcopy(model)
+    sel = random_selection(model, k=1)
+    sparseft.apply(model, sel)
+    _train(model)
+    model.eval()
+    model(toy_batches(1)[0][0])  # a forward writes the last update into the weights
+    trained, original = dict(model.named_parameters()), dict(base.named_parameters())
+    changed_any = False
+    for name, p in original.items():
+        now = trained[name].detach()
+        if name in sel.indices:
+            mask = torch.zeros(p.numel(), dtype=torch.bool)
+            mask[sel.indices[name]] = True
+            assert torch.equal(now.reshape(-1)[~mask], p.detach().reshape(-1)[~mask]), f"{name}: unselected changed"
+            changed_any |= not torch.equal(now.reshape(-1)[mask], p.detach().reshape(-1)[mask])
+        elif name in sel.full:
+            assert not torch.equal(now, p.detach()), f"{name}: trained-in-full parameter did not change"
+        else:
+            assert torch.equal(now, p.detach()), f"{name}: frozen parameter changed"
+    assert changed_any
+
+
+def test_optimizer_state_exists_only_for_trainable_tensors():
+    model = tiny_model("vit")
+    sel = random_selection(model, k=1)
+    sparseft.apply(model, sel)
+    opt = _train(model, steps=1)
+    state_numel = sum(t.numel() for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert state_numel == 2 * sparseft.trainable_parameters(model)
+    expected = sel.num_sparse + sum(dict(model.named_parameters())[n].numel() for n in sel.full)
+    assert sparseft.trainable_parameters(model) == expected
+
+
+def test_merge_gives_plain_model_with_same_outputs_and_unmerge_is_exact():
+    model = tiny_model("vit")
+    base = copy.deepcopy(model)
+    sparseft.apply(model, random_selection(model))
+    _train(model)
+    model.eval()
+    x = toy_batches(1)[0][0]
+    applied_out = model(x)
+    sparseft.merge(model)
+    assert not any("sparse_delta" in n for n, _ in model.named_modules())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
+    assert set(model.state_dict()) == set(base.state_dict())
+    torch.testing.assert_close(model(x), applied_out, rtol=0, atol=0)
+    sparseft.unmerge(model)
+    assert state_of(model) is None
+    for (n, a), (_, b) in zip(model.state_dict().items(), base.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in base.parameters()]
+
+
+def test_unmerge_from_applied_state_restores_base_and_forward():
+    model = tiny_model("convnext")
+    base = copy.deepcopy(model)
+    sparseft.apply(model, random_selection(model))
+    _train(model)
+    sparseft.unmerge(model)
+    for (n, a), (_, b) in zip(model.state_dict().items(), base.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = toy_batches(1)[0][0]
+    model.eval(), base.eval()
+    assert torch.equal(model(x), base(x))
+
+
+def test_base_weights_context_runs_the_base_then_restores():
+    model = tiny_model("vit").eval()
+    base = copy.deepcopy(model)
+    sparseft.apply(model, random_selection(model))
+    _train(model)
+    model.eval()
+    x = toy_batches(1)[0][0]
+    tuned = model(x)
+    with sparseft.base_weights(model):
+        assert torch.equal(model(x), base(x))
+    assert torch.equal(model(x), tuned)
+
+
+def test_direct_value_edits_need_sync_and_version_tracking_catches_optimizer_steps():
+    model = tiny_model("mlp").eval()
+    sparseft.apply(model, random_selection(model))
+    d = deltas(model)["1.weight"]
+    w = model[1].weight
+    with torch.no_grad():
+        d.values.add_(1.0)  # in-place op: version changes, next forward writes it
+    model(torch.zeros(1, 3, 32, 32))
+    assert torch.equal(w.detach().reshape(-1)[d.index], d.base + 1.0)
+    d.values.data.fill_(2.0)  # .data bypasses the version counter: sync() is the documented remedy
+    sparseft.sync(model)
+    assert torch.equal(w.detach().reshape(-1)[d.index], d.base + 2.0)
+
+
+def test_state_errors_are_clear():
+    model = tiny_model("mlp")
+    with pytest.raises(DeltaError, match="no sparseft deltas"):
+        sparseft.merge(model)
+    sel = random_selection(model)
+    sparseft.apply(model, sel)
+    with pytest.raises(DeltaError, match="already has sparseft deltas"):
+        sparseft.apply(model, sel)
+    other = tiny_model("vit")
+    with pytest.raises(ValueError, match="does not have"):
+        sparseft.apply(other, sel)
+
+
+def test_batchnorm_frozen_mode_keeps_statistics():
+    model = tiny_model("resnet")
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    sparseft.apply(model, random_selection(model), batchnorm="frozen")
+    _train(model, steps=2)
+    assert all(torch.equal(b, stats[n]) for n, b in model.named_buffers() if n in stats)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert not bn.training
+    sparseft.merge(model)
+    model.train()
+    assert bn.training  # the override is gone after merge

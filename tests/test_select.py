@@ -1,0 +1,206 @@
+"""GPS selection: the loss, the scores, per-neuron top-K, determinism, eligibility."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import tiny_model, toy_batches
+
+import sparseft
+from sparseft.select import Eligibility, Selection, SelectionError, parameter_roles, supcon_loss, top_k_per_neuron
+from sparseft.select.gps import gradient_scores
+
+
+def naive_supcon(features, labels, t):
+    z = torch.nn.functional.normalize(features, dim=1)
+    n = len(z)
+    total, anchors = 0.0, 0
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        denom = sum(math.exp(float(z[i] @ z[j]) / t) for j in others)
+        pos = [j for j in others if labels[j] == labels[i]]
+        if not pos:
+            continue
+        total += -sum(float(z[i] @ z[p]) / t - math.log(denom) for p in pos) / len(pos)
+        anchors += 1
+    return total / anchors
+
+
+def test_supcon_matches_a_direct_implementation():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 2, 1, 0, 3, 1, 2, 2])  # label 3 has no positive: skipped as anchor
+    assert abs(supcon_loss(f, y, 0.5).item() - naive_supcon(f, y, 0.5)) < 1e-5
+    with pytest.raises(ValueError, match="features"):
+        supcon_loss(f, y[:3])
+
+
+def test_supcon_prefers_class_clusters():
+    y = torch.tensor([0, 0, 1, 1])
+    clustered = torch.tensor([[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]])
+    mixed = torch.tensor([[1.0, 0], [0, 1], [1, 0.1], [0.1, 1]])
+    assert supcon_loss(clustered, y) < supcon_loss(mixed, y)
+
+
+def test_default_roles_follow_the_official_code(vit):
+    roles = parameter_roles(vit)
+    assert roles["blocks.0.attn.qkv.weight"] == "select"
+    assert roles["blocks.0.mlp.fc2.weight"] == "select"
+    assert roles["patch_embed.proj.weight"] == "select"
+    assert roles["blocks.0.attn.qkv.bias"] == "full"
+    assert roles["blocks.0.norm1.weight"] == roles["blocks.0.norm1.bias"] == "frozen"
+    assert roles["pos_embed"] == roles["cls_token"] == roles["norm.weight"] == "frozen"
+    assert roles["head.weight"] == roles["head.bias"] == "full"
+    roles = parameter_roles(vit, Eligibility(select_patch_embed=False, train_bias=False, frozen=("blocks.1.*",)))
+    assert roles["patch_embed.proj.weight"] == "frozen"
+    assert roles["blocks.0.attn.qkv.bias"] == "frozen"
+    assert roles["blocks.1.attn.qkv.weight"] == "frozen"
+
+
+def test_batchnorm_layers_count_as_norms_by_type():
+    roles = parameter_roles(tiny_model("resnet"))
+    assert roles["bn1.weight"] == roles["bn1.bias"] == "frozen"
+    assert roles["conv1.0.weight"] == "select"
+    assert roles["fc.weight"] == "full"
+    roles = parameter_roles(tiny_model("convnext"))
+    assert roles["stages.0.blocks.0.gamma"] == "full"
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("family", ["vit", "convnext", "mobilenetv2"])
+def test_top_k_per_neuron_holds_for_every_eligible_weight(family, k):
+    model = tiny_model(family)
+    sel = sparseft.select(model, toy_batches(2), k=k, progress=False)
+    roles = parameter_roles(model)
+    assert set(sel.indices) == {n for n, r in roles.items() if r == "select"}
+    assert set(sel.full) == {n for n, r in roles.items() if r == "full"}
+    for name, shape in sel.shapes.items():
+        row_len = math.prod(shape[1:])
+        counts = sel.per_row_counts(name)
+        assert counts.shape == (shape[0],)
+        assert bool((counts == min(k, row_len)).all()), name
+
+
+def test_selected_entries_are_the_highest_scores_of_each_row(vit):
+    batches = toy_batches(2)
+    roles = parameter_roles(vit)
+    names = [n for n, r in roles.items() if r == "select"]
+    scores, _ = gradient_scores(vit, batches, names, progress=False)
+    sel = sparseft.select(vit, batches, k=2, progress=False)
+    for name in names:
+        rows = scores[name].reshape(scores[name].shape[0], -1)
+        chosen = torch.zeros_like(rows, dtype=torch.bool).reshape(-1)
+        chosen[sel.indices[name]] = True
+        chosen = chosen.reshape(rows.shape)
+        min_chosen = torch.where(chosen, rows, torch.inf).min(1).values
+        max_other = torch.where(chosen, -torch.inf, rows).max(1).values
+        assert bool((min_chosen >= max_other).all()), name
+
+
+def test_selection_is_deterministic_for_a_seed_and_leaves_the_model_alone(vit):
+    vit.eval()
+    before = copy.deepcopy(vit.state_dict())
+    flags = [p.requires_grad for p in vit.parameters()]
+    a = sparseft.select(vit, toy_batches(2), k=1, seed=3, progress=False)
+    b = sparseft.select(vit, toy_batches(2), k=1, seed=3, progress=False)
+    c = sparseft.select(vit, toy_batches(2), k=1, seed=4, progress=False)
+    assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.indices)
+    assert any(not torch.equal(a.indices[n], c.indices[n]) for n in a.indices)  # augmentation depends on seed
+    assert all(torch.equal(v, vit.state_dict()[k]) for k, v in before.items())
+    assert flags == [p.requires_grad for p in vit.parameters()]
+    assert not vit.training and all(p.grad is None for p in vit.parameters())
+
+
+def test_batchnorm_statistics_survive_selection():
+    model = tiny_model("resnet")
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    sparseft.select(model, toy_batches(1), progress=False)
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+
+
+def test_two_view_batches_are_used_as_given(vit):
+    x, y = toy_batches(1)[0]
+    views = [x, x.flip(-1)]
+    s1, _ = gradient_scores(vit, [(views, y)], ["blocks.0.attn.qkv.weight"], progress=False)
+    s2, _ = gradient_scores(vit, [(views, y)], ["blocks.0.attn.qkv.weight"], progress=False, seed=9)
+    torch.testing.assert_close(s1["blocks.0.attn.qkv.weight"], s2["blocks.0.attn.qkv.weight"])  # no augmentation
+    with pytest.raises(ValueError, match="at least two views"):
+        gradient_scores(vit, [([x], y)], ["blocks.0.attn.qkv.weight"], progress=False)
+    with pytest.raises(ValueError, match="yield"):
+        gradient_scores(vit, [x], ["blocks.0.attn.qkv.weight"], progress=False)
+
+
+def test_chunked_scoring_is_exact():
+    """Without stochastic layers chunking changes nothing; with drop-path each chunk's re-run
+    replays the masks its no-grad forward drew, so the gradients are those of that forward."""
+    import timm
+
+    from sparseft.models import feature_fn
+
+    x, y = toy_batches(1, batch=8)[0]
+    batch = [([x, x.flip(-1)], y)]
+    for rate in (0.0, 0.3):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=4,
+                                  drop_path_rate=rate)
+        names = [n for n, r in parameter_roles(model).items() if r == "select"]
+        chunked, _ = gradient_scores(model, batch, names, progress=False, seed=1, chunk_size=5)
+        if rate == 0.0:
+            reference, _ = gradient_scores(model, batch, names, progress=False, seed=1)
+        else:  # same chunks, with gradients, in one graph
+            model.train()
+            torch.manual_seed(1)
+            features = feature_fn(model)
+            xx, yy = torch.cat([x, x.flip(-1)]), y.repeat(2)
+            out = torch.cat([features(xx[i:i + 5]) for i in range(0, 16, 5)])
+            grads = torch.autograd.grad(supcon_loss(out, yy), [dict(model.named_parameters())[n] for n in names])
+            reference = {n: g.abs() for n, g in zip(names, grads)}
+        for n in names:
+            torch.testing.assert_close(chunked[n], reference[n], rtol=1e-4, atol=1e-6)
+
+
+def test_score_reductions_differ_as_defined(vit):
+    name = "blocks.0.mlp.fc1.weight"
+    batches = toy_batches(3)
+    abs_of_sum, _ = gradient_scores(vit, batches, [name], reduction="abs_of_sum", progress=False)
+    sum_of_abs, _ = gradient_scores(vit, batches, [name], reduction="sum_of_abs", progress=False)
+    assert bool((sum_of_abs[name] >= abs_of_sum[name] - 1e-6).all())
+    assert not torch.allclose(sum_of_abs[name], abs_of_sum[name])
+
+
+def test_top_k_rejects_bad_k_and_caps_at_row_length():
+    scores = {"w": torch.arange(12.0).reshape(3, 2, 2)}
+    assert top_k_per_neuron(scores, 10)["w"].tolist() == list(range(12))
+    assert top_k_per_neuron(scores, 1)["w"].tolist() == [3, 7, 11]
+    with pytest.raises(ValueError, match="at least 1"):
+        top_k_per_neuron(scores, 0)
+
+
+def test_selection_round_trips_through_a_file(tmp_path, vit):
+    sel = sparseft.select(vit, toy_batches(1), k=2, progress=False)
+    path = sel.save(tmp_path / "sel.safetensors")
+    back = Selection.load(path)
+    assert back.full == sel.full and back.meta == sel.meta and back.shapes == sel.shapes
+    assert all(torch.equal(back.indices[n], sel.indices[n]) for n in sel.indices)
+    assert back.describe()["num_sparse"] == sel.num_sparse
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(SelectionError, match="junk.safetensors"):
+        Selection.load(tmp_path / "junk.safetensors")
+
+
+def test_selection_validates_indices_and_model_shapes(vit):
+    with pytest.raises(SelectionError, match="out of range"):
+        Selection(indices={"w": torch.tensor([0, 6])}, shapes={"w": (2, 3)})
+    with pytest.raises(SelectionError, match="both sparse and full"):
+        Selection(indices={"w": torch.tensor([0])}, shapes={"w": (2, 3)}, full=["w"])
+    bad = Selection(indices={"head.weight": torch.tensor([0])}, shapes={"head.weight": (3, 3)})
+    with pytest.raises(SelectionError, match="shape"):
+        bad.check_model(vit)
+
+
+def test_ce_loss_scores_through_the_head(vit):
+    name = "blocks.0.attn.proj.weight"
+    ce, _ = gradient_scores(vit, toy_batches(1), [name], loss="ce", progress=False)
+    sc, _ = gradient_scores(vit, toy_batches(1), [name], loss="supcon", progress=False)
+    assert ce[name].abs().sum() > 0 and not torch.allclose(ce[name], sc[name])
