@@ -1,0 +1,92 @@
+"""Training checkpoints without pickle: trainable tensors + optimizer state + a JSON record.
+
+A checkpoint is a pair `<stem>.safetensors` (tensors) and `<stem>.json` (epoch, step, history,
+optimizer hyper-parameters, a sha256 of the tensor file). Only what training changes is stored:
+trainable parameters, buffers (BatchNorm statistics) and the optimizer's per-parameter state,
+so a checkpoint is as small as the task. Both files are written atomically, the JSON last; a
+checkpoint whose tensor file does not match the hash in its JSON is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sparseft.fileutil import atomic_path, sha256_file, write_text_atomic
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not exist, is damaged, or does not fit the model."""
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    record: dict[str, Any]) -> None:
+    """Write `<stem>.safetensors` and `<stem>.json`; `record` must be JSON-serialisable."""
+    stem = Path(stem)
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in _trainable(model).items()}
+    tensors.update({f"buffer/{n}": b.detach().cpu().contiguous() for n, b in model.named_buffers()
+                    if b is not None and "sparse_delta." not in n})
+    opt_state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in opt_state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt/{idx}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    tensor_path = stem.with_suffix(".safetensors")
+    with atomic_path(tensor_path) as tmp:
+        save_file(tensors, str(tmp))
+    meta = {**record, "param_groups": opt_state["param_groups"], "opt_scalars": scalars,
+            "tensors_sha256": sha256_file(tensor_path)}
+    write_text_atomic(stem.with_suffix(".json"), json.dumps(meta, indent=1))
+
+
+def load_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model tensors and optimizer state in place; returns the JSON record."""
+    stem = Path(stem)
+    json_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not json_path.is_file() or not tensor_path.is_file():
+        raise CheckpointError(f"{stem}: no complete checkpoint (.json and .safetensors) found")
+    try:
+        meta = json.loads(json_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{json_path}: malformed checkpoint record ({err})") from err
+    if sha256_file(tensor_path) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"{tensor_path}: does not match the hash in {json_path.name} (damaged or mixed up)")
+    try:
+        tensors = load_file(str(tensor_path))
+    except SafetensorError as err:
+        raise CheckpointError(f"{tensor_path}: unreadable ({err})") from err
+    params = _trainable(model)
+    expected = {f"param/{n}" for n in params}
+    present = {k for k in tensors if k.startswith("param/")}
+    if expected != present:
+        raise CheckpointError(f"{tensor_path}: trainable parameters differ from the model's "
+                              f"(missing {sorted(expected - present)[:5]}, extra {sorted(present - expected)[:5]})")
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param/{n}"])
+        for key, t in tensors.items():
+            if key.startswith("buffer/") and key[7:] in buffers:
+                buffers[key[7:]].copy_(t)
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        if key.startswith("opt/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = t
+    for idx, values in meta.get("opt_scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta

@@ -1,0 +1,213 @@
+"""Training and evaluation loop shared by every method.
+
+`fit` trains whatever parameters of the model require gradients (the method decides which),
+with AdamW or Adam, timm's cosine schedule with linear warm-up (stepped per update), optional
+label smoothing, gradient clipping and bf16 autocast. It evaluates after every epoch and, given
+a run folder, writes there:
+
+    config.json        the run's settings (plus what the caller adds)
+    metrics.jsonl      one JSON line per epoch
+    checkpoint.*       the last finished epoch (trainables, buffers, optimizer): resumes exactly
+    summary.json       final metrics, parameter counts, timing
+
+Each epoch reseeds the global RNG from (seed, epoch), so shuffling, augmentation and drop-path
+after a resume are those of an uninterrupted run. A NaN or infinite loss stops the run with
+`TrainingDiverged`; the checkpoint of the last good epoch stays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseft.checkpoint import load_checkpoint, save_checkpoint
+from sparseft.delta import parameter_summary
+from sparseft.fileutil import write_text_atomic
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults suit a short CPU run, the papers use 100 epochs."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-7
+    min_lr: float = 1e-8
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    bf16: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'adam', not {config.optimizer!r}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress: bool = False,
+             desc: str = "eval") -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of `model` on `loader` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluation loader yielded no samples")
+    return {"acc": correct / total, "loss": loss_sum / total, "n": total}
+
+
+def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
+        eval_loaders: dict[str, Iterable] | None = None, run_dir: str | Path | None = None,
+        resume: bool = False, save_task: Callable[[nn.Module, Path], Any] | None = None,
+        run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the model's trainable parameters; returns {"history", "final", "summary"}.
+
+    `eval_loaders` are evaluated after every epoch (e.g. {"val": ..., "test": ...}).
+    `save_task(model, path)` writes the task file at the end (default: a sparse delta when the
+    model has one). With `resume=True` a run folder's checkpoint is continued; a finished run
+    returns its summary without training.
+    """
+    eval_loaders = eval_loaders or {}
+    run_dir = Path(run_dir) if run_dir is not None else None
+    device = _device_of(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config)
+    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    total_steps = max(1, config.epochs * steps_per_epoch)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=config.min_lr,
+                                  warmup_t=int(round(config.warmup_epochs * steps_per_epoch)),
+                                  warmup_lr_init=config.warmup_lr, t_in_epochs=False)
+    history: list[dict[str, Any]] = []
+    start_epoch, step, train_time = 0, 0, 0.0
+    stem = run_dir / "checkpoint" if run_dir else None
+
+    if run_dir is not None:
+        summary_path = run_dir / "summary.json"
+        if resume and stem.with_suffix(".json").exists():
+            record = load_checkpoint(stem, model, optimizer)
+            history, start_epoch, step = record["history"], record["epoch"] + 1, record["step"]
+            train_time = record.get("train_time_s", 0.0)
+            if start_epoch >= config.epochs and summary_path.exists():
+                return json.loads(summary_path.read_text())
+        elif (run_dir / "config.json").exists() and not resume:
+            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True or choose another folder")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.json", json.dumps(
+            {"train": config.to_dict(), **(run_info or {})}, indent=1, default=str))
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    scheduler.step_update(step)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(_epoch_seed(config.seed, epoch))
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
+                   leave=False)
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                where = f" (last good checkpoint: {stem}.json, epoch {epoch})" if stem and epoch > 0 else ""
+                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                       f"lower the learning rate{where}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                                   "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                                   "epoch_time_s": round(epoch_time, 3)}
+        for name, loader in eval_loaders.items():
+            result = evaluate(model, loader, bf16=config.bf16)
+            metrics[f"{name}_acc"], metrics[f"{name}_loss"] = result["acc"], result["loss"]
+        history.append(metrics)
+        if config.progress:
+            shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            tqdm.write(shown)
+        if run_dir is not None:
+            save_checkpoint(stem, model, optimizer, {"epoch": epoch, "step": step, "history": history,
+                                                     "train_time_s": train_time})
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    summary = {"history": history, "final": history[-1] if history else {},
+               "params": parameter_summary(model), "train_time_s": round(train_time, 2)}
+    for name in eval_loaders:
+        values = [h[f"{name}_acc"] for h in history if f"{name}_acc" in h]
+        if values:
+            summary[f"best_{name}_acc"] = max(values)
+    if run_dir is not None:
+        if save_task is None:
+            from sparseft.delta import state_of
+            from sparseft.deltafile import save_delta
+
+            if state_of(model) is not None:
+                save_delta(model, run_dir / "delta.safetensors", extra=run_info)
+        else:
+            save_task(model, run_dir)
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=_json_default))
+    return summary
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
