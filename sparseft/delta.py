@@ -208,6 +208,7 @@ class DeltaState:
     base_buffers: dict[str, torch.Tensor]
     requires_grad: dict[str, bool]
     batchnorm: BatchNormMode
+    keep_base: bool = True
     merged: bool = False
     # filled by merge(): per parameter (index, base values, delta values)
     merged_entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -228,11 +229,13 @@ def _batchnorm_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = "update",
-          head: str | None = None) -> nn.Module:
+          head: str | None = None, keep_base: bool = True) -> nn.Module:
     """Make `model` train only what `selection` names, in place; returns the model.
 
     `batchnorm="update"` lets BatchNorm running statistics adapt during training (they are
-    saved with the delta); `"frozen"` keeps BatchNorm layers in eval mode.
+    saved with the delta); `"frozen"` keeps BatchNorm layers in eval mode. `keep_base=False`
+    keeps no copy of the parameters trained in full (saves memory when that is most of the
+    model, as in full fine-tuning); such a model cannot be unmerged.
     """
     if state_of(model) is not None:
         raise DeltaError("model already has sparseft deltas; merge or unmerge it first")
@@ -244,10 +247,12 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
         selection=selection,
         fingerprint=fingerprint(model, exclude=set(heads)),
         head=heads,
-        base_full={n: p.detach().clone() for n, p in model.named_parameters() if n in set(selection.full)},
+        base_full={n: p.detach().clone() for n, p in model.named_parameters()
+                   if keep_base and n in set(selection.full)},
         base_buffers={n: b.detach().clone() for n, b in model.named_buffers()},
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
         batchnorm=batchnorm,
+        keep_base=keep_base,
     )
     full = set(selection.full)
     for name, p in model.named_parameters():
@@ -350,6 +355,8 @@ def merge(model: nn.Module) -> nn.Module:
 def unmerge(model: nn.Module) -> nn.Module:
     """Restore the base model bit-exactly (weights, biases, head, buffers) and drop the deltas."""
     state = _require_state(model)
+    if not state.keep_base:
+        raise DeltaError("this model was applied with keep_base=False: its base values are gone")
     params = dict(model.named_parameters())
     if state.merged:
         for name, (index, base, _) in state.merged_entries.items():
@@ -385,8 +392,8 @@ def forget_base(model: nn.Module) -> nn.Module:
 def base_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily run the base model (deltas written out), e.g. to compare outputs."""
     state = _require_state(model)
-    if state.merged:
-        raise DeltaError("base_weights needs an applied (not merged) model")
+    if state.merged or not state.keep_base:
+        raise DeltaError("base_weights needs an applied (not merged) model that kept its base values")
     params = dict(model.named_parameters())
     saved_full = {n: params[n].detach().clone() for n in state.base_full}
     buffers = dict(model.named_buffers())
@@ -395,14 +402,12 @@ def base_weights(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad():
             for name, delta in deltas(model).items():
                 _write_flat(params[name], delta.index, delta.base)
-                delta._synced_version = -1
+                delta._synced_version = delta.values._version  # forward keeps the base values
             for n, v in state.base_full.items():
                 params[n].copy_(v)
             for n, v in state.base_buffers.items():
                 if n in buffers:
                     buffers[n].copy_(v)
-            for d in deltas(model).values():
-                d._synced_version = d.values._version  # keep the base values during the block
         yield model
     finally:
         with torch.no_grad():

@@ -1,0 +1,271 @@
+"""`sparseft` command line: select, train, eval, merge, info, methods, demo, data, weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sparseft.train import TrainConfig
+
+EPILOG = """examples:
+  sparseft data fetch mini-vtab                    # offline tasks into the cache
+  sparseft weights fetch mobilenetv2_100_offline   # offline ImageNet weights
+  sparseft train --model mobilenetv2_100_offline --data mini-vtab/fashion_mnist --method gps --k 1 \\
+      --img-size 64 --epochs 10 --out runs/fashion-gps
+  sparseft eval runs/fashion-gps/delta.safetensors --data mini-vtab/fashion_mnist
+  sparseft merge runs/fashion-gps/delta.safetensors --out fashion-model.safetensors
+"""
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=required,
+                   help="timm model name (e.g. vit_small_patch16_224) or offline backbone (sparseft weights list)")
+    g.add_argument("--weights", help="local backbone weights: .safetensors, or a trusted .pth read weights-only")
+    g.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (needs internet)")
+    g.add_argument("--img-size", type=int, help="input resolution (ViTs resample position embeddings; default: "
+                                                "the backbone's own)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="a VTAB-1k task folder, fgvc:<dir>, folder:<dir>, or a fetched "
+                                                 "task such as mini-vtab/fashion_mnist")
+    g.add_argument("--preprocessing", default="vtab", choices=["vtab", "fgvc"],
+                   help="vtab: resize, no augmentation; fgvc: random resized crop + flip for training")
+    g.add_argument("--batch-size", type=int, default=32, help="training (and selection) batch size")
+    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("training")
+    g.add_argument("--protocol", default="final", choices=["final", "tune"],
+                   help="final: train on train800val200, evaluate on test; tune: train800 -> val200")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    g.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "adam"], help="optimizer")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up length (epochs)")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine schedule's final learning rate")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing of the loss")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (pays off for ViT-S/B at 224 px on CPUs "
+                                                       "with AMX, and on GPUs)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for selection, shuffling and initialisation")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
+                       warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, label_smoothing=args.label_smoothing,
+                       grad_clip=args.grad_clip, bf16=args.bf16, seed=args.seed, progress=not args.no_progress)
+
+
+def _spec(args: argparse.Namespace, method: str, options: dict):
+    from sparseft.run import PROTOCOL_SPLITS, RunSpec
+
+    train_split, eval_splits = PROTOCOL_SPLITS[args.protocol]
+    return RunSpec(model=args.model, data=args.data, method=method, options=options, weights=args.weights,
+                   pretrained=args.pretrained, img_size=args.img_size, batch_size=args.batch_size,
+                   train_split=train_split, eval_splits=eval_splits, preprocessing=args.preprocessing,
+                   workers=args.workers, train=_train_config(args))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sparseft.methods import options_from_args
+    from sparseft.run import run
+
+    spec = _spec(args, args.method, options_from_args(args.method, args))
+    summary = run(spec, args.out, resume=args.resume)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    final = summary.get("final", {})
+    params = summary.get("params", {})
+    accs = " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.endswith("_acc"))
+    print(f"{summary.get('method')}: {accs}  trainable backbone {params.get('trainable_backbone', 0):,} "
+          f"({params.get('backbone_percent', 0):.3f} %) + head {params.get('trainable_head', 0):,}  "
+          f"train {summary.get('train_time_s', 0):.1f} s")
+    if "task_file" in summary:
+        print(f"task file: {summary['task_file']} ({summary['task_file_bytes'] / 1024:.1f} KiB)")
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from sparseft.methods import MethodContext, get_method, options_from_args
+    from sparseft.run import RunSpec, TaskData, build_model, num_classes_of
+
+    spec = RunSpec(model=args.model, data=args.data, weights=args.weights, pretrained=args.pretrained,
+                   img_size=args.img_size, batch_size=args.batch_size, train_split=args.split,
+                   workers=args.workers, train=TrainConfig(seed=args.seed, progress=not args.no_progress))
+    model = build_model(args.model, num_classes_of(spec), img_size=args.img_size, weights=args.weights,
+                        pretrained=args.pretrained)
+    data = TaskData(spec, model)
+    method = get_method("gps", **options_from_args("gps", args))
+    ctx = MethodContext(loader=lambda kind: data.loader(kind), seed=args.seed, progress=not args.no_progress)
+    selection = method.select(model, ctx)
+    selection.meta.update({"model": args.model, "data": args.data, "split": args.split})
+    selection.save(args.out)
+    d = selection.describe()
+    print(f"selected {d['num_sparse']:,} entries in {len(d['sparse'])} weights (+ {len(d['full'])} parameters "
+          f"trained in full) -> {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sparseft.run import evaluate_task
+
+    result = evaluate_task(args.task_file, args.data, args.split, batch_size=args.batch_size, weights=args.weights,
+                           preprocessing=args.preprocessing)
+    print(json.dumps({"task_file": str(args.task_file), "split": args.split, **result}))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from sparseft.deltafile import read_delta
+    from sparseft.fileutil import atomic_path
+    from sparseft.methods import METHODS
+    from sparseft.run import load_task_model
+
+    header, _ = read_delta(args.task_file)
+    method = METHODS[header.get("extra", {}).get("method", "gps")]()
+    if not method.mergeable:
+        print(f"error: method {method.name} adds modules and cannot be merged into the base weights",
+              file=sys.stderr)
+        return 2
+    model = method.merge(load_task_model(args.task_file, weights=args.weights))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(args.out) as tmp:
+        save_file(state, str(tmp), metadata={"merged_from": str(args.task_file),
+                                             "model": str(header.get("extra", {}).get("model"))})
+    print(f"merged model ({sum(v.numel() for v in state.values()):,} values) -> {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from sparseft.deltafile import read_delta
+
+    header, tensors = read_delta(args.task_file)
+    sparse = sum(t.numel() for k, t in tensors.items() if k.startswith("sparse/") and k.endswith("/values"))
+    full = sum(t.numel() for k, t in tensors.items() if k.startswith("full/"))
+    out = {"file": str(args.task_file), "bytes": Path(args.task_file).stat().st_size,
+           "method": header.get("extra", {}).get("method", header.get("selection", {}).get("method")),
+           "sparse_entries": sparse, "full_values": full,
+           "buffers": sum(1 for k in tensors if k.startswith("buffer/")),
+           "base_fingerprint": header["fingerprint"], "selection": header.get("selection"),
+           "extra": header.get("extra"), "created": header.get("created")}
+    print(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from sparseft.methods import METHODS
+    from sparseft.methods.report import method_table
+
+    rows = method_table(args.model, args.num_classes, img_size=args.img_size) if args.model else [
+        {"method": n, "mergeable": c.mergeable, "summary": c.summary} for n, c in METHODS.items()]
+    for row in rows:
+        if "trainable_backbone" in row:
+            print(f"{row['method']:12s} merge={'yes' if row['mergeable'] else 'no ':3s} "
+                  f"backbone {row['trainable_backbone']:>11,} ({row['backbone_percent']:7.3f} %)  "
+                  f"head {row['trainable_head']:>8,}  {row['summary']}")
+        else:
+            print(f"{row['method']:12s} merge={'yes' if row['mergeable'] else 'no ':3s} {row['summary']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sparseft.demo import main as demo_main
+
+    return demo_main(fast=args.fast, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparseft.methods import METHODS, add_option_arguments
+
+    p = argparse.ArgumentParser(prog="sparseft", description="Task-adaptive parameter-efficient fine-tuning "
+                                "(GPS, SPT, SCT and baselines) with lean sparse-delta training.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+
+    t = sub.add_parser("train", help="fine-tune a backbone on a task with one method",
+                       description="Fine-tune a backbone on a task; writes a run folder with config, metrics, "
+                                   "checkpoint and the task file.")
+    t.add_argument("--method", default="gps", choices=sorted(METHODS), help="fine-tuning method")
+    t.add_argument("--out", required=True, type=Path, help="run folder")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _model_args(t)
+    _data_args(t)
+    _train_args(t)
+    add_option_arguments(t)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("select", help="run GPS selection only and save the selection",
+                       description="Score weights with GPS on a task's training data and save the selection.")
+    s.add_argument("--out", required=True, type=Path, help="selection file (.safetensors)")
+    s.add_argument("--split", default="train800val200", help="data split to select on")
+    s.add_argument("--seed", type=int, default=0, help="seed for augmentation and shuffling")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _model_args(s)
+    _data_args(s)
+    add_option_arguments(s, [METHODS["gps"]])
+    s.set_defaults(func=cmd_select)
+
+    e = sub.add_parser("eval", help="evaluate a saved task file on a data split")
+    e.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors)")
+    e.add_argument("--data", required=True, help="data spec (see train --help)")
+    e.add_argument("--split", default="test", help="split to evaluate")
+    e.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    e.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
+    e.add_argument("--preprocessing", default="vtab", choices=["vtab", "fgvc"], help="evaluation preprocessing")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("merge", help="merge a task file into its base and save a plain model")
+    m.add_argument("task_file", type=Path, help="task file written by train")
+    m.add_argument("--out", required=True, type=Path, help="output .safetensors with the merged state dict")
+    m.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
+    m.set_defaults(func=cmd_merge)
+
+    i = sub.add_parser("info", help="describe a task file (method, sizes, base fingerprint)")
+    i.add_argument("task_file", type=Path)
+    i.set_defaults(func=cmd_info)
+
+    ms = sub.add_parser("methods", help="list the methods; with --model, their trainable parameters on it")
+    ms.add_argument("--model", help="timm model name or offline backbone to count parameters on")
+    ms.add_argument("--num-classes", type=int, default=10, help="head size for the counts")
+    ms.add_argument("--img-size", type=int, help="input resolution of the model")
+    ms.set_defaults(func=cmd_methods)
+
+    d = sub.add_parser("demo", help="end-to-end demo on real offline images: GPS vs full fine-tuning")
+    d.add_argument("--fast", action="store_true", help="fewer epochs (a smoke run)")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the demo's runs")
+    d.set_defaults(func=cmd_demo)
+
+    for module in ("sparseft.data.cli", "sparseft.hub"):
+        try:
+            __import__(module, fromlist=["register_cli"]).register_cli(sub)
+        except ImportError:
+            pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

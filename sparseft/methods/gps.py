@@ -1,0 +1,62 @@
+"""GPS as a method: select on the task's data, then train the selection as sparse deltas."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from torch import nn
+
+import sparseft
+from sparseft.methods import Method, MethodContext, register
+from sparseft.select import Eligibility, Selection
+
+
+@register
+class GPS(Method):
+    name = "gps"
+    summary = "Gradient-based Parameter Selection: top-K inputs per neuron by SupCon gradient"
+
+    @dataclass
+    class Options:
+        k: int = field(default=1, metadata={"help": "selected input connections per neuron"})
+        score: str = field(default="abs_of_sum", metadata={
+            "help": "score = |sum of gradients| (official) or sum of |gradients|",
+            "choices": ["abs_of_sum", "sum_of_abs"]})
+        temperature: float = field(default=0.07, metadata={"help": "SupCon temperature"})
+        select_batches: int | None = field(default=None, metadata={"help": "limit the selection pass to N batches"})
+        select_chunk: int | None = field(default=None, metadata={
+            "help": "re-run the selection backward in chunks of N images (less memory, one extra forward)"})
+        train_norm: bool = field(default=False, metadata={"help": "train normalisation layers in full"})
+        train_embeddings: bool = field(default=False, metadata={
+            "help": "make position embeddings / class token eligible"})
+        select_patch_embed: bool = field(default=True, metadata={"help": "select from the patch embedding"})
+        batchnorm: str = field(default="update", metadata={
+            "help": "BatchNorm statistics: update (saved with the delta) or frozen", "choices": ["update", "frozen"]})
+        selection: str | None = field(default=None, metadata={"help": "use this saved selection file instead"})
+
+    def rules(self) -> Eligibility:
+        o = self.options
+        return Eligibility(freeze_norm=not o.train_norm, freeze_embeddings=not o.train_embeddings,
+                           select_patch_embed=o.select_patch_embed)
+
+    def select(self, model: nn.Module, ctx: MethodContext) -> Selection:
+        o = self.options
+        if o.selection:
+            return Selection.load(o.selection)
+        return sparseft.select(model, ctx.loader("select"), k=o.k, rules=self.rules(), score=o.score,
+                               temperature=o.temperature, max_batches=o.select_batches, chunk_size=o.select_chunk,
+                               autocast=ctx.bf16, seed=ctx.seed, progress=ctx.progress)
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        cached = ctx.run_dir / "selection.safetensors" if ctx.run_dir else None
+        t0 = time.perf_counter()
+        if cached is not None and cached.exists():
+            selection = Selection.load(cached)  # a resumed run reuses its selection
+        else:
+            selection = self.select(model, ctx)
+            if cached is not None:
+                selection.save(cached)
+        ctx.info["selection_time_s"] = round(time.perf_counter() - t0, 2)
+        ctx.info["selected_entries"] = selection.num_sparse
+        return sparseft.apply(model, selection, batchnorm=self.options.batchnorm)

@@ -1,0 +1,216 @@
+"""One fine-tuning run end to end: model + data + method -> trained task file and metrics.
+
+`RunSpec` holds everything that defines a run; `run(spec, run_dir)` builds the backbone, the
+data loaders of the task, prepares the method (GPS selects here), trains with `sparseft.train`,
+and writes the task file and summary into the run folder. The CLI, the demo and the benchmark
+harness all go through this function, so they share one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from sparseft.methods import MethodContext, get_method
+from sparseft.models import create_model
+from sparseft.train import TrainConfig, evaluate, fit
+
+PROTOCOL_SPLITS = {
+    # protocol name: (train split, evaluation splits)
+    "tune": ("train800", ("val200",)),
+    "final": ("train800val200", ("test",)),
+}
+
+
+@dataclass
+class RunSpec:
+    """What defines a run. `model` is a timm name or an offline backbone name (`sparseft weights list`)."""
+
+    model: str
+    data: str
+    method: str = "gps"
+    options: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    pretrained: bool = False
+    img_size: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    train_split: str = "train800val200"
+    eval_splits: tuple[str, ...] = ("test",)
+    preprocessing: str = "vtab"
+    workers: int = 0
+    cache_images: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eval_splits"] = list(self.eval_splits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        d = dict(d)
+        d["train"] = TrainConfig(**d.get("train", {}))
+        d["eval_splits"] = tuple(d.get("eval_splits", ("test",)))
+        return cls(**d)
+
+
+def build_model(name: str, num_classes: int, *, img_size: int | None = None, weights: str | None = None,
+                pretrained: bool = False) -> nn.Module:
+    """An offline backbone by its registry name, else a timm model (local `weights` or hub)."""
+    try:
+        from sparseft.hub import REGISTRY, create_backbone
+    except ImportError:  # pragma: no cover - the hub ships with sparseft
+        REGISTRY, create_backbone = {}, None
+    if name in REGISTRY and weights is None:
+        return create_backbone(name, num_classes=num_classes, img_size=img_size)
+    kwargs = {"img_size": img_size} if img_size else {}
+    try:
+        return create_model(name, num_classes, weights=weights, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        if not kwargs or "img_size" not in str(err):
+            raise
+        return create_model(name, num_classes, weights=weights, pretrained=pretrained)  # CNNs take any size
+
+
+class TensorCache(Dataset):
+    """Keeps each transformed sample after its first load (only for deterministic transforms)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.items: list[Any] = [None] * len(dataset)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        if self.items[i] is None:
+            self.items[i] = self.dataset[i]
+        return self.items[i]
+
+
+class TaskData:
+    """The loaders of one task for one model, built on demand."""
+
+    def __init__(self, spec: RunSpec, model: nn.Module) -> None:
+        from sparseft.data import TwoViews, build_transform, data_config
+
+        self.spec = spec
+        self.config = data_config(model)
+        self.eval_transform = build_transform(self.config, spec.preprocessing, train=False, img_size=spec.img_size)
+        self.train_transform = build_transform(self.config, spec.preprocessing, train=True, img_size=spec.img_size)
+        self.views = TwoViews.from_config(self.config, spec.img_size)
+        self._cache: dict[str, Dataset] = {}
+
+    def dataset(self, split: str, transform: Any, deterministic: bool) -> Dataset:
+        from sparseft.data import load_split
+
+        key = f"{split}:{id(transform)}"
+        if key not in self._cache:
+            ds = load_split(self.spec.data, split, transform)
+            self._cache[key] = TensorCache(ds) if (deterministic and self.spec.cache_images) else ds
+        return self._cache[key]
+
+    def loader(self, kind: str, split: str | None = None) -> DataLoader:
+        """'select': two views of the training split; 'train': training batches; 'eval': a split."""
+        s = self.spec
+        if kind == "select":
+            ds, shuffle, batch = self.dataset(s.train_split, self.views, False), True, s.batch_size
+        elif kind == "train":
+            ds = self.dataset(s.train_split, self.train_transform, s.preprocessing == "vtab")
+            shuffle, batch = True, s.batch_size
+        elif kind == "eval":
+            ds, shuffle, batch = self.dataset(split, self.eval_transform, True), False, s.eval_batch_size
+        else:
+            raise ValueError(f"unknown loader kind {kind!r}")
+        generator = torch.Generator().manual_seed(s.train.seed) if kind == "select" else None
+        return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=s.workers, generator=generator,
+                          persistent_workers=s.workers > 0)
+
+
+def num_classes_of(spec: RunSpec) -> int:
+    from sparseft.data import num_classes
+
+    return num_classes(spec.data)
+
+
+def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = False) -> dict[str, Any]:
+    """Train `spec.method` on `spec.data`; returns the summary (also written to the run folder)."""
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None and not resume and (run_dir / "config.json").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume or choose another folder")
+    torch.manual_seed(spec.train.seed)
+    classes = num_classes_of(spec)
+    model = build_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
+                        pretrained=spec.pretrained)
+    data = TaskData(spec, model)
+    method = get_method(spec.method, **spec.options)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = MethodContext(loader=lambda kind: data.loader(kind), seed=spec.train.seed, progress=spec.train.progress,
+                        bf16=spec.train.bf16, run_dir=run_dir)
+    t0 = time.perf_counter()
+    model = method.prepare(model, ctx)
+    prepare_time = time.perf_counter() - t0
+    info = {"spec": spec.to_dict(), "num_classes": classes, "data_config": data.config}
+    eval_loaders = {split.replace("800", "").replace("200", ""): data.loader("eval", split)
+                    for split in spec.eval_splits}
+    task_file = None
+
+    def save_task(m: nn.Module, folder: Path) -> None:
+        nonlocal task_file
+        task_file = method.save(m, folder / method.file_suffix, extra={
+            "model": spec.model, "num_classes": classes, "img_size": spec.img_size, "data": spec.data})
+
+    summary = fit(model, data.loader("train"), spec.train, eval_loaders=eval_loaders, run_dir=run_dir,
+                  resume=resume, save_task=save_task, run_info=info)
+    summary.update({"method": spec.method, "model": spec.model, "data": spec.data,
+                    "prepare_time_s": round(prepare_time, 2), **ctx.info})
+    if task_file is not None:
+        summary["task_file"] = str(task_file)
+        summary["task_file_bytes"] = Path(task_file).stat().st_size
+    if run_dir is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def load_task_model(task_file: str | Path, *, weights: str | None = None, pretrained: bool = False) -> nn.Module:
+    """Rebuild the base model a task file was trained on and apply the file (uses its header)."""
+    from sparseft.deltafile import read_delta
+    from sparseft.methods import METHODS
+
+    header, _ = read_delta(task_file)
+    extra = header.get("extra", {})
+    if "model" not in extra or "num_classes" not in extra:
+        raise ValueError(f"{task_file}: the header does not say which base model it belongs to; "
+                         "load it with sparseft.load_delta(model, path) on a model you build")
+    model = build_model(extra["model"], extra["num_classes"], img_size=extra.get("img_size"), weights=weights,
+                        pretrained=pretrained)
+    method = METHODS[extra.get("method", "gps")]()
+    return method.load(model, task_file)
+
+
+def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batch_size: int = 128,
+                  weights: str | None = None, preprocessing: str = "vtab", merge: bool = True) -> dict[str, Any]:
+    """Accuracy of a saved task on a split of `data`."""
+    from sparseft.data import build_transform, data_config, load_split
+    from sparseft.deltafile import read_delta
+
+    header, _ = read_delta(task_file)
+    model = load_task_model(task_file, weights=weights)
+    if merge:
+        from sparseft.methods import METHODS
+
+        METHODS[header.get("extra", {}).get("method", "gps")]().merge(model)
+    cfg = data_config(model)
+    img_size = header.get("extra", {}).get("img_size")
+    ds = load_split(data, split, build_transform(cfg, preprocessing, train=False, img_size=img_size))
+    return evaluate(model, DataLoader(ds, batch_size=batch_size))
