@@ -209,6 +209,10 @@ class DeltaState:
     requires_grad: dict[str, bool]
     batchnorm: BatchNormMode
     keep_base: bool = True
+    base_backbone_params: int = 0
+    # parameters of modules a method added (LoRA, adapters, prompts...), and how to rebuild them
+    added: list[str] = field(default_factory=list)
+    structure: dict[str, Any] = field(default_factory=dict)
     merged: bool = False
     # filled by merge(): per parameter (index, base values, delta values)
     merged_entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -253,6 +257,7 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
         batchnorm=batchnorm,
         keep_base=keep_base,
+        base_backbone_params=sum(p.numel() for n, p in model.named_parameters() if n not in set(heads)),
     )
     full = set(selection.full)
     for name, p in model.named_parameters():
@@ -278,6 +283,27 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
             bn.train(False)
     model._sparseft = state
     return model
+
+
+def mark_added(model: nn.Module, names: list[str], structure: dict[str, Any]) -> None:
+    """Record parameters of modules a method injected after `apply`, and how to rebuild them.
+
+    They are saved as `added/<name>` in the task file; `structure` (JSON) goes into its header
+    so the method can re-create the modules on a fresh base before the values are loaded.
+    """
+    state = _require_state(model)
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise DeltaError(f"mark_added: the model has no parameters {missing[:5]}")
+    state.added = sorted(set(state.added) | set(names))
+    state.structure = {**state.structure, **structure}
+
+
+def _refuse_added(state: DeltaState, action: str) -> None:
+    if state.added:
+        raise DeltaError(f"cannot {action}: the model has modules added by method "
+                         f"{state.structure.get('method', '?')!r}; use that method's {action}")
 
 
 def _detach_modules(model: nn.Module) -> None:
@@ -342,6 +368,7 @@ def merge(model: nn.Module) -> nn.Module:
     state = _require_state(model)
     if state.merged:
         return model
+    _refuse_added(state, "merge")
     sync(model)
     state.merged_entries = {n: (d.index.clone(), d.base.clone(), d.values.detach().clone())
                             for n, d in deltas(model).items()}
@@ -355,6 +382,7 @@ def merge(model: nn.Module) -> nn.Module:
 def unmerge(model: nn.Module) -> nn.Module:
     """Restore the base model bit-exactly (weights, biases, head, buffers) and drop the deltas."""
     state = _require_state(model)
+    _refuse_added(state, "unmerge")
     if not state.keep_base:
         raise DeltaError("this model was applied with keep_base=False: its base values are gone")
     params = dict(model.named_parameters())
@@ -426,22 +454,21 @@ def trainable_parameters(model: nn.Module) -> int:
 def parameter_summary(model: nn.Module) -> dict[str, Any]:
     """Trainable values split into backbone and head, with the backbone share in percent.
 
-    Sparse deltas count one value per selected entry; the base weights they live in do not
-    count as trainable. The share is relative to the backbone's parameter count.
+    Sparse deltas count one value per selected entry, added modules (LoRA, adapters, prompts)
+    their parameters; the frozen base weights do not count. The share is relative to the base
+    backbone's parameter count (head excluded).
     """
     state = state_of(model)
     heads = set(state.head if state else head_parameter_names(model))
-    total_backbone = trainable_backbone = trainable_head = 0
+    trainable_backbone = trainable_head = total_backbone = 0
     for name, p in model.named_parameters():
-        if "sparse_delta." in name:
-            continue
         if name in heads:
             trainable_head += p.numel() if p.requires_grad else 0
         else:
-            total_backbone += p.numel()
             trainable_backbone += p.numel() if p.requires_grad else 0
-    for d in (deltas(model).values() if state and not state.merged else []):
-        trainable_backbone += d.values.numel()
+            total_backbone += p.numel()
+    if state is not None:
+        total_backbone = state.base_backbone_params  # the base model's, without added modules or deltas
     return {
         "backbone_params": total_backbone,
         "trainable_backbone": trainable_backbone,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparseft import __version__
-from sparseft.delta import DeltaError, apply, deltas, sparse_entries, state_of, unmerge
+from sparseft.delta import DeltaError, apply, deltas, mark_added, sparse_entries, state_of, unmerge
 from sparseft.delta import merge as merge_model
 from sparseft.fileutil import atomic_path
 from sparseft.models import fingerprint, head_parameter_names
@@ -65,6 +66,8 @@ def delta_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     for name in state.selection.full:
         tensors[f"full/{name}"] = params[name].detach().cpu().contiguous()
+    for name in state.added:
+        tensors[f"added/{name}"] = params[name].detach().cpu().contiguous()
     for name, buf in model.named_buffers():
         base = state.base_buffers.get(name)
         if base is not None and not torch.equal(buf, base):
@@ -85,6 +88,8 @@ def save_delta(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
         "batchnorm": state.batchnorm,
         "shapes": {n: list(s) for n, s in state.selection.shapes.items() if n in state.selection.indices},
         "full": state.selection.full,
+        "added": state.added,
+        "structure": state.structure,
         "selection": state.selection.meta,
         "manifest": _manifest(tensors),
         "checksum": _tensor_checksum(tensors),
@@ -163,12 +168,22 @@ def _plan(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], path
     return Selection(indices=indices, shapes=shapes, full=header["full"], meta=header.get("selection", {}))
 
 
-def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, merge: bool = False) -> nn.Module:
+def _rollback(model: nn.Module) -> None:
+    """Undo a half-finished load: the sparse part is unmerged; added modules are the method's to undo."""
+    state = state_of(model)
+    if state is not None:
+        state.added = []
+        unmerge(model)
+
+
+def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, merge: bool = False,
+               rebuild: Callable[[nn.Module, dict[str, Any]], list[str]] | None = None) -> nn.Module:
     """Apply the task delta in `path` to a plain base `model`, in place; returns the model.
 
     The model stays trainable (an applied model) unless `merge=True`. With `check_base=False`
     the base fingerprint is not compared (for deliberate transfer to another base of the same
-    architecture).
+    architecture). Files with added modules need `rebuild(model, structure) -> names`, which
+    re-creates the method's modules (the method's own `load` passes it).
     """
     path = Path(path)
     if state_of(model) is not None:
@@ -185,11 +200,23 @@ def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, m
                 f"{path}: this delta was made for another base model (fingerprint {header['fingerprint'][:12]}…, "
                 f"this model {actual[:12]}…); load the base weights it was trained from")
     selection = _plan(model, header, tensors, path)
+    added = header.get("added", [])
+    if added and rebuild is None:
+        method = header.get("structure", {}).get("method", "?")
+        raise DeltaFileError(f"{path}: holds modules of method {method!r}; load it with that method "
+                             f"(sparseft.methods.get_method({method!r}).load(model, path))")
     head_module = None
     if header.get("head"):
         head_module = header["head"][0].rsplit(".", 1)[0]
     apply(model, selection, batchnorm=header.get("batchnorm", "update"), head=head_module)
     try:
+        if added:
+            names = rebuild(model, header.get("structure", {}))
+            mark_added(model, list(names), header.get("structure", {}))
+            have = dict(model.named_parameters())
+            wrong = [n for n in added if n not in have or have[n].shape != tensors[f"added/{n}"].shape]
+            if wrong or sorted(names) != sorted(added):
+                raise DeltaFileError(f"{path}: the rebuilt modules do not match the file's tensors {wrong[:5]}")
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
         with torch.no_grad():
@@ -198,11 +225,13 @@ def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, m
                 delta.sync(params[name], force=True)
             for name in selection.full:
                 params[name].copy_(tensors[f"full/{name}"])
+            for name in added:
+                params[name].copy_(tensors[f"added/{name}"])
             for key, t in tensors.items():
                 if key.startswith("buffer/"):
                     buffers[key.removeprefix("buffer/")].copy_(t)
     except Exception:
-        unmerge(model)
+        _rollback(model)
         raise
     # the sparse entries were applied: state keeps the file's fingerprint for later saves
     state_of(model).fingerprint = header["fingerprint"]

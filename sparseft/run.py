@@ -172,7 +172,7 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
 
     summary = fit(model, data.loader("train"), spec.train, eval_loaders=eval_loaders, run_dir=run_dir,
                   resume=resume, save_task=save_task, run_info=info)
-    summary.update({"method": spec.method, "model": spec.model, "data": spec.data,
+    summary.update({"method": spec.method, "model": spec.model, "data": spec.data, "num_classes": classes,
                     "prepare_time_s": round(prepare_time, 2), **ctx.info})
     if task_file is not None:
         summary["task_file"] = str(task_file)
