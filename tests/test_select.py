@@ -204,3 +204,36 @@ def test_ce_loss_scores_through_the_head(vit):
     ce, _ = gradient_scores(vit, toy_batches(1), [name], loss="ce", progress=False)
     sc, _ = gradient_scores(vit, toy_batches(1), [name], loss="supcon", progress=False)
     assert ce[name].abs().sum() > 0 and not torch.allclose(ce[name], sc[name])
+
+
+@pytest.mark.parametrize("level", ["neuron", "layer", "net"])
+@pytest.mark.parametrize("criterion", ["gradient", "random", "magnitude"])
+def test_ablation_levels_select_the_same_count(vit, level, criterion):
+    reference = sparseft.select(vit, toy_batches(1), k=2, progress=False)
+    sel = sparseft.select(vit, toy_batches(1) if criterion == "gradient" else None, k=2, level=level,
+                          criterion=criterion, progress=False)
+    assert sel.meta["level"] == level and sel.meta["criterion"] == criterion
+    if level == "net":
+        assert sel.num_sparse == reference.num_sparse
+    else:
+        for name in reference.indices:
+            assert sel.indices[name].numel() == reference.indices[name].numel(), name
+    if level == "neuron":
+        assert all(bool((sel.per_row_counts(n) == 2).all()) for n in sel.indices)
+
+
+def test_layer_and_net_levels_pick_the_highest_scores():
+    from sparseft.select.gps import top_k_per_layer, top_n_global
+
+    scores = {"a": torch.tensor([[0.0, 9.0], [8.0, 7.0]]), "b": torch.tensor([[1.0, 2.0], [3.0, 0.5]])}
+    assert top_k_per_layer(scores, 1)["a"].tolist() == [1, 2]
+    net = top_n_global(scores, 1)  # 4 entries over both weights: 9, 8, 7 in a; 3 in b
+    assert net["a"].tolist() == [1, 2, 3] and net["b"].tolist() == [2]
+
+
+def test_magnitude_criterion_follows_weights(vit):
+    sel = sparseft.select(vit, None, k=1, criterion="magnitude", progress=False)
+    w = vit.blocks[0].mlp.fc1.weight.detach().abs()
+    assert torch.equal(sel.indices["blocks.0.mlp.fc1.weight"] % w.shape[1], w.argmax(1))
+    with pytest.raises(ValueError, match="needs a data loader"):
+        sparseft.select(vit, None)

@@ -20,6 +20,14 @@ class GPS(Method):
     @dataclass
     class Options:
         k: int = field(default=1, metadata={"help": "selected input connections per neuron"})
+        level: str = field(default="neuron", metadata={
+            "help": "ablation: top-K per neuron, the same count per layer, or over the whole net",
+            "choices": ["neuron", "layer", "net"]})
+        criterion: str = field(default="gradient", metadata={
+            "help": "ablation: score by gradient, weight magnitude or at random", "choices": ["gradient",
+                                                                                         "magnitude", "random"]})
+        loss: str = field(default="supcon", metadata={
+            "help": "ablation: head-free SupCon, or cross-entropy through a random head", "choices": ["supcon", "ce"]})
         score: str = field(default="abs_of_sum", metadata={
             "help": "score = |sum of gradients| (official) or sum of |gradients|",
             "choices": ["abs_of_sum", "sum_of_abs"]})
@@ -44,9 +52,11 @@ class GPS(Method):
         o = self.options
         if o.selection:
             return Selection.load(o.selection)
-        return sparseft.select(model, ctx.loader("select"), k=o.k, rules=self.rules(), score=o.score,
+        loader = ctx.loader("select") if o.criterion == "gradient" else None
+        return sparseft.select(model, loader, k=o.k, rules=self.rules(), score=o.score,
                                temperature=o.temperature, max_batches=o.select_batches, chunk_size=o.select_chunk,
-                               autocast=ctx.bf16, seed=ctx.seed, progress=ctx.progress)
+                               autocast=ctx.bf16, seed=ctx.seed, progress=ctx.progress, level=o.level,
+                               criterion=o.criterion, loss=o.loss)
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         cached = ctx.run_dir / "selection.safetensors" if ctx.run_dir else None

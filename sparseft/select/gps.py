@@ -213,26 +213,81 @@ def top_k_per_neuron(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch
     return chosen
 
 
-def select(model: nn.Module, loader: Iterable, k: int = 1, *, rules: Eligibility | None = None,
+def top_k_per_layer(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Per weight, the same number of entries as neuron level (rows × K), anywhere in the weight."""
+    chosen = {}
+    for name, score in scores.items():
+        rows = score.reshape(score.shape[0], -1)
+        n = rows.shape[0] * min(k, rows.shape[1])
+        chosen[name] = score.reshape(-1).topk(n).indices.sort().values.cpu()
+    return chosen
+
+
+def top_n_global(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Over the whole network, the same total as neuron level, wherever the highest scores are."""
+    names = list(scores)
+    total = sum(s.shape[0] * min(k, s[0].numel()) for s in scores.values())
+    flat = torch.cat([scores[n].reshape(-1).float().cpu() for n in names])
+    top = flat.topk(total).indices.sort().values
+    offsets = torch.tensor([0] + [scores[n].numel() for n in names]).cumsum(0)
+    chosen = {}
+    for i, name in enumerate(names):
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        part = top[(top >= lo) & (top < hi)] - lo
+        chosen[name] = part
+    return chosen
+
+
+LEVELS = {"neuron": top_k_per_neuron, "layer": top_k_per_layer, "net": top_n_global}
+CRITERIA = ("gradient", "magnitude", "random")
+
+
+def criterion_scores(model: nn.Module, names: list[str], criterion: str, seed: int) -> dict[str, torch.Tensor]:
+    """Data-free scores for the ablations: |W| (magnitude) or seeded uniform noise (random)."""
+    params = dict(model.named_parameters())
+    if criterion == "magnitude":
+        return {n: params[n].detach().abs().float() for n in names}
+    if criterion == "random":
+        g = torch.Generator().manual_seed(seed)
+        return {n: torch.rand(params[n].shape, generator=g) for n in names}
+    raise ValueError(f"criterion must be one of {CRITERIA}, not {criterion!r}")
+
+
+def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Eligibility | None = None,
            score: ScoreReduction = "abs_of_sum", temperature: float = 0.07, augment: Callable | None = None,
            max_batches: int | None = None, chunk_size: int | None = None, autocast: bool = False,
-           seed: int = 0, head: str | None = None, progress: bool = True) -> Selection:
+           seed: int = 0, head: str | None = None, progress: bool = True, level: str = "neuron",
+           criterion: str = "gradient", loss: Literal["supcon", "ce"] = "supcon") -> Selection:
     """Run GPS on `model` with the task data in `loader` and return the `Selection`.
 
     The loader yields `(images, labels)` (two geometric views are made per image) or
     `([view1, view2], labels)` as the official code feeds it. The model is left as it was:
     parameters, gradients, buffers (BatchNorm statistics) and train/eval mode are restored.
+
+    Ablations of the paper: `level` neuron (top-K per row) | layer (rows×K per weight) | net
+    (the same total over the network); `criterion` gradient | magnitude | random; `loss`
+    supcon (head-free) | ce (through the model's randomly initialised head).
     """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {sorted(LEVELS)}, not {level!r}")
     roles = parameter_roles(model, rules, head)
     selectable = [n for n, r in roles.items() if r == "select"]
-    scores, stats = gradient_scores(model, loader, selectable, temperature=temperature, reduction=score,
-                                    augment=augment, max_batches=max_batches, chunk_size=chunk_size,
-                                    autocast=autocast, seed=seed, head=head, progress=progress)
+    stats: dict[str, Any] = {}
+    if criterion == "gradient":
+        if loader is None:
+            raise ValueError("gradient selection needs a data loader")
+        scores, stats = gradient_scores(model, loader, selectable, loss=loss, temperature=temperature,
+                                        reduction=score, augment=augment, max_batches=max_batches,
+                                        chunk_size=chunk_size, autocast=autocast, seed=seed, head=head,
+                                        progress=progress)
+    else:
+        scores = criterion_scores(model, selectable, criterion, seed)
     params = dict(model.named_parameters())
     return Selection(
-        indices=top_k_per_neuron(scores, k),
+        indices=LEVELS[level](scores, k),
         shapes={n: tuple(params[n].shape) for n in selectable},
         full=[n for n, r in roles.items() if r == "full"],
-        meta={"method": "gps", "k": k, "score": score, "loss": "supcon", "temperature": temperature,
-              "seed": seed, "chunk_size": chunk_size, **stats, "rules": (rules or Eligibility()).to_dict()},
+        meta={"method": "gps", "k": k, "level": level, "criterion": criterion, "loss": loss, "score": score,
+              "temperature": temperature, "seed": seed, "chunk_size": chunk_size, **stats,
+              "rules": (rules or Eligibility()).to_dict()},
     )
