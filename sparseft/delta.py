@@ -7,10 +7,11 @@ After `apply(model, selection)`:
 - forward uses that dense weight as it is (no copy); when the optimizer has changed `values`
   (detected through the tensor's version counter) the next forward rewrites only the selected
   entries, so any training loop works;
-- backward of an `nn.Linear` computes the input gradient as usual and, for the weight, only the
-  selected entries (sampled dot products, `sparseft.kernels`); other layers (convolutions, any
-  other module) get the gradient of their weight as a transient tensor from which the selected
-  entries are gathered: no `.grad`, no optimizer state is ever held for frozen weights;
+- backward of an `nn.Linear` or a pointwise (1×1) convolution computes the input gradient as
+  usual and, for the weight, only the selected entries (sampled dot products,
+  `sparseft.kernels`); other layers (k×k convolutions, any other module) get the gradient of
+  their weight as a transient tensor from which the selected entries are gathered: no `.grad`,
+  no optimizer state is ever held for frozen weights;
 - biases, layer-scale and the head train in full; all other parameters are frozen.
 
 `merge` turns the model into a plain one (no extra modules, parameters or forward overrides);
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseft.kernels import sampled_dot
+from sparseft.kernels import sampled_dot, sampled_dot_channels_first
 from sparseft.models import fingerprint, head_parameter_names
 from sparseft.select.selection import Selection
 
@@ -102,6 +103,40 @@ class _SparseLinear(torch.autograd.Function):
         return grad_x, None, grad_b, grad_values, None, None, None
 
 
+class _SparsePointwiseConv(torch.autograd.Function):
+    """A 1×1, stride-1, ungrouped convolution with the weight gradient at selected entries only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, rows, cpos, ucols):  # noqa: ARG004 - values ties the graph
+        compute = _autocast_dtype(x) or x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(compute)
+            y = F.conv2d(xc, weight.to(compute), None if bias is None else bias.to(compute))
+        saved_x = xc if ucols is None else xc.index_select(1, ucols)
+        ctx.save_for_backward(saved_x, weight, rows, cpos)
+        ctx.compute, ctx.x_dtype = compute, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.values_dtype = values.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved_x, weight, rows, cpos = ctx.saved_tensors
+        g = grad_y.to(ctx.compute)
+        grad_x = grad_b = grad_values = None
+        if ctx.needs_input_grad[0]:
+            w2 = weight.reshape(weight.shape[0], -1).to(ctx.compute)
+            batch, out_ch = g.shape[:2]
+            grad_x = torch.matmul(w2.t(), g.reshape(batch, out_ch, -1))
+            grad_x = grad_x.reshape(batch, w2.shape[1], *g.shape[2:]).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            acc = torch.float64 if ctx.compute == torch.float64 else torch.float32
+            grad_b = g.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_values = sampled_dot_channels_first(g, saved_x, rows, cpos).to(ctx.values_dtype)
+        return grad_x, None, grad_b, grad_values, None, None, None
+
+
 class _InjectDelta(torch.autograd.Function):
     """Pass a frozen weight through unchanged; route its gradient's selected entries to `values`."""
 
@@ -128,6 +163,7 @@ class SparseDelta(nn.Module):
     """
 
     def __init__(self, param: torch.Tensor, index: torch.Tensor, linear: bool = False) -> None:
+        """`linear`: the owner is a Linear or pointwise conv, whose backward gathers input columns."""
         super().__init__()
         index = index.to(device=param.device, dtype=torch.int64)
         value_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
@@ -163,6 +199,15 @@ def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _SparseLinear.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
 
 
+def _sparse_pointwise_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    delta: SparseDelta = self.sparse_delta["weight"]
+    delta.sync(self.weight)
+    return _SparsePointwiseConv.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
+
+
+_FAST_FORWARDS = (_sparse_linear_forward, _sparse_pointwise_forward)
+
+
 def _injected_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     originals = {}
     try:
@@ -182,17 +227,26 @@ def _frozen_bn_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(self, False)
 
 
-def _uses_linear_path(module: nn.Module, name: str) -> bool:
-    if name != "weight" or not isinstance(module, nn.Linear) or "forward" in module.__dict__:
-        return False
+def _fast_forward(module: nn.Module, name: str) -> Any:
+    """The gathered-gradient forward for this parameter's layer, or None (generic path).
+
+    Linear layers (torch's or timm's) and pointwise convolutions (1×1, stride 1, no padding,
+    one group, 2-D input) qualify; anything else, including subclasses with their own forward,
+    takes the generic path.
+    """
+    if name != "weight" or "forward" in module.__dict__:
+        return None
     forward = type(module).forward
-    if forward is nn.Linear.forward:
-        return True
-    try:
-        from timm.layers import Linear as TimmLinear
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return forward is TimmLinear.forward
+    if isinstance(module, nn.Linear):
+        try:
+            from timm.layers import Linear as TimmLinear
+        except ImportError:  # pragma: no cover - timm is a dependency
+            TimmLinear = nn.Linear
+        return _sparse_linear_forward if forward in (nn.Linear.forward, TimmLinear.forward) else None
+    if type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride == (1, 1) \
+            and module.padding in ((0, 0), "valid") and module.dilation == (1, 1) and module.groups == 1:
+        return _sparse_pointwise_forward
+    return None
 
 
 # -- model-level state ---------------------------------------------------------------------
@@ -267,12 +321,12 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
         if index.numel() == 0:
             continue
         module, leaf = _owner(model, name)
-        linear = _uses_linear_path(module, leaf)
+        fast = _fast_forward(module, leaf)
         if "sparse_delta" not in module._modules:
             module.sparse_delta = nn.ModuleDict()
-        module.sparse_delta[leaf] = SparseDelta(module._parameters[leaf], index, linear=linear)
-        if linear:
-            module.forward = types.MethodType(_sparse_linear_forward, module)
+        module.sparse_delta[leaf] = SparseDelta(module._parameters[leaf], index, linear=fast is not None)
+        if fast is not None:
+            module.forward = types.MethodType(fast, module)
         elif not getattr(module, "_sparseft_injected", False):
             module._sparseft_prev_forward = module.__dict__.get("forward")
             module._sparseft_injected = True
@@ -318,7 +372,7 @@ def _detach_modules(model: nn.Module) -> None:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = prev
-        elif getattr(module.__dict__.get("forward"), "__func__", None) is _sparse_linear_forward:
+        elif getattr(module.__dict__.get("forward"), "__func__", None) in _FAST_FORWARDS:
             del module.__dict__["forward"]
         if getattr(module.__dict__.get("train"), "__func__", None) is _frozen_bn_train:
             del module.__dict__["train"]

@@ -73,7 +73,12 @@ def _with_grad(model):
     return ref
 
 
-def test_linear_fast_path_is_used_for_vit_and_mlp():
+def test_gathered_fast_path_is_used_for_linear_and_pointwise_conv():
+    model = tiny_model("mobilenetv2")
+    sparseft.apply(model, random_selection(model))
+    fast = {n for n, d in deltas(model).items() if d.linear}
+    assert "blocks.1.0.conv_pw.weight" in fast  # 1x1 conv
+    assert "blocks.1.0.conv_dw.weight" not in fast  # depthwise 3x3: generic path
     for family in ("vit", "mlp"):
         model = tiny_model(family)
         sparseft.apply(model, random_selection(model))

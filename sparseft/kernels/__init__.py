@@ -71,6 +71,12 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = args
         fn.restype = ctypes.c_int
+    cf_args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    for name in ("sddmm_cf_f32", "sddmm_cf_f64", "sddmm_cf_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = cf_args
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -139,4 +145,48 @@ def sampled_dot(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torc
     if n and fn(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0], rows.data_ptr(),
                 cols.data_ptr(), n, out.data_ptr(), torch.get_num_threads()) != 0:
         raise MemoryError("sparseft kernel could not allocate its partial sums")
+    return out
+
+
+def sampled_dot_channels_first_torch(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                                     chunk: int = 256) -> torch.Tensor:
+    """Reference path of `sampled_dot_channels_first`; any device and dtype."""
+    out_dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    out = torch.empty(rows.numel(), dtype=out_dtype, device=g.device)
+    rows, cols = rows.long(), cols.long()
+    for start in range(0, rows.numel(), chunk):
+        r, c = rows[start:start + chunk], cols[start:start + chunk]
+        prod = g.index_select(1, r).to(out_dtype) * x.index_select(1, c).to(out_dtype)
+        out[start:start + chunk] = prod.sum(dim=(0, *range(2, g.dim())))
+    return out
+
+
+def sampled_dot_channels_first(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                               backend: str | None = None) -> torch.Tensor:
+    """``out[i] = Σ_{b,s} g[b, rows[i], s] · x[b, cols[i], s]`` for [B, C, *spatial] tensors.
+
+    The weight gradient of the selected entries of a pointwise (1×1) convolution.
+    """
+    if g.dim() < 3 or g.dim() != x.dim() or g.shape[0] != x.shape[0] or g.shape[2:] != x.shape[2:]:
+        raise ValueError(f"sampled_dot_channels_first needs [B, C, ...] tensors of one batch and spatial size, "
+                         f"got {tuple(g.shape)} and {tuple(x.shape)}")
+    if g.dtype != x.dtype:
+        raise ValueError(f"sampled_dot_channels_first needs one dtype, got {g.dtype} and {x.dtype}")
+    backend = backend or backend_for(g)
+    lib = compiled_library() if backend == "c" else None
+    if lib is None:
+        return sampled_dot_channels_first_torch(g, x, rows, cols)
+    g, x = g.contiguous(), x.contiguous()
+    rows = rows.to(torch.int32).contiguous()
+    cols = cols.to(torch.int32).contiguous()
+    n = rows.numel()
+    hw = g[0, 0].numel()
+    if g.dtype == torch.float64:
+        out, fn = torch.empty(n, dtype=torch.float64), lib.sddmm_cf_f64
+    else:
+        out = torch.empty(n, dtype=torch.float32)
+        fn = lib.sddmm_cf_bf16 if g.dtype == torch.bfloat16 else lib.sddmm_cf_f32
+    if n:
+        fn(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0], hw, rows.data_ptr(), cols.data_ptr(),
+           n, out.data_ptr(), torch.get_num_threads())
     return out

@@ -56,3 +56,34 @@ int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,     
 DEFINE_SDDMM(sddmm_f32, float, float, IDENTITY)
 DEFINE_SDDMM(sddmm_f64, double, double, IDENTITY)
 DEFINE_SDDMM(sddmm_bf16, uint16_t, float, bf16_to_float)
+
+/* Channel-first variant for pointwise (1x1) convolutions on NCHW tensors:
+ *
+ *   out[i] = sum_b sum_s g[b * gsb + rows[i] * hw + s] * x[b * xsb + cols[i] * hw + s]
+ *
+ * Each (channel, image) plane is contiguous, so every term is a contiguous dot product;
+ * threads split the selected entries.
+ */
+#define DEFINE_SDDMM_CF(NAME, IN_T, ACC_T, LOAD)                                                \
+int NAME(const IN_T *g, int64_t gsb, const IN_T *x, int64_t xsb, int64_t batch, int64_t hw,    \
+         const int32_t *rows, const int32_t *cols, int64_t nnz, ACC_T *out, int threads) {      \
+    if (threads < 1) threads = 1;                                                               \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                           \
+    for (int64_t i = 0; i < nnz; ++i) {                                                         \
+        ACC_T acc = 0;                                                                          \
+        for (int64_t b = 0; b < batch; ++b) {                                                   \
+            const IN_T *gr = g + b * gsb + (int64_t)rows[i] * hw;                               \
+            const IN_T *xr = x + b * xsb + (int64_t)cols[i] * hw;                               \
+            ACC_T part = 0;                                                                     \
+            _Pragma("omp simd reduction(+:part)")                                               \
+            for (int64_t s = 0; s < hw; ++s) part += LOAD(gr[s]) * LOAD(xr[s]);                \
+            acc += part;                                                                        \
+        }                                                                                       \
+        out[i] = acc;                                                                           \
+    }                                                                                           \
+    return 0;                                                                                   \
+}
+
+DEFINE_SDDMM_CF(sddmm_cf_f32, float, float, IDENTITY)
+DEFINE_SDDMM_CF(sddmm_cf_f64, double, double, IDENTITY)
+DEFINE_SDDMM_CF(sddmm_cf_bf16, uint16_t, float, bf16_to_float)
