@@ -24,15 +24,6 @@ from sparseft.data import (
 )
 from sparseft.data.layouts import canonical_split, fgvc_class_ids, fgvc_image_root, folder_split, read_split_file
 
-
-def test_package_under_test_is_this_checkout():
-    import pathlib
-
-    import sparseft.data
-
-    assert pathlib.Path(sparseft.data.__file__).resolve().parents[2] == pathlib.Path(__file__).resolve().parents[1]
-
-
 # -- VTAB ------------------------------------------------------------------------------------
 
 def test_vtab_splits_sizes_labels_and_images(tmp_path):
