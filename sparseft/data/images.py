@@ -1,0 +1,159 @@
+"""Image samples, the error policy for bad input, and the Dataset that reads the images.
+
+A sample is (path, label, origin); `origin` says where it was listed ("test.txt:17") so every
+error about it can point at the line to fix. Bad input raises `DataError`; with
+`on_error="skip"` it is skipped and one `DataWarning` gives the count. Nothing is dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+OnError = Literal["raise", "skip"]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+
+class DataError(ValueError):
+    """Bad data-set input: a malformed split file, a missing or unreadable image, a bad label."""
+
+
+class DataWarning(UserWarning):
+    """Bad input that was skipped because the caller asked for `on_error="skip"`."""
+
+
+class Sample(NamedTuple):
+    """One image of a split: its file, its integer label and where it was listed."""
+
+    path: Path
+    label: int
+    origin: str
+
+
+class Problems:
+    """Collects bad-input reports: raises at the first (`"raise"`) or counts them (`"skip"`).
+
+    Call `finish()` once at the end: in skip mode it emits a single `DataWarning` with the count
+    and the first few messages.
+    """
+
+    def __init__(self, on_error: OnError, what: str):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.on_error = on_error
+        self.what = what
+        self.messages: list[str] = []
+
+    def report(self, message: str) -> None:
+        if self.on_error == "raise":
+            raise DataError(message)
+        self.messages.append(message)
+
+    def finish(self) -> None:
+        if self.messages:
+            shown = "; ".join(self.messages[:3]) + ("; ..." if len(self.messages) > 3 else "")
+            warnings.warn(f"skipped {len(self.messages)} bad {self.what}: {shown}", DataWarning, stacklevel=3)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB; transparency is composited on white.
+
+    Grey, palette and CMYK images convert directly; 16-bit and 32-bit grey images are scaled
+    to 8 bits rather than clipped.
+    """
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode in ("P", "L", "RGB") and "transparency" in img.info)
+    if img.mode == "RGB" and not has_alpha:
+        return img
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            scale = 255.0 / 65535.0
+        elif img.mode == "I":
+            scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 else 1.0
+        else:  # float images: 0..1 if they look normalised, else 0..255
+            scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | Path, origin: str | None = None) -> Image.Image:
+    """Open an image file fully decoded as RGB; any failure is a `DataError` naming the file."""
+    where = f" (listed at {origin})" if origin else ""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image file not found{where}") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot read image{where}: {err}") from err
+
+
+def verify_samples(samples: Iterable[Sample], on_error: OnError = "raise") -> list[Sample]:
+    """Open every image up front; returns the readable samples (all of them in raise mode).
+
+    Use it before a long run so a corrupt file fails now and not in epoch 37.
+    """
+    problems = Problems(on_error, "images")
+    good = []
+    for sample in samples:
+        try:
+            open_rgb(sample.path, sample.origin)
+        except DataError as err:
+            problems.report(str(err))
+            continue
+        good.append(sample)
+    problems.finish()
+    return good
+
+
+class ImageDataset(Dataset):
+    """A map-style Dataset over (path, label) samples: yields `(transform(rgb_image), label)`.
+
+    Images are opened lazily as RGB (see `to_rgb`); an unreadable file raises `DataError`
+    naming it and the split line that listed it.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], Any] | None = None, *,
+                 classes: Sequence[str] | None = None, num_classes: int | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+        if num_classes is None:
+            num_classes = len(classes) if classes is not None else 1 + max((s.label for s in self.samples), default=-1)
+        self.num_classes = int(num_classes)
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(self.num_classes)]
+
+    @property
+    def targets(self) -> list[int]:
+        """The labels in sample order (torchvision's attribute name)."""
+        return [s.label for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        sample = self.samples[index]
+        img = open_rgb(sample.path, sample.origin)
+        return (self.transform(img) if self.transform is not None else img), sample.label
+
+    def verify(self, on_error: OnError = "raise") -> ImageDataset:
+        """Open every image now (see `verify_samples`); in skip mode unreadable ones are dropped."""
+        self.samples = verify_samples(self.samples, on_error)
+        return self
+
+    def __repr__(self) -> str:
+        return f"ImageDataset({len(self)} images, {self.num_classes} classes)"

@@ -1,0 +1,108 @@
+"""One entry point for every data set: a spec string -> a split's Dataset.
+
+Spec strings:
+
+- `<dir>` a VTAB-1k task folder (recognised by its `train800.txt`), or an FGVC folder
+  (recognised by `train.json` + `test.json`); `vtab:<dir>` / `fgvc:<dir>` say it explicitly.
+- `folder:<dir>` an ImageFolder tree (class subfolders; see `layouts.folder_split`).
+- `<suite>/<task>`, e.g. `mini-vtab/fashion_mnist`: a task provisioned offline by
+  `sparseft data fetch` under the cache (`<cache>/data/<suite>/<task>`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sparseft.data import layouts
+from sparseft.data.images import DataError, ImageDataset, OnError
+
+Kind = Literal["vtab", "fgvc", "folder"]
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """What a spec string names: the layout and the folder."""
+
+    kind: Kind
+    path: Path
+
+
+def resolve_spec(spec: str, cache: str | Path | None = None) -> ResolvedSpec:
+    """Turn a spec string into (layout, folder); a `DataError` says what was expected."""
+    from sparseft.data.fetch import SUITES, suite_dir
+
+    for prefix in ("vtab", "fgvc", "folder"):
+        if spec.startswith(prefix + ":"):
+            path = Path(spec[len(prefix) + 1:]).expanduser()
+            if not path.is_dir():
+                raise DataError(f"{spec}: {path} is not a folder")
+            if prefix == "vtab" and not layouts.is_vtab_dir(path):
+                raise DataError(f"{spec}: {path} has no train800.txt")
+            if prefix == "fgvc" and not layouts.is_fgvc_dir(path):
+                raise DataError(f"{spec}: {path} needs train.json and test.json")
+            return ResolvedSpec(prefix, path)  # type: ignore[arg-type]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if layouts.is_vtab_dir(path):
+            return ResolvedSpec("vtab", path)
+        if layouts.is_fgvc_dir(path):
+            return ResolvedSpec("fgvc", path)
+        raise DataError(f"{spec}: neither a VTAB-1k task folder (train800.txt) nor an FGVC folder (train.json, "
+                        "test.json); for class subfolders use folder:<dir>")
+    suite, _, task = spec.partition("/")
+    if suite in SUITES and task:
+        if task not in SUITES[suite]:
+            raise DataError(f"{spec}: {suite} has no task {task!r}; tasks: {', '.join(SUITES[suite])}")
+        folder = suite_dir(suite, cache) / task
+        if not layouts.is_vtab_dir(folder) or not (folder / "info.json").is_file():
+            raise DataError(f"{spec}: not provisioned under {folder.parent}; run "
+                            f"`sparseft data fetch {suite} --tasks {task}`")
+        return ResolvedSpec("vtab", folder)
+    raise DataError(f"{spec}: no such folder, and not a provisioned task name like mini-vtab/fashion_mnist "
+                    f"(suites: {', '.join(SUITES)})")
+
+
+def class_names(spec: str, cache: str | Path | None = None) -> list[str]:
+    """The class names of the data set `spec` names (numbers where the layout has no names)."""
+    r = resolve_spec(spec, cache)
+    if r.kind == "vtab":
+        return layouts.vtab_classes(r.path)
+    if r.kind == "fgvc":
+        return [str(c) for c in layouts.fgvc_class_ids(r.path)]
+    return layouts.folder_classes(r.path)
+
+
+def num_classes(spec: str, cache: str | Path | None = None) -> int:
+    """How many classes the data set `spec` names has (the size of the model's head)."""
+    return len(class_names(spec, cache))
+
+
+def load_split(spec: str, split: str, transform: Callable[[Any], Any] | None = None, *,
+               num_classes: int | None = None, on_error: OnError = "raise", verify: bool = False,
+               seed: int = 0, cache: str | Path | None = None) -> ImageDataset:
+    """The Dataset of one split of the data set `spec`, yielding `(transform(rgb), label)`.
+
+    `split`: `train800`, `val200`, `train800val200` or `test` (FGVC: train/val/train+val/test
+    json; ImageFolder: a seeded split, `seed`). `num_classes`: labels at or above it are
+    errors (default: the data set's own class count). `on_error="skip"` skips bad entries
+    with one warning instead of raising. `verify=True` opens every image now.
+    """
+    r = resolve_spec(spec, cache)
+    names = class_names(spec, cache)
+    limit = num_classes if num_classes is not None else len(names)
+    if r.kind == "vtab":
+        samples = layouts.vtab_split(r.path, split, num_classes=limit, on_error=on_error)
+    elif r.kind == "fgvc":
+        samples = layouts.fgvc_split(r.path, split, num_classes=limit, on_error=on_error)
+    else:
+        samples = layouts.folder_split(r.path, split, seed=seed)
+    classes = (names + [str(i) for i in range(len(names), limit)])[:limit]
+    dataset = ImageDataset(samples, transform, classes=classes, num_classes=limit)
+    if verify:
+        dataset.verify(on_error)
+        if not len(dataset):
+            raise DataError(f"{spec}: split {split} has no readable images")
+    return dataset
