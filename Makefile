@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml requirements.txt
 demo: $(STAMP)
 	$(PY) -m sparseft demo
 
+# the real-data smoke tests need two small offline fixtures; fetching is cached and idempotent
 test: $(STAMP)
+	$(PY) -m sparseft data fetch mini-vtab --tasks fashion_mnist --quiet
+	$(PY) -m sparseft weights fetch mobilenetv2_100_offline
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -168,7 +168,8 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     def save_task(m: nn.Module, folder: Path) -> None:
         nonlocal task_file
         task_file = method.save(m, folder / method.file_suffix, extra={
-            "model": spec.model, "num_classes": classes, "img_size": spec.img_size, "data": spec.data})
+            "model": spec.model, "num_classes": classes, "img_size": spec.img_size, "data": spec.data,
+            "weights": spec.weights, "pretrained": spec.pretrained, "init_seed": spec.train.seed})
 
     summary = fit(model, data.loader("train"), spec.train, eval_loaders=eval_loaders, run_dir=run_dir,
                   resume=resume, save_task=save_task, run_info=info)
@@ -192,8 +193,10 @@ def load_task_model(task_file: str | Path, *, weights: str | None = None, pretra
     if "model" not in extra or "num_classes" not in extra:
         raise ValueError(f"{task_file}: the header does not say which base model it belongs to; "
                          "load it with sparseft.load_delta(model, path) on a model you build")
-    model = build_model(extra["model"], extra["num_classes"], img_size=extra.get("img_size"), weights=weights,
-                        pretrained=pretrained)
+    torch.manual_seed(extra.get("init_seed", 0))  # a randomly initialised base is defined by its seed
+    model = build_model(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
+                        weights=weights or extra.get("weights"),
+                        pretrained=pretrained or extra.get("pretrained", False))
     method = METHODS[extra.get("method", "gps")]()
     return method.load(model, task_file)
 
