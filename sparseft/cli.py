@@ -55,13 +55,15 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (pays off for ViT-S/B at 224 px on CPUs "
                                                        "with AMX, and on GPUs)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for selection, shuffling and initialisation")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (the last always)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
                        warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, label_smoothing=args.label_smoothing,
-                       grad_clip=args.grad_clip, bf16=args.bf16, seed=args.seed, progress=not args.no_progress)
+                       grad_clip=args.grad_clip, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
+                       progress=not args.no_progress)
 
 
 def _spec(args: argparse.Namespace, method: str, options: dict):

@@ -55,6 +55,7 @@ class TrainConfig:
     grad_clip: float | None = None
     bf16: bool = False
     seed: int = 0
+    eval_every: int = 1  # evaluate every N epochs; the last epoch is always evaluated
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,7 +108,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         run_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the model's trainable parameters; returns {"history", "final", "summary"}.
 
-    `eval_loaders` are evaluated after every epoch (e.g. {"val": ..., "test": ...}).
+    `eval_loaders` are evaluated every `config.eval_every` epochs and after the last one
+    (e.g. {"val": ..., "test": ...}).
     `save_task(model, path)` writes the task file at the end (default: a sparse delta when the
     model has one). With `resume=True` a run folder's checkpoint is continued; a finished run
     returns its summary without training.
@@ -175,7 +177,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                    "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                                    "epoch_time_s": round(epoch_time, 3)}
-        for name, loader in eval_loaders.items():
+        due = (epoch + 1) % max(config.eval_every, 1) == 0 or epoch + 1 == config.epochs
+        for name, loader in (eval_loaders.items() if due else ()):
             result = evaluate(model, loader, bf16=config.bf16)
             metrics[f"{name}_acc"], metrics[f"{name}_loss"] = result["acc"], result["loss"]
         history.append(metrics)
