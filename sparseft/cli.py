@@ -182,6 +182,31 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sparseft.bench import load_suite, plan, run_suite, write_report
+    from sparseft.bench.runner import runs_in_cell
+
+    suite = load_suite(args.suite, protocol=args.protocol)
+    out = args.out or Path("results") / f"{suite.name}-{suite.protocol}"
+    cells = [c for c in plan(suite) if not args.only or c.entry.label in args.only]
+    if args.dry_run:
+        for c in cells:
+            print(f"{c.backbone.key} / {c.task} / {c.entry.label} / seed {c.seed}: {runs_in_cell(suite, c)} run(s)")
+        print(f"{len(cells)} cells, {sum(runs_in_cell(suite, c) for c in cells)} training runs -> {out}")
+        return 0
+    run_suite(suite, out, progress=True, show_epochs=args.epochs_progress, only=args.only)
+    report = write_report(out)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sparseft.bench import write_report
+
+    print(f"report: {write_report(args.results)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sparseft.demo import main as demo_main
 
@@ -243,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--num-classes", type=int, default=10, help="head size for the counts")
     ms.add_argument("--img-size", type=int, help="input resolution of the model")
     ms.set_defaults(func=cmd_methods)
+
+    b = sub.add_parser("bench", help="run a benchmark suite (resumable) and write its report",
+                       description="Run methods x tasks x backbones x seeds from a suite YAML (or a shipped suite: "
+                                   "mini-vtab-quick, mini-vtab-cpu, vtab-1k, fgvc); finished runs are skipped, "
+                                   "interrupted ones resume.")
+    b.add_argument("suite", help="suite YAML file or shipped suite name")
+    b.add_argument("--out", type=Path, help="results folder (default: results/<suite>-<protocol>)")
+    b.add_argument("--protocol", choices=["honest", "paper"], help="override the suite's protocol")
+    b.add_argument("--only", nargs="+", help="run only these method labels")
+    b.add_argument("--dry-run", action="store_true", help="list the cells and run counts, run nothing")
+    b.add_argument("--epochs-progress", action="store_true", help="show per-epoch progress bars too")
+    b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="write report.md, results.csv and plots for a results folder")
+    r.add_argument("results", type=Path, help="results folder of sparseft bench")
+    r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="end-to-end demo on real offline images: GPS vs full fine-tuning")
     d.add_argument("--fast", action="store_true", help="fewer epochs (a smoke run)")

@@ -1,0 +1,202 @@
+"""Run a suite: every (backbone, task, method, seed) cell under the chosen protocol, resumably.
+
+honest  for every grid point, train on train800 and evaluate on val200 (last epoch); retrain the
+        best point on train800val200; report the LAST epoch's test accuracy.
+paper   train once on train800val200 with fixed settings, evaluate on test after every epoch,
+        report the BEST test accuracy over epochs (as the official repositories do).
+
+Layout under the output folder:
+    <backbone>/<task>/<label>/seed<s>/tune/<point>/   (honest only)
+    <backbone>/<task>/<label>/seed<s>/final/          record.json = the cell's result
+A finished run (summary.json present) is never run again; an interrupted one resumes from its
+checkpoint. GPS selections are cached per (backbone, task, split, selection options, seed), so
+the grid's learning rates do not repeat the selection pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparseft.bench.suite import Backbone, MethodEntry, Suite, task_name
+from sparseft.fileutil import write_text_atomic
+from sparseft.run import RunSpec, run
+from sparseft.train import TrainConfig
+
+SELECTION_OPTIONS = ("k", "level", "criterion", "loss", "score", "temperature", "select_batches", "train_norm",
+                     "train_embeddings", "select_patch_embed")
+
+
+@dataclass(frozen=True)
+class Cell:
+    backbone: Backbone
+    task: str
+    group: str
+    entry: MethodEntry
+    seed: int
+
+    def folder(self, out: Path) -> Path:
+        return out / self.backbone.key.replace("/", "_") / task_name(self.task) / self.entry.label / f"seed{self.seed}"
+
+
+def point_key(point: dict[str, Any]) -> str:
+    return ",".join(f"{k}={point[k]}" for k in sorted(point)) or "default"
+
+
+def plan(suite: Suite) -> list[Cell]:
+    groups = suite.task_groups()
+    return [Cell(b, task, groups[task], m, seed) for b in suite.backbones for task in groups
+            for m in suite.methods_for(b) for seed in suite.seeds]
+
+
+def run_spec(suite: Suite, cell: Cell, point: dict[str, Any], stage: str, progress: bool) -> RunSpec:
+    settings = {**suite.train, **cell.backbone.train}
+    train_kwargs = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
+    train_kwargs.update({k: point[k] for k in ("lr", "weight_decay") if k in point})
+    epochs = int(train_kwargs.get("epochs", TrainConfig.epochs))
+    config = TrainConfig(**train_kwargs, seed=cell.seed, progress=progress,
+                         eval_every=1 if stage == "paper" else max(epochs, 1))
+    options = {**cell.entry.options, **{k: v for k, v in point.items() if k not in ("lr", "weight_decay")}}
+    splits = {"tune": ("train800", ("val200",)), "final": ("train800val200", ("test",)),
+              "paper": ("train800val200", ("test",))}[stage]
+    return RunSpec(model=cell.backbone.name, data=cell.task, method=cell.entry.method, options=options,
+                   weights=cell.backbone.weights, pretrained=cell.backbone.pretrained,
+                   img_size=cell.backbone.img_size, batch_size=int(settings.get("batch_size", 32)),
+                   eval_batch_size=int(settings.get("eval_batch_size", 128)),
+                   preprocessing=settings.get("preprocessing", "vtab"), workers=int(settings.get("workers", 0)),
+                   train_split=splits[0], eval_splits=splits[1], train=config)
+
+
+class Progress:
+    """Which run of how many, elapsed time and an ETA from the runs finished so far."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.done = self.skipped = 0
+        self.spent = 0.0
+        self.start = time.perf_counter()
+
+    def begin(self, what: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        ran = self.done - self.skipped
+        eta = (self.spent / ran) * (self.total - self.done) if ran else float("nan")
+        print(f"[run {self.done + 1}/{self.total}] {what} | elapsed {_hms(elapsed)} | ETA {_hms(eta)}", flush=True)
+
+    def end(self, seconds: float | None) -> None:
+        self.done += 1
+        if seconds is None:
+            self.skipped += 1
+        else:
+            self.spent += seconds
+
+
+def _hms(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _selection_cache(out: Path, spec: RunSpec, cell: Cell) -> Path | None:
+    if spec.method != "gps" or spec.options.get("criterion", "gradient") != "gradient":
+        return None
+    key = json.dumps([cell.backbone.key, spec.data, spec.train_split, cell.seed,
+                      {k: spec.options.get(k) for k in SELECTION_OPTIONS}], sort_keys=True)
+    return out / "selections" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
+
+
+def _execute(out: Path, spec: RunSpec, cell: Cell, folder: Path, progress: Progress, what: str) -> dict[str, Any]:
+    summary_path = folder / "summary.json"
+    if summary_path.exists():
+        progress.end(None)
+        return json.loads(summary_path.read_text())
+    cache = _selection_cache(out, spec, cell)
+    if cache is not None and cache.exists() and "selection" not in spec.options:
+        spec.options = {**spec.options, "selection": str(cache)}
+    progress.begin(what)
+    t0 = time.perf_counter()
+    summary = run(spec, folder, resume=(folder / "config.json").exists())
+    seconds = time.perf_counter() - t0
+    summary["wall_time_s"] = round(seconds, 2)
+    write_text_atomic(summary_path, json.dumps(summary, indent=1, default=str))
+    if cache is not None and not cache.exists() and (folder / "selection.safetensors").exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / "selection.safetensors", cache)
+    progress.end(seconds)
+    return summary
+
+
+def runs_in_cell(suite: Suite, cell: Cell) -> int:
+    """Training runs a cell needs: grid points + the final run (honest), or one (paper)."""
+    n = len(cell.entry.grid_points(suite.grid))
+    return n + 1 if suite.protocol == "honest" and n > 1 else 1
+
+
+def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epochs: bool) -> dict[str, Any]:
+    """Run one cell (tuning and final run, or the paper run) and write its record.json."""
+    folder = cell.folder(out)
+    record_path = folder / "final" / "record.json"
+    if record_path.exists():
+        for _ in range(runs_in_cell(suite, cell)):
+            progress.end(None)
+        return json.loads(record_path.read_text())
+    name = f"{cell.backbone.key} / {task_name(cell.task)} / {cell.entry.label} / seed {cell.seed}"
+    tuning: list[dict[str, Any]] = []
+    points = cell.entry.grid_points(suite.grid)
+    if suite.protocol == "honest" and len(points) == 1:
+        chosen, stage = points[0], "final"  # nothing to choose: no tuning runs
+    elif suite.protocol == "honest":
+        for point in points:
+            spec = run_spec(suite, cell, point, "tune", show_epochs)
+            s = _execute(out, spec, cell, folder / "tune" / point_key(point), progress,
+                         f"{name} tune {point_key(point)}")
+            tuning.append({"point": point, "val_acc": s["final"]["val_acc"], "wall_time_s": s.get("wall_time_s")})
+        best = max(tuning, key=lambda t: t["val_acc"])  # ties: the first grid point wins
+        chosen, stage = best["point"], "final"
+    else:
+        chosen, stage = cell.entry.paper_point(suite.grid), "paper"
+    spec = run_spec(suite, cell, chosen, stage, show_epochs)
+    s = _execute(out, spec, cell, folder / "final", progress, f"{name} {stage} {point_key(chosen)}")
+    test_acc = s["final"]["test_acc"] if suite.protocol == "honest" else s["best_test_acc"]
+    record = {
+        "suite": suite.name, "protocol": suite.protocol, "backbone": cell.backbone.key, "task": task_name(cell.task),
+        "data": cell.task, "group": cell.group, "label": cell.entry.label, "method": cell.entry.method,
+        "options": {**cell.entry.options, **{k: v for k, v in chosen.items() if k not in ("lr", "weight_decay")}},
+        "seed": cell.seed, "chosen": chosen, "tuning": tuning, "test_acc": test_acc,
+        "last_test_acc": s["final"]["test_acc"], "best_test_acc": s.get("best_test_acc"),
+        "trainable_backbone": s["params"]["trainable_backbone"], "trainable_head": s["params"]["trainable_head"],
+        "backbone_params": s["params"]["backbone_params"], "backbone_percent": s["params"]["backbone_percent"],
+        "task_file_bytes": s.get("task_file_bytes"), "train_time_s": s.get("train_time_s"),
+        "prepare_time_s": s.get("prepare_time_s"),
+        "run_time_s": round(sum((t["wall_time_s"] or 0) for t in tuning) + (s.get("wall_time_s") or 0), 2),
+        "final_dir": str((folder / "final").relative_to(out)),
+    }
+    write_text_atomic(record_path, json.dumps(record, indent=1, default=str))
+    return record
+
+
+def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, show_epochs: bool = False,
+              only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run every cell of `suite` into `out` (skipping finished ones); returns the records."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = [c for c in plan(suite) if not only or c.entry.label in only]
+    runs_per_cell = {c: runs_in_cell(suite, c) for c in cells}
+    write_text_atomic(out / "suite.json", json.dumps({"name": suite.name, "protocol": suite.protocol,
+                                                      "source": suite.source, "tasks": suite.tasks,
+                                                      "train": suite.train, "grid": suite.grid,
+                                                      "seeds": suite.seeds}, indent=1, default=str))
+    tracker = Progress(sum(runs_per_cell.values()), progress)
+    t0 = time.perf_counter()
+    records = [run_cell(suite, cell, out, tracker, show_epochs) for cell in cells]
+    if progress:
+        print(f"suite {suite.name}: {len(records)} cells in {_hms(time.perf_counter() - t0)} "
+              f"({tracker.skipped} runs already done)")
+    return records

@@ -1,0 +1,187 @@
+"""Benchmark suites: which methods × tasks × backbones × seeds to run, and how.
+
+A suite is a YAML file (the shipped ones live in `sparseft/bench/suites/`, usable by name):
+
+    name: mini-vtab-quick
+    protocol: honest              # honest | paper (the report always says which)
+    tasks:                        # group -> data specs (VTAB-1k folders, mini-vtab/<task>, ...)
+      natural: [mini-vtab/clipart]
+      specialized: [mini-vtab/elpv]
+    backbones:
+      - {name: dinov2_vits14_offline, img_size: 56}
+    train: {epochs: 5, batch_size: 32, weight_decay: 1.0e-4, warmup_epochs: 1}
+    grid: {lr: [1.0e-3, 3.0e-3]}  # honest protocol: tuned on train800 -> val200
+    methods:
+      - {label: gps, method: gps, options: {k: 1}, grid: {lr: [3.0e-3, 1.0e-2]}}
+      - {label: full, method: full, grid: {lr: [1.0e-4, 3.0e-4]}}
+    seeds: [0]
+
+Grid keys `lr` and `weight_decay` set the optimiser; any other key is a method option (e.g.
+`k` for GPS). The paper protocol runs each method once with its `paper` settings (default: the
+first value of each grid key) and reports the best test accuracy over epochs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROTOCOLS = ("honest", "paper")
+TRAIN_KEYS = {"epochs", "lr", "weight_decay", "optimizer", "warmup_epochs", "warmup_lr", "min_lr",
+              "label_smoothing", "grad_clip", "bf16"}
+RUN_KEYS = {"batch_size", "eval_batch_size", "preprocessing", "workers"}
+
+
+class SuiteError(ValueError):
+    """A suite file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    img_size: int | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    train: dict[str, Any] = field(default_factory=dict)  # overrides of the suite's train settings
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.img_size}" if self.img_size else self.name
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    paper: dict[str, Any] = field(default_factory=dict)
+    backbones: tuple[str, ...] = ()  # restrict to these backbone names (empty: all)
+
+    def grid_points(self, default_grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+        grid = {**default_grid, **self.grid}
+        keys = sorted(grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+    def paper_point(self, default_grid: dict[str, list[Any]]) -> dict[str, Any]:
+        grid = {**default_grid, **self.grid}
+        return {**{k: v[0] for k, v in grid.items()}, **self.paper}
+
+
+@dataclass
+class Suite:
+    name: str
+    protocol: str
+    tasks: dict[str, list[str]]
+    backbones: list[Backbone]
+    methods: list[MethodEntry]
+    train: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    source: str = ""
+
+    def task_groups(self) -> dict[str, str]:
+        """data spec -> group name."""
+        return {spec: group for group, specs in self.tasks.items() for spec in specs}
+
+    def methods_for(self, backbone: Backbone) -> list[MethodEntry]:
+        return [m for m in self.methods if not m.backbones or backbone.name in m.backbones]
+
+
+def task_name(spec: str) -> str:
+    """Short name of a data spec for folders and tables ('mini-vtab/clipart' -> 'clipart')."""
+    return Path(spec.split(":", 1)[-1].rstrip("/")).name
+
+
+def shipped_suites() -> list[str]:
+    folder = resources.files("sparseft.bench") / "suites"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _resolve(name_or_path: str | Path) -> tuple[str, str]:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.read_text(), str(path)
+    shipped = resources.files("sparseft.bench") / "suites" / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped.read_text(), f"suites/{name_or_path}.yaml"
+    raise SuiteError(f"{name_or_path}: no such suite file, and not a shipped suite ({', '.join(shipped_suites())})")
+
+
+def _need(data: dict, key: str, kind: type | tuple, where: str) -> Any:
+    if key not in data:
+        raise SuiteError(f"{where}: missing key '{key}'")
+    if not isinstance(data[key], kind):
+        raise SuiteError(f"{where}: '{key}' must be {getattr(kind, '__name__', kind)}, got {data[key]!r}")
+    return data[key]
+
+
+def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
+    """Read and validate a suite (a path or a shipped suite's name); `protocol` overrides the file's."""
+    from sparseft.methods import METHODS
+
+    text, where = _resolve(name_or_path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SuiteError(f"{where}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise SuiteError(f"{where}: expected a mapping at the top level")
+    unknown = set(data) - {"name", "protocol", "tasks", "backbones", "methods", "train", "grid", "seeds",
+                           "description"}
+    if unknown:
+        raise SuiteError(f"{where}: unknown keys {sorted(unknown)}")
+    proto = protocol or data.get("protocol", "honest")
+    if proto not in PROTOCOLS:
+        raise SuiteError(f"{where}: protocol must be one of {PROTOCOLS}, not {proto!r}")
+    tasks = _need(data, "tasks", dict, where)
+    for group, specs in tasks.items():
+        if not isinstance(specs, list) or not specs:
+            raise SuiteError(f"{where}: tasks.{group} must be a non-empty list of data specs")
+    train = data.get("train", {}) or {}
+    bad = set(train) - TRAIN_KEYS - RUN_KEYS
+    if bad:
+        raise SuiteError(f"{where}: unknown train settings {sorted(bad)}")
+    backbones = []
+    for i, b in enumerate(_need(data, "backbones", list, where)):
+        if not isinstance(b, dict) or "name" not in b:
+            raise SuiteError(f"{where}: backbones[{i}] needs a 'name'")
+        extra = set(b) - {"name", "img_size", "weights", "pretrained", "train"}
+        if extra:
+            raise SuiteError(f"{where}: backbones[{i}] has unknown keys {sorted(extra)}")
+        backbones.append(Backbone(name=b["name"], img_size=b.get("img_size"), weights=b.get("weights"),
+                                  pretrained=bool(b.get("pretrained", False)), train=b.get("train", {}) or {}))
+    methods = []
+    labels = set()
+    for i, m in enumerate(_need(data, "methods", list, where)):
+        if isinstance(m, str):
+            m = {"label": m, "method": m}
+        if not isinstance(m, dict) or "method" not in m:
+            raise SuiteError(f"{where}: methods[{i}] needs a 'method'")
+        if m["method"] not in METHODS:
+            raise SuiteError(f"{where}: methods[{i}]: unknown method {m['method']!r} "
+                             f"(known: {', '.join(sorted(METHODS))})")
+        label = m.get("label", m["method"])
+        if label in labels:
+            raise SuiteError(f"{where}: methods[{i}]: label {label!r} used twice")
+        labels.add(label)
+        extra = set(m) - {"label", "method", "options", "grid", "paper", "backbones"}
+        if extra:
+            raise SuiteError(f"{where}: methods[{i}] has unknown keys {sorted(extra)}")
+        methods.append(MethodEntry(label=label, method=m["method"], options=m.get("options", {}) or {},
+                                   grid=m.get("grid", {}) or {}, paper=m.get("paper", {}) or {},
+                                   backbones=tuple(m.get("backbones", ()) or ())))
+    grid = data.get("grid", {}) or {}
+    for key, values in [*grid.items(), *(kv for m in methods for kv in m.grid.items())]:
+        if not isinstance(values, list) or not values:
+            raise SuiteError(f"{where}: grid '{key}' must be a non-empty list")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+        raise SuiteError(f"{where}: seeds must be a list of integers")
+    return Suite(name=data.get("name", Path(where).stem), protocol=proto, tasks=tasks, backbones=backbones,
+                 methods=methods, train=train, grid=grid, seeds=seeds, source=where)

@@ -1,0 +1,118 @@
+"""Benchmark harness on a tiny synthetic suite: both protocols, resume, report."""
+
+import json
+
+import pytest
+import yaml
+from _data_helpers import make_vtab
+
+from sparseft.bench import SuiteError, load_suite, run_suite, shipped_suites, write_report
+from sparseft.bench.report import claims, load_records
+
+
+def write_suite(tmp_path, tasks, protocol="honest", methods=None):
+    suite = {
+        "name": "tiny", "protocol": protocol,
+        "tasks": {"natural": [str(tasks[0])], "structured": [str(tasks[1])]},
+        "backbones": [{"name": "vit_tiny_patch16_224", "img_size": 32}],
+        "train": {"epochs": 2, "batch_size": 4, "warmup_epochs": 0},
+        "grid": {"lr": [1e-3, 3e-3]},
+        "methods": methods or [{"label": "gps", "method": "gps", "options": {"k": 1}},
+                               {"label": "gps-net", "method": "gps", "options": {"level": "net"}},
+                               {"label": "linear", "method": "linear", "grid": {"lr": [1e-2]}}],
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    return [make_vtab(root / name, n_train=8, n_val=4, n_test=6, classes=2) for name in ("a", "b")]
+
+
+def test_honest_protocol_tunes_on_val_and_reports_last_epoch(tmp_path, tasks):
+    suite = load_suite(write_suite(tmp_path, tasks))
+    out = tmp_path / "res"
+    records = run_suite(suite, out, progress=False)
+    assert len(records) == 6
+    gps = next(r for r in records if r["label"] == "gps" and r["task"] == "a")
+    assert len(gps["tuning"]) == 2 and gps["chosen"]["lr"] in (1e-3, 3e-3)
+    best_val = max(t["val_acc"] for t in gps["tuning"])
+    assert next(t for t in gps["tuning"] if t["point"] == gps["chosen"])["val_acc"] == best_val
+    assert gps["test_acc"] == gps["last_test_acc"]
+    linear = next(r for r in records if r["label"] == "linear")
+    assert linear["tuning"] == []  # one grid point: nothing to tune
+    final = out / gps["final_dir"]
+    assert json.loads((final / "config.json").read_text())["spec"]["train_split"] == "train800val200"
+    tune_dirs = list((final.parent / "tune").iterdir())
+    assert all(json.loads((d / "config.json").read_text())["spec"]["eval_splits"] == ["val200"] for d in tune_dirs)
+    # the selection pass ran once per (task, split, options): the lr grid reused it
+    assert len(list((out / "selections").iterdir())) == 2 * 2 * 2  # tasks x labels x splits
+
+    report = write_report(out)
+    text = report.read_text()
+    assert "Protocol: honest" in text and "last-epoch" in text
+    assert "| gps |" in text and "mean (groups)" in text
+    for fig in ("acc_vs_params.png", "gps_distribution.png", "gps_levels.png"):
+        assert (out / fig).stat().st_size > 1000
+    assert (out / "results.csv").read_text().count("\n") == 7
+
+
+def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path, tasks, capsys):
+    suite = load_suite(write_suite(tmp_path, tasks, methods=[{"label": "linear", "method": "linear"}]))
+    out = tmp_path / "res"
+    first = run_suite(suite, out, progress=True)
+    capsys.readouterr()
+    again = run_suite(suite, out, progress=True)
+    assert "6 runs already done" in capsys.readouterr().out
+    assert [r["test_acc"] for r in again] == [r["test_acc"] for r in first]
+    # simulate a crash after epoch 1 of one tuning run: drop its summary and record
+    run_dir = out / first[0]["final_dir"]
+    tune = sorted((run_dir.parent / "tune").iterdir())[0]
+    (tune / "summary.json").unlink()
+    (run_dir / "record.json").unlink()
+    again = run_suite(suite, out, progress=False)
+    assert json.loads((tune / "summary.json").read_text())["final"]["epoch"] == 2
+    assert again[0]["test_acc"] == first[0]["test_acc"]
+
+
+def test_paper_protocol_reports_best_test_over_epochs(tmp_path, tasks):
+    suite = load_suite(write_suite(tmp_path, tasks, methods=[{"label": "linear", "method": "linear"}]),
+                       protocol="paper")
+    records = run_suite(suite, tmp_path / "res", progress=False)
+    for r in records:
+        assert r["tuning"] == [] and r["chosen"] == {"lr": 1e-3}
+        assert r["test_acc"] == r["best_test_acc"] >= r["last_test_acc"]
+    assert "Protocol: paper" in write_report(tmp_path / "res").read_text()
+
+
+def test_claims_compare_per_task():
+    tab = {"tasks": ["a", "b"], "rows": [
+        {"label": "gps", "per_task": {"a": 80.0, "b": 60.0}},
+        {"label": "full", "per_task": {"a": 70.0, "b": 65.0}}]}
+    (claim,) = claims(tab)
+    assert claim["comparisons"][0]["a_wins"] == 1 and claim["comparisons"][0]["mean_diff"] == 2.5
+    assert claim["supported"]
+
+
+def test_bad_suites_are_refused_with_the_key(tmp_path, tasks):
+    path = write_suite(tmp_path, tasks, methods=[{"label": "x", "method": "nope"}])
+    with pytest.raises(SuiteError, match="unknown method 'nope'"):
+        load_suite(path)
+    path.write_text("tasks: [1, 2]\n")
+    with pytest.raises(SuiteError, match="'tasks' must be"):
+        load_suite(path)
+    with pytest.raises(SuiteError, match="no such suite"):
+        load_suite(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError):
+        load_records(tmp_path)
+
+
+def test_shipped_suites_load():
+    names = shipped_suites()
+    assert {"mini-vtab-quick", "mini-vtab-cpu", "vtab-1k", "fgvc"} <= set(names)
+    for name in names:
+        suite = load_suite(name)
+        assert suite.methods and suite.backbones and suite.tasks
