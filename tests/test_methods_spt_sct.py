@@ -458,6 +458,21 @@ def test_sct_whole_model_gradient_reaches_every_block():
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("name", ["sct", "spt-adapter"])
+def test_a_deep_copy_runs_its_own_hooked_modules(name):
+    model, _, _ = prepared(name)
+    model.eval()
+    x = toy_batches(1, batch=2)[0][0]
+    with torch.no_grad():
+        before = model(x)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(x), before)
+        for n, p in twin.named_parameters():
+            if ".sct." in n or ".spt_adapter.up." in n:
+                p.add_(0.5)
+        assert not torch.equal(twin(x), before) and torch.equal(model(x), before)
+
+
 # -- registry / report ----------------------------------------------------------------------
 
 def test_method_table_lists_spt_and_sct():

@@ -28,6 +28,7 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -322,7 +323,7 @@ class SCT(Method):
                          "sct_trainable_backbone": sparseft.parameter_summary(model)["trainable_backbone"]})
         return model
 
-    def load(self, model: nn.Module, path: Any) -> nn.Module:
+    def load(self, model: nn.Module, path: str | Path) -> nn.Module:
         try:
             return load_delta(model, path, rebuild=inject)
         except Exception:

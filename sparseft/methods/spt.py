@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -392,8 +393,8 @@ class _SPT(Method):
         params = dict(model.named_parameters())
         structured_biases = [m for m in p.structured if f"{m}.bias" in p.full]
         engine_full = [n for n in p.full if n.rpartition(".")[0] not in set(structured_biases)]
-        order = list(params)
-        sparse = dict(sorted(p.sparse.items(), key=lambda kv: order.index(kv[0])))  # weight before bias
+        position = {n: i for i, n in enumerate(params)}
+        sparse = dict(sorted(p.sparse.items(), key=lambda kv: position[kv[0]]))  # model order: weight before bias
         return Selection(
             indices=sparse, shapes={n: tuple(params[n].shape) for n in sparse},
             full=engine_full + head_parameter_names(model),
@@ -423,14 +424,14 @@ class _SPT(Method):
                          "spt_budget_used": round(meta["cost"] / max(meta["budget"], 1), 4)})
         return model
 
-    def save(self, model: nn.Module, path: Any, extra: dict[str, Any] | None = None) -> Any:
+    def save(self, model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         state = state_of(model)
         if state is not None and state.structure.get("folded"):
             raise DeltaError("this SPT model was merged: its LoRA is folded into the weights and cannot be saved "
                              "as a task file; save before merging")
         return super().save(model, path, extra)
 
-    def load(self, model: nn.Module, path: Any) -> nn.Module:
+    def load(self, model: nn.Module, path: str | Path) -> nn.Module:
         try:
             return load_delta(model, path, rebuild=rebuild)
         except Exception:
