@@ -317,17 +317,21 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
     for name, p in model.named_parameters():
         p.requires_grad_(name in full)
         p.grad = None
+    by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, index in selection.indices.items():
-        if index.numel() == 0:
-            continue
-        module, leaf = _owner(model, name)
-        fast = _fast_forward(module, leaf)
-        if "sparse_delta" not in module._modules:
-            module.sparse_delta = nn.ModuleDict()
-        module.sparse_delta[leaf] = SparseDelta(module._parameters[leaf], index, linear=fast is not None)
+        if index.numel():
+            mod_name, _, leaf = name.rpartition(".")
+            by_module.setdefault(mod_name, []).append((leaf, index))
+    for mod_name, entries in by_module.items():
+        module = model.get_submodule(mod_name) if mod_name else model
+        # the gathered fast path serves a layer whose only sparse parameter is its weight;
+        # anything else (a sparse bias too, other layers) takes the generic injected path
+        fast = _fast_forward(module, entries[0][0]) if len(entries) == 1 else None
+        module.sparse_delta = nn.ModuleDict({leaf: SparseDelta(module._parameters[leaf], index, linear=fast is not None)
+                                             for leaf, index in entries})
         if fast is not None:
             module.forward = types.MethodType(fast, module)
-        elif not getattr(module, "_sparseft_injected", False):
+        else:
             module._sparseft_prev_forward = module.__dict__.get("forward")
             module._sparseft_injected = True
             module.forward = types.MethodType(_injected_forward, module)
@@ -474,6 +478,7 @@ def forget_base(model: nn.Module) -> nn.Module:
 def base_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily run the base model (deltas written out), e.g. to compare outputs."""
     state = _require_state(model)
+    _refuse_added(state, "base_weights")
     if state.merged or not state.keep_base:
         raise DeltaError("base_weights needs an applied (not merged) model that kept its base values")
     params = dict(model.named_parameters())

@@ -209,10 +209,11 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
 
     header, _ = read_delta(task_file)
     model = load_task_model(task_file, weights=weights)
-    if merge:
-        from sparseft.methods import METHODS
+    from sparseft.methods import METHODS
 
-        METHODS[header.get("extra", {}).get("method", "gps")]().merge(model)
+    method = METHODS[header.get("extra", {}).get("method", "gps")]
+    if merge and method.mergeable:  # evaluate what users deploy: the merged model where there is one
+        method().merge(model)
     cfg = data_config(model)
     img_size = header.get("extra", {}).get("img_size")
     ds = load_split(data, split, build_transform(cfg, preprocessing, train=False, img_size=img_size))

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import sparseft
@@ -38,7 +37,7 @@ from sparseft.deltafile import load_delta
 from sparseft.methods import Method, MethodContext, register
 from sparseft.models import head_parameter_names
 from sparseft.select import Selection
-from sparseft.select.gps import _scoring_mode
+from sparseft.select.gps import gradient_scores
 
 EXCLUDED_WORDS = ("cls_token", "patch_embed", "pos_embed")
 DEFAULT_BUDGET_FRACTION = 0.005  # ≈ 0.43 M of ViT-B's 86 M, inside the official 0.2-1.0 M sweep
@@ -63,31 +62,8 @@ def sensitivity(model: nn.Module, loader: Iterable, names: Iterable[str] | None 
     gradients, buffers, mode). Returns (scores in float32, counts of batches and images).
     """
     names = scored_parameters(model) if names is None else list(names)
-    params = dict(model.named_parameters())
-    device = next(iter(params.values())).device
-    scores = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
-    stats = {"batches": 0, "images": 0}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _scoring_mode(model, set(names)):
-        torch.manual_seed(seed)
-        for step, batch in enumerate(loader):
-            if max_batches is not None and step >= max_batches:
-                break
-            images, labels = batch[0], batch[1]
-            if isinstance(images, (list, tuple)):  # a multi-view batch: SPT uses the plain first view
-                images = images[0]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(images.to(device))
-            F.cross_entropy(logits.float(), labels.to(device)).backward()
-            for n in names:
-                grad = params[n].grad
-                if grad is not None:
-                    scores[n] += grad.float().square()
-                    params[n].grad = None
-            stats["batches"] += 1
-            stats["images"] += len(labels)
-    if stats["batches"] == 0:
-        raise ValueError("SPT: the training loader yielded no batches")
-    return scores, stats
+    return gradient_scores(model, loader, names, loss="ce", reduction="sum_of_squares", max_batches=max_batches,
+                           autocast=autocast, seed=seed, progress=False)
 
 
 # -- budget and plan ------------------------------------------------------------------------

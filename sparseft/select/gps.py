@@ -28,7 +28,7 @@ from sparseft.models import feature_fn
 from sparseft.select.rules import Eligibility, parameter_roles
 from sparseft.select.selection import Selection
 
-ScoreReduction = Literal["abs_of_sum", "sum_of_abs"]
+ScoreReduction = Literal["abs_of_sum", "sum_of_abs", "sum_of_squares"]
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -95,7 +95,7 @@ def _split_batch(batch: Any, augment: Callable | None,
 
 
 @contextlib.contextmanager
-def _scoring_mode(model: nn.Module, scored: set[str]) -> Iterator[None]:
+def scoring_mode(model: nn.Module, scored: set[str]) -> Iterator[None]:
     """Train mode, gradients only for scored weights; restores flags, grads and buffers after."""
     was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -138,15 +138,18 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     """Accumulated gradient magnitudes for the named parameters over one pass of `loader`.
 
     `loss="supcon"` is GPS's head-free loss on two views per image; `loss="ce"` uses the model's
-    own head (cross-entropy, first view only). Returns (scores, counts of batches and images).
+    own head (cross-entropy, first view only; plain image batches are used as they are).
+    `reduction`: |Σg| (GPS official), Σ|g|, or Σg² (SPT's sensitivity). Returns (scores, counts
+    of batches and images).
     """
-    if reduction not in ("abs_of_sum", "sum_of_abs"):
-        raise ValueError(f"reduction must be 'abs_of_sum' or 'sum_of_abs', not {reduction!r}")
+    if reduction not in ("abs_of_sum", "sum_of_abs", "sum_of_squares"):
+        raise ValueError(f"reduction must be 'abs_of_sum', 'sum_of_abs' or 'sum_of_squares', not {reduction!r}")
     names = list(names)
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     features = feature_fn(model, head)
-    acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names} if reduction == "sum_of_abs" else None
+    per_batch = reduction != "abs_of_sum"  # Σ|g| and Σg² (SPT's sensitivity) accumulate batch by batch
+    acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names} if per_batch else None
     generator = torch.Generator().manual_seed(seed)
     stats = {"batches": 0, "images": 0}
 
@@ -157,15 +160,17 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     def objective(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return supcon_loss(out, y, temperature) if loss == "supcon" else F.cross_entropy(out.float(), y)
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _scoring_mode(model, set(names)):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), scoring_mode(model, set(names)):
         torch.manual_seed(seed)
         batches = tqdm(loader, desc="GPS scores", disable=not progress, leave=False)
         for step, batch in enumerate(batches):
             if max_batches is not None and step >= max_batches:
                 break
-            views, labels = _split_batch(batch, augment, generator)
-            if loss == "ce":
-                views = views[:1]
+            if loss == "ce" and isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor):
+                views, labels = [batch[0]], batch[1]  # cross-entropy needs no second view
+            else:
+                views, labels = _split_batch(batch, augment, generator)
+                views = views[:1] if loss == "ce" else views
             x = torch.cat([v.to(device) for v in views])
             y = labels.to(device).repeat(len(views))
             if chunk_size is None or chunk_size >= len(x):
@@ -187,7 +192,8 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
             if acc is not None:
                 for n in names:
                     if params[n].grad is not None:
-                        acc[n] += params[n].grad.abs()
+                        g = params[n].grad.float()
+                        acc[n] += g.square() if reduction == "sum_of_squares" else g.abs()
                         params[n].grad = None
             stats["batches"] += 1
             stats["images"] += len(labels)
