@@ -122,4 +122,4 @@ def options_from_args(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # register the built-in methods
-from sparseft.methods import baselines, gps  # noqa: E402, F401
+from sparseft.methods import adapter, baselines, gps, lora, ssf, vpt  # noqa: E402, F401
