@@ -122,4 +122,4 @@ def options_from_args(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # register the built-in methods
-from sparseft.methods import baselines, gps, sct, spt  # noqa: E402, F401
+from sparseft.methods import adapter, baselines, gps, lora, sct, spt, ssf, vpt  # noqa: E402, F401

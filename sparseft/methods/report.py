@@ -8,6 +8,7 @@ import torch
 
 from sparseft.delta import parameter_summary
 from sparseft.methods import METHODS, MethodContext, get_method
+from sparseft.methods.added import NotApplicable
 
 
 def method_table(model_name: str, num_classes: int, *, img_size: int | None = None,
@@ -15,7 +16,8 @@ def method_table(model_name: str, num_classes: int, *, img_size: int | None = No
     """Per method: trainable backbone values (absolute and % of the backbone), head values, mergeable.
 
     Data-driven selections (GPS) are counted on one batch of random images: their size depends
-    only on the rule (K per neuron), not on which entries win.
+    only on the rule (K per neuron), not on which entries win. A method that does not fit the
+    architecture (e.g. VPT on a CNN) gets a row without counts that says why.
     """
     from sparseft.run import build_model
 
@@ -28,6 +30,10 @@ def method_table(model_name: str, num_classes: int, *, img_size: int | None = No
         batches = {"select": [([x, x.flip(-1)], y)], "train": [(x, y)]}
         ctx = MethodContext(loader=batches.__getitem__, progress=False)
         options = {"k": k} if "k" in {f for f in cls.Options.__dataclass_fields__} else {}
-        model = get_method(name, **options).prepare(model, ctx)
+        try:
+            model = get_method(name, **options).prepare(model, ctx)
+        except NotApplicable as err:
+            rows.append({"method": name, "mergeable": cls.mergeable, "summary": f"not applicable: {err}"})
+            continue
         rows.append({"method": name, "mergeable": cls.mergeable, "summary": cls.summary, **parameter_summary(model)})
     return rows

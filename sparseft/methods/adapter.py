@@ -1,0 +1,161 @@
+"""AdaptFormer-style parallel adapter (Chen et al., 2022) on every block's MLP.
+
+For each block with an MLP (`block.mlp` having `fc1` and `fc2`: timm ViT, DeiT, DINOv2, Swin and
+ConvNeXt blocks) the MLP's output becomes
+
+    mlp(h) + s * up(relu(down(h)))
+
+where h is the MLP's input. As in AdaptFormer's code: ReLU, dropout (0.1) on the bottleneck,
+down initialised like LoRA's A (kaiming-uniform, a=sqrt(5)) and up, both biases at zero, so the
+model starts exactly at the base; fixed scale s = 0.1; no adapter LayerNorm. The default
+bottleneck of 8 is the setting of the VTAB-1k comparison tables (GPS, NOAH: 0.16 M on ViT-B/16).
+
+Difference from AdaptFormer: its adapter reads the residual stream before `norm2` and is added
+after the block's drop-path; here it reads the MLP's input (after `norm2`) and shares the
+MLP's layer-scale / drop-path (the "parallel adapter" of He et al., 2022). That keeps the module
+self-contained and identical across ViT, Swin and ConvNeXt blocks.
+
+ConvNeXt: its blocks' MLP is channels-last `nn.Linear` (convnext_tiny and up) or channels-first
+1x1 convolutions (`conv_mlp`, the atto..nano sizes); the adapter works on the channel dim the
+MLP uses (last, or 1). Plain CNNs have no such blocks: `NotApplicable`.
+
+Not mergeable: the ReLU between down and up makes the branch non-linear.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseft.delta import DeltaError
+from sparseft.methods import MethodContext, register
+from sparseft.methods.added import (
+    ModuleMethod,
+    NotApplicable,
+    attach,
+    generator,
+    head_prefix,
+    in_head,
+    param_names,
+    remove_hooks,
+)
+
+
+class ParallelAdapter(nn.Module):
+    """s * up(dropout(relu(down(x)))) over the channel dim `dim` of x."""
+
+    def __init__(self, channels: int, bottleneck: int, scale: float, dropout: float, dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.dim, self.scale = dim, scale
+        self.down = nn.Linear(channels, bottleneck, dtype=dtype, device=device)
+        self.act = nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(bottleneck, channels, dtype=dtype, device=device)
+        with torch.no_grad():
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def reset_down(self, g: torch.Generator) -> None:
+        """kaiming_uniform_(a=sqrt(5)) of the down projection (nn.Linear's default), from `g`."""
+        bound = 1.0 / math.sqrt(self.down.in_features)  # gain sqrt(2/(1+5)) * sqrt(3/fan_in)
+        with torch.no_grad():
+            values = torch.rand(self.down.weight.shape, generator=g) * 2 * bound - bound
+            self.down.weight.copy_(values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.dim == -1 else x.movedim(self.dim, -1)
+        h = self.up(self.dropout(self.act(self.down(h.to(self.down.weight.dtype))))) * self.scale
+        return (h if self.dim == -1 else h.movedim(-1, self.dim)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, dim={self.dim}"
+
+
+def _add_adapter(mlp: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on an MLP: its output plus the adapter's output on the same input."""
+    return output + mlp.adapter(args[0])
+
+
+def _channels(layer: nn.Module, side: str) -> tuple[int, int] | None:
+    """(channels, channel dim) at the input ('in') or output ('out') of an MLP layer."""
+    if isinstance(layer, nn.Linear):
+        return (layer.in_features if side == "in" else layer.out_features), -1
+    if isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1):
+        return (layer.in_channels if side == "in" else layer.out_channels), 1
+    return None
+
+
+def find_mlps(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{MLP module name: {"channels", "dim"}} for every block MLP the adapter fits."""
+    head = head_prefix(model)
+    found = {}
+    for name, module in model.named_modules():
+        mlp = module._modules.get("mlp")
+        if mlp is None or in_head(name, head) or not all(hasattr(mlp, a) for a in ("fc1", "fc2")):
+            continue
+        into, out = _channels(mlp.fc1, "in"), _channels(mlp.fc2, "out")
+        if into is not None and into == out:
+            found[f"{name}.mlp" if name else "mlp"] = {"channels": into[0], "dim": into[1]}
+    return found
+
+
+@register
+class Adapter(ModuleMethod):
+    name = "adapter"
+    summary = "AdaptFormer: parallel bottleneck adapter s·up(relu(down(h))) beside every block MLP"
+    mergeable = False
+
+    @dataclass
+    class Options:
+        adapter_dim: int = field(default=8, metadata={"help": "adapter bottleneck width"})
+        adapter_scale: float = field(default=0.1, metadata={"help": "fixed scale s of the adapter output"})
+        adapter_dropout: float = field(default=0.1, metadata={"help": "dropout inside the adapter bottleneck"})
+
+    def merge_refusal(self) -> str:
+        return ("adapter cannot be merged: the ReLU between its down and up projections makes it a non-linear "
+                "branch that no change of the base weights reproduces; use the model with its adapters")
+
+    def check(self, model: nn.Module) -> None:
+        if self.options.adapter_dim < 1:
+            raise ValueError(f"adapter: bottleneck must be >= 1, not {self.options.adapter_dim}")
+        if not find_mlps(model):
+            raise NotApplicable(f"adapter: {type(model).__name__} has no transformer/ConvNeXt blocks with an MLP "
+                                "(`.mlp` with fc1/fc2) to put the adapter beside")
+
+    def inject(self, model: nn.Module, ctx: MethodContext) -> tuple[list[str], dict[str, Any]]:
+        o = self.options
+        structure = {"mlps": find_mlps(model), "bottleneck": o.adapter_dim, "scale": float(o.adapter_scale),
+                     "dropout": float(o.adapter_dropout)}
+        names = self.rebuild(model, structure)
+        g = generator(ctx.seed)
+        for name in structure["mlps"]:
+            model.get_submodule(name).adapter.reset_down(g)
+        ctx.info["adapters"] = len(structure["mlps"])
+        return names, structure
+
+    def rebuild(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
+        names: list[str] = []
+        for name, spec in structure["mlps"].items():
+            mlp = model.get_submodule(name)
+            weight = mlp.fc1.weight if hasattr(mlp, "fc1") else None
+            if weight is None or _channels(mlp.fc1, "in") != (spec["channels"], spec["dim"]):
+                raise DeltaError(f"adapter: '{name}' is not a block MLP of {spec['channels']} channels in this model")
+            adapter = ParallelAdapter(int(spec["channels"]), int(structure["bottleneck"]), float(structure["scale"]),
+                                      float(structure["dropout"]), int(spec["dim"]), device=weight.device,
+                                      dtype=weight.dtype if weight.is_floating_point() else torch.float32)
+            attach(mlp, "adapter", adapter)
+            mlp.register_forward_hook(_add_adapter)
+            names += param_names(model, adapter)
+        return names
+
+    def remove(self, model: nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module._modules.get("adapter"), ParallelAdapter):
+                remove_hooks(module, _add_adapter)
+                del module._modules["adapter"]

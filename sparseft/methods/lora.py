@@ -1,0 +1,157 @@
+"""LoRA (Hu et al., 2022) through HF peft: W x + (alpha / r) B A x on chosen layers.
+
+The LoRA layers are peft's own (`peft.inject_adapter_in_model`); this module only decides which
+layers they go on, records that in the task file so a fresh base can be rebuilt, and merges with
+peft's per-layer merge followed by swapping each peft wrapper for its base layer, which leaves a
+plain model with the base's module tree and state-dict keys.
+
+Layers adapted: modules whose name is, or ends with `.<target>`, for each target, outside the
+head, that are an `nn.Linear` or a pointwise `nn.Conv2d` (1x1, not grouped; the same map as a
+Linear, e.g. ConvNeXt's conv-MLP). kxk convolutions are adapted only with `lora_conv` (peft's
+LoRA Conv2d: A is a kxk conv to r channels, B a 1x1 conv back); grouped convolutions never.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseft.delta import DeltaError
+from sparseft.methods import MethodContext, register
+from sparseft.methods.added import ModuleMethod, NotApplicable, head_prefix, in_head
+
+DEFAULT_TARGETS = "qkv,proj,fc1,fc2"
+
+
+def _kind(module: nn.Module) -> str | None:
+    """'linear' (Linear or 1x1 conv), 'conv' (kxk conv), 'grouped' (grouped conv) or None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:  # not e.g. timm's Conv2dSame
+        if module.groups != 1:
+            return "grouped"
+        return "linear" if tuple(module.kernel_size) == (1, 1) else "conv"
+    return None
+
+
+def find_targets(model: nn.Module, targets: list[str], conv: bool) -> tuple[list[str], dict[str, list[str]]]:
+    """Names of the layers to adapt, and the name-matched layers left out (by reason)."""
+    head = head_prefix(model)
+    chosen: list[str] = []
+    skipped: dict[str, list[str]] = {"conv": [], "grouped": [], "other": []}
+    for name, module in model.named_modules():
+        if not name or in_head(name, head) or not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        kind = _kind(module)
+        if kind == "linear" or (kind == "conv" and conv):
+            chosen.append(name)
+        else:
+            skipped["other" if kind is None else kind].append(name)
+    return chosen, skipped
+
+
+def _peft_inject(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float) -> list[str]:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pattern = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"  # peft full-matches a string target
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none")
+    inject_adapter_in_model(config, model)
+    added = []
+    for name in names:
+        wrapper = model.get_submodule(name)
+        added += [f"{name}.{n}" for n, _ in wrapper.named_parameters() if not n.startswith("base_layer.")]
+    return added
+
+
+def _wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _swap_for_base(model: nn.Module, name: str, wrapper: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, wrapper.get_base_layer())
+
+
+@register
+class LoRA(ModuleMethod):
+    name = "lora"
+    summary = "LoRA (peft): low-rank update (alpha/r)·B·A on qkv/proj/fc1/fc2; merges into the weights"
+    mergeable = True
+
+    @dataclass
+    class Options:
+        lora_r: int = field(default=8, metadata={"help": "LoRA rank r"})
+        lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/r"})
+        lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input"})
+        lora_targets: str = field(default=DEFAULT_TARGETS, metadata={
+            "help": "comma-separated module names (or name suffixes) to adapt, e.g. qkv,proj,fc1,fc2 or conv1,conv2"})
+        lora_conv: bool = field(default=False, metadata={
+            "help": "also adapt matching kxk Conv2d layers (CNNs, the ViT patch embedding)"})
+
+    def _targets(self) -> list[str]:
+        targets = [t.strip() for t in self.options.lora_targets.split(",") if t.strip()]
+        if not targets:
+            raise ValueError("lora: --lora-targets is empty")
+        return targets
+
+    def check(self, model: nn.Module) -> None:
+        o = self.options
+        if o.lora_r < 1:
+            raise ValueError(f"lora: rank must be >= 1, not {o.lora_r}")
+        targets = self._targets()
+        chosen, skipped = find_targets(model, targets, o.lora_conv)
+        if skipped["grouped"]:
+            raise NotApplicable(f"lora: grouped/depthwise convolutions cannot take LoRA: {skipped['grouped'][:4]}; "
+                                "leave them out of --lora-targets")
+        if not chosen:
+            head, hint = head_prefix(model), ""
+            if skipped["conv"]:
+                hint = f" It has matching kxk Conv2d layers ({', '.join(skipped['conv'][:3])}…): pass --lora-conv."
+            elif not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if not in_head(n, head)):
+                leaves = Counter(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _kind(m) == "conv")
+                common = [leaf for leaf, _ in leaves.most_common() if not leaf.isdigit()][:2] or ["conv1"]
+                hint = (f" It looks like a CNN: name its convolutions, e.g. --lora-targets {','.join(common)} "
+                        "--lora-conv.")
+            raise NotApplicable(f"lora: no layer of this {type(model).__name__} matches the targets "
+                                f"{','.join(targets)} (nn.Linear or 1x1 Conv2d outside the head).{hint}")
+
+    def inject(self, model: nn.Module, ctx: MethodContext) -> tuple[list[str], dict[str, Any]]:
+        o = self.options
+        chosen, skipped = find_targets(model, self._targets(), o.lora_conv)
+        ctx.info["lora_layers"] = len(chosen)
+        if skipped["conv"]:
+            ctx.info["lora_skipped_convs"] = skipped["conv"]
+        structure = {"layers": chosen, "r": o.lora_r, "alpha": float(o.lora_alpha), "dropout": float(o.lora_dropout)}
+        return self.rebuild(model, structure), structure
+
+    def rebuild(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
+        layers = list(structure["layers"])
+        modules = dict(model.named_modules())
+        bad = [n for n in layers if n not in modules or _kind(modules[n]) not in ("linear", "conv")]
+        if bad:
+            raise DeltaError(f"lora: the model has no adaptable layers {bad[:4]}")
+        return _peft_inject(model, layers, int(structure["r"]), float(structure["alpha"]),
+                            float(structure["dropout"]))
+
+    def remove(self, model: nn.Module) -> None:
+        for name, wrapper in _wrappers(model):
+            _swap_for_base(model, name, wrapper)
+        model.__dict__.pop("peft_config", None)
+
+    def fold(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        originals: dict[str, torch.Tensor] = {}
+        for name, wrapper in _wrappers(model):
+            base = wrapper.get_base_layer()
+            originals[f"{name}.weight"] = base.weight.detach().clone()
+            wrapper.merge(safe_merge=True)  # peft's merge: W += (alpha/r) B A, refusing NaN
+            _swap_for_base(model, name, wrapper)
+        model.__dict__.pop("peft_config", None)
+        return originals
