@@ -126,9 +126,13 @@ class _SparsePointwiseConv(torch.autograd.Function):
         grad_x = grad_b = grad_values = None
         if ctx.needs_input_grad[0]:
             w2 = weight.reshape(weight.shape[0], -1).to(ctx.compute)
-            batch, out_ch = g.shape[:2]
-            grad_x = torch.matmul(w2.t(), g.reshape(batch, out_ch, -1))
-            grad_x = grad_x.reshape(batch, w2.shape[1], *g.shape[2:]).to(ctx.x_dtype)
+            batch, out_ch, height, width = g.shape
+            if height * width < 64:  # small planes: one matmul over all pixels beats many tiny ones
+                grad_x = (g.permute(0, 2, 3, 1).reshape(-1, out_ch) @ w2).reshape(batch, height, width, -1)
+                grad_x = grad_x.permute(0, 3, 1, 2)
+            else:
+                grad_x = torch.matmul(w2.t(), g.reshape(batch, out_ch, -1)).reshape(batch, -1, height, width)
+            grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             acc = torch.float64 if ctx.compute == torch.float64 else torch.float32
             grad_b = g.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype)

@@ -32,7 +32,7 @@ SELECTION_OPTIONS = ("k", "level", "criterion", "loss", "score", "temperature", 
                      "train_embeddings", "select_patch_embed")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Cell:
     backbone: Backbone
     task: str
@@ -61,7 +61,8 @@ def run_spec(suite: Suite, cell: Cell, point: dict[str, Any], stage: str, progre
     epochs = int(train_kwargs.get("epochs", TrainConfig.epochs))
     config = TrainConfig(**train_kwargs, seed=cell.seed, progress=progress,
                          eval_every=1 if stage == "paper" else max(epochs, 1))
-    options = {**cell.entry.options, **{k: v for k, v in point.items() if k not in ("lr", "weight_decay")}}
+    options = {**cell.entry.options, **cell.entry.per_task.get(task_name(cell.task), {}),
+               **{k: v for k, v in point.items() if k not in ("lr", "weight_decay")}}
     splits = {"tune": ("train800", ("val200",)), "final": ("train800val200", ("test",)),
               "paper": ("train800val200", ("test",))}[stage]
     return RunSpec(model=cell.backbone.name, data=cell.task, method=cell.entry.method, options=options,
@@ -168,7 +169,7 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
     record = {
         "suite": suite.name, "protocol": suite.protocol, "backbone": cell.backbone.key, "task": task_name(cell.task),
         "data": cell.task, "group": cell.group, "label": cell.entry.label, "method": cell.entry.method,
-        "options": {**cell.entry.options, **{k: v for k, v in chosen.items() if k not in ("lr", "weight_decay")}},
+        "options": run_spec(suite, cell, chosen, stage, False).options,
         "seed": cell.seed, "chosen": chosen, "tuning": tuning, "test_acc": test_acc,
         "last_test_acc": s["final"]["test_acc"], "best_test_acc": s.get("best_test_acc"),
         "trainable_backbone": s["params"]["trainable_backbone"], "trainable_head": s["params"]["trainable_head"],
@@ -188,12 +189,11 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, show_epoc
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cells = [c for c in plan(suite) if not only or c.entry.label in only]
-    runs_per_cell = {c: runs_in_cell(suite, c) for c in cells}
     write_text_atomic(out / "suite.json", json.dumps({"name": suite.name, "protocol": suite.protocol,
                                                       "source": suite.source, "tasks": suite.tasks,
                                                       "train": suite.train, "grid": suite.grid,
                                                       "seeds": suite.seeds}, indent=1, default=str))
-    tracker = Progress(sum(runs_per_cell.values()), progress)
+    tracker = Progress(sum(runs_in_cell(suite, c) for c in cells), progress)
     t0 = time.perf_counter()
     records = [run_cell(suite, cell, out, tracker, show_epochs) for cell in cells]
     if progress:

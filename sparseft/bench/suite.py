@@ -17,13 +17,16 @@ A suite is a YAML file (the shipped ones live in `sparseft/bench/suites/`, usabl
     seeds: [0]
 
 Grid keys `lr` and `weight_decay` set the optimiser; any other key is a method option (e.g.
-`k` for GPS). The paper protocol runs each method once with its `paper` settings (default: the
-first value of each grid key) and reports the best test accuracy over epochs.
+`k` for GPS). `per_task: {task name: {option: value}}` overrides options for single tasks (e.g.
+GPS's K=2 on Patch Camelyon); `${VAR}` in task specs is expanded from the environment. The
+paper protocol runs each method once with its `paper` settings (default: the first value of
+each grid key) and reports the best test accuracy over epochs.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -62,6 +65,7 @@ class MethodEntry:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     paper: dict[str, Any] = field(default_factory=dict)
     backbones: tuple[str, ...] = ()  # restrict to these backbone names (empty: all)
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> option overrides
 
     def grid_points(self, default_grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
         grid = {**default_grid, **self.grid}
@@ -143,6 +147,7 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
     for group, specs in tasks.items():
         if not isinstance(specs, list) or not specs:
             raise SuiteError(f"{where}: tasks.{group} must be a non-empty list of data specs")
+        tasks[group] = [os.path.expandvars(str(spec)) for spec in specs]  # e.g. ${VTAB_ROOT}/cifar
     train = data.get("train", {}) or {}
     bad = set(train) - TRAIN_KEYS - RUN_KEYS
     if bad:
@@ -170,12 +175,13 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
         if label in labels:
             raise SuiteError(f"{where}: methods[{i}]: label {label!r} used twice")
         labels.add(label)
-        extra = set(m) - {"label", "method", "options", "grid", "paper", "backbones"}
+        extra = set(m) - {"label", "method", "options", "grid", "paper", "backbones", "per_task"}
         if extra:
             raise SuiteError(f"{where}: methods[{i}] has unknown keys {sorted(extra)}")
         methods.append(MethodEntry(label=label, method=m["method"], options=m.get("options", {}) or {},
                                    grid=m.get("grid", {}) or {}, paper=m.get("paper", {}) or {},
-                                   backbones=tuple(m.get("backbones", ()) or ())))
+                                   backbones=tuple(m.get("backbones", ()) or ()),
+                                   per_task=m.get("per_task", {}) or {}))
     grid = data.get("grid", {}) or {}
     for key, values in [*grid.items(), *(kv for m in methods for kv in m.grid.items())]:
         if not isinstance(values, list) or not values:
