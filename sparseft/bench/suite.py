@@ -162,7 +162,7 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
         backbones.append(Backbone(name=b["name"], img_size=b.get("img_size"), weights=b.get("weights"),
                                   pretrained=bool(b.get("pretrained", False)), train=b.get("train", {}) or {}))
     methods = []
-    labels = set()
+    labels: set[tuple[str, frozenset]] = set()
     for i, m in enumerate(_need(data, "methods", list, where)):
         if isinstance(m, str):
             m = {"label": m, "method": m}
@@ -172,9 +172,11 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
             raise SuiteError(f"{where}: methods[{i}]: unknown method {m['method']!r} "
                              f"(known: {', '.join(sorted(METHODS))})")
         label = m.get("label", m["method"])
-        if label in labels:
-            raise SuiteError(f"{where}: methods[{i}]: label {label!r} used twice")
-        labels.add(label)
+        restricted = frozenset(m.get("backbones", ()) or ())
+        for other_label, other in labels:  # one label may appear once per backbone
+            if other_label == label and (not restricted or not other or restricted & other):
+                raise SuiteError(f"{where}: methods[{i}]: label {label!r} used twice for the same backbone")
+        labels.add((label, restricted))
         extra = set(m) - {"label", "method", "options", "grid", "paper", "backbones", "per_task"}
         if extra:
             raise SuiteError(f"{where}: methods[{i}] has unknown keys {sorted(extra)}")

@@ -23,6 +23,10 @@ import sparseft
 from sparseft.deltafile import load_delta, save_delta
 
 
+class NotApplicable(ValueError):
+    """The method cannot be used on this architecture (raised before the model is changed)."""
+
+
 @dataclass
 class MethodContext:
     """What `prepare` may use: task data (by kind) and run settings.

@@ -26,13 +26,9 @@ from torch import nn
 import sparseft
 from sparseft.delta import DeltaError, mark_added, state_of
 from sparseft.deltafile import load_delta
-from sparseft.methods import Method, MethodContext
+from sparseft.methods import Method, MethodContext, NotApplicable  # noqa: F401 - re-exported
 from sparseft.models import head_module_name, head_parameter_names
 from sparseft.select import Selection
-
-
-class NotApplicable(ValueError):
-    """The method cannot be used on this architecture (raised before the model is changed)."""
 
 
 class ModuleMethod(Method):

@@ -7,8 +7,7 @@ from typing import Any
 import torch
 
 from sparseft.delta import parameter_summary
-from sparseft.methods import METHODS, MethodContext, get_method
-from sparseft.methods.added import NotApplicable
+from sparseft.methods import METHODS, MethodContext, NotApplicable, get_method
 
 
 def method_table(model_name: str, num_classes: int, *, img_size: int | None = None,

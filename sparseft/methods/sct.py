@@ -38,12 +38,12 @@ import sparseft
 from sparseft.delta import DeltaError, mark_added
 from sparseft.deltafile import load_delta
 from sparseft.fileutil import write_text_atomic
-from sparseft.methods import Method, MethodContext, register
+from sparseft.methods import Method, MethodContext, NotApplicable, register
 from sparseft.models import head_parameter_names
 from sparseft.select import Selection
 
 
-class SCTError(ValueError):
+class SCTError(NotApplicable):
     """A model SCT does not know how to apply to."""
 
 
