@@ -43,12 +43,13 @@ def build(model_name: str, img: int, classes: int) -> torch.nn.Module:
         else timm.create_model(model_name, num_classes=classes)
 
 
-def gps_selection(model: torch.nn.Module, img: int, k: int, classes: int) -> sparseft.Selection:
-    """GPS on one batch of random images: a realistic per-neuron pattern for timing."""
+def gps_selection(model: torch.nn.Module, img: int, k: int, classes: int, batch: int = 16,
+                  chunk: int = 8) -> sparseft.Selection:
+    """GPS on one batch of random images (two views each): a realistic per-neuron pattern."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 3, img, img, generator=g)
-    y = torch.randint(0, classes, (16,), generator=g)
-    return sparseft.select(model, [([x, x.flip(-1)], y)], k=k, progress=False, chunk_size=8)
+    x = torch.randn(batch, 3, img, img, generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    return sparseft.select(model, [([x, x.flip(-1)], y)], k=k, progress=False, chunk_size=chunk)
 
 
 class Runner:
@@ -128,7 +129,8 @@ def rss_child(args: argparse.Namespace) -> None:
     x = torch.randn(args.batch, 3, args.img, args.img, generator=g)
     y = torch.randint(0, args.classes, (args.batch,), generator=g)
     if args.rss_child in ("sparse", "official"):
-        selection = gps_selection(base, args.img, args.k, args.classes)
+        # the selection pass at the training batch size, re-run in chunks (lean selection)
+        selection = gps_selection(base, args.img, args.k, args.classes, batch=args.batch, chunk=args.select_chunk)
     else:
         selection = sparseft.Selection(indices={}, shapes={})
     after_select = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -148,7 +150,8 @@ def rss_all(args: argparse.Namespace) -> dict:
     for _ in range(args.rss_repeats):
         for mode in MODES:
             cmd = [sys.executable, __file__, "--rss-child", mode, "--model", args.model, "--img", str(args.img),
-                   "--batch", str(args.batch), "--k", str(args.k), "--classes", str(args.classes), "--steps", "2"]
+                   "--batch", str(args.batch), "--k", str(args.k), "--classes", str(args.classes), "--steps", "2",
+                   "--select-chunk", str(args.select_chunk)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             line = json.loads(out.strip().splitlines()[-1])
             result[mode].append(line["peak_rss_mib"])
@@ -173,6 +176,7 @@ def main() -> None:
     p.add_argument("--cnn-img", type=int, default=128)
     p.add_argument("--rss", action="store_true", help="measure peak RSS, each mode in its own process")
     p.add_argument("--rss-repeats", type=int, default=2)
+    p.add_argument("--select-chunk", type=int, default=2, help="selection re-run chunk (images) in --rss mode")
     p.add_argument("--rss-child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("SPARSEFT_BENCH_THREADS", "2")))

@@ -197,9 +197,11 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                         params[n].grad = None
             stats["batches"] += 1
             stats["images"] += len(labels)
-        if acc is None:
-            acc = {n: (params[n].grad.abs().float() if params[n].grad is not None
-                       else torch.zeros_like(params[n], dtype=torch.float32)) for n in names}
+        if acc is None:  # |Σg|: take each accumulated gradient over, in place (no second copy of the model)
+            acc = {}
+            for n in names:
+                grad, params[n].grad = params[n].grad, None
+                acc[n] = grad.abs_().float() if grad is not None else torch.zeros_like(params[n], dtype=torch.float32)
     if stats["batches"] == 0:
         raise ValueError("selection loader yielded no batches")
     return acc, stats
