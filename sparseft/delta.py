@@ -70,22 +70,33 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _start(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Cast the inputs as autocast would for this layer and remember the dtypes for backward."""
+    compute = _autocast_dtype(x) or x.dtype
+    ctx.compute, ctx.x_dtype, ctx.values_dtype = compute, x.dtype, values.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    return x.to(compute), weight.to(compute), None if bias is None else bias.to(compute)
+
+
+def _bias_grad(ctx, grad: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Sum of the output gradient over every non-channel dim, accumulated in float32 (or float64)."""
+    acc = torch.float64 if ctx.compute == torch.float64 else torch.float32
+    return grad.sum(dim=dims, dtype=acc).to(ctx.bias_dtype)
+
+
 class _SparseLinear(torch.autograd.Function):
     """y = x Wᵀ + b with the gradient of W taken at the selected entries only."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, rows, cpos, ucols):  # noqa: ARG004 - values ties the graph
-        cast = _autocast_dtype(x)
-        compute = cast or x.dtype
+        xc, wc, bc = _start(ctx, x, weight, bias, values)
         with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(compute)
-            y = F.linear(xc, weight.to(compute), None if bias is None else bias.to(compute))
+            y = F.linear(xc, wc, bc)
         x2 = xc.reshape(-1, xc.shape[-1])
         saved_x = x2 if ucols is None else x2.index_select(1, ucols)
         ctx.save_for_backward(saved_x, weight, rows, cpos)
-        ctx.compute, ctx.x_dtype, ctx.x_shape = compute, x.dtype, x.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.values_dtype = values.dtype
+        ctx.x_shape = x.shape
         return y
 
     @staticmethod
@@ -96,8 +107,7 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (g2 @ weight.to(ctx.compute)).reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0, dtype=torch.float32 if ctx.compute != torch.float64 else torch.float64)
-            grad_b = grad_b.to(ctx.bias_dtype)
+            grad_b = _bias_grad(ctx, g2, (0,))
         if ctx.needs_input_grad[3]:
             grad_values = sampled_dot(g2, saved_x, rows, cpos).to(ctx.values_dtype)
         return grad_x, None, grad_b, grad_values, None, None, None
@@ -108,15 +118,11 @@ class _SparsePointwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, rows, cpos, ucols):  # noqa: ARG004 - values ties the graph
-        compute = _autocast_dtype(x) or x.dtype
+        xc, wc, bc = _start(ctx, x, weight, bias, values)
         with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(compute)
-            y = F.conv2d(xc, weight.to(compute), None if bias is None else bias.to(compute))
+            y = F.conv2d(xc, wc, bc)
         saved_x = xc if ucols is None else xc.index_select(1, ucols)
         ctx.save_for_backward(saved_x, weight, rows, cpos)
-        ctx.compute, ctx.x_dtype = compute, x.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.values_dtype = values.dtype
         return y
 
     @staticmethod
@@ -134,8 +140,7 @@ class _SparsePointwiseConv(torch.autograd.Function):
                 grad_x = torch.matmul(w2.t(), g.reshape(batch, out_ch, -1)).reshape(batch, -1, height, width)
             grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
-            acc = torch.float64 if ctx.compute == torch.float64 else torch.float32
-            grad_b = g.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype)
+            grad_b = _bias_grad(ctx, g, (0, 2, 3))
         if ctx.needs_input_grad[3]:
             grad_values = sampled_dot_channels_first(g, saved_x, rows, cpos).to(ctx.values_dtype)
         return grad_x, None, grad_b, grad_values, None, None, None

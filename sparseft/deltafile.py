@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from sparseft import __version__
 from sparseft.delta import DeltaError, apply, deltas, mark_added, sparse_entries, state_of, unmerge
 from sparseft.delta import merge as merge_model
-from sparseft.fileutil import atomic_path
+from sparseft.fileutil import atomic_path, read_tagged_safetensors
 from sparseft.models import fingerprint, head_parameter_names
 from sparseft.select.selection import Selection
 
@@ -103,20 +102,7 @@ def save_delta(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
 def read_delta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and verify a delta file on its own (no model): returns (header, tensors)."""
     path = Path(path)
-    if not path.is_file():
-        raise DeltaFileError(f"{path}: delta file not found")
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise DeltaFileError(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from err
-    if metadata.get("format") != FORMAT:
-        raise DeltaFileError(f"{path}: not a sparseft delta (format {metadata.get('format')!r}, expected {FORMAT!r})")
-    try:
-        header = json.loads(metadata["header"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise DeltaFileError(f"{path}: delta header is missing or malformed") from err
+    header, tensors = read_tagged_safetensors(path, FORMAT, "header", DeltaFileError, "delta")
     manifest = header.get("manifest", {})
     missing = sorted(set(manifest) - set(tensors))
     unexpected = sorted(set(tensors) - set(manifest))

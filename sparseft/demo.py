@@ -16,16 +16,16 @@ import torch
 
 from sparseft.train import TrainConfig, evaluate
 
-BACKBONE = "mobilenetv2_100_offline"
-TASK = "mini-vtab/fashion_mnist"
-IMG_SIZE = 64
+BACKBONE = "dinov2_vits14_offline"
+TASK = "mini-vtab/clipart"
+IMG_SIZE = 28
 
 
 def _settings(fast: bool) -> dict[str, dict]:
-    epochs = 2 if fast else 8
+    epochs = 1 if fast else 5
     return {
-        "gps": dict(options={"k": 2}, train=TrainConfig(epochs=epochs, lr=3e-3, weight_decay=1e-4, warmup_epochs=1)),
-        "full": dict(options={}, train=TrainConfig(epochs=epochs, lr=3e-4, weight_decay=1e-4, warmup_epochs=1)),
+        "gps": dict(options={"k": 1}, train=TrainConfig(epochs=epochs, lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5)),
+        "full": dict(options={}, train=TrainConfig(epochs=epochs, lr=1e-4, weight_decay=1e-4, warmup_epochs=0.5)),
     }
 
 

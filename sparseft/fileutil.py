@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import torch
 
 
 @contextlib.contextmanager
@@ -44,6 +48,34 @@ def cache_dir() -> Path:
     root = os.environ.get("SPARSEFT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sparseft")
     return Path(root)
+
+
+def read_tagged_safetensors(path: str | Path, fmt: str, header_key: str, error: type[Exception],
+                            what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a safetensors file whose metadata holds `format == fmt` and a JSON `header_key`.
+
+    Any problem (missing, truncated, corrupt, another kind of file, bad header) raises `error`
+    with a message that names the file. Returns (header, tensors).
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} file not found")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise error(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from err
+    if metadata.get("format") != fmt:
+        raise error(f"{path}: not a sparseft {what} (format {metadata.get('format')!r}, expected {fmt!r})")
+    try:
+        header = json.loads(metadata[header_key])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise error(f"{path}: {what} header is missing or malformed") from err
+    return header, tensors
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

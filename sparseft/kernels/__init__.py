@@ -106,16 +106,39 @@ def backend_for(t: torch.Tensor) -> str:
     return "c" if compiled_library() is not None else "torch"
 
 
-def sampled_dot_torch(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                      chunk: int = 2048) -> torch.Tensor:
-    """Reference path: gathers columns in chunks and reduces; any device and dtype."""
+def _reference(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, channel_dim: int,
+               chunk: int) -> torch.Tensor:
+    """Gather the selected channels of g and x in chunks, multiply, sum over every other dim."""
     out_dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
     out = torch.empty(rows.numel(), dtype=out_dtype, device=g.device)
-    rows, cols = rows.long(), cols.long()
+    rows, cols = rows.long().to(g.device), cols.long().to(g.device)
+    reduce = tuple(d for d in range(g.dim()) if d != channel_dim)
     for start in range(0, rows.numel(), chunk):
         r, c = rows[start:start + chunk], cols[start:start + chunk]
-        prod = g.index_select(1, r).to(out_dtype) * x.index_select(1, c).to(out_dtype)
-        out[start:start + chunk] = prod.sum(0)
+        prod = g.index_select(channel_dim, r).to(out_dtype) * x.index_select(channel_dim, c).to(out_dtype)
+        out[start:start + chunk] = prod.sum(dim=reduce)
+    return out
+
+
+def sampled_dot_torch(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                      chunk: int = 2048) -> torch.Tensor:
+    """Reference path of `sampled_dot`; any device and dtype."""
+    return _reference(g, x, rows, cols, 1, chunk)
+
+
+def _call_c(lib: ctypes.CDLL, family: str, g: torch.Tensor, args: tuple, rows: torch.Tensor,
+            cols: torch.Tensor) -> torch.Tensor:
+    """Run `<family>_{f32,f64,bf16}` on g's dtype; float32 output except for float64 inputs."""
+    rows = rows.to(torch.int32).contiguous()
+    cols = cols.to(torch.int32).contiguous()
+    n = rows.numel()
+    if g.dtype == torch.float64:
+        out, fn = torch.empty(n, dtype=torch.float64), getattr(lib, f"{family}_f64")
+    else:
+        out = torch.empty(n, dtype=torch.float32)
+        fn = getattr(lib, f"{family}_bf16" if g.dtype == torch.bfloat16 else f"{family}_f32")
+    if n and fn(*args, rows.data_ptr(), cols.data_ptr(), n, out.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError("sparseft kernel could not allocate its partial sums")
     return out
 
 
@@ -134,31 +157,13 @@ def sampled_dot(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torc
         return sampled_dot_torch(g, x, rows, cols)
     g = g if g.stride(1) == 1 else g.contiguous()
     x = x if x.stride(1) == 1 else x.contiguous()
-    rows = rows.to(torch.int32).contiguous()
-    cols = cols.to(torch.int32).contiguous()
-    n = rows.numel()
-    if g.dtype == torch.float64:
-        out, fn = torch.empty(n, dtype=torch.float64), lib.sddmm_f64
-    else:
-        out = torch.empty(n, dtype=torch.float32)
-        fn = lib.sddmm_bf16 if g.dtype == torch.bfloat16 else lib.sddmm_f32
-    if n and fn(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0], rows.data_ptr(),
-                cols.data_ptr(), n, out.data_ptr(), torch.get_num_threads()) != 0:
-        raise MemoryError("sparseft kernel could not allocate its partial sums")
-    return out
+    return _call_c(lib, "sddmm", g, (g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0]), rows, cols)
 
 
 def sampled_dot_channels_first_torch(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                                      chunk: int = 256) -> torch.Tensor:
     """Reference path of `sampled_dot_channels_first`; any device and dtype."""
-    out_dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
-    out = torch.empty(rows.numel(), dtype=out_dtype, device=g.device)
-    rows, cols = rows.long(), cols.long()
-    for start in range(0, rows.numel(), chunk):
-        r, c = rows[start:start + chunk], cols[start:start + chunk]
-        prod = g.index_select(1, r).to(out_dtype) * x.index_select(1, c).to(out_dtype)
-        out[start:start + chunk] = prod.sum(dim=(0, *range(2, g.dim())))
-    return out
+    return _reference(g, x, rows, cols, 1, chunk)
 
 
 def sampled_dot_channels_first(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -177,16 +182,5 @@ def sampled_dot_channels_first(g: torch.Tensor, x: torch.Tensor, rows: torch.Ten
     if lib is None:
         return sampled_dot_channels_first_torch(g, x, rows, cols)
     g, x = g.contiguous(), x.contiguous()
-    rows = rows.to(torch.int32).contiguous()
-    cols = cols.to(torch.int32).contiguous()
-    n = rows.numel()
-    hw = g[0, 0].numel()
-    if g.dtype == torch.float64:
-        out, fn = torch.empty(n, dtype=torch.float64), lib.sddmm_cf_f64
-    else:
-        out = torch.empty(n, dtype=torch.float32)
-        fn = lib.sddmm_cf_bf16 if g.dtype == torch.bfloat16 else lib.sddmm_cf_f32
-    if n:
-        fn(g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0], hw, rows.data_ptr(), cols.data_ptr(),
-           n, out.data_ptr(), torch.get_num_threads())
-    return out
+    return _call_c(lib, "sddmm_cf", g, (g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0],
+                                        g[0, 0].numel()), rows, cols)

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from sparseft.fileutil import atomic_path
+from sparseft.fileutil import atomic_path, read_tagged_safetensors
 
 FORMAT = "sparseft.selection/1"
 
@@ -104,20 +103,7 @@ class Selection:
     def load(cls, path: str | Path) -> Selection:
         """Read a selection written by `save`; raises SelectionError naming the file on any problem."""
         path = Path(path)
-        try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata() or {}
-        except (SafetensorError, OSError) as err:
-            raise SelectionError(f"{path}: not a readable selection file ({err})") from err
-        if metadata.get("format") != FORMAT:
-            raise SelectionError(f"{path}: not a sparseft selection (format {metadata.get('format')!r})")
-        try:
-            header = json.loads(metadata["selection"])
-        except (KeyError, json.JSONDecodeError) as err:
-            raise SelectionError(f"{path}: selection header is missing or malformed") from err
+        header, tensors = read_tagged_safetensors(path, FORMAT, "selection", SelectionError, "selection")
         indices = {k.removeprefix("index/"): v for k, v in tensors.items() if k.startswith("index/")}
         missing = set(header["shapes"]) - set(indices)
         if missing:
