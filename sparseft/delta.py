@@ -7,11 +7,11 @@ After `apply(model, selection)`:
 - forward uses that dense weight as it is (no copy); when the optimizer has changed `values`
   (detected through the tensor's version counter) the next forward rewrites only the selected
   entries, so any training loop works;
-- backward of an `nn.Linear` or a pointwise (1×1) convolution computes the input gradient as
-  usual and, for the weight, only the selected entries (sampled dot products,
-  `sparseft.kernels`); other layers (k×k convolutions, any other module) get the gradient of
-  their weight as a transient tensor from which the selected entries are gathered: no `.grad`,
-  no optimizer state is ever held for frozen weights;
+- backward of an `nn.Linear` or `nn.Conv2d` computes the input gradient as usual and, for the
+  weight, only the selected entries (sampled dot products, `sparseft.kernels`); other layers
+  (timm's Conv2dSame, relative-position tables, any other module) get the gradient of their
+  weight as a transient tensor from which the selected entries are gathered: no `.grad`, no
+  optimizer state is ever held for frozen weights;
 - biases, layer-scale and the head train in full; all other parameters are frozen.
 
 `merge` turns the model into a plain one (no extra modules, parameters or forward overrides);
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseft.kernels import sampled_dot, sampled_dot_channels_first
+from sparseft.kernels import sampled_conv_weight_grad, sampled_dot, sampled_dot_channels_first
 from sparseft.models import fingerprint, head_parameter_names
 from sparseft.select.selection import Selection
 
@@ -146,6 +146,40 @@ class _SparsePointwiseConv(torch.autograd.Function):
         return grad_x, None, grad_b, grad_values, None, None, None
 
 
+class _SparseConv(torch.autograd.Function):
+    """A 2-D convolution (any kernel, stride, padding, dilation, groups) with the weight gradient
+    at selected entries only; the input gradient comes from ATen's convolution backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, geometry, rows, cpos, ki, kj, ucols):  # noqa: ARG004
+        xc, wc, bc = _start(ctx, x, weight, bias, values)
+        stride, padding, dilation, groups = geometry
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.conv2d(xc, wc, bc, stride, padding, dilation, groups)
+        saved_x = xc if ucols is None else xc.index_select(1, ucols)
+        ctx.save_for_backward(saved_x, weight, rows, cpos, ki, kj)
+        ctx.geometry, ctx.x_shape = geometry, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved_x, weight, rows, cpos, ki, kj = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        g = grad_y.to(ctx.compute)
+        grad_x = grad_b = grad_values = None
+        if ctx.needs_input_grad[0]:
+            shape_only = g.new_empty(1).expand(ctx.x_shape)  # the input gradient needs the input's shape only
+            grad_x = torch.ops.aten.convolution_backward(
+                g, shape_only, weight.to(ctx.compute), None, stride, padding, dilation, False, [0, 0], groups,
+                [True, False, False])[0].to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = _bias_grad(ctx, g, (0, 2, 3))
+        if ctx.needs_input_grad[3]:
+            grad_values = sampled_conv_weight_grad(g, saved_x, rows, cpos, ki, kj, tuple(weight.shape[2:]), stride,
+                                                   padding, dilation).to(ctx.values_dtype)
+        return grad_x, None, grad_b, grad_values, None, None, None, None, None, None
+
+
 class _InjectDelta(torch.autograd.Function):
     """Pass a frozen weight through unchanged; route its gradient's selected entries to `values`."""
 
@@ -167,12 +201,14 @@ class SparseDelta(nn.Module):
     """Trainable `values` at fixed flat `index` entries of one frozen parameter.
 
     `base` keeps the original values of those entries (for unmerge and for re-writing
-    base + values after each update). For 2-D weights it also keeps the row and column of each
-    entry and the columns that occur, so a Linear backward saves only those input columns.
+    base + values after each update). For layers with a gathered backward (Linear and Conv2d)
+    it also keeps, per entry, the output channel (`rows`), the position of its input channel
+    among the channels that occur (`cpos`, with `ucols` those channels, or None when all occur)
+    and, for convolutions, the kernel offsets (`ki`, `kj`), so the backward saves only the
+    input channels the selection uses.
     """
 
-    def __init__(self, param: torch.Tensor, index: torch.Tensor, linear: bool = False) -> None:
-        """`linear`: the owner is a Linear or pointwise conv, whose backward gathers input columns."""
+    def __init__(self, param: torch.Tensor, index: torch.Tensor, gathered: bool = False, groups: int = 1) -> None:
         super().__init__()
         index = index.to(device=param.device, dtype=torch.int64)
         value_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
@@ -181,15 +217,20 @@ class SparseDelta(nn.Module):
         self.register_buffer("base", _read_flat(param, index).clone(), persistent=False)
         self.shape = tuple(param.shape)
         self._synced_version = -1
-        self.linear = linear
-        if linear:
-            in_features = param.shape[1]
-            rows, cols = index // in_features, index % in_features
-            ucols, cpos = torch.unique(cols, return_inverse=True)
+        self.gathered = gathered
+        if gathered:
+            shape = (*param.shape, 1, 1) if param.dim() == 2 else tuple(param.shape)  # Linear as a 1x1 conv
+            out_ch, in_per_group = shape[0], shape[1]
+            rows, c_local, ki, kj = torch.unravel_index(index, shape)
+            channels = (rows // (out_ch // groups)) * in_per_group + c_local  # input channel of each entry
+            ucols, cpos = torch.unique(channels, return_inverse=True)
             self.register_buffer("rows", rows.to(torch.int32), persistent=False)
             self.register_buffer("cpos", cpos.to(torch.int32), persistent=False)
-            # when every column occurs, the backward keeps the whole input as it is
-            self.register_buffer("ucols", None if ucols.numel() == in_features else ucols, persistent=False)
+            self.register_buffer("ki", ki.to(torch.int32), persistent=False)
+            self.register_buffer("kj", kj.to(torch.int32), persistent=False)
+            # when every input channel occurs, the backward keeps the whole input as it is
+            self.register_buffer("ucols", None if ucols.numel() == in_per_group * groups else ucols,
+                                 persistent=False)
 
     def sync(self, param: torch.Tensor, force: bool = False) -> None:
         """Write base + values into `param` if `values` changed since the last write."""
@@ -199,7 +240,7 @@ class SparseDelta(nn.Module):
             self._synced_version = self.values._version
 
     def extra_repr(self) -> str:
-        return f"nnz={self.index.numel()}, shape={self.shape}, linear={self.linear}"
+        return f"nnz={self.index.numel()}, shape={self.shape}, gathered={self.gathered}"
 
 
 def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +255,15 @@ def _sparse_pointwise_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return _SparsePointwiseConv.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
 
 
-_FAST_FORWARDS = (_sparse_linear_forward, _sparse_pointwise_forward)
+def _sparse_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    delta: SparseDelta = self.sparse_delta["weight"]
+    delta.sync(self.weight)
+    geometry = (self.stride, self.padding, self.dilation, self.groups)
+    return _SparseConv.apply(x, self.weight, self.bias, delta.values, geometry, delta.rows, delta.cpos, delta.ki,
+                             delta.kj, delta.ucols)
+
+
+_FAST_FORWARDS = (_sparse_linear_forward, _sparse_pointwise_forward, _sparse_conv_forward)
 
 
 def _injected_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -239,9 +288,9 @@ def _frozen_bn_train(self: nn.Module, mode: bool = True) -> nn.Module:
 def _fast_forward(module: nn.Module, name: str) -> Any:
     """The gathered-gradient forward for this parameter's layer, or None (generic path).
 
-    Linear layers (torch's or timm's) and pointwise convolutions (1×1, stride 1, no padding,
-    one group, 2-D input) qualify; anything else, including subclasses with their own forward,
-    takes the generic path.
+    Linear layers (torch's or timm's) and `nn.Conv2d` layers with zero padding given as numbers
+    qualify (pointwise 1×1 convolutions get their own, cheaper path); anything else, including
+    subclasses with their own forward (e.g. timm's Conv2dSame), takes the generic path.
     """
     if name != "weight" or "forward" in module.__dict__:
         return None
@@ -252,9 +301,10 @@ def _fast_forward(module: nn.Module, name: str) -> Any:
         except ImportError:  # pragma: no cover - timm is a dependency
             TimmLinear = nn.Linear
         return _sparse_linear_forward if forward in (nn.Linear.forward, TimmLinear.forward) else None
-    if type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride == (1, 1) \
-            and module.padding in ((0, 0), "valid") and module.dilation == (1, 1) and module.groups == 1:
-        return _sparse_pointwise_forward
+    if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        pointwise = (module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0)
+                     and module.dilation == (1, 1) and module.groups == 1)
+        return _sparse_pointwise_forward if pointwise else _sparse_conv_forward
     return None
 
 
@@ -336,7 +386,9 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
         # the gathered fast path serves a layer whose only sparse parameter is its weight;
         # anything else (a sparse bias too, other layers) takes the generic injected path
         fast = _fast_forward(module, entries[0][0]) if len(entries) == 1 else None
-        module.sparse_delta = nn.ModuleDict({leaf: SparseDelta(module._parameters[leaf], index, linear=fast is not None)
+        groups = getattr(module, "groups", 1)
+        module.sparse_delta = nn.ModuleDict({leaf: SparseDelta(module._parameters[leaf], index,
+                                                               gathered=fast is not None, groups=groups)
                                              for leaf, index in entries})
         if fast is not None:
             module.forward = types.MethodType(fast, module)

@@ -38,7 +38,7 @@ def dense_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str,
     return {n: p.grad for n, p in ref.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["vit", "swin", "convnext", "mobilenetv2", "mlp"])
+@pytest.mark.parametrize("family", ["vit", "swin", "convnext", "mobilenetv2", "resnet", "efficientnet", "mlp"])
 def test_delta_gradients_equal_dense_autograd_float64(family):
     model = tiny_model(family).double().eval()  # eval: no dropout / drop-path, deterministic
     x, y = toy_batches(1, batch=4, dtype=torch.float64)[0]
@@ -73,20 +73,19 @@ def _with_grad(model):
     return ref
 
 
-def test_gathered_fast_path_is_used_for_linear_and_pointwise_conv():
+def test_gathered_fast_path_is_used_for_linear_and_conv_layers():
     model = tiny_model("mobilenetv2")
     sparseft.apply(model, random_selection(model))
-    fast = {n for n, d in deltas(model).items() if d.linear}
-    assert "blocks.1.0.conv_pw.weight" in fast  # 1x1 conv
-    assert "blocks.1.0.conv_dw.weight" not in fast  # depthwise 3x3: generic path
-    for family in ("vit", "mlp"):
+    found = deltas(model)
+    assert found["blocks.1.0.conv_pw.weight"].gathered  # 1x1 conv
+    assert found["blocks.1.0.conv_dw.weight"].gathered  # depthwise 3x3 conv, stride 2
+    for family in ("vit", "mlp", "resnet"):
         model = tiny_model(family)
         sparseft.apply(model, random_selection(model))
-        linear = [n for n, d in deltas(model).items() if d.linear]
-        assert linear, family
-        if family == "vit":
-            assert "blocks.0.attn.qkv.weight" in linear
-            assert "patch_embed.proj.weight" in deltas(model) and not deltas(model)["patch_embed.proj.weight"].linear
+        assert all(d.gathered for d in deltas(model).values()), family
+    model = tiny_model("efficientnet")  # timm's Conv2dSame has its own forward: generic path
+    sparseft.apply(model, random_selection(model))
+    assert not deltas(model)["conv_stem.weight"].gathered
 
 
 def test_bf16_autocast_gradients_close_to_fp32():

@@ -82,3 +82,29 @@ def test_channels_first_kernel_matches_dense(dtype, tol):
         assert (got - dense).abs().max() / dense.abs().max() < tol, backend
     torch.testing.assert_close(sampled_dot_channels_first_torch(grad, x, rows, cols).double(), dense,
                                rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,kernel", [((1, 1), (1, 1), (1, 1), (3, 3)),
+                                                             ((2, 2), (1, 1), (1, 1), (3, 3)),
+                                                             ((1, 2), (0, 2), (2, 1), (3, 5)),
+                                                             ((2, 2), (3, 3), (1, 1), (7, 7))])
+def test_conv_kernel_matches_dense(stride, padding, dilation, kernel):
+    from sparseft.kernels import sampled_conv_weight_grad, sampled_conv_weight_grad_torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 11, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 5, *kernel, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (dense,) = torch.autograd.grad(y, w, grad_y)
+    n = 40
+    rows, cols = torch.randint(0, 6, (n,), generator=g), torch.randint(0, 5, (n,), generator=g)
+    ki, kj = torch.randint(0, kernel[0], (n,), generator=g), torch.randint(0, kernel[1], (n,), generator=g)
+    expected = dense[rows, cols, ki, kj]
+    args = (kernel, stride, padding, dilation)
+    torch.testing.assert_close(sampled_conv_weight_grad_torch(grad_y, x, rows, cols, ki, kj, *args), expected)
+    if compiled_library() is not None:
+        got = sampled_conv_weight_grad(grad_y, x, rows, cols, ki, kj, *args, backend="c")
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        got32 = sampled_conv_weight_grad(grad_y.float(), x.float(), rows, cols, ki, kj, *args, backend="c")
+        torch.testing.assert_close(got32.double(), expected, rtol=1e-4, atol=1e-4)

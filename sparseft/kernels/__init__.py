@@ -77,6 +77,12 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = cf_args
         fn.restype = ctypes.c_int
+    conv_args = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 13, ctypes.c_void_p, ctypes.c_void_p,
+                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    for name in ("sddmm_conv_f32", "sddmm_conv_f64", "sddmm_conv_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = conv_args
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -184,3 +190,42 @@ def sampled_dot_channels_first(g: torch.Tensor, x: torch.Tensor, rows: torch.Ten
     g, x = g.contiguous(), x.contiguous()
     return _call_c(lib, "sddmm_cf", g, (g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0],
                                         g[0, 0].numel()), rows, cols)
+
+
+def sampled_conv_weight_grad_torch(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                                   ki: torch.Tensor, kj: torch.Tensor, kernel: tuple[int, int],
+                                   stride: tuple[int, int], padding: tuple[int, int],
+                                   dilation: tuple[int, int]) -> torch.Tensor:
+    """Reference path of `sampled_conv_weight_grad`: the dense weight gradient of a conv from
+    `x`'s channels to `g`'s, then the selected entries; any device and dtype."""
+    out_dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    dense = torch.nn.grad.conv2d_weight(x.to(out_dtype), (g.shape[1], x.shape[1], *kernel), g.to(out_dtype),
+                                        stride=stride, padding=padding, dilation=dilation)
+    return dense[rows.long(), cols.long(), ki.long(), kj.long()]
+
+
+def sampled_conv_weight_grad(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                             ki: torch.Tensor, kj: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                             padding: tuple[int, int], dilation: tuple[int, int],
+                             backend: str | None = None) -> torch.Tensor:
+    """Weight gradient of a 2-D convolution at entries (rows[i], cols[i], ki[i], kj[i]) only.
+
+    `g`: output gradient [B, O, Ho, Wo]; `x`: the input channels the entries use [B, C, H, W]
+    (`cols` index into them: grouping is resolved by the caller).
+    """
+    if g.dim() != 4 or x.dim() != 4 or g.shape[0] != x.shape[0]:
+        raise ValueError(f"sampled_conv_weight_grad needs [B, O, Ho, Wo] and [B, C, H, W], got {tuple(g.shape)} "
+                         f"and {tuple(x.shape)}")
+    if g.dtype != x.dtype:
+        raise ValueError(f"sampled_conv_weight_grad needs one dtype, got {g.dtype} and {x.dtype}")
+    backend = backend or backend_for(g)
+    lib = compiled_library() if backend == "c" else None
+    if lib is None:
+        return sampled_conv_weight_grad_torch(g, x, rows, cols, ki, kj, kernel, stride, padding, dilation)
+    g, x = g.contiguous(), x.contiguous()
+    ki = ki.to(torch.int32).contiguous()
+    kj = kj.to(torch.int32).contiguous()
+    args = (g.data_ptr(), x.data_ptr(), g.shape[0], g.shape[1], x.shape[1], x.shape[2], x.shape[3], g.shape[2],
+            g.shape[3], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], ki.data_ptr(),
+            kj.data_ptr())
+    return _call_c(lib, "sddmm_conv", g, args, rows, cols)

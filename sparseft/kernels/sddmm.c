@@ -87,3 +87,52 @@ int NAME(const IN_T *g, int64_t gsb, const IN_T *x, int64_t xsb, int64_t batch, 
 DEFINE_SDDMM_CF(sddmm_cf_f32, float, float, IDENTITY)
 DEFINE_SDDMM_CF(sddmm_cf_f64, double, double, IDENTITY)
 DEFINE_SDDMM_CF(sddmm_cf_bf16, uint16_t, float, bf16_to_float)
+
+/* General 2-D convolution (any kernel size, stride, padding, dilation, groups), NCHW:
+ *
+ *   out[i] = sum_{b, yo, xo} g[b, rows[i], yo, xo] * x[b, cols[i], yo*sh + ki[i]*dh - ph, xo*sw + kj[i]*dw - pw]
+ *
+ * (terms that fall into the zero padding are skipped). `x` may hold only the input channels
+ * the selected entries use (`cols` index into it). With stride 1 the innermost loop reads both
+ * rows contiguously.
+ */
+#define DEFINE_SDDMM_CONV(NAME, IN_T, ACC_T, LOAD)                                              \
+int NAME(const IN_T *g, const IN_T *x, int64_t batch, int64_t cout, int64_t cx, int64_t h,       \
+         int64_t w, int64_t ho, int64_t wo, int64_t sh, int64_t sw, int64_t ph, int64_t pw,      \
+         int64_t dh, int64_t dw, const int32_t *ki, const int32_t *kj, const int32_t *rows,      \
+         const int32_t *cols, int64_t nnz, ACC_T *out, int threads) {                           \
+    if (threads < 1) threads = 1;                                                               \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                           \
+    for (int64_t i = 0; i < nnz; ++i) {                                                         \
+        const int64_t di = (int64_t)ki[i] * dh - ph, dj = (int64_t)kj[i] * dw - pw;             \
+        int64_t ylo = di >= 0 ? 0 : (-di + sh - 1) / sh;                                        \
+        int64_t yhi = (h - 1 - di) < 0 ? -1 : (h - 1 - di) / sh;                                \
+        int64_t xlo = dj >= 0 ? 0 : (-dj + sw - 1) / sw;                                        \
+        int64_t xhi = (w - 1 - dj) < 0 ? -1 : (w - 1 - dj) / sw;                                \
+        if (yhi > ho - 1) yhi = ho - 1;                                                         \
+        if (xhi > wo - 1) xhi = wo - 1;                                                         \
+        ACC_T acc = 0;                                                                          \
+        for (int64_t b = 0; b < batch; ++b) {                                                   \
+            const IN_T *gp = g + (b * cout + rows[i]) * ho * wo;                                \
+            const IN_T *xp = x + (b * cx + cols[i]) * h * w;                                    \
+            for (int64_t yo = ylo; yo <= yhi; ++yo) {                                           \
+                const IN_T *gr = gp + yo * wo;                                                  \
+                const IN_T *xr = xp + (yo * sh + di) * w + dj;                                  \
+                ACC_T part = 0;                                                                 \
+                if (sw == 1) {                                                                  \
+                    _Pragma("omp simd reduction(+:part)")                                       \
+                    for (int64_t xo = xlo; xo <= xhi; ++xo) part += LOAD(gr[xo]) * LOAD(xr[xo]);\
+                } else {                                                                        \
+                    for (int64_t xo = xlo; xo <= xhi; ++xo) part += LOAD(gr[xo]) * LOAD(xr[xo * sw]);\
+                }                                                                               \
+                acc += part;                                                                    \
+            }                                                                                   \
+        }                                                                                       \
+        out[i] = acc;                                                                           \
+    }                                                                                           \
+    return 0;                                                                                   \
+}
+
+DEFINE_SDDMM_CONV(sddmm_conv_f32, float, float, IDENTITY)
+DEFINE_SDDMM_CONV(sddmm_conv_f64, double, double, IDENTITY)
+DEFINE_SDDMM_CONV(sddmm_conv_bf16, uint16_t, float, bf16_to_float)
