@@ -1,10 +1,12 @@
 """Training checkpoints without pickle: trainable tensors + optimizer state + a JSON record.
 
-A checkpoint is a pair `<stem>.safetensors` (tensors) and `<stem>.json` (epoch, step, history,
-optimizer hyper-parameters, a sha256 of the tensor file). Only what training changes is stored:
-trainable parameters, buffers (BatchNorm statistics) and the optimizer's per-parameter state,
-so a checkpoint is as small as the task. Both files are written atomically, the JSON last; a
-checkpoint whose tensor file does not match the hash in its JSON is refused.
+A checkpoint is `<stem>.json` (epoch, step, history, optimizer hyper-parameters, the name and
+sha256 of its tensor file) and `<stem>-e<epoch>.safetensors` (tensors). Only what training
+changes is stored: trainable parameters, buffers (BatchNorm statistics) and the optimizer's
+per-parameter state, so a checkpoint is as small as the task. Each save writes a new tensor
+file, then replaces the JSON atomically, then deletes older tensor files: an interruption at any
+point leaves a complete checkpoint. Loading checks the hash and every shape before it changes
+anything.
 """
 
 from __future__ import annotations
@@ -44,24 +46,30 @@ def save_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.O
                 tensors[f"opt/{idx}/{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    tensor_path = stem.with_suffix(".safetensors")
+    tensor_path = stem.parent / f"{stem.name}-e{record.get('epoch', 0)}.safetensors"
     with atomic_path(tensor_path) as tmp:
         save_file(tensors, str(tmp))
     meta = {**record, "param_groups": opt_state["param_groups"], "opt_scalars": scalars,
-            "tensors_sha256": sha256_file(tensor_path)}
+            "tensors": tensor_path.name, "tensors_sha256": sha256_file(tensor_path)}
     write_text_atomic(stem.with_suffix(".json"), json.dumps(meta, indent=1))
+    for old in stem.parent.glob(f"{stem.name}-e*.safetensors"):
+        if old != tensor_path:
+            old.unlink(missing_ok=True)
 
 
 def load_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model tensors and optimizer state in place; returns the JSON record."""
     stem = Path(stem)
-    json_path, tensor_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-    if not json_path.is_file() or not tensor_path.is_file():
-        raise CheckpointError(f"{stem}: no complete checkpoint (.json and .safetensors) found")
+    json_path = stem.with_suffix(".json")
+    if not json_path.is_file():
+        raise CheckpointError(f"{stem}: no complete checkpoint ({json_path.name}) found")
     try:
         meta = json.loads(json_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{json_path}: malformed checkpoint record ({err})") from err
+    tensor_path = stem.parent / str(meta.get("tensors", ""))
+    if not meta.get("tensors") or not tensor_path.is_file():
+        raise CheckpointError(f"{json_path}: its tensor file {meta.get('tensors')!r} is missing")
     if sha256_file(tensor_path) != meta.get("tensors_sha256"):
         raise CheckpointError(f"{tensor_path}: does not match the hash in {json_path.name} (damaged or mixed up)")
     try:
@@ -75,17 +83,25 @@ def load_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise CheckpointError(f"{tensor_path}: trainable parameters differ from the model's "
                               f"(missing {sorted(expected - present)[:5]}, extra {sorted(present - expected)[:5]})")
     buffers = dict(model.named_buffers())
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"param/{n}"])
-        for key, t in tensors.items():
-            if key.startswith("buffer/") and key[7:] in buffers:
-                buffers[key[7:]].copy_(t)
+    targets = {**{f"param/{n}": p for n, p in params.items()},
+               **{f"buffer/{n}": b for n, b in buffers.items() if f"buffer/{n}" in tensors}}
+    wrong = [f"'{k}' {tuple(tensors[k].shape)} vs {tuple(t.shape)}" for k, t in targets.items()
+             if tuple(tensors[k].shape) != tuple(t.shape)]
     state: dict[int, dict[str, Any]] = {}
     for key, t in tensors.items():
         if key.startswith("opt/"):
             _, idx, name = key.split("/", 2)
             state.setdefault(int(idx), {})[name] = t
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, entry in state.items():
+        for name, t in entry.items():
+            if t.dim() and (idx >= len(ordered) or tuple(t.shape) != tuple(ordered[idx].shape)):
+                wrong.append(f"'opt/{idx}/{name}' {tuple(t.shape)}")
+    if wrong:
+        raise CheckpointError(f"{tensor_path}: shapes do not fit the model: {wrong[:5]}")
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(tensors[key])
     for idx, values in meta.get("opt_scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

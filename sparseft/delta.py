@@ -208,8 +208,10 @@ class SparseDelta(nn.Module):
     input channels the selection uses.
     """
 
-    def __init__(self, param: torch.Tensor, index: torch.Tensor, gathered: bool = False, groups: int = 1) -> None:
+    def __init__(self, param: torch.Tensor, index: torch.Tensor, gathered: bool = False, groups: int = 1,
+                 target: str = "weight") -> None:
         super().__init__()
+        self.target = target  # the parameter, relative to the module whose forward uses it
         index = index.to(device=param.device, dtype=torch.int64)
         value_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         self.values = nn.Parameter(torch.zeros(index.numel(), dtype=value_dtype, device=param.device))
@@ -217,6 +219,7 @@ class SparseDelta(nn.Module):
         self.register_buffer("base", _read_flat(param, index).clone(), persistent=False)
         self.shape = tuple(param.shape)
         self._synced_version = -1
+        self.register_buffer("written", self.values.detach().clone(), persistent=False)
         self.gathered = gathered
         if gathered:
             shape = (*param.shape, 1, 1) if param.dim() == 2 else tuple(param.shape)  # Linear as a 1x1 conv
@@ -233,31 +236,56 @@ class SparseDelta(nn.Module):
                                  persistent=False)
 
     def sync(self, param: torch.Tensor, force: bool = False) -> None:
-        """Write base + values into `param` if `values` changed since the last write."""
-        version = self.values._version
-        if force or version != self._synced_version:
-            _write_flat(param, self.index, _merged_values(self.base, self.values))
+        """Write base + values into `param` if `values` changed since the last write.
+
+        The version counter catches ordinary in-place updates; the comparison with the values
+        last written (O(selected entries)) catches the rest: fused optimizers, `.data` edits.
+        """
+        values = self.values.detach()
+        if force or values._version != self._synced_version or not torch.equal(values, self.written):
+            _write_flat(param, self.index, _merged_values(self.base, values))
+            self.written.copy_(values)
             self._synced_version = self.values._version
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        incoming = state_dict.get(prefix + "index")
+        if incoming is not None and not torch.equal(incoming.to(self.index.device), self.index):
+            error_msgs.append(f"{prefix}index: the state dict was saved with another selection of this weight; "
+                              "apply that selection first (or load its delta file)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return f"nnz={self.index.numel()}, shape={self.shape}, gathered={self.gathered}"
 
 
+def _no_grad_needed(delta: SparseDelta) -> bool:
+    return not (torch.is_grad_enabled() and delta.values.requires_grad)
+
+
 def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     delta: SparseDelta = self.sparse_delta["weight"]
     delta.sync(self.weight)
+    if _no_grad_needed(delta):
+        return F.linear(x, self.weight, self.bias)
     return _SparseLinear.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
 
 
 def _sparse_pointwise_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     delta: SparseDelta = self.sparse_delta["weight"]
     delta.sync(self.weight)
+    if _no_grad_needed(delta):
+        return nn.Conv2d.forward(self, x)
     return _SparsePointwiseConv.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
 
 
 def _sparse_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     delta: SparseDelta = self.sparse_delta["weight"]
     delta.sync(self.weight)
+    if _no_grad_needed(delta):
+        return nn.Conv2d.forward(self, x)
     geometry = (self.stride, self.padding, self.dilation, self.groups)
     return _SparseConv.apply(x, self.weight, self.bias, delta.values, geometry, delta.rows, delta.cpos, delta.ki,
                              delta.kj, delta.ucols)
@@ -266,18 +294,26 @@ def _sparse_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 _FAST_FORWARDS = (_sparse_linear_forward, _sparse_pointwise_forward, _sparse_conv_forward)
 
 
+def _holder(module: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """The module that owns `target` (a parameter name relative to `module`) and its leaf name."""
+    prefix, _, leaf = target.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), leaf
+
+
 def _injected_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    originals = {}
+    originals = []
     try:
-        for name, delta in self.sparse_delta.items():
-            param = self._parameters[name]
+        for delta in self.sparse_delta.values():
+            holder, leaf = _holder(self, delta.target)
+            param = holder._parameters[leaf]
             delta.sync(param)
-            originals[name] = param
-            self._parameters[name] = _InjectDelta.apply(param, delta.values, delta.index)
+            originals.append((holder, leaf, param))
+            holder._parameters[leaf] = _InjectDelta.apply(param, delta.values, delta.index)
         forward = self._sparseft_prev_forward or types.MethodType(type(self).forward, self)
         return forward(*args, **kwargs)
     finally:
-        self._parameters.update(originals)
+        for holder, leaf, param in originals:
+            holder._parameters[leaf] = param
 
 
 def _frozen_bn_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -341,6 +377,21 @@ def _owner(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(mod_name) if mod_name else model), leaf
 
 
+def _user_of(model: nn.Module, param_name: str) -> tuple[str, str]:
+    """(module whose forward uses the parameter, parameter name relative to it).
+
+    Usually the owner itself; but nn.MultiheadAttention reads its `out_proj` child's weight and
+    bias directly without calling `out_proj`, so those deltas must act in the attention module.
+    """
+    mod_name, _, leaf = param_name.rpartition(".")
+    parent_name, _, child = mod_name.rpartition(".")
+    if child == "out_proj":
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention):
+            return parent_name, f"out_proj.{leaf}"
+    return mod_name, leaf
+
+
 def _batchnorm_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -379,17 +430,19 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
     by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, index in selection.indices.items():
         if index.numel():
-            mod_name, _, leaf = name.rpartition(".")
-            by_module.setdefault(mod_name, []).append((leaf, index))
+            mod_name, target = _user_of(model, name)
+            by_module.setdefault(mod_name, []).append((target, index))
     for mod_name, entries in by_module.items():
         module = model.get_submodule(mod_name) if mod_name else model
-        # the gathered fast path serves a layer whose only sparse parameter is its weight;
+        # the gathered fast path serves a layer whose only sparse parameter is its own weight;
         # anything else (a sparse bias too, other layers) takes the generic injected path
         fast = _fast_forward(module, entries[0][0]) if len(entries) == 1 else None
         groups = getattr(module, "groups", 1)
-        module.sparse_delta = nn.ModuleDict({leaf: SparseDelta(module._parameters[leaf], index,
-                                                               gathered=fast is not None, groups=groups)
-                                             for leaf, index in entries})
+        module.sparse_delta = nn.ModuleDict()
+        for target, index in entries:
+            holder, leaf = _holder(module, target)
+            module.sparse_delta[target.replace(".", "__")] = SparseDelta(
+                holder._parameters[leaf], index, gathered=fast is not None, groups=groups, target=target)
         if fast is not None:
             module.forward = types.MethodType(fast, module)
         else:
@@ -448,15 +501,16 @@ def deltas(model: nn.Module) -> dict[str, SparseDelta]:
     found = {}
     for mod_name, module in model.named_modules():
         if "sparse_delta" in module._modules:
-            for leaf, delta in module.sparse_delta.items():
-                found[f"{mod_name}.{leaf}" if mod_name else leaf] = delta
+            for delta in module.sparse_delta.values():
+                found[f"{mod_name}.{delta.target}" if mod_name else delta.target] = delta
     return found
 
 
 def sync(model: nn.Module) -> None:
     """Write base + delta into every selected entry now (forward does it lazily).
 
-    Needed only after changing `values.data` directly, which bypasses version tracking.
+    Forward does this itself whenever `values` changed (any optimizer, `.data` edits included);
+    call it to see the new weights without a forward.
     """
     for name, delta in deltas(model).items():
         module, leaf = _owner(model, name)

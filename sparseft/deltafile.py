@@ -48,6 +48,13 @@ def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _header_hash(header: dict[str, Any]) -> str:
+    """sha256 of the header itself (its own hash field left out): a changed fingerprint, shape or
+    structure is caught like a changed tensor."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _manifest(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
     return {n: [str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in sorted(tensors.items())}
 
@@ -85,7 +92,7 @@ def save_delta(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
         "fingerprint": state.fingerprint,
         "head": state.head,
         "batchnorm": state.batchnorm,
-        "shapes": {n: list(s) for n, s in state.selection.shapes.items() if n in state.selection.indices},
+        "shapes": {n: list(state.selection.shapes[n]) for n in sparse_entries(model)},
         "full": state.selection.full,
         "added": state.added,
         "structure": state.structure,
@@ -94,6 +101,7 @@ def save_delta(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
         "checksum": _tensor_checksum(tensors),
         "extra": extra or {},
     }
+    header["header_sha256"] = _header_hash(header)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "header": json.dumps(header)})
     return Path(path)
@@ -115,6 +123,14 @@ def read_delta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
         raise DeltaFileError(f"{path}: tensors differ from the manifest in dtype or shape: {bad[:10]}")
     if _tensor_checksum(tensors) != header.get("checksum"):
         raise DeltaFileError(f"{path}: tensor checksum mismatch: the file's contents are corrupt")
+    if "header_sha256" in header and _header_hash(header) != header["header_sha256"]:  # files since 0.1.0 have it
+        raise DeltaFileError(f"{path}: header checksum mismatch: its metadata was changed or is corrupt")
+    for key in ("fingerprint", "shapes", "full"):
+        if key not in header:
+            raise DeltaFileError(f"{path}: header lacks '{key}'")
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise DeltaFileError(f"{path}: NaN or infinite values in {bad[:5]}")
     return header, tensors
 
 
@@ -130,13 +146,17 @@ def _plan(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], path
         if tuple(params[name].shape) != shape:
             raise DeltaFileError(f"{path}: '{name}' has shape {shape} in the delta but "
                                  f"{tuple(params[name].shape)} in the model")
+        if f"sparse/{name}/index" not in tensors:  # a weight whose selection is empty (e.g. GPS at net level)
+            if f"sparse/{name}/values" in tensors:
+                raise DeltaFileError(f"{path}: '{name}' has delta values but no indices")
+            continue
+        if f"sparse/{name}/values" not in tensors:
+            raise DeltaFileError(f"{path}: '{name}' has indices but no delta values")
         index, values = tensors[f"sparse/{name}/index"], tensors[f"sparse/{name}/values"]
         if index.shape != values.shape:
             raise DeltaFileError(f"{path}: '{name}' has {index.numel()} indices but {values.numel()} values")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= params[name].numel()):
             raise DeltaFileError(f"{path}: '{name}' has indices outside its {params[name].numel()} entries")
-        if not torch.isfinite(values).all():
-            raise DeltaFileError(f"{path}: '{name}' holds NaN or infinite delta values")
         if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
             raise DeltaFileError(f"{path}: '{name}' indices are not strictly increasing")
         indices[name] = index.to(torch.int64)
@@ -151,6 +171,7 @@ def _plan(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], path
             name = key.removeprefix("buffer/")
             if name not in buffers or buffers[name].shape != t.shape:
                 raise DeltaFileError(f"{path}: buffer '{name}' {tuple(t.shape)} does not fit the model")
+    shapes = {n: s for n, s in shapes.items() if n in indices}
     return Selection(indices=indices, shapes=shapes, full=header["full"], meta=header.get("selection", {}))
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from sparseft.fileutil import write_text_atomic
 from sparseft.methods import MethodContext, get_method
 from sparseft.models import create_model
 from sparseft.train import TrainConfig, evaluate, fit
@@ -132,8 +133,8 @@ class TaskData:
         else:
             raise ValueError(f"unknown loader kind {kind!r}")
         generator = torch.Generator().manual_seed(s.train.seed) if kind == "select" else None
-        return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=s.workers, generator=generator,
-                          persistent_workers=s.workers > 0)
+        # workers are re-created every epoch, seeded from the per-epoch RNG: resumed runs stay exact
+        return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=s.workers, generator=generator)
 
 
 def num_classes_of(spec: RunSpec) -> int:
@@ -179,7 +180,7 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
         summary["task_file"] = str(task_file)
         summary["task_file_bytes"] = Path(task_file).stat().st_size
     if run_dir is not None:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 

@@ -116,3 +116,14 @@ def test_shipped_suites_load():
     for name in names:
         suite = load_suite(name)
         assert suite.methods and suite.backbones and suite.tasks
+
+
+def test_a_diverging_setting_is_recorded_and_skipped(tmp_path, tasks):
+    methods = [{"label": "full", "method": "full", "grid": {"lr": [1e-3, 1e30]}}]
+    suite = load_suite(write_suite(tmp_path, tasks, methods=methods))
+    records = run_suite(suite, tmp_path / "res", progress=False)
+    for r in records:
+        diverged = [t for t in r["tuning"] if "diverged" in t]
+        assert len(diverged) == 1 and diverged[0]["point"] == {"lr": 1e30}
+        assert r["chosen"] == {"lr": 1e-3} and r["test_acc"] is not None
+    write_report(tmp_path / "res")

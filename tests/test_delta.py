@@ -238,3 +238,51 @@ def test_batchnorm_frozen_mode_keeps_statistics():
     sparseft.merge(model)
     model.train()
     assert bn.training  # the override is gone after merge
+
+
+def test_fused_optimizers_and_data_edits_reach_the_weights():
+    model = tiny_model("mlp").eval()
+    sparseft.apply(model, random_selection(model))
+    x = toy_batches(1)[0][0]
+    before = model(x)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    torch.nn.functional.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long)).backward()
+    opt.step()
+    d = deltas(model)["1.weight"]
+    after = model(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(model[1].weight.detach().reshape(-1)[d.index], d.base + d.values.detach())
+
+
+def test_multihead_attention_out_proj_trains_through_the_attention_module():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    reference = dense_grads(model, x, y)
+    sel = random_selection(model)
+    assert {"attn.in_proj_weight", "attn.out_proj.weight"} <= set(sel.indices)
+    sparseft.apply(model, sel)
+    F.cross_entropy(model(x), y).backward()
+    for name in ("attn.in_proj_weight", "attn.out_proj.weight"):
+        d = deltas(model)[name]
+        torch.testing.assert_close(d.values.grad, reference[name].reshape(-1)[d.index])
+    sparseft.merge(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_state_dict_from_another_selection_is_refused():
+    a, b = tiny_model("mlp"), tiny_model("mlp")
+    sparseft.apply(a, random_selection(a, seed=1))
+    sparseft.apply(b, random_selection(b, seed=2))
+    with pytest.raises(RuntimeError, match="another selection"):
+        b.load_state_dict(a.state_dict())

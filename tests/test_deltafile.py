@@ -170,3 +170,38 @@ def test_saving_is_atomic_on_failure(tmp_path, monkeypatch):
         sparseft.save_delta(model, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
+
+
+def test_weights_with_an_empty_selection_round_trip(tmp_path):
+    base = tiny_model("mlp")
+    model = copy.deepcopy(base)
+    sel = sparseft.select(model, None, k=1, level="net", criterion="magnitude", progress=False)
+    sel.indices["3.weight"] = torch.zeros(0, dtype=torch.long)  # a weight that got no entries at net level
+    sparseft.apply(model, sel)
+    _train(model, steps=1)
+    model.eval()
+    path = sparseft.save_delta(model, tmp_path / "d.safetensors")
+    x = toy_batches(1)[0][0]
+    assert torch.equal(sparseft.load_delta(copy.deepcopy(base).eval(), path)(x), model(x))
+
+
+def test_tampered_headers_and_non_finite_values_are_refused(tmp_path):
+    base, model = trained("mlp")
+    path = sparseft.save_delta(model, tmp_path / "d.safetensors")
+    header, tensors = sparseft.read_delta(path)
+    header["fingerprint"] = "0" * 64
+    bad = tmp_path / "header.safetensors"
+    save_file(tensors, str(bad), metadata={"format": "sparseft.delta/1", "header": json.dumps(header)})
+    with pytest.raises(DeltaFileError, match="header checksum"):
+        sparseft.read_delta(bad)
+    header, tensors = sparseft.read_delta(path)
+    key = next(k for k in tensors if k.startswith("full/"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0] = float("nan")
+    from sparseft.deltafile import _header_hash, _tensor_checksum
+
+    header["checksum"] = _tensor_checksum(tensors)
+    header["header_sha256"] = _header_hash(header)
+    save_file(tensors, str(bad), metadata={"format": "sparseft.delta/1", "header": json.dumps(header)})
+    with pytest.raises(DeltaFileError, match="NaN or infinite"):
+        sparseft.load_delta(copy.deepcopy(base), bad)

@@ -116,13 +116,43 @@ def test_damaged_checkpoints_are_refused(tmp_path):
     stem = tmp_path / "r" / "checkpoint"
     model = gps_vit()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    data = bytearray(stem.with_suffix(".safetensors").read_bytes())
+    (tensor_file,) = (tmp_path / "r").glob("checkpoint-e*.safetensors")
+    data = bytearray(tensor_file.read_bytes())
     data[-3] ^= 1
-    stem.with_suffix(".safetensors").write_bytes(bytes(data))
+    tensor_file.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match the hash"):
         load_checkpoint(stem, model, opt)
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         load_checkpoint(tmp_path / "nothing", model, opt)
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+    model = gps_vit()
+    fit(model, toy_loader(n=16), TrainConfig(**{**CFG, "epochs": 1}), run_dir=tmp_path / "r")
+    stem = tmp_path / "r" / "checkpoint"
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sparseft.checkpoint.write_text_atomic", crash)
+    from sparseft.checkpoint import save_checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(stem, model, opt, {"epoch": 1, "step": 4, "history": []})
+    monkeypatch.undo()
+    assert load_checkpoint(stem, gps_vit(), opt)["epoch"] == 0  # the tensors of epoch 0 are still there
+
+
+def test_a_checkpoint_of_another_model_changes_nothing(tmp_path):
+    fit(gps_vit(), toy_loader(n=16), TrainConfig(**{**CFG, "epochs": 1}), run_dir=tmp_path / "r")
+    other = tiny_model("vit", num_classes=5)
+    sparseft.apply(other, random_selection(other, k=2))
+    before = {n: p.clone() for n, p in other.named_parameters()}
+    opt = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad])
+    with pytest.raises(CheckpointError, match="shapes do not fit"):
+        load_checkpoint(tmp_path / "r" / "checkpoint", other, opt)
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
 
 
 def test_bf16_label_smoothing_adam_and_clipping_run():

@@ -19,6 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from sparseft.fileutil import atomic_path, write_text_atomic
+
 GROUP_ORDER = ("natural", "specialized", "structured")
 # "REF" is the ablations' reference: `gps-ref` (GPS at the ablations' fixed setting) if run, else `gps`
 CLAIMS = [
@@ -53,7 +55,8 @@ def _table(records: list[dict[str, Any]]) -> dict[str, Any]:
         rows = []
         for label in labels:
             mine = [r for r in recs if r["label"] == label]
-            acc = {t: [100 * r["test_acc"] for r in mine if r["task"] == t] for t in tasks}
+            acc = {t: [100 * r["test_acc"] for r in mine if r["task"] == t and r["test_acc"] is not None]
+                   for t in tasks}
             per_task = {t: (_mean(v) if v else None) for t, v in acc.items()}
             seeds_std = {t: (statistics.stdev(v) if len(v) > 1 else None) for t, v in acc.items()}
             present = [v for v in per_task.values() if v is not None]
@@ -64,9 +67,9 @@ def _table(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "group_means": group_means, "mean_tasks": _mean(present),
                 "mean_groups": _mean([v for v in group_means.values() if v == v]),
                 "complete": len(present) == len(tasks),
-                "percent": _mean([r["backbone_percent"] for r in mine]),
-                "params_m": _mean([r["trainable_backbone"] for r in mine]) / 1e6,
-                "head": _mean([r["trainable_head"] for r in mine]),
+                "percent": _mean([r["backbone_percent"] for r in mine if r["backbone_percent"] is not None]),
+                "params_m": _mean([r["trainable_backbone"] for r in mine if r["trainable_backbone"] is not None]) / 1e6,
+                "head": _mean([r["trainable_head"] for r in mine if r["trainable_head"] is not None]),
                 "file_kib": _mean([(r.get("task_file_bytes") or 0) / 1024 for r in mine]),
                 "time_min": sum(r.get("run_time_s") or 0 for r in mine) / 60,
                 "train_min": _mean([(r.get("train_time_s") or 0) / 60 for r in mine]),
@@ -230,7 +233,7 @@ def write_report(results_dir: str | Path) -> Path:
     tables = _table(records)
     suite = json.loads((results_dir / "suite.json").read_text()) if (results_dir / "suite.json").exists() else {}
     protocol = records[0]["protocol"]
-    with open(results_dir / "results.csv", "w", newline="") as f:
+    with atomic_path(results_dir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         fields = ["backbone", "group", "task", "label", "method", "seed", "test_acc", "last_test_acc",
                   "best_test_acc", "chosen", "trainable_backbone", "backbone_percent", "trainable_head",
                   "task_file_bytes", "train_time_s", "run_time_s"]
@@ -269,5 +272,5 @@ def write_report(results_dir: str | Path) -> Path:
             lines.append("")
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     report = results_dir / "report.md"
-    report.write_text("\n".join(lines))
+    write_text_atomic(report, "\n".join(lines))
     return report

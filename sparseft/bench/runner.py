@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from sparseft.bench.suite import Backbone, MethodEntry, Suite, task_name
-from sparseft.fileutil import write_text_atomic
+from sparseft.fileutil import atomic_path, write_text_atomic
 from sparseft.run import RunSpec, run
-from sparseft.train import TrainConfig
+from sparseft.train import TrainConfig, TrainingDiverged
 
 SELECTION_OPTIONS = ("k", "level", "criterion", "loss", "score", "temperature", "select_batches", "train_norm",
                      "train_embeddings", "select_patch_embed")
@@ -55,7 +55,7 @@ def plan(suite: Suite) -> list[Cell]:
 
 
 def run_spec(suite: Suite, cell: Cell, point: dict[str, Any], stage: str, progress: bool) -> RunSpec:
-    settings = {**suite.train, **cell.backbone.train}
+    settings = {**suite.train, **cell.backbone.train, **cell.entry.train}
     train_kwargs = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
     train_kwargs.update({k: point[k] for k in ("lr", "weight_decay") if k in point})
     epochs = int(train_kwargs.get("epochs", TrainConfig.epochs))
@@ -108,8 +108,9 @@ def _hms(seconds: float) -> str:
 def _selection_cache(out: Path, spec: RunSpec, cell: Cell) -> Path | None:
     if spec.method != "gps" or spec.options.get("criterion", "gradient") != "gradient":
         return None
-    key = json.dumps([cell.backbone.key, spec.data, spec.train_split, cell.seed,
-                      {k: spec.options.get(k) for k in SELECTION_OPTIONS}], sort_keys=True)
+    key = json.dumps([cell.backbone.key, cell.backbone.weights, cell.backbone.pretrained, spec.data, spec.train_split,
+                      cell.seed, spec.batch_size, spec.train.bf16, spec.preprocessing,
+                      {k: spec.options.get(k) for k in SELECTION_OPTIONS}], sort_keys=True, default=str)
     return out / "selections" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
 
 
@@ -123,13 +124,17 @@ def _execute(out: Path, spec: RunSpec, cell: Cell, folder: Path, progress: Progr
         spec.options = {**spec.options, "selection": str(cache)}
     progress.begin(what)
     t0 = time.perf_counter()
-    summary = run(spec, folder, resume=(folder / "config.json").exists())
+    try:
+        summary = run(spec, folder, resume=(folder / "config.json").exists())
+    except TrainingDiverged as err:  # one diverging setting must not stop (or block) the suite
+        summary = {"diverged": str(err), "final": {}, "params": {}, "history": []}
+        print(f"  diverged: {err}", flush=True)
     seconds = time.perf_counter() - t0
     summary["wall_time_s"] = round(seconds, 2)
     write_text_atomic(summary_path, json.dumps(summary, indent=1, default=str))
     if cache is not None and not cache.exists() and (folder / "selection.safetensors").exists():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(folder / "selection.safetensors", cache)
+        with atomic_path(cache) as tmp:
+            shutil.copyfile(folder / "selection.safetensors", tmp)
     progress.end(seconds)
     return summary
 
@@ -158,22 +163,25 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
             spec = run_spec(suite, cell, point, "tune", show_epochs)
             s = _execute(out, spec, cell, folder / "tune" / point_key(point), progress,
                          f"{name} tune {point_key(point)}")
-            tuning.append({"point": point, "val_acc": s["final"]["val_acc"], "wall_time_s": s.get("wall_time_s")})
-        best = max(tuning, key=lambda t: t["val_acc"])  # ties: the first grid point wins
+            tuning.append({"point": point, "val_acc": s["final"].get("val_acc"), "wall_time_s": s.get("wall_time_s"),
+                           **({"diverged": s["diverged"]} if "diverged" in s else {})})
+        usable = [t for t in tuning if t["val_acc"] is not None] or tuning
+        best = max(usable, key=lambda t: t["val_acc"] or 0.0)  # ties: the first grid point wins
         chosen, stage = best["point"], "final"
     else:
         chosen, stage = cell.entry.paper_point(suite.grid), "paper"
     spec = run_spec(suite, cell, chosen, stage, show_epochs)
     s = _execute(out, spec, cell, folder / "final", progress, f"{name} {stage} {point_key(chosen)}")
-    test_acc = s["final"]["test_acc"] if suite.protocol == "honest" else s["best_test_acc"]
+    test_acc = s["final"].get("test_acc") if suite.protocol == "honest" else s.get("best_test_acc")
     record = {
         "suite": suite.name, "protocol": suite.protocol, "backbone": cell.backbone.key, "task": task_name(cell.task),
         "data": cell.task, "group": cell.group, "label": cell.entry.label, "method": cell.entry.method,
         "options": run_spec(suite, cell, chosen, stage, False).options,
         "seed": cell.seed, "chosen": chosen, "tuning": tuning, "test_acc": test_acc,
-        "last_test_acc": s["final"]["test_acc"], "best_test_acc": s.get("best_test_acc"),
-        "trainable_backbone": s["params"]["trainable_backbone"], "trainable_head": s["params"]["trainable_head"],
-        "backbone_params": s["params"]["backbone_params"], "backbone_percent": s["params"]["backbone_percent"],
+        "last_test_acc": s["final"].get("test_acc"), "best_test_acc": s.get("best_test_acc"),
+        "diverged": s.get("diverged"),
+        **{k: s["params"].get(k) for k in ("trainable_backbone", "trainable_head", "backbone_params",
+                                            "backbone_percent")},
         "task_file_bytes": s.get("task_file_bytes"), "train_time_s": s.get("train_time_s"),
         "prepare_time_s": s.get("prepare_time_s"),
         "run_time_s": round(sum((t["wall_time_s"] or 0) for t in tuning) + (s.get("wall_time_s") or 0), 2),

@@ -16,7 +16,8 @@ A suite is a YAML file (the shipped ones live in `sparseft/bench/suites/`, usabl
       - {label: full, method: full, grid: {lr: [1.0e-4, 3.0e-4]}}
     seeds: [0]
 
-Grid keys `lr` and `weight_decay` set the optimiser; any other key is a method option (e.g.
+A method's `train:` overrides the suite's training settings (e.g. `optimizer: adam`). Grid keys
+`lr` and `weight_decay` set the optimiser; any other key is a method option (e.g.
 `k` for GPS). `per_task: {task name: {option: value}}` overrides options for single tasks (e.g.
 GPS's K=2 on Patch Camelyon); `${VAR}` in task specs is expanded from the environment. The
 paper protocol runs each method once with its `paper` settings (default: the first value of
@@ -66,6 +67,7 @@ class MethodEntry:
     paper: dict[str, Any] = field(default_factory=dict)
     backbones: tuple[str, ...] = ()  # restrict to these backbone names (empty: all)
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> option overrides
+    train: dict[str, Any] = field(default_factory=dict)  # this method's overrides of the train settings
 
     def grid_points(self, default_grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
         grid = {**default_grid, **self.grid}
@@ -161,6 +163,8 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
             raise SuiteError(f"{where}: backbones[{i}] has unknown keys {sorted(extra)}")
         backbones.append(Backbone(name=b["name"], img_size=b.get("img_size"), weights=b.get("weights"),
                                   pretrained=bool(b.get("pretrained", False)), train=b.get("train", {}) or {}))
+        if any(other.key == backbones[-1].key for other in backbones[:-1]):
+            raise SuiteError(f"{where}: backbones[{i}]: {backbones[-1].key} is listed twice (results would collide)")
     methods = []
     labels: set[tuple[str, frozenset]] = set()
     for i, m in enumerate(_need(data, "methods", list, where)):
@@ -177,13 +181,16 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
             if other_label == label and (not restricted or not other or restricted & other):
                 raise SuiteError(f"{where}: methods[{i}]: label {label!r} used twice for the same backbone")
         labels.add((label, restricted))
-        extra = set(m) - {"label", "method", "options", "grid", "paper", "backbones", "per_task"}
+        extra = set(m) - {"label", "method", "options", "grid", "paper", "backbones", "per_task", "train"}
         if extra:
             raise SuiteError(f"{where}: methods[{i}] has unknown keys {sorted(extra)}")
         methods.append(MethodEntry(label=label, method=m["method"], options=m.get("options", {}) or {},
                                    grid=m.get("grid", {}) or {}, paper=m.get("paper", {}) or {},
                                    backbones=tuple(m.get("backbones", ()) or ()),
-                                   per_task=m.get("per_task", {}) or {}))
+                                   per_task=m.get("per_task", {}) or {}, train=m.get("train", {}) or {}))
+        bad = set(methods[-1].train) - TRAIN_KEYS - RUN_KEYS
+        if bad:
+            raise SuiteError(f"{where}: methods[{i}] has unknown train settings {sorted(bad)}")
     grid = data.get("grid", {}) or {}
     for key, values in [*grid.items(), *(kv for m in methods for kv in m.grid.items())]:
         if not isinstance(values, list) or not values:
