@@ -10,12 +10,12 @@ from sparseft.bench import SuiteError, load_suite, run_suite, shipped_suites, wr
 from sparseft.bench.report import claims, load_records
 
 
-def write_suite(tmp_path, tasks, protocol="honest", methods=None):
+def write_suite(tmp_path, tasks, protocol="honest", methods=None, epochs=1):
     suite = {
         "name": "tiny", "protocol": protocol,
         "tasks": {"natural": [str(tasks[0])], "structured": [str(tasks[1])]},
-        "backbones": [{"name": "vit_tiny_patch16_224", "img_size": 32}],
-        "train": {"epochs": 2, "batch_size": 4, "warmup_epochs": 0},
+        "backbones": [{"name": "test_vit", "img_size": 32}],
+        "train": {"epochs": epochs, "batch_size": 4, "warmup_epochs": 0},
         "grid": {"lr": [1e-3, 3e-3]},
         "methods": methods or [{"label": "gps", "method": "gps", "options": {"k": 1}},
                                {"label": "gps-net", "method": "gps", "options": {"level": "net"}},
@@ -61,7 +61,7 @@ def test_honest_protocol_tunes_on_val_and_reports_last_epoch(tmp_path, tasks):
 
 
 def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path, tasks, capsys):
-    suite = load_suite(write_suite(tmp_path, tasks, methods=[{"label": "linear", "method": "linear"}]))
+    suite = load_suite(write_suite(tmp_path, tasks, methods=[{"label": "linear", "method": "linear"}], epochs=2))
     out = tmp_path / "res"
     first = run_suite(suite, out, progress=True)
     capsys.readouterr()
@@ -79,7 +79,7 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path, tasks, 
 
 
 def test_paper_protocol_reports_best_test_over_epochs(tmp_path, tasks):
-    suite = load_suite(write_suite(tmp_path, tasks, methods=[{"label": "linear", "method": "linear"}]),
+    suite = load_suite(write_suite(tmp_path, tasks, methods=[{"label": "linear", "method": "linear"}], epochs=2),
                        protocol="paper")
     records = run_suite(suite, tmp_path / "res", progress=False)
     for r in records:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from sparseft.cli import build_parser, main
 
-MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "32"]
+MODEL = ["--model", "test_vit", "--img-size", "32"]
 FAST = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress"]
 
 
