@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import sparseft
-from sparseft.select import parameter_roles
+from sparseft.selection import parameter_roles
 
 MODES = ("full", "official", "sparse", "bitfit")
 

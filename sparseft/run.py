@@ -24,6 +24,8 @@ from sparseft.methods import MethodContext, get_method
 from sparseft.models import create_model
 from sparseft.train import TrainConfig, evaluate, fit
 
+TASK_FILE = "delta.safetensors"
+
 PROTOCOL_SPLITS = {
     # protocol name: (train split, evaluation splits)
     "tune": ("train800", ("val200",)),
@@ -62,24 +64,6 @@ class RunSpec:
         d["train"] = TrainConfig(**d.get("train", {}))
         d["eval_splits"] = tuple(d.get("eval_splits", ("test",)))
         return cls(**d)
-
-
-def build_model(name: str, num_classes: int, *, img_size: int | None = None, weights: str | None = None,
-                pretrained: bool = False) -> nn.Module:
-    """An offline backbone by its registry name, else a timm model (local `weights` or hub)."""
-    try:
-        from sparseft.hub import REGISTRY, create_backbone
-    except ImportError:  # pragma: no cover - the hub ships with sparseft
-        REGISTRY, create_backbone = {}, None
-    if name in REGISTRY and weights is None:
-        return create_backbone(name, num_classes=num_classes, img_size=img_size)
-    kwargs = {"img_size": img_size} if img_size else {}
-    try:
-        return create_model(name, num_classes, weights=weights, pretrained=pretrained, **kwargs)
-    except TypeError as err:
-        if not kwargs or "img_size" not in str(err):
-            raise
-        return create_model(name, num_classes, weights=weights, pretrained=pretrained)  # CNNs take any size
 
 
 class TensorCache(Dataset):
@@ -148,10 +132,13 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None and not resume and (run_dir / "config.json").exists():
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume or choose another folder")
+    from sparseft.data import class_names
+
     torch.manual_seed(spec.train.seed)
-    classes = num_classes_of(spec)
-    model = build_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
-                        pretrained=spec.pretrained)
+    names = class_names(spec.data)
+    classes = len(names)
+    model = create_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
+                         pretrained=spec.pretrained)
     data = TaskData(spec, model)
     method = get_method(spec.method, **spec.options)
     if run_dir is not None:
@@ -168,9 +155,10 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
 
     def save_task(m: nn.Module, folder: Path) -> None:
         nonlocal task_file
-        task_file = method.save(m, folder / method.file_suffix, extra={
+        task_file = method.save(m, folder / TASK_FILE, extra={
             "model": spec.model, "num_classes": classes, "img_size": spec.img_size, "data": spec.data,
-            "weights": spec.weights, "pretrained": spec.pretrained, "init_seed": spec.train.seed})
+            "preprocessing": spec.preprocessing, "class_names": names, "weights": spec.weights,
+            "pretrained": spec.pretrained, "init_seed": spec.train.seed})
 
     summary = fit(model, data.loader("train"), spec.train, eval_loaders=eval_loaders, run_dir=run_dir,
                   resume=resume, save_task=save_task, run_info=info)
@@ -184,38 +172,24 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     return summary
 
 
-def load_task_model(task_file: str | Path, *, weights: str | None = None, pretrained: bool = False) -> nn.Module:
-    """Rebuild the base model a task file was trained on and apply the file (uses its header)."""
-    from sparseft.deltafile import read_delta
-    from sparseft.methods import METHODS
-
-    header, _ = read_delta(task_file)
-    extra = header.get("extra", {})
-    if "model" not in extra or "num_classes" not in extra:
-        raise ValueError(f"{task_file}: the header does not say which base model it belongs to; "
-                         "load it with sparseft.load_delta(model, path) on a model you build")
-    torch.manual_seed(extra.get("init_seed", 0))  # a randomly initialised base is defined by its seed
-    model = build_model(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
-                        weights=weights or extra.get("weights"),
-                        pretrained=pretrained or extra.get("pretrained", False))
-    method = METHODS[extra.get("method", "gps")]()
-    return method.load(model, task_file)
-
-
 def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batch_size: int = 128,
-                  weights: str | None = None, preprocessing: str = "vtab", merge: bool = True) -> dict[str, Any]:
-    """Accuracy of a saved task on a split of `data`."""
+                  weights: str | None = None, preprocessing: str | None = None, merge: bool = True) -> dict[str, Any]:
+    """Accuracy of a saved task on a split of `data`.
+
+    The base model, image size and (unless `preprocessing` is given) the evaluation preprocessing
+    are those the task was trained with, from the task file's header. Mergeable methods are
+    evaluated merged: what users deploy.
+    """
+    import sparseft
     from sparseft.data import build_transform, data_config, load_split
     from sparseft.deltafile import read_delta
 
     header, _ = read_delta(task_file)
-    model = load_task_model(task_file, weights=weights)
-    from sparseft.methods import METHODS
-
-    method = METHODS[header.get("extra", {}).get("method", "gps")]
-    if merge and method.mergeable:  # evaluate what users deploy: the merged model where there is one
-        method().merge(model)
-    cfg = data_config(model)
-    img_size = header.get("extra", {}).get("img_size")
-    ds = load_split(data, split, build_transform(cfg, preprocessing, train=False, img_size=img_size))
+    extra = header.get("extra", {})
+    model = sparseft.load(task_file, weights=weights)
+    if merge and sparseft.methods.METHODS[sparseft.delta.method_of(model) or "gps"].mergeable:
+        sparseft.merge(model)
+    transform = build_transform(data_config(model), preprocessing or extra.get("preprocessing", "vtab"), train=False,
+                                img_size=extra.get("img_size"))
+    ds = load_split(data, split, transform)
     return evaluate(model, DataLoader(ds, batch_size=batch_size))

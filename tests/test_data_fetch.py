@@ -20,32 +20,22 @@ import torch
 from _data_helpers import idx_gz, write_deb
 from PIL import Image
 
-from sparseft.data import DataError, fetch, load_split, num_classes
+from sparseft import provision
+from sparseft.data import DataError, load_split, minivtab, num_classes
 from sparseft.data.cli import register_cli
-from sparseft.data.fetch import (
-    MINI_VTAB,
-    SOURCES,
-    TEXTURE_BANDS,
-    Source,
-    Task,
-    TaskData,
-    fetch_suite,
-    read_members,
-    source_file,
-    split_indices,
-    task_status,
-    texture_patches,
-    write_task,
-)
+from sparseft.data.minivtab import MINI_VTAB, TEXTURE_BANDS, texture_patches
+from sparseft.data.sources import SOURCES, source_file
+from sparseft.data.tasks import Task, TaskData, fetch_suite, split_indices, task_status, write_task
 from sparseft.fileutil import sha256_file
+from sparseft.provision import ProvisionError, Source, read_members
 
 
 @pytest.fixture
 def small_sizes(monkeypatch):
     """Smaller splits so builds take milliseconds (the code reads these at call time)."""
-    monkeypatch.setattr(fetch, "N_TRAIN", 40)
-    monkeypatch.setattr(fetch, "N_VAL", 10)
-    monkeypatch.setattr(fetch, "N_TEST", 30)
+    monkeypatch.setattr(minivtab, "N_TRAIN", 40)
+    monkeypatch.setattr(minivtab, "N_VAL", 10)
+    monkeypatch.setattr(minivtab, "N_TEST", 30)
 
 
 def _toy_data(n: int = 60, classes: int = 3, seed: int = 0) -> TaskData:
@@ -193,11 +183,11 @@ def test_a_source_that_fails_its_hash_is_refused(tmp_path, monkeypatch):
     pinned = Source("some-pkg", "1.0", "pypi", "MIT", sha256="0" * 64)
     monkeypatch.setitem(SOURCES, "bogus", pinned)
 
-    def fake_download(src, dest, progress):
+    def fake_download(src, dest, **kwargs):
         (dest / "some_pkg-1.0-py3-none-any.whl").write_bytes(b"tampered")
         return dest / "some_pkg-1.0-py3-none-any.whl"
 
-    monkeypatch.setattr(fetch, "_download", fake_download)
+    monkeypatch.setattr(provision, "download", fake_download)
     with pytest.raises(DataError, match="fails verification.*refusing"):
         source_file("bogus", cache, progress=False)
     assert not (cache / "data" / "sources" / pinned.key).exists()
@@ -205,11 +195,11 @@ def test_a_source_that_fails_its_hash_is_refused(tmp_path, monkeypatch):
     good = b"the real thing"
     monkeypatch.setitem(SOURCES, "bogus", Source("some-pkg", "1.0", "pypi", "MIT",
                                                  sha256=hashlib.sha256(good).hexdigest()))
-    monkeypatch.setattr(fetch, "_download", lambda src, dest, progress: (dest / "p.whl").write_bytes(good)
+    monkeypatch.setattr(provision, "download", lambda src, dest, **kwargs: (dest / "p.whl").write_bytes(good)
                         and dest / "p.whl")
     path = source_file("bogus", cache, progress=False)
     assert path.read_bytes() == good
-    monkeypatch.setattr(fetch, "_download", lambda *a: pytest.fail("a verified cached file must be reused"))
+    monkeypatch.setattr(provision, "download", lambda *a, **k: pytest.fail("a verified cached file must be reused"))
     assert source_file("bogus", cache, progress=False) == path
 
 
@@ -220,7 +210,7 @@ def test_member_pinned_sources_verify_the_members(tmp_path, monkeypatch):
         zf.writestr("pkg/other.py", b"")
     good = Source("x", "1", "pypi", "MIT", members={"pkg/data/a.png": hashlib.sha256(b"aaa").hexdigest()})
     bad = Source("x", "1", "pypi", "MIT", members={"pkg/data/a.png": "1" * 64})
-    assert fetch._file_ok(good, wheel) and not fetch._file_ok(bad, wheel)
+    assert provision.verify_file(good, wheel) and not provision.verify_file(bad, wheel)
     assert read_members(wheel, lambda n: n.startswith("pkg/data/")) == {"pkg/data/a.png": b"aaa"}
 
 
@@ -231,13 +221,13 @@ def test_read_members_from_a_deb_follows_symlinks(tmp_path):
     assert got == {"usr/share/x/a.png": b"A", "usr/share/y/b.png": b"B", "usr/share/x/sub/a2.png": b"A",
                    "usr/share/y/c.png": b"A"}
     (tmp_path / "junk.deb").write_bytes(b"not an archive")
-    with pytest.raises(DataError, match="neither a zip"):
+    with pytest.raises(ProvisionError, match="neither a zip"):
         read_members(tmp_path / "junk.deb", lambda n: True)
 
 
 def test_animal_pickles_are_read_with_a_numpy_only_unpickler():
     arr = np.arange(6, dtype=np.uint8).reshape(2, 3)
-    back = fetch._NumpyArraysOnly(io.BytesIO(pickle.dumps(arr, protocol=4))).load()
+    back = minivtab._NumpyArraysOnly(io.BytesIO(pickle.dumps(arr, protocol=4))).load()
     assert np.array_equal(back, arr) and back.dtype == np.uint8
 
     class Evil:
@@ -245,17 +235,17 @@ def test_animal_pickles_are_read_with_a_numpy_only_unpickler():
             return (os.system, ("echo pwned",))
 
     with pytest.raises(DataError, match="refusing to unpickle"):
-        fetch._NumpyArraysOnly(io.BytesIO(pickle.dumps(Evil()))).load()
+        minivtab._NumpyArraysOnly(io.BytesIO(pickle.dumps(Evil()))).load()
 
 
 def test_digits_task_from_sklearn(tmp_path):
-    data = fetch._build_digits({}, seed=0)
+    data = minivtab._build_digits({}, seed=0)
     sizes = {k: len(v[1]) for k, v in data.splits.items()}
     assert sizes == {"train": 800, "val": 200, "test": 797}
     all_images = np.concatenate([np.asarray(v[0]) for v in data.splits.values()])
     assert all_images.shape == (1797, 8, 8) and all_images.max() == 255
     assert len({a.tobytes() for a in all_images}) > 1700  # distinct images, none repeated across splits
-    again = fetch._build_digits({}, seed=0)
+    again = minivtab._build_digits({}, seed=0)
     assert all(np.array_equal(np.asarray(data.splits[k][0]), np.asarray(again.splits[k][0])) for k in data.splits)
 
 
@@ -288,7 +278,7 @@ def test_textures_builder_split_sizes_from_a_fake_wheel(tmp_path):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (512, 512), dtype=np.uint8)).save(buf, format="PNG")
             zf.writestr(f"skimage/data/{name}.png", buf.getvalue())
-    data = fetch._build_textures({"skimage": wheel}, seed=0)
+    data = minivtab._build_textures({"skimage": wheel}, seed=0)
     assert {k: len(v[1]) for k, v in data.splits.items()} == {"train": 800, "val": 200, "test": 2000}
     assert data.classes == ["brick", "grass", "gravel"]
 
@@ -321,7 +311,7 @@ def test_cli_list_and_fetch(fake_fashion, capsys):
 # -- the real thing, when provisioned ----------------------------------------------------------
 
 def test_real_mini_vtab_fashion_mnist_smoke():
-    from sparseft.data.fetch import is_complete, suite_dir
+    from sparseft.data.tasks import is_complete, suite_dir
 
     if not is_complete(suite_dir("mini-vtab") / "fashion_mnist"):
         pytest.skip("mini-vtab/fashion_mnist not provisioned (sparseft data fetch mini-vtab --tasks fashion_mnist)")

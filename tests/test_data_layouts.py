@@ -234,6 +234,21 @@ def test_folder_with_train_test_subfolders(tmp_path):
         load_split(spec, "test")
 
 
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = make_folder(tmp_path / "pets", per_class=5)
+    (root / "bird").mkdir()
+    (root / "bird" / "readme.txt").write_text("no images here")  # non-image files do not count
+    with pytest.raises(DataError, match=r"bird.*holds no image files"):
+        load_split(f"folder:{root}", "train800")
+    make_folder(tmp_path / "ds" / "train", per_class=5)
+    make_folder(tmp_path / "ds" / "test", per_class=2)
+    (tmp_path / "ds" / "test" / "dog" / "00.png").unlink()
+    (tmp_path / "ds" / "test" / "dog" / "01.png").unlink()
+    assert len(load_split(f"folder:{tmp_path / 'ds'}", "train800")) == 8
+    with pytest.raises(DataError, match=r"test/dog: class folder 'dog' holds no image files"):
+        load_split(f"folder:{tmp_path / 'ds'}", "test")
+
+
 # -- specs -----------------------------------------------------------------------------------
 
 def test_spec_errors(tmp_path):

@@ -60,7 +60,7 @@ def test_file_is_small(tmp_path):
     _, model = trained("vit")
     path = sparseft.save_delta(model, tmp_path / "d.safetensors")
     trainable = sparseft.trainable_parameters(model)
-    sel = sparseft.delta.state_of(model).selection
+    sel = sparseft.delta.selection_of(model)
     expected = sel.num_sparse * 8 + (trainable - sel.num_sparse) * 4  # int32 index + fp32 value; fp32 full
     size = path.stat().st_size
     assert expected <= size < expected + 64 * 1024  # plus the JSON header
@@ -74,7 +74,7 @@ def test_a_delta_for_another_base_is_refused_and_the_model_untouched(tmp_path):
     before = state(other)
     with pytest.raises(DeltaFileError, match="another base model"):
         sparseft.load_delta(other, path)
-    assert same(before, state(other)) and sparseft.delta.state_of(other) is None
+    assert same(before, state(other)) and not sparseft.delta.is_applied(other)
     nudged = tiny_model("vit", seed=0)
     with torch.no_grad():
         nudged.blocks[1].mlp.fc1.weight[3, 4] += 1e-6
@@ -131,7 +131,7 @@ def test_missing_extra_or_mismatched_tensors_are_refused(tmp_path):
         target = copy.deepcopy(base)
         with pytest.raises(DeltaFileError, match=message):
             sparseft.load_delta(target, bad)
-        assert sparseft.delta.state_of(target) is None
+        assert not sparseft.delta.is_applied(target)
 
 
 def test_non_delta_files_and_busy_models_are_refused(tmp_path):

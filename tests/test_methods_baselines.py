@@ -11,7 +11,7 @@ from test_delta import _train
 import sparseft
 from sparseft.methods import METHODS, MethodContext, get_method
 from sparseft.models import head_parameter_names
-from sparseft.select import parameter_roles
+from sparseft.selection import parameter_roles
 
 
 def ctx_for(batches):
@@ -59,7 +59,7 @@ def test_counts_frozen_weights_and_task_files(family, method, tmp_path):
         if name in trainable:  # a parameter whose gradient is exactly zero (zero-init branches) may stay
             zero_grad = now[name].grad is None or not now[name].grad.any()
             assert zero_grad or not torch.equal(now[name], p), f"{name} should have trained"
-        elif method != "gps" or name not in sparseft.delta.state_of(model).selection.indices:
+        elif method != "gps" or name not in sparseft.delta.selection_of(model).indices:
             assert torch.equal(now[name], p), f"{name} should be frozen"
 
     path = m.save(model, tmp_path / "task.safetensors")

@@ -1,6 +1,5 @@
 """Module-adding methods (LoRA, adapter, SSF, VPT): counts, frozen base, task files, merge, errors."""
 
-import argparse
 import copy
 
 import pytest
@@ -11,10 +10,9 @@ from test_delta import _train
 from torch import nn
 
 import sparseft
-from sparseft.delta import DeltaError, state_of
+from sparseft.delta import DeltaError
 from sparseft.deltafile import DeltaFileError
-from sparseft.methods import METHODS, MethodContext, add_option_arguments, get_method, options_from_args
-from sparseft.methods.added import NotApplicable
+from sparseft.methods import METHODS, MethodContext, NotApplicable, get_method
 from sparseft.models import head_parameter_names
 
 CTX = MethodContext(loader=lambda kind: [], progress=False)
@@ -96,18 +94,18 @@ def test_trainable_count_matches_formula_and_only_method_params_train(method, fa
     assert summary["trainable_backbone"] == expected_backbone(method, base, options) > 0
     heads = head_parameter_names(base)
     assert summary["trainable_head"] == sum(dict(base.named_parameters())[n].numel() for n in heads)
-    state = state_of(model)
+    added = sparseft.delta.added_parameters(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(state.added) | set(heads)
+    assert trainable == set(added) | set(heads)
     if method == "lora":
-        assert all(".lora_A.default." in n or ".lora_B.default." in n for n in state.added)
+        assert all(".lora_A.default." in n or ".lora_B.default." in n for n in added)
     assert summary["backbone_params"] == sum(p.numel() for n, p in base.named_parameters() if n not in heads)
 
 
 @pytest.mark.parametrize(("method", "family", "options"), CASES, ids=IDS)
 def test_training_keeps_base_bit_identical_and_task_file_round_trips(method, family, options, tmp_path):
     m, model, base = _prepared(method, family, options)
-    added = set(state_of(model).added)
+    added = set(sparseft.delta.added_parameters(model))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in added}
     size = 16 if family == "resnet" else 32  # a CNN takes any size: less compute
     _train(model, weight_decay=0.0, batches=toy_batches(2, batch=4, size=size))  # changes come from gradients only
@@ -138,7 +136,7 @@ def test_merge_folds_into_a_plain_model_and_unmerge_restores_the_base(method, fa
     m, model, base = _prepared(method, family, options)
     params = dict(model.named_parameters())
     with torch.no_grad():  # as if trained: every added parameter moves (LoRA's B leaves zero)
-        for name in state_of(model).added:
+        for name in sparseft.delta.added_parameters(model):
             params[name].add_(0.05 * torch.randn_like(params[name]))
     model.eval()
     with torch.no_grad():
@@ -164,8 +162,10 @@ def test_non_mergeable_methods_refuse_with_the_reason(method):
     assert not m.mergeable
     with pytest.raises(DeltaError, match="cannot be merged: .*(non-linear|extra tokens)"):
         m.merge(model)
+    with pytest.raises(DeltaError, match="cannot be merged: .*(non-linear|extra tokens)"):
+        sparseft.merge(model)  # the front door dispatches to the method
     with pytest.raises(DeltaError, match="use that method's merge"):
-        sparseft.merge(model)  # the engine refuses too: the modules are still there
+        sparseft.delta.merge(model)  # the engine refuses too: the modules are still there
 
 
 @pytest.mark.parametrize(("method", "family"), [("lora", "vit"), ("adapter", "swin"), ("vpt-deep", "vit")])
@@ -173,7 +173,7 @@ def test_unmerge_of_an_applied_model_gives_back_the_plain_base(method, family):
     m, model, base = _prepared(method, family, {})
     _train(model, batches=toy_batches(1, batch=4))
     m.unmerge(model)
-    assert state_of(model) is None
+    assert not sparseft.delta.is_applied(model)
     assert [type(x) for x in model.modules()] == [type(x) for x in base.modules()]
     assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in model.modules())
     for (n, p), (nb, pb) in zip(model.state_dict().items(), base.state_dict().items(), strict=True):
@@ -188,8 +188,8 @@ def test_a_task_file_of_another_method_is_refused_and_the_model_left_clean(tmp_p
     keys = list(fresh.state_dict())
     with pytest.raises(DeltaError, match="holds modules of method 'ssf', not 'lora'"):
         METHODS["lora"]().load(fresh, path)
-    assert state_of(fresh) is None and list(fresh.state_dict()) == keys
-    with pytest.raises(DeltaFileError, match=r"load it with that method .*get_method\('ssf'\)"):
+    assert not sparseft.delta.is_applied(fresh) and list(fresh.state_dict()) == keys
+    with pytest.raises(DeltaFileError, match=r"holds modules of method .ssf.; load it with sparseft.load"):
         sparseft.load_delta(fresh, path)  # the engine alone cannot rebuild the modules
 
 
@@ -206,7 +206,7 @@ def test_unsupported_architectures_get_a_clear_error_and_stay_untouched(method, 
     keys = list(model.state_dict())
     with pytest.raises(NotApplicable, match=match):
         get_method(method).prepare(model, CTX)
-    assert state_of(model) is None and list(model.state_dict()) == keys
+    assert not sparseft.delta.is_applied(model) and list(model.state_dict()) == keys
 
 
 def test_lora_refuses_grouped_convs_and_skips_kxk_convs_unless_asked():
@@ -215,7 +215,7 @@ def test_lora_refuses_grouped_convs_and_skips_kxk_convs_unless_asked():
     # the ViT patch embedding is named `proj` too: a 8x8 conv, adapted only with lora_conv
     _, plain, _ = _prepared("lora", "vit", {})
     _, conv, base = _prepared("lora", "vit", {"lora_conv": True})
-    assert not any(n.startswith("patch_embed.") for n in state_of(plain).added)
+    assert not any(n.startswith("patch_embed.") for n in sparseft.delta.added_parameters(plain))
     extra = sparseft.parameter_summary(conv)["trainable_backbone"] - sparseft.parameter_summary(plain)[
         "trainable_backbone"]
     assert extra == 8 * (3 * 8 * 8 + base.embed_dim)
@@ -305,17 +305,6 @@ def test_methods_are_listed_in_the_method_table(monkeypatch):
         assert rows[name]["trainable_head"] == 192 * 10 + 10
     assert rows["ssf"]["mergeable"] and rows["lora"]["mergeable"]
     assert not rows["adapter"]["mergeable"] and not rows["vpt-deep"]["mergeable"]
-
-
-def test_options_become_cli_flags():
-    parser = argparse.ArgumentParser()
-    add_option_arguments(parser)
-    args = parser.parse_args(["--lora-r", "4", "--lora-conv", "--adapter-dim", "16", "--ssf-init", "identity",
-                              "--prompt-tokens", "50"])
-    assert options_from_args("lora", args) == {"lora_r": 4, "lora_conv": True}
-    assert options_from_args("adapter", args) == {"adapter_dim": 16}
-    assert options_from_args("ssf", args) == {"ssf_init": "identity"}
-    assert options_from_args("vpt-deep", args) == {"prompt_tokens": 50}
 
 
 def test_a_crashed_lora_run_resumes_exactly_through_the_trainer(tmp_path):

@@ -9,12 +9,12 @@ from conftest import tiny_model, toy_batches
 from torch import nn
 
 import sparseft
-from sparseft.delta import DeltaError, state_of
+from sparseft.delta import DeltaError
 from sparseft.deltafile import DeltaFileError
-from sparseft.methods import MethodContext, get_method
+from sparseft.methods import MethodContext, get_method, spt_plan
 from sparseft.methods import sct as sct_mod
 from sparseft.methods import spt as spt_mod
-from sparseft.select import Selection
+from sparseft.selection import Selection
 
 SPT_OPTIONS = {"budget_fraction": 0.05, "select_batches": 2}  # big enough for structured modules on tiny models
 
@@ -52,7 +52,7 @@ def top_counts(scores, tau):
 @pytest.fixture(scope="module")
 def vit_scores():
     model = tiny_model("vit")
-    scores, _ = spt_mod.sensitivity(model, toy_batches(2, batch=8), max_batches=2)
+    scores, _ = spt_plan.sensitivity(model, toy_batches(2, batch=8), max_batches=2)
     return model, scores
 
 
@@ -62,7 +62,7 @@ def test_spt_sensitivity_is_the_sum_of_squared_ce_gradients():
     model = tiny_model("vit")
     batches = toy_batches(3, batch=8)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    scores, stats = spt_mod.sensitivity(model, batches, max_batches=2)
+    scores, stats = spt_plan.sensitivity(model, batches, max_batches=2)
     assert stats == {"batches": 2, "images": 16}
     assert not any(w in n for n in scores for w in ("head", "cls_token", "pos_embed", "patch_embed"))
     assert {n for n, _ in model.named_parameters()} - set(scores) == {
@@ -89,7 +89,7 @@ def _check_plan_rules(model, scores, p, kind, alpha=10.0, beta=5.0, rank=8):
     for name in scores:
         owner = modules[name.rpartition(".")[0]]
         if isinstance(owner, nn.Linear) and name.endswith(".weight"):
-            size[name] = spt_mod.structured_size(kind, owner.in_features, owner.out_features, rank)
+            size[name] = spt_plan.structured_size(kind, owner.in_features, owner.out_features, rank)
     for name in structured:
         assert counts[name] >= size[name] / alpha and name not in p.sparse
     for name, idx in p.sparse.items():
@@ -117,21 +117,21 @@ def _check_plan_rules(model, scores, p, kind, alpha=10.0, beta=5.0, rank=8):
 def test_spt_plan_fits_the_budget_with_the_largest_tau(vit_scores, kind):
     model, scores = vit_scores
     budget = 40_000
-    p = spt_mod.plan(model, scores, budget, kind=kind)
+    p = spt_plan.plan(model, scores, budget, kind=kind)
     _check_plan_rules(model, scores, p, kind)
     assert p.structured and p.sparse and p.full, "the test budget should exercise every kind of training"
     assert p.cost <= budget
-    over = spt_mod.plan(model, scores, budget, kind=kind, rule="tau")  # τ = budget overshoots here
+    over = spt_plan.plan(model, scores, budget, kind=kind, rule="tau")  # τ = budget overshoots here
     assert over.tau == budget and over.cost > budget
     # τ is the largest that fits: one more sensitive entry (rule "tau" takes τ = its budget) does not
-    assert spt_mod.plan(model, scores, p.tau + 1, kind=kind, rule="tau").cost > budget
+    assert spt_plan.plan(model, scores, p.tau + 1, kind=kind, rule="tau").cost > budget
 
 
 @pytest.mark.parametrize("kind", ["lora", "adapter"])
 def test_spt_tau_rule_overshoot_is_exactly_the_structured_modules(vit_scores, kind):
     model, scores = vit_scores
     budget = 20_000
-    p = spt_mod.plan(model, scores, budget, kind=kind, rule="tau")
+    p = spt_plan.plan(model, scores, budget, kind=kind, rule="tau")
     counts, size, structured = _check_plan_rules(model, scores, p, kind)
     params = dict(model.named_parameters())
     assert p.tau == budget
@@ -144,7 +144,7 @@ def test_spt_tau_rule_overshoot_is_exactly_the_structured_modules(vit_scores, ki
 def test_spt_trainable_count_matches_the_formula(name):
     model, base, ctx = prepared(name)
     rank = 8
-    structure = state_of(model).structure
+    structure = sparseft.delta.structure_of(model)
     params = dict(model.named_parameters())
     per_module = 0
     for m in structure["modules"]:
@@ -157,14 +157,14 @@ def test_spt_trainable_count_matches_the_formula(name):
         else:
             per_module += rank + layer.out_features
             assert not params[f"{m}.spt_adapter.up.weight"].any()
-    selection = state_of(model).selection
+    selection = sparseft.delta.selection_of(model)
     heads = {"head.weight", "head.bias"}
     vectors = [n for n in selection.full if n not in heads] + [spt_mod._bias_name(structure["kind"], m)
                                                                for m in structure["bias"]]
     summary = sparseft.parameter_summary(model)
     expected = selection.num_sparse + per_module + sum(params[n].numel() for n in vectors)
     assert structure["modules"] and selection.num_sparse > 0
-    assert summary["trainable_backbone"] == expected == ctx.info["spt_trainable_backbone"]
+    assert summary["trainable_backbone"] == expected == ctx.info["trainable_backbone"]
     assert summary["trainable_head"] == base.head.weight.numel() + base.head.bias.numel()
     assert expected <= ctx.info["spt_budget"] == round(0.05 * sum(p.numel() for n, p in base.named_parameters()
                                                                     if n not in heads))
@@ -182,8 +182,8 @@ def _current_name(name, structure):
 @pytest.mark.parametrize("name", ["spt-lora", "spt-adapter"])
 def test_spt_training_changes_only_what_it_selected(name):
     model, base, _ = prepared(name)
-    structure = state_of(model).structure
-    selection = state_of(model).selection
+    structure = sparseft.delta.structure_of(model)
+    selection = sparseft.delta.selection_of(model)
     trained_bias = {f"{m}.bias" for m in structure["bias"]}
     train(model)
     model(toy_batches(1)[0][0])  # a forward writes the last sparse update into the weights
@@ -208,7 +208,7 @@ def test_spt_training_changes_only_what_it_selected(name):
 
 def test_spt_lora_merge_equals_unmerged_and_leaves_a_plain_model(tmp_path):
     model, base, _ = prepared("spt-lora")
-    assert state_of(model).structure["bias"], "the test should fold a trained structured bias too"
+    assert sparseft.delta.structure_of(model)["bias"], "the test should fold a trained structured bias too"
     train(model)
     x = toy_batches(1, batch=4, seed=3)[0][0]
     with torch.no_grad():
@@ -220,7 +220,7 @@ def test_spt_lora_merge_equals_unmerged_and_leaves_a_plain_model(tmp_path):
     assert list(model.state_dict()) == list(base.state_dict())
     assert all(type(a) is type(b) for a, b in zip(model.modules(), base.modules()))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    with pytest.raises(DeltaError, match="save before merging"):
+    with pytest.raises(DeltaError, match="before merging"):
         method.save(model, tmp_path / "t.safetensors")
     sparseft.unmerge(model)  # the folded LoRA weights come back bit-exactly too
     for (n, a), b in zip(model.state_dict().items(), base.state_dict().values()):
@@ -232,8 +232,10 @@ def test_adapter_and_sct_refuse_to_merge(name):
     model, _, _ = prepared(name)
     with pytest.raises(DeltaError, match=f"{name} cannot be merged"):
         get_method(name).merge(model)
+    with pytest.raises(DeltaError, match=f"{name} cannot be merged"):
+        sparseft.merge(model)  # the front door dispatches to the method
     with pytest.raises(DeltaError, match="added by method"):
-        sparseft.merge(model)
+        sparseft.delta.merge(model)
     assert not get_method(name).mergeable and get_method("spt-lora").mergeable
 
 
@@ -256,7 +258,7 @@ def test_task_file_round_trip_and_base_check(tmp_path, name, family):
     keys = list(other.state_dict())
     with pytest.raises(DeltaFileError, match="another base model"):
         method.load(other, path)
-    assert state_of(other) is None and list(other.state_dict()) == keys
+    assert not sparseft.delta.is_applied(other) and list(other.state_dict()) == keys
 
 
 def test_a_failed_rebuild_leaves_the_model_plain(tmp_path):
@@ -264,25 +266,24 @@ def test_a_failed_rebuild_leaves_the_model_plain(tmp_path):
     path = get_method("spt-lora").save(model, tmp_path / "task.safetensors")
     fresh = tiny_model("vit")
     keys = list(fresh.state_dict())
-    original = spt_mod.inject
+    method = get_method("spt-lora")
+    original = method.inject
 
-    def broken(model, structure, seed=None):
-        original(model, structure, seed)
+    def broken(model, structure):
+        original(model, structure)
         raise RuntimeError("boom")
 
-    spt_mod.inject = broken
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            get_method("spt-lora").load(fresh, path)
-    finally:
-        spt_mod.inject = original
-    assert state_of(fresh) is None and list(fresh.state_dict()) == keys
+    method.inject = broken
+    with pytest.raises(RuntimeError, match="boom"):
+        method.load(fresh, path)
+    assert not sparseft.delta.is_applied(fresh) and list(fresh.state_dict()) == keys
 
 
 def test_spt_lora_targets_exactly_the_named_modules():
     model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)))  # "0" is a suffix of "1.0"
     sparseft.apply(model, Selection(indices={}, shapes={}, full=[]))
-    names = spt_mod.inject(model, {"kind": "lora", "rank": 2, "dropout": 0.0, "modules": ["0"], "bias": []})
+    names = get_method("spt-lora").inject(model, {"kind": "lora", "rank": 2, "dropout": 0.0, "modules": ["0"],
+                                                  "bias": []})
     assert names == ["0.lora_A.default.weight", "0.lora_B.default.weight"]
     assert type(model[1][0]) is nn.Linear and "peft_config" not in model.__dict__
 
@@ -291,7 +292,7 @@ def test_spt_lora_targets_exactly_the_named_modules():
 def test_spt_applies_to_other_architectures(family):
     model, base, ctx = prepared("spt-lora", family)
     summary = sparseft.parameter_summary(model)
-    assert 0 < summary["trainable_backbone"] == ctx.info["spt_trainable_backbone"] <= ctx.info["spt_budget"]
+    assert 0 < summary["trainable_backbone"] == ctx.info["trainable_backbone"] <= ctx.info["spt_budget"]
     train(model, steps=1)
     if family == "resnet":  # BatchNorm statistics are tracked (batchnorm="update")
         assert any(not torch.equal(a, b) for (n, a), b in zip(model.named_buffers(), base.buffers())
@@ -302,14 +303,14 @@ def test_spt_resumed_run_reuses_its_plan(tmp_path):
     batches = toy_batches(2, batch=8)
     ctx = MethodContext(loader=lambda kind: batches, progress=False, run_dir=tmp_path)
     first = get_method("spt-lora", **SPT_OPTIONS).prepare(tiny_model("vit"), ctx)
-    assert (tmp_path / "spt-selection.safetensors").exists()
+    assert (tmp_path / "selection.safetensors").exists()
 
     def no_data(kind):
         raise AssertionError("a resumed run must not score again")
 
     again = get_method("spt-lora", **SPT_OPTIONS).prepare(tiny_model("vit"), MethodContext(
         loader=no_data, progress=False, run_dir=tmp_path))
-    assert state_of(again).structure == state_of(first).structure
+    assert sparseft.delta.structure_of(again) == sparseft.delta.structure_of(first)
     assert [n for n, p in again.named_parameters() if p.requires_grad] == \
         [n for n, p in first.named_parameters() if p.requires_grad]
 
@@ -319,12 +320,12 @@ def test_spt_resumed_run_reuses_its_plan(tmp_path):
 @pytest.mark.parametrize("family", ["vit", "swin", "convnext"])
 def test_sct_trainable_count_is_blocks_times_k2_plus_k(family):
     model, base, ctx = prepared("sct", family)
-    sites = state_of(model).structure["sites"]
+    sites = sparseft.delta.structure_of(model)["sites"]
     widths = [s.width for s in sct_mod.sct_sites(base)[1]]
     ks = [max(1, round(w / 8)) for w in widths]
     assert [len(s["channels"]) for s in sites] == ks
     summary = sparseft.parameter_summary(model)
-    assert summary["trainable_backbone"] == sum(k * k + k for k in ks) == ctx.info["sct_trainable_backbone"]
+    assert summary["trainable_backbone"] == sum(k * k + k for k in ks) == ctx.info["trainable_backbone"]
     head = base.get_classifier()
     assert summary["trainable_head"] == head.weight.numel() + head.bias.numel()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -333,7 +334,7 @@ def test_sct_trainable_count_is_blocks_times_k2_plus_k(family):
 
 def test_sct_channels_option_and_vit_b_numbers():
     model, _, _ = prepared("sct", channels=5)
-    assert all(len(s["channels"]) == 5 for s in state_of(model).structure["sites"])
+    assert all(len(s["channels"]) == 5 for s in sparseft.delta.structure_of(model)["sites"])
     assert sct_mod.channels_for(768, None, 0.125) == 96 and 96 * 96 + 96 == 9312  # official: 12 × 9,312
 
 
@@ -404,7 +405,7 @@ def _reference_block(block, x, family):
 def test_sct_hook_output_and_gradients_match_a_rewritten_block(family):
     model, _, _ = prepared("sct", family)
     model = model.double().eval()
-    sites = state_of(model).structure["sites"]
+    sites = sparseft.delta.structure_of(model)["sites"]
     block = model.get_submodule(sites[-1]["block"])
     with torch.no_grad():
         block.sct.linear.bias.normal_()  # a non-zero bias checks that it is added too
@@ -445,7 +446,7 @@ def test_sct_refuses_other_cnns_clearly(family):
     model = tiny_model(family)
     with pytest.raises(sct_mod.SCTError, match="not supported"):
         get_method("sct").prepare(model, MethodContext(loader=lambda kind: toy_batches(1), progress=False))
-    assert state_of(model) is None
+    assert not sparseft.delta.is_applied(model)
 
 
 def test_sct_whole_model_gradient_reaches_every_block():
@@ -453,7 +454,7 @@ def test_sct_whole_model_gradient_reaches_every_block():
     model.train()
     x, y = toy_batches(1, batch=4)[0]
     F.cross_entropy(model(x), y).backward()
-    for s in state_of(model).structure["sites"]:
+    for s in sparseft.delta.structure_of(model)["sites"]:
         assert model.get_submodule(s["block"]).sct.linear.weight.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
@@ -483,17 +484,5 @@ def test_method_table_lists_spt_and_sct():
     assert rows["sct"]["trainable_backbone"] == 12 * (24 * 24 + 24) and not rows["sct"]["mergeable"]
     backbone = rows["sct"]["backbone_params"]
     for name in ("spt-lora", "spt-adapter"):
-        assert 0 < rows[name]["trainable_backbone"] <= round(spt_mod.DEFAULT_BUDGET_FRACTION * backbone)
+        assert 0 < rows[name]["trainable_backbone"] <= round(spt_plan.DEFAULT_BUDGET_FRACTION * backbone)
     assert rows["spt-lora"]["mergeable"] and not rows["spt-adapter"]["mergeable"]
-
-
-def test_options_become_cli_flags():
-    import argparse
-
-    from sparseft.methods import METHODS, add_option_arguments, options_from_args
-
-    parser = argparse.ArgumentParser()
-    add_option_arguments(parser, [METHODS["spt-lora"], METHODS["sct"]])
-    args = parser.parse_args(["--budget", "1000", "--budget-rule", "tau", "--channels", "12"])
-    assert options_from_args("spt-lora", args) == {"budget": 1000, "budget_rule": "tau"}
-    assert options_from_args("sct", args) == {"channels": 12}

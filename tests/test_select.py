@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_model, toy_batches
 
 import sparseft
-from sparseft.select import Eligibility, Selection, SelectionError, parameter_roles, supcon_loss, top_k_per_neuron
-from sparseft.select.gps import gradient_scores
+from sparseft.selection import Eligibility, Selection, SelectionError, parameter_roles, supcon_loss, top_k_per_neuron
+from sparseft.selection.gps import gradient_scores
 
 
 def naive_supcon(features, labels, t):
@@ -223,7 +223,7 @@ def test_ablation_levels_select_the_same_count(vit, level, criterion):
 
 
 def test_layer_and_net_levels_pick_the_highest_scores():
-    from sparseft.select.gps import top_k_per_layer, top_n_global
+    from sparseft.selection.gps import top_k_per_layer, top_n_global
 
     scores = {"a": torch.tensor([[0.0, 9.0], [8.0, 7.0]]), "b": torch.tensor([[1.0, 2.0], [3.0, 0.5]])}
     assert top_k_per_layer(scores, 1)["a"].tolist() == [1, 2]

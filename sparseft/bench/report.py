@@ -135,7 +135,7 @@ def _block_of(name: str) -> str:
 
 def selection_distribution(selection_file: str | Path) -> dict[str, dict[str, int]]:
     """block -> matrix kind -> number of selected entries, from a saved selection."""
-    from sparseft.select import Selection
+    from sparseft.selection import Selection
 
     sel = Selection.load(selection_file)
     dist: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))

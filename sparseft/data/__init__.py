@@ -9,10 +9,11 @@ Specs: a VTAB-1k task folder, `fgvc:<dir>`, `folder:<dir>`, or a provisioned tas
 `mini-vtab/fashion_mnist` (`sparseft data fetch mini-vtab`). See docs/data.md.
 """
 
-from sparseft.data.fetch import fetch_suite, list_tasks, task_status
+from sparseft.data import minivtab  # noqa: F401 - importing it registers the suite mini-vtab
 from sparseft.data.images import DataError, DataWarning, ImageDataset, Sample, open_rgb, to_rgb, verify_samples
 from sparseft.data.layouts import SPLITS
 from sparseft.data.spec import class_names, load_split, num_classes, resolve_spec
+from sparseft.data.tasks import fetch_suite, list_tasks, task_status
 from sparseft.data.transforms import TwoViews, build_transform, data_config
 
 __all__ = [

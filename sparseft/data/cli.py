@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from sparseft.data.fetch import SUITES, fetch_suite, suite_dir, task_status
 from sparseft.data.images import DataError
+from sparseft.data.tasks import SUITES, fetch_suite, suite_dir, task_status
 
 
 def _split_tasks(values: list[str] | None) -> list[str] | None:

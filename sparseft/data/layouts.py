@@ -37,12 +37,18 @@ def _finish(samples: list[Sample], problems: Problems, source: str) -> list[Samp
     return samples
 
 
-def _check_label(label: int, num_classes: int | None) -> str | None:
+def _admit(samples: list[Sample], problems: Problems, sample: Sample, num_classes: int | None, check_files: bool,
+           note: str = "") -> None:
+    """Append `sample` unless its label is out of range or (with `check_files`) its file is missing: report that."""
+    label, where = sample.label, sample.origin
     if label < 0:
-        return f"label {label} is negative"
-    if num_classes is not None and label >= num_classes:
-        return f"label {label} is out of range for {num_classes} classes"
-    return None
+        problems.report(f"{where}: label {label} is negative{note}")
+    elif num_classes is not None and label >= num_classes:
+        problems.report(f"{where}: label {label} is out of range for {num_classes} classes{note}")
+    elif check_files and not sample.path.is_file():
+        problems.report(f"{where}: image file not found: {sample.path}")
+    else:
+        samples.append(sample)
 
 
 # -- VTAB-1k (NOAH layout) -------------------------------------------------------------------
@@ -78,15 +84,7 @@ def read_split_file(path: str | Path, root: str | Path | None = None, *, num_cla
         except ValueError:
             problems.report(f"{where}: malformed line {line.strip()!r}, label {label_text!r} is not an integer")
             continue
-        bad = _check_label(label, num_classes)
-        if bad:
-            problems.report(f"{where}: {bad}")
-            continue
-        file = root / rel
-        if check_files and not file.is_file():
-            problems.report(f"{where}: image file not found: {file}")
-            continue
-        samples.append(Sample(file, label, where))
+        _admit(samples, problems, Sample(root / rel, label, where), num_classes, check_files)
     return _finish(samples, problems, str(path))
 
 
@@ -213,16 +211,8 @@ def read_json_split(path: str | Path, image_root: str | Path, class_ids: Sequenc
         if raw not in index:
             problems.report(f"{where}: label {raw} is not one of the data set's classes")
             continue
-        label = index[raw]
-        bad = _check_label(label, num_classes)
-        if bad:
-            problems.report(f"{where}: {bad} (raw label {raw})")
-            continue
-        file = image_root / rel
-        if check_files and not file.is_file():
-            problems.report(f"{where}: image file not found: {file}")
-            continue
-        samples.append(Sample(file, label, where))
+        _admit(samples, problems, Sample(image_root / rel, index[raw], where), num_classes, check_files,
+               note=f" (raw label {raw})")
     return _finish(samples, problems, str(path))
 
 
@@ -280,6 +270,8 @@ def _folder_samples(root: Path, classes: list[str]) -> dict[int, list[Sample]]:
     for label, name in enumerate(classes):
         folder = root / name
         files = _images_under(folder) if folder.is_dir() else []
+        if folder.is_dir() and not files:
+            raise DataError(f"{folder}: class folder {name!r} holds no image files; remove it or add images")
         out[label] = [Sample(f, label, f"{folder}/") for f in files]
     return out
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from sparseft.data import layouts
 from sparseft.data.images import DataError, ImageDataset, OnError
+from sparseft.data.tasks import SUITES, suite_dir
 
 Kind = Literal["vtab", "fgvc", "folder"]
 
@@ -32,8 +33,6 @@ class ResolvedSpec:
 
 def resolve_spec(spec: str, cache: str | Path | None = None) -> ResolvedSpec:
     """Turn a spec string into (layout, folder); a `DataError` says what was expected."""
-    from sparseft.data.fetch import SUITES, suite_dir
-
     for prefix in ("vtab", "fgvc", "folder"):
         if spec.startswith(prefix + ":"):
             path = Path(spec[len(prefix) + 1:]).expanduser()

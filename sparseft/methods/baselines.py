@@ -10,31 +10,25 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-import sparseft
-from sparseft.methods import Method, MethodContext, register
+from sparseft.methods import register
+from sparseft.methods.base import Method, MethodContext, whole_parameters
 from sparseft.models import head_parameter_names
-from sparseft.select import Selection
-
-
-def _whole(model: nn.Module, names: list[str], method: str) -> Selection:
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return Selection(indices={}, shapes=shapes, full=names, meta={"method": method})
+from sparseft.selection import Selection
 
 
 @register
 class Full(Method):
     name = "full"
     summary = "full fine-tuning: every parameter trains (the task file is the whole model)"
+    keep_base = False  # a second copy of the whole model only to unmerge: load the base again instead
 
     @dataclass
     class Options:
         batchnorm: str = field(default="update", metadata={"help": "BatchNorm statistics",
                                                             "choices": ["update", "frozen"]})
 
-    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        names = [n for n, _ in model.named_parameters()]
-        return sparseft.apply(model, _whole(model, names, self.name), batchnorm=self.options.batchnorm,
-                              keep_base=False)
+    def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
+        return whole_parameters(model, [n for n, _ in model.named_parameters()], self.name)
 
 
 @register
@@ -42,12 +36,8 @@ class Linear(Method):
     name = "linear"
     summary = "linear probing: only the new head trains"
 
-    @dataclass
-    class Options:
-        pass
-
-    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        return sparseft.apply(model, _whole(model, head_parameter_names(model), self.name), batchnorm="frozen")
+    def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
+        return whole_parameters(model, head_parameter_names(model), self.name)
 
 
 @register
@@ -55,11 +45,7 @@ class BitFit(Method):
     name = "bitfit"
     summary = "BitFit: every bias (norms included) and the head train"
 
-    @dataclass
-    class Options:
-        pass
-
-    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+    def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         heads = set(head_parameter_names(model))
         names = [n for n, _ in model.named_parameters() if n in heads or n.rsplit(".", 1)[-1] == "bias"]
-        return sparseft.apply(model, _whole(model, names, self.name), batchnorm="frozen")
+        return whole_parameters(model, names, self.name)

@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 from torch import nn
 
 import sparseft
-from sparseft.methods import Method, MethodContext, register
-from sparseft.select import Eligibility, Selection
+from sparseft.methods import register
+from sparseft.methods.base import Method, MethodContext
+from sparseft.selection import Eligibility, Selection
 
 
 @register
 class GPS(Method):
     name = "gps"
+    batchnorm = "update"
     summary = "Gradient-based Parameter Selection: top-K inputs per neuron by SupCon gradient"
 
     @dataclass
@@ -58,15 +60,9 @@ class GPS(Method):
                                autocast=ctx.bf16, seed=ctx.seed, progress=ctx.progress, level=o.level,
                                criterion=o.criterion, loss=o.loss)
 
-    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        cached = ctx.run_dir / "selection.safetensors" if ctx.run_dir else None
+    def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         t0 = time.perf_counter()
-        if cached is not None and cached.exists():
-            selection = Selection.load(cached)  # a resumed run reuses its selection
-        else:
-            selection = self.select(model, ctx)
-            if cached is not None:
-                selection.save(cached)
+        selection = self.select(model, ctx)
         ctx.info["selection_time_s"] = round(time.perf_counter() - t0, 2)
         ctx.info["selected_entries"] = selection.num_sparse
-        return sparseft.apply(model, selection, batchnorm=self.options.batchnorm)
+        return selection

@@ -22,8 +22,11 @@ import torch
 from torch import nn
 
 from sparseft.delta import DeltaError
-from sparseft.methods import MethodContext, register
-from sparseft.methods.added import ModuleMethod, NotApplicable, head_prefix, in_head
+from sparseft.methods import register
+from sparseft.methods.base import Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.modules import lora_layers, set_submodule
+from sparseft.models import head_prefix, in_head
+from sparseft.selection import Selection
 
 DEFAULT_TARGETS = "qkv,proj,fc1,fc2"
 
@@ -55,12 +58,23 @@ def find_targets(model: nn.Module, targets: list[str], conv: bool) -> tuple[list
     return chosen, skipped
 
 
-def _peft_inject(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float) -> list[str]:
+def inject_lora(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float) -> list[str]:
+    """Put peft LoRA layers on exactly the modules `names`; returns the LoRA parameters' names.
+
+    The one LoRA injector: the `lora` method and SPT's structured modules both use it.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
+    modules = dict(model.named_modules())
+    bad = [n for n in names if n not in modules or _kind(modules[n]) not in ("linear", "conv")]
+    if bad:
+        raise DeltaError(f"lora: the model has no adaptable layers {bad[:4]}")
+    had_config = "peft_config" in model.__dict__
     pattern = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"  # peft full-matches a string target
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none")
     inject_adapter_in_model(config, model)
+    if not had_config:
+        model.__dict__.pop("peft_config", None)  # nothing here uses peft's model-level API
     added = []
     for name in names:
         wrapper = model.get_submodule(name)
@@ -68,20 +82,22 @@ def _peft_inject(model: nn.Module, names: list[str], r: int, alpha: float, dropo
     return added
 
 
-def _wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
+def fold_lora(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Merge every LoRA layer into its base layer (peft's merge) and put the base layer back.
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-def _swap_for_base(model: nn.Module, name: str, wrapper: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, wrapper.get_base_layer())
+    Returns the weights' values before folding, by parameter name.
+    """
+    originals: dict[str, torch.Tensor] = {}
+    for name, wrapper in lora_layers(model):
+        base = wrapper.get_base_layer()
+        originals[f"{name}.weight"] = base.weight.detach().clone()
+        wrapper.merge(safe_merge=True)  # W += (alpha/r) B A, refusing NaN
+        set_submodule(model, name, base)
+    return originals
 
 
 @register
-class LoRA(ModuleMethod):
+class LoRA(Method):
     name = "lora"
     summary = "LoRA (peft): low-rank update (alpha/r)·B·A on qkv/proj/fc1/fc2; merges into the weights"
     mergeable = True
@@ -123,35 +139,18 @@ class LoRA(ModuleMethod):
             raise NotApplicable(f"lora: no layer of this {type(model).__name__} matches the targets "
                                 f"{','.join(targets)} (nn.Linear or 1x1 Conv2d outside the head).{hint}")
 
-    def inject(self, model: nn.Module, ctx: MethodContext) -> tuple[list[str], dict[str, Any]]:
+    def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         o = self.options
         chosen, skipped = find_targets(model, self._targets(), o.lora_conv)
         ctx.info["lora_layers"] = len(chosen)
         if skipped["conv"]:
             ctx.info["lora_skipped_convs"] = skipped["conv"]
         structure = {"layers": chosen, "r": o.lora_r, "alpha": float(o.lora_alpha), "dropout": float(o.lora_dropout)}
-        return self.rebuild(model, structure), structure
+        return head_selection(model, self.name, structure)
 
-    def rebuild(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
-        layers = list(structure["layers"])
-        modules = dict(model.named_modules())
-        bad = [n for n in layers if n not in modules or _kind(modules[n]) not in ("linear", "conv")]
-        if bad:
-            raise DeltaError(f"lora: the model has no adaptable layers {bad[:4]}")
-        return _peft_inject(model, layers, int(structure["r"]), float(structure["alpha"]),
-                            float(structure["dropout"]))
-
-    def remove(self, model: nn.Module) -> None:
-        for name, wrapper in _wrappers(model):
-            _swap_for_base(model, name, wrapper)
-        model.__dict__.pop("peft_config", None)
+    def inject(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
+        return inject_lora(model, list(structure["layers"]), int(structure["r"]), float(structure["alpha"]),
+                           float(structure["dropout"]))
 
     def fold(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        originals: dict[str, torch.Tensor] = {}
-        for name, wrapper in _wrappers(model):
-            base = wrapper.get_base_layer()
-            originals[f"{name}.weight"] = base.weight.detach().clone()
-            wrapper.merge(safe_merge=True)  # peft's merge: W += (alpha/r) B A, refusing NaN
-            _swap_for_base(model, name, wrapper)
-        model.__dict__.pop("peft_config", None)
-        return originals
+        return fold_lora(model)

@@ -18,11 +18,11 @@ def method_table(model_name: str, num_classes: int, *, img_size: int | None = No
     only on the rule (K per neuron), not on which entries win. A method that does not fit the
     architecture (e.g. VPT on a CNN) gets a row without counts that says why.
     """
-    from sparseft.run import build_model
+    from sparseft.models import create_model
 
     rows = []
     for name, cls in METHODS.items():
-        model = build_model(model_name, num_classes, img_size=img_size)
+        model = create_model(model_name, num_classes, img_size=img_size)
         size = img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         x = torch.randn(4, 3, size, size)
         y = torch.arange(4) % num_classes

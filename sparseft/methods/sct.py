@@ -24,23 +24,19 @@ absorb it.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-import sparseft
-from sparseft.delta import DeltaError, mark_added
-from sparseft.deltafile import load_delta
-from sparseft.fileutil import write_text_atomic
-from sparseft.methods import Method, MethodContext, NotApplicable, register
-from sparseft.models import head_parameter_names
-from sparseft.select import Selection
+from sparseft.delta import DeltaError
+from sparseft.methods import register
+from sparseft.methods.base import Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.modules import Added, attach, parameter_names
+from sparseft.selection import Selection
 
 
 class SCTError(NotApplicable):
@@ -184,7 +180,7 @@ def channels_for(width: int, channels: int | None, fraction: float) -> int:
 
 # -- the module -----------------------------------------------------------------------------
 
-class SalientChannelLinear(nn.Module):
+class SalientChannelLinear(Added):
     """A K×K linear map on fixed channels, added back to them (a residual update of those channels)."""
 
     def __init__(self, channels: torch.Tensor, width: int) -> None:
@@ -203,73 +199,23 @@ class SalientChannelLinear(nn.Module):
         picked = x.index_select(dim, self.index)
         return self.linear(picked.movedim(dim, -1)).movedim(-1, dim).to(x.dtype)
 
+    def on_residual(self, norm2: nn.Module) -> None:
+        """Update the residual stream in place: it is `norm2`'s input, which the skip connection adds to."""
+        self.hook(norm2, self._update_residual, pre=True)
+
+    def on_output(self, block: nn.Module) -> None:
+        """Update `block`'s output channels (dim 1), out of place."""
+        self.hook(block, self._update_output)
+
+    def _update_residual(self, norm2: nn.Module, args: tuple) -> None:
+        x = args[0]
+        x.index_add_(-1, self.index, self.delta(x, -1))
+
+    def _update_output(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.index_add(1, self.index, self.delta(output, 1))
+
     def extra_repr(self) -> str:
         return f"channels={self.index.numel()} of {self.width}"
-
-
-class _ResidualPreHook:
-    """Forward pre-hook on a block's norm2: update the residual stream (norm2's input) in place."""
-
-    def __init__(self, module: SalientChannelLinear) -> None:
-        self.module = module
-
-    def __call__(self, norm: nn.Module, args: tuple) -> None:
-        x = args[0]
-        x.index_add_(-1, self.module.index, self.module.delta(x, -1))
-
-
-class _OutputHook:
-    """Forward hook on a block: update its output channels (dim 1), out of place."""
-
-    def __init__(self, module: SalientChannelLinear) -> None:
-        self.module = module
-
-    def __call__(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output.index_add(1, self.module.index, self.module.delta(output, 1))
-
-
-def inject(model: nn.Module, structure: dict[str, Any], seed: int | None = None) -> list[str]:
-    """Add the SCT modules `structure` describes (`<block>.sct`); returns their parameter names."""
-    if structure.get("method") != "sct":
-        raise DeltaError(f"not an SCT task file (method {structure.get('method')!r})")
-    arch, sites = sct_sites(model)
-    by_name = {s.block: s for s in sites}
-    wanted = structure["sites"]
-    for w in wanted:
-        s = by_name.get(w["block"])
-        if s is None or s.hook != w["hook"] or s.width != w["width"] or arch != structure.get("arch"):
-            raise DeltaError(f"SCT: block {w['block']!r} ({structure.get('arch')}, {w['hook']}, width {w['width']}) "
-                             f"does not exist in this {arch} model in that form")
-    modules = dict(model.named_modules())
-    device = next(model.parameters()).device
-    names = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for w in wanted:
-            block = modules[w["block"]]
-            weight = next(block.parameters())
-            sct = SalientChannelLinear(torch.tensor(w["channels"]), w["width"]).to(device=weight.device,
-                                                                                  dtype=weight.dtype)
-            block.sct = sct
-            if w["hook"] == "norm2":
-                block.norm2.register_forward_pre_hook(_ResidualPreHook(sct))
-            else:
-                block.register_forward_hook(_OutputHook(sct))
-            prefix = f"{w['block']}.sct." if w["block"] else "sct."
-            names += [prefix + n for n, _ in sct.named_parameters()]
-    return names
-
-
-def remove(model: nn.Module) -> None:
-    """Take the SCT modules and hooks out again (e.g. after a failed load)."""
-    for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key, hook in list(hooks.items()):
-                if isinstance(hook, (_ResidualPreHook, _OutputHook)):
-                    del hooks[key]
-        if isinstance(module._modules.get("sct"), SalientChannelLinear):
-            del module._modules["sct"]
 
 
 # -- the method -----------------------------------------------------------------------------
@@ -280,6 +226,10 @@ class SCT(Method):
     summary = "Salient Channel Tuning: a KxK map on each block's top-K residual channels (by class-wise L2 norm)"
     mergeable = False
 
+    def merge_refusal(self) -> str:
+        return ("sct cannot be merged: its KxK map updates the residual stream itself, and the skip connection "
+                "that carries it has no weight to fold the update into; use the model unmerged")
+
     @dataclass
     class Options:
         channels: int | None = field(default=None, metadata={
@@ -288,11 +238,14 @@ class SCT(Method):
             "help": "channels per block as a fraction of its width when --channels is not given (official 96/768)"})
         select_batches: int | None = field(default=None, metadata={"help": "limit the saliency pass to N batches"})
 
-    def plan(self, model: nn.Module, ctx: MethodContext) -> dict[str, Any]:
-        """Saliency pass and top-K per block: the JSON structure of the modules to add."""
+    def check(self, model: nn.Module) -> None:
+        if not 0 < self.options.channel_fraction <= 1:
+            raise ValueError(f"channel_fraction must be in (0, 1], got {self.options.channel_fraction}")
+        sct_sites(model)
+
+    def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
+        """Saliency pass and top-K per block: the modules to add; the head trains in full."""
         o = self.options
-        if not 0 < o.channel_fraction <= 1:
-            raise ValueError(f"channel_fraction must be in (0, 1], got {o.channel_fraction}")
         arch, sites = sct_sites(model)
         t0 = time.perf_counter()
         saliency, stats = channel_saliency(model, ctx.loader("train"), sites, max_batches=o.select_batches,
@@ -303,33 +256,29 @@ class SCT(Method):
             k = channels_for(s.width, o.channels, o.channel_fraction)
             idx = saliency[s.block].topk(k).indices.sort().values
             chosen.append({"block": s.block, "hook": s.hook, "width": s.width, "channels": idx.tolist()})
-        return {"method": self.name, "arch": arch, "sites": chosen, "saliency_images": stats["images"],
-                "saliency_classes": stats["classes"]}
+        ctx.info.update({"sct_blocks": len(chosen), "sct_channels": [len(c["channels"]) for c in chosen]})
+        structure = {"arch": arch, "sites": chosen, "saliency_images": stats["images"],
+                     "saliency_classes": stats["classes"]}
+        return head_selection(model, self.name, structure)
 
-    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        cached = ctx.run_dir / "sct-channels.json" if ctx.run_dir else None
-        if cached is not None and cached.exists():
-            structure = json.loads(cached.read_text())  # a resumed run keeps its channels
-        else:
-            structure = self.plan(model, ctx)
-            if cached is not None:
-                write_text_atomic(cached, json.dumps(structure))
-        heads = head_parameter_names(model)
-        sparseft.apply(model, Selection(indices={}, shapes={}, full=heads, meta={"method": self.name}),
-                       batchnorm="frozen")
-        mark_added(model, inject(model, structure, seed=ctx.seed), structure)
-        ctx.info.update({"sct_blocks": len(structure["sites"]),
-                         "sct_channels": [len(s["channels"]) for s in structure["sites"]],
-                         "sct_trainable_backbone": sparseft.parameter_summary(model)["trainable_backbone"]})
-        return model
-
-    def load(self, model: nn.Module, path: str | Path) -> nn.Module:
-        try:
-            return load_delta(model, path, rebuild=inject)
-        except Exception:
-            remove(model)
-            raise
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        raise DeltaError("sct cannot be merged: its K×K map updates the residual stream itself, and the skip "
-                         "connection that carries it has no weight to fold the update into; use the model unmerged")
+    def inject(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
+        """Add the SCT modules `structure` describes (`<block>.sct`); returns their parameter names."""
+        arch, sites = sct_sites(model)
+        by_name = {s.block: s for s in sites}
+        names = []
+        for w in structure["sites"]:
+            s = by_name.get(w["block"])
+            if s is None or s.hook != w["hook"] or s.width != w["width"] or arch != structure.get("arch"):
+                raise DeltaError(f"SCT: block {w['block']!r} ({structure.get('arch')}, {w['hook']}, width "
+                                 f"{w['width']}) does not exist in this {arch} model in that form")
+            block = model.get_submodule(w["block"]) if w["block"] else model
+            weight = next(block.parameters())
+            sct = SalientChannelLinear(torch.tensor(w["channels"]), w["width"]).to(device=weight.device,
+                                                                                  dtype=weight.dtype)
+            attach(model, w["block"], "sct", sct)
+            if w["hook"] == "norm2":
+                sct.on_residual(block.norm2)
+            else:
+                sct.on_output(block)
+            names += parameter_names(model, sct)
+        return names

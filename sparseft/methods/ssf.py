@@ -22,23 +22,17 @@ import torch
 from torch import nn
 
 from sparseft.delta import DeltaError
-from sparseft.methods import MethodContext, register
-from sparseft.methods.added import (
-    ModuleMethod,
-    NotApplicable,
-    attach,
-    generator,
-    head_prefix,
-    in_head,
-    param_names,
-    remove_hooks,
-)
+from sparseft.methods import register
+from sparseft.methods.base import Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.modules import Added, attach, parameter_names, remove_added
+from sparseft.models import head_prefix, in_head
+from sparseft.selection import Selection
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class ScaleShift(nn.Module):
+class ScaleShift(Added):
     """y * scale + shift over one channel dimension of the wrapped layer's output."""
 
     def __init__(self, channels: int, dim: int, shift: bool, *, dtype: torch.dtype = torch.float32,
@@ -57,13 +51,15 @@ class ScaleShift(nn.Module):
         y = x * self.scale.to(x.dtype).view(shape)
         return y if self.shift is None else y + self.shift.to(x.dtype).view(shape)
 
+    def after(self, layer: nn.Module) -> None:
+        """Act on `layer`'s output."""
+        self.hook(layer, self._on_output)
+
+    def _on_output(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self(output)
+
     def extra_repr(self) -> str:
         return f"channels={self.scale.numel()}, dim={self.dim}, shift={self.shift is not None}"
-
-
-def _apply_ssf(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: the layer's output through its `ssf` scale-and-shift."""
-    return module.ssf(output)
 
 
 def channel_dim(module: nn.Module) -> int | None:
@@ -97,7 +93,7 @@ def find_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 @register
-class SSF(ModuleMethod):
+class SSF(Method):
     name = "ssf"
     summary = "SSF: per-channel scale and shift after every linear/conv/norm layer; merges into the weights"
     mergeable = True
@@ -113,21 +109,12 @@ class SSF(ModuleMethod):
             raise NotApplicable(f"ssf: {type(model).__name__} has no Linear, Conv or affine norm layer outside "
                                 "its head")
 
-    def inject(self, model: nn.Module, ctx: MethodContext) -> tuple[list[str], dict[str, Any]]:
+    def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         layers = find_layers(model)
-        names = self.rebuild(model, {"layers": layers})
-        if self.options.ssf_init == "paper":
-            g = generator(ctx.seed)
-            with torch.no_grad():
-                for name in layers:
-                    ssf = model.get_submodule(name).ssf
-                    ssf.scale.copy_(torch.normal(1.0, 0.02, ssf.scale.shape, generator=g))
-                    if ssf.shift is not None:
-                        ssf.shift.copy_(torch.normal(0.0, 0.02, ssf.shift.shape, generator=g))
         ctx.info["ssf_layers"] = len(layers)
-        return names, {"layers": layers, "init": self.options.ssf_init}
+        return head_selection(model, self.name, {"layers": layers, "init": self.options.ssf_init})
 
-    def rebuild(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
+    def inject(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
         names: list[str] = []
         for name, spec in structure["layers"].items():
             layer = model.get_submodule(name)
@@ -136,16 +123,15 @@ class SSF(ModuleMethod):
             w = layer.weight
             module = ScaleShift(w.shape[0], int(spec["dim"]), bool(spec["shift"]),
                                 dtype=w.dtype if w.is_floating_point() else torch.float32, device=w.device)
-            attach(layer, "ssf", module)
-            layer.register_forward_hook(_apply_ssf)
-            names += param_names(model, module)
+            if structure.get("init") == "paper":  # N(1, 0.02) / N(0, 0.02) as in the SSF code
+                with torch.no_grad():
+                    module.scale.normal_(1.0, 0.02)
+                    if module.shift is not None:
+                        module.shift.normal_(0.0, 0.02)
+            attach(model, name, "ssf", module)
+            module.after(layer)
+            names += parameter_names(model, module)
         return names
-
-    def remove(self, model: nn.Module) -> None:
-        for module in model.modules():
-            if isinstance(module._modules.get("ssf"), ScaleShift):
-                remove_hooks(module, _apply_ssf)
-                del module._modules["ssf"]
 
     def fold(self, model: nn.Module) -> dict[str, torch.Tensor]:
         originals: dict[str, torch.Tensor] = {}
@@ -163,5 +149,5 @@ class SSF(ModuleMethod):
                     b.mul_(scale)
                     if ssf.shift is not None:
                         b.add_(ssf.shift.to(b.dtype))
-        self.remove(model)
+        remove_added(model)
         return originals

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from sparseft.delta import DeltaError
-from sparseft.methods import MethodContext, register
-from sparseft.methods.added import ModuleMethod, NotApplicable, attach, generator, param_names, remove_hooks
+from sparseft.methods import register
+from sparseft.methods.base import Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.modules import Added, attach, parameter_names
+from sparseft.selection import Selection
 
-_STRIP = "_vpt_strip"  # attribute of the last block: (offset, count) of the prompt positions to drop
 
-
-class PromptTokens(nn.Module):
+class PromptTokens(Added):
     """P learnable tokens that a block's pre-hook inserts at `offset` (first block) or writes over."""
 
     def __init__(self, count: int, dim: int, offset: int, insert: bool, dropout: float, *,
@@ -56,17 +56,34 @@ class PromptTokens(nn.Module):
         return f"count={self.tokens.shape[0]}, offset={self.offset}, insert={self.insert}"
 
 
-def _add_prompts(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: the block's token input with this block's prompts in place."""
-    if kwargs.get("attn_mask") is not None:
-        raise RuntimeError("VPT: attention masks are not supported (they do not cover the prompt tokens)")
-    return (block.prompt(args[0]), *args[1:]), kwargs
+    def before(self, block: nn.Module) -> None:
+        """Put the prompts into `block`'s token input."""
+        self.hook(block, self._add, pre=True, with_kwargs=True)
+
+    def _add(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("attn_mask") is not None:
+            raise RuntimeError("VPT: attention masks are not supported (they do not cover the prompt tokens)")
+        return (self(args[0]), *args[1:]), kwargs
 
 
-def _drop_prompts(block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook on the last block: remove the prompt positions (the base layout remains)."""
-    offset, count = getattr(block, _STRIP)
-    return torch.cat([output[:, :offset], output[:, offset + count:]], dim=1)
+class PromptStrip(Added):
+    """Removes the prompt positions from the last block's output: the base token layout remains."""
+
+    def __init__(self, offset: int, count: int) -> None:
+        super().__init__()
+        self.offset, self.count = offset, count
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :self.offset], x[:, self.offset + self.count:]], dim=1)
+
+    def after(self, block: nn.Module) -> None:
+        self.hook(block, self._on_output)
+
+    def _on_output(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self(output)
+
+    def extra_repr(self) -> str:
+        return f"offset={self.offset}, count={self.count}"
 
 
 def _check_vit(model: nn.Module, method: str) -> None:
@@ -77,7 +94,7 @@ def _check_vit(model: nn.Module, method: str) -> None:
                             f"{type(model).__name__} has none")
 
 
-class _VPT(ModuleMethod):
+class _VPT(Method):
     """Shared by the shallow and deep variants."""
 
     deep: ClassVar[bool]
@@ -97,46 +114,32 @@ class _VPT(ModuleMethod):
             raise ValueError(f"{self.name}: prompt_tokens must be >= 1, not {self.options.prompt_tokens}")
         _check_vit(model, self.name)
 
-    def inject(self, model: nn.Module, ctx: MethodContext) -> tuple[list[str], dict[str, Any]]:
+    def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         o = self.options
         structure = {"tokens": o.prompt_tokens, "deep": self.deep, "dropout": float(o.prompt_dropout)}
-        names = self.rebuild(model, structure)
-        patch = model.patch_embed.patch_size
-        bound = math.sqrt(6.0 / (3 * math.prod(patch) + model.embed_dim))
-        g = generator(ctx.seed)
-        with torch.no_grad():
-            for block in model.blocks:
-                prompt = block._modules.get("prompt")
-                if isinstance(prompt, PromptTokens):
-                    prompt.tokens.copy_(torch.rand(prompt.tokens.shape, generator=g) * 2 * bound - bound)
-        return names, structure
+        return head_selection(model, self.name, structure)
 
-    def rebuild(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
+    def inject(self, model: nn.Module, structure: dict[str, Any]) -> list[str]:
         _check_vit(model, self.name)
         if bool(structure["deep"]) != self.deep:
             raise DeltaError(f"{self.name}: the file holds {'deep' if structure['deep'] else 'shallow'} prompts")
         count, offset = int(structure["tokens"]), int(model.num_prefix_tokens)
         blocks = list(model.blocks)
         ref = model.patch_embed.proj.weight if hasattr(model.patch_embed, "proj") else blocks[0].norm1.weight
+        bound = math.sqrt(6.0 / (3 * math.prod(model.patch_embed.patch_size) + model.embed_dim))
         names: list[str] = []
         for i, block in enumerate(blocks if self.deep else blocks[:1]):
             prompt = PromptTokens(count, model.embed_dim, offset, insert=i == 0, dropout=float(structure["dropout"]),
                                   dtype=ref.dtype, device=ref.device)
-            attach(block, "prompt", prompt)
-            block.register_forward_pre_hook(_add_prompts, with_kwargs=True)
-            names += param_names(model, prompt)
-        setattr(blocks[-1], _STRIP, (offset, count))
-        blocks[-1].register_forward_hook(_drop_prompts)
+            with torch.no_grad():
+                prompt.tokens.uniform_(-bound, bound)
+            attach(model, f"blocks.{i}", "prompt", prompt)
+            prompt.before(block)
+            names += parameter_names(model, prompt)
+        strip = PromptStrip(offset, count)
+        attach(model, f"blocks.{len(blocks) - 1}", "prompt_strip", strip)
+        strip.after(blocks[-1])
         return names
-
-    def remove(self, model: nn.Module) -> None:
-        for block in model.modules():
-            if isinstance(block._modules.get("prompt"), PromptTokens):
-                remove_hooks(block, _add_prompts)
-                del block._modules["prompt"]
-            if _STRIP in block.__dict__:
-                remove_hooks(block, _drop_prompts)
-                del block.__dict__[_STRIP]
 
 
 @register

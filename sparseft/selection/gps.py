@@ -25,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseft.models import feature_fn
-from sparseft.select.rules import Eligibility, parameter_roles
-from sparseft.select.selection import Selection
+from sparseft.selection.rules import Eligibility, parameter_roles
+from sparseft.selection.selection import Selection
 
 ScoreReduction = Literal["abs_of_sum", "sum_of_abs", "sum_of_squares"]
 

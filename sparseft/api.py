@@ -1,0 +1,71 @@
+"""The front door: build a model, load any task file, merge and unmerge whatever method made it.
+
+    model = sparseft.create_model("mobilenetv2_100_offline", num_classes=3)
+    model = sparseft.load("runs/x/delta.safetensors")           # base rebuilt from the header
+    model = sparseft.load("task.safetensors", model=my_base)    # or onto a base you built
+    sparseft.merge(model); sparseft.unmerge(model)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparseft import delta
+from sparseft.deltafile import DeltaFileError, read_delta
+from sparseft.methods import METHODS, Method
+from sparseft.models import create_model
+
+
+def method_named_in(header: dict) -> str:
+    """The method a task file's header names (files of 0.1 always name one; plain deltas are GPS's)."""
+    return (header.get("extra", {}).get("method") or header.get("structure", {}).get("method")
+            or header.get("selection", {}).get("method") or "gps")
+
+
+def _method(name: str | None, where: str) -> Method:
+    if name is not None and name not in METHODS:
+        raise DeltaFileError(f"{where}: unknown method {name!r} (this sparseft knows {', '.join(sorted(METHODS))})")
+    return METHODS[name or "gps"]()
+
+
+def load(path: str | Path, model: nn.Module | None = None, *, weights: str | Path | None = None) -> nn.Module:
+    """Load a task file of any method; returns the model with the task applied (trainable, unmerged).
+
+    Without `model` the base is built from the header's record (model name, classes, image size,
+    weights, and the seed of a randomly initialised base); `weights` overrides the recorded local
+    weight file. A file made for another base is refused and the model left as it was.
+    """
+    header, _ = read_delta(path)
+    method = _method(method_named_in(header), str(path))
+    if model is None:
+        extra = header.get("extra", {})
+        if "model" not in extra or "num_classes" not in extra:
+            raise DeltaFileError(f"{path}: the header does not say which base model it belongs to; pass model=")
+        torch.manual_seed(extra.get("init_seed", 0))  # a randomly initialised base is defined by its seed
+        model = create_model(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
+                             weights=weights or extra.get("weights"), pretrained=extra.get("pretrained", False))
+    return method.load(model, path)
+
+
+def method_of(model: nn.Module) -> Method:
+    """The method that applied the model's task (GPS's life cycle for a bare `sparseft.apply`)."""
+    if not delta.is_applied(model):
+        raise delta.DeltaError("model has no sparseft deltas (sparseft.load, sparseft.apply or a method's "
+                               "prepare first)")
+    name = delta.method_of(model)
+    if name not in METHODS and not delta.added_parameters(model):
+        name = "gps"  # a selection of the user's own: the engine's life cycle, as GPS's
+    return _method(name, "model")
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the model's task into its weights, whatever method made it (clear error where it cannot)."""
+    return method_of(model).merge(model)
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Back to the base model bit-exactly, from an applied or a merged model of any method."""
+    return method_of(model).unmerge(model)

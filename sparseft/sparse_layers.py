@@ -1,0 +1,373 @@
+"""Sparse layers: the per-layer half of the sparse-delta engine.
+
+A layer with selected entries gets a `SparseDelta` per selected parameter (trainable `values`
+at fixed flat indices, the base values of those entries kept aside) and a forward that writes
+base + values into the frozen weight when the optimizer changed them. Linear and Conv2d layers
+compute the weight gradient only at the selected entries (sampled dot products in
+`sparseft.kernels`); any other layer routes the selected entries of a transient weight gradient
+to `values`. `install` / `uninstall` are the only ways in and out; `sparseft.delta` owns the
+model-level state and calls them.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseft.kernels import sampled_conv_weight_grad, sampled_dot, sampled_dot_channels_first
+
+# -- flat index helpers ------------------------------------------------------------------
+
+def read_flat(param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return param.detach().reshape(-1).index_select(0, index)
+
+
+def write_flat(param: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    with torch.no_grad():
+        values = values.to(param.dtype)
+        if param.is_contiguous():
+            param.view(-1).index_copy_(0, index, values)
+        else:
+            param.index_put_(torch.unravel_index(index, param.shape), values)
+
+
+def _merged_values(base: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """base + delta in the delta's precision: the single formula every writer uses."""
+    return base.to(values.dtype) + values.detach()
+
+
+# -- autograd functions ------------------------------------------------------------------
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _start(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Cast the inputs as autocast would for this layer and remember the dtypes for backward."""
+    compute = _autocast_dtype(x) or x.dtype
+    ctx.compute, ctx.x_dtype, ctx.values_dtype = compute, x.dtype, values.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    return x.to(compute), weight.to(compute), None if bias is None else bias.to(compute)
+
+
+def _bias_grad(ctx, grad: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Sum of the output gradient over every non-channel dim, accumulated in float32 (or float64)."""
+    acc = torch.float64 if ctx.compute == torch.float64 else torch.float32
+    return grad.sum(dim=dims, dtype=acc).to(ctx.bias_dtype)
+
+
+class _SparseLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with the gradient of W taken at the selected entries only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, rows, cpos, ucols):  # noqa: ARG004 - values ties the graph
+        xc, wc, bc = _start(ctx, x, weight, bias, values)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(xc, wc, bc)
+        x2 = xc.reshape(-1, xc.shape[-1])
+        saved_x = x2 if ucols is None else x2.index_select(1, ucols)
+        ctx.save_for_backward(saved_x, weight, rows, cpos)
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved_x, weight, rows, cpos = ctx.saved_tensors
+        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.compute)
+        grad_x = grad_b = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ weight.to(ctx.compute)).reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = _bias_grad(ctx, g2, (0,))
+        if ctx.needs_input_grad[3]:
+            grad_values = sampled_dot(g2, saved_x, rows, cpos).to(ctx.values_dtype)
+        return grad_x, None, grad_b, grad_values, None, None, None
+
+
+class _SparsePointwiseConv(torch.autograd.Function):
+    """A 1×1, stride-1, ungrouped convolution with the weight gradient at selected entries only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, rows, cpos, ucols):  # noqa: ARG004 - values ties the graph
+        xc, wc, bc = _start(ctx, x, weight, bias, values)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.conv2d(xc, wc, bc)
+        saved_x = xc if ucols is None else xc.index_select(1, ucols)
+        ctx.save_for_backward(saved_x, weight, rows, cpos)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved_x, weight, rows, cpos = ctx.saved_tensors
+        g = grad_y.to(ctx.compute)
+        grad_x = grad_b = grad_values = None
+        if ctx.needs_input_grad[0]:
+            w2 = weight.reshape(weight.shape[0], -1).to(ctx.compute)
+            batch, out_ch, height, width = g.shape
+            if height * width < 64:  # small planes: one matmul over all pixels beats many tiny ones
+                grad_x = (g.permute(0, 2, 3, 1).reshape(-1, out_ch) @ w2).reshape(batch, height, width, -1)
+                grad_x = grad_x.permute(0, 3, 1, 2)
+            else:
+                grad_x = torch.matmul(w2.t(), g.reshape(batch, out_ch, -1)).reshape(batch, -1, height, width)
+            grad_x = grad_x.to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = _bias_grad(ctx, g, (0, 2, 3))
+        if ctx.needs_input_grad[3]:
+            grad_values = sampled_dot_channels_first(g, saved_x, rows, cpos).to(ctx.values_dtype)
+        return grad_x, None, grad_b, grad_values, None, None, None
+
+
+class _SparseConv(torch.autograd.Function):
+    """A 2-D convolution (any kernel, stride, padding, dilation, groups) with the weight gradient
+    at selected entries only; the input gradient comes from ATen's convolution backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, geometry, rows, cpos, ki, kj, ucols):  # noqa: ARG004
+        xc, wc, bc = _start(ctx, x, weight, bias, values)
+        stride, padding, dilation, groups = geometry
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.conv2d(xc, wc, bc, stride, padding, dilation, groups)
+        saved_x = xc if ucols is None else xc.index_select(1, ucols)
+        ctx.save_for_backward(saved_x, weight, rows, cpos, ki, kj)
+        ctx.geometry, ctx.x_shape = geometry, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved_x, weight, rows, cpos, ki, kj = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        g = grad_y.to(ctx.compute)
+        grad_x = grad_b = grad_values = None
+        if ctx.needs_input_grad[0]:
+            shape_only = g.new_empty(1).expand(ctx.x_shape)  # the input gradient needs the input's shape only
+            grad_x = torch.ops.aten.convolution_backward(
+                g, shape_only, weight.to(ctx.compute), None, stride, padding, dilation, False, [0, 0], groups,
+                [True, False, False])[0].to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = _bias_grad(ctx, g, (0, 2, 3))
+        if ctx.needs_input_grad[3]:
+            grad_values = sampled_conv_weight_grad(g, saved_x, rows, cpos, ki, kj, tuple(weight.shape[2:]), stride,
+                                                   padding, dilation).to(ctx.values_dtype)
+        return grad_x, None, grad_b, grad_values, None, None, None, None, None, None
+
+
+class _InjectDelta(torch.autograd.Function):
+    """Pass a frozen weight through unchanged; route its gradient's selected entries to `values`."""
+
+    @staticmethod
+    def forward(ctx, weight, values, index):  # noqa: ARG004
+        ctx.save_for_backward(index)
+        ctx.values_dtype = values.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_weight):
+        (index,) = ctx.saved_tensors
+        return None, grad_weight.reshape(-1).index_select(0, index).to(ctx.values_dtype), None
+
+
+# -- the per-parameter delta module --------------------------------------------------------
+
+class SparseDelta(nn.Module):
+    """Trainable `values` at fixed flat `index` entries of one frozen parameter.
+
+    `base` keeps the original values of those entries (for unmerge and for re-writing
+    base + values after each update). For layers with a gathered backward (Linear and Conv2d)
+    it also keeps, per entry, the output channel (`rows`), the position of its input channel
+    among the channels that occur (`cpos`, with `ucols` those channels, or None when all occur)
+    and, for convolutions, the kernel offsets (`ki`, `kj`), so the backward saves only the
+    input channels the selection uses.
+    """
+
+    def __init__(self, param: torch.Tensor, index: torch.Tensor, gathered: bool = False, groups: int = 1,
+                 target: str = "weight") -> None:
+        super().__init__()
+        self.target = target  # the parameter, relative to the module whose forward uses it
+        index = index.to(device=param.device, dtype=torch.int64)
+        value_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        self.values = nn.Parameter(torch.zeros(index.numel(), dtype=value_dtype, device=param.device))
+        self.register_buffer("index", index)
+        self.register_buffer("base", read_flat(param, index).clone(), persistent=False)
+        self.shape = tuple(param.shape)
+        self._synced_version = -1
+        self.register_buffer("written", self.values.detach().clone(), persistent=False)
+        self.gathered = gathered
+        if gathered:
+            shape = (*param.shape, 1, 1) if param.dim() == 2 else tuple(param.shape)  # Linear as a 1x1 conv
+            out_ch, in_per_group = shape[0], shape[1]
+            rows, c_local, ki, kj = torch.unravel_index(index, shape)
+            channels = (rows // (out_ch // groups)) * in_per_group + c_local  # input channel of each entry
+            ucols, cpos = torch.unique(channels, return_inverse=True)
+            self.register_buffer("rows", rows.to(torch.int32), persistent=False)
+            self.register_buffer("cpos", cpos.to(torch.int32), persistent=False)
+            self.register_buffer("ki", ki.to(torch.int32), persistent=False)
+            self.register_buffer("kj", kj.to(torch.int32), persistent=False)
+            # when every input channel occurs, the backward keeps the whole input as it is
+            self.register_buffer("ucols", None if ucols.numel() == in_per_group * groups else ucols,
+                                 persistent=False)
+
+    def sync(self, param: torch.Tensor, force: bool = False) -> None:
+        """Write base + values into `param` if `values` changed since the last write.
+
+        The version counter catches ordinary in-place updates; the comparison with the values
+        last written (O(selected entries)) catches the rest: fused optimizers, `.data` edits.
+        """
+        values = self.values.detach()
+        if force or values._version != self._synced_version or not torch.equal(values, self.written):
+            write_flat(param, self.index, _merged_values(self.base, values))
+            self.written.copy_(values)
+            self._synced_version = self.values._version
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        incoming = state_dict.get(prefix + "index")
+        if incoming is not None and not torch.equal(incoming.to(self.index.device), self.index):
+            error_msgs.append(f"{prefix}index: the state dict was saved with another selection of this weight; "
+                              "apply that selection first (or load its delta file)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"nnz={self.index.numel()}, shape={self.shape}, gathered={self.gathered}"
+
+
+def _no_grad_needed(delta: SparseDelta) -> bool:
+    return not (torch.is_grad_enabled() and delta.values.requires_grad)
+
+
+def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    delta: SparseDelta = self.sparse_delta["weight"]
+    delta.sync(self.weight)
+    if _no_grad_needed(delta):
+        return F.linear(x, self.weight, self.bias)
+    return _SparseLinear.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
+
+
+def _sparse_pointwise_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    delta: SparseDelta = self.sparse_delta["weight"]
+    delta.sync(self.weight)
+    if _no_grad_needed(delta):
+        return nn.Conv2d.forward(self, x)
+    return _SparsePointwiseConv.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
+
+
+def _sparse_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    delta: SparseDelta = self.sparse_delta["weight"]
+    delta.sync(self.weight)
+    if _no_grad_needed(delta):
+        return nn.Conv2d.forward(self, x)
+    geometry = (self.stride, self.padding, self.dilation, self.groups)
+    return _SparseConv.apply(x, self.weight, self.bias, delta.values, geometry, delta.rows, delta.cpos, delta.ki,
+                             delta.kj, delta.ucols)
+
+
+_FAST_FORWARDS = (_sparse_linear_forward, _sparse_pointwise_forward, _sparse_conv_forward)
+
+
+def _holder(module: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """The module that owns `target` (a parameter name relative to `module`) and its leaf name."""
+    prefix, _, leaf = target.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), leaf
+
+
+def _injected_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    originals = []
+    try:
+        for delta in self.sparse_delta.values():
+            holder, leaf = _holder(self, delta.target)
+            param = holder._parameters[leaf]
+            delta.sync(param)
+            originals.append((holder, leaf, param))
+            holder._parameters[leaf] = _InjectDelta.apply(param, delta.values, delta.index)
+        forward = self._sparseft_prev_forward or types.MethodType(type(self).forward, self)
+        return forward(*args, **kwargs)
+    finally:
+        for holder, leaf, param in originals:
+            holder._parameters[leaf] = param
+
+
+def _frozen_bn_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """`train()` replacement that keeps a BatchNorm layer in eval mode (frozen statistics)."""
+    return nn.Module.train(self, False)
+
+
+def _fast_forward(module: nn.Module, name: str) -> Any:
+    """The gathered-gradient forward for this parameter's layer, or None (generic path).
+
+    Linear layers (torch's or timm's) and `nn.Conv2d` layers with zero padding given as numbers
+    qualify (pointwise 1×1 convolutions get their own, cheaper path); anything else, including
+    subclasses with their own forward (e.g. timm's Conv2dSame), takes the generic path.
+    """
+    if name != "weight" or "forward" in module.__dict__:
+        return None
+    forward = type(module).forward
+    if isinstance(module, nn.Linear):
+        try:
+            from timm.layers import Linear as TimmLinear
+        except ImportError:  # pragma: no cover - timm is a dependency
+            TimmLinear = nn.Linear
+        return _sparse_linear_forward if forward in (nn.Linear.forward, TimmLinear.forward) else None
+    if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        pointwise = (module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0)
+                     and module.dilation == (1, 1) and module.groups == 1)
+        return _sparse_pointwise_forward if pointwise else _sparse_conv_forward
+    return None
+
+
+def install(module: nn.Module, entries: list[tuple[str, torch.Tensor]]) -> None:
+    """Give `module` a `SparseDelta` per (parameter name relative to it, flat indices) and its forward.
+
+    The gathered fast path serves a layer whose only sparse parameter is its own weight; anything
+    else (a sparse bias too, other layers) takes the generic injected path.
+    """
+    fast = _fast_forward(module, entries[0][0]) if len(entries) == 1 else None
+    groups = getattr(module, "groups", 1)
+    module.sparse_delta = nn.ModuleDict()
+    for target, index in entries:
+        holder, leaf = _holder(module, target)
+        module.sparse_delta[target.replace(".", "__")] = SparseDelta(
+            holder._parameters[leaf], index, gathered=fast is not None, groups=groups, target=target)
+    if fast is not None:
+        module.forward = types.MethodType(fast, module)
+    else:
+        module._sparseft_prev_forward = module.__dict__.get("forward")
+        module._sparseft_injected = True
+        module.forward = types.MethodType(_injected_forward, module)
+
+
+def uninstall(module: nn.Module) -> None:
+    """Remove what `install` and `freeze_batchnorm` added to `module` (deltas and forward overrides)."""
+    if "sparse_delta" in module._modules:
+        del module._modules["sparse_delta"]
+    if getattr(module, "_sparseft_injected", False):
+        prev = module.__dict__.pop("_sparseft_prev_forward")
+        del module.__dict__["_sparseft_injected"]
+        if prev is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = prev
+    elif getattr(module.__dict__.get("forward"), "__func__", None) in _FAST_FORWARDS:
+        del module.__dict__["forward"]
+    if getattr(module.__dict__.get("train"), "__func__", None) is _frozen_bn_train:
+        del module.__dict__["train"]
+
+
+def freeze_batchnorm(bn: nn.Module) -> None:
+    """Keep a BatchNorm layer in eval mode (frozen statistics) whatever `train()` says."""
+    bn.train = types.MethodType(_frozen_bn_train, bn)
+    bn.train(False)
+
+
+def holder_parameter(module: nn.Module, target: str) -> torch.Tensor:
+    """The parameter `target` (a name relative to `module`)."""
+    holder, leaf = _holder(module, target)
+    return holder._parameters[leaf]
