@@ -1,4 +1,11 @@
-"""`sparseft` command line: select, train, eval, merge, info, methods, demo, data, weights."""
+"""`sparseft` command line: select, train, eval, merge, info, methods, bench, report, demo, data, weights.
+
+Exit status, for every command: 0 success; 1 a user error (bad file, bad value, a run that
+diverged), reported as one line `error: ...` on stderr; 2 a usage error (unknown flag, a
+method option given to another method); 130 interrupted (Ctrl-C). Anything else is a bug and
+keeps its traceback. The training and method flags are generated from `TrainConfig` and the
+methods' `Options` dataclasses (`sparseft.cliopts`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from sparseft.cliopts import UsageError, add_arguments, add_shared_arguments, from_args, given, owned_options
 from sparseft.train import TrainConfig
+
+OPTION_PREFIX = "opt_"  # namespace prefix of the method options' flags
 
 EPILOG = """examples:
   sparseft data fetch mini-vtab                    # offline tasks into the cache
@@ -40,30 +50,20 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
     g = p.add_argument_group("training")
     g.add_argument("--protocol", default="final", choices=["final", "tune"],
                    help="final: train on train800val200, evaluate on test; tune: train800 -> val200")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
-    g.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "adam"], help="optimizer")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up length (epochs)")
-    g.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine schedule's final learning rate")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing of the loss")
-    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (pays off for ViT-S/B at 224 px on CPUs "
-                                                       "with AMX, and on GPUs)")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed for selection, shuffling and initialisation")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (the last always)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_arguments(g, TrainConfig)
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
-                       warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, label_smoothing=args.label_smoothing,
-                       grad_clip=args.grad_clip, bf16=args.bf16, seed=args.seed, eval_every=args.eval_every,
-                       progress=not args.no_progress)
+    return from_args(args, TrainConfig)
+
+
+def _method_options() -> dict[str, type]:
+    from sparseft.methods import METHODS
+
+    return {name: cls.Options for name, cls in METHODS.items()}
 
 
 def _spec(args: argparse.Namespace, method: str, options: dict):
@@ -77,10 +77,10 @@ def _spec(args: argparse.Namespace, method: str, options: dict):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sparseft.methods import options_from_args
     from sparseft.run import run
 
-    spec = _spec(args, args.method, options_from_args(args.method, args))
+    options = owned_options(args, args.method, _method_options(), prefix=OPTION_PREFIX)
+    spec = _spec(args, args.method, options)
     summary = run(spec, args.out, resume=args.resume)
     _print_summary(summary)
     return 0
@@ -98,17 +98,19 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from sparseft.methods import MethodContext, get_method, options_from_args
-    from sparseft.run import RunSpec, TaskData, build_model, num_classes_of
+    import sparseft
+    from sparseft.methods import METHODS, MethodContext, get_method
+    from sparseft.run import RunSpec, TaskData, num_classes_of
 
+    config = _train_config(args)  # only --seed and --progress exist here
     spec = RunSpec(model=args.model, data=args.data, weights=args.weights, pretrained=args.pretrained,
                    img_size=args.img_size, batch_size=args.batch_size, train_split=args.split,
-                   workers=args.workers, train=TrainConfig(seed=args.seed, progress=not args.no_progress))
-    model = build_model(args.model, num_classes_of(spec), img_size=args.img_size, weights=args.weights,
-                        pretrained=args.pretrained)
+                   preprocessing=args.preprocessing, workers=args.workers, train=config)
+    model = sparseft.create_model(args.model, num_classes=num_classes_of(spec), img_size=args.img_size,
+                                  weights=args.weights, pretrained=args.pretrained)
     data = TaskData(spec, model)
-    method = get_method("gps", **options_from_args("gps", args))
-    ctx = MethodContext(loader=lambda kind: data.loader(kind), seed=args.seed, progress=not args.no_progress)
+    method = get_method("gps", **given(args, METHODS["gps"].Options, prefix=OPTION_PREFIX))
+    ctx = MethodContext(loader=lambda kind: data.loader(kind), seed=config.seed, progress=config.progress)
     selection = method.select(model, ctx)
     selection.meta.update({"model": args.model, "data": args.data, "split": args.split})
     selection.save(args.out)
@@ -130,22 +132,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
+    import sparseft
     from sparseft.deltafile import read_delta
     from sparseft.fileutil import atomic_path
     from sparseft.methods import METHODS
-    from sparseft.run import load_task_model
 
     header, _ = read_delta(args.task_file)
-    method = METHODS[header.get("extra", {}).get("method", "gps")]()
-    if not method.mergeable:
-        print(f"error: method {method.name} adds modules and cannot be merged into the base weights",
-              file=sys.stderr)
-        return 2
-    model = method.merge(load_task_model(args.task_file, weights=args.weights))
+    extra = header.get("extra") or {}
+    name = extra.get("method", "gps")  # files of sparseft's first releases are GPS deltas without the key
+    if name not in METHODS:
+        raise ValueError(f"{args.task_file}: written by method {name!r}, which this sparseft does not know")
+    if not METHODS[name].mergeable:
+        method = METHODS[name]()
+        reason = method.merge_refusal() if hasattr(method, "merge_refusal") else (
+            f"{name} adds modules and cannot be merged into the base weights")
+        raise ValueError(f"{args.task_file}: {reason}")
+    model = sparseft.merge(sparseft.load(args.task_file, weights=args.weights))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(args.out) as tmp:
-        save_file(state, str(tmp), metadata={"merged_from": str(args.task_file),
-                                             "model": str(header.get("extra", {}).get("model"))})
+        save_file(state, str(tmp), metadata={"merged_from": str(args.task_file), "model": str(extra.get("model"))})
     print(f"merged model ({sum(v.numel() for v in state.values()):,} values) -> {args.out}")
     return 0
 
@@ -214,7 +219,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sparseft.methods import METHODS, add_option_arguments
+    from sparseft.data.cli import register_cli as register_data_cli
+    from sparseft.hub.cli import register_cli as register_weights_cli
+    from sparseft.methods import METHODS
 
     p = argparse.ArgumentParser(prog="sparseft", description="Task-adaptive parameter-efficient fine-tuning "
                                 "(GPS, SPT, SCT and baselines) with lean sparse-delta training.",
@@ -230,18 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(t)
     _data_args(t)
     _train_args(t)
-    add_option_arguments(t)
+    add_shared_arguments(t, _method_options(), prefix=OPTION_PREFIX)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("select", help="run GPS selection only and save the selection",
                        description="Score weights with GPS on a task's training data and save the selection.")
     s.add_argument("--out", required=True, type=Path, help="selection file (.safetensors)")
     s.add_argument("--split", default="train800val200", help="data split to select on")
-    s.add_argument("--seed", type=int, default=0, help="seed for augmentation and shuffling")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_arguments(s, TrainConfig, only=["seed", "progress"])
     _model_args(s)
     _data_args(s)
-    add_option_arguments(s, [METHODS["gps"]])
+    add_shared_arguments(s, {"gps": METHODS["gps"].Options}, prefix=OPTION_PREFIX)
     s.set_defaults(func=cmd_select)
 
     e = sub.add_parser("eval", help="evaluate a saved task file on a data split")
@@ -250,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="split to evaluate")
     e.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     e.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
-    e.add_argument("--preprocessing", default="vtab", choices=["vtab", "fgvc"], help="evaluation preprocessing")
+    e.add_argument("--preprocessing", default=None, choices=["vtab", "fgvc"],
+                   help="evaluation preprocessing (default: the one the task was trained with)")
     e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("merge", help="merge a task file into its base and save a plain model")
@@ -290,24 +297,59 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the demo's runs")
     d.set_defaults(func=cmd_demo)
 
-    for module in ("sparseft.data.cli", "sparseft.hub"):
-        try:
-            __import__(module, fromlist=["register_cli"]).register_cli(sub)
-        except ImportError:
-            pass
+    register_data_cli(sub)
+    register_weights_cli(sub)
     return p
 
 
+def is_user_error(err: BaseException) -> bool:
+    """Whether `err` is the user's (bad input, a missing file, a diverged run) rather than a bug.
+
+    User errors: ValueError (sparseft's DeltaFileError, DataError, WeightsError, SelectionError,
+    NotApplicable ... derive from it), OSError (missing, existing or unreadable files), and the
+    RuntimeError subclasses sparseft defines (DeltaError, TrainingDiverged).
+    """
+    if isinstance(err, (ValueError, OSError)):
+        return True
+    return isinstance(err, RuntimeError) and any(
+        c.__module__.split(".")[0] == "sparseft" for c in type(err).__mro__ if issubclass(c, RuntimeError))
+
+
+def _one_line(err: BaseException | str) -> str:
+    text = str(err) or type(err).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _exit_status(exit_: SystemExit) -> int:
+    """SystemExit(None | int | message): a message is a user error (sub-commands raise those too)."""
+    if exit_.code is None or isinstance(exit_.code, int):
+        return exit_.code or 0
+    print(f"error: {_one_line(exit_.code)}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (see the module docstring)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error argparse has reported (2)
+        return _exit_status(exit_)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
+        hint = {"train": "; resume with --resume", "bench": "; run it again to resume"}.get(args.command, "")
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UsageError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except SystemExit as exit_:
+        return _exit_status(exit_)
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

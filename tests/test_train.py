@@ -173,3 +173,20 @@ def test_evaluate_counts_correctly():
     y = torch.tensor([0, 1, 1, 1])
     result = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=3))
     assert result["acc"] == 0.75 and result["n"] == 4
+
+
+def test_every_train_setting_is_documented_for_its_flag():
+    import dataclasses
+
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f"TrainConfig.{f.name} has no help (it is a `sparseft train` flag)"
+
+
+def test_run_files_take_values_json_does_not_know(tmp_path):
+    from pathlib import Path
+
+    fit(gps_vit(), toy_loader(n=16), TrainConfig(**{**CFG, "epochs": 1}), run_dir=tmp_path / "r",
+        run_info={"data": Path("some/task"), "nan": float("nan")}, save_task=lambda model, run_dir: None)
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["data"] == "some/task" and config["nan"] != config["nan"]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["history"]
