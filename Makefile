@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml requirements.txt
 demo: $(STAMP)
 	$(PY) -m sparseft demo
 
-# the real-data smoke tests need two small offline fixtures; fetching is cached and idempotent
+# the real-data tests need a small offline task and every offline backbone (pretrained-weight checks);
+# fetching is cached and idempotent
 test: $(STAMP)
 	$(PY) -m sparseft data fetch mini-vtab --tasks fashion_mnist --quiet
-	$(PY) -m sparseft weights fetch mobilenetv2_100_offline
+	$(PY) -m sparseft weights fetch all
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

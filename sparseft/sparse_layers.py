@@ -311,10 +311,8 @@ def _fast_forward(module: nn.Module, name: str) -> Any:
         return None
     forward = type(module).forward
     if isinstance(module, nn.Linear):
-        try:
-            from timm.layers import Linear as TimmLinear
-        except ImportError:  # pragma: no cover - timm is a dependency
-            TimmLinear = nn.Linear
+        from timm.layers import Linear as TimmLinear
+
         return _sparse_linear_forward if forward in (nn.Linear.forward, TimmLinear.forward) else None
     if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
         pointwise = (module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from _data_helpers import make_vtab
+from helpers import make_vtab
 
 from sparseft.bench import SuiteError, load_suite, run_suite, shipped_suites, write_report
 from sparseft.bench.report import claims, load_records

@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 import torch
-from _data_helpers import make_vtab
+from helpers import make_vtab
 from safetensors.torch import load_file
 
 from sparseft import cli, cliopts

@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model, toy_batches
-from test_delta import _train
+from helpers import tiny_model, toy_batches, train_steps
 
 import sparseft
 from sparseft.delta import deltas
@@ -22,7 +21,7 @@ def test_full_cycle(family, tmp_path):
     sparseft.apply(model, sel)
     summary = sparseft.parameter_summary(model)
     assert 0 < summary["backbone_percent"] < 25
-    _train(model, steps=2)
+    train_steps(model, steps=2)
     model.eval()
     x = toy_batches(1, seed=5)[0][0]
     tuned = model(x)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _data_helpers import idx_gz, write_deb
+from helpers import idx_gz, write_deb
 from PIL import Image
 
 from sparseft import provision

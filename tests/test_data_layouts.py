@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _data_helpers import make_fgvc, make_folder, make_vtab, write_png
+from helpers import make_fgvc, make_folder, make_vtab, write_png
 from PIL import Image
 
 from sparseft.data import (

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from _data_helpers import make_vtab
+from helpers import make_vtab
 from PIL import Image
 from torch.utils.data import DataLoader
 

@@ -5,29 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, toy_batches
+from helpers import random_selection, tiny_model, toy_batches, train_steps
 from torch import nn
 
 import sparseft
 from sparseft.delta import DeltaError, deltas
-from sparseft.selection import Selection, parameter_roles
-
-
-def random_selection(model: nn.Module, k: int = 2, seed: int = 0) -> Selection:
-    """Top-k of random scores per neuron over the default eligible weights."""
-    g = torch.Generator().manual_seed(seed)
-    roles = parameter_roles(model)
-    params = dict(model.named_parameters())
-    indices, shapes = {}, {}
-    for name, role in roles.items():
-        if role != "select":
-            continue
-        p = params[name]
-        rows = torch.rand(p.shape[0], p[0].numel(), generator=g)
-        cols = rows.topk(min(k, rows.shape[1]), dim=1).indices
-        indices[name] = (cols + torch.arange(p.shape[0])[:, None] * rows.shape[1]).reshape(-1)
-        shapes[name] = tuple(p.shape)
-    return Selection(indices=indices, shapes=shapes, full=[n for n, r in roles.items() if r == "full"])
 
 
 def dense_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -106,24 +88,13 @@ def test_bf16_autocast_gradients_close_to_fp32():
         assert torch.nn.functional.cosine_similarity(d.values.grad, r, dim=0) > 0.98, name
 
 
-def _train(model, steps=3, lr=1e-2, weight_decay=0.05, batches=None):
-    batches = batches or toy_batches(steps, batch=8)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    model.train()
-    for x, y in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return opt
-
-
 @pytest.mark.parametrize("family", ["vit", "resnet"])
 def test_training_changes_only_selected_entries(family):
     model = tiny_model(family)
     base = copy.deepcopy(model)
     sel = random_selection(model, k=1)
     sparseft.apply(model, sel)
-    _train(model)
+    train_steps(model)
     model.eval()
     model(toy_batches(1)[0][0])  # a forward writes the last update into the weights
     trained, original = dict(model.named_parameters()), dict(base.named_parameters())
@@ -146,7 +117,7 @@ def test_optimizer_state_exists_only_for_trainable_tensors():
     model = tiny_model("vit")
     sel = random_selection(model, k=1)
     sparseft.apply(model, sel)
-    opt = _train(model, steps=1)
+    opt = train_steps(model, steps=1)
     state_numel = sum(t.numel() for s in opt.state.values() for k, t in s.items() if k != "step")
     assert state_numel == 2 * sparseft.trainable_parameters(model)
     expected = sel.num_sparse + sum(dict(model.named_parameters())[n].numel() for n in sel.full)
@@ -157,7 +128,7 @@ def test_merge_gives_plain_model_with_same_outputs_and_unmerge_is_exact():
     model = tiny_model("vit")
     base = copy.deepcopy(model)
     sparseft.apply(model, random_selection(model))
-    _train(model)
+    train_steps(model)
     model.eval()
     x = toy_batches(1)[0][0]
     applied_out = model(x)
@@ -178,7 +149,7 @@ def test_unmerge_from_applied_state_restores_base_and_forward():
     model = tiny_model("convnext")
     base = copy.deepcopy(model)
     sparseft.apply(model, random_selection(model))
-    _train(model)
+    train_steps(model)
     sparseft.unmerge(model)
     for (n, a), (_, b) in zip(model.state_dict().items(), base.state_dict().items()):
         assert torch.equal(a, b), n
@@ -191,7 +162,7 @@ def test_base_weights_context_runs_the_base_then_restores():
     model = tiny_model("vit").eval()
     base = copy.deepcopy(model)
     sparseft.apply(model, random_selection(model))
-    _train(model)
+    train_steps(model)
     model.eval()
     x = toy_batches(1)[0][0]
     tuned = model(x)
@@ -231,7 +202,7 @@ def test_batchnorm_frozen_mode_keeps_statistics():
     model = tiny_model("resnet")
     stats = {n: b.clone() for n, b in model.named_buffers()}
     sparseft.apply(model, random_selection(model), batchnorm="frozen")
-    _train(model, steps=2)
+    train_steps(model, steps=2)
     assert all(torch.equal(b, stats[n]) for n, b in model.named_buffers() if n in stats)
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert not bn.training

@@ -6,9 +6,8 @@ import struct
 
 import pytest
 import torch
-from conftest import tiny_model, toy_batches
+from helpers import random_selection, tiny_model, toy_batches, train_steps
 from safetensors.torch import save_file
-from test_delta import _train, random_selection
 
 import sparseft
 from sparseft import DeltaError, DeltaFileError
@@ -18,7 +17,7 @@ def trained(family="vit", seed=0):
     base = tiny_model(family, seed=seed)
     model = copy.deepcopy(base)
     sparseft.apply(model, random_selection(model, k=1))
-    _train(model)
+    train_steps(model)
     model.eval()
     return base, model
 
@@ -178,7 +177,7 @@ def test_weights_with_an_empty_selection_round_trip(tmp_path):
     sel = sparseft.select(model, None, k=1, level="net", criterion="magnitude", progress=False)
     sel.indices["3.weight"] = torch.zeros(0, dtype=torch.long)  # a weight that got no entries at net level
     sparseft.apply(model, sel)
-    _train(model, steps=1)
+    train_steps(model, steps=1)
     model.eval()
     path = sparseft.save_delta(model, tmp_path / "d.safetensors")
     x = toy_batches(1)[0][0]

@@ -5,8 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model, toy_batches
-from test_delta import _train
+from helpers import tiny_model, toy_batches, train_steps
 
 import sparseft
 from sparseft.methods import METHODS, MethodContext, get_method
@@ -49,7 +48,7 @@ def test_counts_frozen_weights_and_task_files(family, method, tmp_path):
     assert summary["backbone_percent"] == pytest.approx(100 * backbone / sum(
         p.numel() for n, p in base.named_parameters() if n not in set(head_parameter_names(base))))
 
-    _train(model, steps=2, weight_decay=0.0)
+    train_steps(model, steps=2, weight_decay=0.0)
     model.eval()
     x = toy_batches(1, seed=3)[0][0]
     out = model(x)

@@ -5,8 +5,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import tiny_model, toy_batches
-from test_delta import _train
+from helpers import tiny_model, toy_batches, train_steps
 from torch import nn
 
 import sparseft
@@ -108,7 +107,7 @@ def test_training_keeps_base_bit_identical_and_task_file_round_trips(method, fam
     added = set(sparseft.delta.added_parameters(model))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in added}
     size = 16 if family == "resnet" else 32  # a CNN takes any size: less compute
-    _train(model, weight_decay=0.0, batches=toy_batches(2, batch=4, size=size))  # changes come from gradients only
+    train_steps(model, weight_decay=0.0, batches=toy_batches(2, batch=4, size=size))  # changes come from gradients only
     model.eval()
     trained = dict(model.named_parameters())
     unchanged = [n for n, v in before.items() if torch.equal(trained[n], v)]
@@ -171,7 +170,7 @@ def test_non_mergeable_methods_refuse_with_the_reason(method):
 @pytest.mark.parametrize(("method", "family"), [("lora", "vit"), ("adapter", "swin"), ("vpt-deep", "vit")])
 def test_unmerge_of_an_applied_model_gives_back_the_plain_base(method, family):
     m, model, base = _prepared(method, family, {})
-    _train(model, batches=toy_batches(1, batch=4))
+    train_steps(model, batches=toy_batches(1, batch=4))
     m.unmerge(model)
     assert not sparseft.delta.is_applied(model)
     assert [type(x) for x in model.modules()] == [type(x) for x in base.modules()]
@@ -308,7 +307,7 @@ def test_methods_are_listed_in_the_method_table(monkeypatch):
 
 
 def test_a_crashed_lora_run_resumes_exactly_through_the_trainer(tmp_path):
-    from test_train import FailingLoader, Interrupt, toy_loader
+    from helpers import FailingLoader, Interrupt, toy_loader
 
     from sparseft.train import TrainConfig, fit
 

@@ -3,9 +3,10 @@
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, toy_batches
+from helpers import tiny_model, toy_batches
 from torch import nn
 
 import sparseft
@@ -335,7 +336,14 @@ def test_sct_trainable_count_is_blocks_times_k2_plus_k(family):
 def test_sct_channels_option_and_vit_b_numbers():
     model, _, _ = prepared("sct", channels=5)
     assert all(len(s["channels"]) == 5 for s in sparseft.delta.structure_of(model)["sites"])
-    assert sct_mod.channels_for(768, None, 0.125) == 96 and 96 * 96 + 96 == 9312  # official: 12 × 9,312
+    torch.manual_seed(0)  # ViT-B/16's width (768) with two of its twelve blocks, at a small input size
+    vit_b = timm.create_model("vit_base_patch16_224", num_classes=3, img_size=32, depth=2)
+    x, y = toy_batches(1, batch=4, classes=3)[0]
+    ctx = MethodContext(loader=lambda kind: [(x, y)], progress=False)
+    vit_b = get_method("sct").prepare(vit_b, ctx)
+    # the official SCT setting: 96 of 768 channels, 96 x 96 + 96 = 9,312 values per block (12 x 9,312 on ViT-B)
+    assert [len(s["channels"]) for s in sparseft.delta.structure_of(vit_b)["sites"]] == [96, 96]
+    assert sparseft.parameter_summary(vit_b)["trainable_backbone"] == 2 * 9312
 
 
 def _direct_saliency(model, x, y, family):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model, toy_batches
+from helpers import tiny_model, toy_batches
 
 import sparseft
 from sparseft.selection import Eligibility, Selection, SelectionError, parameter_roles, supcon_loss, top_k_per_neuron

@@ -5,42 +5,12 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_delta import random_selection
+from helpers import FailingLoader, Interrupt, random_selection, tiny_model, toy_loader
 from torch.utils.data import DataLoader, TensorDataset
 
 import sparseft
 from sparseft.checkpoint import CheckpointError, load_checkpoint
 from sparseft.train import TrainConfig, TrainingDiverged, evaluate, fit
-
-
-def toy_loader(n=48, batch=8, seed=0, shuffle=True):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randn(n, 3, 32, 32, generator=g)
-    x[:, 0] += y[:, None, None] * 1.0
-    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=shuffle)
-
-
-class Interrupt(Exception):
-    pass
-
-
-class FailingLoader:
-    """Wraps a loader and raises after `after` batches in total (a crash mid-run)."""
-
-    def __init__(self, loader, after):
-        self.loader, self.after, self.count = loader, after, 0
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.count += 1
-            if self.count > self.after:
-                raise Interrupt
-            yield batch
 
 
 def gps_vit(seed=0):

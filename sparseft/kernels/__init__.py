@@ -128,8 +128,15 @@ def _reference(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch
 
 def sampled_dot_torch(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                       chunk: int = 2048) -> torch.Tensor:
-    """Reference path of `sampled_dot`; any device and dtype."""
+    """Reference path of `sampled_dot` and `sampled_dot_channels_first` (channels at dim 1); any device, dtype."""
     return _reference(g, x, rows, cols, 1, chunk)
+
+
+def _library(name: str, g: torch.Tensor, x: torch.Tensor, backend: str | None) -> ctypes.CDLL | None:
+    """Check that g and x share a dtype; the compiled library when it serves them, else None."""
+    if g.dtype != x.dtype:
+        raise ValueError(f"{name} needs one dtype, got {g.dtype} and {x.dtype}")
+    return compiled_library() if (backend or backend_for(g)) == "c" else None
 
 
 def _call_c(lib: ctypes.CDLL, family: str, g: torch.Tensor, args: tuple, rows: torch.Tensor,
@@ -153,23 +160,14 @@ def sampled_dot(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torc
     """``out[i] = Σ_t g[t, rows[i]] · x[t, cols[i]]``; float32 output for bf16/fp16 inputs."""
     if g.dim() != 2 or x.dim() != 2 or g.shape[0] != x.shape[0]:
         raise ValueError(f"sampled_dot needs [T, R] and [T, C] tensors, got {tuple(g.shape)} and {tuple(x.shape)}")
-    if g.dtype != x.dtype:
-        raise ValueError(f"sampled_dot needs one dtype, got {g.dtype} and {x.dtype}")
     if rows.shape != cols.shape:
         raise ValueError(f"rows {tuple(rows.shape)} and cols {tuple(cols.shape)} differ in shape")
-    backend = backend or backend_for(g)
-    lib = compiled_library() if backend == "c" else None
+    lib = _library("sampled_dot", g, x, backend)
     if lib is None:
         return sampled_dot_torch(g, x, rows, cols)
     g = g if g.stride(1) == 1 else g.contiguous()
     x = x if x.stride(1) == 1 else x.contiguous()
     return _call_c(lib, "sddmm", g, (g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0]), rows, cols)
-
-
-def sampled_dot_channels_first_torch(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                                     chunk: int = 256) -> torch.Tensor:
-    """Reference path of `sampled_dot_channels_first`; any device and dtype."""
-    return _reference(g, x, rows, cols, 1, chunk)
 
 
 def sampled_dot_channels_first(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -181,12 +179,9 @@ def sampled_dot_channels_first(g: torch.Tensor, x: torch.Tensor, rows: torch.Ten
     if g.dim() < 3 or g.dim() != x.dim() or g.shape[0] != x.shape[0] or g.shape[2:] != x.shape[2:]:
         raise ValueError(f"sampled_dot_channels_first needs [B, C, ...] tensors of one batch and spatial size, "
                          f"got {tuple(g.shape)} and {tuple(x.shape)}")
-    if g.dtype != x.dtype:
-        raise ValueError(f"sampled_dot_channels_first needs one dtype, got {g.dtype} and {x.dtype}")
-    backend = backend or backend_for(g)
-    lib = compiled_library() if backend == "c" else None
+    lib = _library("sampled_dot_channels_first", g, x, backend)
     if lib is None:
-        return sampled_dot_channels_first_torch(g, x, rows, cols)
+        return sampled_dot_torch(g, x, rows, cols, chunk=256)
     g, x = g.contiguous(), x.contiguous()
     return _call_c(lib, "sddmm_cf", g, (g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0],
                                         g[0, 0].numel()), rows, cols)
@@ -216,10 +211,7 @@ def sampled_conv_weight_grad(g: torch.Tensor, x: torch.Tensor, rows: torch.Tenso
     if g.dim() != 4 or x.dim() != 4 or g.shape[0] != x.shape[0]:
         raise ValueError(f"sampled_conv_weight_grad needs [B, O, Ho, Wo] and [B, C, H, W], got {tuple(g.shape)} "
                          f"and {tuple(x.shape)}")
-    if g.dtype != x.dtype:
-        raise ValueError(f"sampled_conv_weight_grad needs one dtype, got {g.dtype} and {x.dtype}")
-    backend = backend or backend_for(g)
-    lib = compiled_library() if backend == "c" else None
+    lib = _library("sampled_conv_weight_grad", g, x, backend)
     if lib is None:
         return sampled_conv_weight_grad_torch(g, x, rows, cols, ki, kj, kernel, stride, padding, dilation)
     g, x = g.contiguous(), x.contiguous()

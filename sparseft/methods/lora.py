@@ -100,7 +100,6 @@ def fold_lora(model: nn.Module) -> dict[str, torch.Tensor]:
 class LoRA(Method):
     name = "lora"
     summary = "LoRA (peft): low-rank update (alpha/r)·B·A on qkv/proj/fc1/fc2; merges into the weights"
-    mergeable = True
 
     @dataclass
     class Options:

@@ -33,6 +33,13 @@ class Added(nn.Module):
         register = layer.register_forward_pre_hook if pre else layer.register_forward_hook
         self._handles.append(register(fn, with_kwargs=with_kwargs))
 
+    def after(self, layer: nn.Module) -> None:
+        """Replace `layer`'s output by this module applied to it."""
+        self.hook(layer, self._on_output)
+
+    def _on_output(self, layer: nn.Module, args: tuple, output: Any) -> Any:
+        return self(output)
+
     def release(self) -> None:
         """Remove every hook this module registered."""
         for handle in self._handles:

@@ -51,13 +51,6 @@ class ScaleShift(Added):
         y = x * self.scale.to(x.dtype).view(shape)
         return y if self.shift is None else y + self.shift.to(x.dtype).view(shape)
 
-    def after(self, layer: nn.Module) -> None:
-        """Act on `layer`'s output."""
-        self.hook(layer, self._on_output)
-
-    def _on_output(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self(output)
-
     def extra_repr(self) -> str:
         return f"channels={self.scale.numel()}, dim={self.dim}, shift={self.shift is not None}"
 

@@ -76,12 +76,6 @@ class PromptStrip(Added):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x[:, :self.offset], x[:, self.offset + self.count:]], dim=1)
 
-    def after(self, block: nn.Module) -> None:
-        self.hook(block, self._on_output)
-
-    def _on_output(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self(output)
-
     def extra_repr(self) -> str:
         return f"offset={self.offset}, count={self.count}"
 

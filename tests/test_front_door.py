@@ -1,0 +1,117 @@
+"""The front door: sparseft.create_model, sparseft.load (any method), merge/unmerge, files of 0.1."""
+
+import pkgutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from helpers import toy_batches
+from safetensors.torch import load_file
+
+import sparseft
+from sparseft.deltafile import DeltaFileError
+from sparseft.methods import METHODS, MethodContext, get_method
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy-0.1"
+
+
+def legacy_base() -> torch.nn.Module:
+    """The base the 0.1 fixture files were written on (tests/fixtures/make_legacy_0_1.py)."""
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2)
+    model.load_state_dict(load_file(str(LEGACY / "base.safetensors")))
+    return model.eval()
+
+
+def hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_task_files_written_by_0_1_still_load_merge_and_unmerge(method):
+    expected = load_file(str(LEGACY / "expected_logits.safetensors"))
+    base = legacy_base()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    modules = [type(m) for m in base.modules()]
+    model = sparseft.load(LEGACY / f"{method}.safetensors", model=legacy_base()).eval()
+    x = expected["input"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected[method], atol=1e-6, rtol=0)
+        if METHODS[method].mergeable:
+            sparseft.merge(model)
+            assert [type(m) for m in model.modules()] == modules and hooks(model) == 0
+            torch.testing.assert_close(model(x), expected[method], atol=1e-5, rtol=0)
+        else:
+            with pytest.raises(sparseft.DeltaError, match="cannot be merged"):
+                sparseft.merge(model)
+    sparseft.unmerge(model)  # a loaded task keeps its base values, full fine-tuning's too
+    assert not sparseft.delta.is_applied(model)
+    assert [type(m) for m in model.modules()] == modules and hooks(model) == 0
+    assert list(model.state_dict()) == list(state)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+def _trained(method: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = sparseft.create_model("test_vit", num_classes=3, img_size=32)
+    x, y = toy_batches(1, batch=6, classes=3)[0]
+    batches = {"select": [([x, x.flip(-1)], y)], "train": [(x, y)]}
+    options = {"select_batches": 1} if method in ("spt-lora", "spt-adapter", "sct") else {}
+    model = get_method(method, **options).prepare(model, MethodContext(loader=batches.__getitem__, progress=False))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_load_rebuilds_the_base_from_the_header_for_every_method(method, tmp_path):
+    model = _trained(method)
+    path = get_method(method).save(model, tmp_path / "task.safetensors", extra={
+        "model": "test_vit", "num_classes": 3, "img_size": 32, "init_seed": 0})
+    x = toy_batches(1, batch=2, classes=3)[0][0]
+    loaded = sparseft.load(path).eval()
+    assert sparseft.delta.method_of(loaded) == method
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=0)
+    other = sparseft.create_model("test_vit", num_classes=3, img_size=32)  # another random base
+    keys = list(other.state_dict())
+    with pytest.raises(DeltaFileError, match="another base model"):
+        sparseft.load(path, model=other)
+    assert not sparseft.delta.is_applied(other) and list(other.state_dict()) == keys and hooks(other) == 0
+
+
+def test_load_needs_a_model_when_the_header_names_no_base(tmp_path):
+    model = _trained("gps")
+    path = sparseft.save_delta(model, tmp_path / "bare.safetensors")
+    with pytest.raises(DeltaFileError, match="does not say which base model"):
+        sparseft.load(path)
+
+
+def test_create_model_knows_offline_backbones_and_timm_names():
+    from sparseft.hub import cached_weights
+
+    if cached_weights("mobilenetv2_100_offline") is None:
+        pytest.skip("mobilenetv2_100_offline is not cached (make test fetches it)")
+    model = sparseft.create_model("mobilenetv2_100_offline", num_classes=3).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    assert model.pretrained_cfg["tag"] == "offline"
+    vit = sparseft.create_model("test_vit", num_classes=5, img_size=32)
+    assert vit.patch_embed.img_size == (32, 32) and vit.num_classes == 5
+    cnn = sparseft.create_model("resnet10t", num_classes=5, img_size=64)  # CNNs take any size: ignored
+    assert cnn.num_classes == 5
+    with pytest.raises(ValueError, match="unknown model 'no_such_net'"):
+        sparseft.create_model("no_such_net", num_classes=3)
+
+
+def test_no_top_level_name_shadows_a_subpackage():
+    import sparseft.selection
+
+    modules = {m.name for m in pkgutil.iter_modules(sparseft.__path__)}
+    assert not modules & set(sparseft.__all__)
+    assert sparseft.selection.Selection is sparseft.Selection and callable(sparseft.select)
