@@ -19,7 +19,7 @@ demo: $(STAMP)
 # fetching is cached and idempotent
 test: $(STAMP)
 	$(PY) -m sparseft data fetch mini-vtab --tasks fashion_mnist --quiet
-	$(PY) -m sparseft weights fetch all
+	$(PY) -m sparseft weights fetch all --keep-source
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -9,6 +9,8 @@ from helpers import make_vtab
 from sparseft.bench import SuiteError, load_suite, run_suite, shipped_suites, write_report
 from sparseft.bench.report import claims, load_records
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 
 def write_suite(tmp_path, tasks, protocol="honest", methods=None, epochs=1):
     suite = {

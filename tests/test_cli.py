@@ -26,6 +26,7 @@ def task(tmp_path_factory):
     return make_vtab(tmp_path_factory.mktemp("task") / "toy", n_train=12, n_val=4, n_test=8, classes=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gps", "full", "linear", "bitfit", "lora"])
 def test_train_eval_info_merge(tmp_path, task, method, capsys):
     run = tmp_path / "run"
@@ -57,6 +58,7 @@ def test_gps_options_reach_the_selection(tmp_path, task):
     assert sel.meta["k"] == 3 and sel.meta["level"] == "layer"
 
 
+@pytest.mark.slow
 def test_select_command_and_reuse(tmp_path, task):
     out = tmp_path / "sel.safetensors"
     assert main(["select", "--data", str(task), "--out", str(out), "--k", "2", *MODEL, "--no-progress"]) == 0
@@ -67,6 +69,7 @@ def test_select_command_and_reuse(tmp_path, task):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_and_refusal_to_overwrite(tmp_path, task, capsys):
     run = tmp_path / "run"
     args = ["train", "--data", str(task), "--out", str(run), *MODEL, *FAST]

@@ -9,6 +9,8 @@ from helpers import tiny_model, toy_batches, train_steps
 import sparseft
 from sparseft.delta import deltas
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 FAMILIES = ["vit", "swin", "convnext", "resnet", "mobilenetv2", "efficientnet", "tv_mobilenet_v2", "mlp"]
 
 

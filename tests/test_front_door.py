@@ -53,13 +53,17 @@ def test_task_files_written_by_0_1_still_load_merge_and_unmerge(method):
         assert torch.equal(value, state[name]), name
 
 
-def _trained(method: str, seed: int = 0) -> torch.nn.Module:
+def _options(method: str) -> dict:
+    return {"select_batches": 1} if method in ("spt-lora", "spt-adapter", "sct") else {}
+
+
+def _trained(method: str, seed: int = 0, run_dir: Path | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = sparseft.create_model("test_vit", num_classes=3, img_size=32)
     x, y = toy_batches(1, batch=6, classes=3)[0]
     batches = {"select": [([x, x.flip(-1)], y)], "train": [(x, y)]}
-    options = {"select_batches": 1} if method in ("spt-lora", "spt-adapter", "sct") else {}
-    model = get_method(method, **options).prepare(model, MethodContext(loader=batches.__getitem__, progress=False))
+    ctx = MethodContext(loader=batches.__getitem__, progress=False, run_dir=run_dir)
+    model = get_method(method, **_options(method)).prepare(model, ctx)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -83,6 +87,23 @@ def test_load_rebuilds_the_base_from_the_header_for_every_method(method, tmp_pat
     with pytest.raises(DeltaFileError, match="another base model"):
         sparseft.load(path, model=other)
     assert not sparseft.delta.is_applied(other) and list(other.state_dict()) == keys and hooks(other) == 0
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_reuses_its_plan_when_a_run_resumes(method, tmp_path):
+    first = _trained(method, run_dir=tmp_path)
+    assert (tmp_path / "selection.safetensors").exists()
+
+    def no_data(kind):
+        raise AssertionError("a resumed run must not look at the data again")
+
+    torch.manual_seed(0)
+    again = get_method(method, **_options(method)).prepare(
+        sparseft.create_model("test_vit", num_classes=3, img_size=32),
+        MethodContext(loader=no_data, progress=False, run_dir=tmp_path))
+    assert sparseft.delta.structure_of(again) == sparseft.delta.structure_of(first)
+    assert [n for n, p in again.named_parameters() if p.requires_grad] == [
+        n for n, p in first.named_parameters() if p.requires_grad]
 
 
 def test_load_needs_a_model_when_the_header_names_no_base(tmp_path):

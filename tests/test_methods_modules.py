@@ -287,6 +287,7 @@ def test_vpt_matches_a_hand_written_reference_with_register_tokens_and_avg_pool(
     assert all(t.abs().max() <= bound for t in prompts)
 
 
+@pytest.mark.slow
 def test_methods_are_listed_in_the_method_table(monkeypatch):
     from sparseft.methods import report
 

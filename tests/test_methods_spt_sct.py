@@ -484,6 +484,7 @@ def test_a_deep_copy_runs_its_own_hooked_modules(name):
 
 # -- registry / report ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_method_table_lists_spt_and_sct():
     from sparseft.methods.report import method_table
 

@@ -14,6 +14,8 @@ import torch
 
 from sparseft.hub import cached_weights, offline_model, read_sidecar, weights_dir
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
 
 CAT = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -101,8 +101,8 @@ def find_mlps(model: nn.Module) -> dict[str, dict[str, int]]:
     head = head_prefix(model)
     found = {}
     for name, module in model.named_modules():
-        mlp = module._modules.get("mlp")
-        if mlp is None or in_head(name, head) or not all(hasattr(mlp, a) for a in ("fc1", "fc2")):
+        mlp = getattr(module, "mlp", None)
+        if not isinstance(mlp, nn.Module) or in_head(name, head) or not all(hasattr(mlp, a) for a in ("fc1", "fc2")):
             continue
         into, out = _channels(mlp.fc1, "in"), _channels(mlp.fc2, "out")
         if into is not None and into == out:

@@ -56,10 +56,9 @@ class MethodContext:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # what prepare reports (timings, counts)
 
 
-def whole_parameters(model: nn.Module, names: list[str], method: str, **meta: Any) -> Selection:
+def whole_parameters(names: list[str], method: str, **meta: Any) -> Selection:
     """A selection that trains `names` in full and nothing sparse."""
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return Selection(indices={}, shapes=shapes, full=names, meta={"method": method, **meta})
+    return Selection(indices={}, shapes={}, full=names, meta={"method": method, **meta})
 
 
 class Method:
@@ -197,4 +196,4 @@ class Method:
 
 def head_selection(model: nn.Module, method: str, structure: dict[str, Any], **meta: Any) -> Selection:
     """The selection of a method that only adds modules: the head trains in full, the rest is frozen."""
-    return whole_parameters(model, head_parameter_names(model), method, structure=structure, **meta)
+    return whole_parameters(head_parameter_names(model), method, structure=structure, **meta)

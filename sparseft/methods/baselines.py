@@ -28,7 +28,7 @@ class Full(Method):
                                                             "choices": ["update", "frozen"]})
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
-        return whole_parameters(model, [n for n, _ in model.named_parameters()], self.name)
+        return whole_parameters([n for n, _ in model.named_parameters()], self.name)
 
 
 @register
@@ -37,7 +37,7 @@ class Linear(Method):
     summary = "linear probing: only the new head trains"
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
-        return whole_parameters(model, head_parameter_names(model), self.name)
+        return whole_parameters(head_parameter_names(model), self.name)
 
 
 @register
@@ -48,4 +48,4 @@ class BitFit(Method):
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         heads = set(head_parameter_names(model))
         names = [n for n, _ in model.named_parameters() if n in heads or n.rsplit(".", 1)[-1] == "bias"]
-        return whole_parameters(model, names, self.name)
+        return whole_parameters(names, self.name)

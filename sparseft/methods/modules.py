@@ -84,7 +84,7 @@ def remove_added(model: nn.Module) -> None:
         set_submodule(model, name, wrapper.get_base_layer())
     model.__dict__.pop("peft_config", None)
     for parent in list(model.modules()):
-        for attr, child in list(parent._modules.items()):
+        for attr, child in list(parent.named_children()):
             if isinstance(child, Added):
                 child.release()
-                del parent._modules[attr]
+                delattr(parent, attr)

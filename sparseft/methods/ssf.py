@@ -130,7 +130,7 @@ class SSF(Method):
         originals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, module in model.named_modules():
-                ssf = module._modules.get("ssf")
+                ssf = getattr(module, "ssf", None)
                 if not isinstance(ssf, ScaleShift):
                     continue
                 w, b = module.weight, module.bias
