@@ -44,9 +44,10 @@ def load(path: str | Path, model: nn.Module | None = None, *, weights: str | Pat
         extra = header.get("extra", {})
         if "model" not in extra or "num_classes" not in extra:
             raise DeltaFileError(f"{path}: the header does not say which base model it belongs to; pass model=")
-        torch.manual_seed(extra.get("init_seed", 0))  # a randomly initialised base is defined by its seed
-        model = create_model(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
-                             weights=weights or extra.get("weights"), pretrained=extra.get("pretrained", False))
+        with torch.random.fork_rng():  # a randomly initialised base is defined by its seed
+            torch.manual_seed(extra.get("init_seed", 0))
+            model = create_model(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
+                                 weights=weights or extra.get("weights"), pretrained=extra.get("pretrained", False))
     return method.load(model, path)
 
 

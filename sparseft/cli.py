@@ -133,20 +133,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     import sparseft
+    from sparseft.api import method_named_in
     from sparseft.deltafile import read_delta
     from sparseft.fileutil import atomic_path
     from sparseft.methods import METHODS
 
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; name the .safetensors file to write")
+    if args.out.exists() and args.out.resolve() == args.task_file.resolve():
+        raise ValueError(f"--out {args.out} is the task file itself; choose another path")
     header, _ = read_delta(args.task_file)
     extra = header.get("extra") or {}
-    name = extra.get("method", "gps")  # files of sparseft's first releases are GPS deltas without the key
+    name = method_named_in(header)
     if name not in METHODS:
         raise ValueError(f"{args.task_file}: written by method {name!r}, which this sparseft does not know")
     if not METHODS[name].mergeable:
-        method = METHODS[name]()
-        reason = method.merge_refusal() if hasattr(method, "merge_refusal") else (
-            f"{name} adds modules and cannot be merged into the base weights")
-        raise ValueError(f"{args.task_file}: {reason}")
+        raise ValueError(f"{args.task_file}: {METHODS[name]().merge_refusal()}")
     model = sparseft.merge(sparseft.load(args.task_file, weights=args.weights))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(args.out) as tmp:

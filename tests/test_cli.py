@@ -108,6 +108,18 @@ def test_merge_refuses_a_method_that_cannot_merge(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_merge_never_overwrites_its_task_file_or_writes_into_a_folder(tmp_path, capsys):
+    import shutil
+
+    task_file = shutil.copyfile(LEGACY / "gps.safetensors", tmp_path / "gps.safetensors")
+    before = task_file.read_bytes()
+    assert main(["merge", str(task_file), "--out", str(task_file)]) == 1
+    assert "task file itself" in _one_error_line(capsys.readouterr().err)
+    assert main(["merge", str(task_file), "--out", str(tmp_path)]) == 1
+    assert "is a folder" in _one_error_line(capsys.readouterr().err)
+    assert task_file.read_bytes() == before
+
+
 @pytest.mark.parametrize("argv", [["info", "x.safetensors", "--bogus"], ["train", "--bogus"], ["nonsense"],
                                   ["data", "fetch", "no-such-suite"], ["weights"]])
 def test_usage_errors_are_status_2(argv, capsys):
