@@ -25,10 +25,10 @@ def method_named_in(header: dict) -> str:
             or header.get("selection", {}).get("method") or "gps")
 
 
-def _method(name: str | None, where: str) -> Method:
-    if name is not None and name not in METHODS:
+def _method(name: str, where: str) -> Method:
+    if name not in METHODS:
         raise DeltaFileError(f"{where}: unknown method {name!r} (this sparseft knows {', '.join(sorted(METHODS))})")
-    return METHODS[name or "gps"]()
+    return METHODS[name]()
 
 
 def load(path: str | Path, model: nn.Module | None = None, *, weights: str | Path | None = None) -> nn.Module:
@@ -51,7 +51,7 @@ def load(path: str | Path, model: nn.Module | None = None, *, weights: str | Pat
     return method.load(model, path)
 
 
-def method_of(model: nn.Module) -> Method:
+def method_for(model: nn.Module) -> Method:
     """The method that applied the model's task (GPS's life cycle for a bare `sparseft.apply`)."""
     if not delta.is_applied(model):
         raise delta.DeltaError("model has no sparseft deltas (sparseft.load, sparseft.apply or a method's "
@@ -64,9 +64,9 @@ def method_of(model: nn.Module) -> Method:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold the model's task into its weights, whatever method made it (clear error where it cannot)."""
-    return method_of(model).merge(model)
+    return method_for(model).merge(model)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Back to the base model bit-exactly, from an applied or a merged model of any method."""
-    return method_of(model).unmerge(model)
+    return method_for(model).unmerge(model)

@@ -158,13 +158,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from sparseft.api import method_named_in
     from sparseft.deltafile import read_delta
 
     header, tensors = read_delta(args.task_file)
     sparse = sum(t.numel() for k, t in tensors.items() if k.startswith("sparse/") and k.endswith("/values"))
     full = sum(t.numel() for k, t in tensors.items() if k.startswith("full/"))
     out = {"file": str(args.task_file), "bytes": Path(args.task_file).stat().st_size,
-           "method": header.get("extra", {}).get("method", header.get("selection", {}).get("method")),
+           "method": method_named_in(header), "added_values": sum(
+               t.numel() for k, t in tensors.items() if k.startswith("added/")),
            "sparse_entries": sparse, "full_values": full,
            "buffers": sum(1 for k in tensors if k.startswith("buffer/")),
            "base_fingerprint": header["fingerprint"], "selection": header.get("selection"),

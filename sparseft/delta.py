@@ -383,7 +383,7 @@ def base_weights(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad():
             for name, d in deltas(model).items():
                 write_flat(params[name], d.index, d.base)
-                d._synced_version = d.values._version  # forward keeps the base values
+                d.mark_synced()  # forward keeps the base values
             for n, v in state.base_full.items():
                 params[n].copy_(v)
             for n, v in state.base_buffers.items():

@@ -187,6 +187,12 @@ def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None) 
     for key in list(state):
         if key in head and key in own and state[key].shape != own[key].shape:
             del state[key]
+    own_shapes = {k: tuple(v.shape) for k, v in own.items()}
+    wrong = [f"{k} {tuple(v.shape)} (model {own_shapes[k]})" for k, v in state.items()
+             if k in own_shapes and tuple(v.shape) != own_shapes[k]]
+    if wrong:
+        raise WeightsError(f"{path}: tensors of another shape than the model's: {', '.join(wrong[:4])}"
+                           f"{'…' if len(wrong) > 4 else ''}; these weights are for another architecture or size")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in head]
     if missing or unexpected:

@@ -157,7 +157,8 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
         nonlocal task_file
         task_file = method.save(m, folder / TASK_FILE, extra={
             "model": spec.model, "num_classes": classes, "img_size": spec.img_size, "data": spec.data,
-            "preprocessing": spec.preprocessing, "class_names": names, "weights": spec.weights,
+            "preprocessing": spec.preprocessing, "class_names": names,
+            "weights": str(Path(spec.weights).resolve()) if spec.weights else None,
             "pretrained": spec.pretrained, "init_seed": spec.train.seed})
 
     summary = fit(model, data.loader("train"), spec.train, eval_loaders=eval_loaders, run_dir=run_dir,
@@ -186,8 +187,10 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
 
     header, _ = read_delta(task_file)
     extra = header.get("extra", {})
+    from sparseft.api import method_for
+
     model = sparseft.load(task_file, weights=weights)
-    if merge and sparseft.methods.METHODS[sparseft.delta.method_of(model) or "gps"].mergeable:
+    if merge and method_for(model).mergeable:
         sparseft.merge(model)
     transform = build_transform(data_config(model), preprocessing or extra.get("preprocessing", "vtab"), train=False,
                                 img_size=extra.get("img_size"))

@@ -226,6 +226,10 @@ class SparseDelta(nn.Module):
             self.written.copy_(values)
             self._synced_version = self.values._version
 
+    def mark_synced(self) -> None:
+        """Take the parameter's current entries as written: the next forward leaves them alone."""
+        self._synced_version = self.values._version
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         incoming = state_dict.get(prefix + "index")

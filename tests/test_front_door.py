@@ -136,3 +136,32 @@ def test_no_top_level_name_shadows_a_subpackage():
     modules = {m.name for m in pkgutil.iter_modules(sparseft.__path__)}
     assert not modules & set(sparseft.__all__)
     assert sparseft.selection.Selection is sparseft.Selection and callable(sparseft.select)
+
+
+def test_a_plan_made_with_other_settings_is_replaced_not_reused(tmp_path):
+    linear = _trained("linear", run_dir=tmp_path)
+    assert sparseft.parameter_summary(linear)["trainable_backbone"] == 0
+    gps = _trained("gps", run_dir=tmp_path)  # same folder, another method: a plan of its own
+    assert sparseft.delta.selection_of(gps).num_sparse > 0
+    assert sparseft.Selection.load(tmp_path / "selection.safetensors").meta["method"] == "gps"
+
+
+def test_life_cycle_refuses_a_model_of_another_task(tmp_path):
+    model = _trained("lora")
+    with pytest.raises(sparseft.DeltaError, match="already has a task"):
+        get_method("gps").prepare(model, MethodContext(loader=lambda kind: [], progress=False))
+    with pytest.raises(sparseft.DeltaError, match="made by method 'lora'"):
+        get_method("adapter").save(model, tmp_path / "t.safetensors")
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_weights_for_another_architecture_are_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from sparseft.models import WeightsError
+
+    other = sparseft.create_model("test_vit", num_classes=3, img_size=32)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(WeightsError, match=r"w.safetensors: tensors of another shape"):
+        sparseft.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, weights=path)

@@ -128,7 +128,7 @@ class Adapter(Method):
 
     def check(self, model: nn.Module) -> None:
         if self.options.adapter_dim < 1:
-            raise ValueError(f"adapter: bottleneck must be >= 1, not {self.options.adapter_dim}")
+            raise ValueError(f"adapter: adapter_dim (--adapter-dim) must be >= 1, not {self.options.adapter_dim}")
         if not find_mlps(model):
             raise NotApplicable(f"adapter: {type(model).__name__} has no transformer/ConvNeXt blocks with an MLP "
                                 "(`.mlp` with fc1/fc2) to put the adapter beside")

@@ -19,6 +19,7 @@ file written and read by `sparseft.deltafile`, folded on merge and taken out aga
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,14 +106,27 @@ class Method:
         return f"{self.name} cannot be merged"
 
     # -- the life cycle -----------------------------------------------------------------
+    def plan_key(self, ctx: MethodContext) -> str:
+        """What a plan depends on besides the model and data: method, options, seed."""
+        return json.dumps({"method": self.name, "options": dataclasses.asdict(self.options), "seed": ctx.seed},
+                          sort_keys=True, default=str)
+
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        """Plan on the clean model (reused from `ctx.run_dir` on resume), apply, add the modules."""
+        """Plan on the clean model, apply, add the modules.
+
+        With `ctx.run_dir` the plan is kept there and reused by a later prepare with the same
+        method, options and seed (a resumed run); a plan made with other settings is replaced.
+        """
+        if delta.is_applied(model):
+            raise delta.DeltaError(f"{self.name}: the model already has a task ({delta.method_of(model)}); "
+                                   "prepare a plain base model")
         self.check(model)
         cached = ctx.run_dir / PLAN_FILE if ctx.run_dir is not None else None
-        if cached is not None and cached.exists():
-            selection = Selection.load(cached)  # a resumed run keeps its plan
-        else:
+        key = self.plan_key(ctx)
+        selection = Selection.load(cached) if cached is not None and cached.exists() else None
+        if selection is None or selection.meta.get("plan_key") != key:
             selection = self.plan(model, ctx)
+            selection.meta["plan_key"] = key
             if cached is not None:
                 selection.save(cached)
         delta.apply(model, selection, batchnorm=getattr(self.options, "batchnorm", self.batchnorm),
@@ -151,6 +165,10 @@ class Method:
 
     def save(self, model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write the task file (refused after merging a method whose modules were folded away)."""
+        owner = delta.method_of(model) if delta.is_applied(model) else None
+        if owner is not None and owner != self.name and (owner in _registry() or delta.structure_of(model)):
+            raise delta.DeltaError(f"{self.name}: the model's task was made by method {owner!r}; save it with "
+                                   f"that method (or sparseft.save_delta)")
         if delta.is_merged(model) and delta.structure_of(model):
             raise delta.DeltaError(f"{self.name}: the model was merged, its added modules are folded into the "
                                    "base weights; save the task file before merging")
@@ -192,6 +210,12 @@ class Method:
         owner = delta.method_of(model)
         if delta.added_parameters(model) and owner != self.name:
             raise delta.DeltaError(f"{self.name}: the model holds modules of method {owner!r}")
+
+
+def _registry() -> dict[str, type[Method]]:
+    from sparseft.methods import METHODS
+
+    return METHODS
 
 
 def head_selection(model: nn.Module, method: str, structure: dict[str, Any], **meta: Any) -> Selection:

@@ -16,7 +16,6 @@ from sparseft.selection import Eligibility, Selection
 @register
 class GPS(Method):
     name = "gps"
-    batchnorm = "update"
     summary = "Gradient-based Parameter Selection: top-K inputs per neuron by SupCon gradient"
 
     @dataclass

@@ -120,7 +120,7 @@ class LoRA(Method):
     def check(self, model: nn.Module) -> None:
         o = self.options
         if o.lora_r < 1:
-            raise ValueError(f"lora: rank must be >= 1, not {o.lora_r}")
+            raise ValueError(f"lora: lora_r (--lora-r) must be >= 1, not {o.lora_r}")
         targets = self._targets()
         chosen, skipped = find_targets(model, targets, o.lora_conv)
         if skipped["grouped"]:

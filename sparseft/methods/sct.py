@@ -240,7 +240,8 @@ class SCT(Method):
 
     def check(self, model: nn.Module) -> None:
         if not 0 < self.options.channel_fraction <= 1:
-            raise ValueError(f"channel_fraction must be in (0, 1], got {self.options.channel_fraction}")
+            raise ValueError(f"sct: channel_fraction (--channel-fraction) must be in (0, 1], got "
+                             f"{self.options.channel_fraction}")
         sct_sites(model)
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:

@@ -44,7 +44,6 @@ def _bias_name(kind: str, module: str) -> str:
 
 class _SPT(Method):
     kind: ClassVar[str]
-    batchnorm = "update"
 
     @dataclass
     class Options:
@@ -77,7 +76,7 @@ class _SPT(Method):
         candidates = [int(o.budget)] if o.budget is not None else []
         if fraction is not None:
             if not 0 < fraction <= 1:
-                raise ValueError(f"budget_fraction must be in (0, 1], got {fraction}")
+                raise ValueError(f"{self.name}: budget_fraction (--budget-fraction) must be in (0, 1], got {fraction}")
             candidates.append(max(1, round(fraction * backbone)))
         return min(candidates)
 

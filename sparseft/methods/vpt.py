@@ -105,7 +105,8 @@ class _VPT(Method):
 
     def check(self, model: nn.Module) -> None:
         if self.options.prompt_tokens < 1:
-            raise ValueError(f"{self.name}: prompt_tokens must be >= 1, not {self.options.prompt_tokens}")
+            raise ValueError(f"{self.name}: prompt_tokens (--prompt-tokens) must be >= 1, not "
+                             f"{self.options.prompt_tokens}")
         _check_vit(model, self.name)
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
