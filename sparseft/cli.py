@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     options = owned_options(args, args.method, _method_options(), prefix=OPTION_PREFIX)
     spec = _spec(args, args.method, options)
-    summary = run(spec, args.out, resume=args.resume)
+    summary = run(spec, args.out, resume=args.resume, overwrite=args.overwrite)
     _print_summary(summary)
     return 0
 
@@ -237,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint and the task file.")
     t.add_argument("--method", default="gps", choices=sorted(METHODS), help="fine-tuning method")
     t.add_argument("--out", required=True, type=Path, help="run folder")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                      "(refused if a setting changed)")
+    mode.add_argument("--overwrite", action="store_true", help="replace sparseft's files in a non-empty --out "
+                      "(by default a run needs an empty or new folder)")
     _model_args(t)
     _data_args(t)
     _train_args(t)
@@ -313,7 +317,9 @@ def is_user_error(err: BaseException) -> bool:
     NotApplicable ... derive from it), OSError (missing, existing or unreadable files), and the
     RuntimeError subclasses sparseft defines (DeltaError, TrainingDiverged).
     """
-    if isinstance(err, (ValueError, OSError)):
+    from safetensors import SafetensorError
+
+    if isinstance(err, (ValueError, OSError, SafetensorError)):  # SafetensorError: e.g. a full disk
         return True
     return isinstance(err, RuntimeError) and any(
         c.__module__.split(".")[0] == "sparseft" for c in type(err).__mro__ if issubclass(c, RuntimeError))

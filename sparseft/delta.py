@@ -25,6 +25,7 @@ its verbs: `apply`, `mark_added`, `remember_base`, `clear_added`, `export_task`,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -69,6 +70,29 @@ class _State:
     merged: bool = False
     # filled by merge(): per parameter (index, base values, delta values)
     merged_entries: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # what must not change until save / unmerge: (name, parameter, digest) of the frozen parameters
+    # after apply, of every parameter after merge
+    guarded: list[tuple[str, torch.Tensor, bytes]] = field(default_factory=list)
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"", digest_size=16).digest()
+
+
+def _guard(state: _State, params: list[tuple[str, torch.Tensor]]) -> None:
+    state.guarded = [(name, p, _digest(p)) for name, p in params]
+
+
+def _check_guarded(state: _State, action: str) -> None:
+    """Refuse, naming the tensors, when weights the engine does not train changed since apply (or merge)."""
+    changed = [name for name, p, digest in state.guarded if _digest(p) != digest]
+    if changed:
+        since = "merge" if state.merged else "apply"
+        raise DeltaError(f"cannot {action}: {len(changed)} weight(s) changed since {since} outside what the task "
+                         f"trains ({', '.join(changed[:4])}{'…' if len(changed) > 4 else ''}); "
+                         + ("a merged model is a plain model: train it as a new task from its own base"
+                            if state.merged else "something other than the engine wrote into frozen weights"))
 
 
 def _state(model: nn.Module) -> _State | None:
@@ -172,6 +196,7 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
     for name, p in model.named_parameters():
         p.requires_grad_(name in full)
         p.grad = None
+    _guard(state, [(n, p) for n, p in model.named_parameters() if n not in full and n not in selection.indices])
     by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, index in selection.indices.items():
         if index.numel():
@@ -200,6 +225,8 @@ def mark_added(model: nn.Module, names: list[str], structure: dict[str, Any]) ->
         raise DeltaError(f"mark_added: the model has no parameters {missing[:5]}")
     state.added = sorted(set(state.added) | set(names))
     state.structure = {**state.structure, **structure}
+    trained = {id(params[n]) for n in names}  # e.g. base biases a method trains along with its modules
+    state.guarded = [g for g in state.guarded if id(g[1]) not in trained]
 
 
 def remember_base(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
@@ -265,6 +292,7 @@ def export_task(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tenso
     for buffers that training changed (BatchNorm statistics); CPU, contiguous.
     """
     state = _require_state(model)
+    _check_guarded(state, "save the task")
     entries = sparse_entries(model)
     tensors: dict[str, torch.Tensor] = {}
     for name, (index, values) in entries.items():
@@ -327,6 +355,7 @@ def merge(model: nn.Module) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, True))
     state.merged = True
+    _guard(state, list(model.named_parameters()))
     return model
 
 
@@ -334,6 +363,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Restore the base model bit-exactly (weights, biases, head, buffers) and drop the deltas."""
     state = _require_state(model)
     _refuse_added(state, "unmerge")
+    _check_guarded(state, "unmerge")
     if not state.keep_base:
         raise DeltaError("this model was applied with keep_base=False (full fine-tuning keeps no copy of the "
                          "base): its base values are gone; load the base weights again instead")

@@ -95,7 +95,10 @@ def read_delta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
         raise DeltaFileError(f"{path}: tensors differ from the manifest in dtype or shape: {bad[:10]}")
     if _tensor_checksum(tensors) != header.get("checksum"):
         raise DeltaFileError(f"{path}: tensor checksum mismatch: the file's contents are corrupt")
-    if "header_sha256" in header and _header_hash(header) != header["header_sha256"]:  # files since 0.1.0 have it
+    if "header_sha256" not in header:  # every released version writes it
+        raise DeltaFileError(f"{path}: header checksum missing: its metadata was edited or it was not written by "
+                             "sparseft")
+    if _header_hash(header) != header["header_sha256"]:
         raise DeltaFileError(f"{path}: header checksum mismatch: its metadata was changed or is corrupt")
     for key in ("fingerprint", "shapes", "full"):
         if key not in header:

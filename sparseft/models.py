@@ -125,8 +125,8 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
     """
     from sparseft.hub import REGISTRY, offline_model
 
-    if name in REGISTRY and weights is None:
-        return offline_model(name, num_classes, img_size=img_size, **kwargs)
+    if name in REGISTRY:
+        return offline_model(name, num_classes, img_size=img_size, weights=weights, **kwargs)
     import timm
 
     if not timm.is_model(name):
@@ -140,6 +140,10 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
         if not img_size or "img_size" not in str(err):
             raise
         model = create()  # CNNs take any input size
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if img_size and patch and (img_size < max(patch) or img_size % patch[0] or img_size % patch[-1]):
+        raise ValueError(f"img_size (--img-size) {img_size} is not a positive multiple of {name}'s patch size "
+                         f"{patch[0]}")
     if weights is not None:
         load_weights(model, weights)
     return model

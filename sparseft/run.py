@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from sparseft.fileutil import write_text_atomic
 from sparseft.methods import MethodContext, get_method
+from sparseft.methods.base import PLAN_FILE
 from sparseft.models import create_model
-from sparseft.train import TrainConfig, evaluate, fit
+from sparseft.train import TrainConfig, changed_settings, evaluate, fit
 
 TASK_FILE = "delta.safetensors"
 
@@ -127,13 +129,58 @@ def num_classes_of(spec: RunSpec) -> int:
     return num_classes(spec.data)
 
 
-def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = False) -> dict[str, Any]:
-    """Train `spec.method` on `spec.data`; returns the summary (also written to the run folder)."""
-    run_dir = Path(run_dir) if run_dir is not None else None
-    if run_dir is not None and not resume and (run_dir / "config.json").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume or choose another folder")
-    from sparseft.data import class_names
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", TASK_FILE, PLAN_FILE, "checkpoint.json")
 
+
+def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool) -> None:
+    """A run folder is sparseft's alone: a fresh run needs an empty (or new) folder, or `overwrite`;
+    `resume` needs a run of the same settings there. Checked before any work is done."""
+    if resume:
+        config = run_dir / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{run_dir}: nothing to resume (no config.json); start the run without --resume")
+        stored = json.loads(config.read_text()).get("spec", {})
+        changed = changed_settings(stored, json.loads(json.dumps(spec.to_dict(), default=str)))
+        if changed:
+            raise ValueError(f"{config}: --resume with changed settings ({'; '.join(changed[:4])}); resume with the "
+                             "original settings or start a new run folder")
+        return
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise NotADirectoryError(f"--out {run_dir} is a file, not a run folder")
+    present = sorted(p.name for p in run_dir.iterdir())
+    if not present:
+        return
+    if overwrite:
+        for name in present:
+            if name in RUN_FILES or (name.startswith("checkpoint-e") and name.endswith(".safetensors")):
+                (run_dir / name).unlink()
+        return
+    if "config.json" in present:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
+                              "it, or choose another folder")
+    raise FileExistsError(f"{run_dir} is not empty ({', '.join(present[:4])}{'…' if len(present) > 4 else ''}); "
+                          "a run needs an empty or new folder (or --overwrite, which replaces sparseft's files)")
+
+
+def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = False,
+        overwrite: bool = False) -> dict[str, Any]:
+    """Train `spec.method` on `spec.data`; returns the summary (also written to the run folder).
+
+    The run folder must be empty or new (`overwrite=True` replaces sparseft's files in it);
+    `resume=True` continues the run there, refusing changed settings.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        claim_run_dir(run_dir, spec, resume=resume, overwrite=overwrite)
+        if resume and spec.train.progress:
+            print(f"[sparseft] resuming {run_dir}: its plan ({PLAN_FILE}) and last checkpoint are reused",
+                  file=sys.stderr)
+    from sparseft.data import class_names, load_split
+
+    for split in dict.fromkeys((spec.train_split, *spec.eval_splits)):  # every image opens: fail now, not later
+        load_split(spec.data, split, None, verify=True)
     torch.manual_seed(spec.train.seed)
     names = class_names(spec.data)
     classes = len(names)
@@ -182,12 +229,15 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
     evaluated merged: what users deploy.
     """
     import sparseft
-    from sparseft.data import build_transform, data_config, load_split
+    from sparseft.api import method_for
+    from sparseft.data import build_transform, data_config, load_split, num_classes
     from sparseft.deltafile import read_delta
 
     header, _ = read_delta(task_file)
     extra = header.get("extra", {})
-    from sparseft.api import method_for
+    if "num_classes" in extra and num_classes(data) != extra["num_classes"]:
+        raise ValueError(f"{task_file}: the task has {extra['num_classes']} classes but {data} has "
+                         f"{num_classes(data)}; evaluate it on the data it was trained for")
 
     model = sparseft.load(task_file, weights=weights)
     if merge and method_for(model).mergeable:

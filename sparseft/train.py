@@ -18,6 +18,7 @@ after a resume are those of an uninterrupted run. A NaN or infinite loss stops t
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -61,8 +62,65 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata={"help": "evaluate every N epochs (the last always)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot train, naming the flag: before any data is read."""
+        finite = {n: getattr(self, n) for n in ("lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
+                                                "label_smoothing")}
+        checks = [
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "must be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("optimizer", self.optimizer in ("adamw", "adam"), "must be 'adamw' or 'adam'"),
+            ("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
+            ("warmup_lr", self.warmup_lr >= 0, "must be >= 0"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, "must be between 0 and --lr"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 when given"),
+            ("eval_every", self.eval_every >= 1, "must be >= 1"),
+        ]
+        checks += [(n, math.isfinite(v), "must be a finite number") for n, v in finite.items()]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) {rule}, not {getattr(self, name)!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def changed_settings(stored: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON trees ('progress' display settings aside)."""
+    if isinstance(stored, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(stored) | set(new)):
+            if key in ("progress", "workers", "eval_batch_size"):
+                continue
+            out += changed_settings(stored.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if stored == new else [f"{prefix[:-1]}: {stored!r} -> {new!r}"]
+
+
+def _check_same_settings(run_dir: Path, settings: dict[str, Any]) -> None:
+    """A resumed run must continue with the settings it started with."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: nothing to resume (no config.json); start the run without --resume")
+    changed = changed_settings(json.loads(path.read_text()), settings)
+    if changed:
+        raise ValueError(f"{path}: --resume with changed settings ({'; '.join(changed[:4])}); resume with the "
+                         "original settings or start a new run folder")
+
+
+def _non_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of trainable parameters (or their optimizer state) holding NaN or inf."""
+    bad = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        state = optimizer.state.get(p, {})
+        tensors = [p.detach()] + [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            bad.append(name)
+    return bad
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -133,17 +191,21 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
 
     if run_dir is not None:
         summary_path = run_dir / "summary.json"
+        settings = json.loads(json.dumps({"train": config.to_dict(), **(run_info or {})}, default=str))
+        if resume:
+            _check_same_settings(run_dir, settings)
         if resume and stem.with_suffix(".json").exists():
             record = load_checkpoint(stem, model, optimizer)
             history, start_epoch, step = record["history"], record["epoch"] + 1, record["step"]
             train_time = record.get("train_time_s", 0.0)
             if start_epoch >= config.epochs and summary_path.exists():
                 return json.loads(summary_path.read_text())
+        elif resume and summary_path.exists():  # finished, its checkpoint gone: nothing to redo or overwrite
+            return json.loads(summary_path.read_text())
         elif (run_dir / "config.json").exists() and not resume:
             raise FileExistsError(f"{run_dir} already holds a run; pass resume=True or choose another folder")
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.json", json.dumps(
-            {"train": config.to_dict(), **(run_info or {})}, indent=1, default=str))
+        write_text_atomic(run_dir / "config.json", json.dumps(settings, indent=1))
         write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     scheduler.step_update(step)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -189,6 +251,12 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
             shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             tqdm.write(shown)
         if run_dir is not None:
+            bad = _non_finite(model, optimizer)
+            if bad:  # never write a checkpoint that cannot be resumed
+                where = (f"; the last finite checkpoint is {stem}.json (epoch {epoch})" if epoch > start_epoch or
+                         stem.with_suffix(".json").exists() else "")
+                raise TrainingDiverged(f"non-finite values in {', '.join(bad[:3])} after epoch {epoch + 1}; lower "
+                                       f"the learning rate{where}")
             save_checkpoint(stem, model, optimizer, {"epoch": epoch, "step": step, "history": history,
                                                      "train_time_s": train_time})
             with open(run_dir / "metrics.jsonl", "a") as f:

@@ -58,9 +58,10 @@ def test_vtab_paths_with_spaces_and_blank_lines(tmp_path):
 
 def test_vtab_classes_file_sets_names_and_count(tmp_path):
     task = make_vtab(tmp_path / "task")
-    (task / "classes.txt").write_text("a\nb\nc\nd\n")
-    assert class_names(str(task)) == ["a", "b", "c", "d"]
-    assert load_split(str(task), "test").num_classes == 4
+    (task / "classes.txt").write_text("a\nb\nc\n")
+    assert class_names(str(task)) == ["a", "b", "c"]
+    assert load_split(str(task), "test").num_classes == 3
+    assert load_split(str(task), "test", num_classes=5).classes == ["a", "b", "c", "3", "4"]  # the caller's head
 
 
 @pytest.mark.parametrize("line,message", [
@@ -277,3 +278,180 @@ def test_no_warning_when_input_is_clean(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_split(str(task), "train800val200", on_error="skip", verify=True)
+
+
+# -- data that would silently change the task ------------------------------------------------
+
+def _append(file, *lines):
+    file.write_text(file.read_text() + "".join(line + "\n" for line in lines))
+
+
+def test_vtab_without_classes_file_a_label_gap_is_an_error_naming_the_line(tmp_path):
+    task = make_vtab(tmp_path / "task", classes=3)
+    assert num_classes(str(task)) == 3  # the labels present: 0..2
+    write_png(task / "images" / "typo.png", 5)
+    _append(task / "train800.txt", "images/typo.png 99")  # line 7: a typo for 0..2
+    for call in (lambda: num_classes(str(task)), lambda: load_split(str(task), "test")):
+        with pytest.raises(DataError, match=r"train800\.txt:7: label 99 leaves a gap.*3\.\.98 are not") as info:
+            call()
+        assert "classes.txt" in str(info.value)  # says what to fix
+    # a label present only in test is a class never trained on: named by its line
+    make_vtab(task, classes=3)  # rewrites the split files
+    write_png(task / "images" / "extra.png", 7)
+    _append(task / "test.txt", "images/extra.png 3")
+    with pytest.raises(DataError, match=r"test\.txt:5: class '3' \(label 3\) has no sample in train800\.txt"):
+        load_split(str(task), "train800")
+
+
+def test_vtab_classes_file_entry_without_training_sample_is_an_error_naming_it(tmp_path):
+    task = make_vtab(tmp_path / "task", classes=3)
+    (task / "classes.txt").write_text("a\nb\nc\nd\n")
+    with pytest.raises(DataError, match=r"classes\.txt:4: class 'd' \(label 3\) has no sample in train800\.txt, "
+                                        r"val200\.txt, train800val200\.txt.*remove it from the class list"):
+        load_split(str(task), "train800")
+    with pytest.raises(DataError, match=r"classes\.txt:4: class 'd'"):
+        num_classes(str(task))
+    (task / "classes.txt").write_text("a\nb\n")  # too few names: labels 2 are out of range, as before
+    with pytest.raises(DataError, match=r"train800\.txt:3: label 2 is out of range for 2 classes"):
+        load_split(str(task), "train800")
+
+
+def test_folder_class_symlinks_that_put_images_in_two_classes_are_errors_naming_them(tmp_path):
+    root = make_folder(tmp_path / "pets", per_class=5)
+    (root / "all").symlink_to(root, target_is_directory=True)
+    with pytest.raises(DataError, match=r"pets/all: class folder 'all' is a symlink to .*which is the data set"):
+        load_split(f"folder:{root}", "train800")
+    (root / "all").unlink()
+    (root / "kitty").symlink_to(root / "cat", target_is_directory=True)
+    with pytest.raises(DataError, match=r"pets/kitty: class folder 'kitty' is a symlink to .*cat, the same folder "
+                                        r"as class folder 'cat'"):
+        num_classes(f"folder:{root}")
+    (root / "kitty").unlink()
+    (root / "dog" / "sneaky.png").symlink_to(root / "cat" / "00.png")  # one image file in two classes
+    with pytest.raises(DataError, match=r"dog/sneaky\.png: the same image as .*cat/00\.png.*class 'dog' and in "
+                                        r"class 'cat'"):
+        load_split(f"folder:{root}", "test")
+    (root / "dog" / "sneaky.png").unlink()
+    (root / "dog" / "sneaky.png").symlink_to(root / "dog" / "00.png")  # twice in one class: kept once
+    with pytest.warns(DataWarning, match=r"1 images are the same file as another of their class"):
+        assert sum(len(load_split(f"folder:{root}", s)) for s in ("train800", "val200", "test")) == 10
+    (root / "dog" / "sneaky.png").unlink()
+    split = tmp_path / "split"
+    make_folder(split / "train", per_class=5)
+    make_folder(split / "test", per_class=2)
+    (split / "test" / "cat" / "copy.png").symlink_to(split / "train" / "cat" / "03.png")
+    with pytest.warns(DataWarning, match=r"1 images of .*split/test/ are also in .*split/train/ \(train/test overlap"):
+        load_split(f"folder:{split}", "train800")
+    (root / "bird").mkdir()
+    (root / "bird" / "notes.txt").write_text("only non-image files")
+    (root / "bird" / "data.csv").write_text("1,2")
+    with pytest.raises(DataError, match=r"pets/bird: class folder 'bird' holds no image files"):
+        load_split(f"folder:{root}", "train800")
+
+
+def test_single_class_tasks_are_errors(tmp_path):
+    task = make_vtab(tmp_path / "task", classes=1)  # every label 0, no classes.txt
+    with pytest.raises(DataError, match=r"task \(no classes\.txt\): 1 class .*single-class task cannot be "
+                                        r"trained/evaluated meaningfully"):
+        load_split(str(task), "train800")
+    (task / "classes.txt").write_text("only\n")
+    with pytest.raises(DataError, match=r"classes\.txt: 1 class \('only' is the only class listed\); a single-class"):
+        num_classes(str(task))
+    root = make_folder(tmp_path / "pets", per_class=3, classes=("cat",))
+    with pytest.raises(DataError, match=r"pets: 1 class \(the only class folder is 'cat'\); a single-class"):
+        load_split(f"folder:{root}", "train800")
+    cub = make_fgvc(tmp_path / "cub", classes=1)
+    with pytest.raises(DataError, match=r"cub \(train/val/test\.json\): 1 class .*single-class"):
+        num_classes(f"fgvc:{cub}")
+
+
+def test_one_image_with_two_labels_is_an_error_naming_both_lines(tmp_path):
+    task = make_vtab(tmp_path / "task")
+    _append(task / "train800.txt", "images/train800_1.png 2")  # line 2 says 1
+    with pytest.raises(DataError, match=r"train800\.txt:7: image .*train800_1\.png has label 2 here but label 1 at "
+                                        r".*train800\.txt:2"):
+        load_split(str(task), "test")
+    make_vtab(task)
+    _append(task / "test.txt", "images/./train800_2.png 0")  # the same image, spelt differently, label 2 in train
+    with pytest.raises(DataError, match=r"test\.txt:5: image .*train800_2\.png has label 0 here but label 2 at "
+                                        r".*train800\.txt:3"):
+        load_split(str(task), "train800", on_error="skip")  # not something skipping can fix
+
+
+def test_duplicate_lines_warn_with_count_and_train_test_overlap_warns(tmp_path):
+    task = make_vtab(tmp_path / "task")
+    _append(task / "train800.txt", "images/train800_0.png 0", "images/train800_0.png 0", "images/train800_3.png 0")
+    with pytest.warns(DataWarning, match=r"train800\.txt: 3 duplicate entries .*train800\.txt:7 repeats "
+                                         r".*train800\.txt:1"):
+        ds = load_split(str(task), "train800")
+    assert len(ds) == 6 and ds.samples[0].origin.endswith("train800.txt:1")  # the first kept
+    make_vtab(task)
+    _append(task / "test.txt", "images/train800_0.png 0", "images/val200_1.png 1")  # labels as in training
+    with pytest.warns(DataWarning, match=r"2 images of test\.txt are also in train800\.txt/val200\.txt/"
+                                         r"train800val200\.txt \(train/test overlap") as rec:
+        load_split(str(task), "train800")
+    assert "test.txt:5 = " in str(rec[0].message)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "file-symlink", "folder-symlink"])
+def test_paths_leaving_the_task_folder_are_errors_naming_the_line(tmp_path, kind):
+    task = make_vtab(tmp_path / "task")
+    outside = write_png(tmp_path / "elsewhere" / "x.png", 9)
+    rel = {"dotdot": "images/../../elsewhere/x.png", "absolute": str(task / "images" / "train800_0.png"),
+           "file-symlink": "images/link.png", "folder-symlink": "ext/x.png"}[kind]
+    (task / "images" / "link.png").symlink_to(outside)
+    (task / "ext").symlink_to(outside.parent, target_is_directory=True)
+    _append(task / "test.txt", f"{rel} 0")
+    message = {"dotdot": "leaves the folder", "absolute": "absolute path", "file-symlink": "symlink resolving outside",
+               "folder-symlink": "resolves outside"}[kind]
+    with pytest.raises(DataError, match=rf"test\.txt:5: {message}|test\.txt:5: path .*{message}"):
+        load_split(str(task), "test")
+    with pytest.warns(DataWarning, match="skipped 1 bad lines in test.txt"):
+        assert len(load_split(str(task), "test", on_error="skip")) == 4
+    (task / "images" / "inside.png").symlink_to(task / "images" / "test_0.png")  # a link that stays inside: fine
+    (task / "test.txt").write_text("images/inside.png 2\nimages/test_1.png 0\n")
+    assert len(load_split(str(task), "test")) == 2
+
+
+def test_byte_order_marks_are_ignored(tmp_path):
+    task = make_vtab(tmp_path / "task")
+    for name in ("train800.txt", "test.txt"):
+        (task / name).write_bytes(b"\xef\xbb\xbf" + (task / name).read_bytes())
+    (task / "classes.txt").write_bytes("\ufeffa\nb\nc\n".encode())
+    assert class_names(str(task)) == ["a", "b", "c"]
+    assert len(load_split(str(task), "train800")) == 6 and len(load_split(str(task), "test")) == 4
+    root = make_fgvc(tmp_path / "cub")
+    (root / "train.json").write_bytes(b"\xef\xbb\xbf" + (root / "train.json").read_bytes())
+    assert len(load_split(f"fgvc:{root}", "train800")) == 6
+
+
+def test_bad_lines_of_any_split_fail_when_the_data_set_is_opened(tmp_path):
+    task = make_vtab(tmp_path / "task")
+    (task / "images" / "test_3.png").unlink()
+    for call in (lambda: num_classes(str(task)), lambda: load_split(str(task), "train800")):
+        with pytest.raises(DataError, match=r"test\.txt:4: image file not found"):
+            call()  # before any training, not at the final evaluation
+    with pytest.warns(DataWarning, match="skipped 1 bad lines in test.txt"):
+        assert len(load_split(str(task), "train800", on_error="skip")) == 6
+
+
+def test_fgvc_duplicate_keys_classes_only_in_test_and_paths_outside(tmp_path):
+    root = make_fgvc(tmp_path / "cars", image_dir="")
+    text = (root / "val.json").read_text()
+    key, value = next(iter(json.loads(text).items()))
+    (root / "val.json").write_text(text[:-1] + f', "{key}": {value}}}')  # a repeated json key, same label
+    with pytest.warns(DataWarning, match=r"val\.json: 1 duplicate entries .*val\.json entry 4"):
+        assert len(load_split(f"fgvc:{root}", "val200")) == 3
+    (root / "val.json").write_text(text[:-1] + f', "{key}": {value + 1}}}')
+    with pytest.raises(DataError, match=r"val\.json entry 4 .*has label \d here but label \d at .*val\.json entry 1"):
+        load_split(f"fgvc:{root}", "val200")
+    (root / "val.json").write_text(text)
+    entries = json.loads((root / "test.json").read_text())
+    write_png(root / "new.cls" / "a.png", 1)
+    (root / "test.json").write_text(json.dumps({**entries, "new.cls/a.png": 9}))
+    with pytest.raises(DataError, match=r"test\.json entry 4 \('new.cls/a.png'\): class '9' \(label 3\) has no "
+                                        r"sample in train\.json, val\.json"):
+        load_split(f"fgvc:{root}", "train800")
+    (root / "test.json").write_text(json.dumps({**entries, "../outside.jpg": 1}))
+    with pytest.raises(DataError, match=r"test\.json entry 4 \('\.\./outside\.jpg'\): path .* leaves the folder"):
+        load_split(f"fgvc:{root}", "test")

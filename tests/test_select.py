@@ -237,3 +237,109 @@ def test_magnitude_criterion_follows_weights(vit):
     assert torch.equal(sel.indices["blocks.0.mlp.fc1.weight"] % w.shape[1], w.argmax(1))
     with pytest.raises(ValueError, match="needs a data loader"):
         sparseft.select(vit, None)
+
+
+# -- loud failures: options, batches without negatives, labels, NaN / zero scores -----------
+
+class NeverIterated:
+    """A loader that fails the test if selection starts a pass over it."""
+
+    batch_size = 8
+
+    def __iter__(self):
+        raise AssertionError("the selection pass started")
+
+
+@pytest.mark.parametrize(("option", "value", "names"), [
+    ("temperature", 0.0, "--temperature"), ("temperature", -0.07, "--temperature"),
+    ("temperature", float("nan"), "--temperature"), ("temperature", float("inf"), "--temperature"),
+    ("k", 0, "--k"), ("k", 1.5, "--k"), ("max_batches", 0, "--select-batches"),
+    ("chunk_size", 0, "--select-chunk"),
+])
+def test_bad_options_are_refused_before_any_forward_pass(vit, option, value, names):
+    with pytest.raises(SelectionError, match=f"{option} must be .*{names}"):
+        sparseft.select(vit, NeverIterated(), progress=False, **{option: value})
+
+
+def test_k_is_checked_for_the_data_free_criteria_too(vit):
+    with pytest.raises(SelectionError, match="--k"):
+        sparseft.select(vit, None, k=0, criterion="magnitude", progress=False)
+
+
+def test_batch_size_one_is_refused_up_front_for_supcon(vit):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = toy_batches(1)[0]
+    loader = DataLoader(TensorDataset(x, y), batch_size=1)
+    with pytest.raises(SelectionError, match=r"batch size 1.*--batch-size >= 2 with at least two classes"):
+        sparseft.select(vit, loader, progress=False)
+    ce = sparseft.select(vit, loader, loss="ce", max_batches=2, progress=False)  # CE needs no negatives
+    assert ce.meta["batches"] == 2
+
+
+def test_a_pass_without_negatives_is_refused():
+    x, y = toy_batches(1)[0]
+    model = tiny_model("vit")
+    singles = [(x[i:i + 1], y[i:i + 1]) for i in range(3)]  # no batch_size attribute: found after the pass
+    with pytest.raises(SelectionError, match=r"none of the 3 selection batches held two classes \(batch size 1\)"):
+        sparseft.select(model, singles, progress=False)
+    one_class = [(x[:4], torch.zeros(4, dtype=torch.long)), (x[4:], torch.ones(4, dtype=torch.long))]
+    with pytest.raises(SelectionError, match=r"batch size 4\).*--batch-size >= 2 with at least two classes"):
+        sparseft.select(model, one_class, progress=False)
+
+
+def test_batches_without_negatives_are_kept_and_counted(vit):
+    """As in the official code every batch counts; a one-image batch adds an exactly zero gradient."""
+    batches = toy_batches(1)
+    x, y = batches[0]
+    names = [n for n, r in parameter_roles(vit).items() if r == "select"]
+    alone, stats = gradient_scores(vit, batches, names, progress=False)
+    assert stats["single_class_batches"] == 0
+    padded, stats = gradient_scores(vit, batches + [(x[:1], y[:1])], names, progress=False)
+    assert stats == {"batches": 2, "images": 9, "single_class_batches": 1}
+    assert all(torch.equal(alone[n], padded[n]) for n in names)
+    sel = sparseft.select(vit, batches + [(x[:3], torch.zeros(3, dtype=torch.long))], progress=False)
+    assert sel.meta["single_class_batches"] == 1
+
+
+@pytest.mark.parametrize("loss", ["supcon", "ce"])
+def test_labels_must_be_a_vector_of_class_indices(vit, loss):
+    x, y = toy_batches(1)[0]
+    one_hot = torch.nn.functional.one_hot(y, 4)
+    with pytest.raises(SelectionError, match=r"1-D integer vector of class indices.*shape \(8, 4\) \(int64\)"):
+        sparseft.select(vit, [(x, one_hot)], loss=loss, progress=False)
+    with pytest.raises(SelectionError, match=r"shape \(8,\) \(float32\)"):
+        sparseft.select(vit, [(x, y.float())], loss=loss, progress=False)
+    with pytest.raises(SelectionError, match="7 labels for views of"):
+        sparseft.select(vit, [(x, y[:7])], loss=loss, progress=False)
+    sparseft.select(vit, [(x, y.int())], loss=loss, progress=False)  # any integer dtype is fine
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_nan_inputs_are_refused_naming_the_parameter(vit, chunk_size):
+    batches = toy_batches(2)
+    batches[1][0][0] = float("nan")  # one whole image, so every crop of it holds NaN
+    with pytest.raises(SelectionError, match=r"scores of 'patch_embed.proj.weight' .* not finite.*"
+                                             r"loss is nan in selection batch 1 \(1 of 2"):
+        sparseft.select(vit, batches, chunk_size=chunk_size, progress=False)
+
+
+def test_scores_that_reach_no_weight_are_refused(vit):
+    with torch.no_grad():
+        vit.head.weight.zero_()  # cross-entropy then sends no gradient into the backbone
+    with pytest.raises(SelectionError, match="zero for every eligible weight.*--loss ce"):
+        sparseft.select(vit, toy_batches(1), loss="ce", progress=False)
+    sparseft.select(vit, toy_batches(1), progress=False)  # SupCon does not go through the head
+
+
+def test_magnitude_needs_finite_nonzero_weights_and_random_needs_nothing(vit):
+    with torch.no_grad():
+        vit.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(SelectionError, match=r"weights of 'blocks.1.mlp.fc1.weight' \(1 of .* not finite"):
+        sparseft.select(vit, None, criterion="magnitude", progress=False)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.zero_()
+    with pytest.raises(SelectionError, match="every eligible weight is zero.*--criterion magnitude"):
+        sparseft.select(vit, None, criterion="magnitude", progress=False)
+    sparseft.select(vit, None, criterion="random", progress=False)

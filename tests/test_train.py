@@ -131,7 +131,7 @@ def test_bf16_label_smoothing_adam_and_clipping_run():
                                                         grad_clip=1.0, progress=False),
                   eval_loaders={"val": toy_loader(n=16, shuffle=False)})
     assert 0.0 <= summary["final"]["val_acc"] <= 1.0
-    with pytest.raises(ValueError, match="optimizer must be"):
+    with pytest.raises(ValueError, match=r"optimizer \(--optimizer\) must be"):
         fit(model, toy_loader(n=16), TrainConfig(epochs=1, optimizer="sgd", progress=False))
 
 

@@ -125,7 +125,8 @@ def _execute(out: Path, spec: RunSpec, cell: Cell, folder: Path, progress: Progr
     progress.begin(what)
     t0 = time.perf_counter()
     try:
-        summary = run(spec, folder, resume=(folder / "config.json").exists())
+        resumable = (folder / "config.json").exists()
+        summary = run(spec, folder, resume=resumable, overwrite=not resumable)  # the folder is the suite's
     except TrainingDiverged as err:  # one diverging setting must not stop (or block) the suite
         summary = {"diverged": str(err), "final": {}, "params": {}, "history": []}
         print(f"  diverged: {err}", flush=True)

@@ -1,8 +1,12 @@
 """Readers for the three on-disk layouts: VTAB-1k (NOAH), FGVC (VPT json) and ImageFolder.
 
-Each reader returns `Sample`s and checks them: a malformed entry, a file that does not exist
-or a label out of range is a `DataError` naming the split file and line (or json entry);
-`on_error="skip"` skips such entries with one warning giving the count.
+Each reader returns `Sample`s and checks them: a malformed entry, a file that does not exist,
+a path leaving the data-set folder or a label out of range is a `DataError` naming the split
+file and line (or json entry); `on_error="skip"` skips such entries with one warning giving
+the count. A data set is read and checked as a whole when it is opened (`vtab_task`,
+`fgvc_task`, `folder_split`): what would silently change the task (one image with two
+labels, a gap in inferred labels, a class without training sample, a single class, a class
+folder linked into another) is always a `DataError`; see `sparseft.data.checks`.
 
 Split names are VTAB-1k's: `train800`, `val200`, `train800val200`, `test` (aliases `train`,
 `val`, `trainval`). Other layouts map them onto their own splits.
@@ -10,13 +14,27 @@ Split names are VTAB-1k's: `train800`, `val200`, `train800val200`, `test` (alias
 
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from sparseft.data._random import stable_permutation
-from sparseft.data.images import IMAGE_EXTENSIONS, DataError, OnError, Problems, Sample
+from sparseft.data.checks import (
+    Entry,
+    JsonPairs,
+    PathGuard,
+    across_splits,
+    contiguous_labels,
+    dedupe,
+    inside,
+    need_two_classes,
+    read_json_pairs,
+    read_text,
+    trained_classes,
+)
+from sparseft.data.images import IMAGE_EXTENSIONS, DataError, DataWarning, OnError, Problems, Sample
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 _ALIASES = {"train": "train800", "val": "val200", "trainval": "train800val200"}
@@ -30,46 +48,55 @@ def canonical_split(split: str) -> str:
     return name
 
 
-def _finish(samples: list[Sample], problems: Problems, source: str) -> list[Sample]:
-    problems.finish()
+def _nonempty(samples: list[Sample], source: str) -> list[Sample]:
     if not samples:
         raise DataError(f"{source}: no usable samples")
     return samples
 
 
-def _admit(samples: list[Sample], problems: Problems, sample: Sample, num_classes: int | None, check_files: bool,
-           note: str = "") -> None:
-    """Append `sample` unless its label is out of range or (with `check_files`) its file is missing: report that."""
-    label, where = sample.label, sample.origin
+def _admit(entries: list[Entry], problems: Problems, guard: PathGuard, rel: str, label: int, where: str,
+           num_classes: int | None, check_files: bool, note: str = "") -> None:
+    """Append the entry unless its label is out of range, its path leaves the folder or (with
+    `check_files`) its file is missing: report that instead."""
     if label < 0:
         problems.report(f"{where}: label {label} is negative{note}")
-    elif num_classes is not None and label >= num_classes:
+        return
+    if num_classes is not None and label >= num_classes:
         problems.report(f"{where}: label {label} is out of range for {num_classes} classes{note}")
-    elif check_files and not sample.path.is_file():
-        problems.report(f"{where}: image file not found: {sample.path}")
+        return
+    path, key, problem = guard.locate(rel, check_files)
+    if problem is not None:
+        problems.report(f"{where}: {problem}")
     else:
-        samples.append(sample)
+        entries.append((Sample(path, label, where), key))
+
+
+@dataclass(frozen=True)
+class LoadedTask:
+    """A data set read and checked as a whole: its class names and the samples of each split.
+
+    `splits` maps the canonical split names to their samples; a split whose file is missing is
+    absent and `split()` says which file.
+    """
+
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    sources: dict[str, str]
+
+    def split(self, split: str) -> list[Sample]:
+        name = canonical_split(split)
+        if name not in self.splits:
+            raise DataError(f"{self.sources[name]}: split file not found")
+        return _nonempty(self.splits[name], self.sources[name])
 
 
 # -- VTAB-1k (NOAH layout) -------------------------------------------------------------------
 
-def read_split_file(path: str | Path, root: str | Path | None = None, *, num_classes: int | None = None,
-                    on_error: OnError = "raise", check_files: bool = True) -> list[Sample]:
-    """Parse a `relative/path label` list (one sample a line; blank lines ignored).
-
-    Paths are relative to `root` (default: the list's folder) and may contain spaces (the
-    label is the last field). Errors name the list file and the line number.
-    """
-    path = Path(path)
-    root = Path(root) if root is not None else path.parent
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: split file not found") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read split file: {err}") from err
+def _read_split_entries(path: Path, guard: PathGuard, num_classes: int | None, on_error: OnError,
+                        check_files: bool) -> list[Entry]:
+    text = read_text(path, "split file")
     problems = Problems(on_error, f"lines in {path.name}")
-    samples = []
+    entries: list[Entry] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -84,8 +111,23 @@ def read_split_file(path: str | Path, root: str | Path | None = None, *, num_cla
         except ValueError:
             problems.report(f"{where}: malformed line {line.strip()!r}, label {label_text!r} is not an integer")
             continue
-        _admit(samples, problems, Sample(root / rel, label, where), num_classes, check_files)
-    return _finish(samples, problems, str(path))
+        _admit(entries, problems, guard, rel, label, where, num_classes, check_files)
+    problems.finish()
+    return dedupe(entries, str(path))
+
+
+def read_split_file(path: str | Path, root: str | Path | None = None, *, num_classes: int | None = None,
+                    on_error: OnError = "raise", check_files: bool = True) -> list[Sample]:
+    """Parse a `relative/path label` list (one sample a line; blank lines ignored).
+
+    Paths are relative to `root` (default: the list's folder), may contain spaces (the label is
+    the last field) and must stay inside `root`. Errors name the list file and the line number.
+    A repeated entry is dropped with a `DataWarning`; one image with two labels is an error.
+    """
+    path = Path(path)
+    guard = PathGuard(Path(root) if root is not None else path.parent)
+    entries = _read_split_entries(path, guard, num_classes, on_error, check_files)
+    return _nonempty([s for s, _ in entries], str(path))
 
 
 def is_vtab_dir(path: str | Path) -> bool:
@@ -93,39 +135,74 @@ def is_vtab_dir(path: str | Path) -> bool:
     return (Path(path) / "train800.txt").is_file()
 
 
+def _read_class_names(file: Path) -> list[tuple[str, int]] | None:
+    """(name, line number) of each class in `classes.txt`; None when there is no such file."""
+    if not file.is_file():
+        return None
+    names = [(n.strip(), i) for i, n in enumerate(read_text(file, "class list").splitlines(), start=1) if n.strip()]
+    if not names:
+        raise DataError(f"{file}: no class names")
+    return names
+
+
+def vtab_task(task_dir: str | Path, *, num_classes: int | None = None, on_error: OnError = "raise",
+              check_files: bool = True) -> LoadedTask:
+    """Read and check every split file of a VTAB-1k task folder.
+
+    Classes: `classes.txt` (one name a line, as provisioned tasks have) if present; otherwise
+    the labels present in the split files, which must then be 0..N-1 (the NOAH files carry no
+    names). `num_classes` (default: the class count) bounds the labels. Besides the per-line
+    checks of `read_split_file`: one image with two labels in two splits, fewer than two
+    classes, a class with no sample in train800/val200/train800val200, or a gap in inferred
+    labels is a `DataError`; an image in a training split and in test (or in train800 and
+    val200) is a `DataWarning` with the count.
+    """
+    task_dir = Path(task_dir)
+    classes_file = task_dir / "classes.txt"
+    listed = _read_class_names(classes_file)
+    names = [name for name, _ in listed] if listed is not None else None
+    if names is not None:
+        need_two_classes(len(names), str(classes_file), f"{names[0]!r} is the only class listed")
+    limit = num_classes if num_classes is not None else len(names) if names is not None else None
+    guard = PathGuard(task_dir)
+    files = {split: task_dir / f"{split}.txt" for split in SPLITS}
+    entries = {split: _read_split_entries(file, guard, limit, on_error, check_files)
+               for split, file in files.items() if file.is_file()}
+    shown = {split: file.name for split, file in files.items()}
+    across_splits(entries, shown, train=("train800",), val=("val200",), test=("test",), combined=("train800val200",))
+    first_seen: dict[int, Sample] = {}
+    for split in SPLITS:
+        for sample, _ in entries.get(split, ()):
+            first_seen.setdefault(sample.label, sample)
+    if names is None:
+        if not first_seen:
+            raise DataError(f"{task_dir}: no labels found in its split files")
+        contiguous_labels(first_seen, "Fix that label (or give the task a classes.txt naming every class).")
+        classes = [str(i) for i in range(len(first_seen))]
+        need_two_classes(len(classes), f"{task_dir} (no classes.txt)",
+                         f"label {classes[0]} is the only label in its split files")
+        where = [first_seen[i].origin for i in range(len(classes))]
+    else:
+        classes = names
+        where = [f"{classes_file}:{lineno}" for _, lineno in listed or ()]
+    bound = len(classes) if limit is None else min(limit, len(classes))
+    trained_classes(classes[:bound], entries, ("train800", "val200", "train800val200"), shown, where)
+    return LoadedTask(classes, {split: [s for s, _ in e] for split, e in entries.items()},
+                      {split: str(file) for split, file in files.items()})
+
+
 def vtab_split(task_dir: str | Path, split: str, *, num_classes: int | None = None, on_error: OnError = "raise",
                check_files: bool = True) -> list[Sample]:
-    """Samples of one split of a VTAB-1k task folder (`<split>.txt`, paths relative to the folder)."""
-    task_dir = Path(task_dir)
-    return read_split_file(task_dir / f"{canonical_split(split)}.txt", task_dir, num_classes=num_classes,
-                           on_error=on_error, check_files=check_files)
+    """Samples of one split of a VTAB-1k task folder (`<split>.txt`, paths relative to the folder).
+
+    The whole task is read and checked (see `vtab_task`), so a bad line in any split fails now.
+    """
+    return vtab_task(task_dir, num_classes=num_classes, on_error=on_error, check_files=check_files).split(split)
 
 
 def vtab_classes(task_dir: str | Path) -> list[str]:
-    """Class names of a VTAB-1k task folder.
-
-    `classes.txt` (one name a line, as provisioned tasks have) if present; otherwise the
-    classes are numbered 0..max label seen in any split file (the NOAH files carry no names).
-    """
-    task_dir = Path(task_dir)
-    names_file = task_dir / "classes.txt"
-    if names_file.is_file():
-        names = [n.strip() for n in names_file.read_text(encoding="utf-8").splitlines() if n.strip()]
-        if not names:
-            raise DataError(f"{names_file}: no class names")
-        return names
-    top = -1
-    for split in SPLITS:
-        file = task_dir / f"{split}.txt"
-        if not file.is_file():
-            continue
-        for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
-            parts = line.strip().rsplit(None, 1)
-            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-                top = max(top, int(parts[1]))
-    if top < 0:
-        raise DataError(f"{task_dir}: no labels found in its split files")
-    return [str(i) for i in range(top + 1)]
+    """Class names of a VTAB-1k task folder (see `vtab_task`; numbers where it has no classes.txt)."""
+    return vtab_task(task_dir).classes
 
 
 # -- FGVC (VPT json splits) ------------------------------------------------------------------
@@ -138,20 +215,21 @@ def is_fgvc_dir(path: str | Path) -> bool:
     return (Path(path) / "train.json").is_file() and (Path(path) / "test.json").is_file()
 
 
-def _read_json_labels(path: Path) -> dict[str, object]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: split file not found") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not a readable json file: {err}") from err
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a json object mapping image path -> integer label")
-    return data
-
-
 def _valid_json_label(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _fgvc_json(dataset_dir: Path) -> dict[str, JsonPairs]:
+    return {name: read_json_pairs(dataset_dir / f"{name}.json") for name in ("train", "val", "test")
+            if (dataset_dir / f"{name}.json").is_file()}
+
+
+def _class_ids(dataset_dir: Path, data: dict[str, JsonPairs]) -> list[int]:
+    ids = sorted({v for pairs in data.values() for _, v in pairs if _valid_json_label(v)})
+    if not ids:
+        raise DataError(f"{dataset_dir}: no valid labels in train/val/test.json")
+    need_two_classes(len(ids), f"{dataset_dir} (train/val/test.json)", f"label {ids[0]} is the only label")
+    return ids
 
 
 def fgvc_class_ids(dataset_dir: str | Path) -> list[int]:
@@ -161,24 +239,11 @@ def fgvc_class_ids(dataset_dir: str | Path) -> list[int]:
     the union of all splits gives the same result and stays right if a split lacks a class.
     """
     dataset_dir = Path(dataset_dir)
-    ids: set[int] = set()
-    for name in ("train", "val", "test"):
-        file = dataset_dir / f"{name}.json"
-        if file.is_file():
-            ids.update(v for v in _read_json_labels(file).values() if _valid_json_label(v))
-    if not ids:
-        raise DataError(f"{dataset_dir}: no valid labels in train/val/test.json")
-    return sorted(ids)
+    return _class_ids(dataset_dir, _fgvc_json(dataset_dir))
 
 
-def fgvc_image_root(dataset_dir: str | Path) -> Path:
-    """Where the json paths are relative to: `images/`, `Images/` or the folder itself.
-
-    VPT's layouts: CUB and NABirds `<dir>/images`, Stanford Dogs `<dir>/Images`, Flowers and
-    Cars `<dir>`. The first candidate that holds the first listed image of train.json wins.
-    """
-    dataset_dir = Path(dataset_dir)
-    first = next(iter(_read_json_labels(dataset_dir / "train.json")), None)
+def _image_root(dataset_dir: Path, train: JsonPairs | None) -> Path:
+    first = train[0][0] if train else None
     candidates = [dataset_dir / "images", dataset_dir / "Images", dataset_dir]
     if first is not None:
         for root in candidates:
@@ -188,22 +253,26 @@ def fgvc_image_root(dataset_dir: str | Path) -> Path:
                     f"{', '.join(str(c) for c in candidates)}")
 
 
-def read_json_split(path: str | Path, image_root: str | Path, class_ids: Sequence[int], *,
-                    num_classes: int | None = None, on_error: OnError = "raise",
-                    check_files: bool = True) -> list[Sample]:
-    """Samples of a VPT-style json split (`{"relative/path.jpg": label, ...}`).
+def fgvc_image_root(dataset_dir: str | Path) -> Path:
+    """Where the json paths are relative to: `images/`, `Images/` or the folder itself.
 
-    Labels are mapped to 0..C-1 through `class_ids` (see `fgvc_class_ids`). Errors name the
-    json file and the entry (its position and key): json files carry no useful line numbers.
+    VPT's layouts: CUB and NABirds `<dir>/images`, Stanford Dogs `<dir>/Images`, Flowers and
+    Cars `<dir>`. The first candidate that holds the first listed image of train.json wins.
     """
-    path, image_root = Path(path), Path(image_root)
+    dataset_dir = Path(dataset_dir)
+    return _image_root(dataset_dir, read_json_pairs(dataset_dir / "train.json"))
+
+
+def _json_entries(path: Path, pairs: JsonPairs, guard: PathGuard, class_ids: Sequence[int], num_classes: int | None,
+                  on_error: OnError, check_files: bool) -> list[Entry]:
     index = {cid: i for i, cid in enumerate(class_ids)}
     problems = Problems(on_error, f"entries in {path.name}")
-    samples = []
-    for pos, (rel, raw) in enumerate(_read_json_labels(path).items(), start=1):
+    entries: list[Entry] = []
+    for pos, (rel, raw) in enumerate(pairs, start=1):
         where = f"{path} entry {pos} ({rel!r})"
         if not isinstance(raw, int) or isinstance(raw, bool):
-            problems.report(f"{where}: malformed entry, label {raw!r} is not an integer")
+            shown = dict(raw) if isinstance(raw, JsonPairs) else raw
+            problems.report(f"{where}: malformed entry, label {shown!r} is not an integer")
             continue
         if raw < 0:
             problems.report(f"{where}: label {raw} is negative")
@@ -211,23 +280,62 @@ def read_json_split(path: str | Path, image_root: str | Path, class_ids: Sequenc
         if raw not in index:
             problems.report(f"{where}: label {raw} is not one of the data set's classes")
             continue
-        _admit(samples, problems, Sample(image_root / rel, index[raw], where), num_classes, check_files,
-               note=f" (raw label {raw})")
-    return _finish(samples, problems, str(path))
+        _admit(entries, problems, guard, rel, index[raw], where, num_classes, check_files, note=f" (raw label {raw})")
+    problems.finish()
+    return dedupe(entries, str(path))
+
+
+def read_json_split(path: str | Path, image_root: str | Path, class_ids: Sequence[int], *,
+                    num_classes: int | None = None, on_error: OnError = "raise",
+                    check_files: bool = True) -> list[Sample]:
+    """Samples of a VPT-style json split (`{"relative/path.jpg": label, ...}`).
+
+    Labels are mapped to 0..C-1 through `class_ids` (see `fgvc_class_ids`). Errors name the
+    json file and the entry (its position and key): json files carry no useful line numbers.
+    Paths must stay inside the json file's folder.
+    """
+    path, image_root = Path(path), Path(image_root)
+    guard = PathGuard(image_root, boundary=path.parent)
+    entries = _json_entries(path, read_json_pairs(path), guard, class_ids, num_classes, on_error, check_files)
+    return _nonempty([s for s, _ in entries], str(path))
+
+
+def fgvc_task(dataset_dir: str | Path, *, num_classes: int | None = None, on_error: OnError = "raise",
+              check_files: bool = True) -> LoadedTask:
+    """Read and check train/val/test.json of an FGVC folder (the checks of `vtab_task`; the
+    classes are the raw labels, see `fgvc_class_ids`, and must all occur in train or val)."""
+    dataset_dir = Path(dataset_dir)
+    data = _fgvc_json(dataset_dir)
+    ids = _class_ids(dataset_dir, data)
+    root = _image_root(dataset_dir, data.get("train"))
+    guard = PathGuard(root, boundary=dataset_dir)
+    entries = {name: _json_entries(dataset_dir / f"{name}.json", pairs, guard, ids, num_classes, on_error,
+                                   check_files) for name, pairs in data.items()}
+    shown = {name: f"{name}.json" for name in ("train", "val", "test")}
+    across_splits(entries, shown, train=("train",), val=("val",), test=("test",))
+    first_seen: dict[int, str] = {}
+    for name in ("train", "val", "test"):
+        for sample, _ in entries.get(name, ()):
+            first_seen.setdefault(sample.label, sample.origin)
+    classes = [str(c) for c in ids]
+    where = [first_seen.get(i, str(dataset_dir)) for i in range(len(ids))]
+    bound = len(classes) if num_classes is None else min(num_classes, len(classes))
+    trained_classes(classes[:bound], entries, ("train", "val"), shown, where)
+    splits, sources = {}, {}
+    for split, names in FGVC_SPLITS.items():
+        missing = [n for n in names if n not in entries]
+        sources[split] = str(dataset_dir / f"{missing[0] if missing else names[-1]}.json")
+        if not missing:
+            splits[split] = [s for n in names for s, _ in entries[n]]
+            sources[split] = " + ".join(str(dataset_dir / f"{n}.json") for n in names)
+    return LoadedTask(classes, splits, sources)
 
 
 def fgvc_split(dataset_dir: str | Path, split: str, *, num_classes: int | None = None, on_error: OnError = "raise",
                check_files: bool = True) -> list[Sample]:
     """Samples of an FGVC data set: train800 -> train.json, val200 -> val.json,
-    train800val200 -> both, test -> test.json."""
-    dataset_dir = Path(dataset_dir)
-    root = fgvc_image_root(dataset_dir)
-    ids = fgvc_class_ids(dataset_dir)
-    samples: list[Sample] = []
-    for name in FGVC_SPLITS[canonical_split(split)]:
-        samples += read_json_split(dataset_dir / f"{name}.json", root, ids, num_classes=num_classes,
-                                   on_error=on_error, check_files=check_files)
-    return samples
+    train800val200 -> both, test -> test.json (the whole data set is checked, see `fgvc_task`)."""
+    return fgvc_task(dataset_dir, num_classes=num_classes, on_error=on_error, check_files=check_files).split(split)
 
 
 # -- ImageFolder -----------------------------------------------------------------------------
@@ -236,19 +344,55 @@ FOLDER_FRACTIONS = (0.6, 0.2, 0.2)  # train, val, test of each class when the fo
 
 
 def _class_dirs(root: Path) -> list[str]:
-    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not names:
+    entries = sorted((e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
+    if not entries:
         raise DataError(f"{root}: no class subfolders")
-    return names
+    real_root = os.path.realpath(root)
+    real = {e.name: os.path.realpath(e.path) for e in entries}
+    for e in entries:
+        if not e.is_symlink():
+            continue
+        target = real[e.name]
+        if inside(real_root, target):
+            what = "is" if target == real_root else "contains"
+            raise DataError(f"{root / e.name}: class folder {e.name!r} is a symlink to {target}, which {what} the data "
+                            f"set folder {root}: every image would also be in class {e.name!r}; replace the link "
+                            "by a folder holding only that class's images")
+        for other in entries:
+            if other.name != e.name and (inside(target, real[other.name]) or inside(real[other.name], target)):
+                how = ("the same folder as" if target == real[other.name] else
+                       "inside" if inside(target, real[other.name]) else "a folder containing")
+                raise DataError(f"{root / e.name}: class folder {e.name!r} is a symlink to {target}, {how} class "
+                                f"folder {other.name!r}: those images would be in two classes; replace the link by "
+                                "a folder holding only that class's images")
+    return [e.name for e in entries]
 
 
-def _images_under(folder: Path) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return files
+def _images_under(folder: Path) -> list[Entry]:
+    """Image files under `folder` (sorted, hidden names skipped, symlinked subfolders not followed,
+    like `os.walk`), each with its real path. Labels are filled in by the caller."""
+    out: list[Entry] = []
+
+    def walk(path: Path, real: str) -> None:
+        try:
+            listing = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            return
+        subdirs = []
+        for e in listing:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                if not e.is_symlink():
+                    subdirs.append(e.name)
+            elif Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+                key = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+                out.append((Sample(path / e.name, -1, ""), key))
+        for name in subdirs:
+            walk(path / name, os.path.join(real, name))
+
+    walk(folder, os.path.realpath(folder))
+    return out
 
 
 def _has_split_dirs(root: Path) -> bool:
@@ -258,21 +402,46 @@ def _has_split_dirs(root: Path) -> bool:
 def folder_classes(root: str | Path) -> list[str]:
     """Class names of an ImageFolder tree: its sorted subfolder names (of `train/` if split)."""
     root = Path(root)
-    return _class_dirs(root / "train" if _has_split_dirs(root) else root)
+    top = root / "train" if _has_split_dirs(root) else root
+    classes = _class_dirs(top)
+    need_two_classes(len(classes), str(top), f"the only class folder is {classes[0]!r}")
+    return classes
 
 
-def _folder_samples(root: Path, classes: list[str]) -> dict[int, list[Sample]]:
+def _folder_entries(root: Path, classes: list[str], strict: bool = True) -> dict[int, list[Entry]]:
+    """Each class's images under `root`. An image in two class folders (through symlinks) is a
+    `DataError` naming both; the same image twice in one class is kept once, with a `DataWarning`.
+    `strict`: a class folder that is not a known class, or holds no image, is a `DataError`."""
     known = set(classes)
-    extra = [c for c in _class_dirs(root) if c not in known]
-    if extra:
+    names = _class_dirs(root)
+    extra = [c for c in names if c not in known]
+    if extra and strict:
         raise DataError(f"{root}: class folders {extra} are not among the classes {classes}")
-    out: dict[int, list[Sample]] = {}
+    out: dict[int, list[Entry]] = {}
+    owner: dict[str, Sample] = {}
+    repeats: list[str] = []
     for label, name in enumerate(classes):
         folder = root / name
-        files = _images_under(folder) if folder.is_dir() else []
-        if folder.is_dir() and not files:
+        found = _images_under(folder) if folder.is_dir() else []
+        if folder.is_dir() and not found and strict:
             raise DataError(f"{folder}: class folder {name!r} holds no image files; remove it or add images")
-        out[label] = [Sample(f, label, f"{folder}/") for f in files]
+        kept = []
+        for sample, key in found:
+            sample = Sample(sample.path, label, f"{folder}/")
+            seen = owner.setdefault(key, sample)
+            if seen is sample:
+                kept.append((sample, key))
+            elif seen.label != label:
+                raise DataError(f"{sample.path}: the same image as {seen.path} (through a symlink), but in class "
+                                f"{name!r} and in class {classes[seen.label]!r}; an image must be in one class: "
+                                "remove one of them")
+            else:
+                repeats.append(f"{sample.path} = {seen.path}")
+        out[label] = kept
+    if repeats:
+        shown = "; ".join(repeats[:3]) + ("; ..." if len(repeats) > 3 else "")
+        warnings.warn(f"{root}: {len(repeats)} images are the same file as another of their class (through "
+                      f"symlinks) and were kept once: {shown}", DataWarning, stacklevel=3)
     return out
 
 
@@ -301,25 +470,36 @@ def folder_split(root: str | Path, split: str, *, seed: int = 0) -> list[Sample]
     split = canonical_split(split)
     classes = folder_classes(root)
     if _has_split_dirs(root):
-        if split == "test":
-            groups = _folder_samples(root / "test", classes)
-            samples = [s for label in sorted(groups) for s in groups[label]]
-        elif (root / "val").is_dir():
-            samples = []
-            for name in (("train",) if split == "train800" else ("val",) if split == "val200" else ("train", "val")):
-                groups = _folder_samples(root / name, classes)
-                samples += [s for label in sorted(groups) for s in groups[label]]
+        has_val = (root / "val").is_dir()
+        parts = ("train", "val", "test") if has_val else ("train", "test")
+        if split == "test" or has_val:
+            wanted = {"train800": ("train",), "val200": ("val",), "train800val200": ("train", "val"),
+                      "test": ("test",)}[split]
         else:
-            groups = _folder_samples(root / "train", classes)
+            wanted = ("train",)  # val200 is cut from train/
+        trees: dict[str, list[Entry]] = {}
+        for name in parts:
+            try:
+                groups = _folder_entries(root / name, classes, strict=name in wanted)
+            except DataError:
+                if name in wanted:
+                    raise
+                continue  # reported when that split is loaded; here it only serves the overlap check
+            trees[name] = [e for label in sorted(groups) for e in groups[label]]
+        across_splits(trees, {n: f"{root / n}/" for n in parts}, train=("train",), val=("val",), test=("test",))
+        if split == "test" or has_val:
+            samples = [s for name in wanted for s, _ in trees[name]]
+        else:
             samples = []
-            for label in sorted(groups):
-                train, val = _cut(groups[label], (0.8, 0.2), seed, f"{classes[label]}")
+            for label in range(len(classes)):
+                group = [s for s, _ in trees["train"] if s.label == label]
+                train, val = _cut(group, (0.8, 0.2), seed, f"{classes[label]}")
                 samples += {"train800": train, "val200": val, "train800val200": train + val}[split]
     else:
-        groups = _folder_samples(root, classes)
+        groups = _folder_entries(root, classes)
         samples = []
         for label in sorted(groups):
-            train, val, test = _cut(groups[label], FOLDER_FRACTIONS, seed, f"{classes[label]}")
+            train, val, test = _cut([s for s, _ in groups[label]], FOLDER_FRACTIONS, seed, f"{classes[label]}")
             samples += {"train800": train, "val200": val, "train800val200": train + val, "test": test}[split]
     if not samples:
         raise DataError(f"{root}: split {split} has no images")

@@ -65,12 +65,16 @@ def resolve_spec(spec: str, cache: str | Path | None = None) -> ResolvedSpec:
 
 
 def class_names(spec: str, cache: str | Path | None = None) -> list[str]:
-    """The class names of the data set `spec` names (numbers where the layout has no names)."""
+    """The class names of the data set `spec` names (numbers where the layout has no names).
+
+    The whole data set is listed and checked (every split file, every listed image exists; see
+    docs/data.md, "Bad input"), so a run fails here, before it trains, not at its final evaluation.
+    """
     r = resolve_spec(spec, cache)
     if r.kind == "vtab":
-        return layouts.vtab_classes(r.path)
+        return layouts.vtab_task(r.path).classes
     if r.kind == "fgvc":
-        return [str(c) for c in layouts.fgvc_class_ids(r.path)]
+        return layouts.fgvc_task(r.path).classes
     return layouts.folder_classes(r.path)
 
 
@@ -87,17 +91,18 @@ def load_split(spec: str, split: str, transform: Callable[[Any], Any] | None = N
     `split`: `train800`, `val200`, `train800val200` or `test` (FGVC: train/val/train+val/test
     json; ImageFolder: a seeded split, `seed`). `num_classes`: labels at or above it are
     errors (default: the data set's own class count). `on_error="skip"` skips bad entries
-    with one warning instead of raising. `verify=True` opens every image now.
+    with one warning instead of raising. The whole data set is listed and checked now, every
+    split (see docs/data.md, "Bad input"); `verify=True` also opens every image of this split.
     """
     r = resolve_spec(spec, cache)
-    names = class_names(spec, cache)
-    limit = num_classes if num_classes is not None else len(names)
-    if r.kind == "vtab":
-        samples = layouts.vtab_split(r.path, split, num_classes=limit, on_error=on_error)
-    elif r.kind == "fgvc":
-        samples = layouts.fgvc_split(r.path, split, num_classes=limit, on_error=on_error)
-    else:
+    if r.kind == "folder":
+        names = layouts.folder_classes(r.path)
         samples = layouts.folder_split(r.path, split, seed=seed)
+    else:
+        read = layouts.vtab_task if r.kind == "vtab" else layouts.fgvc_task
+        task = read(r.path, num_classes=num_classes, on_error=on_error)
+        names, samples = task.classes, task.split(split)
+    limit = num_classes if num_classes is not None else len(names)
     classes = (names + [str(i) for i in range(len(names), limit)])[:limit]
     dataset = ImageDataset(samples, transform, classes=classes, num_classes=limit)
     if verify:

@@ -199,7 +199,8 @@ def resolve_backbone(name: str, cache: str | Path | None = None, *, fetch: bool 
 
 
 def offline_model(name: str, num_classes: int, img_size: int | None = None, *, fetch: bool = True,
-                  cache: str | Path | None = None, **model_kwargs: Any) -> nn.Module:
+                  cache: str | Path | None = None, weights: str | Path | None = None,
+                  **model_kwargs: Any) -> nn.Module:
     """A model with the offline backbone's pretrained weights and a new `num_classes` head.
 
     Use `sparseft.models.create_model(name, num_classes)`, the one public model factory, which
@@ -212,9 +213,16 @@ def offline_model(name: str, num_classes: int, img_size: int | None = None, *, f
     to it (default: the data config's size, 224 for DINOv2, whose checkpoint holds the native
     37x37 grid). `model.pretrained_cfg` carries the data config, so
     `timm.data.resolve_data_config(model=model)` gives the right mean/std/size.
-    `model_kwargs` go to the architecture (e.g. `drop_path_rate=0.1`).
+    `model_kwargs` go to the architecture (e.g. `drop_path_rate=0.1`). `weights`: a local file
+    with this architecture's weights (e.g. a merged task) instead of the cached checkpoint.
     """
-    spec, path, data_config = resolve_backbone(name, cache, fetch=fetch, img_size=img_size)
+    if weights is None:
+        spec, path, data_config = resolve_backbone(name, cache, fetch=fetch, img_size=img_size)
+    else:
+        spec, path = get_spec(name), Path(weights)
+        data_config = dict(spec.data_config)
+        if img_size is not None:
+            data_config["input_size"] = (3, img_size, img_size)
     model = spec.build(**model_kwargs)
     load_weights(model, path)
     if num_classes != spec.num_classes:

@@ -6,6 +6,11 @@
    summed over batches. Score = |Σg| (official) or Σ|g|.
 2. Select: for every neuron (row of a weight viewed as [out, rest]) keep the top-K entries.
 
+Failures are loud: options that cannot work (K < 1, temperature <= 0, ...) are refused before any
+forward pass, labels must be a 1-D vector of class indices, and a pass whose batches never held
+two classes (no SupCon negatives), whose loss went NaN/inf, or whose scores are NaN/inf or all
+zero raises `SelectionError` instead of selecting input column 0 of every row.
+
 Memory: `chunk_size` runs the batch's forward without gradients, takes the loss gradient with
 respect to the features, then re-runs the model chunk by chunk (replaying the random state, so
 drop-path draws the same masks) and back-propagates the feature gradient. Peak activation memory
@@ -16,6 +21,8 @@ in train mode normalise per chunk in that case.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -26,9 +33,29 @@ from tqdm.auto import tqdm
 
 from sparseft.models import feature_fn
 from sparseft.selection.rules import Eligibility, parameter_roles
-from sparseft.selection.selection import Selection
+from sparseft.selection.selection import Selection, SelectionError
 
 ScoreReduction = Literal["abs_of_sum", "sum_of_abs", "sum_of_squares"]
+LOSSES = ("supcon", "ce")
+BATCH_ADVICE = "use --batch-size >= 2 with at least two classes per batch"
+
+
+def check_count(value: Any, name: str, flag: str, what: str) -> None:
+    """Refuse a count option that is not a whole number >= 1 (SelectionError naming `name` and `flag`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise SelectionError(f"{name} must be a whole number of at least 1 ({flag}, {what}), got {value!r}")
+
+
+def check_temperature(temperature: Any) -> None:
+    """Refuse a SupCon temperature that is not a finite number > 0 (the logits are divided by it)."""
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not (math.isfinite(t) and t > 0):
+        raise SelectionError(
+            f"temperature must be a finite number > 0 (--temperature; GPS uses 0.07), got {temperature!r}: "
+            "the SupCon logits are divided by it, so 0 gives a NaN loss and a negative value inverts it")
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -83,15 +110,36 @@ def default_two_views(images: torch.Tensor, generator: torch.Generator | None = 
 def _split_batch(batch: Any, augment: Callable | None,
                  generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
     if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-        raise ValueError("selection loader must yield (images, labels) or ([view1, view2], labels)")
+        raise SelectionError("selection loader must yield (images, labels) or ([view1, view2], labels)")
     images, labels = batch
     if isinstance(images, (list, tuple)):
         if len(images) < 2:
-            raise ValueError("a multi-view batch needs at least two views per image")
+            raise SelectionError("a multi-view batch needs at least two views per image")
         return list(images), labels
     if augment is not None:
         return list(augment(images)), labels
     return default_two_views(images, generator), labels
+
+
+def class_labels(labels: Any, views: list[torch.Tensor], step: int) -> torch.Tensor:
+    """`labels` as a 1-D integer tensor with one class index per image of every view, or SelectionError."""
+    if not isinstance(labels, torch.Tensor):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise SelectionError(f"selection batch {step}: labels must be a tensor of class indices, "
+                                 f"got {type(labels).__name__}") from err
+    dtype = labels.dtype
+    if labels.dim() != 1 or dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
+        raise SelectionError(
+            f"selection batch {step}: labels must be a 1-D integer vector of class indices [B], got shape "
+            f"{tuple(labels.shape)} ({str(dtype).removeprefix('torch.')}); one-hot or soft labels [B, C] "
+            "need labels.argmax(1), float class ids need .long()")
+    sizes = {len(v) for v in views}
+    if sizes != {labels.shape[0]}:
+        raise SelectionError(f"selection batch {step}: {labels.shape[0]} labels for views of "
+                             f"{sorted(sizes)} images")
+    return labels
 
 
 @contextlib.contextmanager
@@ -140,10 +188,27 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     `loss="supcon"` is GPS's head-free loss on two views per image; `loss="ce"` uses the model's
     own head (cross-entropy, first view only; plain image batches are used as they are).
     `reduction`: |Σg| (GPS official), Σ|g|, or Σg² (SPT's sensitivity). Returns (scores, counts
-    of batches and images).
+    of batches and images; for SupCon also `single_class_batches`, the batches without negatives).
+
+    Raises SelectionError, before any forward pass, for a temperature <= 0 (SupCon), `max_batches`
+    or `chunk_size` < 1, or a SupCon loader of batch size 1; per batch for labels that are not a
+    1-D integer class vector; after the pass when no batch held two classes (SupCon), or the loss
+    (in some batch) or the scores (of some named parameter) are NaN/inf.
     """
     if reduction not in ("abs_of_sum", "sum_of_abs", "sum_of_squares"):
-        raise ValueError(f"reduction must be 'abs_of_sum', 'sum_of_abs' or 'sum_of_squares', not {reduction!r}")
+        raise SelectionError(f"reduction must be 'abs_of_sum', 'sum_of_abs' or 'sum_of_squares', not {reduction!r}")
+    if loss not in LOSSES:
+        raise SelectionError(f"loss must be one of {LOSSES} (--loss), not {loss!r}")
+    if loss == "supcon":
+        check_temperature(temperature)
+    if max_batches is not None:
+        check_count(max_batches, "max_batches", "--select-batches", "batches of the selection pass")
+    if chunk_size is not None:
+        check_count(chunk_size, "chunk_size", "--select-chunk", "images per re-run chunk")
+    if loss == "supcon" and getattr(loader, "batch_size", None) == 1:
+        raise SelectionError("the selection loader has batch size 1: every SupCon batch then holds one image "
+                             "(its two views are each other's only positive, with no negatives), so the loss is 0 "
+                             f"and no gradient reaches the weights; {BATCH_ADVICE}")
     names = list(names)
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
@@ -152,13 +217,16 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names} if per_batch else None
     generator = torch.Generator().manual_seed(seed)
     stats = {"batches": 0, "images": 0}
+    losses: list[torch.Tensor] = []    # per batch, checked after the pass (no sync per batch)
+    contrast: list[torch.Tensor] = []  # per batch (SupCon): whether it holds two classes, i.e. negatives
+    sizes: list[int] = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return features(x) if loss == "supcon" else model(x)
 
     def objective(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return supcon_loss(out, y, temperature) if loss == "supcon" else F.cross_entropy(out.float(), y)
+        return supcon_loss(out, y, temperature) if loss == "supcon" else F.cross_entropy(out.float(), y.long())
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), scoring_mode(model, set(names)):
         torch.manual_seed(seed)
@@ -171,10 +239,14 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
             else:
                 views, labels = _split_batch(batch, augment, generator)
                 views = views[:1] if loss == "ce" else views
+            labels = class_labels(labels, views, step)
+            if loss == "supcon":
+                contrast.append((labels[1:] != labels[:1]).any())
             x = torch.cat([v.to(device) for v in views])
             y = labels.to(device).repeat(len(views))
             if chunk_size is None or chunk_size >= len(x):
-                objective(forward(x), y).backward()
+                value = objective(forward(x), y)
+                value.backward()
             else:
                 spans = [slice(i, i + chunk_size) for i in range(0, len(x), chunk_size)]
                 states, outs = [], []
@@ -184,7 +256,8 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                         outs.append(forward(x[span]).float())
                 after = _rng_state(device)
                 out = torch.cat(outs).requires_grad_(True)
-                objective(out, y).backward()
+                value = objective(out, y)
+                value.backward()
                 for span, state in zip(spans, states):
                     _set_rng_state(device, state)
                     forward(x[span]).float().backward(out.grad[span])
@@ -195,6 +268,8 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                         g = params[n].grad.float()
                         acc[n] += g.square() if reduction == "sum_of_squares" else g.abs()
                         params[n].grad = None
+            losses.append(value.detach())
+            sizes.append(len(labels))
             stats["batches"] += 1
             stats["images"] += len(labels)
         if acc is None:  # |Σg|: take each accumulated gradient over, in place (no second copy of the model)
@@ -203,14 +278,49 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                 grad, params[n].grad = params[n].grad, None
                 acc[n] = grad.abs_().float() if grad is not None else torch.zeros_like(params[n], dtype=torch.float32)
     if stats["batches"] == 0:
-        raise ValueError("selection loader yielded no batches")
+        raise SelectionError("selection loader yielded no batches (is the training split empty?)")
+    if loss == "supcon":
+        mixed = int(torch.stack([c.cpu() for c in contrast]).sum())
+        stats["single_class_batches"] = stats["batches"] - mixed
+        if mixed == 0:
+            size = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+            raise SelectionError(
+                f"none of the {stats['batches']} selection batches held two classes (batch size {size}), so the "
+                "SupCon loss had no negatives and its gradients carry no class information; "
+                f"{BATCH_ADVICE} (shuffle the data if it is sorted by class)")
+    finite = torch.stack([v.float().cpu() for v in losses]).isfinite()
+    bad_name = _first_nonfinite(acc)
+    if bad_name is not None or not bool(finite.all()):
+        problems = []
+        if bad_name is not None:
+            problems.append(f"gradient scores of {_nonfinite_where(acc, bad_name)} are not finite")
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            problems.append(f"the {loss} loss is {float(losses[first])} in selection batch {first} "
+                            f"({int((~finite).sum())} of {len(losses)} batches)")
+        raise SelectionError("; ".join(problems) + ": the images hold NaN/inf values, or the loss or the gradients "
+                             "overflowed; check the data and the model weights (a tiny --temperature or --bf16 "
+                             "can overflow too)")
     return acc, stats
+
+
+def _first_nonfinite(scores: dict[str, torch.Tensor]) -> str | None:
+    for name, score in scores.items():
+        if not bool(torch.isfinite(score).all()):
+            return name
+    return None
+
+
+def _nonfinite_where(scores: dict[str, torch.Tensor], name: str) -> str:
+    bad = int((~torch.isfinite(scores[name])).sum())
+    hit = sum(1 for s in scores.values() if not bool(torch.isfinite(s).all()))
+    return f"'{name}' ({bad} of {scores[name].numel()} entries NaN/inf; {hit} of {len(scores)} weights affected)"
 
 
 def top_k_per_neuron(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Flat indices of the K highest-scoring entries of every row of each [out, rest] view."""
     if k < 1:
-        raise ValueError(f"K must be at least 1, got {k}")
+        raise SelectionError(f"K must be at least 1, got {k}")
     chosen = {}
     for name, score in scores.items():
         rows = score.reshape(score.shape[0], -1)
@@ -258,7 +368,33 @@ def criterion_scores(model: nn.Module, names: list[str], criterion: str, seed: i
     if criterion == "random":
         g = torch.Generator().manual_seed(seed)
         return {n: torch.rand(params[n].shape, generator=g) for n in names}
-    raise ValueError(f"criterion must be one of {CRITERIA}, not {criterion!r}")
+    raise SelectionError(f"criterion must be one of {CRITERIA}, not {criterion!r}")
+
+
+def check_scores(scores: dict[str, torch.Tensor], criterion: str = "gradient", loss: str = "supcon") -> None:
+    """Refuse scores that cannot rank anything: NaN/inf in any weight, or zero for every weight.
+
+    Either way top-K would pick input column 0 of every row. `criterion`/`loss` shape the advice.
+    """
+    if not scores:
+        return
+    name = _first_nonfinite(scores)
+    if name is not None:
+        where = _nonfinite_where(scores, name)
+        if criterion == "magnitude":
+            raise SelectionError(f"magnitude scores: the weights of {where} are not finite; the model's weights "
+                                 "are broken (check the checkpoint)")
+        raise SelectionError(f"GPS scores of {where} are not finite: the gradients overflowed, or the images or "
+                             "model weights hold NaN/inf; check the data and the weights")
+    if not any(bool(s.any()) for s in scores.values()):
+        if criterion == "magnitude":
+            raise SelectionError(f"every eligible weight is zero ({len(scores)} weights), so --criterion magnitude "
+                                 "has nothing to rank; load the pretrained weights or use --criterion gradient")
+        advice = ("with --loss ce the gradient passes through the head, and a zero-initialised head passes none; "
+                  "use --loss supcon" if loss == "ce" else
+                  "check that the model's pooled features depend on them (--head names the classifier)")
+        raise SelectionError(f"GPS scores are zero for every eligible weight ({len(scores)} weights): no gradient "
+                             f"reached them; {advice}")
 
 
 def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Eligibility | None = None,
@@ -275,21 +411,30 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
     Ablations of the paper: `level` neuron (top-K per row) | layer (rows×K per weight) | net
     (the same total over the network); `criterion` gradient | magnitude | random; `loss`
     supcon (head-free) | ce (through the model's randomly initialised head).
+
+    Raises SelectionError (a ValueError) instead of selecting from scores that rank nothing: see
+    `gradient_scores` for the options and data it refuses, and `check_scores` for NaN/inf or
+    all-zero scores.
     """
     if level not in LEVELS:
-        raise ValueError(f"level must be one of {sorted(LEVELS)}, not {level!r}")
+        raise SelectionError(f"level must be one of {sorted(LEVELS)} (--level), not {level!r}")
+    if criterion not in CRITERIA:
+        raise SelectionError(f"criterion must be one of {CRITERIA} (--criterion), not {criterion!r}")
+    check_count(k, "k", "--k", "input connections kept per neuron")
     roles = parameter_roles(model, rules, head)
     selectable = [n for n, r in roles.items() if r == "select"]
     stats: dict[str, Any] = {}
     if criterion == "gradient":
         if loader is None:
-            raise ValueError("gradient selection needs a data loader")
+            raise SelectionError("gradient selection needs a data loader")
         scores, stats = gradient_scores(model, loader, selectable, loss=loss, temperature=temperature,
                                         reduction=score, augment=augment, max_batches=max_batches,
                                         chunk_size=chunk_size, autocast=autocast, seed=seed, head=head,
                                         progress=progress)
     else:
         scores = criterion_scores(model, selectable, criterion, seed)
+    if criterion != "random":  # random scores need no data and are never NaN or all zero
+        check_scores(scores, criterion, loss)
     params = dict(model.named_parameters())
     return Selection(
         indices=LEVELS[level](scores, k),
