@@ -224,10 +224,14 @@ def offline_model(name: str, num_classes: int, img_size: int | None = None, *, f
         if img_size is not None:
             data_config["input_size"] = (3, img_size, img_size)
     model = spec.build(**model_kwargs)
-    load_weights(model, path)
+    vit = hasattr(model, "pos_embed") and hasattr(model, "patch_embed")
+    if weights is None:
+        load_weights(model, path)
     if num_classes != spec.num_classes:
         replace_head(model, num_classes)
-    if hasattr(model, "pos_embed") and hasattr(model, "patch_embed"):
+    if vit:
         set_vit_img_size(model, data_config["input_size"][-1])
+    if weights is not None:  # the user's file holds this head and input size already
+        load_weights(model, path)
     return attach_data_config(model, data_config, architecture=spec.architecture, tag="offline",
                               num_classes=num_classes, license=spec.licence, source=spec.source)

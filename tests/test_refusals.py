@@ -1,0 +1,216 @@
+"""What sparseft refuses: run folders, resumes, settings, diverged checkpoints, changed weights, bad files.
+
+Each test checks that the error names the offending file/option/tensor and that nothing was overwritten.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_vtab, random_selection, tiny_model, toy_loader, train_steps
+
+import sparseft
+from sparseft.cli import main
+from sparseft.train import TrainConfig, TrainingDiverged, fit
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy-0.1"
+MODEL = ["--model", "test_vit", "--img-size", "32"]
+FAST = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress",
+        "--method", "linear"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_vtab(tmp_path_factory.mktemp("task") / "toy", n_train=8, n_val=4, n_test=6, classes=3)
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_fresh_run_refuses_a_folder_that_is_not_empty(tmp_path, task, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "delta.safetensors").write_bytes(b"another task's file")
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 1
+    assert f"{out} is not empty" in one_line(capsys.readouterr().err)
+    assert snapshot(out) == {"delta.safetensors": b"another task's file", "notes.txt": b"mine"}
+    assert main(["train", "--data", str(task), "--out", str(out), "--overwrite", *MODEL, *FAST]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "summary.json").exists()
+
+
+def test_resume_refuses_changed_settings_and_a_missing_run(tmp_path, task, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--data", str(task), "--out", str(out), "--resume", *MODEL, *FAST, "--lr", "0.01"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "config.json" in line and "changed settings" in line and "lr: 0.001 -> 0.01" in line
+    assert main(["train", "--data", str(task), "--out", str(tmp_path / "none"), "--resume", *MODEL, *FAST]) == 1
+    assert "nothing to resume" in one_line(capsys.readouterr().err)
+    (out / "checkpoint.json").unlink()  # a finished run whose checkpoint is gone is not trained again
+    assert main(["train", "--data", str(task), "--out", str(out), "--resume", *MODEL, *FAST]) == 0
+    assert {k: v for k, v in snapshot(out).items() if k != "checkpoint.json"} == {
+        k: v for k, v in before.items() if k != "checkpoint.json"}
+
+
+@pytest.mark.parametrize(("flag", "value", "named"), [
+    ("--lr", "-1", "lr (--lr) must be > 0"), ("--epochs", "0", "epochs (--epochs) must be >= 1"),
+    ("--label-smoothing", "2", "label_smoothing (--label-smoothing) must be in [0, 1)"),
+    ("--img-size", "7", "img_size (--img-size) 7 is not a positive multiple"),
+])
+def test_bad_settings_fail_before_any_work_naming_the_flag(tmp_path, task, capsys, flag, value, named):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(task), "--out", str(out), *MODEL, *FAST, flag, value]
+    assert main(argv) == 1
+    assert named in one_line(capsys.readouterr().err)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_gps_k_zero_fails_before_the_selection_pass(tmp_path, task, capsys):
+    argv = ["train", "--data", str(task), "--out", str(tmp_path / "r"), *MODEL, *FAST[:-2], "--method", "gps",
+            "--k", "0"]
+    assert main(argv) == 1
+    assert "--k" in one_line(capsys.readouterr().err)
+
+
+class _BlowsUpAfter:
+    """A loader that, after its last batch of epoch `epoch`, writes inf into a weight (a step gone wrong)."""
+
+    def __init__(self, loader, model, epoch):
+        self.loader, self.model, self.epoch, self.seen = loader, model, epoch, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from self.loader
+        self.seen += 1
+        if self.seen == self.epoch:
+            with torch.no_grad():
+                next(p for p in self.model.parameters() if p.requires_grad).fill_(float("inf"))
+
+
+def test_a_non_finite_model_is_never_checkpointed_and_the_named_checkpoint_resumes(tmp_path):
+    model = tiny_model("vit")
+    sparseft.apply(model, random_selection(model, k=1))
+    config = TrainConfig(epochs=3, lr=1e-3, warmup_epochs=0, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"non-finite values in .* after epoch 2; .*the last finite "
+                                               r"checkpoint is .*checkpoint.json \(epoch 1\)"):
+        fit(model, _BlowsUpAfter(toy_loader(n=16), model, 2), config, run_dir=tmp_path)
+    record = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert record["epoch"] == 0  # epochs are counted from 0 in the record: epoch 1 finished
+    fresh = tiny_model("vit")
+    sparseft.apply(fresh, random_selection(fresh, k=1))
+    summary = fit(fresh, toy_loader(n=16), config, run_dir=tmp_path, resume=True)
+    assert len(summary["history"]) == 3
+
+
+def test_a_merged_model_trained_further_cannot_be_saved_or_unmerged(tmp_path):
+    model = tiny_model("vit")
+    sparseft.apply(model, random_selection(model, k=1))
+    train_steps(model, steps=1)
+    sparseft.merge(model)
+    assert all(p.requires_grad for p in model.parameters())  # merge gives back a plain model, as it was
+    train_steps(model, steps=1)
+    with pytest.raises(sparseft.DeltaError, match=r"cannot save the task: \d+ weight\(s\) changed since merge"):
+        sparseft.save_delta(model, tmp_path / "t.safetensors")
+    with pytest.raises(sparseft.DeltaError, match=r"cannot unmerge: .*(blocks|patch_embed|cls_token|pos_embed)"):
+        sparseft.unmerge(model)
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_frozen_weights_written_behind_the_engines_back_are_named(tmp_path):
+    model = tiny_model("vit")
+    sparseft.apply(model, random_selection(model, k=1))
+    with torch.no_grad():
+        model.pos_embed.add_(1.0)
+    with pytest.raises(sparseft.DeltaError, match="pos_embed"):
+        sparseft.save_delta(model, tmp_path / "t.safetensors")
+
+
+def test_a_header_without_its_checksum_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(LEGACY / "gps.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["header"])
+    header.pop("header_sha256")
+    header["extra"]["method"] = "full"  # a forged method, checksum removed to hide it
+    save_file(tensors, str(tmp_path / "forged.safetensors"), metadata={**meta, "header": json.dumps(header)})
+    with pytest.raises(sparseft.DeltaFileError, match="forged.safetensors: header checksum missing"):
+        sparseft.read_delta(tmp_path / "forged.safetensors")
+
+
+def test_files_are_written_with_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        model = tiny_model("vit")
+        sparseft.apply(model, random_selection(model, k=1))
+        path = sparseft.save_delta(model, tmp_path / "t.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_eval_refuses_data_with_another_class_count(tmp_path, task, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 0
+    other = make_vtab(tmp_path / "other", n_train=8, n_val=4, n_test=6, classes=4)
+    capsys.readouterr()
+    assert main(["eval", str(out / "delta.safetensors"), "--data", str(other)]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "delta.safetensors: the task has 3 classes" in line and "has 4" in line
+
+
+def test_a_corrupt_test_image_fails_before_training(tmp_path, task, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(task, broken)
+    test_image = broken / (broken / "test.txt").read_text().split()[0]
+    test_image.write_bytes(b"not a png")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(broken), "--out", str(out), *MODEL, *FAST]) == 1
+    assert test_image.name in one_line(capsys.readouterr().err)
+    assert not (out / "selection.safetensors").exists() and not (out / "config.json").exists()
+
+
+def test_weights_for_an_offline_backbone_name_load_onto_its_architecture(tmp_path):
+    from sparseft.hub import cached_weights
+
+    if cached_weights("mobilenetv2_100_offline") is None:
+        pytest.skip("mobilenetv2_100_offline is not cached (make test fetches it)")
+    from safetensors.torch import save_file
+
+    model = sparseft.create_model("mobilenetv2_100_offline", num_classes=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "mine.safetensors"))
+    again = sparseft.create_model("mobilenetv2_100_offline", num_classes=3, weights=tmp_path / "mine.safetensors")
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, task, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import sparseft.deltafile
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(sparseft.deltafile, "save_file", full_disk)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 1
+    assert "StorageFull" in one_line(capsys.readouterr().err)
+    assert not (out / "delta.safetensors").exists() and not list(out.glob(".delta.safetensors.*"))
