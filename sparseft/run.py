@@ -164,6 +164,13 @@ def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool
                           "a run needs an empty or new folder (or --overwrite, which replaces sparseft's files)")
 
 
+def _finished(run_dir: Path, spec: RunSpec) -> bool:
+    if not (run_dir / "summary.json").is_file():
+        return False
+    checkpoint = run_dir / "checkpoint.json"
+    return not checkpoint.is_file() or json.loads(checkpoint.read_text()).get("epoch", -1) + 1 >= spec.train.epochs
+
+
 def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = False,
         overwrite: bool = False) -> dict[str, Any]:
     """Train `spec.method` on `spec.data`; returns the summary (also written to the run folder).
@@ -174,6 +181,8 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         claim_run_dir(run_dir, spec, resume=resume, overwrite=overwrite)
+        if resume and _finished(run_dir, spec):  # a finished run is returned as it is, nothing rewritten
+            return json.loads((run_dir / "summary.json").read_text())
         if resume and spec.train.progress:
             print(f"[sparseft] resuming {run_dir}: its plan ({PLAN_FILE}) and last checkpoint are reused",
                   file=sys.stderr)

@@ -22,7 +22,8 @@ from sparseft.data import (
     resolve_spec,
     verify_samples,
 )
-from sparseft.data.layouts import canonical_split, fgvc_class_ids, fgvc_image_root, folder_split, read_split_file
+from sparseft.data.folder import folder_split
+from sparseft.data.layouts import canonical_split, fgvc_class_ids, fgvc_image_root, read_split_file
 
 # -- VTAB ------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from helpers import tiny_model, toy_batches
 
 import sparseft
 from sparseft.selection import Eligibility, Selection, SelectionError, parameter_roles, supcon_loss, top_k_per_neuron
-from sparseft.selection.gps import gradient_scores
+from sparseft.selection.scores import gradient_scores
 
 
 def naive_supcon(features, labels, t):

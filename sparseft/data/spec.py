@@ -4,7 +4,7 @@ Spec strings:
 
 - `<dir>` a VTAB-1k task folder (recognised by its `train800.txt`), or an FGVC folder
   (recognised by `train.json` + `test.json`); `vtab:<dir>` / `fgvc:<dir>` say it explicitly.
-- `folder:<dir>` an ImageFolder tree (class subfolders; see `layouts.folder_split`).
+- `folder:<dir>` an ImageFolder tree (class subfolders; see `folder.folder_split`).
 - `<suite>/<task>`, e.g. `mini-vtab/fashion_mnist`: a task provisioned offline by
   `sparseft data fetch` under the cache (`<cache>/data/<suite>/<task>`).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sparseft.data import layouts
+from sparseft.data import folder, layouts
 from sparseft.data.images import DataError, ImageDataset, OnError
 from sparseft.data.tasks import SUITES, suite_dir
 
@@ -75,7 +75,7 @@ def class_names(spec: str, cache: str | Path | None = None) -> list[str]:
         return layouts.vtab_task(r.path).classes
     if r.kind == "fgvc":
         return layouts.fgvc_task(r.path).classes
-    return layouts.folder_classes(r.path)
+    return folder.folder_classes(r.path)
 
 
 def num_classes(spec: str, cache: str | Path | None = None) -> int:
@@ -96,8 +96,8 @@ def load_split(spec: str, split: str, transform: Callable[[Any], Any] | None = N
     """
     r = resolve_spec(spec, cache)
     if r.kind == "folder":
-        names = layouts.folder_classes(r.path)
-        samples = layouts.folder_split(r.path, split, seed=seed)
+        names = folder.folder_classes(r.path)
+        samples = folder.folder_split(r.path, split, seed=seed)
     else:
         read = layouts.vtab_task if r.kind == "vtab" else layouts.fgvc_task
         task = read(r.path, num_classes=num_classes, on_error=on_error)

@@ -98,16 +98,18 @@ def fold_lora(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @register
 class LoRA(Method):
+    """peft's LoRA layers on the layers `lora_targets` names (see the module docstring)."""
+
     name = "lora"
     summary = "LoRA (peft): low-rank update (alpha/r)·B·A on qkv/proj/fc1/fc2; merges into the weights"
 
     @dataclass
     class Options:
+        lora_targets: str = field(default=DEFAULT_TARGETS, metadata={
+            "help": "comma-separated module names (or name suffixes) to adapt, e.g. qkv,proj,fc1,fc2 or conv1,conv2"})
         lora_r: int = field(default=8, metadata={"help": "LoRA rank r"})
         lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/r"})
         lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input"})
-        lora_targets: str = field(default=DEFAULT_TARGETS, metadata={
-            "help": "comma-separated module names (or name suffixes) to adapt, e.g. qkv,proj,fc1,fc2 or conv1,conv2"})
         lora_conv: bool = field(default=False, metadata={
             "help": "also adapt matching kxk Conv2d layers (CNNs, the ViT patch embedding)"})
 

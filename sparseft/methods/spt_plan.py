@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparseft.models import head_parameter_names
-from sparseft.selection.gps import gradient_scores
+from sparseft.selection.scores import gradient_scores
 
 EXCLUDED_WORDS = ("cls_token", "patch_embed", "pos_embed")
 DEFAULT_BUDGET_FRACTION = 0.005  # ≈ 0.43 M of ViT-B's 86 M, inside the official 0.2-1.0 M sweep

@@ -11,310 +11,27 @@ forward pass, labels must be a 1-D vector of class indices, and a pass whose bat
 two classes (no SupCon negatives), whose loss went NaN/inf, or whose scores are NaN/inf or all
 zero raises `SelectionError` instead of selecting input column 0 of every row.
 
-Memory: `chunk_size` runs the batch's forward without gradients, takes the loss gradient with
-respect to the features, then re-runs the model chunk by chunk (replaying the random state, so
-drop-path draws the same masks) and back-propagates the feature gradient. Peak activation memory
-then follows the chunk, not the batch, at the price of one extra forward. Models with BatchNorm
-in train mode normalise per chunk in that case.
+The scoring pass and its checks are in `sparseft.selection.scores`; this module holds the
+selection rules (per neuron, and the layer / net ablations) and `select`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import numbers
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from sparseft.models import feature_fn
 from sparseft.selection.rules import Eligibility, parameter_roles
+from sparseft.selection.scores import (
+    ScoreReduction,
+    check_count,
+    first_nonfinite,
+    gradient_scores,
+    nonfinite_where,
+)
 from sparseft.selection.selection import Selection, SelectionError
-
-ScoreReduction = Literal["abs_of_sum", "sum_of_abs", "sum_of_squares"]
-LOSSES = ("supcon", "ce")
-BATCH_ADVICE = "use --batch-size >= 2 with at least two classes per batch"
-
-
-def check_count(value: Any, name: str, flag: str, what: str) -> None:
-    """Refuse a count option that is not a whole number >= 1 (SelectionError naming `name` and `flag`)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise SelectionError(f"{name} must be a whole number of at least 1 ({flag}, {what}), got {value!r}")
-
-
-def check_temperature(temperature: Any) -> None:
-    """Refuse a SupCon temperature that is not a finite number > 0 (the logits are divided by it)."""
-    try:
-        t = float(temperature)
-    except (TypeError, ValueError):
-        t = math.nan
-    if not (math.isfinite(t) and t > 0):
-        raise SelectionError(
-            f"temperature must be a finite number > 0 (--temperature; GPS uses 0.07), got {temperature!r}: "
-            "the SupCon logits are divided by it, so 0 gives a NaN loss and a negative value inverts it")
-
-
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
-    """Supervised contrastive loss (Khosla et al. 2020), all anchors against all samples.
-
-    `features` [N, D] holds every view of every image (views stacked along N), `labels` [N].
-    Each anchor's positives are the other samples with its label (its own other view included).
-    """
-    if features.dim() != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(f"supcon_loss needs features [N, D] and labels [N], got {tuple(features.shape)} "
-                         f"and {tuple(labels.shape)}")
-    z = F.normalize(features.float(), dim=1)
-    logits = z @ z.t() / temperature
-    n = z.shape[0]
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    count = positives.sum(1)
-    has_pos = count > 0
-    mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)[has_pos] / count[has_pos]
-    return -mean_log_prob.mean()
-
-
-def default_two_views(images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Two geometric views per image (random resized crop 0.2-1 + flip), per image.
-
-    Used when a loader yields plain image batches. Colour jitter and greyscale need unnormalised
-    images, so they belong in the data pipeline (`sparseft.data` builds SimCLR-style views).
-    """
-    from torchvision.transforms.v2 import functional as TF
-
-    size = images.shape[-2:]
-    views = []
-    for _ in range(2):
-        out = torch.empty_like(images)
-        for i, img in enumerate(images):
-            area = torch.empty(1).uniform_(0.2, 1.0, generator=generator).item()
-            ratio = torch.exp(torch.empty(1).uniform_(-0.2877, 0.2877, generator=generator)).item()
-            h = max(1, min(size[0], round((area * size[0] * size[1] / ratio) ** 0.5)))
-            w = max(1, min(size[1], round((area * size[0] * size[1] * ratio) ** 0.5)))
-            top = int(torch.randint(0, size[0] - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, size[1] - w + 1, (1,), generator=generator))
-            crop = TF.resized_crop(img, top, left, h, w, list(size), antialias=True)
-            if torch.rand(1, generator=generator).item() < 0.5:
-                crop = TF.horizontal_flip(crop)
-            out[i] = crop
-        views.append(out)
-    return views
-
-
-def _split_batch(batch: Any, augment: Callable | None,
-                 generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
-    if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-        raise SelectionError("selection loader must yield (images, labels) or ([view1, view2], labels)")
-    images, labels = batch
-    if isinstance(images, (list, tuple)):
-        if len(images) < 2:
-            raise SelectionError("a multi-view batch needs at least two views per image")
-        return list(images), labels
-    if augment is not None:
-        return list(augment(images)), labels
-    return default_two_views(images, generator), labels
-
-
-def class_labels(labels: Any, views: list[torch.Tensor], step: int) -> torch.Tensor:
-    """`labels` as a 1-D integer tensor with one class index per image of every view, or SelectionError."""
-    if not isinstance(labels, torch.Tensor):
-        try:
-            labels = torch.as_tensor(labels)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise SelectionError(f"selection batch {step}: labels must be a tensor of class indices, "
-                                 f"got {type(labels).__name__}") from err
-    dtype = labels.dtype
-    if labels.dim() != 1 or dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
-        raise SelectionError(
-            f"selection batch {step}: labels must be a 1-D integer vector of class indices [B], got shape "
-            f"{tuple(labels.shape)} ({str(dtype).removeprefix('torch.')}); one-hot or soft labels [B, C] "
-            "need labels.argmax(1), float class ids need .long()")
-    sizes = {len(v) for v in views}
-    if sizes != {labels.shape[0]}:
-        raise SelectionError(f"selection batch {step}: {labels.shape[0]} labels for views of "
-                             f"{sorted(sizes)} images")
-    return labels
-
-
-@contextlib.contextmanager
-def scoring_mode(model: nn.Module, scored: set[str]) -> Iterator[None]:
-    """Train mode, gradients only for scored weights; restores flags, grads and buffers after."""
-    was_training = model.training
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    try:
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in scored)
-            p.grad = None
-        model.train()
-        yield
-    finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = grads[n]
-        model.train(was_training)
-
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(device: torch.device, state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
-                    loss: Literal["supcon", "ce"] = "supcon", temperature: float = 0.07,
-                    reduction: ScoreReduction = "abs_of_sum", augment: Callable | None = None,
-                    max_batches: int | None = None, chunk_size: int | None = None,
-                    autocast: bool = False, seed: int = 0, head: str | None = None,
-                    progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Accumulated gradient magnitudes for the named parameters over one pass of `loader`.
-
-    `loss="supcon"` is GPS's head-free loss on two views per image; `loss="ce"` uses the model's
-    own head (cross-entropy, first view only; plain image batches are used as they are).
-    `reduction`: |Σg| (GPS official), Σ|g|, or Σg² (SPT's sensitivity). Returns (scores, counts
-    of batches and images; for SupCon also `single_class_batches`, the batches without negatives).
-
-    Raises SelectionError, before any forward pass, for a temperature <= 0 (SupCon), `max_batches`
-    or `chunk_size` < 1, or a SupCon loader of batch size 1; per batch for labels that are not a
-    1-D integer class vector; after the pass when no batch held two classes (SupCon), or the loss
-    (in some batch) or the scores (of some named parameter) are NaN/inf.
-    """
-    if reduction not in ("abs_of_sum", "sum_of_abs", "sum_of_squares"):
-        raise SelectionError(f"reduction must be 'abs_of_sum', 'sum_of_abs' or 'sum_of_squares', not {reduction!r}")
-    if loss not in LOSSES:
-        raise SelectionError(f"loss must be one of {LOSSES} (--loss), not {loss!r}")
-    if loss == "supcon":
-        check_temperature(temperature)
-    if max_batches is not None:
-        check_count(max_batches, "max_batches", "--select-batches", "batches of the selection pass")
-    if chunk_size is not None:
-        check_count(chunk_size, "chunk_size", "--select-chunk", "images per re-run chunk")
-    if loss == "supcon" and getattr(loader, "batch_size", None) == 1:
-        raise SelectionError("the selection loader has batch size 1: every SupCon batch then holds one image "
-                             "(its two views are each other's only positive, with no negatives), so the loss is 0 "
-                             f"and no gradient reaches the weights; {BATCH_ADVICE}")
-    names = list(names)
-    params = dict(model.named_parameters())
-    device = next(iter(params.values())).device
-    features = feature_fn(model, head)
-    per_batch = reduction != "abs_of_sum"  # Σ|g| and Σg² (SPT's sensitivity) accumulate batch by batch
-    acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names} if per_batch else None
-    generator = torch.Generator().manual_seed(seed)
-    stats = {"batches": 0, "images": 0}
-    losses: list[torch.Tensor] = []    # per batch, checked after the pass (no sync per batch)
-    contrast: list[torch.Tensor] = []  # per batch (SupCon): whether it holds two classes, i.e. negatives
-    sizes: list[int] = []
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return features(x) if loss == "supcon" else model(x)
-
-    def objective(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return supcon_loss(out, y, temperature) if loss == "supcon" else F.cross_entropy(out.float(), y.long())
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), scoring_mode(model, set(names)):
-        torch.manual_seed(seed)
-        batches = tqdm(loader, desc="GPS scores", disable=not progress, leave=False)
-        for step, batch in enumerate(batches):
-            if max_batches is not None and step >= max_batches:
-                break
-            if loss == "ce" and isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor):
-                views, labels = [batch[0]], batch[1]  # cross-entropy needs no second view
-            else:
-                views, labels = _split_batch(batch, augment, generator)
-                views = views[:1] if loss == "ce" else views
-            labels = class_labels(labels, views, step)
-            if loss == "supcon":
-                contrast.append((labels[1:] != labels[:1]).any())
-            x = torch.cat([v.to(device) for v in views])
-            y = labels.to(device).repeat(len(views))
-            if chunk_size is None or chunk_size >= len(x):
-                value = objective(forward(x), y)
-                value.backward()
-            else:
-                spans = [slice(i, i + chunk_size) for i in range(0, len(x), chunk_size)]
-                states, outs = [], []
-                with torch.no_grad():
-                    for span in spans:
-                        states.append(_rng_state(device))
-                        outs.append(forward(x[span]).float())
-                after = _rng_state(device)
-                out = torch.cat(outs).requires_grad_(True)
-                value = objective(out, y)
-                value.backward()
-                for span, state in zip(spans, states):
-                    _set_rng_state(device, state)
-                    forward(x[span]).float().backward(out.grad[span])
-                _set_rng_state(device, after)
-            if acc is not None:
-                for n in names:
-                    if params[n].grad is not None:
-                        g = params[n].grad.float()
-                        acc[n] += g.square() if reduction == "sum_of_squares" else g.abs()
-                        params[n].grad = None
-            losses.append(value.detach())
-            sizes.append(len(labels))
-            stats["batches"] += 1
-            stats["images"] += len(labels)
-        if acc is None:  # |Σg|: take each accumulated gradient over, in place (no second copy of the model)
-            acc = {}
-            for n in names:
-                grad, params[n].grad = params[n].grad, None
-                acc[n] = grad.abs_().float() if grad is not None else torch.zeros_like(params[n], dtype=torch.float32)
-    if stats["batches"] == 0:
-        raise SelectionError("selection loader yielded no batches (is the training split empty?)")
-    if loss == "supcon":
-        mixed = int(torch.stack([c.cpu() for c in contrast]).sum())
-        stats["single_class_batches"] = stats["batches"] - mixed
-        if mixed == 0:
-            size = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
-            raise SelectionError(
-                f"none of the {stats['batches']} selection batches held two classes (batch size {size}), so the "
-                "SupCon loss had no negatives and its gradients carry no class information; "
-                f"{BATCH_ADVICE} (shuffle the data if it is sorted by class)")
-    finite = torch.stack([v.float().cpu() for v in losses]).isfinite()
-    bad_name = _first_nonfinite(acc)
-    if bad_name is not None or not bool(finite.all()):
-        problems = []
-        if bad_name is not None:
-            problems.append(f"gradient scores of {_nonfinite_where(acc, bad_name)} are not finite")
-        if not bool(finite.all()):
-            first = int((~finite).nonzero()[0, 0])
-            problems.append(f"the {loss} loss is {float(losses[first])} in selection batch {first} "
-                            f"({int((~finite).sum())} of {len(losses)} batches)")
-        raise SelectionError("; ".join(problems) + ": the images hold NaN/inf values, or the loss or the gradients "
-                             "overflowed; check the data and the model weights (a tiny --temperature or --bf16 "
-                             "can overflow too)")
-    return acc, stats
-
-
-def _first_nonfinite(scores: dict[str, torch.Tensor]) -> str | None:
-    for name, score in scores.items():
-        if not bool(torch.isfinite(score).all()):
-            return name
-    return None
-
-
-def _nonfinite_where(scores: dict[str, torch.Tensor], name: str) -> str:
-    bad = int((~torch.isfinite(scores[name])).sum())
-    hit = sum(1 for s in scores.values() if not bool(torch.isfinite(s).all()))
-    return f"'{name}' ({bad} of {scores[name].numel()} entries NaN/inf; {hit} of {len(scores)} weights affected)"
 
 
 def top_k_per_neuron(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -378,9 +95,9 @@ def check_scores(scores: dict[str, torch.Tensor], criterion: str = "gradient", l
     """
     if not scores:
         return
-    name = _first_nonfinite(scores)
+    name = first_nonfinite(scores)
     if name is not None:
-        where = _nonfinite_where(scores, name)
+        where = nonfinite_where(scores, name)
         if criterion == "magnitude":
             raise SelectionError(f"magnitude scores: the weights of {where} are not finite; the model's weights "
                                  "are broken (check the checkpoint)")
