@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -80,6 +81,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sparseft.run import run
 
     options = owned_options(args, args.method, _method_options(), prefix=OPTION_PREFIX)
+    if options.get("selection"):
+        from sparseft.methods.gps import SELECTION_SETTINGS
+
+        fixed = [f"--{k}" for k in SELECTION_SETTINGS if k in options]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)}: fixed by the saved --selection {options['selection']} (it was made "
+                             "with its own settings); drop them, or select again")
     spec = _spec(args, args.method, options)
     summary = run(spec, args.out, resume=args.resume, overwrite=args.overwrite)
     _print_summary(summary)
@@ -97,11 +105,31 @@ def _print_summary(summary: dict) -> None:
         print(f"task file: {summary['task_file']} ({summary['task_file_bytes'] / 1024:.1f} KiB)")
 
 
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, not {value}")
+    return value
+
+
+def _output_file(raw: str, overwrite: bool, source: Path | None = None) -> Path:
+    """The file `--out` names, checked before any work: not a folder, not the input, not replaced unasked."""
+    path = Path(raw)
+    if not raw.strip() or raw.endswith(("/", os.sep)) or path.is_dir():
+        raise ValueError(f"--out {raw!r} is a folder (or empty); name the .safetensors file to write")
+    if source is not None and path.exists() and path.resolve() == source.resolve():
+        raise ValueError(f"--out {raw} is the task file itself; choose another path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"--out {raw} exists; pass --overwrite to replace it, or choose another path")
+    return path
+
+
 def cmd_select(args: argparse.Namespace) -> int:
     import sparseft
     from sparseft.methods import METHODS, MethodContext, get_method
     from sparseft.run import RunSpec, TaskData, num_classes_of
 
+    out = _output_file(args.out, args.overwrite)
     config = _train_config(args)  # only --seed and --progress exist here
     spec = RunSpec(model=args.model, data=args.data, weights=args.weights, pretrained=args.pretrained,
                    img_size=args.img_size, batch_size=args.batch_size, train_split=args.split,
@@ -113,7 +141,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     ctx = MethodContext(loader=lambda kind: data.loader(kind), seed=config.seed, progress=config.progress)
     selection = method.select(model, ctx)
     selection.meta.update({"model": args.model, "data": args.data, "split": args.split})
-    selection.save(args.out)
+    selection.save(out)
     d = selection.describe()
     print(f"selected {d['num_sparse']:,} entries in {len(d['sparse'])} weights (+ {len(d['full'])} parameters "
           f"trained in full) -> {args.out}")
@@ -138,10 +166,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from sparseft.fileutil import atomic_path
     from sparseft.methods import METHODS
 
-    if args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a folder; name the .safetensors file to write")
-    if args.out.exists() and args.out.resolve() == args.task_file.resolve():
-        raise ValueError(f"--out {args.out} is the task file itself; choose another path")
+    out = _output_file(args.out, args.overwrite, source=args.task_file)
     header, _ = read_delta(args.task_file)
     extra = header.get("extra") or {}
     name = method_named_in(header)
@@ -151,9 +176,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.task_file}: {METHODS[name]().merge_refusal()}")
     model = sparseft.merge(sparseft.load(args.task_file, weights=args.weights))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(args.out) as tmp:
+    with atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata={"merged_from": str(args.task_file), "model": str(extra.get("model"))})
-    print(f"merged model ({sum(v.numel() for v in state.values()):,} values) -> {args.out}")
+    print(f"merged model ({sum(v.numel() for v in state.values()):,} values) -> {out}")
     return 0
 
 
@@ -236,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a backbone on a task; writes a run folder with config, metrics, "
                                    "checkpoint and the task file.")
     t.add_argument("--method", default="gps", choices=sorted(METHODS), help="fine-tuning method")
-    t.add_argument("--out", required=True, type=Path, help="run folder")
+    t.add_argument("--out", required=True, help="run folder")
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
                       "(refused if a setting changed)")
@@ -250,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("select", help="run GPS selection only and save the selection",
                        description="Score weights with GPS on a task's training data and save the selection.")
-    s.add_argument("--out", required=True, type=Path, help="selection file (.safetensors)")
+    s.add_argument("--out", required=True, help="selection file (.safetensors)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.add_argument("--split", default="train800val200", help="data split to select on")
     add_arguments(s, TrainConfig, only=["seed", "progress"])
     _model_args(s)
@@ -270,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge a task file into its base and save a plain model")
     m.add_argument("task_file", type=Path, help="task file written by train")
-    m.add_argument("--out", required=True, type=Path, help="output .safetensors with the merged state dict")
+    m.add_argument("--out", required=True, help="output .safetensors with the merged state dict")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
     m.set_defaults(func=cmd_merge)
 
@@ -280,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ms = sub.add_parser("methods", help="list the methods; with --model, their trainable parameters on it")
     ms.add_argument("--model", help="timm model name or offline backbone to count parameters on")
-    ms.add_argument("--num-classes", type=int, default=10, help="head size for the counts")
+    ms.add_argument("--num-classes", type=_at_least_two, default=10, help="head size for the counts")
     ms.add_argument("--img-size", type=int, help="input resolution of the model")
     ms.set_defaults(func=cmd_methods)
 

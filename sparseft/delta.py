@@ -84,9 +84,22 @@ def _guard(state: _State, params: list[tuple[str, torch.Tensor]]) -> None:
     state.guarded = [(name, p, _digest(p)) for name, p in params]
 
 
-def _check_guarded(state: _State, action: str) -> None:
-    """Refuse, naming the tensors, when weights the engine does not train changed since apply (or merge)."""
-    changed = [name for name, p, digest in state.guarded if _digest(p) != digest]
+def _check_guarded(model: nn.Module, state: _State, action: str) -> None:
+    """Refuse, naming the tensors, when weights the engine does not train changed since apply (or merge).
+
+    A weight with selected entries is compared with its base values written back at those entries.
+    """
+    live = {} if state.merged else deltas(model)
+
+    def current(name: str, p: torch.Tensor) -> bytes:
+        d = live.get(name)
+        if d is None:
+            return _digest(p)
+        restored = p.detach().clone()
+        write_flat(restored, d.index, d.base)
+        return _digest(restored)
+
+    changed = [name for name, p, digest in state.guarded if current(name, p) != digest]
     if changed:
         since = "merge" if state.merged else "apply"
         raise DeltaError(f"cannot {action}: {len(changed)} weight(s) changed since {since} outside what the task "
@@ -196,7 +209,7 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
     for name, p in model.named_parameters():
         p.requires_grad_(name in full)
         p.grad = None
-    _guard(state, [(n, p) for n, p in model.named_parameters() if n not in full and n not in selection.indices])
+    _guard(state, [(n, p) for n, p in model.named_parameters() if n not in full])  # before any delta is written
     by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, index in selection.indices.items():
         if index.numel():
@@ -292,7 +305,7 @@ def export_task(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tenso
     for buffers that training changed (BatchNorm statistics); CPU, contiguous.
     """
     state = _require_state(model)
-    _check_guarded(state, "save the task")
+    _check_guarded(model, state, "save the task")
     entries = sparse_entries(model)
     tensors: dict[str, torch.Tensor] = {}
     for name, (index, values) in entries.items():
@@ -308,6 +321,10 @@ def export_task(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tenso
         base = state.base_buffers.get(name)
         if base is not None and not torch.equal(buf, base):
             tensors[f"buffer/{name}"] = buf.detach().cpu().contiguous()
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise DeltaError(f"cannot save the task: NaN or infinite values in {', '.join(bad[:4])}; the training "
+                         "diverged (lower the learning rate)")
     header = {"fingerprint": state.fingerprint, "head": state.head, "batchnorm": state.batchnorm,
               "shapes": {n: list(state.selection.shapes[n]) for n in entries}, "full": state.selection.full,
               "added": state.added, "structure": state.structure, "selection": state.selection.meta}
@@ -363,7 +380,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Restore the base model bit-exactly (weights, biases, head, buffers) and drop the deltas."""
     state = _require_state(model)
     _refuse_added(state, "unmerge")
-    _check_guarded(state, "unmerge")
+    _check_guarded(model, state, "unmerge")
     if not state.keep_base:
         raise DeltaError("this model was applied with keep_base=False (full fine-tuning keeps no copy of the "
                          "base): its base values are gone; load the base weights again instead")

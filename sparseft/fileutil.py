@@ -82,6 +82,8 @@ def read_tagged_safetensors(path: str | Path, fmt: str, header_key: str, error: 
         header = json.loads(metadata[header_key])
     except (KeyError, json.JSONDecodeError) as err:
         raise error(f"{path}: {what} header is missing or malformed") from err
+    if not isinstance(header, dict):
+        raise error(f"{path}: {what} header is not a JSON object")
     return header, tensors
 
 

@@ -125,6 +125,10 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
     """
     from sparseft.hub import REGISTRY, offline_model
 
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes (--num-classes) must be a whole number >= 0 (0: no head), not {num_classes!r}")
+    if img_size is not None and img_size < 1:
+        raise ValueError(f"img_size (--img-size) must be >= 1 when given, not {img_size!r}")
     if name in REGISTRY:
         return offline_model(name, num_classes, img_size=img_size, weights=weights, **kwargs)
     import timm

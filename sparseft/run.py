@@ -55,6 +55,15 @@ class RunSpec:
     cache_images: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        checks = [("batch_size", self.batch_size >= 1, ">= 1"), ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+                  ("workers", self.workers >= 0, ">= 0"),
+                  ("img_size", self.img_size is None or self.img_size >= 1, ">= 1 when given"),
+                  ("preprocessing", self.preprocessing in ("vtab", "fgvc"), "'vtab' or 'fgvc'")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {rule}, not {getattr(self, name)!r}")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eval_splits"] = list(self.eval_splits)
@@ -139,7 +148,13 @@ def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool
         config = run_dir / "config.json"
         if not config.is_file():
             raise FileNotFoundError(f"{run_dir}: nothing to resume (no config.json); start the run without --resume")
-        stored = json.loads(config.read_text()).get("spec", {})
+        try:
+            stored = json.loads(config.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config}: not a readable run record ({err}); start a new run folder") from err
+        stored = stored.get("spec", {}) if isinstance(stored, dict) else None
+        if not isinstance(stored, dict):
+            raise ValueError(f"{config}: not a sparseft run record; start a new run folder")
         changed = changed_settings(stored, json.loads(json.dumps(spec.to_dict(), default=str)))
         if changed:
             raise ValueError(f"{config}: --resume with changed settings ({'; '.join(changed[:4])}); resume with the "
@@ -153,10 +168,7 @@ def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool
     if not present:
         return
     if overwrite:
-        for name in present:
-            if name in RUN_FILES or (name.startswith("checkpoint-e") and name.endswith(".safetensors")):
-                (run_dir / name).unlink()
-        return
+        return  # sparseft's files are removed once everything is checked (`_clear_run_files`)
     if "config.json" in present:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
                               "it, or choose another folder")
@@ -164,11 +176,34 @@ def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool
                           "a run needs an empty or new folder (or --overwrite, which replaces sparseft's files)")
 
 
+def _clear_run_files(run_dir: Path) -> None:
+    """Remove sparseft's files from a folder being overwritten (the user's other files stay)."""
+    if not run_dir.is_dir():
+        return
+    for path in run_dir.iterdir():
+        name = path.name
+        if name in RUN_FILES or (name.startswith("checkpoint-e") and name.endswith(".safetensors")):
+            path.unlink()
+
+
+def _absolute_data(data: str) -> str:
+    """`<prefix:>path` with the path made absolute when it exists (named tasks stay as they are)."""
+    prefix, sep, rest = data.partition(":") if data.split(":", 1)[0] in ("vtab", "fgvc", "folder") else ("", "", data)
+    if not rest.strip():
+        raise ValueError(f"--data {data!r} names no folder")
+    path = Path(rest)
+    return f"{prefix}{sep}{path.resolve()}" if path.exists() else data
+
+
 def _finished(run_dir: Path, spec: RunSpec) -> bool:
     if not (run_dir / "summary.json").is_file():
         return False
     checkpoint = run_dir / "checkpoint.json"
-    return not checkpoint.is_file() or json.loads(checkpoint.read_text()).get("epoch", -1) + 1 >= spec.train.epochs
+    done = not checkpoint.is_file() or json.loads(checkpoint.read_text()).get("epoch", -1) + 1 >= spec.train.epochs
+    if done and not (run_dir / TASK_FILE).is_file() and checkpoint.is_file():
+        (run_dir / "summary.json").unlink()  # its task file is gone: rebuilt from the last checkpoint
+        return False
+    return done
 
 
 def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = False,
@@ -178,6 +213,9 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     The run folder must be empty or new (`overwrite=True` replaces sparseft's files in it);
     `resume=True` continues the run there, refusing changed settings.
     """
+    spec = dataclasses.replace(spec, data=_absolute_data(spec.data))
+    if run_dir is not None and (not str(run_dir).strip() or str(run_dir) != str(run_dir).strip()):
+        raise ValueError(f"--out {str(run_dir)!r} is not a usable folder name")
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         claim_run_dir(run_dir, spec, resume=resume, overwrite=overwrite)
@@ -188,16 +226,20 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
                   file=sys.stderr)
     from sparseft.data import class_names, load_split
 
-    for split in dict.fromkeys((spec.train_split, *spec.eval_splits)):  # every image opens: fail now, not later
-        load_split(spec.data, split, None, verify=True)
-    torch.manual_seed(spec.train.seed)
+    # everything is checked before anything is computed or removed: options, model, data
+    method = get_method(spec.method, **spec.options)
     names = class_names(spec.data)
     classes = len(names)
+    torch.manual_seed(spec.train.seed)
     model = create_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
                          pretrained=spec.pretrained)
+    method.check(model)
+    for split in dict.fromkeys((spec.train_split, *spec.eval_splits)):  # every image opens: fail now, not later
+        load_split(spec.data, split, None, verify=True)
     data = TaskData(spec, model)
-    method = get_method(spec.method, **spec.options)
     if run_dir is not None:
+        if overwrite:
+            _clear_run_files(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     ctx = MethodContext(loader=lambda kind: data.loader(kind), seed=spec.train.seed, progress=spec.train.progress,
                         bf16=spec.train.bf16, run_dir=run_dir)
@@ -239,7 +281,7 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
     """
     import sparseft
     from sparseft.api import method_for
-    from sparseft.data import build_transform, data_config, load_split, num_classes
+    from sparseft.data import build_transform, class_names, data_config, load_split, num_classes
     from sparseft.deltafile import read_delta
 
     header, _ = read_delta(task_file)
@@ -247,6 +289,10 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
     if "num_classes" in extra and num_classes(data) != extra["num_classes"]:
         raise ValueError(f"{task_file}: the task has {extra['num_classes']} classes but {data} has "
                          f"{num_classes(data)}; evaluate it on the data it was trained for")
+    trained = extra.get("class_names")
+    if trained and trained != (names := class_names(data)):
+        raise ValueError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
+                         "evaluate it on the data it was trained for")
 
     model = sparseft.load(task_file, weights=weights)
     if merge and method_for(model).mergeable:

@@ -68,7 +68,7 @@ class TrainConfig:
                                                 "label_smoothing")}
         checks = [
             ("epochs", self.epochs >= 1, "must be >= 1"),
-            ("lr", math.isfinite(self.lr) and self.lr > 0, "must be > 0"),
+            ("lr", math.isfinite(self.lr) and 0 < self.lr < 3.4e38, "must be > 0 (and a float32)"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("optimizer", self.optimizer in ("adamw", "adam"), "must be 'adamw' or 'adam'"),
             ("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),

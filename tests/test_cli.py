@@ -138,7 +138,8 @@ def test_an_option_of_another_method_is_a_usage_error(tmp_path, task, capsys):
     argv = ["train", "--method", "lora", "--k", "4", "--data", str(task), "--out", str(run), *MODEL, *FAST]
     assert main(argv) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert line.startswith("error: --k is not an option of method 'lora' (it belongs to gps); lora takes --lora-r")
+    assert line.startswith("error: --k is not an option of method 'lora' (it belongs to gps); lora takes "
+                           "--lora-targets, --lora-r")
     assert not run.exists()
     assert main([*argv[:3], "--k", "4", "--channels", "3", *argv[5:]]) == 2
     line = _one_error_line(capsys.readouterr().err)

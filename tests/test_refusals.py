@@ -214,3 +214,118 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, task, capsys,
     assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 1
     assert "StorageFull" in one_line(capsys.readouterr().err)
     assert not (out / "delta.safetensors").exists() and not list(out.glob(".delta.safetensors.*"))
+
+
+def test_overwrite_removes_nothing_when_the_new_run_is_refused(tmp_path, task, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    for bad in (["--model", "no_such_net"], ["--data", str(tmp_path / "missing")], ["--batch-size", "0"]):
+        argv = ["train", "--data", str(task), "--out", str(out), "--overwrite", *MODEL, *FAST, *bad]
+        assert main(argv) == 1
+        one_line(capsys.readouterr().err)
+        assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--method", "lora", "--lora-alpha", "nan"], "lora_alpha (--lora-alpha) must be a finite number"),
+    (["--method", "lora", "--lora-dropout", "1.5"], "lora_dropout (--lora-dropout) must be in [0, 1)"),
+    (["--method", "sct", "--channels", "0"], "channels (--channels) must be >= 1"),
+    (["--method", "sct", "--channels", "100000"], "channels (--channels) must be at most the narrowest block"),
+    (["--batch-size", "0"], "batch_size (--batch-size) must be >= 1"),
+    (["--workers", "-1"], "workers (--workers) must be >= 0"),
+    (["--lr", "1e39"], "lr (--lr) must be > 0"),
+    (["--data", "folder:"], "names no folder"),
+])
+def test_method_and_run_options_are_checked_before_any_file_is_written(tmp_path, task, capsys, argv, named):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST, *argv]) == 1
+    assert named in one_line(capsys.readouterr().err)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_merge_and_select_never_replace_an_existing_file_unasked(tmp_path, task, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 0
+    victim = tmp_path / "base.safetensors"
+    victim.write_bytes(b"the base weights")
+    capsys.readouterr()
+    assert main(["merge", str(out / "delta.safetensors"), "--out", str(victim)]) == 1
+    assert "exists; pass --overwrite" in one_line(capsys.readouterr().err)
+    assert main(["select", "--data", str(task), "--out", str(victim), *MODEL, "--batch-size", "4"]) == 1
+    assert "exists; pass --overwrite" in one_line(capsys.readouterr().err)
+    assert victim.read_bytes() == b"the base weights"
+    assert main(["merge", str(out / "delta.safetensors"), "--out", str(tmp_path / "new") + "/"]) == 1
+    assert "is a folder" in one_line(capsys.readouterr().err) and not (tmp_path / "new").exists()
+    assert main(["merge", str(out / "delta.safetensors"), "--out", str(victim), "--overwrite"]) == 0
+
+
+def test_writes_into_unselected_entries_of_a_selected_weight_are_named(tmp_path):
+    model = tiny_model("vit")
+    selection = random_selection(model, k=1)
+    sparseft.apply(model, selection)
+    name = next(iter(selection.indices))
+    with torch.no_grad():
+        dict(model.named_parameters())[name].add_(1.0)  # every entry, the unselected ones too
+    with pytest.raises(sparseft.DeltaError, match=name.replace(".", r"\.")):
+        sparseft.save_delta(model, tmp_path / "t.safetensors")
+    with pytest.raises(sparseft.DeltaError, match="cannot unmerge"):
+        sparseft.unmerge(model)
+
+
+def test_eval_refuses_data_with_other_class_names(tmp_path, task, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(task, other)
+    (other / "classes.txt").write_text("cat\ndog\nbird\n")
+    capsys.readouterr()
+    assert main(["eval", str(out / "delta.safetensors"), "--data", str(other)]) == 1
+    assert "trained on classes" in one_line(capsys.readouterr().err)
+
+
+def test_a_finished_run_whose_task_file_is_gone_is_rebuilt_from_its_checkpoint(tmp_path, task, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 0
+    expected = (out / "delta.safetensors").read_bytes()
+    (out / "delta.safetensors").unlink()
+    assert main(["train", "--data", str(task), "--out", str(out), "--resume", *MODEL, *FAST]) == 0
+    rebuilt = sparseft.read_delta(out / "delta.safetensors")[1]
+    (tmp_path / "expected.safetensors").write_bytes(expected)
+    for key, value in sparseft.read_delta(tmp_path / "expected.safetensors")[1].items():
+        assert torch.equal(value, rebuilt[key]), key
+
+
+def test_resume_with_a_damaged_run_record_is_one_line(tmp_path, task, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 0
+    (out / "config.json").write_text("[1, 2]")
+    capsys.readouterr()
+    assert main(["train", "--data", str(task), "--out", str(out), "--resume", *MODEL, *FAST]) == 1
+    assert "config.json: not a sparseft run record" in one_line(capsys.readouterr().err)
+
+
+def test_a_saved_selection_fixes_its_settings(tmp_path, task, capsys):
+    from helpers import toy_batches
+
+    from sparseft.methods import MethodContext, get_method
+
+    model = tiny_model("vit")
+    path = sparseft.select(model, toy_batches(1), k=2, progress=False).save(tmp_path / "sel.safetensors")
+    method = get_method("gps", selection=str(path))  # k defaults to 1: the file's k=2 is what trains
+    method.prepare(model, MethodContext(loader=lambda kind: [], progress=False))
+    assert method.options.k == 2
+    argv = ["train", "--data", str(task), "--out", str(tmp_path / "r"), *MODEL, *FAST[:-2], "--method", "gps",
+            "--selection", str(path), "--k", "3"]
+    assert main(argv) == 1
+    assert "--k: fixed by the saved --selection" in one_line(capsys.readouterr().err)
+
+
+def test_a_task_header_that_is_not_an_object_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "list.safetensors"),
+              metadata={"format": "sparseft.delta/1", "header": "[1, 2]"})
+    with pytest.raises(sparseft.DeltaFileError, match="list.safetensors: delta header is not a JSON object"):
+        sparseft.read_delta(tmp_path / "list.safetensors")

@@ -126,9 +126,11 @@ class Adapter(Method):
         return ("adapter cannot be merged: the ReLU between its down and up projections makes it a non-linear "
                 "branch that no change of the base weights reproduces; use the model with its adapters")
 
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.options.adapter_dim >= 1, "adapter_dim", ">= 1")
+
     def check(self, model: nn.Module) -> None:
-        if self.options.adapter_dim < 1:
-            raise ValueError(f"adapter: adapter_dim (--adapter-dim) must be >= 1, not {self.options.adapter_dim}")
         if not find_mlps(model):
             raise NotApplicable(f"adapter: {type(model).__name__} has no transformer/ConvNeXt blocks with an MLP "
                                 "(`.mlp` with fc1/fc2) to put the adapter beside")

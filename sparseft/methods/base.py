@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,26 @@ class Method:
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse options that cannot work, naming the flag (subclasses add their own rules).
+
+        Every number must be finite, every dropout in [0, 1); counts are checked by the methods.
+        """
+        for f in dataclasses.fields(self.options):
+            value = getattr(self.options, f.name)
+            flag = f"{f.name} (--{f.name.replace('_', '-')})"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{self.name}: {flag} must be a finite number, not {value!r}")
+            if "dropout" in f.name and isinstance(value, (int, float)) and not 0 <= value < 1:
+                raise ValueError(f"{self.name}: {flag} must be in [0, 1), not {value!r}")
+
+    def require(self, ok: bool, option: str, rule: str) -> None:
+        """Raise ValueError naming `option` and its flag unless `ok`."""
+        if not ok:
+            value = getattr(self.options, option)
+            raise ValueError(f"{self.name}: {option} (--{option.replace('_', '-')}) must be {rule}, not {value!r}")
 
     # -- what subclasses implement ------------------------------------------------------
     def check(self, model: nn.Module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -11,6 +12,9 @@ import sparseft
 from sparseft.methods import register
 from sparseft.methods.base import Method, MethodContext
 from sparseft.selection import Eligibility, Selection
+
+#: options a saved selection fixes (`--selection` takes them from the file)
+SELECTION_SETTINGS = ("k", "level", "criterion", "loss", "score", "temperature")
 
 
 @register
@@ -44,6 +48,18 @@ class GPS(Method):
             "help": "BatchNorm statistics: update (saved with the delta) or frozen", "choices": ["update", "frozen"]})
         selection: str | None = field(default=None, metadata={"help": "use this saved selection file instead"})
 
+    def validate(self) -> None:
+        from sparseft.selection.scores import check_count, check_temperature
+
+        super().validate()
+        o = self.options
+        check_count(o.k, "k", "--k", "selected inputs per neuron")
+        if o.loss == "supcon" and o.criterion == "gradient":
+            check_temperature(o.temperature)
+        for name in ("select_batches", "select_chunk"):
+            if getattr(o, name) is not None:
+                check_count(getattr(o, name), name, f"--{name.replace('_', '-')}", "when given")
+
     def rules(self) -> Eligibility:
         o = self.options
         return Eligibility(freeze_norm=not o.train_norm, freeze_embeddings=not o.train_embeddings,
@@ -51,8 +67,11 @@ class GPS(Method):
 
     def select(self, model: nn.Module, ctx: MethodContext) -> Selection:
         o = self.options
-        if o.selection:
-            return Selection.load(o.selection)
+        if o.selection:  # the file's settings are the task's: the header must say what was trained
+            selection = Selection.load(o.selection)
+            made_with = {key: selection.meta[key] for key in SELECTION_SETTINGS if key in selection.meta}
+            self.options = dataclasses.replace(o, **made_with)
+            return selection
         loader = ctx.loader("select") if o.criterion == "gradient" else None
         return sparseft.select(model, loader, k=o.k, rules=self.rules(), score=o.score,
                                temperature=o.temperature, max_batches=o.select_batches, chunk_size=o.select_chunk,

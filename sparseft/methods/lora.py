@@ -119,10 +119,13 @@ class LoRA(Method):
             raise ValueError("lora: --lora-targets is empty")
         return targets
 
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.options.lora_r >= 1, "lora_r", ">= 1")
+        self._targets()
+
     def check(self, model: nn.Module) -> None:
         o = self.options
-        if o.lora_r < 1:
-            raise ValueError(f"lora: lora_r (--lora-r) must be >= 1, not {o.lora_r}")
         targets = self._targets()
         chosen, skipped = find_targets(model, targets, o.lora_conv)
         if skipped["grouped"]:

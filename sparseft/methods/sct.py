@@ -238,11 +238,18 @@ class SCT(Method):
             "help": "channels per block as a fraction of its width when --channels is not given (official 96/768)"})
         select_batches: int | None = field(default=None, metadata={"help": "limit the saliency pass to N batches"})
 
+    def validate(self) -> None:
+        super().validate()
+        o = self.options
+        self.require(0 < o.channel_fraction <= 1, "channel_fraction", "in (0, 1]")
+        self.require(o.channels is None or o.channels >= 1, "channels", ">= 1")
+        self.require(o.select_batches is None or o.select_batches >= 1, "select_batches", ">= 1")
+
     def check(self, model: nn.Module) -> None:
-        if not 0 < self.options.channel_fraction <= 1:
-            raise ValueError(f"sct: channel_fraction (--channel-fraction) must be in (0, 1], got "
-                             f"{self.options.channel_fraction}")
-        sct_sites(model)
+        _, sites = sct_sites(model)
+        narrow = min(s.width for s in sites)
+        self.require(self.options.channels is None or self.options.channels <= narrow, "channels",
+                     f"at most the narrowest block's width ({narrow})")
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         """Saliency pass and top-K per block: the modules to add; the head trains in full."""

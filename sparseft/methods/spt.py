@@ -65,6 +65,15 @@ class _SPT(Method):
         batchnorm: str = field(default="update", metadata={
             "help": "BatchNorm statistics: update (saved with the delta) or frozen", "choices": ["update", "frozen"]})
 
+    def validate(self) -> None:
+        super().validate()
+        o = self.options
+        self.require(o.rank >= 1, "rank", ">= 1")
+        self.require(o.budget is None or o.budget >= 1, "budget", ">= 1 when given")
+        self.require(o.budget_fraction is None or 0 < o.budget_fraction <= 1, "budget_fraction", "in (0, 1]")
+        self.require(o.select_batches is None or o.select_batches >= 1, "select_batches", ">= 1 when given")
+        self.require(o.spt_alpha > 0 and o.spt_beta > 0, "spt_alpha", "> 0 (and --spt-beta too)")
+
     def budget_for(self, model: nn.Module) -> int:
         """The budget in trainable backbone values, from `budget` and/or `budget_fraction`."""
         o = self.options

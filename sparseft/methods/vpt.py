@@ -103,10 +103,11 @@ class _VPT(Method):
         return (f"{self.name} cannot be merged: its prompts are extra tokens that every attention layer attends "
                 "to, not a change of weights; use the model with its prompts")
 
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.options.prompt_tokens >= 1, "prompt_tokens", ">= 1")
+
     def check(self, model: nn.Module) -> None:
-        if self.options.prompt_tokens < 1:
-            raise ValueError(f"{self.name}: prompt_tokens (--prompt-tokens) must be >= 1, not "
-                             f"{self.options.prompt_tokens}")
         _check_vit(model, self.name)
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
