@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from sparseft.cliopts import UsageError, add_arguments, add_shared_arguments, from_args, given, owned_options
@@ -352,6 +353,16 @@ def is_user_error(err: BaseException) -> bool:
         c.__module__.split(".")[0] == "sparseft" for c in type(err).__mro__ if issubclass(c, RuntimeError))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """Warnings about the user's data as one line (no source file or code line of sparseft's)."""
+    from sparseft.data import DataWarning
+
+    if issubclass(category, DataWarning):
+        print(f"warning: {_one_line(str(message))}", file=file or sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=file or sys.stderr)
+
+
 def _one_line(err: BaseException | str) -> str:
     text = str(err) or type(err).__name__
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
@@ -371,10 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error argparse has reported (2)
         return _exit_status(exit_)
+    warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        hint = {"train": "; resume with --resume", "bench": "; run it again to resume"}.get(args.command, "")
+        resumable = args.command == "train" and (Path(args.out) / "config.json").exists()
+        hint = "; resume with --resume" if resumable else "; run it again to resume" if args.command == "bench" else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except UsageError as err:

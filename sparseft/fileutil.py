@@ -68,6 +68,8 @@ def read_tagged_safetensors(path: str | Path, fmt: str, header_key: str, error: 
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder, not a {what} file")
     if not path.is_file():
         raise error(f"{path}: {what} file not found")
     try:
