@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparseft.fileutil import atomic_path, sha256_file, write_text_atomic
+from sparseft.fileutil import atomic_path, read_json, sha256_file, write_text_atomic
 
 
 class CheckpointError(ValueError):
@@ -63,10 +63,7 @@ def load_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.O
     json_path = stem.with_suffix(".json")
     if not json_path.is_file():
         raise CheckpointError(f"{stem}: no complete checkpoint ({json_path.name}) found")
-    try:
-        meta = json.loads(json_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{json_path}: malformed checkpoint record ({err})") from err
+    meta = read_json(json_path, CheckpointError, "checkpoint record")
     tensor_path = stem.parent / str(meta.get("tensors", ""))
     if not meta.get("tensors") or not tensor_path.is_file():
         raise CheckpointError(f"{json_path}: its tensor file {meta.get('tensors')!r} is missing")

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["CliOption", "UsageError", "add_arguments", "add_shared_arguments", "cli_options", "from_args", "given",
-           "owned_options"]
+__all__ = ["CliOption", "UsageError", "add_arguments", "add_shared_arguments", "cli_options", "flag_of", "from_args",
+           "given", "owned_options", "require"]
 
 
 class UsageError(Exception):
@@ -59,6 +59,13 @@ _SCALARS: dict[Any, Callable[[str], Any]] = {int: int, float: float, str: str, P
 def flag_of(name: str) -> str:
     """`--field-name` for the field `field_name`."""
     return "--" + name.replace("_", "-")
+
+
+def require(ok: bool, obj: Any, name: str, rule: str, owner: str = "") -> None:
+    """Unless `ok`: ValueError "[owner: ]name (--flag) must be <rule>, not <value>" for the field `name` of `obj`."""
+    if not ok:
+        where = f"{owner}: " if owner else ""
+        raise ValueError(f"{where}{name} ({flag_of(name)}) must be {rule}, not {getattr(obj, name)!r}")
 
 
 def cli_options(cls: type) -> list[CliOption]:

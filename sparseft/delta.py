@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from sparseft.fileutil import tensor_bytes
 from sparseft.models import fingerprint, head_parameter_names
 from sparseft.selection.selection import Selection
 from sparseft.sparse_layers import SparseDelta, freeze_batchnorm, install, uninstall, write_flat
@@ -40,7 +41,7 @@ from sparseft.sparse_layers import SparseDelta, freeze_batchnorm, install, unins
 BatchNormMode = Literal["update", "frozen"]
 
 __all__ = [
-    "BatchNormMode", "DeltaError", "SparseDelta", "added_parameters", "apply", "base_weights", "clear_added",
+    "BatchNormMode", "DeltaError", "SparseDelta", "abandon", "added_parameters", "apply", "base_weights", "clear_added",
     "deltas", "export_task", "forget_base", "import_task", "is_applied", "is_merged", "mark_added", "merge",
     "method_of", "parameter_summary", "remember_base", "selection_of", "sparse_entries",
     "structure_of", "sync", "trainable_parameters", "unmerge",
@@ -76,8 +77,7 @@ class _State:
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"", digest_size=16).digest()
+    return hashlib.blake2b(tensor_bytes(t), digest_size=16).digest()
 
 
 def _guard(state: _State, params: list[tuple[str, torch.Tensor]]) -> None:
@@ -253,6 +253,13 @@ def remember_base(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
 def clear_added(model: nn.Module) -> None:
     """Forget the added parameters once the method has taken its modules out (or folded them)."""
     _require_state(model).added = []
+
+
+def abandon(model: nn.Module) -> None:
+    """Undo a half-built task (its added modules already taken out): the plain base again, if applied."""
+    if is_applied(model):
+        clear_added(model)
+        unmerge(model)
 
 
 def _refuse_added(state: _State, action: str) -> None:

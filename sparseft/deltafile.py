@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparseft import __version__
-from sparseft.delta import DeltaError, apply, clear_added, export_task, import_task, is_applied, mark_added, unmerge
+from sparseft.delta import DeltaError, abandon, apply, export_task, import_task, is_applied, mark_added
 from sparseft.delta import merge as merge_model
-from sparseft.fileutil import atomic_path, read_tagged_safetensors
+from sparseft.fileutil import atomic_path, read_tagged_safetensors, tensor_bytes
 from sparseft.models import fingerprint, head_parameter_names
 from sparseft.selection.selection import Selection
 
@@ -41,10 +41,9 @@ class DeltaFileError(ValueError):
 def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
+        t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -154,9 +153,7 @@ def _rollback(model: nn.Module, remove: Callable[[nn.Module], None] | None) -> N
     """Undo a half-finished load: the method's modules out first (`remove`), then the sparse part."""
     if remove is not None:
         remove(model)
-    if is_applied(model):
-        clear_added(model)
-        unmerge(model)
+    abandon(model)
 
 
 def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, merge: bool = False,

@@ -89,6 +89,20 @@ def read_tagged_safetensors(path: str | Path, fmt: str, header_key: str, error: 
     return header, tensors
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a tensor's values, row-major, for hashing (no copy for a contiguous CPU tensor)."""
+    t = t.detach().cpu().contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def read_json(path: str | Path, error: type[Exception], what: str) -> Any:
+    """The JSON in `path`; a file that does not parse raises `error` naming it and `what` it should be."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: malformed {what} ({err})") from err
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseft.fileutil import sha256_file
+from sparseft.fileutil import sha256_file, tensor_bytes
 
 
 class WeightsError(ValueError):
@@ -103,10 +103,8 @@ def fingerprint(model: nn.Module, exclude: set[str] | None = None) -> str:
     for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
         if name in exclude or "sparse_delta." in name:
             continue
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        h.update(tensor_bytes(tensor))
     return h.hexdigest()
 
 

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from sparseft.cliopts import require
 from sparseft.fileutil import write_text_atomic
 from sparseft.methods import MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
 from sparseft.models import create_model
-from sparseft.train import TrainConfig, changed_settings, evaluate, fit
+from sparseft.train import TrainConfig, check_same_settings, evaluate, fit
 
 TASK_FILE = "delta.safetensors"
 
@@ -61,8 +62,7 @@ class RunSpec:
                   ("img_size", self.img_size is None or self.img_size >= 1, ">= 1 when given"),
                   ("preprocessing", self.preprocessing in ("vtab", "fgvc"), "'vtab' or 'fgvc'")]
         for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {rule}, not {getattr(self, name)!r}")
+            require(ok, self, name, rule)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -145,20 +145,7 @@ def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool
     """A run folder is sparseft's alone: a fresh run needs an empty (or new) folder, or `overwrite`;
     `resume` needs a run of the same settings there. Checked before any work is done."""
     if resume:
-        config = run_dir / "config.json"
-        if not config.is_file():
-            raise FileNotFoundError(f"{run_dir}: nothing to resume (no config.json); start the run without --resume")
-        try:
-            stored = json.loads(config.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config}: not a readable run record ({err}); start a new run folder") from err
-        stored = stored.get("spec", {}) if isinstance(stored, dict) else None
-        if not isinstance(stored, dict):
-            raise ValueError(f"{config}: not a sparseft run record; start a new run folder")
-        changed = changed_settings(stored, json.loads(json.dumps(spec.to_dict(), default=str)))
-        if changed:
-            raise ValueError(f"{config}: --resume with changed settings ({'; '.join(changed[:4])}); resume with the "
-                             "original settings or start a new run folder")
+        check_same_settings(run_dir, spec.to_dict(), part="spec")
         return
     if not run_dir.exists():
         return
@@ -196,14 +183,11 @@ def _absolute_data(data: str) -> str:
 
 
 def _finished(run_dir: Path, spec: RunSpec) -> bool:
+    """Whether the run in `run_dir` trained all its epochs and wrote its summary."""
     if not (run_dir / "summary.json").is_file():
         return False
     checkpoint = run_dir / "checkpoint.json"
-    done = not checkpoint.is_file() or json.loads(checkpoint.read_text()).get("epoch", -1) + 1 >= spec.train.epochs
-    if done and not (run_dir / TASK_FILE).is_file() and checkpoint.is_file():
-        (run_dir / "summary.json").unlink()  # its task file is gone: rebuilt from the last checkpoint
-        return False
-    return done
+    return not checkpoint.is_file() or json.loads(checkpoint.read_text()).get("epoch", -1) + 1 >= spec.train.epochs
 
 
 def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = False,
@@ -219,8 +203,10 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         claim_run_dir(run_dir, spec, resume=resume, overwrite=overwrite)
-        if resume and _finished(run_dir, spec):  # a finished run is returned as it is, nothing rewritten
-            return json.loads((run_dir / "summary.json").read_text())
+        if resume and _finished(run_dir, spec):
+            if (run_dir / TASK_FILE).is_file() or not (run_dir / "checkpoint.json").is_file():
+                return json.loads((run_dir / "summary.json").read_text())  # as it is, nothing rewritten
+            (run_dir / "summary.json").unlink()  # its task file is gone: written again from the last checkpoint
         if resume and spec.train.progress:
             print(f"[sparseft] resuming {run_dir}: its plan ({PLAN_FILE}) and last checkpoint are reused",
                   file=sys.stderr)
@@ -281,16 +267,17 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
     """
     import sparseft
     from sparseft.api import method_for
-    from sparseft.data import build_transform, class_names, data_config, load_split, num_classes
+    from sparseft.data import build_transform, class_names, data_config, load_split
     from sparseft.deltafile import read_delta
 
     header, _ = read_delta(task_file)
     extra = header.get("extra", {})
-    if "num_classes" in extra and num_classes(data) != extra["num_classes"]:
+    names = class_names(data)
+    if "num_classes" in extra and len(names) != extra["num_classes"]:
         raise ValueError(f"{task_file}: the task has {extra['num_classes']} classes but {data} has "
-                         f"{num_classes(data)}; evaluate it on the data it was trained for")
+                         f"{len(names)}; evaluate it on the data it was trained for")
     trained = extra.get("class_names")
-    if trained and trained != (names := class_names(data)):
+    if trained and trained != names:
         raise ValueError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
                          "evaluate it on the data it was trained for")
 

@@ -32,8 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparseft.checkpoint import load_checkpoint, save_checkpoint
+from sparseft.cliopts import require
 from sparseft.delta import parameter_summary
-from sparseft.fileutil import write_text_atomic
+from sparseft.fileutil import read_json, write_text_atomic
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,21 +68,20 @@ class TrainConfig:
         finite = {n: getattr(self, n) for n in ("lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
                                                 "label_smoothing")}
         checks = [
-            ("epochs", self.epochs >= 1, "must be >= 1"),
-            ("lr", math.isfinite(self.lr) and 0 < self.lr < 3.4e38, "must be > 0 (and a float32)"),
-            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
-            ("optimizer", self.optimizer in ("adamw", "adam"), "must be 'adamw' or 'adam'"),
-            ("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
-            ("warmup_lr", self.warmup_lr >= 0, "must be >= 0"),
-            ("min_lr", 0 <= self.min_lr <= self.lr, "must be between 0 and --lr"),
-            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
-            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 when given"),
-            ("eval_every", self.eval_every >= 1, "must be >= 1"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("lr", math.isfinite(self.lr) and 0 < self.lr < 3.4e38, "> 0 (and a float32)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("optimizer", self.optimizer in ("adamw", "adam"), "'adamw' or 'adam'"),
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("warmup_lr", self.warmup_lr >= 0, ">= 0"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, "between 0 and --lr"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 when given"),
+            ("eval_every", self.eval_every >= 1, ">= 1"),
         ]
-        checks += [(n, math.isfinite(v), "must be a finite number") for n, v in finite.items()]
+        checks += [(n, math.isfinite(v), "a finite number") for n, v in finite.items()]
         for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) {rule}, not {getattr(self, name)!r}")
+            require(ok, self, name, rule)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,12 +99,17 @@ def changed_settings(stored: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if stored == new else [f"{prefix[:-1]}: {stored!r} -> {new!r}"]
 
 
-def _check_same_settings(run_dir: Path, settings: dict[str, Any]) -> None:
-    """A resumed run must continue with the settings it started with."""
+def check_same_settings(run_dir: Path, settings: dict[str, Any], part: str | None = None) -> None:
+    """A resumed run must continue with the settings it started with (`part`: compare that key only)."""
     path = run_dir / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: nothing to resume (no config.json); start the run without --resume")
-    changed = changed_settings(json.loads(path.read_text()), settings)
+    stored = read_json(path, ValueError, "run record")
+    if part is not None:
+        stored = stored.get(part) if isinstance(stored, dict) else None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: not a sparseft run record; start a new run folder")
+    changed = changed_settings(stored, json.loads(json.dumps(settings, default=str)))
     if changed:
         raise ValueError(f"{path}: --resume with changed settings ({'; '.join(changed[:4])}); resume with the "
                          "original settings or start a new run folder")
@@ -193,7 +198,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         summary_path = run_dir / "summary.json"
         settings = json.loads(json.dumps({"train": config.to_dict(), **(run_info or {})}, default=str))
         if resume:
-            _check_same_settings(run_dir, settings)
+            check_same_settings(run_dir, settings)
         if resume and stem.with_suffix(".json").exists():
             record = load_checkpoint(stem, model, optimizer)
             history, start_epoch, step = record["history"], record["epoch"] + 1, record["step"]

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from sparseft import delta
+from sparseft.cliopts import require
 from sparseft.deltafile import load_delta, save_delta
 from sparseft.methods.modules import remove_added
 from sparseft.models import head_parameter_names
@@ -94,17 +95,13 @@ class Method:
         """
         for f in dataclasses.fields(self.options):
             value = getattr(self.options, f.name)
-            flag = f"{f.name} (--{f.name.replace('_', '-')})"
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{self.name}: {flag} must be a finite number, not {value!r}")
-            if "dropout" in f.name and isinstance(value, (int, float)) and not 0 <= value < 1:
-                raise ValueError(f"{self.name}: {flag} must be in [0, 1), not {value!r}")
+            self.require(not isinstance(value, float) or math.isfinite(value), f.name, "a finite number")
+            if "dropout" in f.name and isinstance(value, (int, float)):
+                self.require(0 <= value < 1, f.name, "in [0, 1)")
 
     def require(self, ok: bool, option: str, rule: str) -> None:
         """Raise ValueError naming `option` and its flag unless `ok`."""
-        if not ok:
-            value = getattr(self.options, option)
-            raise ValueError(f"{self.name}: {option} (--{option.replace('_', '-')}) must be {rule}, not {value!r}")
+        require(ok, self.options, option, rule, owner=self.name)
 
     # -- what subclasses implement ------------------------------------------------------
     def check(self, model: nn.Module) -> None:
@@ -159,8 +156,7 @@ class Method:
                 delta.mark_added(model, self._add(model, structure, seed=ctx.seed), structure)
             except Exception:  # the model is left as it was
                 remove_added(model)
-                delta.clear_added(model)
-                delta.unmerge(model)
+                delta.abandon(model)
                 raise
             added = set(delta.added_parameters(model))
             ctx.info["added_parameters"] = sum(p.numel() for n, p in model.named_parameters() if n in added)

@@ -49,6 +49,7 @@ class GPS(Method):
         selection: str | None = field(default=None, metadata={"help": "use this saved selection file instead"})
 
     def validate(self) -> None:
+        from sparseft.cliopts import flag_of
         from sparseft.selection.scores import check_count, check_temperature
 
         super().validate()
@@ -58,7 +59,7 @@ class GPS(Method):
             check_temperature(o.temperature)
         for name in ("select_batches", "select_chunk"):
             if getattr(o, name) is not None:
-                check_count(getattr(o, name), name, f"--{name.replace('_', '-')}", "when given")
+                check_count(getattr(o, name), name, flag_of(name), "when given")
 
     def rules(self) -> Eligibility:
         o = self.options
