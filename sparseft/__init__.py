@@ -8,6 +8,7 @@
     model = sparseft.load("task.safetensors")       # a task file of any method, base rebuilt
     sparseft.merge(model)                           # plain model, zero extra cost
     sparseft.unmerge(model)                         # the base again, bit-exactly
+    bank = sparseft.TaskBank(base); bank.add("pets", "pets.safetensors"); bank.use("pets")  # many tasks
 
 Other methods (LoRA, SPT, SCT, ...): `sparseft.methods.get_method(name, **options)`.
 """
@@ -25,11 +26,13 @@ from sparseft.delta import (  # noqa: E402
     trainable_parameters,
 )
 from sparseft.deltafile import DeltaFileError, load_delta, read_delta, save_delta  # noqa: E402
+from sparseft.inference import Prediction, predict  # noqa: E402
 from sparseft.models import create_model  # noqa: E402
 from sparseft.selection import Eligibility, Selection, SelectionError, select  # noqa: E402
+from sparseft.taskbank import TaskBank  # noqa: E402
 
 __all__ = [
     "DeltaError", "DeltaFileError", "Eligibility", "Selection", "SelectionError", "apply", "base_weights",
-    "create_model", "forget_base", "load", "load_delta", "merge", "parameter_summary", "read_delta", "save_delta",
-    "select", "sync", "trainable_parameters", "unmerge", "__version__",
+    "create_model", "forget_base", "load", "load_delta", "merge", "parameter_summary", "Prediction", "predict",
+    "read_delta", "save_delta", "select", "sync", "TaskBank", "trainable_parameters", "unmerge", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""`sparseft` command line: select, train, eval, merge, info, methods, bench, report, demo, data, weights.
+"""`sparseft` command line: select, train, eval, predict, merge, info, methods, bench, report, demo, data, weights.
 
 Exit status, for every command: 0 success; 1 a user error (bad file, bad value, a run that
 diverged), reported as one line `error: ...` on stderr; 2 a usage error (unknown flag, a
@@ -16,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from sparseft import distributed
 from sparseft.cliopts import UsageError, add_arguments, add_shared_arguments, from_args, given, owned_options
 from sparseft.train import TrainConfig
 
@@ -27,6 +28,7 @@ EPILOG = """examples:
   sparseft train --model mobilenetv2_100_offline --data mini-vtab/fashion_mnist --method gps --k 1 \\
       --img-size 64 --epochs 10 --out runs/fashion-gps
   sparseft eval runs/fashion-gps/delta.safetensors --data mini-vtab/fashion_mnist
+  sparseft predict runs/fashion-gps/delta.safetensors photos/ --top-k 3 --out preds.csv
   sparseft merge runs/fashion-gps/delta.safetensors --out fashion-model.safetensors
 """
 
@@ -91,7 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "with its own settings); drop them, or select again")
     spec = _spec(args, args.method, options)
     summary = run(spec, args.out, resume=args.resume, overwrite=args.overwrite)
-    _print_summary(summary)
+    if distributed.is_main():
+        _print_summary(summary)
     return 0
 
 
@@ -126,22 +129,27 @@ def _output_file(raw: str, overwrite: bool, source: Path | None = None) -> Path:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    import torch
+
     import sparseft
     from sparseft.methods import METHODS, MethodContext, get_method
     from sparseft.run import RunSpec, TaskData, num_classes_of
 
-    out = _output_file(args.out, args.overwrite)
+    out = distributed.run_on_main(lambda: _output_file(args.out, args.overwrite))
     config = _train_config(args)  # only --seed and --progress exist here
     spec = RunSpec(model=args.model, data=args.data, weights=args.weights, pretrained=args.pretrained,
                    img_size=args.img_size, batch_size=args.batch_size, train_split=args.split,
                    preprocessing=args.preprocessing, workers=args.workers, train=config)
+    torch.manual_seed(config.seed)  # as `train` does: the same random initialisation on every rank and run
     model = sparseft.create_model(args.model, num_classes=num_classes_of(spec), img_size=args.img_size,
-                                  weights=args.weights, pretrained=args.pretrained)
+                                  weights=args.weights, pretrained=args.pretrained).to(distributed.default_device())
     data = TaskData(spec, model)
     method = get_method("gps", **given(args, METHODS["gps"].Options, prefix=OPTION_PREFIX))
     ctx = MethodContext(loader=lambda kind: data.loader(kind), seed=config.seed, progress=config.progress)
     selection = method.select(model, ctx)
     selection.meta.update({"model": args.model, "data": args.data, "split": args.split})
+    if not distributed.is_main():
+        return 0
     selection.save(out)
     d = selection.describe()
     print(f"selected {d['num_sparse']:,} entries in {len(d['sparse'])} weights (+ {len(d['full'])} parameters "
@@ -155,6 +163,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_task(args.task_file, args.data, args.split, batch_size=args.batch_size, weights=args.weights,
                            preprocessing=args.preprocessing)
     print(json.dumps({"task_file": str(args.task_file), "split": args.split, **result}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from sparseft.data import DataError
+    from sparseft.inference import find_images, load_for_inference, predict, write_csv
+
+    if args.top_k < 1 or args.batch_size < 1:
+        flag, value = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
+        raise ValueError(f"{flag} must be at least 1, not {value}")
+    if args.out is not None and (Path(args.out).is_dir() or args.out.endswith(("/", os.sep))):
+        raise ValueError(f"--out {args.out!r} is a folder; name the .csv file to write")
+    out = _output_file(args.out, args.overwrite, source=args.task_file) if args.out is not None else None
+    images = find_images(args.inputs)
+    model = load_for_inference(args.task_file, weights=args.weights)  # with the task's preprocessing and names
+    preds = predict(model, images, top_k=args.top_k, batch_size=args.batch_size,
+                    progress=_train_config(args).progress, on_error="raise" if args.strict else "skip")
+    good = [p for p in preds if p.error is None]
+    for p in preds:
+        if p.error is not None:
+            print(f"warning: {_one_line(p.error)} (skipped)", file=sys.stderr)
+    if len(good) < len(preds):
+        print(f"warning: skipped {len(preds) - len(good)} of {len(preds)} images", file=sys.stderr)
+    if not good:
+        raise DataError(f"none of the {len(preds)} images could be read")
+    if out is not None:
+        write_csv(good, out)
+        print(f"predictions for {len(good)} images -> {out}")
+    else:
+        for p in good:
+            print(f"{p.path}: " + ", ".join(f"{label} ({prob:.3f})" for label, prob in zip(p.labels, p.probs)))
     return 0
 
 
@@ -295,6 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation preprocessing (default: the one the task was trained with)")
     e.set_defaults(func=cmd_eval)
 
+    pr = sub.add_parser("predict", help="the top-k classes of a saved task for new images",
+                        description="Run a task file on image files and folders (searched recursively): the top-k "
+                                    "classes of each image, printed or written to a CSV file. Mergeable methods run "
+                                    "merged; unreadable images are reported and skipped (--strict: an error).")
+    pr.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors)")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders of images")
+    pr.add_argument("--out", help="CSV file to write (columns path, label_1, prob_1, ...) instead of printing")
+    pr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pr.add_argument("--top-k", type=int, default=5, help="classes shown per image (at most the task's classes)")
+    pr.add_argument("--batch-size", type=int, default=64, help="inference batch size")
+    pr.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: a warning, "
+                                                          "and the image is skipped)")
+    pr.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
+    add_arguments(pr, TrainConfig, only=["progress"])
+    pr.set_defaults(func=cmd_predict)
+
     m = sub.add_parser("merge", help="merge a task file into its base and save a plain model")
     m.add_argument("task_file", type=Path, help="task file written by train")
     m.add_argument("--out", required=True, help="output .safetensors with the merged state dict")
@@ -383,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help (0) or a usage error argparse has reported (2)
         return _exit_status(exit_)
     warnings.showwarning = _show_warning
+    joined = False
     try:
+        joined = distributed.init_from_env()  # under torchrun: join the other processes
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         resumable = args.command == "train" and (Path(args.out) / "config.json").exists()
@@ -400,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        if joined:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ BatchNormMode = Literal["update", "frozen"]
 __all__ = [
     "BatchNormMode", "DeltaError", "SparseDelta", "abandon", "added_parameters", "apply", "base_weights", "clear_added",
     "deltas", "export_task", "forget_base", "import_task", "is_applied", "is_merged", "mark_added", "merge",
-    "method_of", "parameter_summary", "remember_base", "selection_of", "sparse_entries",
-    "structure_of", "sync", "trainable_parameters", "unmerge",
+    "merged_changes", "method_of", "parameter_summary", "remember_base", "selection_of", "sparse_entries",
+    "set_task_record", "structure_of", "sync", "task_record", "trainable_parameters", "unmerge",
 ]
 
 
@@ -74,6 +74,8 @@ class _State:
     # what must not change until save / unmerge: (name, parameter, digest) of the frozen parameters
     # after apply, of every parameter after merge
     guarded: list[tuple[str, torch.Tensor, bytes]] = field(default_factory=list)
+    # the task file's record (`extra` of its header: class names, preprocessing, ...) once loaded
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 def _digest(t: torch.Tensor) -> bytes:
@@ -146,6 +148,18 @@ def added_parameters(model: nn.Module) -> list[str]:
     """Names of the parameters of added modules (empty for a plain or merged model)."""
     state = _state(model)
     return list(state.added) if state is not None else []
+
+
+def task_record(model: nn.Module) -> dict[str, Any]:
+    """The record of the task file the model's task was loaded from (class names, image size,
+    preprocessing, ...); empty for a plain model or a task not loaded from a file."""
+    state = _state(model)
+    return dict(state.record) if state is not None else {}
+
+
+def set_task_record(model: nn.Module, record: dict[str, Any]) -> None:
+    """Keep a task file's record with the model's task (`sparseft.load_delta` does)."""
+    _require_state(model).record = dict(record)
 
 
 def method_of(model: nn.Module) -> str | None:
@@ -411,6 +425,24 @@ def unmerge(model: nn.Module) -> nn.Module:
         p.grad = None
     del model.__dict__["_sparseft"]
     return model
+
+
+def merged_changes(model: nn.Module) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    """What a merged task changed in its base: per parameter or buffer, (flat indices, base values there).
+
+    Indices are None where the whole tensor changed (parameters trained in full or folded,
+    buffers). The model's current values at those places are the task's.
+    """
+    state = _require_state(model)
+    if not state.merged:
+        raise DeltaError("merged_changes needs a merged model (merge it first)")
+    out: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {
+        n: (index, base) for n, (index, base, _) in state.merged_entries.items()}
+    out.update({n: (None, base) for n, base in state.base_full.items()})  # whole-tensor changes win
+    buffers = dict(model.named_buffers())
+    out.update({n: (None, base) for n, base in state.base_buffers.items()
+                if n in buffers and not torch.equal(buffers[n], base)})
+    return out
 
 
 def forget_base(model: nn.Module) -> nn.Module:

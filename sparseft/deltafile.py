@@ -25,7 +25,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparseft import __version__
-from sparseft.delta import DeltaError, abandon, apply, export_task, import_task, is_applied, mark_added
+from sparseft.delta import (
+    DeltaError,
+    abandon,
+    apply,
+    export_task,
+    import_task,
+    is_applied,
+    mark_added,
+    set_task_record,
+)
 from sparseft.delta import merge as merge_model
 from sparseft.fileutil import atomic_path, read_tagged_safetensors, tensor_bytes
 from sparseft.models import fingerprint, head_parameter_names
@@ -202,6 +211,7 @@ def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, m
             if wrong or sorted(names) != sorted(added):
                 raise DeltaFileError(f"{path}: the rebuilt modules do not match the file's tensors {wrong[:5]}")
         import_task(model, tensors)
+        set_task_record(model, header.get("extra", {}))
     except Exception:
         _rollback(model, remove)
         raise

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from sparseft import distributed
 from sparseft.cliopts import require
 from sparseft.fileutil import write_text_atomic
 from sparseft.methods import MethodContext, get_method
@@ -93,6 +94,28 @@ class TensorCache(Dataset):
         return self.items[i]
 
 
+class SeededViews(Dataset):
+    """Sample i's random views drawn from torch's RNG seeded by (seed, i) alone.
+
+    The views then do not depend on the data order, the loader's workers or the number of
+    processes sharing the pass (torchvision's transforms in `TwoViews` draw from torch's RNG).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        from sparseft.data._random import stable_keys
+
+        self.dataset = dataset
+        self.keys = stable_keys(len(dataset), seed, "selection views")  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.keys[i]))
+            return self.dataset[i]
+
+
 class TaskData:
     """The loaders of one task for one model, built on demand."""
 
@@ -119,7 +142,8 @@ class TaskData:
         """'select': two views of the training split; 'train': training batches; 'eval': a split."""
         s = self.spec
         if kind == "select":
-            ds, shuffle, batch = self.dataset(s.train_split, self.views, False), True, s.batch_size
+            ds = SeededViews(self.dataset(s.train_split, self.views, False), s.train.seed)
+            shuffle, batch = True, s.batch_size
         elif kind == "train":
             ds = self.dataset(s.train_split, self.train_transform, s.preprocessing == "vtab")
             shuffle, batch = True, s.batch_size
@@ -182,6 +206,12 @@ def _absolute_data(data: str) -> str:
     return f"{prefix}{sep}{path.resolve()}" if path.exists() else data
 
 
+def _make_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if overwrite:
+        _clear_run_files(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
 def _finished(run_dir: Path, spec: RunSpec) -> bool:
     """Whether the run in `run_dir` trained all its epochs and wrote its summary."""
     if not (run_dir / "summary.json").is_file():
@@ -190,24 +220,34 @@ def _finished(run_dir: Path, spec: RunSpec) -> bool:
     return not checkpoint.is_file() or json.loads(checkpoint.read_text()).get("epoch", -1) + 1 >= spec.train.epochs
 
 
+def _claim(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """`claim_run_dir`; then, resuming a finished run, its summary (None: there is training to do)."""
+    claim_run_dir(run_dir, spec, resume=resume, overwrite=overwrite)
+    if resume and _finished(run_dir, spec):
+        if (run_dir / TASK_FILE).is_file() or not (run_dir / "checkpoint.json").is_file():
+            return json.loads((run_dir / "summary.json").read_text())  # as it is, nothing rewritten
+        (run_dir / "summary.json").unlink()  # its task file is gone: written again from the last checkpoint
+    return None
+
+
 def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = False,
         overwrite: bool = False) -> dict[str, Any]:
     """Train `spec.method` on `spec.data`; returns the summary (also written to the run folder).
 
     The run folder must be empty or new (`overwrite=True` replaces sparseft's files in it);
-    `resume=True` continues the run there, refusing changed settings.
+    `resume=True` continues the run there, refusing changed settings. Under torchrun every rank
+    calls `run` (see `sparseft.distributed`): rank 0 checks and writes the folder, every rank
+    returns rank 0's summary.
     """
     spec = dataclasses.replace(spec, data=_absolute_data(spec.data))
     if run_dir is not None and (not str(run_dir).strip() or str(run_dir) != str(run_dir).strip()):
         raise ValueError(f"--out {str(run_dir)!r} is not a usable folder name")
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
-        claim_run_dir(run_dir, spec, resume=resume, overwrite=overwrite)
-        if resume and _finished(run_dir, spec):
-            if (run_dir / TASK_FILE).is_file() or not (run_dir / "checkpoint.json").is_file():
-                return json.loads((run_dir / "summary.json").read_text())  # as it is, nothing rewritten
-            (run_dir / "summary.json").unlink()  # its task file is gone: written again from the last checkpoint
-        if resume and spec.train.progress:
+        finished = distributed.run_on_main(lambda: _claim(run_dir, spec, resume=resume, overwrite=overwrite))
+        if finished is not None:
+            return finished
+        if resume and spec.train.progress and distributed.is_main():
             print(f"[sparseft] resuming {run_dir}: its plan ({PLAN_FILE}) and last checkpoint are reused",
                   file=sys.stderr)
     from sparseft.data import class_names, load_split
@@ -218,15 +258,13 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     classes = len(names)
     torch.manual_seed(spec.train.seed)
     model = create_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
-                         pretrained=spec.pretrained)
+                         pretrained=spec.pretrained).to(distributed.default_device())
     method.check(model)
     for split in dict.fromkeys((spec.train_split, *spec.eval_splits)):  # every image opens: fail now, not later
         load_split(spec.data, split, None, verify=True)
     data = TaskData(spec, model)
     if run_dir is not None:
-        if overwrite:
-            _clear_run_files(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.run_on_main(lambda: _make_run_dir(run_dir, overwrite))
     ctx = MethodContext(loader=lambda kind: data.loader(kind), seed=spec.train.seed, progress=spec.train.progress,
                         bf16=spec.train.bf16, run_dir=run_dir)
     t0 = time.perf_counter()
@@ -252,9 +290,9 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     if task_file is not None:
         summary["task_file"] = str(task_file)
         summary["task_file_bytes"] = Path(task_file).stat().st_size
-    if run_dir is not None:
+    if run_dir is not None and distributed.is_main():
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
-    return summary
+    return distributed.broadcast_object(summary)  # rank 0's (it saved the task file) on every rank
 
 
 def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batch_size: int = 128,
@@ -265,10 +303,9 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
     are those the task was trained with, from the task file's header. Mergeable methods are
     evaluated merged: what users deploy.
     """
-    import sparseft
-    from sparseft.api import method_for
-    from sparseft.data import build_transform, class_names, data_config, load_split
+    from sparseft.data import class_names, load_split
     from sparseft.deltafile import read_delta
+    from sparseft.inference import eval_transform, load_for_inference
 
     header, _ = read_delta(task_file)
     extra = header.get("extra", {})
@@ -281,10 +318,6 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
         raise ValueError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
                          "evaluate it on the data it was trained for")
 
-    model = sparseft.load(task_file, weights=weights)
-    if merge and method_for(model).mergeable:
-        sparseft.merge(model)
-    transform = build_transform(data_config(model), preprocessing or extra.get("preprocessing", "vtab"), train=False,
-                                img_size=extra.get("img_size"))
-    ds = load_split(data, split, transform)
+    model = load_for_inference(task_file, weights=weights, merge=merge)
+    ds = load_split(data, split, eval_transform(model, extra, preprocessing))
     return evaluate(model, DataLoader(ds, batch_size=batch_size))

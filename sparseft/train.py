@@ -31,6 +31,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseft import distributed
 from sparseft.checkpoint import load_checkpoint, save_checkpoint
 from sparseft.cliopts import require
 from sparseft.delta import parameter_summary
@@ -92,7 +93,7 @@ def changed_settings(stored: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(stored, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(stored) | set(new)):
-            if key in ("progress", "workers", "eval_batch_size"):
+            if key in ("progress", "workers", "eval_batch_size", "world_size"):
                 continue
             out += changed_settings(stored.get(key), new.get(key), f"{prefix}{key}.")
         return out
@@ -149,13 +150,17 @@ def _device_of(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress: bool = False,
              desc: str = "eval") -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of `model` on `loader` (eval mode)."""
+    """Top-1 accuracy and mean cross-entropy of `model` on `loader` (eval mode).
+
+    Collective under a process group: every rank passes the same loader, evaluates the samples
+    r::W of it and the counts are summed over the ranks.
+    """
     was_training = model.training
     model.eval()
     device = _device_of(model)
     correct = total = 0
     loss_sum = 0.0
-    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for x, y in distributed.progress(distributed.shard(loader, "samples"), desc, progress):
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
@@ -163,9 +168,27 @@ def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress
         correct += (logits.argmax(1) == y).sum().item()
         total += len(y)
     model.train(was_training)
+    if distributed.active():
+        sums = distributed.all_reduce_sum(torch.tensor([correct, total, loss_sum], dtype=torch.float64))
+        correct, total, loss_sum = int(sums[0]), int(sums[1]), float(sums[2])
     if total == 0:
         raise ValueError("evaluation loader yielded no samples")
     return {"acc": correct / total, "loss": loss_sum / total, "n": total}
+
+
+def _data_parallel(model: nn.Module) -> nn.Module:
+    """`model` in DistributedDataParallel for the training forward (its trainable parameters only).
+
+    Buffers are not broadcast: BatchNorm statistics are each rank's own (rank 0's are saved).
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = _device_of(model)
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters  # renamed flag
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
 
 
 def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
@@ -179,13 +202,20 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
     `save_task(model, path)` writes the task file at the end (default: a sparse delta when the
     model has one). With `resume=True` a run folder's checkpoint is continued; a finished run
     returns its summary without training.
+
+    Under a process group (torchrun) every rank calls `fit` with the same loaders: each batch of
+    `train_loader` is one step of the whole group (each rank computes a slice of it, the model
+    is wrapped in DistributedDataParallel for the training forward), evaluation is split by
+    sample, and only rank 0 writes files.
     """
     eval_loaders = eval_loaders or {}
     run_dir = Path(run_dir) if run_dir is not None else None
     device = _device_of(model)
+    world, main = distributed.world_size(), distributed.is_main()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
-    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    train_batches = distributed.shard(train_loader, "slices")
+    steps_per_epoch = len(train_batches)  # type: ignore[arg-type]
     total_steps = max(1, config.epochs * steps_per_epoch)
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=config.min_lr,
                                   warmup_t=int(round(config.warmup_epochs * steps_per_epoch)),
@@ -196,7 +226,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
 
     if run_dir is not None:
         summary_path = run_dir / "summary.json"
-        settings = json.loads(json.dumps({"train": config.to_dict(), **(run_info or {})}, default=str))
+        settings = json.loads(json.dumps({"train": config.to_dict(), **(run_info or {}), "world_size": world},
+                                         default=str))
         if resume:
             check_same_settings(run_dir, settings)
         if resume and stem.with_suffix(".json").exists():
@@ -209,27 +240,37 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
             return json.loads(summary_path.read_text())
         elif (run_dir / "config.json").exists() and not resume:
             raise FileExistsError(f"{run_dir} already holds a run; pass resume=True or choose another folder")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.json", json.dumps(settings, indent=1))
-        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        distributed.barrier()  # every rank has read the folder before rank 0 writes to it
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / "config.json", json.dumps(settings, indent=1))
+            write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     scheduler.step_update(step)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    # several processes: a rank's loss is its share of the global batch's mean (DDP averages the gradients)
+    sum_loss = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
+    forward = _data_parallel(model) if world > 1 else model
 
     for epoch in range(start_epoch, config.epochs):
         torch.manual_seed(_epoch_seed(config.seed, epoch))
         model.train()
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
-                   leave=False)
-        for x, y in bar:
+        bar = distributed.progress(train_batches, f"epoch {epoch + 1}/{config.epochs}", config.progress)
+        for i, (x, y) in enumerate(bar):
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
+                logits = forward(x)
+            if world == 1:
+                loss = mean_loss = loss_fn(logits.float(), y)
+                batch_size = len(y)
+            else:
+                batch_size = distributed.global_sizes(train_batches)[i]
+                loss = sum_loss(logits.float(), y) * (world / batch_size)
+                mean_loss = distributed.all_reduce_sum(loss.detach().clone()) / world  # the same on every rank
+            if not torch.isfinite(mean_loss):
                 where = f" (last good checkpoint: {stem}.json, epoch {epoch})" if stem and epoch > 0 else ""
-                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                raise TrainingDiverged(f"loss is {mean_loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                                        f"lower the learning rate{where}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -238,10 +279,12 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
             optimizer.step()
             step += 1
             scheduler.step_update(step)
-            loss_sum += loss.item() * len(y)
+            loss_sum += mean_loss.item() * batch_size
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{mean_loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if world > 1:
+            correct, seen = (int(v) for v in distributed.all_reduce_sum(torch.tensor([correct, seen])))
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
         metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
@@ -252,7 +295,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
             result = evaluate(model, loader, bf16=config.bf16)
             metrics[f"{name}_acc"], metrics[f"{name}_loss"] = result["acc"], result["loss"]
         history.append(metrics)
-        if config.progress:
+        if config.progress and main:
             shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             tqdm.write(shown)
         if run_dir is not None:
@@ -262,18 +305,19 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
                          stem.with_suffix(".json").exists() else "")
                 raise TrainingDiverged(f"non-finite values in {', '.join(bad[:3])} after epoch {epoch + 1}; lower "
                                        f"the learning rate{where}")
-            save_checkpoint(stem, model, optimizer, {"epoch": epoch, "step": step, "history": history,
-                                                     "train_time_s": train_time})
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            if main:
+                save_checkpoint(stem, model, optimizer, {"epoch": epoch, "step": step, "history": history,
+                                                         "train_time_s": train_time})
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
 
     summary = {"history": history, "final": history[-1] if history else {},
-               "params": parameter_summary(model), "train_time_s": round(train_time, 2)}
+               "params": parameter_summary(model), "train_time_s": round(train_time, 2), "world_size": world}
     for name in eval_loaders:
         values = [h[f"{name}_acc"] for h in history if f"{name}_acc" in h]
         if values:
             summary[f"best_{name}_acc"] = max(values)
-    if run_dir is not None:
+    if run_dir is not None and main:
         if save_task is None:
             from sparseft.delta import is_applied
             from sparseft.deltafile import save_delta

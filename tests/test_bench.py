@@ -31,7 +31,7 @@ def write_suite(tmp_path, tasks, protocol="honest", methods=None, epochs=1):
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
     root = tmp_path_factory.mktemp("tasks")
-    return [make_vtab(root / name, n_train=8, n_val=4, n_test=6, classes=2) for name in ("a", "b")]
+    return [make_vtab(root / name, n_train=12, n_val=4, n_test=6, classes=2) for name in ("a", "b")]
 
 
 def test_honest_protocol_tunes_on_val_and_reports_last_epoch(tmp_path, tasks):

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sparseft import delta
+from sparseft import delta, distributed
 from sparseft.cliopts import require
 from sparseft.deltafile import load_delta, save_delta
 from sparseft.methods.modules import remove_added
@@ -141,11 +141,15 @@ class Method:
         self.check(model)
         cached = ctx.run_dir / PLAN_FILE if ctx.run_dir is not None else None
         key = self.plan_key(ctx)
-        selection = Selection.load(cached) if cached is not None and cached.exists() else None
+        # several processes: rank 0 reads and writes the plan file, every rank plans (GPS's pass is
+        # shared) and trains rank 0's plan
+        selection = distributed.run_on_main(
+            lambda: Selection.load(cached) if cached is not None and cached.exists() else None)
         if selection is None or selection.meta.get("plan_key") != key:
             selection = self.plan(model, ctx)
             selection.meta["plan_key"] = key
-            if cached is not None:
+            selection = distributed.broadcast_object(selection)
+            if cached is not None and distributed.is_main():
                 selection.save(cached)
         delta.apply(model, selection, batchnorm=getattr(self.options, "batchnorm", self.batchnorm),
                     keep_base=self.keep_base)

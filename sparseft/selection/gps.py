@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from sparseft import distributed
 from sparseft.selection.rules import Eligibility, parameter_roles
 from sparseft.selection.scores import (
     ScoreReduction,
@@ -159,5 +160,6 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
         full=[n for n, r in roles.items() if r == "full"],
         meta={"method": "gps", "k": k, "level": level, "criterion": criterion, "loss": loss, "score": score,
               "temperature": temperature, "seed": seed, "chunk_size": chunk_size, **stats,
+              "world_size": distributed.world_size(),
               "rules": (rules or Eligibility()).to_dict()},
     )

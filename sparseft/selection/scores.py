@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from sparseft import distributed
 from sparseft.models import feature_fn
 from sparseft.selection.selection import SelectionError
 
@@ -183,6 +183,10 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     or `chunk_size` < 1, or a SupCon loader of batch size 1; per batch for labels that are not a
     1-D integer class vector; after the pass when no batch held two classes (SupCon), or the loss
     (in some batch) or the scores (of some named parameter) are NaN/inf.
+
+    Under a process group it is collective: rank r scores batches r, r+W, ... of `loader` and the
+    scores, counts and checks are those of the whole pass on every rank. The random draws of
+    batch i (drop-path, the default views) depend on (`seed`, i) only.
     """
     if reduction not in ("abs_of_sum", "sum_of_abs", "sum_of_squares"):
         raise SelectionError(f"reduction must be 'abs_of_sum', 'sum_of_abs' or 'sum_of_squares', not {reduction!r}")
@@ -204,8 +208,8 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     features = feature_fn(model, head)
     per_batch = reduction != "abs_of_sum"  # Σ|g| and Σg² (SPT's sensitivity) accumulate batch by batch
     acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names} if per_batch else None
-    generator = torch.Generator().manual_seed(seed)
-    stats = {"batches": 0, "images": 0}
+    generator = torch.Generator()
+    steps: list[int] = []              # the global index of each batch this rank scored
     losses: list[torch.Tensor] = []    # per batch, checked after the pass (no sync per batch)
     contrast: list[torch.Tensor] = []  # per batch (SupCon): whether it holds two classes, i.e. negatives
     sizes: list[int] = []
@@ -217,12 +221,15 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     def objective(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return supcon_loss(out, y, temperature) if loss == "supcon" else F.cross_entropy(out.float(), y.long())
 
+    world, here = distributed.world_size(), distributed.rank()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), scoring_mode(model, set(names)):
-        torch.manual_seed(seed)
-        batches = tqdm(loader, desc="GPS scores", disable=not progress, leave=False)
-        for step, batch in enumerate(batches):
+        batches = distributed.progress(distributed.shard(loader, "batches"), "GPS scores", progress)
+        for local, batch in enumerate(batches):
+            step = here + local * world  # rank r scores batches r, r+W, ... of the one batch order
             if max_batches is not None and step >= max_batches:
                 break
+            torch.manual_seed(_step_seed(seed, step))  # the random draws of batch i depend on (seed, i) only
+            generator.manual_seed(_step_seed(seed, step))
             if loss == "ce" and isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor):
                 views, labels = [batch[0]], batch[1]  # cross-entropy needs no second view
             else:
@@ -257,27 +264,33 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                         g = params[n].grad.float()
                         acc[n] += g.square() if reduction == "sum_of_squares" else g.abs()
                         params[n].grad = None
+            steps.append(step)
             losses.append(value.detach())
             sizes.append(len(labels))
-            stats["batches"] += 1
-            stats["images"] += len(labels)
         if acc is None:  # |Σg|: take each accumulated gradient over, in place (no second copy of the model)
             acc = {}
             for n in names:
                 grad, params[n].grad = params[n].grad, None
-                acc[n] = grad.abs_().float() if grad is not None else torch.zeros_like(params[n], dtype=torch.float32)
+                grad = grad if grad is not None else torch.zeros_like(params[n], dtype=torch.float32)
+                acc[n] = distributed.all_reduce_sum(grad).abs_().float()  # |Σg| over every rank's batches
+        else:
+            for score in acc.values():
+                distributed.all_reduce_sum(score)
+    table = _batch_table(steps, losses, contrast, sizes)
+    stats = {"batches": len(table), "images": int(table[:, 2].sum())}
     if stats["batches"] == 0:
         raise SelectionError("selection loader yielded no batches (is the training split empty?)")
     if loss == "supcon":
-        mixed = int(torch.stack([c.cpu() for c in contrast]).sum())
+        mixed = int(table[:, 1].sum())
         stats["single_class_batches"] = stats["batches"] - mixed
         if mixed == 0:
-            size = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+            lo, hi = int(table[:, 2].min()), int(table[:, 2].max())
+            size = f"{lo}" if lo == hi else f"{lo}-{hi}"
             raise SelectionError(
                 f"none of the {stats['batches']} selection batches held two classes (batch size {size}), so the "
                 "SupCon loss had no negatives and its gradients carry no class information; "
                 f"{BATCH_ADVICE} (shuffle the data if it is sorted by class)")
-    finite = torch.stack([v.float().cpu() for v in losses]).isfinite()
+    finite = table[:, 0].isfinite()
     bad_name = first_nonfinite(acc)
     if bad_name is not None or not bool(finite.all()):
         problems = []
@@ -285,12 +298,31 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
             problems.append(f"gradient scores of {nonfinite_where(acc, bad_name)} are not finite")
         if not bool(finite.all()):
             first = int((~finite).nonzero()[0, 0])
-            problems.append(f"the {loss} loss is {float(losses[first])} in selection batch {first} "
-                            f"({int((~finite).sum())} of {len(losses)} batches)")
+            problems.append(f"the {loss} loss is {float(table[first, 0])} in selection batch {first} "
+                            f"({int((~finite).sum())} of {len(table)} batches)")
         raise SelectionError("; ".join(problems) + ": the images hold NaN/inf values, or the loss or the gradients "
                              "overflowed; check the data and the model weights (a tiny --temperature or --bf16 "
                              "can overflow too)")
     return acc, stats
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed + step * 1_000_003) % 2**63  # batch 0 draws from `seed` itself
+
+
+def _batch_table(steps: list[int], losses: list[torch.Tensor], contrast: list[torch.Tensor],
+                 sizes: list[int]) -> torch.Tensor:
+    """[batches, 3]: loss, holds two classes (1/0), images of every batch of the pass, in batch
+    order, gathered from every rank (each batch was scored by one rank; the others add zeros)."""
+    count = torch.tensor([max(steps) + 1 if steps else 0])
+    n = int(distributed.all_reduce_max(count))
+    table = torch.zeros(n, 3, dtype=torch.float64)
+    if steps:
+        index = torch.tensor(steps)
+        table[index, 0] = torch.stack([v.double().cpu() for v in losses])
+        table[index, 1] = torch.stack([c.double().cpu() for c in contrast]) if contrast else 1.0
+        table[index, 2] = torch.tensor(sizes, dtype=torch.float64)
+    return distributed.all_reduce_sum(table)
 
 
 def first_nonfinite(scores: dict[str, torch.Tensor]) -> str | None:

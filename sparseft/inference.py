@@ -1,0 +1,200 @@
+"""Inference on images: the top-k classes a model (a trained task) gives new images.
+
+    model = sparseft.load("runs/x/delta.safetensors")
+    preds = sparseft.predict(model, ["a.jpg", "b.png"], top_k=3)
+    preds[0].labels, preds[0].probs             # most probable first
+
+A model loaded from a task file is run with that task's preprocessing and class names (its
+header's record); `sparseft predict TASK_FILE INPUT...` is this plus `load_for_inference`
+(merged where the method can merge), `find_images` (files and folders) and `write_csv`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseft.data.images import DataError, OnError, open_rgb, to_rgb
+from sparseft.delta import task_record
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one image, most probable first; `path` when the image came from a file.
+
+    `error` says why the image was skipped (only with `on_error="skip"`); its lists are empty then.
+    """
+
+    labels: list[str]
+    probs: list[float]
+    indices: list[int]
+    path: Path | None = None
+    error: str | None = None
+
+
+def eval_transform(model: nn.Module, extra: Mapping[str, Any] | None = None,
+                   preprocessing: Literal["vtab", "fgvc"] | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation transform of a task: the preprocessing and image size recorded in its task
+    file's header `extra` (`preprocessing` overrides it); without one, VTAB's resize to the model's input size."""
+    from sparseft.data import build_transform, data_config
+
+    extra = extra or {}
+    return build_transform(data_config(model), preprocessing or extra.get("preprocessing", "vtab"), train=False,
+                           img_size=extra.get("img_size"))
+
+
+def load_for_inference(task_file: str | Path, *, weights: str | Path | None = None, merge: bool = True) -> nn.Module:
+    """A task file's model in eval mode, merged when its method can merge (what users deploy)."""
+    from sparseft.api import load, method_for
+
+    model = load(task_file, weights=weights)
+    method = method_for(model)
+    if merge and method.mergeable:
+        method.merge(model)
+    return model.eval()
+
+
+def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The image files `inputs` name: files as given (whatever their extension), folders searched
+    recursively for image files (by extension; sorted; hidden names and symlinked folders skipped).
+
+    A path that does not exist is a FileNotFoundError, a folder without image files a DataError.
+    """
+    from sparseft.data.folder import _images_under
+
+    out: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(sample.path for sample, _ in _images_under(path))
+            if not found:
+                raise DataError(f"{raw}: no image files in this folder")
+            out.extend(found)
+        elif path.exists():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"{raw}: no such file or folder")
+    return out
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside; every module's own train/eval mode back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _read(items: Sequence[Any], transform: Callable[[Image.Image], torch.Tensor],
+          on_error: OnError) -> tuple[torch.Tensor | None, list[Path | None], dict[int, str]]:
+    """One batch of files or PIL images: (stacked tensors of the readable ones, paths, errors by position)."""
+    tensors, paths, errors = [], [], {}
+    for i, item in enumerate(items):
+        path = Path(item) if isinstance(item, (str, os.PathLike)) else None
+        paths.append(path)
+        if path is None and not isinstance(item, Image.Image):
+            raise TypeError(f"images: expected file paths or PIL images, not {type(item).__name__}")
+        try:
+            image = open_rgb(path) if path is not None else to_rgb(item)
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            errors[i] = str(err)
+            continue
+        tensors.append(transform(image))
+    return (torch.stack(tensors) if tensors else None), paths, errors
+
+
+def _top_k(logits: torch.Tensor, k: int, names: Sequence[str] | None) -> list[Prediction]:
+    if names is not None and len(names) != logits.shape[1]:
+        raise ValueError(f"class_names has {len(names)} names but the model gives {logits.shape[1]} classes")
+    probs, indices = logits.float().softmax(dim=1).topk(min(k, logits.shape[1]), dim=1)
+    out = []
+    for p, i in zip(probs.tolist(), indices.tolist()):
+        out.append(Prediction([names[j] if names is not None else str(j) for j in i], p, i))
+    return out
+
+
+def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[ImageInput], *, top_k: int = 5,
+            class_names: Sequence[str] | None = None,
+            transform: Callable[[Image.Image], torch.Tensor] | None = None, batch_size: int = 64,
+            progress: bool = False, on_error: OnError = "raise") -> list[Prediction]:
+    """The `top_k` most probable classes (softmax of the logits) of each image, one Prediction each.
+
+    `images`: a preprocessed float batch [N, C, H, W], used as it is; or image files / PIL images
+    (one or a list), opened as RGB and preprocessed by `transform`. Defaults, for a model loaded
+    from a task file: that task's evaluation preprocessing and class names (its record); else VTAB's
+    resize to the model's input size and the class indices as strings. `top_k` is clipped to
+    the number of classes. An unreadable file raises `DataError` naming it, or with
+    `on_error="skip"` gets a Prediction with `error` set and no labels. Runs under
+    `torch.no_grad()` in eval mode on the model's device; the model's train/eval modes are restored.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k (--top-k) must be a whole number >= 1, not {top_k!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    record = task_record(model)
+    if class_names is None:
+        class_names = record.get("class_names") or None
+    names = list(class_names) if class_names is not None else None
+    if isinstance(images, torch.Tensor):
+        if transform is not None:
+            raise ValueError("transform applies to image files and PIL images; a tensor batch is used as it is")
+        if images.ndim != 4 or not images.is_floating_point():
+            raise ValueError(f"a tensor of images must be a float batch [N, C, H, W], not {images.dtype} of shape "
+                             f"{tuple(images.shape)}")
+        items: Any = images
+    else:
+        items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+        transform = transform or eval_transform(model, record)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    results: list[Prediction] = []
+    with _eval_mode(model), torch.no_grad(), tqdm(total=len(items), desc="predict", unit="img", disable=not progress,
+                                                  leave=False) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            if isinstance(chunk, torch.Tensor):
+                x, paths, errors = chunk, [None] * len(chunk), {}
+            else:
+                x, paths, errors = _read(chunk, transform, on_error)
+            found = iter(_top_k(model(x.to(device)), top_k, names) if x is not None else ())
+            for i, path in enumerate(paths):
+                failed = Prediction([], [], [], path, errors[i]) if i in errors else None
+                results.append(failed or replace(next(found), path=path))
+            bar.update(len(chunk))
+    return results
+
+
+def write_csv(predictions: Iterable[Prediction], path: str | Path) -> None:
+    """The predictions (skipped images left out) as a CSV file written atomically: columns path,
+    then label_1, prob_1, ..., label_k, prob_k."""
+    from sparseft.fileutil import write_text_atomic
+
+    rows = [p for p in predictions if p.error is None]
+    k = max((len(p.labels) for p in rows), default=0)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob"))])
+    for p in rows:
+        writer.writerow(["" if p.path is None else str(p.path),
+                         *(v for label, prob in zip(p.labels, p.probs) for v in (label, f"{prob:.6f}"))])
+    write_text_atomic(path, text.getvalue())

@@ -1,0 +1,246 @@
+"""Many tasks on one base model: switch between task files in place, in milliseconds.
+
+    bank = sparseft.TaskBank(model)              # a plain base model
+    bank.add("pets", "runs/pets/delta.safetensors")
+    bank.add("flowers", "runs/flowers/delta.safetensors")
+    bank.use("pets")                             # the model is now the pets model (merged)
+    with bank.use("flowers"):                    # ... the flowers model inside the block
+        logits = model(x)
+    bank.use(None)                               # the base again, bit-exactly
+    outputs = bank.predict(images, ["pets", "flowers", "pets"])  # one batch, mixed tasks
+
+Each task is read once: loaded onto the model, merged, and what the merge changed is kept
+(flat indices and values of the entries a sparse task changed; whole tensors for parameters
+trained in full, folded modules and BatchNorm statistics), then the model is unmerged. Switching
+writes those values into the model's own weight tensors and writes the base values back: no
+weight tensor is re-allocated, so a `torch.compile`d model does not recompile. A head with
+another number of classes than the base's is swapped as a tensor (one recompilation per shape).
+
+Methods whose task merges into the weights are served: gps, bitfit, linear, full, lora,
+spt-lora, ssf. Memory: the base + what each task changes; a sparse task (GPS, BitFit) holds about
+its file's size, while a merged LoRA or SSF task changes its target weights whole. Methods that
+add modules which cannot be merged (adapter, vpt-*, sct, spt-adapter) are refused: load those
+one at a time with `sparseft.load`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparseft import delta
+from sparseft.api import load, method_for, method_named_in
+from sparseft.deltafile import read_delta
+from sparseft.methods import METHODS
+from sparseft.sparse_layers import write_flat
+
+
+@dataclass
+class _Change:
+    """One tensor a task changes: `value` at the flat `index` (None: the whole tensor)."""
+
+    index: torch.Tensor | None
+    value: torch.Tensor
+    base: torch.Tensor  # the base values at `index`, or the whole base tensor (shared between tasks)
+    swap: bool = False  # another shape than the base's (a head): the tensor is swapped, not written
+
+
+class _Active:
+    """What `TaskBank.use` returns: the switch is done; as a context manager it switches back on exit."""
+
+    def __init__(self, bank: TaskBank, previous: str | None) -> None:
+        self.bank, self.previous = bank, previous
+
+    def __enter__(self) -> nn.Module:
+        return self.bank.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.bank._switch(self.previous)
+
+
+class TaskBank:
+    """One base model, many task files; `use(name)` makes a task active in place, `use(None)` the base."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if delta.is_applied(model):
+            raise delta.DeltaError("TaskBank needs the plain base model; this one carries a task (unmerge it)")
+        self.model = model
+        self.active: str | None = None
+        self._tasks: dict[str, dict[str, _Change]] = {}
+        self._headers: dict[str, dict[str, Any]] = {}
+        self._bases: dict[str, torch.Tensor] = {}  # whole base tensors, kept once for every task
+        self._tensors: dict[str, torch.Tensor] = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    # -- tasks ---------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        """The names of the tasks in the bank, in the order they were added."""
+        return list(self._tasks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def header(self, name: str) -> dict[str, Any]:
+        """The `extra` record of a task's file (class names, image size, preprocessing, method...)."""
+        self._require(name)
+        return self._headers[name]
+
+    def add(self, name: str, path: str | Path) -> None:
+        """Read a task file into the bank (refused: a name in use, a file for another base, a method that
+        cannot merge). The active task stays active."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a task name must be a non-empty string, got {name!r}")
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} is already in the bank; remove it first or choose another name")
+        header, tensors = read_delta(path)
+        method = method_named_in(header)
+        if method in METHODS and not METHODS[method].mergeable:
+            raise delta.DeltaError(
+                f"{path}: a {method} task adds modules that cannot be merged into the base weights, so a TaskBank "
+                f"cannot switch to it; it serves {', '.join(m for m, c in sorted(METHODS.items()) if c.mergeable)} "
+                "tasks (load this one alone with sparseft.load)")
+        previous = self.active
+        self._switch(None)
+        try:
+            with _heads_shaped_as(self.model, header, tensors) as originals:
+                model = load(path, model=self.model)
+                owner = method_for(model)
+                owner.merge(model)
+                changes = {n: self._keep(n, idx, base, originals.get(n))
+                           for n, (idx, base) in delta.merged_changes(model).items()}
+                owner.unmerge(model)
+        finally:
+            self._switch(previous)
+        self._tasks[name] = changes
+        self._headers[name] = dict(header.get("extra", {}))
+
+    def remove(self, name: str) -> None:
+        """Take a task out of the bank (the base is restored first if it is active)."""
+        self._require(name)
+        if self.active == name:
+            self._switch(None)
+        del self._tasks[name], self._headers[name]
+        used = {n for changes in self._tasks.values() for n, c in changes.items() if c.index is None}
+        self._bases = {n: t for n, t in self._bases.items() if n in used}
+
+    def nbytes(self) -> int:
+        """Memory the bank holds besides the model: every task's values and the shared base copies."""
+        held = {id(t): t for t in self._bases.values()}
+        for changes in self._tasks.values():
+            for c in changes.values():
+                for t in (c.index, c.value, c.base):
+                    if t is not None:
+                        held.setdefault(id(t), t)
+        return sum(t.numel() * t.element_size() for t in held.values())
+
+    # -- switching -----------------------------------------------------------------------
+    def use(self, name: str | None) -> _Active:
+        """Make task `name` active (None: the base); also a context manager that switches back on exit."""
+        if name is not None:
+            self._require(name)
+        previous = self.active
+        self._switch(name)
+        return _Active(self, previous)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, tasks: Sequence[str | None]) -> list[torch.Tensor]:
+        """Outputs for a batch whose items name different tasks (None: the base), run grouped by task.
+
+        Returns one output row per image, in input order (tasks may differ in their number of
+        classes). The model runs in eval mode; the active task and the mode are restored after.
+        """
+        if len(tasks) != len(images):
+            raise ValueError(f"predict: {len(images)} images but {len(tasks)} task names")
+        for task in dict.fromkeys(tasks):
+            if task is not None:
+                self._require(task)
+        out: list[torch.Tensor | None] = [None] * len(tasks)
+        previous, was_training = self.active, self.model.training
+        self.model.eval()
+        try:
+            for task in dict.fromkeys(tasks):
+                rows = [i for i, t in enumerate(tasks) if t == task]
+                self._switch(task)
+                for i, row in zip(rows, self.model(images[rows])):
+                    out[i] = row
+        finally:
+            self._switch(previous)
+            self.model.train(was_training)
+        return out  # type: ignore[return-value]
+
+    # -- internals -----------------------------------------------------------------------
+    def _require(self, name: str) -> None:
+        if name not in self._tasks:
+            raise KeyError(f"no task {name!r} in the bank (it holds {', '.join(map(repr, self._tasks)) or 'none'})")
+
+    def _keep(self, name: str, index: torch.Tensor | None, base: torch.Tensor,
+              original: torch.Tensor | None) -> _Change:
+        """The merged model's values of one changed tensor, and where its base values are kept.
+
+        `original`: the base's own tensor of a head that has another shape in this task.
+        """
+        current = self._tensors[name].detach()
+        if index is not None:
+            return _Change(index.clone(), current.reshape(-1)[index].clone(), base.clone())
+        if original is not None:
+            return _Change(None, current.clone(), original, swap=True)
+        kept = self._bases.setdefault(name, base.detach().clone())
+        return _Change(None, current.clone(), kept)
+
+    @torch.no_grad()
+    def _switch(self, name: str | None) -> None:
+        if name == self.active:
+            return
+        if delta.is_applied(self.model):
+            raise delta.DeltaError("the bank's model carries a task applied outside the bank; unmerge it first")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # many small writes: thread hand-offs would cost more than the copies
+        try:
+            if self.active is not None:
+                self._write(self._tasks[self.active], restore=True)
+            self.active = None
+            if name is not None:
+                self._write(self._tasks[name], restore=False)
+                self.active = name
+        finally:
+            torch.set_num_threads(threads)
+
+    def _write(self, changes: dict[str, _Change], restore: bool) -> None:
+        for name, c in changes.items():
+            tensor = self._tensors[name]
+            new = c.base if restore else c.value
+            if c.swap:
+                tensor.data = new
+            elif c.index is None:
+                tensor.copy_(new)
+            else:
+                write_flat(tensor, c.index, new)
+
+
+@contextmanager
+def _heads_shaped_as(model: nn.Module, header: dict[str, Any],
+                     tensors: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """While a task is read, head parameters take the task's shapes where they differ from the base's.
+
+    Yields the base's own tensors of those heads, which are put back afterwards (not copied).
+    """
+    params = dict(model.named_parameters())
+    heads = [n for n in header.get("head", []) if n in params and f"full/{n}" in tensors
+             and tensors[f"full/{n}"].shape != params[n].shape]
+    originals = {n: params[n].data for n in heads}
+    for n in heads:
+        params[n].data = torch.zeros(tensors[f"full/{n}"].shape, dtype=params[n].dtype, device=params[n].device)
+    try:
+        yield originals
+    finally:
+        for n, original in originals.items():
+            params[n].data = original

@@ -1,0 +1,161 @@
+"""Two processes (torchrun, gloo on CPU) select and train as one process does.
+
+One torchrun launch (run as a script: this file's `__main__`) runs the CLI's `select` and `train`
+(GPS, LoRA, and a GPS run interrupted after its first epoch, then resumed) in two processes; the
+tests compare its files with the same commands run here in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_vtab
+from safetensors.torch import load_file
+
+from sparseft import distributed
+from sparseft.cli import main
+from sparseft.selection import Selection
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = ["--model", "test_vit", "--img-size", "32"]
+TRAIN = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress"]
+EMBED = 64  # test_vit's width: qkv.bias holds the query, key and value biases of this size
+
+
+def commands(task: Path, out: Path) -> dict[str, list[str]]:
+    """The CLI commands both sides run, writing under `out`."""
+    train = ["train", "--data", str(task), *MODEL, *TRAIN]
+    return {"select": ["select", "--data", str(task), "--out", str(out / "select.safetensors"), "--k", "2",
+                       "--batch-size", "4", "--no-progress", *MODEL],
+            "gps": [*train, "--method", "gps", "--k", "2", "--out", str(out / "gps")],
+            "lora": [*train, "--method", "lora", "--out", str(out / "lora")],
+            "resumed": [*train, "--method", "gps", "--k", "2", "--out", str(out / "resumed")]}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    return make_vtab(tmp_path_factory.mktemp("dist") / "task", n_train=12, n_val=4, n_test=8, classes=3)
+
+
+@pytest.fixture(scope="module")
+def two(task) -> tuple[Path, str]:
+    """The run folders of the two-process launch, and what it printed."""
+    out = task.parent / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           __file__, str(task), str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def one(task) -> Path:
+    out = task.parent / "one"
+    for name, argv in commands(task, out).items():
+        if name != "resumed":
+            assert main(argv) == 0, name
+    return out
+
+
+def test_two_process_selection_equals_one_process_selection(one, two):
+    out, printed = two
+    a, b = Selection.load(one / "select.safetensors"), Selection.load(out / "select.safetensors")
+    assert a.indices.keys() == b.indices.keys()
+    assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.indices)
+    assert (a.meta["world_size"], b.meta["world_size"]) == (1, 2)
+    assert {k: v for k, v in a.meta.items() if k != "world_size"} == {k: v for k, v in b.meta.items()
+                                                                       if k != "world_size"}
+    assert printed.count("selected ") == 1  # rank 0 alone reports (and writes)
+
+
+@pytest.mark.parametrize("method", ["gps", "lora"])
+def test_two_process_training_matches_one_process(one, two, method):
+    out, printed = two
+    a, b = load_file(one / method / "delta.safetensors"), load_file(out / method / "delta.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        x, y = a[name], b[name]
+        if name.endswith("qkv.bias"):
+            # the loss does not depend on the key biases (softmax is shift-invariant): their gradient is
+            # rounding noise, which Adam scales to steps of the learning rate; compare query and value
+            x, y = torch.cat([x[:EMBED], x[2 * EMBED:]]), torch.cat([y[:EMBED], y[2 * EMBED:]])
+        # Adam divides by the gradient's RMS: where that is tiny, rounding differences (float sums in another
+        # order) grow to a fraction of a step; measured: at most 6e-6 (GPS), 9e-7 (LoRA), mostly below 3e-8
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-5, msg=name)  # 1 % of the learning rate
+    final_a = json.loads((one / method / "summary.json").read_text())["final"]
+    summary = json.loads((out / method / "summary.json").read_text())
+    final_b = summary["final"]
+    assert (final_b["test_acc"], final_b["train_acc"]) == (final_a["test_acc"], final_a["train_acc"])
+    assert final_b["train_loss"] == pytest.approx(final_a["train_loss"], rel=1e-5)
+    assert final_b["test_loss"] == pytest.approx(final_a["test_loss"], rel=1e-5)
+    assert sorted(p.name for p in (out / method).iterdir()) == sorted(p.name for p in (one / method).iterdir())
+    assert summary["world_size"] == 2
+    assert json.loads((out / method / "config.json").read_text())["world_size"] == 2
+    if method == "gps":
+        assert Selection.load(out / method / "selection.safetensors").meta["world_size"] == 2
+    assert printed.count(f"{out / method / 'delta.safetensors'}") == 1
+
+
+def test_a_resumed_two_process_run_equals_the_uninterrupted_one(two):
+    out, _ = two
+    whole, resumed = load_file(out / "gps" / "delta.safetensors"), load_file(out / "resumed" / "delta.safetensors")
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+    lines = (out / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    final = [json.loads((out / r / "summary.json").read_text())["final"] for r in ("gps", "resumed")]
+    assert [{k: v for k, v in f.items() if k != "epoch_time_s"} for f in final][0] == \
+        {k: v for k, v in final[1].items() if k != "epoch_time_s"}
+
+
+def test_selection_views_do_not_depend_on_the_loader_workers(task, one):
+    argv = commands(task, task.parent / "workers")["select"]
+    assert main([*argv, "--workers", "1"]) == 0
+    a, b = Selection.load(one / "select.safetensors"), Selection.load(task.parent / "workers" / "select.safetensors")
+    assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.indices)
+
+
+def test_batches_are_sharded_whole_or_sliced(monkeypatch):
+    from torch.utils.data import BatchSampler
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    batches = BatchSampler(range(13), 4, drop_last=False)  # 4, 4, 4, 1
+    whole = distributed.ShardedBatchSampler(batches, "batches")
+    assert list(whole) == [[4, 5, 6, 7], [12]] and len(whole) == 2
+    sliced = distributed.ShardedBatchSampler(batches, "slices")
+    with pytest.warns(UserWarning, match="a batch of 1 images for 2 processes is left out"), torch.random.fork_rng():
+        assert list(sliced) == [[2, 3], [6, 7], [10, 11]]
+    assert len(sliced) == 3 and sliced.global_sizes == [4, 4, 4]
+
+
+def _worker(task: Path, out: Path) -> None:
+    """One rank of the launch: the commands of `commands`, the last one interrupted and resumed."""
+    import sparseft.train
+
+    distributed.init_from_env()
+    argv = commands(task, out)
+    for name in ("select", "gps", "lora"):
+        assert main(argv[name]) == 0, name
+    real, calls = sparseft.train._non_finite, []
+
+    def stop_in_second_epoch(*args):  # called on every rank after each epoch, before the checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    sparseft.train._non_finite = stop_in_second_epoch
+    assert main(argv["resumed"]) == 130
+    sparseft.train._non_finite = real
+    assert main([*argv["resumed"], "--resume"]) == 0
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]))

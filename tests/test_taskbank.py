@@ -1,0 +1,172 @@
+"""TaskBank: many task files on one base, switched in place; the base bit-exact after any switches."""
+
+import random
+
+import pytest
+import torch
+from helpers import toy_batches
+
+import sparseft
+from sparseft.deltafile import DeltaFileError
+from sparseft.methods import METHODS, MethodContext, get_method
+
+MERGEABLE = sorted(m for m, cls in METHODS.items() if cls.mergeable)
+
+
+def base(classes: int = 3, seed: int = 0) -> torch.nn.Module:
+    """The test base; with another number of classes, the same backbone under a new head."""
+    torch.manual_seed(seed)
+    model = sparseft.create_model("test_vit", num_classes=3, img_size=32).eval()
+    if classes != 3:
+        model.reset_classifier(classes)
+    return model
+
+
+def write_task(method: str, path, classes: int = 3, seed: int = 1, base_seed: int = 0):
+    """A task file of `method` whose trained values are random (so every task differs)."""
+    model = base(classes, base_seed)
+    x, y = toy_batches(1, batch=6, classes=classes)[0]
+    ctx = MethodContext(loader={"select": [([x, x.flip(-1)], y)], "train": [(x, y)]}.__getitem__, progress=False)
+    options = {"select_batches": 1} if method in ("spt-lora", "spt-adapter", "sct") else {}
+    model = get_method(method, **options).prepare(model, ctx)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return get_method(method).save(model, path, extra={"model": "test_vit", "num_classes": classes, "img_size": 32,
+                                                       "init_seed": base_seed, "class_names": list("abcde"[:classes])})
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    out = {m: write_task(m, root / f"{m}.safetensors") for m in MERGEABLE}
+    out["gps-2"] = write_task("gps", root / "gps-2.safetensors", seed=2)
+    out["gps-5"] = write_task("gps", root / "gps-5.safetensors", classes=5, seed=3)
+    return out
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_state(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    assert list(state) == list(expected)
+    for name, value in state.items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_every_mergeable_method_switches_to_exactly_its_merged_model(files):
+    model = base()
+    bank = sparseft.TaskBank(model)
+    for method in MERGEABLE:
+        bank.add(method, files[method])
+    params = {n: (p, p.data_ptr()) for n, p in model.named_parameters()}
+    for method in MERGEABLE:
+        bank.use(method)
+        assert bank.active == method
+        assert_state(model, snapshot(sparseft.merge(sparseft.load(files[method]))))
+    # switching writes into the model's own tensors: same parameter objects, same storage
+    assert {n: (p, p.data_ptr()) for n, p in model.named_parameters()} == params
+    assert bank.header("gps")["class_names"] == ["a", "b", "c"]
+
+
+def test_the_base_is_bit_exact_after_any_sequence_of_switches(files):
+    model = base()
+    expected = snapshot(model)
+    bank = sparseft.TaskBank(model)
+    names = ["gps", "gps-2", "lora", "full", "ssf", "gps-5"]
+    for name in names:
+        bank.add(name, files[name])
+    rng = random.Random(0)
+    for _ in range(40):
+        bank.use(rng.choice([*names, None]))
+    with bank.use("lora"):
+        with bank.use("gps-5"):
+            assert bank.active == "gps-5"
+        assert bank.active == "lora"
+    bank.use(None)
+    assert_state(model, expected)
+
+
+def test_a_head_of_another_size_is_swapped_and_put_back(files):
+    model = base(classes=3)
+    head = dict(model.named_parameters())["head.weight"]
+    bank = sparseft.TaskBank(model)
+    bank.add("five", files["gps-5"])
+    x = toy_batches(1, batch=2, classes=3)[0][0]
+    with torch.no_grad(), bank.use("five"):
+        out = model(x)
+        expected = sparseft.merge(sparseft.load(files["gps-5"], model=base(classes=5)))(x)
+    assert out.shape == (2, 5)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert dict(model.named_parameters())["head.weight"].shape == (3, head.shape[1])
+
+
+def test_a_batch_of_mixed_tasks_is_served_grouped_by_task(files):
+    model = base()
+    bank = sparseft.TaskBank(model)
+    for name in ("gps", "lora", "gps-5"):
+        bank.add(name, files[name])
+    bank.use("lora")
+    model.train()
+    x = toy_batches(1, batch=5, classes=3)[0][0]
+    tasks = ["gps", "gps-5", None, "gps", "lora"]
+    out = bank.predict(x, tasks)
+    assert bank.active == "lora" and model.training  # what was active, and the mode, are restored
+    for i, task in enumerate(tasks):
+        with torch.no_grad(), bank.use(task):
+            model.eval()
+            torch.testing.assert_close(out[i], model(x[i:i + 1])[0], atol=1e-6, rtol=0)
+    assert [len(o) for o in out] == [3, 5, 3, 3, 3]
+
+
+def test_refusals_leave_the_bank_and_the_base_as_they_were(files, tmp_path):
+    model = base()
+    expected = snapshot(model)
+    bank = sparseft.TaskBank(model)
+    bank.add("gps", files["gps"])
+    bank.use("gps")
+    active = snapshot(model)
+    with pytest.raises(DeltaFileError, match="another base model"):
+        bank.add("foreign", write_task("gps", tmp_path / "foreign.safetensors", base_seed=1))
+    with pytest.raises(sparseft.DeltaError, match="adapter task adds modules that cannot be merged"):
+        bank.add("adapter", write_task("adapter", tmp_path / "adapter.safetensors"))
+    with pytest.raises(ValueError, match="already in the bank"):
+        bank.add("gps", files["gps-2"])
+    with pytest.raises(KeyError, match="no task 'nope'"):
+        bank.use("nope")
+    assert bank.tasks == ["gps"] and bank.active == "gps"
+    assert_state(model, active)
+    bank.remove("gps")
+    assert_state(model, expected)
+    with pytest.raises(sparseft.DeltaError, match="plain base model"):
+        sparseft.TaskBank(sparseft.load(files["gps"]))
+
+
+def test_memory_follows_the_task_files(files):
+    bank = sparseft.TaskBank(base())
+    bank.add("gps", files["gps"])
+    bank.add("gps-2", files["gps-2"])
+    size = files["gps"].stat().st_size + files["gps-2"].stat().st_size
+    assert bank.nbytes() < 3 * size  # indices, task values and base values of the entries; no model copy
+
+
+def test_a_compiled_model_does_not_recompile_when_tasks_switch(files):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = base()
+    bank = sparseft.TaskBank(model)
+    bank.add("gps", files["gps"])
+    bank.add("gps-2", files["gps-2"])
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    x = toy_batches(1, batch=2, classes=3)[0][0]
+    with torch.no_grad():
+        for task in ("gps", "gps-2", None, "gps"):
+            bank.use(task)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=0)
+    assert counter.frame_count == 1
