@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     joined = False
     try:
         joined = distributed.init_from_env()  # under torchrun: join the other processes
+        if distributed.active() and args.command not in ("train", "select"):
+            raise UsageError(f"sparseft {args.command} runs in one process; under torchrun only train and select "
+                             "run (launch it without torchrun)")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         resumable = args.command == "train" and (Path(args.out) / "config.json").exists()

@@ -187,9 +187,13 @@ def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, m
             raise DeltaFileError(f"{path}: the model has no head parameters {missing_head}")
         actual = fingerprint(model, exclude=set(head))
         if actual != header["fingerprint"]:
+            dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
+            hint = (f" (this model's weights are {'/'.join(sorted(dtypes))}, and the fingerprint covers the dtype: "
+                    "load the task onto the base in the dtype it was trained in, then cast the model)"
+                    if dtypes != {"float32"} else "")
             raise DeltaFileError(
                 f"{path}: this delta was made for another base model (fingerprint {header['fingerprint'][:12]}…, "
-                f"this model {actual[:12]}…); load the base weights it was trained from")
+                f"this model {actual[:12]}…); load the base weights it was trained from{hint}")
     selection = _plan(model, header, tensors, path)
     added = header.get("added", [])
     if added and rebuild is None:

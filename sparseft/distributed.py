@@ -179,11 +179,13 @@ class ShardedBatchSampler(Sampler[list[int]]):
                     yield batch
                 continue
             if len(batch) < self.world:
-                if not self._warned:
+                if not self._warned and self.rank == 0:  # one warning for the group, not one per rank
+                    from sparseft.data import DataWarning
+
                     warnings.warn(f"a batch of {len(batch)} images for {self.world} processes is left out of "
                                   "every epoch; choose --batch-size so the last batch is not smaller than the "
-                                  "number of processes", stacklevel=2)
-                    self._warned = True
+                                  "number of processes", DataWarning, stacklevel=2)
+                self._warned = True
                 continue
             self.global_sizes.append(len(batch))
             yield torch.tensor(batch).tensor_split(self.world)[self.rank].tolist()
@@ -212,6 +214,8 @@ def shard(loader: Iterable, mode: ShardMode) -> Iterable:
     if not active():
         return loader
     if isinstance(loader, DataLoader) and loader.batch_sampler is not None:
+        if mode == "slices":
+            _check_slices(loader)
         if mode == "samples":
             own = list(loader.sampler)[rank()::world_size()]  # type: ignore[arg-type]
             batches: Sampler = BatchSampler(own, loader.batch_size or 1, drop_last=loader.drop_last)
@@ -224,6 +228,28 @@ def shard(loader: Iterable, mode: ShardMode) -> Iterable:
                           multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
                           prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
     return _IterableShard(loader, mode)
+
+
+def _check_slices(loader: DataLoader) -> None:
+    """Refuse a loader whose batches cannot be split between the ranks (each rank would skip every
+    batch and train on nothing)."""
+    try:
+        n = len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    check_global_batch(loader.batch_size, n)
+
+
+def check_global_batch(batch_size: int | None, images: int | None = None) -> None:
+    """Refuse a global batch (or a training split) smaller than the number of processes that share it."""
+    world = world_size()
+    if batch_size is not None and batch_size < world:
+        raise ValueError(f"--batch-size {batch_size} is smaller than the number of processes ({world}): the global "
+                         f"batch is split between the processes, so it needs at least {world} images; use "
+                         f"--batch-size >= {world} or fewer processes")
+    if images is not None and images < world:
+        raise ValueError(f"the training split has {images} image{'s' if images != 1 else ''}, fewer than the "
+                         f"{world} processes that share every batch; use fewer processes")
 
 
 class _IterableShard:

@@ -144,7 +144,7 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
     resize to the model's input size and the class indices as strings. `top_k` is clipped to
     the number of classes. An unreadable file raises `DataError` naming it, or with
     `on_error="skip"` gets a Prediction with `error` set and no labels. Runs under
-    `torch.no_grad()` in eval mode on the model's device; the model's train/eval modes are restored.
+    `torch.no_grad()` in eval mode on the model's device and in its dtype; the model's train/eval modes are restored.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k (--top-k) must be a whole number >= 1, not {top_k!r}")
@@ -166,7 +166,9 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
     else:
         items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
         transform = transform or eval_transform(model, record)
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    first = next(iter(model.parameters()), torch.empty(0))
+    # images come as float32 (files) or the caller's float dtype: run them in the model's (a bf16/fp64 model)
+    device, dtype = first.device, first.dtype if first.is_floating_point() else None
     results: list[Prediction] = []
     with _eval_mode(model), torch.no_grad(), tqdm(total=len(items), desc="predict", unit="img", disable=not progress,
                                                   leave=False) as bar:
@@ -176,7 +178,7 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
                 x, paths, errors = chunk, [None] * len(chunk), {}
             else:
                 x, paths, errors = _read(chunk, transform, on_error)
-            found = iter(_top_k(model(x.to(device)), top_k, names) if x is not None else ())
+            found = iter(_top_k(model(x.to(device, dtype)), top_k, names) if x is not None else ())
             for i, path in enumerate(paths):
                 failed = Prediction([], [], [], path, errors[i]) if i in errors else None
                 results.append(failed or replace(next(found), path=path))

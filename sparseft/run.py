@@ -260,6 +260,7 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     model = create_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
                          pretrained=spec.pretrained).to(distributed.default_device())
     method.check(model)
+    distributed.check_global_batch(spec.batch_size)  # before anything is written
     for split in dict.fromkeys((spec.train_split, *spec.eval_splits)):  # every image opens: fail now, not later
         load_split(spec.data, split, None, verify=True)
     data = TaskData(spec, model)

@@ -61,7 +61,7 @@ class _Active:
         return self.bank.model
 
     def __exit__(self, *exc: object) -> None:
-        self.bank._switch(self.previous)
+        self.bank._switch(self.previous if self.previous in self.bank else None)  # it may have been removed
 
 
 class TaskBank:
@@ -75,7 +75,13 @@ class TaskBank:
         self._tasks: dict[str, dict[str, _Change]] = {}
         self._headers: dict[str, dict[str, Any]] = {}
         self._bases: dict[str, torch.Tensor] = {}  # whole base tensors, kept once for every task
-        self._tensors: dict[str, torch.Tensor] = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        # where each parameter and buffer lives: `.to()`/`.cuda()` replace buffers (and may replace parameters)
+        self._slots: dict[str, tuple[dict[str, Any], str]] = {}
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            for table in (module._parameters, module._buffers):
+                for key, t in table.items():
+                    if t is not None:
+                        self._slots.setdefault(f"{prefix}.{key}" if prefix else key, (table, key))
 
     # -- tasks ---------------------------------------------------------------------------
     @property
@@ -156,25 +162,26 @@ class TaskBank:
         """Outputs for a batch whose items name different tasks (None: the base), run grouped by task.
 
         Returns one output row per image, in input order (tasks may differ in their number of
-        classes). The model runs in eval mode; the active task and the mode are restored after.
+        classes). The model runs in eval mode; the active task and every module's mode are restored after.
         """
         if len(tasks) != len(images):
             raise ValueError(f"predict: {len(images)} images but {len(tasks)} task names")
         for task in dict.fromkeys(tasks):
             if task is not None:
                 self._require(task)
+        from sparseft.inference import _eval_mode
+
         out: list[torch.Tensor | None] = [None] * len(tasks)
-        previous, was_training = self.active, self.model.training
-        self.model.eval()
-        try:
-            for task in dict.fromkeys(tasks):
-                rows = [i for i, t in enumerate(tasks) if t == task]
-                self._switch(task)
-                for i, row in zip(rows, self.model(images[rows])):
-                    out[i] = row
-        finally:
-            self._switch(previous)
-            self.model.train(was_training)
+        previous = self.active
+        with _eval_mode(self.model):  # every module's own train/eval mode back afterwards
+            try:
+                for task in dict.fromkeys(tasks):
+                    rows = [i for i, t in enumerate(tasks) if t == task]
+                    self._switch(task)
+                    for i, row in zip(rows, self.model(images[rows])):
+                        out[i] = row
+            finally:
+                self._switch(previous)
         return out  # type: ignore[return-value]
 
     # -- internals -----------------------------------------------------------------------
@@ -188,7 +195,7 @@ class TaskBank:
 
         `original`: the base's own tensor of a head that has another shape in this task.
         """
-        current = self._tensors[name].detach()
+        current = self._tensor(name).detach()
         if index is not None:
             return _Change(index.clone(), current.reshape(-1)[index].clone(), base.clone())
         if original is not None:
@@ -216,7 +223,9 @@ class TaskBank:
 
     def _write(self, changes: dict[str, _Change], restore: bool) -> None:
         for name, c in changes.items():
-            tensor = self._tensors[name]
+            tensor = self._tensor(name)
+            if c.value.device != tensor.device or c.value.dtype != tensor.dtype:
+                self._move(name, c, tensor)
             new = c.base if restore else c.value
             if c.swap:
                 tensor.data = new
@@ -224,6 +233,23 @@ class TaskBank:
                 tensor.copy_(new)
             else:
                 write_flat(tensor, c.index, new)
+
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        table, key = self._slots[name]
+        return table[key]
+
+    def _move(self, name: str, c: _Change, tensor: torch.Tensor) -> None:
+        """The model was moved or cast (`.to`, `.cuda()`, `.half()`) after the task was read: its kept
+        values follow, once (the whole base copies shared between tasks too)."""
+        to = {"device": tensor.device, "dtype": tensor.dtype}
+        if c.index is not None:
+            c.index = c.index.to(tensor.device)
+        c.value = c.value.to(**to)
+        if c.index is None and not c.swap and self._bases.get(name) is c.base:
+            self._bases[name] = c.base = c.base.to(**to)
+        else:
+            c.base = c.base.to(**to)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 
 from sparseft import distributed
 from sparseft.cli import main
+from sparseft.data import DataWarning
 from sparseft.selection import Selection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,9 +131,45 @@ def test_batches_are_sharded_whole_or_sliced(monkeypatch):
     whole = distributed.ShardedBatchSampler(batches, "batches")
     assert list(whole) == [[4, 5, 6, 7], [12]] and len(whole) == 2
     sliced = distributed.ShardedBatchSampler(batches, "slices")
-    with pytest.warns(UserWarning, match="a batch of 1 images for 2 processes is left out"), torch.random.fork_rng():
+    with warnings.catch_warnings(), torch.random.fork_rng():
+        warnings.simplefilter("error")  # rank 1 says nothing: the group's one warning is rank 0's
         assert list(sliced) == [[2, 3], [6, 7], [10, 11]]
     assert len(sliced) == 3 and sliced.global_sizes == [4, 4, 4]
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    first = distributed.ShardedBatchSampler(batches, "slices")
+    with pytest.warns(DataWarning, match="a batch of 1 images for 2 processes is left out"), torch.random.fork_rng():
+        assert list(first) == [[0, 1], [4, 5], [8, 9]]
+
+
+def test_a_batch_that_cannot_be_split_between_the_processes_is_refused(monkeypatch):
+    """--batch-size 1 with two processes: every batch would be left out and the run train on nothing."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    data = TensorDataset(torch.zeros(5, 3), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"--batch-size 1 is smaller than the number of processes \(2\)"):
+        distributed.shard(DataLoader(data, batch_size=1), "slices")
+    with pytest.raises(ValueError, match="the training split has 1 image, fewer than the 2 processes"):
+        distributed.shard(DataLoader(TensorDataset(torch.zeros(1, 3), torch.zeros(1)), batch_size=4), "slices")
+    assert len(distributed.shard(DataLoader(data, batch_size=2), "slices")) == 2  # 2, 2 (the last 1 left out)
+    assert len(distributed.shard(DataLoader(data, batch_size=1), "samples")) == 3  # evaluation: samples 0, 2, 4
+
+
+def test_a_run_refuses_a_batch_smaller_than_the_processes_before_writing(monkeypatch, task, tmp_path, capsys):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(task), *MODEL, "--batch-size", "1", "--out", str(out), "--no-progress"]) == 1
+    assert "--batch-size 1 is smaller than the number of processes (2)" in capsys.readouterr().err
+    assert not out.exists()  # nothing written: the same command with a valid batch size can run there
+
+
+def test_only_train_and_select_run_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setattr(distributed, "init_from_env", lambda: False)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    assert main(["info", "no-such-file.safetensors"]) == 2
+    assert "sparseft info runs in one process" in capsys.readouterr().err
 
 
 def _worker(task: Path, out: Path) -> None:

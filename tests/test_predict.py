@@ -191,3 +191,17 @@ def test_a_task_file_without_class_names_shows_indices(tmp_path, images, capsys)
     shown = capsys.readouterr().out.strip().split(": ", 1)[1].split(", ")
     assert sorted(s.split(" (")[0] for s in shown) == ["0", "1", "2"]
 
+
+
+def test_python_predict_runs_in_the_models_dtype(task_files, images):
+    """Images are read as float32: a bf16 or fp64 model gets them in its own dtype (no dtype error)."""
+    files = _good(images)[:2]
+    reference = sparseft.predict(sparseft.load(task_files["gps"]), files, top_k=3)
+    for dtype in (torch.float64, torch.bfloat16):
+        model = sparseft.load(task_files["gps"]).to(dtype)
+        preds = sparseft.predict(model, files, top_k=3)
+        batch = sparseft.predict(model, torch.randn(2, 3, 32, 32, dtype=torch.float16), top_k=3)
+        assert len(batch) == 2 and all(len(p.probs) == 3 for p in batch)
+        for p, ref in zip(preds, reference):
+            torch.testing.assert_close(torch.tensor(p.probs), torch.tensor(ref.probs),
+                                       atol=1e-6 if dtype == torch.float64 else 2e-2, rtol=0)

@@ -170,3 +170,74 @@ def test_a_compiled_model_does_not_recompile_when_tasks_switch(files):
             bank.use(task)
             torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=0)
     assert counter.frame_count == 1
+
+
+def test_predict_gives_every_module_its_own_mode_back(files):
+    model = base()
+    bank = sparseft.TaskBank(model)
+    bank.add("gps", files["gps"])
+    model.train()
+    model.blocks[0].eval()
+    bank.predict(toy_batches(1, batch=2, classes=3)[0][0], ["gps", None])
+    assert model.training and not model.blocks[0].training and model.blocks[1].training
+
+
+def _bn_task(path, classes: int = 3) -> tuple[torch.nn.Module, object]:
+    """A GPS task on a BatchNorm CNN whose running statistics changed (the task file holds buffers)."""
+    torch.manual_seed(0)
+    model = sparseft.create_model("test_resnet", num_classes=3, img_size=32).eval()
+    x, y = toy_batches(1, batch=6, classes=3)[0]
+    ctx = MethodContext(loader={"select": [([x, x.flip(-1)], y)], "train": [(x, y)]}.__getitem__, progress=False)
+    if classes != 3:
+        model.reset_classifier(classes)
+    task = get_method("gps").prepare(model, ctx)
+    task.train()(x)  # BatchNorm statistics of the task
+    get_method("gps").save(task, path, extra={"model": "test_resnet", "num_classes": classes, "img_size": 32})
+    torch.manual_seed(0)
+    return sparseft.create_model("test_resnet", num_classes=3, img_size=32).eval(), path
+
+
+def test_the_bank_follows_the_model_when_it_is_cast_after_the_tasks_were_read(files, tmp_path):
+    """`.to(dtype)` (or `.cuda()`) after `add`: buffers are new tensors then and the kept values have the
+    old dtype; switches must still give the merged task, and the base back exactly."""
+    x = toy_batches(1, batch=2, classes=3)[0][0].double()
+    # a ViT: sparse entries, whole tensors and a head of another size (swapped)
+    model = base()
+    bank = sparseft.TaskBank(model)
+    for name in ("gps", "lora", "gps-5"):
+        bank.add(name, files[name])
+    bank.use("gps-5")
+    model.double()
+    for name, classes in (("gps", 3), ("gps-5", 5), ("lora", 3)):
+        bank.use(name)
+        expected = sparseft.merge(sparseft.load(files[name], model=base(classes))).double()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected(x), atol=0, rtol=0)
+    bank.use(None)
+    assert_state(model, snapshot(base().double()))
+    # a CNN whose task changes BatchNorm statistics (buffers)
+    model, path = _bn_task(tmp_path / "bn.safetensors")
+    bank = sparseft.TaskBank(model)
+    bank.add("bn", path)
+    model.double()
+    expected = sparseft.merge(sparseft.load(path, model=_bn_task(tmp_path / "again.safetensors")[0])).double()
+    with torch.no_grad(), bank.use("bn"):
+        torch.testing.assert_close(model(x), expected.eval()(x), atol=0, rtol=0)
+
+
+def test_removing_the_task_an_outer_block_switches_back_to_leaves_the_base(files):
+    model = base()
+    expected = snapshot(model)
+    bank = sparseft.TaskBank(model)
+    bank.add("a", files["gps"])
+    bank.add("b", files["gps-2"])
+    with bank.use("a"):
+        with bank.use("b"):
+            bank.remove("a")
+        assert bank.active is None
+    assert_state(model, expected)
+
+
+def test_a_base_in_another_dtype_is_named_as_the_reason(files):
+    with pytest.raises(DeltaFileError, match="weights are bfloat16, and the fingerprint covers the dtype"):
+        sparseft.TaskBank(base().to(torch.bfloat16)).add("gps", files["gps"])
