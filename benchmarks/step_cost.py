@@ -1,17 +1,32 @@
-"""Cost of one training step: full fine-tuning vs official-style GPS vs sparseft vs BitFit.
+"""What GPS costs: a training step against full fine-tuning and the floor, the selection pass, memory.
 
-Modes
+Modes of a training step (one model, one batch of random images, K selected inputs per neuron)
   full      every parameter trains: dense gradients, AdamW state for all
   official  GPS as the official code trains it: dense gradients and full-size Adam state for
             every parameter, gradients of unselected entries zeroed before each step
-  sparse    sparseft: selected entries as sparse deltas (K per neuron), biases and head in full
-  bitfit    biases and head only (no weight gradients at all): the floor for (sparse)
-
+  sparse    sparseft: selected entries as sparse deltas, GPS's fully trained parameters (biases,
+            head) as usual, BatchNorm in train mode
+  floor     no weight gradient at all, everything else as `sparse` trains it, so the backward
+            still runs through the whole network: GPS's fully trained parameters plus every
+            BatchNorm bias (CNNs have no other bias), BatchNorm in train mode. A sparse step can
+            approach this, not go below it.
 Step time is measured interleaved (round-robin over modes, several rounds) in one process and
-reported as medians and ratios to `full`. Gradient + optimizer-state bytes are counted from the
-tensors after a step. Peak RSS is measured with each mode in its own process (`--rss`).
+reported as medians and ratios to `full` and to `floor`. Gradient + optimizer-state bytes are
+counted from the tensors after a step.
 
-    python benchmarks/step_cost.py                        # ViT-S/16 @224, batch 32, + a CNN
+Options add, in the same run:
+  --bf16       the four modes again under bf16 autocast
+  --compile    `sparse` wrapped in torch.compile (inductor), against `sparse` eager
+  --selection  the GPS selection pass with default arguments (two views of --select-images
+               random images, batches of --batch) against one full fine-tuning epoch on those
+               images; and the pass's peak RSS in its own process
+  --rss        peak RSS of each mode in its own process, counted from the built model (the peak
+               of loading a checkpoint is left out), `sparse` including a default-argument
+               `sparseft.select` on two views of the batch (what a user who passes no options gets)
+  --all        all of the above
+
+    python benchmarks/step_cost.py --all                                   # ViT-S/16 @224, batch 32
+    python benchmarks/step_cost.py --model resnet50 --img 128               # a CNN
     python benchmarks/step_cost.py --rss --model vit_base_patch16_224 --batch 8
 """
 
@@ -27,44 +42,54 @@ import subprocess
 import sys
 import time
 
-import timm
 import torch
 import torch.nn.functional as F
 
 import sparseft
 from sparseft.selection import parameter_roles
 
-MODES = ("full", "official", "sparse", "bitfit")
+MODES = ("full", "official", "sparse", "floor")
 
 
-def build(model_name: str, img: int, classes: int) -> torch.nn.Module:
+def build(name: str, img: int, classes: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(model_name, num_classes=classes, img_size=img) if "vit" in model_name \
-        else timm.create_model(model_name, num_classes=classes)
+    return sparseft.create_model(name, num_classes=classes, img_size=img)
 
 
-def gps_selection(model: torch.nn.Module, img: int, k: int, classes: int, batch: int = 16,
-                  chunk: int = 8) -> sparseft.Selection:
-    """GPS on one batch of random images (two views each): a realistic per-neuron pattern."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, img, img, generator=g)
-    y = torch.randint(0, classes, (batch,), generator=g)
-    return sparseft.select(model, [([x, x.flip(-1)], y)], k=k, progress=False, chunk_size=chunk)
+def batch_of(n: int, img: int, classes: int, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, img, img, generator=g), torch.arange(n) % classes
+
+
+def select(model: torch.nn.Module, img: int, k: int, classes: int, images: int, batch: int) -> sparseft.Selection:
+    """GPS with default arguments on two views of random images (a realistic per-neuron pattern)."""
+    x, y = batch_of(images, img, classes, seed=1)
+    loader = [([x[i:i + batch], x[i:i + batch].flip(-1)], y[i:i + batch]) for i in range(0, images, batch)]
+    return sparseft.select(model, loader, k=k, progress=False)
+
+
+def floor_parameters(model: torch.nn.Module) -> set[str]:
+    """GPS's fully trained parameters and every BatchNorm bias: the floor trains these, no weight."""
+    roles = parameter_roles(model)
+    norms = {f"{n}.bias" for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    return {n for n, r in roles.items() if r == "full"} | norms
 
 
 class Runner:
     """One mode's model, optimizer and step function."""
 
-    def __init__(self, mode: str, base: torch.nn.Module, selection: sparseft.Selection) -> None:
-        self.mode = mode
+    def __init__(self, mode: str, base: torch.nn.Module, selection: sparseft.Selection, bf16: bool = False,
+                 compiled: bool = False) -> None:
+        self.mode, self.bf16 = mode, bf16
         self.model = copy.deepcopy(base).train()
         roles = parameter_roles(self.model)
         self.masks: dict[str, torch.Tensor] = {}
         if mode == "sparse":
             sparseft.apply(self.model, selection)
-        elif mode == "bitfit":
+        elif mode == "floor":
+            trained = floor_parameters(self.model)
             for name, p in self.model.named_parameters():
-                p.requires_grad_(roles[name] == "full")
+                p.requires_grad_(name in trained)
         elif mode == "official":
             for name, p in self.model.named_parameters():
                 if name in selection.indices:
@@ -76,10 +101,13 @@ class Runner:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0 if mode == "official" else 1e-4)
         self.named = dict(self.model.named_parameters())
+        self.forward = torch.compile(self.model) if compiled else self.model
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.forward(x)
+        F.cross_entropy(logits.float(), y).backward()
         for name, mask in self.masks.items():
             self.named[name].grad.mul_(mask)
         self.opt.step()
@@ -91,17 +119,12 @@ class Runner:
         return grads + state
 
 
-def time_steps(args: argparse.Namespace, model_name: str, img: int, batch: int) -> dict:
-    base = build(model_name, img, args.classes)
-    selection = gps_selection(base, img, args.k, args.classes)
-    runners = {m: Runner(m, base, selection) for m in MODES}
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(batch, 3, img, img, generator=g)
-    y = torch.randint(0, args.classes, (batch,), generator=g)
-    for r in runners.values():  # warm-up (allocations, kernel build, oneDNN primitives)
+def interleaved(runners: dict[str, Runner], x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Median step time per runner, round-robin over runners; ratios to full and to floor."""
+    for r in runners.values():  # warm-up (allocations, kernel build, oneDNN primitives, compilation)
         for _ in range(args.warmup):
             r.step(x, y)
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in runners}
     for _ in range(args.rounds):
         for m, r in runners.items():
             for _ in range(args.steps):
@@ -109,57 +132,118 @@ def time_steps(args: argparse.Namespace, model_name: str, img: int, batch: int) 
                 r.step(x, y)
                 times[m].append(time.perf_counter() - t0)
     med = {m: statistics.median(v) for m, v in times.items()}
+    out = {"steps_per_mode": args.rounds * args.steps, "step_s": {m: round(v, 4) for m, v in med.items()}}
+    for ref in ("full", "floor", "sparse"):
+        if ref in med:
+            out[f"ratio_to_{ref}"] = {m: round(v / med[ref], 3) for m, v in med.items()}
+    return out
+
+
+def time_modes(args: argparse.Namespace, base: torch.nn.Module, selection: sparseft.Selection, bf16: bool) -> dict:
+    runners = {m: Runner(m, base, selection, bf16=bf16) for m in MODES}
+    x, y = batch_of(args.batch, args.img, args.classes)
+    result = interleaved(runners, x, y, args)
     state = {m: r.state_bytes() for m, r in runners.items()}
-    return {
-        "model": model_name, "img": img, "batch": batch, "threads": torch.get_num_threads(), "k": args.k,
-        "classes": args.classes, "steps_per_mode": len(times["full"]),
-        "step_s": {m: round(v, 4) for m, v in med.items()},
-        "step_ratio": {m: round(med[m] / med["full"], 3) for m in MODES},
-        "grad_opt_bytes": state,
-        "grad_opt_ratio": {m: round(state[m] / state["full"], 4) for m in MODES},
-        "trainable": {m: sparseft.trainable_parameters(r.model) for m, r in runners.items()},
-        "selected_entries": selection.num_sparse,
-    }
+    result.update({"bf16": bf16, "grad_opt_bytes": state,
+                   "grad_opt_ratio": {m: round(state[m] / state["full"], 4) for m in MODES},
+                   "trainable": {m: sparseft.trainable_parameters(r.model) for m, r in runners.items()}})
+    return result
+
+
+def time_compiled(args: argparse.Namespace, base: torch.nn.Module, selection: sparseft.Selection) -> dict:
+    runners = {"sparse": Runner("sparse", base, selection), "sparse+compile": Runner("sparse", base, selection,
+                                                                                    compiled=True)}
+    x, y = batch_of(args.batch, args.img, args.classes)
+    t0 = time.perf_counter()
+    runners["sparse+compile"].step(x, y)
+    first = time.perf_counter() - t0
+    result = interleaved(runners, x, y, args)
+    result["first_compiled_step_s"] = round(first, 1)  # includes compilation
+    return result
+
+
+def time_selection(args: argparse.Namespace, base: torch.nn.Module) -> dict:
+    """The default selection pass against one full fine-tuning epoch on the same images (min of 2 each)."""
+    x, y = batch_of(args.select_images, args.img, args.classes)
+    full = Runner("full", base, sparseft.Selection(indices={}, shapes={}))
+    full.step(x[:args.batch], y[:args.batch])  # warm-up
+    epochs, passes, meta = [], [], {}
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for i in range(0, args.select_images, args.batch):
+            full.step(x[i:i + args.batch], y[i:i + args.batch])
+        epochs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        meta = select(base, args.img, args.k, args.classes, args.select_images, args.batch).meta
+        passes.append(time.perf_counter() - t0)
+    return {"images": args.select_images, "batch": args.batch, "chunk_size": meta.get("chunk_size"),
+            "selection_s": round(min(passes), 2), "full_epoch_s": round(min(epochs), 2),
+            "selection_per_epoch": round(min(passes) / min(epochs), 2)}
 
 
 def rss_child(args: argparse.Namespace) -> None:
-    """Run one mode (selection included for sparse/official) and print its peak RSS."""
+    """Run one mode in this process (`sparse`: the default selection first) and print its peak RSS."""
     base = build(args.model, args.img, args.classes)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(args.batch, 3, args.img, args.img, generator=g)
-    y = torch.randint(0, args.classes, (args.batch,), generator=g)
+    x, y = batch_of(args.batch, args.img, args.classes)
+    _reset_peak()  # what loading the weights needed (a converted checkpoint) is not what training needs
+    if args.rss_child == "selection":  # the selection pass alone, as --selection times it
+        select(base, args.img, args.k, args.classes, args.select_images, args.batch)
+        print(json.dumps({"mode": "selection", "peak_rss_mib": round(_peak_mib(), 1)}))
+        return
     if args.rss_child in ("sparse", "official"):
-        # the selection pass at the training batch size, re-run in chunks (lean selection)
-        selection = gps_selection(base, args.img, args.k, args.classes, batch=args.batch, chunk=args.select_chunk)
+        selection = select(base, args.img, args.k, args.classes, args.batch, args.batch)
     else:
         selection = sparseft.Selection(indices={}, shapes={})
-    after_select = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after_select = _peak_mib()
     runner = Runner(args.rss_child, base, selection)
     del base
-    for _ in range(args.steps):
+    for _ in range(3):
         runner.step(x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"mode": args.rss_child, "peak_rss_mib": round(peak / 1024, 1),
-                      "peak_rss_selection_mib": round(after_select / 1024, 1)}))
+    print(json.dumps({"mode": args.rss_child, "peak_rss_mib": round(_peak_mib(), 1),
+                      "peak_rss_selection_mib": round(after_select, 1)}))
 
 
-def rss_all(args: argparse.Namespace) -> dict:
+def _reset_peak() -> None:
+    """Start the peak-RSS count afresh from what is resident now (Linux: /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mib() -> float:
+    """This process's peak RSS (VmHWM: getrusage would report the launching process's size, inherited at exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_all(args: argparse.Namespace, modes: tuple[str, ...]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    result: dict[str, list[float]] = {m: [] for m in MODES}
-    selection_peak: dict[str, list[float]] = {m: [] for m in MODES}
+    result: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.rss_repeats):
-        for mode in MODES:
+        for mode in modes:
             cmd = [sys.executable, __file__, "--rss-child", mode, "--model", args.model, "--img", str(args.img),
-                   "--batch", str(args.batch), "--k", str(args.k), "--classes", str(args.classes), "--steps", "2",
-                   "--select-chunk", str(args.select_chunk)]
+                   "--batch", str(args.batch), "--k", str(args.k), "--classes", str(args.classes),
+                   "--select-images", str(args.select_images)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-            line = json.loads(out.strip().splitlines()[-1])
-            result[mode].append(line["peak_rss_mib"])
-            selection_peak[mode].append(line["peak_rss_selection_mib"])
+            result[mode].append(json.loads(out.strip().splitlines()[-1])["peak_rss_mib"])
     best = {m: min(v) for m, v in result.items()}
-    return {"model": args.model, "img": args.img, "batch": args.batch, "k": args.k, "repeats": args.rss_repeats,
-            "peak_rss_mib": best, "peak_rss_ratio": {m: round(best[m] / best["full"], 3) for m in MODES},
-            "selection_peak_rss_mib": {m: min(v) for m, v in selection_peak.items()}}
+    return {"repeats": args.rss_repeats, "peak_rss_mib": best,
+            "peak_rss_ratio": {m: round(best[m] / best["full"], 3) for m in modes if "full" in best}}
+
+
+def show(title: str, result: dict) -> None:
+    print(title)
+    for m, s in result["step_s"].items():
+        ratios = "  ".join(f"/{ref} {result[f'ratio_to_{ref}'][m]:.3f}" for ref in ("full", "floor", "sparse")
+                           if f"ratio_to_{ref}" in result)
+        extra = (f"   grad+opt {result['grad_opt_bytes'][m] / 2**20:8.1f} MiB ({result['grad_opt_ratio'][m]:.4f})"
+                 if "grad_opt_bytes" in result else "")
+        print(f"  {m:15s} {s:7.3f} s  {ratios}{extra}")
 
 
 def main() -> None:
@@ -172,33 +256,47 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="steps per mode per round")
-    p.add_argument("--cnn", default="resnet50", help="CNN also timed ('' to skip)")
-    p.add_argument("--cnn-img", type=int, default=128)
-    p.add_argument("--rss", action="store_true", help="measure peak RSS, each mode in its own process")
+    p.add_argument("--select-images", type=int, default=0, help="images of the selection pass (default 2 batches)")
+    for flag in ("bf16", "compile", "selection", "rss", "all"):
+        p.add_argument(f"--{flag}", action="store_true")
+    p.add_argument("--no-fp32", action="store_true", help="skip the fp32 step timing")
     p.add_argument("--rss-repeats", type=int, default=2)
-    p.add_argument("--select-chunk", type=int, default=2, help="selection re-run chunk (images) in --rss mode")
-    p.add_argument("--rss-child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--rss-child", choices=(*MODES, "selection"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.select_images = args.select_images or 2 * args.batch
     torch.set_num_threads(int(os.environ.get("SPARSEFT_BENCH_THREADS", "2")))
     if args.rss_child:
         rss_child(args)
         return
+    if args.all:
+        args.bf16 = args.compile = args.selection = args.rss = True
+    head = {"model": args.model, "img": args.img, "batch": args.batch, "k": args.k, "classes": args.classes,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    print(json.dumps(head))
+    base = build(args.model, args.img, args.classes)
+    selection = select(base, args.img, args.k, args.classes, args.batch, args.batch)
+    print(json.dumps({"selected_entries": selection.num_sparse, "chunk_size": selection.meta.get("chunk_size")}))
+    runs = [("fp32", False)] * (not args.no_fp32) + [("bf16 autocast", True)] * args.bf16
+    for label, bf16 in runs:
+        result = time_modes(args, base, selection, bf16)
+        show(f"step, {label} ({result['steps_per_mode']} timed steps per mode, median):", result)
+        print(json.dumps({"step": label, **result}))
+    if args.compile:
+        result = time_compiled(args, base, selection)
+        show("sparse step, eager vs torch.compile (inductor):", result)
+        print(json.dumps({"compile": result}))
+    if args.selection:
+        result = time_selection(args, base)
+        print(f"selection pass (default arguments, chunk {result['chunk_size']}): {result['selection_s']} s; one "
+              f"full fine-tuning epoch on the same {result['images']} images: {result['full_epoch_s']} s; "
+              f"ratio {result['selection_per_epoch']}")
+        print(json.dumps({"selection": result}))
     if args.rss:
-        result = rss_all(args)
-        print(f"peak RSS (MiB, min of {args.rss_repeats}, selection included):")
-        for m in MODES:
-            print(f"  {m:9s} {result['peak_rss_mib'][m]:8.1f}  ratio {result['peak_rss_ratio'][m]:.3f}")
-        print(json.dumps(result))
-        return
-    for model_name, img, batch in [(args.model, args.img, args.batch)] + (
-            [(args.cnn, args.cnn_img, args.batch)] if args.cnn else []):
-        result = time_steps(args, model_name, img, batch)
-        print(f"{model_name} @{img}px batch {batch}, {result['threads']} threads, K={args.k}, "
-              f"{result['steps_per_mode']} timed steps per mode (median):")
-        for m in MODES:
-            print(f"  {m:9s} {result['step_s'][m]:7.3f} s  ratio {result['step_ratio'][m]:.3f}   "
-                  f"grad+opt {result['grad_opt_bytes'][m] / 2**20:8.1f} MiB  ratio {result['grad_opt_ratio'][m]:.4f}")
-        print(json.dumps(result))
+        result = rss_all(args, (*MODES, "selection") if args.selection else MODES)
+        print(f"peak RSS (MiB, own process each, min of {args.rss_repeats}; sparse includes a default select):")
+        for m, v in result["peak_rss_mib"].items():
+            print(f"  {m:10s} {v:8.1f}  ratio to full {result['peak_rss_ratio'].get(m, float('nan')):.3f}")
+        print(json.dumps({"rss": result}))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseft.kernels import sampled_conv_weight_grad, sampled_dot, sampled_dot_channels_first
+from sparseft.kernels import sampled_conv_weight_grad_op, sampled_dot_channels_first_op, sampled_dot_op
 
 # -- flat index helpers ------------------------------------------------------------------
 
@@ -81,14 +81,14 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         saved_x, weight, rows, cpos = ctx.saved_tensors
-        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.compute)
+        g2 = grad_y.contiguous().reshape(-1, grad_y.shape[-1]).to(ctx.compute)
         grad_x = grad_b = grad_values = None
         if ctx.needs_input_grad[0]:
             grad_x = (g2 @ weight.to(ctx.compute)).reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = _bias_grad(ctx, g2, (0,))
         if ctx.needs_input_grad[3]:
-            grad_values = sampled_dot(g2, saved_x, rows, cpos).to(ctx.values_dtype)
+            grad_values = sampled_dot_op(g2, saved_x, rows, cpos).to(ctx.values_dtype)
         return grad_x, None, grad_b, grad_values, None, None, None
 
 
@@ -107,7 +107,7 @@ class _SparsePointwiseConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         saved_x, weight, rows, cpos = ctx.saved_tensors
-        g = grad_y.to(ctx.compute)
+        g = grad_y.contiguous().to(ctx.compute)  # strides as traced: torch.compile may assume others
         grad_x = grad_b = grad_values = None
         if ctx.needs_input_grad[0]:
             w2 = weight.reshape(weight.shape[0], -1).to(ctx.compute)
@@ -121,7 +121,7 @@ class _SparsePointwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = _bias_grad(ctx, g, (0, 2, 3))
         if ctx.needs_input_grad[3]:
-            grad_values = sampled_dot_channels_first(g, saved_x, rows, cpos).to(ctx.values_dtype)
+            grad_values = sampled_dot_channels_first_op(g, saved_x, rows, cpos).to(ctx.values_dtype)
         return grad_x, None, grad_b, grad_values, None, None, None
 
 
@@ -144,7 +144,7 @@ class _SparseConv(torch.autograd.Function):
     def backward(ctx, grad_y):
         saved_x, weight, rows, cpos, ki, kj = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
-        g = grad_y.to(ctx.compute)
+        g = grad_y.contiguous().to(ctx.compute)
         grad_x = grad_b = grad_values = None
         if ctx.needs_input_grad[0]:
             shape_only = g.new_empty(1).expand(ctx.x_shape)  # the input gradient needs the input's shape only
@@ -154,8 +154,8 @@ class _SparseConv(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = _bias_grad(ctx, g, (0, 2, 3))
         if ctx.needs_input_grad[3]:
-            grad_values = sampled_conv_weight_grad(g, saved_x, rows, cpos, ki, kj, tuple(weight.shape[2:]), stride,
-                                                   padding, dilation).to(ctx.values_dtype)
+            grad_values = sampled_conv_weight_grad_op(g, saved_x, rows, cpos, ki, kj, list(weight.shape[2:]),
+                                                      list(stride), list(padding), list(dilation)).to(ctx.values_dtype)
         return grad_x, None, grad_b, grad_values, None, None, None, None, None, None
 
 
@@ -171,7 +171,7 @@ class _InjectDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weight):
         (index,) = ctx.saved_tensors
-        return None, grad_weight.reshape(-1).index_select(0, index).to(ctx.values_dtype), None
+        return None, grad_weight.contiguous().reshape(-1).index_select(0, index).to(ctx.values_dtype), None
 
 
 # -- the per-parameter delta module --------------------------------------------------------
@@ -221,6 +221,9 @@ class SparseDelta(nn.Module):
         last written (O(selected entries)) catches the rest: fused optimizers, `.data` edits.
         """
         values = self.values.detach()
+        if torch.compiler.is_compiling():  # no data-dependent test in a graph: write (O(selected entries))
+            write_flat(param, self.index, _merged_values(self.base, values))
+            return
         if force or values._version != self._synced_version or not torch.equal(values, self.written):
             write_flat(param, self.index, _merged_values(self.base, values))
             self.written.copy_(values)
@@ -292,8 +295,9 @@ def _injected_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             delta.sync(param)
             originals.append((holder, leaf, param))
             holder._parameters[leaf] = _InjectDelta.apply(param, delta.values, delta.index)
-        forward = self._sparseft_prev_forward or types.MethodType(type(self).forward, self)
-        return forward(*args, **kwargs)
+        if self._sparseft_prev_forward is not None:
+            return self._sparseft_prev_forward(*args, **kwargs)
+        return type(self).forward(self, *args, **kwargs)
     finally:
         for holder, leaf, param in originals:
             holder._parameters[leaf] = param

@@ -296,7 +296,7 @@ def test_batches_without_negatives_are_kept_and_counted(vit):
     alone, stats = gradient_scores(vit, batches, names, progress=False)
     assert stats["single_class_batches"] == 0
     padded, stats = gradient_scores(vit, batches + [(x[:1], y[:1])], names, progress=False)
-    assert stats == {"batches": 2, "images": 9, "single_class_batches": 1}
+    assert stats == {"batches": 2, "images": 9, "single_class_batches": 1, "chunk_size": None}
     assert all(torch.equal(alone[n], padded[n]) for n in names)
     sel = sparseft.select(vit, batches + [(x[:3], torch.zeros(3, dtype=torch.long))], progress=False)
     assert sel.meta["single_class_batches"] == 1
@@ -343,3 +343,62 @@ def test_magnitude_needs_finite_nonzero_weights_and_random_needs_nothing(vit):
     with pytest.raises(SelectionError, match="every eligible weight is zero.*--criterion magnitude"):
         sparseft.select(vit, None, criterion="magnitude", progress=False)
     sparseft.select(vit, None, criterion="random", progress=False)
+
+
+def test_the_default_pass_is_chunked_when_it_would_outgrow_a_training_step(monkeypatch):
+    import timm
+
+    from sparseft.models import feature_fn
+    from sparseft.selection import scores
+
+    x, y = toy_batches(1, batch=8)[0]
+    batch = [([x, x.flip(-1)], y)]
+    vit = tiny_model("vit")
+    assert sparseft.select(vit, batch, progress=False).meta["chunk_size"] is None  # a small pass: no extra forward
+    monkeypatch.setattr(scores, "AUTO_CHUNK_MIN_BYTES", 0)
+    auto = sparseft.select(vit, batch, progress=False)
+    assert 1 <= auto.meta["chunk_size"] < 16
+    whole = sparseft.select(vit, batch, progress=False, chunk_size=None)
+    assert all(torch.equal(auto.indices[n], whole.indices[n]) for n in whole.indices)  # chunking is exact
+    assert sparseft.select(vit, batch, progress=False, chunk_size=3).meta["chunk_size"] == 3  # asked for: kept
+    cnn = tiny_model("resnet")  # BatchNorm in train mode would normalise per chunk: never chunked unasked
+    assert sparseft.select(cnn, batch, progress=False).meta["chunk_size"] is None
+    # ViT-S/16 @224, batch 8: 57 MiB of activations per image, 83 MiB of scores -> chunks of 2
+    monkeypatch.setattr(scores, "AUTO_CHUNK_MIN_BYTES", 512 * 2**20)
+    torch.manual_seed(0)
+    small = timm.create_model("vit_small_patch16_224", num_classes=10)
+    names = [n for n, r in parameter_roles(small).items() if r == "select"]
+    params = dict(small.named_parameters())
+    with scores.scoring_mode(small, set(names)):
+        chunk = scores.auto_chunk(small, feature_fn(small), torch.randn(16, 3, 224, 224), 8,
+                                  [params[n] for n in names])
+    assert chunk == 2
+
+
+def test_a_loader_shuffling_from_the_global_rng_selects_the_same_for_a_seed():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = toy_batches(1, batch=32)[0]
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)  # no generator of its own
+    vit = tiny_model("vit")
+    torch.manual_seed(1)
+    first = sparseft.select(vit, loader, progress=False, seed=3)
+    torch.manual_seed(2)
+    second = sparseft.select(vit, loader, progress=False, seed=3)
+    assert all(torch.equal(first.indices[n], second.indices[n]) for n in first.indices)
+
+
+def test_the_default_pass_leaves_no_reference_to_the_model(monkeypatch):
+    import gc
+    import weakref
+
+    from sparseft.selection import scores
+
+    monkeypatch.setattr(scores, "AUTO_CHUNK_MIN_BYTES", 0)  # the probe and the chunked pass both run
+    x, y = toy_batches(1, batch=8)[0]
+    vit = tiny_model("vit")
+    assert isinstance(sparseft.select(vit, [([x, x.flip(-1)], y)], progress=False).meta["chunk_size"], int)
+    weight = weakref.ref(vit.blocks[0].attn.qkv.weight)
+    del vit
+    gc.collect()
+    assert weight() is None  # a leaked graph would keep every parameter (ViT-B: 330 MiB) alive

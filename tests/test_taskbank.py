@@ -47,6 +47,13 @@ def files(tmp_path_factory):
     return out
 
 
+def bank_of(model: torch.nn.Module, files: dict, names: tuple[str, ...]) -> sparseft.TaskBank:
+    bank = sparseft.TaskBank(model)
+    for name in names:
+        bank.add(name, files[name])
+    return bank
+
+
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -107,9 +114,7 @@ def test_a_head_of_another_size_is_swapped_and_put_back(files):
 
 def test_a_batch_of_mixed_tasks_is_served_grouped_by_task(files):
     model = base()
-    bank = sparseft.TaskBank(model)
-    for name in ("gps", "lora", "gps-5"):
-        bank.add(name, files[name])
+    bank = bank_of(model, files, ("gps", "lora", "gps-5"))
     bank.use("lora")
     model.train()
     x = toy_batches(1, batch=5, classes=3)[0][0]
@@ -203,9 +208,7 @@ def test_the_bank_follows_the_model_when_it_is_cast_after_the_tasks_were_read(fi
     x = toy_batches(1, batch=2, classes=3)[0][0].double()
     # a ViT: sparse entries, whole tensors and a head of another size (swapped)
     model = base()
-    bank = sparseft.TaskBank(model)
-    for name in ("gps", "lora", "gps-5"):
-        bank.add(name, files[name])
+    bank = bank_of(model, files, ("gps", "lora", "gps-5"))
     bank.use("gps-5")
     model.double()
     for name, classes in (("gps", 3), ("gps-5", 5), ("lora", 3)):

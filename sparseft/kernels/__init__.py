@@ -221,3 +221,42 @@ def sampled_conv_weight_grad(g: torch.Tensor, x: torch.Tensor, rows: torch.Tenso
             g.shape[3], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], ki.data_ptr(),
             kj.data_ptr())
     return _call_c(lib, "sddmm_conv", g, args, rows, cols)
+
+
+# -- the same three products as torch operators: torch.compile keeps them in its graph -----------
+
+def _out_dtype(g: torch.Tensor) -> torch.dtype:
+    return torch.float64 if g.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("sparseft::sampled_dot", mutates_args=())
+def sampled_dot_op(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`sampled_dot` as an operator (what the sparse layers' backward calls)."""
+    return sampled_dot(g, x, rows, cols).to(_out_dtype(g))
+
+
+@torch.library.custom_op("sparseft::sampled_dot_channels_first", mutates_args=())
+def sampled_dot_channels_first_op(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
+                                  cols: torch.Tensor) -> torch.Tensor:
+    """`sampled_dot_channels_first` as an operator."""
+    return sampled_dot_channels_first(g, x, rows, cols).to(_out_dtype(g))
+
+
+@torch.library.custom_op("sparseft::sampled_conv_weight_grad", mutates_args=())
+def sampled_conv_weight_grad_op(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                                ki: torch.Tensor, kj: torch.Tensor, kernel: list[int], stride: list[int],
+                                padding: list[int], dilation: list[int]) -> torch.Tensor:
+    """`sampled_conv_weight_grad` as an operator."""
+    return sampled_conv_weight_grad(g, x, rows, cols, ki, kj, tuple(kernel), tuple(stride), tuple(padding),
+                                    tuple(dilation)).to(_out_dtype(g))
+
+
+@sampled_dot_op.register_fake
+@sampled_dot_channels_first_op.register_fake
+def _sampled_fake(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # noqa: ARG001
+    return g.new_empty(rows.shape[0], dtype=_out_dtype(g))
+
+
+@sampled_conv_weight_grad_op.register_fake
+def _conv_fake(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, *args: object) -> torch.Tensor:  # noqa: ARG001
+    return g.new_empty(rows.shape[0], dtype=_out_dtype(g))

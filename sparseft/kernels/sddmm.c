@@ -22,6 +22,10 @@ static inline float bf16_to_float(uint16_t v) {
     return f;
 }
 
+/* tokens per tile: each entry's running sum stays in a register for a tile (the sums and their
+ * order of addition are those of one token at a time) */
+#define SDDMM_TOKENS 16
+
 #define DEFINE_SDDMM(NAME, IN_T, ACC_T, LOAD)                                                   \
 int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,                    \
          const int32_t *rows, const int32_t *cols, int64_t nnz, ACC_T *out, int threads) {      \
@@ -29,18 +33,37 @@ int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,     
     if (threads > n) threads = n > 0 ? (int)n : 1;                                              \
     ACC_T *partial = (ACC_T *)calloc((size_t)threads * (size_t)nnz, sizeof(ACC_T));             \
     if (partial == NULL) return 1;                                                              \
+    int one_per_row = 1; /* entry i in row i (GPS with K=1): g is read contiguously */          \
+    for (int64_t i = 0; i < nnz && one_per_row; ++i) one_per_row = rows[i] == i;                \
     _Pragma("omp parallel num_threads(threads)")                                                \
     {                                                                                           \
         int tid = omp_get_thread_num();                                                         \
         int nth = omp_get_num_threads();                                                        \
         int64_t lo = n * tid / nth, hi = n * (tid + 1) / nth;                                   \
         ACC_T *acc = partial + (size_t)tid * (size_t)nnz;                                       \
-        for (int64_t t = lo; t < hi; ++t) {                                                     \
-            const IN_T *gr = g + t * ldg;                                                       \
-            const IN_T *xr = x + t * ldx;                                                       \
-            _Pragma("omp simd")                                                                 \
-            for (int64_t i = 0; i < nnz; ++i)                                                   \
-                acc[i] += LOAD(gr[rows[i]]) * LOAD(xr[cols[i]]);                                \
+        for (int64_t t0 = lo; t0 < hi; t0 += SDDMM_TOKENS) {                                    \
+            const int64_t tn = hi - t0 < SDDMM_TOKENS ? hi - t0 : SDDMM_TOKENS;                 \
+            const IN_T *g0 = g + t0 * ldg;                                                      \
+            const IN_T *x0 = x + t0 * ldx;                                                      \
+            if (one_per_row) {                                                                  \
+                _Pragma("omp simd")                                                             \
+                for (int64_t i = 0; i < nnz; ++i) {                                             \
+                    ACC_T s = acc[i];                                                           \
+                    const int64_t c = cols[i];                                                  \
+                    for (int64_t u = 0; u < tn; ++u)                                            \
+                        s += LOAD(g0[u * ldg + i]) * LOAD(x0[u * ldx + c]);                     \
+                    acc[i] = s;                                                                 \
+                }                                                                               \
+            } else {                                                                            \
+                _Pragma("omp simd")                                                             \
+                for (int64_t i = 0; i < nnz; ++i) {                                             \
+                    ACC_T s = acc[i];                                                           \
+                    const int64_t r = rows[i], c = cols[i];                                     \
+                    for (int64_t u = 0; u < tn; ++u)                                            \
+                        s += LOAD(g0[u * ldg + r]) * LOAD(x0[u * ldx + c]);                     \
+                    acc[i] = s;                                                                 \
+                }                                                                               \
+            }                                                                                   \
         }                                                                                       \
     }                                                                                           \
     for (int64_t i = 0; i < nnz; ++i) {                                                         \

@@ -39,7 +39,9 @@ class GPS(Method):
         temperature: float = field(default=0.07, metadata={"help": "SupCon temperature"})
         select_batches: int | None = field(default=None, metadata={"help": "limit the selection pass to N batches"})
         select_chunk: int | None = field(default=None, metadata={
-            "help": "re-run the selection backward in chunks of N images (less memory, one extra forward)"})
+            "help": "re-run the selection backward in chunks of N images (less memory, one extra forward; "
+                    "default: chosen so the pass stays below a training step, the whole batch for BatchNorm "
+                    "models)"})
         train_norm: bool = field(default=False, metadata={"help": "train normalisation layers in full"})
         train_embeddings: bool = field(default=False, metadata={
             "help": "make position embeddings / class token eligible"})
@@ -75,8 +77,9 @@ class GPS(Method):
             return selection
         loader = ctx.loader("select") if o.criterion == "gradient" else None
         return sparseft.select(model, loader, k=o.k, rules=self.rules(), score=o.score,
-                               temperature=o.temperature, max_batches=o.select_batches, chunk_size=o.select_chunk,
-                               autocast=ctx.bf16, seed=ctx.seed, progress=ctx.progress, level=o.level,
+                               temperature=o.temperature, max_batches=o.select_batches,
+                               chunk_size=o.select_chunk or "auto", autocast=ctx.bf16, seed=ctx.seed,
+                               progress=ctx.progress, level=o.level,
                                criterion=o.criterion, loss=o.loss)
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:

@@ -26,6 +26,7 @@ from torch import nn
 from sparseft import distributed
 from sparseft.selection.rules import Eligibility, parameter_roles
 from sparseft.selection.scores import (
+    ChunkSize,
     ScoreReduction,
     check_count,
     first_nonfinite,
@@ -117,7 +118,7 @@ def check_scores(scores: dict[str, torch.Tensor], criterion: str = "gradient", l
 
 def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Eligibility | None = None,
            score: ScoreReduction = "abs_of_sum", temperature: float = 0.07, augment: Callable | None = None,
-           max_batches: int | None = None, chunk_size: int | None = None, autocast: bool = False,
+           max_batches: int | None = None, chunk_size: ChunkSize = "auto", autocast: bool = False,
            seed: int = 0, head: str | None = None, progress: bool = True, level: str = "neuron",
            criterion: str = "gradient", loss: Literal["supcon", "ce"] = "supcon") -> Selection:
     """Run GPS on `model` with the task data in `loader` and return the `Selection`.
@@ -125,6 +126,10 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
     The loader yields `(images, labels)` (two geometric views are made per image) or
     `([view1, view2], labels)` as the official code feeds it. The model is left as it was:
     parameters, gradients, buffers (BatchNorm statistics) and train/eval mode are restored.
+
+    `chunk_size`: images per re-run chunk of the scoring pass (less memory, one extra forward);
+    "auto" picks it so the pass stays below a training step of the same batch (see
+    `sparseft.selection.scores.auto_chunk`), None scores each batch at once.
 
     Ablations of the paper: `level` neuron (top-K per row) | layer (rows×K per weight) | net
     (the same total over the network); `criterion` gradient | magnitude | random; `loss`
@@ -159,7 +164,7 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
         shapes={n: tuple(params[n].shape) for n in selectable},
         full=[n for n, r in roles.items() if r == "full"],
         meta={"method": "gps", "k": k, "level": level, "criterion": criterion, "loss": loss, "score": score,
-              "temperature": temperature, "seed": seed, "chunk_size": chunk_size, **stats,
+              "temperature": temperature, "seed": seed, "chunk_size": None, **stats,
               "world_size": distributed.world_size(),
               "rules": (rules or Eligibility()).to_dict()},
     )

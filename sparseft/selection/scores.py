@@ -5,7 +5,8 @@ Memory: `chunk_size` runs the batch's forward without gradients, takes the loss 
 respect to the features, then re-runs the model chunk by chunk (replaying the random state, so
 drop-path draws the same masks) and back-propagates the feature gradient. Peak activation memory
 then follows the chunk, not the batch, at the price of one extra forward. Models with BatchNorm
-in train mode normalise per chunk in that case.
+in train mode normalise per chunk in that case. By default (`"auto"`) the chunk is chosen from a
+one-image probe so the pass stays below a training step of the same batch (`auto_chunk`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from sparseft.models import feature_fn
 from sparseft.selection.selection import SelectionError
 
 ScoreReduction = Literal["abs_of_sum", "sum_of_abs", "sum_of_squares"]
+ChunkSize = int | Literal["auto"] | None
+#: below this many bytes of activations and scores a pass is not worth the extra forward of chunking
+AUTO_CHUNK_MIN_BYTES = 512 * 2**20
 LOSSES = ("supcon", "ce")
 BATCH_ADVICE = "use --batch-size >= 2 with at least two classes per batch"
 
@@ -169,7 +173,7 @@ def _set_rng_state(device: torch.device, state: tuple) -> None:
 def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                     loss: Literal["supcon", "ce"] = "supcon", temperature: float = 0.07,
                     reduction: ScoreReduction = "abs_of_sum", augment: Callable | None = None,
-                    max_batches: int | None = None, chunk_size: int | None = None,
+                    max_batches: int | None = None, chunk_size: ChunkSize = "auto",
                     autocast: bool = False, seed: int = 0, head: str | None = None,
                     progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Accumulated gradient magnitudes for the named parameters over one pass of `loader`.
@@ -196,7 +200,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
         check_temperature(temperature)
     if max_batches is not None:
         check_count(max_batches, "max_batches", "--select-batches", "batches of the selection pass")
-    if chunk_size is not None:
+    if chunk_size not in (None, "auto"):
         check_count(chunk_size, "chunk_size", "--select-chunk", "images per re-run chunk")
     if loss == "supcon" and getattr(loader, "batch_size", None) == 1:
         raise SelectionError("the selection loader has batch size 1: every SupCon batch then holds one image "
@@ -223,6 +227,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
 
     world, here = distributed.world_size(), distributed.rank()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), scoring_mode(model, set(names)):
+        torch.manual_seed(seed)  # a loader shuffling from the global RNG: the same order for a seed, on every rank
         batches = distributed.progress(distributed.shard(loader, "batches"), "GPS scores", progress)
         for local, batch in enumerate(batches):
             step = here + local * world  # rank r scores batches r, r+W, ... of the one batch order
@@ -240,6 +245,8 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                 contrast.append((labels[1:] != labels[:1]).any())
             x = torch.cat([v.to(device) for v in views])
             y = labels.to(device).repeat(len(views))
+            if chunk_size == "auto":
+                chunk_size = auto_chunk(model, forward, x, len(labels), [params[n] for n in names])
             if chunk_size is None or chunk_size >= len(x):
                 value = objective(forward(x), y)
                 value.backward()
@@ -277,7 +284,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
             for score in acc.values():
                 distributed.all_reduce_sum(score)
     table = _batch_table(steps, losses, contrast, sizes)
-    stats = {"batches": len(table), "images": int(table[:, 2].sum())}
+    stats = {"batches": len(table), "images": int(table[:, 2].sum()), "chunk_size": chunk_size}
     if stats["batches"] == 0:
         raise SelectionError("selection loader yielded no batches (is the training split empty?)")
     if loss == "supcon":
@@ -304,6 +311,43 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                              "overflowed; check the data and the model weights (a tiny --temperature or --bf16 "
                              "can overflow too)")
     return acc, stats
+
+
+def auto_chunk(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+               batch_images: int, scored: list[torch.Tensor]) -> int | None:
+    """Images per re-run chunk that keep the scoring pass below a training step on `batch_images` images.
+
+    A one-image forward with gradients (random state and BatchNorm statistics untouched) measures
+    the activations autograd keeps per image, A. The pass holds the score accumulator S (one float
+    per scored weight entry) plus the activations of one chunk; a sparse training step keeps at
+    least half of a dense step's activations (about 0.7 measured on ViTs), B·A/2. The chunk is
+    the largest with S + chunk·A <= B·A/2, at least 1; None (the batch at once) when the whole
+    pass holds less than `AUTO_CHUNK_MIN_BYTES` or the model has BatchNorm in train mode (which
+    would normalise per chunk: that changes the scores, so it is only done when asked for).
+    """
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        return None
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+    held: list[torch.UntypedStorage] = []  # alive until the probe ends: no two storages share an address
+
+    def pack(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        held.append(storage)
+        # storages only, and the graph gets nothing: a tensor kept here (or returned) would tie its
+        # graph to this hook, a cycle through autograd that holds the model's parameters for good
+
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        forward(x[:1])  # never back-propagated
+    per_image = max(sum(kept.values()), 1)
+    scores = 4 * sum(p.numel() for p in scored)
+    if scores + len(x) * per_image < AUTO_CHUNK_MIN_BYTES:
+        return None
+    chunk = max(1, (batch_images * per_image // 2 - scores) // per_image)
+    return None if chunk >= len(x) else int(chunk)
 
 
 def _step_seed(seed: int, step: int) -> int:
