@@ -116,11 +116,11 @@ def _at_least_two(text: str) -> int:
     return value
 
 
-def _output_file(raw: str, overwrite: bool, source: Path | None = None) -> Path:
+def _output_file(raw: str, overwrite: bool, source: Path | None = None, kind: str = ".safetensors") -> Path:
     """The file `--out` names, checked before any work: not a folder, not the input, not replaced unasked."""
     path = Path(raw)
     if not raw.strip() or raw.endswith(("/", os.sep)) or path.is_dir():
-        raise ValueError(f"--out {raw!r} is a folder (or empty); name the .safetensors file to write")
+        raise ValueError(f"--out {raw!r} is a folder (or empty); name the {kind} file to write")
     if source is not None and path.exists() and path.resolve() == source.resolve():
         raise ValueError(f"--out {raw} is the task file itself; choose another path")
     if path.exists() and not overwrite:
@@ -173,9 +173,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         flag, value = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
         raise ValueError(f"{flag} must be at least 1, not {value}")
-    if args.out is not None and (Path(args.out).is_dir() or args.out.endswith(("/", os.sep))):
-        raise ValueError(f"--out {args.out!r} is a folder; name the .csv file to write")
-    out = _output_file(args.out, args.overwrite, source=args.task_file) if args.out is not None else None
+    out = _output_file(args.out, args.overwrite, args.task_file, ".csv") if args.out is not None else None
     images = find_images(args.inputs)
     model = load_for_inference(args.task_file, weights=args.weights)  # with the task's preprocessing and names
     preds = predict(model, images, top_k=args.top_k, batch_size=args.batch_size,

@@ -91,7 +91,7 @@ def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode inside; every module's own train/eval mode back afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -170,7 +170,7 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
     # images come as float32 (files) or the caller's float dtype: run them in the model's (a bf16/fp64 model)
     device, dtype = first.device, first.dtype if first.is_floating_point() else None
     results: list[Prediction] = []
-    with _eval_mode(model), torch.no_grad(), tqdm(total=len(items), desc="predict", unit="img", disable=not progress,
+    with eval_mode(model), torch.no_grad(), tqdm(total=len(items), desc="predict", unit="img", disable=not progress,
                                                   leave=False) as bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]

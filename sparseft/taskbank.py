@@ -169,11 +169,11 @@ class TaskBank:
         for task in dict.fromkeys(tasks):
             if task is not None:
                 self._require(task)
-        from sparseft.inference import _eval_mode
+        from sparseft.inference import eval_mode
 
         out: list[torch.Tensor | None] = [None] * len(tasks)
         previous = self.active
-        with _eval_mode(self.model):  # every module's own train/eval mode back afterwards
+        with eval_mode(self.model):  # every module's own train/eval mode back afterwards
             try:
                 for task in dict.fromkeys(tasks):
                     rows = [i for i, t in enumerate(tasks) if t == task]
@@ -234,7 +234,6 @@ class TaskBank:
             else:
                 write_flat(tensor, c.index, new)
 
-
     def _tensor(self, name: str) -> torch.Tensor:
         table, key = self._slots[name]
         return table[key]
@@ -246,8 +245,9 @@ class TaskBank:
         if c.index is not None:
             c.index = c.index.to(tensor.device)
         c.value = c.value.to(**to)
-        if c.index is None and not c.swap and self._bases.get(name) is c.base:
-            self._bases[name] = c.base = c.base.to(**to)
+        if c.index is None and not c.swap:  # the base copy every task shares: moved once
+            self._bases[name] = self._bases[name].to(**to)
+            c.base = self._bases[name]
         else:
             c.base = c.base.to(**to)
 
