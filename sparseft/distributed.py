@@ -144,51 +144,70 @@ def run_on_main(fn: Callable[[], Any]) -> Any:
     return shared[0]
 
 
-class ShardedBatchSampler(Sampler[list[int]]):
-    """This rank's part of another batch sampler's batches; every rank walks the same order.
+class _Parts:
+    """The rule every shard follows: which part of batch i (of n items) this rank takes.
 
     mode "batches": whole batches r, r+W, r+2W, ... (selection: the sum over batches is split);
-    "slices": a contiguous slice (`tensor_split`) of every batch, whose global size is kept in
-    `global_sizes` (training: each rank computes part of every step). A batch with fewer
-    images than ranks is dropped then, with a warning.
+    "slices": a contiguous slice (`tensor_split`'s) of every batch, whose global size is kept in
+    `global_sizes` (training: each rank computes part of every step); a batch with fewer items
+    than ranks is left out then, with one warning; "samples": items r, r+W, ... of every batch.
     """
 
-    def __init__(self, batches: Iterable[list[int]], mode: Literal["batches", "slices"]) -> None:
-        self.batches, self.mode = batches, mode
-        self.rank, self.world = rank(), world_size()
+    def __init__(self, mode: ShardMode) -> None:
+        self.mode, self.rank, self.world = mode, rank(), world_size()
         self.global_sizes: list[int] = []
         self._warned = False
 
-    def __len__(self) -> int:
-        n = len(self.batches)  # type: ignore[arg-type]
+    def part(self, i: int, n: int) -> slice | None:
+        if i == 0:
+            self.global_sizes = []
+            if self.mode == "slices":
+                _decorrelate()  # the order is drawn by now: random layers and augmentation differ per rank
+        if self.mode == "batches":
+            return slice(None) if i % self.world == self.rank else None
+        if self.mode == "samples":
+            return slice(self.rank, None, self.world)
+        if n < self.world:
+            if not self._warned and self.rank == 0:  # one warning for the group, not one per rank
+                from sparseft.data import DataWarning
+
+                warnings.warn(f"a batch of {n} images for {self.world} processes is left out of every epoch; "
+                              "choose --batch-size so the last batch is not smaller than the number of processes",
+                              DataWarning, stacklevel=3)
+            self._warned = True
+            return None
+        self.global_sizes.append(n)
+        size, extra = divmod(n, self.world)
+        start = self.rank * size + min(self.rank, extra)
+        return slice(start, start + size + (self.rank < extra))
+
+    def length(self, n: int, last: int | None) -> int:
+        """This rank's number of batches out of `n` (`last`: the size of the last one, when known)."""
         if self.mode == "batches":
             return len(range(self.rank, n, self.world))
+        return n - int(self.mode == "slices" and last is not None and 0 < last < self.world)
+
+
+class ShardedBatchSampler(_Parts, Sampler[list[int]]):
+    """This rank's part (`_Parts`) of another batch sampler's batches; every rank walks the same order."""
+
+    def __init__(self, batches: Iterable[list[int]], mode: Literal["batches", "slices"]) -> None:
+        super().__init__(mode)
+        self.batches = batches
+
+    def __len__(self) -> int:
         sampler = getattr(self.batches, "sampler", None)
         size = getattr(self.batches, "batch_size", None)
+        last = None
         if sampler is not None and size and not getattr(self.batches, "drop_last", False):
-            return n - int(0 < len(sampler) % size < self.world)  # type: ignore[arg-type]
-        return n
+            last = len(sampler) % size  # type: ignore[arg-type]
+        return self.length(len(self.batches), last)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[list[int]]:
-        self.global_sizes = []
         for i, batch in enumerate(self.batches):
-            if i == 0 and self.mode == "slices":
-                _decorrelate()  # the order is drawn by now: random layers and augmentation differ per rank
-            if self.mode == "batches":
-                if i % self.world == self.rank:
-                    yield batch
-                continue
-            if len(batch) < self.world:
-                if not self._warned and self.rank == 0:  # one warning for the group, not one per rank
-                    from sparseft.data import DataWarning
-
-                    warnings.warn(f"a batch of {len(batch)} images for {self.world} processes is left out of "
-                                  "every epoch; choose --batch-size so the last batch is not smaller than the "
-                                  "number of processes", DataWarning, stacklevel=2)
-                self._warned = True
-                continue
-            self.global_sizes.append(len(batch))
-            yield torch.tensor(batch).tensor_split(self.world)[self.rank].tolist()
+            part = self.part(i, len(batch))
+            if part is not None:
+                yield list(batch)[part]
 
 
 def _decorrelate() -> None:
@@ -252,32 +271,26 @@ def check_global_batch(batch_size: int | None, images: int | None = None) -> Non
                          f"{world} processes that share every batch; use fewer processes")
 
 
-class _IterableShard:
-    """`shard` for an iterable of `(inputs, labels)` batches that is not a DataLoader."""
+class _IterableShard(_Parts):
+    """`shard` for an iterable of `(inputs, labels)` batches that is not a DataLoader (walked in full)."""
 
     def __init__(self, batches: Iterable, mode: ShardMode) -> None:
-        self.batches, self.mode = batches, mode
-        self.global_sizes: list[int] = []
+        super().__init__(mode)
+        self.batches = batches
 
     def __len__(self) -> int:
-        return len(self.batches)  # type: ignore[arg-type]
+        return self.length(len(self.batches), None)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Any]:
-        r, w = rank(), world_size()
-        self.global_sizes = []
         for i, batch in enumerate(self.batches):
-            if self.mode == "batches":
-                if i % w == r:
+            if self.mode == "batches":  # whole batches, as they are (e.g. two views and labels)
+                if self.part(i, 0) is not None:
                     yield batch
                 continue
-            if i == 0 and self.mode == "slices":
-                _decorrelate()
             x, y = batch
-            if self.mode == "samples":
-                yield x[r::w], y[r::w]
-            elif len(y) >= w:
-                self.global_sizes.append(len(y))
-                yield x.tensor_split(w)[r], y.tensor_split(w)[r]
+            part = self.part(i, len(y))
+            if part is not None:
+                yield x[part], y[part]
 
 
 def global_sizes(shard_: Iterable) -> list[int]:
