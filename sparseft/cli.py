@@ -135,6 +135,10 @@ def cmd_select(args: argparse.Namespace) -> int:
     from sparseft.methods import METHODS, MethodContext, get_method
     from sparseft.run import RunSpec, TaskData, num_classes_of
 
+    if "test" in args.split.lower() and not args.allow_test_split:
+        raise ValueError(f"--split {args.split}: selecting on a test split lets its labels choose what trains, "
+                         "and every accuracy measured on it afterwards is optimistic; select on a training split, "
+                         "or give --allow-test-split REASON (recorded in the selection file)")
     out = distributed.run_on_main(lambda: _output_file(args.out, args.overwrite))
     config = _train_config(args)  # only --seed and --progress exist here
     spec = RunSpec(model=args.model, data=args.data, weights=args.weights, pretrained=args.pretrained,
@@ -147,7 +151,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     method = get_method("gps", **given(args, METHODS["gps"].Options, prefix=OPTION_PREFIX))
     ctx = MethodContext(loader=lambda kind: data.loader(kind), seed=config.seed, progress=config.progress)
     selection = method.select(model, ctx)
-    selection.meta.update({"model": args.model, "data": args.data, "split": args.split})
+    selection.meta.update({"model": args.model, "data": args.data, "split": args.split,
+                           **({"test_split_reason": args.allow_test_split} if args.allow_test_split else {})})
     if not distributed.is_main():
         return 0
     selection.save(out)
@@ -315,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score weights with GPS on a task's training data and save the selection.")
     s.add_argument("--out", required=True, help="selection file (.safetensors)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    s.add_argument("--split", default="train800val200", help="data split to select on")
+    s.add_argument("--split", default="train800val200", help="data split to select on (a test split is refused)")
+    s.add_argument("--allow-test-split", metavar="REASON",
+                   help="select on a test split anyway, for REASON (e.g. reproducing an official script); recorded "
+                        "in the selection file")
     add_arguments(s, TrainConfig, only=["seed", "progress"])
     _model_args(s)
     _data_args(s)

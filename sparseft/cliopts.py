@@ -214,6 +214,8 @@ def owned_options(args: argparse.Namespace, owner: str, owners: Mapping[str, typ
         what = (f"{flags} is not an option of {kind} {owner!r} (it belongs to {', '.join(belongs)})"
                 if len(foreign) == 1 else
                 f"{flags} are not options of {kind} {owner!r} (they belong to {', '.join(belongs)})")
-        takes = ", ".join(flag_of(n) for n in mine) if mine else "no options"
+        everyones = set.intersection(*({o.name for o in cli_options(cls)} for cls in owners.values()))
+        own = [n for n in mine if n not in everyones] + [n for n in mine if n in everyones]  # its own first
+        takes = ", ".join(flag_of(n) for n in own) if own else "no options"
         raise UsageError(f"{what}; {owner} takes {takes}")
     return {n: getattr(args, prefix + n) for n in present}

@@ -36,7 +36,7 @@ from torch import nn
 
 from sparseft.delta import DeltaError
 from sparseft.methods import register
-from sparseft.methods.base import Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection
 from sparseft.methods.modules import Added, attach, parameter_names
 from sparseft.models import head_prefix, in_head
 from sparseft.selection import Selection
@@ -117,7 +117,7 @@ class Adapter(Method):
     mergeable = False
 
     @dataclass
-    class Options:
+    class Options(CommonOptions):
         adapter_dim: int = field(default=8, metadata={"help": "adapter bottleneck width"})
         adapter_scale: float = field(default=0.1, metadata={"help": "fixed scale s of the adapter output"})
         adapter_dropout: float = field(default=0.1, metadata={"help": "dropout inside the adapter bottleneck"})

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -64,6 +64,15 @@ def whole_parameters(names: list[str], method: str, **meta: Any) -> Selection:
     return Selection(indices={}, shapes={}, full=names, meta={"method": method, **meta})
 
 
+@dataclass
+class CommonOptions:
+    """Options every method takes (each method's `Options` extends this)."""
+
+    batchnorm: str | None = field(default=None, metadata={
+        "help": "BatchNorm running statistics: update (kept in the task file) or frozen; default: the method's "
+                "own (update for full, gps and spt-*, frozen for the others)", "choices": ["update", "frozen"]})
+
+
 class Method:
     """Base class of every method; subclasses set `name`, `summary`, `Options` and `plan`.
 
@@ -75,14 +84,12 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     mergeable: ClassVar[bool] = True
-    #: BatchNorm statistics unless the options say otherwise ("update" or "frozen")
+    #: BatchNorm statistics unless the `batchnorm` option says otherwise ("update" or "frozen")
     batchnorm: ClassVar[str] = "frozen"
     #: keep a copy of the parameters trained in full so unmerge can restore them
     keep_base: ClassVar[bool] = True
 
-    @dataclass
-    class Options:
-        pass
+    Options: ClassVar[type] = CommonOptions
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -98,6 +105,11 @@ class Method:
             self.require(not isinstance(value, float) or math.isfinite(value), f.name, "a finite number")
             if "dropout" in f.name and isinstance(value, (int, float)):
                 self.require(0 <= value < 1, f.name, "in [0, 1)")
+        self.require(self.options.batchnorm in (None, "update", "frozen"), "batchnorm", "'update' or 'frozen'")
+
+    def batchnorm_mode(self) -> str:
+        """'update' or 'frozen': the `batchnorm` option, else the method's default."""
+        return self.options.batchnorm or self.batchnorm
 
     def require(self, ok: bool, option: str, rule: str) -> None:
         """Raise ValueError naming `option` and its flag unless `ok`."""
@@ -151,7 +163,7 @@ class Method:
             selection = distributed.broadcast_object(selection)
             if cached is not None and distributed.is_main():
                 selection.save(cached)
-        delta.apply(model, selection, batchnorm=getattr(self.options, "batchnorm", self.batchnorm),
+        delta.apply(model, selection, batchnorm=self.batchnorm_mode(),
                     keep_base=self.keep_base)
         structure = selection.meta.pop("structure", None)  # recorded with the modules, not twice
         if structure:

@@ -6,8 +6,6 @@ task files (with the base fingerprint) and merge; merging is trivial since nothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from torch import nn
 
 from sparseft.methods import register
@@ -21,11 +19,7 @@ class Full(Method):
     name = "full"
     summary = "full fine-tuning: every parameter trains (the task file is the whole model)"
     keep_base = False  # a second copy of the whole model only to unmerge: load the base again instead
-
-    @dataclass
-    class Options:
-        batchnorm: str = field(default="update", metadata={"help": "BatchNorm statistics",
-                                                            "choices": ["update", "frozen"]})
+    batchnorm = "update"
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         return whole_parameters([n for n, _ in model.named_parameters()], self.name)

@@ -10,20 +10,21 @@ from torch import nn
 
 import sparseft
 from sparseft.methods import register
-from sparseft.methods.base import Method, MethodContext
+from sparseft.methods.base import CommonOptions, Method, MethodContext
 from sparseft.selection import Eligibility, Selection
 
 #: options a saved selection fixes (`--selection` takes them from the file)
-SELECTION_SETTINGS = ("k", "level", "criterion", "loss", "score", "temperature")
+SELECTION_SETTINGS = ("k", "level", "criterion", "loss", "score", "score_norm", "temperature")
 
 
 @register
 class GPS(Method):
     name = "gps"
     summary = "Gradient-based Parameter Selection: top-K inputs per neuron by SupCon gradient"
+    batchnorm = "update"
 
     @dataclass
-    class Options:
+    class Options(CommonOptions):
         k: int = field(default=1, metadata={"help": "selected input connections per neuron"})
         level: str = field(default="neuron", metadata={
             "help": "ablation: top-K per neuron, the same count per layer, or over the whole net",
@@ -36,6 +37,9 @@ class GPS(Method):
         score: str = field(default="abs_of_sum", metadata={
             "help": "score = |sum of gradients| (official) or sum of |gradients|",
             "choices": ["abs_of_sum", "sum_of_abs"]})
+        score_norm: str = field(default="none", metadata={
+            "help": "experiment: 'column' divides each input's scores by their mean over the rows before top-K "
+                    "(spreads top-1 choices over inputs); 'none' is the paper's rule", "choices": ["none", "column"]})
         temperature: float = field(default=0.07, metadata={"help": "SupCon temperature"})
         select_batches: int | None = field(default=None, metadata={"help": "limit the selection pass to N batches"})
         select_chunk: int | None = field(default=None, metadata={
@@ -46,8 +50,9 @@ class GPS(Method):
         train_embeddings: bool = field(default=False, metadata={
             "help": "make position embeddings / class token eligible"})
         select_patch_embed: bool = field(default=True, metadata={"help": "select from the patch embedding"})
-        batchnorm: str = field(default="update", metadata={
-            "help": "BatchNorm statistics: update (saved with the delta) or frozen", "choices": ["update", "frozen"]})
+        select_bias_tables: bool = field(default=False, metadata={
+            "help": "select per row from 2-D bias tables (Swin's relative_position_bias_table) instead of training "
+                    "them in full as the official code does"})
         selection: str | None = field(default=None, metadata={"help": "use this saved selection file instead"})
 
     def validate(self) -> None:
@@ -66,7 +71,7 @@ class GPS(Method):
     def rules(self) -> Eligibility:
         o = self.options
         return Eligibility(freeze_norm=not o.train_norm, freeze_embeddings=not o.train_embeddings,
-                           select_patch_embed=o.select_patch_embed)
+                           select_patch_embed=o.select_patch_embed, select_bias_tables=o.select_bias_tables)
 
     def select(self, model: nn.Module, ctx: MethodContext) -> Selection:
         o = self.options
@@ -80,7 +85,7 @@ class GPS(Method):
                                temperature=o.temperature, max_batches=o.select_batches,
                                chunk_size=o.select_chunk or "auto", autocast=ctx.bf16, seed=ctx.seed,
                                progress=ctx.progress, level=o.level,
-                               criterion=o.criterion, loss=o.loss)
+                               criterion=o.criterion, loss=o.loss, score_norm=o.score_norm)
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from torch import nn
 
 from sparseft.delta import DeltaError
 from sparseft.methods import register
-from sparseft.methods.base import Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection
 from sparseft.methods.modules import lora_layers, set_submodule
 from sparseft.models import head_prefix, in_head
 from sparseft.selection import Selection
@@ -104,7 +104,7 @@ class LoRA(Method):
     summary = "LoRA (peft): low-rank update (alpha/r)·B·A on qkv/proj/fc1/fc2; merges into the weights"
 
     @dataclass
-    class Options:
+    class Options(CommonOptions):
         lora_targets: str = field(default=DEFAULT_TARGETS, metadata={
             "help": "comma-separated module names (or name suffixes) to adapt, e.g. qkv,proj,fc1,fc2 or conv1,conv2"})
         lora_r: int = field(default=8, metadata={"help": "LoRA rank r"})

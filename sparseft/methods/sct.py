@@ -34,7 +34,7 @@ from torch import nn
 
 from sparseft.delta import DeltaError
 from sparseft.methods import register
-from sparseft.methods.base import Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection
 from sparseft.methods.modules import Added, attach, parameter_names
 from sparseft.selection import Selection
 
@@ -231,7 +231,7 @@ class SCT(Method):
                 "that carries it has no weight to fold the update into; use the model unmerged")
 
     @dataclass
-    class Options:
+    class Options(CommonOptions):
         channels: int | None = field(default=None, metadata={
             "help": "salient channels per block (default: width x channel_fraction)"})
         channel_fraction: float = field(default=0.125, metadata={

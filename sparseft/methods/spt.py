@@ -29,7 +29,7 @@ from torch import nn
 from sparseft import delta
 from sparseft.methods import register
 from sparseft.methods.adapter import ParallelAdapter
-from sparseft.methods.base import Method, MethodContext
+from sparseft.methods.base import CommonOptions, Method, MethodContext
 from sparseft.methods.lora import fold_lora, inject_lora
 from sparseft.methods.modules import attach, parameter_names
 from sparseft.methods.spt_plan import DEFAULT_BUDGET_FRACTION, KINDS, plan, sensitivity
@@ -44,9 +44,10 @@ def _bias_name(kind: str, module: str) -> str:
 
 class _SPT(Method):
     kind: ClassVar[str]
+    batchnorm = "update"
 
     @dataclass
-    class Options:
+    class Options(CommonOptions):
         budget: int | None = field(default=None, metadata={
             "help": "trainable backbone values (absolute); with --budget-fraction the smaller applies"})
         budget_fraction: float | None = field(default=None, metadata={
@@ -62,8 +63,6 @@ class _SPT(Method):
             "help": "a vector trains in full when at least 1/beta of its entries are sensitive"})
         structured_dropout: float = field(default=0.1, metadata={"help": "dropout on the structured modules' input"})
         select_batches: int | None = field(default=16, metadata={"help": "batches of the sensitivity pass"})
-        batchnorm: str = field(default="update", metadata={
-            "help": "BatchNorm statistics: update (saved with the delta) or frozen", "choices": ["update", "frozen"]})
 
     def validate(self) -> None:
         super().validate()

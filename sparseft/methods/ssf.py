@@ -23,7 +23,7 @@ from torch import nn
 
 from sparseft.delta import DeltaError
 from sparseft.methods import register
-from sparseft.methods.base import Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection
 from sparseft.methods.modules import Added, attach, parameter_names, remove_added
 from sparseft.models import head_prefix, in_head
 from sparseft.selection import Selection
@@ -92,7 +92,7 @@ class SSF(Method):
     mergeable = True
 
     @dataclass
-    class Options:
+    class Options(CommonOptions):
         ssf_init: str = field(default="paper", metadata={
             "help": "scale/shift init: N(1, 0.02) / N(0, 0.02) as in the SSF code, or exactly 1 / 0",
             "choices": ["paper", "identity"]})

@@ -31,7 +31,7 @@ from torch import nn
 
 from sparseft.delta import DeltaError
 from sparseft.methods import register
-from sparseft.methods.base import Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection
 from sparseft.methods.modules import Added, attach, parameter_names
 from sparseft.selection import Selection
 
@@ -95,7 +95,7 @@ class _VPT(Method):
     mergeable = False
 
     @dataclass
-    class Options:
+    class Options(CommonOptions):
         prompt_tokens: int = field(default=10, metadata={"help": "number of prompt tokens (per block for deep)"})
         prompt_dropout: float = field(default=0.0, metadata={"help": "dropout on the prompt tokens"})
 

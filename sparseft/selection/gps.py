@@ -50,6 +50,20 @@ def top_k_per_neuron(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch
     return chosen
 
 
+def normalize_columns(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each input column's scores divided by that column's mean over the rows (the `score_norm="column"` variant).
+
+    A connection's gradient score carries its input's activation scale, so top-K rows tend to pick the
+    same few high-activation inputs; after this each row ranks inputs against their typical score.
+    """
+    out = {}
+    for name, score in scores.items():
+        rows = score.reshape(score.shape[0], -1).float()
+        mean = rows.mean(dim=0, keepdim=True)
+        out[name] = (rows / mean.clamp_min(torch.finfo(torch.float32).tiny)).reshape(score.shape)
+    return out
+
+
 def top_k_per_layer(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Per weight, the same number of entries as neuron level (rows × K), anywhere in the weight."""
     chosen = {}
@@ -120,7 +134,8 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
            score: ScoreReduction = "abs_of_sum", temperature: float = 0.07, augment: Callable | None = None,
            max_batches: int | None = None, chunk_size: ChunkSize = "auto", autocast: bool = False,
            seed: int = 0, head: str | None = None, progress: bool = True, level: str = "neuron",
-           criterion: str = "gradient", loss: Literal["supcon", "ce"] = "supcon") -> Selection:
+           criterion: str = "gradient", loss: Literal["supcon", "ce"] = "supcon",
+           score_norm: Literal["none", "column"] = "none") -> Selection:
     """Run GPS on `model` with the task data in `loader` and return the `Selection`.
 
     The loader yields `(images, labels)` (two geometric views are made per image) or
@@ -133,7 +148,9 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
 
     Ablations of the paper: `level` neuron (top-K per row) | layer (rows×K per weight) | net
     (the same total over the network); `criterion` gradient | magnitude | random; `loss`
-    supcon (head-free) | ce (through the model's randomly initialised head).
+    supcon (head-free) | ce (through the model's randomly initialised head). `score_norm="column"`
+    divides each input column's scores by their mean over the rows before ranking (an experiment on
+    the top-1 choices' collapse onto a few input channels; "none" is the paper's rule).
 
     Raises SelectionError (a ValueError) instead of selecting from scores that rank nothing: see
     `gradient_scores` for the options and data it refuses, and `check_scores` for NaN/inf or
@@ -144,6 +161,8 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
     if criterion not in CRITERIA:
         raise SelectionError(f"criterion must be one of {CRITERIA} (--criterion), not {criterion!r}")
     check_count(k, "k", "--k", "input connections kept per neuron")
+    if score_norm not in ("none", "column"):
+        raise SelectionError(f"score_norm must be 'none' or 'column' (--score-norm), not {score_norm!r}")
     roles = parameter_roles(model, rules, head)
     selectable = [n for n, r in roles.items() if r == "select"]
     stats: dict[str, Any] = {}
@@ -158,13 +177,15 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
         scores = criterion_scores(model, selectable, criterion, seed)
     if criterion != "random":  # random scores need no data and are never NaN or all zero
         check_scores(scores, criterion, loss)
+    if score_norm == "column":
+        scores = normalize_columns(scores)
     params = dict(model.named_parameters())
     return Selection(
         indices=LEVELS[level](scores, k),
         shapes={n: tuple(params[n].shape) for n in selectable},
         full=[n for n, r in roles.items() if r == "full"],
         meta={"method": "gps", "k": k, "level": level, "criterion": criterion, "loss": loss, "score": score,
-              "temperature": temperature, "seed": seed, "chunk_size": None, **stats,
+              "score_norm": score_norm, "temperature": temperature, "seed": seed, "chunk_size": None, **stats,
               "world_size": distributed.world_size(),
               "rules": (rules or Eligibility()).to_dict()},
     )

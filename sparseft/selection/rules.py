@@ -1,9 +1,11 @@
 """Which parameters are selected from, trained in full, or frozen.
 
 Defaults follow the official GPS code: normalisation layers, position embeddings and class /
-register tokens are frozen; every bias, every layer-scale `gamma` and the new head are trained
-in full; every other weight with two or more dimensions (Linear rows, Conv output channels viewed
-as [out, in*kh*kw], fused qkv, the patch embedding, relative position tables) is selected from.
+register tokens are frozen; every parameter with "bias" in its name (biases, and Swin's
+`relative_position_bias_table`, as the official code's name test does), every layer-scale `gamma`
+and the new head are trained in full; every other weight with two or more dimensions (Linear rows,
+Conv output channels viewed as [out, in*kh*kw], fused qkv, the patch embedding) is selected from.
+`select_bias_tables=True` selects from bias tables per row instead (sparseft 0.1's rule).
 Norms are found by module type (BatchNorm, LayerNorm, GroupNorm, RMSNorm and timm's variants)
 as well as by the word "norm" in the name, so CNN layers called `bn1` count as norms too.
 """
@@ -34,6 +36,7 @@ class Eligibility:
     train_layer_scale: bool = True
     train_head: bool = True
     select_patch_embed: bool = True
+    select_bias_tables: bool = False  # True: 2-D bias tables (relative position) are selected from per row
     frozen: tuple[str, ...] = ()   # fnmatch patterns forced frozen (checked first)
     full: tuple[str, ...] = ()     # fnmatch patterns forced to train in full
 
@@ -85,6 +88,8 @@ def parameter_roles(model: nn.Module, rules: Eligibility | None = None,
         elif any(word in name for word in EMBEDDING_WORDS):
             role = "frozen" if rules.freeze_embeddings else ("select" if p.dim() >= 2 else "full")
         elif leaf == "bias":
+            role = "full" if rules.train_bias else "frozen"
+        elif "bias" in leaf and not (rules.select_bias_tables and p.dim() >= 2):  # e.g. relative_position_bias_table
             role = "full" if rules.train_bias else "frozen"
         elif leaf == "gamma" or "layerscale" in name.replace("_", "").lower():
             role = "full" if rules.train_layer_scale else "frozen"
