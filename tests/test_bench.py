@@ -90,13 +90,14 @@ def test_paper_protocol_reports_best_test_over_epochs(tmp_path, tasks):
     assert "Protocol: paper" in write_report(tmp_path / "res").read_text()
 
 
-def test_claims_compare_per_task():
-    tab = {"tasks": ["a", "b"], "rows": [
-        {"label": "gps", "per_task": {"a": 80.0, "b": 60.0}},
-        {"label": "full", "per_task": {"a": 70.0, "b": 65.0}}]}
+def test_claims_compare_per_task_and_seed():
+    gps = {("a", 0): 80.0, ("a", 1): 82.0, ("a", 2): 81.0, ("b", 0): 60.0, ("b", 1): 61.0, ("b", 2): 62.0}
+    full = {("a", 0): 70.0, ("a", 1): 71.0, ("a", 2): 72.0, ("b", 0): 65.0, ("b", 1): 66.0}  # (b, 2) missing
+    tab = {"tasks": ["a", "b"], "rows": [{"label": "gps", "cells": gps}, {"label": "full", "cells": full}]}
     (claim,) = claims(tab)
-    assert claim["comparisons"][0]["a_wins"] == 1 and claim["comparisons"][0]["mean_diff"] == 2.5
-    assert claim["supported"]
+    (cmp,) = claim["comparisons"]
+    assert cmp["n"] == 5 and cmp["a_wins"] == 3 and cmp["mean_diff"] == pytest.approx(4.0)
+    assert cmp["verdict"] == claim["verdict"] == "inconclusive"  # the tasks disagree: d = 10, 11, 9, -5, -5
 
 
 def test_bad_suites_are_refused_with_the_key(tmp_path, tasks):

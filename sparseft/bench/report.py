@@ -1,35 +1,43 @@
-"""Turn a results folder into the papers' kind of tables and figures.
+"""Turn a results folder into a fair-comparison report.
 
 `write_report(results_dir)` reads every cell's `record.json` and writes
-    report.md    protocol, per-task top-1, group means, both overall means, parameters, time,
-                 and the papers' claims checked on these numbers
+    report.md    protocol, seeds, tuning, the verdict rule; per backbone: per-task top-1 (mean ± std
+                 over seeds, edge-of-grid marks), group and overall means (over seeds of per-seed
+                 means; incomplete rows flagged, never averaged), the papers' claims judged on paired
+                 (task, seed) differences, budget-matched comparisons and the Pareto frontier
     results.csv  one row per cell (all seeds)
-    acc_vs_params.png       mean accuracy against trainable backbone parameters (log x)
-    gps_distribution.png    where GPS's selected weights sit, per block and matrix type
-    gps_levels.png          neuron- vs layer- vs net-level selection side by side (if run)
+    figures      see `sparseft.bench.figures`
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import re
-import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from sparseft.bench.figures import selection_distribution, write_figures
+from sparseft.bench.verdicts import (
+    VERDICT_RULE,
+    budget_matched,
+    claims,
+    families,
+    interpolate,
+    mean_of,
+    over_seeds,
+    pareto_frontier,
+    std_of,
+    verdict,
+)
 from sparseft.fileutil import atomic_path, write_text_atomic
 
+__all__ = ["budget_matched", "build_tables", "claims", "edge_marks", "families", "grid_of", "interpolate",
+           "load_records", "pareto_frontier", "selection_distribution", "train_settings", "verdict", "write_report"]
+
 GROUP_ORDER = ("natural", "specialized", "structured")
-# "REF" is the ablations' reference: `gps-ref` (GPS at the ablations' fixed setting) if run, else `gps`
-CLAIMS = [
-    ("GPS ≥ full fine-tuning (low-data tasks)", [("gps", "full")]),
-    ("neuron > layer > net selection", [("REF", "gps-layer"), ("gps-layer", "gps-net")]),
-    ("gradient > random and magnitude", [("REF", "gps-random"), ("REF", "gps-random-net"),
-                                         ("REF", "gps-magnitude")]),
-    ("SupCon > head + cross-entropy", [("REF", "gps-ce")]),
-]
+
+
+# ---------------------------------------------------------------- records
 
 
 def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
@@ -39,210 +47,161 @@ def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+def train_settings(record: dict[str, Any], results_dir: Path) -> dict[str, Any]:
+    """The record's training settings; older records lack them: then the final run's config.json."""
+    if "train" in record:
+        return record["train"] or {}
+    config = results_dir / record.get("final_dir", "") / "config.json"
+    if record.get("final_dir") and config.exists():
+        return json.loads(config.read_text()).get("train", {})
+    return {}
 
 
-def _table(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """backbone -> {tasks, groups, rows}; accuracies averaged over seeds."""
+def grid_of(record: dict[str, Any]) -> dict[str, list[Any]]:
+    """The values the cell's grid tried per key; older records: derived from their tuning points."""
+    if "grid" in record:
+        return record["grid"] or {}
+    grid: dict[str, list[Any]] = {}
+    for t in record.get("tuning") or []:
+        for k, v in t["point"].items():
+            grid.setdefault(k, [])
+            if v not in grid[k]:
+                grid[k].append(v)
+    return grid
+
+
+def edge_marks(record: dict[str, Any]) -> dict[str, str]:
+    """key -> "lo" / "hi" for each grid key (≥2 numeric values) whose chosen value is the min / max tried."""
+    marks = {}
+    for key, values in grid_of(record).items():
+        nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        chosen = (record.get("chosen") or {}).get(key)
+        if len(set(nums)) < 2 or chosen not in nums:
+            continue
+        if chosen == min(nums):
+            marks[key] = "lo"
+        elif chosen == max(nums):
+            marks[key] = "hi"
+    return marks
+
+
+def _valid(record: dict[str, Any]) -> bool:
+    return record.get("test_acc") is not None and not record.get("diverged")
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _row(label: str, recs: list[dict[str, Any]], tab: dict[str, Any], results_dir: Path) -> dict[str, Any]:
+    tasks, seeds, groups = tab["tasks"], tab["seeds"], tab["groups"]
+    cells = {(r["task"], r["seed"]): 100 * r["test_acc"] for r in recs if _valid(r)}
+    n_valid = sum((t, s) in cells for t in tasks for s in seeds)
+    complete = n_valid == len(tasks) * len(seeds)
+    per_task = {t: [a for (tt, _), a in cells.items() if tt == t] for t in tasks}
+    edges = {t: {(k, v) for r in recs if r["task"] == t for k, v in edge_marks(r).items()} for t in tasks}
+    task_cells = [t for t in tasks if any(r["task"] == t for r in recs)]
+    settings = [train_settings(r, results_dir) for r in recs]
+    params = [r["trainable_backbone"] for r in recs if r.get("trainable_backbone") is not None]
+    row = {
+        "label": label, "method": recs[0]["method"], "cells": cells, "complete": complete,
+        "display": label if complete else f"{label} (incomplete {n_valid}/{len(tasks) * len(seeds)})",
+        "per_task": {t: mean_of(v) for t, v in per_task.items()},
+        "task_std": {t: std_of(v) for t, v in per_task.items()},
+        "n_seeds": {t: len(v) for t, v in per_task.items()}, "edges": edges,
+        "edge": f"{sum(bool(edges[t]) for t in task_cells)}/{len(task_cells)}",
+        "setting": " / ".join(dict.fromkeys(
+            f"{s.get('optimizer', '?')} wd{_num(s['weight_decay']) if 'weight_decay' in s else '?'}"
+            for s in settings)),
+        "cell_params": {(r["task"], r["seed"]): r["trainable_backbone"] for r in recs
+                        if r.get("trainable_backbone") is not None},
+        "params": mean_of(params), "percent": mean_of([r["backbone_percent"] for r in recs
+                                                   if r.get("backbone_percent") is not None]),
+        "file_kib": mean_of([(r.get("task_file_bytes") or 0) / 1024 for r in recs]),
+        "time_min": sum(r.get("run_time_s") or 0 for r in recs) / 60,
+        "mean": None, "std": None, "group_means": {g: (None, None) for g in groups}, "mean_groups": (None, None),
+    }
+    if complete:
+        row["mean"], row["std"] = over_seeds(cells, tasks, seeds)
+        row["group_means"] = {g: over_seeds(cells, [t for t in tasks if tab["group_of"][t] == g], seeds)
+                              for g in groups}
+        per_seed = [mean_of([mean_of([cells[(t, s)] for t in tasks if tab["group_of"][t] == g]) for g in groups])
+                    for s in seeds]
+        row["mean_groups"] = (mean_of(per_seed), std_of(per_seed))
+    return row
+
+
+def build_tables(records: list[dict[str, Any]], seeds: list[int] | None = None,
+                 results_dir: str | Path = ".") -> dict[str, Any]:
+    """backbone -> {tasks, groups, group_of, seeds, rows, families, pareto}.
+
+    Expected cells of a row: every task seen for the backbone × `seeds` (default: every seed seen)."""
+    seeds = sorted(seeds if seeds is not None else {r["seed"] for r in records})
     out: dict[str, Any] = {}
     for backbone in sorted({r["backbone"] for r in records}):
         recs = [r for r in records if r["backbone"] == backbone]
         group_of = {r["task"]: r["group"] for r in recs}
         groups = sorted(set(group_of.values()), key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else 99, g))
         tasks = [t for g in groups for t in sorted(t for t, gg in group_of.items() if gg == g)]
+        tab = {"tasks": tasks, "groups": groups, "group_of": group_of, "seeds": seeds}
         labels = list(dict.fromkeys(r["label"] for r in recs))
-        rows = []
-        for label in labels:
-            mine = [r for r in recs if r["label"] == label]
-            acc = {t: [100 * r["test_acc"] for r in mine if r["task"] == t and r["test_acc"] is not None]
-                   for t in tasks}
-            per_task = {t: (_mean(v) if v else None) for t, v in acc.items()}
-            seeds_std = {t: (statistics.stdev(v) if len(v) > 1 else None) for t, v in acc.items()}
-            present = [v for v in per_task.values() if v is not None]
-            group_means = {g: _mean([per_task[t] for t in tasks if group_of[t] == g and per_task[t] is not None])
-                           for g in groups}
-            rows.append({
-                "label": label, "method": mine[0]["method"], "per_task": per_task, "std": seeds_std,
-                "group_means": group_means, "mean_tasks": _mean(present),
-                "mean_groups": _mean([v for v in group_means.values() if v == v]),
-                "complete": len(present) == len(tasks),
-                "percent": _mean([r["backbone_percent"] for r in mine if r["backbone_percent"] is not None]),
-                "params_m": _mean([r["trainable_backbone"] for r in mine if r["trainable_backbone"] is not None]) / 1e6,
-                "head": _mean([r["trainable_head"] for r in mine if r["trainable_head"] is not None]),
-                "file_kib": _mean([(r.get("task_file_bytes") or 0) / 1024 for r in mine]),
-                "time_min": sum(r.get("run_time_s") or 0 for r in mine) / 60,
-                "train_min": _mean([(r.get("train_time_s") or 0) / 60 for r in mine]),
-            })
-        out[backbone] = {"tasks": tasks, "groups": groups, "group_of": group_of, "rows": rows}
+        tab["rows"] = [_row(lab, [r for r in recs if r["label"] == lab], tab, Path(results_dir)) for lab in labels]
+        tab["families"] = families(labels)
+        tab["pareto"] = pareto_frontier({r["label"]: (r["params"], r["mean"]) for r in tab["rows"]
+                                         if r["complete"] and r["params"] is not None})
+        out[backbone] = tab
     return out
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _num(x: float) -> str:
+    """0, 0.01, 1e-4, 2.5e-5: short and unambiguous."""
+    if x == 0 or abs(x) >= 1e-2:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
     return "–" if v is None or v != v else f"{v:.{digits}f}"
 
 
+def _pm(mean: float | None, std: float | None, digits: int = 1) -> str:
+    return _fmt(mean, digits) + (f" ±{std:.{digits}f}" if mean is not None and std is not None else "")
+
+
+def _marks(edges: set[tuple[str, str]]) -> str:
+    return "".join(("" if k == "lr" else k) + ("↓" if v == "lo" else "↑") for k, v in sorted(edges))
+
+
 def _markdown_table(tab: dict[str, Any]) -> list[str]:
-    tasks, groups = tab["tasks"], tab["groups"]
-    head = ["method", "params %", "params M", *tasks, *[f"{g} mean" for g in groups], "mean (tasks)",
-            "mean (groups)", "file KiB", "time min"]
+    tasks, groups, n_seeds = tab["tasks"], tab["groups"], len(tab["seeds"])
+    head = ["method", "setting", "params %", "params M", *tasks, *[f"{g} mean" for g in groups], "mean (tasks)",
+            "mean (groups)", "edge", "file KiB", "time min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in tab["rows"]:
-        cells = [r["label"], _fmt(r["percent"], 3), _fmt(r["params_m"], 3),
-                 *[_fmt(r["per_task"][t]) + (f" ±{r['std'][t]:.1f}" if r["std"][t] is not None else "")
-                   for t in tasks],
-                 *[_fmt(r["group_means"][g]) for g in groups], _fmt(r["mean_tasks"]), _fmt(r["mean_groups"]),
-                 _fmt(r["file_kib"]), _fmt(r["time_min"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [_pm(r["per_task"][t], r["task_std"][t]) + _marks(r["edges"][t])
+                 + (f" (n={r['n_seeds'][t]})" if 0 < r["n_seeds"][t] < n_seeds else "") for t in tasks]
+        params_m = None if r["params"] is None else r["params"] / 1e6
+        lines.append("| " + " | ".join([
+            r["display"], r["setting"], _fmt(r["percent"], 3), _fmt(params_m, 3), *cells,
+            *[_pm(*r["group_means"][g]) for g in groups], _pm(r["mean"], r["std"]), _pm(*r["mean_groups"]),
+            r["edge"], _fmt(r["file_kib"]), _fmt(r["time_min"])]) + " |")
     return lines
 
 
-def claims(tab: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each claim's pairwise comparisons on this backbone: per-task wins and mean difference."""
-    rows = {r["label"]: r for r in tab["rows"]}
-    ref = "gps-ref" if "gps-ref" in rows else "gps"
-    found = []
-    for claim, pairs in CLAIMS:
-        comparisons = []
-        for a, b in pairs:
-            a, b = (ref if a == "REF" else a), (ref if b == "REF" else b)
-            if a not in rows or b not in rows:
-                continue
-            common = [t for t in tab["tasks"] if rows[a]["per_task"][t] is not None
-                      and rows[b]["per_task"][t] is not None]
-            if not common:
-                continue
-            diffs = [rows[a]["per_task"][t] - rows[b]["per_task"][t] for t in common]
-            comparisons.append({"a": a, "b": b, "tasks": len(common), "a_wins": sum(d > 0 for d in diffs),
-                                "ties": sum(d == 0 for d in diffs), "mean_diff": _mean(diffs),
-                                "a_mean": _mean([rows[a]["per_task"][t] for t in common]),
-                                "b_mean": _mean([rows[b]["per_task"][t] for t in common])})
-        if comparisons:
-            supported = all(c["mean_diff"] >= 0 for c in comparisons)
-            found.append({"claim": claim, "comparisons": comparisons, "supported": supported})
-    return found
+def _verdict_text(c: dict[str, Any]) -> str:
+    return f"**{c['verdict']}**" + (f" ({c['note']})" if c["note"] else "")
 
 
-def _block_of(name: str) -> str:
-    for pattern in (r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)", r"(?:^|\.)stages\.(\d+)\.blocks\.(\d+)",
-                    r"(?:^|\.)stages\.(\d+)", r"(?:^|\.)blocks\.(\d+)\.(\d+)", r"(?:^|\.)blocks\.(\d+)",
-                    r"(?:^|\.)layer(\d+)\.(\d+)", r"(?:^|\.)features\.(\d+)"):
-        m = re.search(pattern, name)
-        if m:
-            return ".".join(m.groups())
-    return name.split(".")[0]
+def _diff_text(c: dict[str, Any]) -> str:
+    return f"d̄ = {c['mean']:+.2f} ± {c['se']:.2f} points (se)" if c["se"] is not None else (
+        f"d̄ = {c['mean']:+.2f} points" if c["mean"] is not None else "no pairs")
 
 
-def selection_distribution(selection_file: str | Path) -> dict[str, dict[str, int]]:
-    """block -> matrix kind -> number of selected entries, from a saved selection."""
-    from sparseft.selection import Selection
-
-    sel = Selection.load(selection_file)
-    dist: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for name, idx in sel.indices.items():
-        parts = name.split(".")
-        kind = parts[-2] if len(parts) > 1 else parts[-1]
-        dist[_block_of(name)][kind] += int(idx.numel())
-    return {b: dict(k) for b, k in dist.items()}
-
-
-def _sort_blocks(blocks: list[str]) -> list[str]:
-    def key(b: str) -> tuple:
-        nums = [int(x) for x in re.findall(r"\d+", b)]
-        return (0 if nums else 1, nums, b)
-    return sorted(blocks, key=key)
-
-
-def _plot_distribution(ax: Any, dist: dict[str, dict[str, int]], title: str) -> None:
-    blocks = _sort_blocks(list(dist))
-    kinds = sorted({k for d in dist.values() for k in d})
-    bottom = [0] * len(blocks)
-    for kind in kinds:
-        values = [dist[b].get(kind, 0) for b in blocks]
-        ax.bar(range(len(blocks)), values, bottom=bottom, label=kind)
-        bottom = [x + y for x, y in zip(bottom, values)]
-    ax.set_xticks(range(len(blocks)))
-    ax.set_xticklabels(blocks, rotation=90, fontsize=7)
-    ax.set_ylabel("selected entries")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
-
-
-def _plots(records: list[dict[str, Any]], tables: dict[str, Any], results_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
-    for ax, (backbone, tab) in zip(axes[0], tables.items()):
-        for r in tab["rows"]:
-            x = max(r["params_m"] * 1e6, 1.0)
-            ax.scatter(x, r["mean_tasks"], s=25)
-            ax.annotate(r["label"], (x, r["mean_tasks"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable backbone parameters (log; head excluded)")
-        ax.set_ylabel("mean top-1 over tasks (%)")
-        ax.set_title(backbone, fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(results_dir / "acc_vs_params.png", dpi=120)
-    plt.close(fig)
-    written.append("acc_vs_params.png")
-
-    def selections(label: str, backbone: str) -> list[Path]:
-        return [results_dir / r["final_dir"] / "selection.safetensors" for r in records
-                if r["label"] == label and r["backbone"] == backbone
-                and (results_dir / r["final_dir"] / "selection.safetensors").exists()]
-
-    def summed(files: list[Path]) -> dict[str, dict[str, int]]:
-        total: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for f in files:
-            for b, kinds in selection_distribution(f).items():
-                for k, n in kinds.items():
-                    total[b][k] += n
-        return {b: dict(k) for b, k in total.items()}
-
-    gps_backbones = [b for b in tables if selections("gps", b)]
-    if gps_backbones:
-        fig, axes = plt.subplots(1, len(gps_backbones), figsize=(7 * len(gps_backbones), 4), squeeze=False)
-        for ax, b in zip(axes[0], gps_backbones):
-            files = selections("gps", b)
-            _plot_distribution(ax, summed(files), f"GPS selected entries per block, {b} (sum of {len(files)} tasks)")
-        fig.tight_layout()
-        fig.savefig(results_dir / "gps_distribution.png", dpi=120)
-        plt.close(fig)
-        written.append("gps_distribution.png")
-    levels = [(b, lab) for b in gps_backbones for lab in ("gps", "gps-layer", "gps-net") if selections(lab, b)]
-    if any(lab != "gps" for _, lab in levels):
-        fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 4), squeeze=False)
-        for ax, (b, lab) in zip(axes[0], levels):
-            _plot_distribution(ax, summed(selections(lab, b)), f"{lab} ({b})")
-        fig.tight_layout()
-        fig.savefig(results_dir / "gps_levels.png", dpi=120)
-        plt.close(fig)
-        written.append("gps_levels.png")
-    return written
-
-
-def write_report(results_dir: str | Path) -> Path:
-    """Write report.md, results.csv and the figures into `results_dir`; returns report.md."""
-    results_dir = Path(results_dir)
-    records = load_records(results_dir)
-    tables = _table(records)
-    suite = json.loads((results_dir / "suite.json").read_text()) if (results_dir / "suite.json").exists() else {}
-    protocol = records[0]["protocol"]
-    with atomic_path(results_dir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-        fields = ["backbone", "group", "task", "label", "method", "seed", "test_acc", "last_test_acc",
-                  "best_test_acc", "chosen", "trainable_backbone", "backbone_percent", "trainable_head",
-                  "task_file_bytes", "train_time_s", "run_time_s"]
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for r in records:
-            writer.writerow({**r, "chosen": json.dumps(r["chosen"])})
-    figures = _plots(records, tables, results_dir)
-    lines = [f"# Results: {suite.get('name', results_dir.name)}", ""]
+def _header(suite: dict[str, Any], protocol: str, seeds: list[int]) -> list[str]:
+    lines = []
     if protocol == "honest":
         lines += ["**Protocol: honest.** Hyper-parameters chosen on train800 → val200 (last epoch), the chosen "
                   "setting retrained on train800val200, **last-epoch** test top-1 reported.", ""]
@@ -251,25 +210,82 @@ def write_report(results_dir: str | Path) -> Path:
                   "epochs** reported, as the official repositories do (optimistic by construction).", ""]
     if suite:
         lines += [f"Training settings: `{json.dumps(suite.get('train', {}))}`; grid: "
-                  f"`{json.dumps(suite.get('grid', {}))}` (per-method grids in the suite file); "
-                  f"seeds {suite.get('seeds')}.", ""]
+                  f"`{json.dumps(suite.get('grid', {}))}` (per-method grids in the suite file).", ""]
+    lines.append(f"Seeds: {seeds}" + ("" if suite else " (no suite.json: the seeds found in the records)") + ".")
+    if suite and protocol == "honest":  # suites from before `tuning` existed tuned every seed
+        lines.append(f"Tuning: the grid ran with seed {seeds[0]} only; every seed retrains that choice."
+                     if suite.get("tuning", "each_seed") == "first_seed" else "Tuning: every seed tuned its own grid.")
+    if suite.get("batchnorm"):
+        lines.append(f"BatchNorm statistics: {suite['batchnorm']} for every method unless a row says otherwise.")
+    lines.append("")
+    return lines + ["## How claims are judged", "", VERDICT_RULE, ""]
+
+
+def _backbone_section(backbone: str, tab: dict[str, Any]) -> list[str]:
+    lines = [f"## {backbone}", "", "Top-1 accuracy (%) on each task's test split: mean ±std over seeds (n = seeds "
+             "when fewer than all). Means are over seeds of each seed's mean over tasks (or groups); a row missing "
+             "any (task, seed) is marked incomplete and gets no mean. `params` = trainable backbone parameters "
+             "(head excluded; % of the backbone). `setting` = optimizer and weight decay. `time` = all runs of "
+             "the row.", ""]
+    lines += _markdown_table(tab) + ["", "Edge marks: ↓ / ↑ after a cell = the chosen learning rate (or the named "
+                                     "key) was the lowest / highest value of its grid on that task (for any seed), "
+                                     "so the best setting may lie outside the grid; `edge` = such task cells / task "
+                                     "cells.", ""]
+    found = claims(tab)
+    if found:
+        lines += ["### Claims checked", ""]
+        for c in found:
+            lines.append(f"- **{c['claim']}**: {c['verdict']}.")
+            for x in c["comparisons"]:
+                lines.append(f"  - {x['a']} {_pm(x['a_mean'], x['a_std'])} vs {x['b']} {_pm(x['b_mean'], x['b_std'])}"
+                             f": {_diff_text(x)}, n = {x['n']} pairs, {x['a']} better on {x['a_wins']}/{x['n']} "
+                             f"pairs → {_verdict_text(x)}")
+        lines.append("")
+    matched = budget_matched(tab)
+    if matched:
+        lines += ["### Budget-matched comparisons", "", "Each family's accuracy interpolated (linear in log "
+                  "parameters, no extrapolation) at the GPS row's trainable parameters, per (task, seed).", ""]
+        for m in matched:
+            params = "?" if m["params"] is None else f"{m['params']:,.0f}"
+            if not m["n"]:
+                span = "no common (task, seed)" if m["range"] is None else \
+                    f"outside its range {m['range'][0]:,.0f}–{m['range'][1]:,.0f} params or no common (task, seed)"
+                lines.append(f"- {m['gps']} ({params} params) vs {m['family']} at the same budget: {span}.")
+                continue
+            lines.append(f"- {m['gps']} ({params} params) vs {m['family']} at the same budget: {_fmt(m['gps_mean'])} "
+                         f"vs {_fmt(m['family_mean'])}; {_diff_text(m)}, n = {m['n']} pairs, {m['gps']} better on "
+                         f"{m['a_wins']}/{m['n']} → {_verdict_text(m)}")
+        lines.append("")
+    if tab["pareto"]:
+        lines += ["Pareto frontier (complete rows; fewer parameters → higher accuracy): "
+                  + " → ".join(tab["pareto"]), ""]
+    return lines
+
+
+def write_report(results_dir: str | Path) -> Path:
+    """Write report.md, results.csv and the figures into `results_dir`; returns report.md."""
+    results_dir = Path(results_dir)
+    records = load_records(results_dir)
+    suite = json.loads((results_dir / "suite.json").read_text()) if (results_dir / "suite.json").exists() else {}
+    seeds = sorted(suite.get("seeds") or {r["seed"] for r in records})  # the seeds every row should have
+    tables = build_tables(records, seeds, results_dir)
+    with atomic_path(results_dir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+        fields = ["backbone", "group", "task", "label", "method", "seed", "test_acc", "last_test_acc",
+                  "best_test_acc", "chosen", "optimizer", "weight_decay", "grid", "edge", "trainable_backbone",
+                  "backbone_percent", "trainable_head", "task_file_bytes", "train_time_s", "run_time_s"]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            train = train_settings(r, results_dir)
+            writer.writerow({**r, "chosen": json.dumps(r["chosen"]), "optimizer": train.get("optimizer"),
+                             "weight_decay": train.get("weight_decay"), "grid": json.dumps(grid_of(r)),
+                             "edge": ";".join(f"{k}:{v}" for k, v in edge_marks(r).items())})
+    figures = write_figures(records, tables, results_dir)
+    lines = [f"# Results: {suite.get('name', results_dir.name)}", ""] + _header(suite, records[0]["protocol"], seeds)
     total_min = sum(r.get("run_time_s") or 0 for r in records) / 60
     lines += [f"{len(records)} cells; run time {total_min:.1f} min in total (sum of runs, tuning included).", ""]
     for backbone, tab in tables.items():
-        lines += [f"## {backbone}", "", "Top-1 accuracy (%) on each task's test split. `params` = trainable "
-                  "backbone parameters (head excluded; % of the backbone). `time` = all runs of the cell.", ""]
-        lines += _markdown_table(tab) + [""]
-        found = claims(tab)
-        if found:
-            lines += ["### Claims checked", ""]
-            for c in found:
-                verdict = "supported" if c["supported"] else "not supported"
-                lines.append(f"- **{c['claim']}**: {verdict} here.")
-                for cmp in c["comparisons"]:
-                    lines.append(f"  - {cmp['a']} {cmp['a_mean']:.1f} vs {cmp['b']} {cmp['b_mean']:.1f} "
-                                 f"(mean difference {cmp['mean_diff']:+.2f} points; {cmp['a']} better on "
-                                 f"{cmp['a_wins']}/{cmp['tasks']} tasks, {cmp['ties']} ties)")
-            lines.append("")
+        lines += _backbone_section(backbone, tab)
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     report = results_dir / "report.md"
     write_text_atomic(report, "\n".join(lines))

@@ -28,8 +28,8 @@ from sparseft.fileutil import atomic_path, write_text_atomic
 from sparseft.run import RunSpec, run
 from sparseft.train import TrainConfig, TrainingDiverged
 
-SELECTION_OPTIONS = ("k", "level", "criterion", "loss", "score", "temperature", "select_batches", "train_norm",
-                     "train_embeddings", "select_patch_embed")
+SELECTION_OPTIONS = ("k", "level", "criterion", "loss", "score", "score_norm", "temperature", "select_batches",
+                     "train_norm", "train_embeddings", "select_patch_embed", "select_bias_tables")
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,9 +49,16 @@ def point_key(point: dict[str, Any]) -> str:
 
 
 def plan(suite: Suite) -> list[Cell]:
+    """Every cell, seed by seed: an interrupted suite has whole seeds (every method on every task) done."""
     groups = suite.task_groups()
-    return [Cell(b, task, groups[task], m, seed) for b in suite.backbones for task in groups
-            for m in suite.methods_for(b) for seed in suite.seeds]
+    return [Cell(b, task, groups[task], m, seed) for seed in suite.seeds for b in suite.backbones for task in groups
+            for m in suite.methods_for(b)]
+
+
+def tunes(suite: Suite, cell: Cell) -> bool:
+    """Whether this cell runs its own grid (honest protocol, more than one point, and its seed tunes)."""
+    return (suite.protocol == "honest" and len(cell.entry.grid_points(suite.grid)) > 1
+            and (suite.tuning == "each_seed" or cell.seed == suite.seeds[0]))
 
 
 def run_spec(suite: Suite, cell: Cell, point: dict[str, Any], stage: str, progress: bool) -> RunSpec:
@@ -61,7 +68,8 @@ def run_spec(suite: Suite, cell: Cell, point: dict[str, Any], stage: str, progre
     epochs = int(train_kwargs.get("epochs", TrainConfig.epochs))
     config = TrainConfig(**train_kwargs, seed=cell.seed, progress=progress,
                          eval_every=1 if stage == "paper" else max(epochs, 1))
-    options = {**cell.entry.options, **cell.entry.per_task.get(task_name(cell.task), {}),
+    policy = {"batchnorm": suite.batchnorm} if suite.batchnorm else {}
+    options = {**policy, **cell.entry.options, **cell.entry.per_task.get(task_name(cell.task), {}),
                **{k: v for k, v in point.items() if k not in ("lr", "weight_decay")}}
     splits = {"tune": ("train800", ("val200",)), "final": ("train800val200", ("test",)),
               "paper": ("train800val200", ("test",))}[stage]
@@ -142,8 +150,7 @@ def _execute(out: Path, spec: RunSpec, cell: Cell, folder: Path, progress: Progr
 
 def runs_in_cell(suite: Suite, cell: Cell) -> int:
     """Training runs a cell needs: grid points + the final run (honest), or one (paper)."""
-    n = len(cell.entry.grid_points(suite.grid))
-    return n + 1 if suite.protocol == "honest" and n > 1 else 1
+    return len(cell.entry.grid_points(suite.grid)) + 1 if tunes(suite, cell) else 1
 
 
 def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epochs: bool) -> dict[str, Any]:
@@ -157,8 +164,16 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
     name = f"{cell.backbone.key} / {task_name(cell.task)} / {cell.entry.label} / seed {cell.seed}"
     tuning: list[dict[str, Any]] = []
     points = cell.entry.grid_points(suite.grid)
+    tuned_on = None
     if suite.protocol == "honest" and len(points) == 1:
         chosen, stage = points[0], "final"  # nothing to choose: no tuning runs
+    elif suite.protocol == "honest" and not tunes(suite, cell):  # tuning: first_seed
+        first = Cell(cell.backbone, cell.task, cell.group, cell.entry, suite.seeds[0])
+        first_record = first.folder(out) / "final" / "record.json"
+        chosen = (json.loads(first_record.read_text()) if first_record.exists()
+                  else run_cell(suite, first, out, Progress(0, False), show_epochs))["chosen"]
+        stage = "final"
+        tuned_on = first.seed
     elif suite.protocol == "honest":
         for point in points:
             spec = run_spec(suite, cell, point, "tune", show_epochs)
@@ -178,7 +193,10 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
         "suite": suite.name, "protocol": suite.protocol, "backbone": cell.backbone.key, "task": task_name(cell.task),
         "data": cell.task, "group": cell.group, "label": cell.entry.label, "method": cell.entry.method,
         "options": run_spec(suite, cell, chosen, stage, False).options,
-        "seed": cell.seed, "chosen": chosen, "tuning": tuning, "test_acc": test_acc,
+        "train": {k: v for k, v in run_spec(suite, cell, chosen, stage, False).train.to_dict().items()
+                  if k not in ("progress", "eval_every", "seed")},
+        "seed": cell.seed, "chosen": chosen, "tuning": tuning, "grid": _grid(suite, cell.entry),
+        "tuned_on_seed": cell.seed if tuning else tuned_on, "test_acc": test_acc,
         "last_test_acc": s["final"].get("test_acc"), "best_test_acc": s.get("best_test_acc"),
         "diverged": s.get("diverged"),
         **{k: s["params"].get(k) for k in ("trainable_backbone", "trainable_head", "backbone_params",
@@ -192,16 +210,39 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
     return record
 
 
+def check_results_folder(out: Path, suite: Suite) -> None:
+    """Refuse a results folder that holds another suite's or another protocol's records."""
+    known = out / "suite.json"
+    if not known.exists():
+        return
+    try:
+        before = json.loads(known.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{known}: unreadable ({err}); use another --out") from err
+    for key in ("name", "protocol"):
+        if before.get(key) != getattr(suite, key):
+            raise ValueError(f"{out}: holds results of {key} {before.get(key)!r}, not {getattr(suite, key)!r}; "
+                             "use another --out (records of different protocols must not mix)")
+
+
+def _grid(suite: Suite, entry: MethodEntry) -> dict[str, list[Any]]:
+    """The values this cell's grid tried, per key (what the report's edge marks are judged against)."""
+    return {k: list(v) for k, v in sorted({**suite.grid, **entry.grid}.items())}
+
+
 def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, show_epochs: bool = False,
               only: list[str] | None = None) -> list[dict[str, Any]]:
     """Run every cell of `suite` into `out` (skipping finished ones); returns the records."""
     out = Path(out)
+    check_results_folder(out, suite)
     out.mkdir(parents=True, exist_ok=True)
     cells = [c for c in plan(suite) if not only or c.entry.label in only]
     write_text_atomic(out / "suite.json", json.dumps({"name": suite.name, "protocol": suite.protocol,
                                                       "source": suite.source, "tasks": suite.tasks,
                                                       "train": suite.train, "grid": suite.grid,
-                                                      "seeds": suite.seeds}, indent=1, default=str))
+                                                      "seeds": suite.seeds, "tuning": suite.tuning,
+                                                      "batchnorm": suite.batchnorm},
+                                                     indent=1, default=str))
     tracker = Progress(sum(runs_in_cell(suite, c) for c in cells), progress)
     t0 = time.perf_counter()
     records = [run_cell(suite, cell, out, tracker, show_epochs) for cell in cells]

@@ -14,7 +14,11 @@ A suite is a YAML file (the shipped ones live in `sparseft/bench/suites/`, usabl
     methods:
       - {label: gps, method: gps, options: {k: 1}, grid: {lr: [3.0e-3, 1.0e-2]}}
       - {label: full, method: full, grid: {lr: [1.0e-4, 3.0e-4]}}
-    seeds: [0]
+    seeds: [0, 1, 2]
+    tuning: first_seed            # honest: the grid runs with the first seed, its choice serves every seed
+                                  # (each_seed: every seed tunes its own)
+    batchnorm: update             # BatchNorm statistics for every method (update | frozen); default: each
+                                  # method's own. A row's `options: {batchnorm: ...}` overrides it.
 
 A method's `train:` overrides the suite's training settings (e.g. `optimizer: adam`). Grid keys
 `lr` and `weight_decay` set the optimiser; any other key is a method option (e.g.
@@ -36,6 +40,7 @@ from typing import Any
 import yaml
 
 PROTOCOLS = ("honest", "paper")
+TUNING = ("first_seed", "each_seed")
 TRAIN_KEYS = {"epochs", "lr", "weight_decay", "optimizer", "warmup_epochs", "warmup_lr", "min_lr",
               "label_smoothing", "grad_clip", "bf16"}
 RUN_KEYS = {"batch_size", "eval_batch_size", "preprocessing", "workers"}
@@ -89,6 +94,8 @@ class Suite:
     train: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
+    tuning: str = "first_seed"
+    batchnorm: str | None = None  # every method's BatchNorm statistics policy (a row's options may override)
     source: str = ""
 
     def task_groups(self) -> dict[str, str]:
@@ -139,7 +146,7 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
     if not isinstance(data, dict):
         raise SuiteError(f"{where}: expected a mapping at the top level")
     unknown = set(data) - {"name", "protocol", "tasks", "backbones", "methods", "train", "grid", "seeds",
-                           "description"}
+                           "tuning", "batchnorm", "description"}
     if unknown:
         raise SuiteError(f"{where}: unknown keys {sorted(unknown)}")
     proto = protocol or data.get("protocol", "honest")
@@ -198,5 +205,12 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
         raise SuiteError(f"{where}: seeds must be a list of integers")
+    tuning = data.get("tuning", "first_seed")
+    if tuning not in TUNING:
+        raise SuiteError(f"{where}: tuning must be one of {TUNING}, not {tuning!r}")
+    batchnorm = data.get("batchnorm")
+    if batchnorm not in (None, "update", "frozen"):
+        raise SuiteError(f"{where}: batchnorm must be 'update' or 'frozen', not {batchnorm!r}")
     return Suite(name=data.get("name", Path(where).stem), protocol=proto, tasks=tasks, backbones=backbones,
-                 methods=methods, train=train, grid=grid, seeds=seeds, source=where)
+                 methods=methods, train=train, grid=grid, seeds=seeds, tuning=tuning, batchnorm=batchnorm,
+                 source=where)

@@ -1,0 +1,173 @@
+"""What makes comparisons fair: one BatchNorm policy for every method, tuning once per cell,
+results folders that keep protocols apart, no selection on test data, the official bias rule,
+and the column-normalised GPS variant."""
+
+import copy
+import json
+
+import pytest
+import torch
+from helpers import make_vtab, tiny_model, toy_batches, train_steps
+
+import sparseft
+from sparseft.bench import load_suite, plan, run_suite, shipped_suites
+from sparseft.bench.runner import runs_in_cell
+from sparseft.bench.suite import SuiteError
+from sparseft.cli import main
+from sparseft.methods import METHODS, MethodContext, get_method
+from sparseft.selection import parameter_roles
+from sparseft.selection.gps import normalize_columns, top_k_per_neuron
+
+BN_METHODS = {"linear": {}, "bitfit": {}, "full": {}, "gps": {"k": 1}, "ssf": {},
+              "lora": {"lora_targets": "conv1,conv2", "lora_conv": True}}
+
+
+def _stats(model):
+    return {n: b.clone() for n, b in model.named_buffers() if "running_" in n}
+
+
+@pytest.mark.parametrize("method", sorted(BN_METHODS))
+@pytest.mark.parametrize("policy", ["update", "frozen"])
+def test_every_method_follows_the_batchnorm_policy(method, policy, tmp_path):
+    base = tiny_model("resnet")
+    model = copy.deepcopy(base)
+    batches = toy_batches(2, batch=8)
+    views = [([x, x.flip(-1)], y) for x, y in batches]
+    m = get_method(method, batchnorm=policy, **BN_METHODS[method])
+    m.prepare(model, MethodContext(loader={"select": views, "train": batches}.__getitem__, progress=False))
+    train_steps(model, steps=2, weight_decay=0.0)
+    before, after = _stats(base), _stats(model)
+    if policy == "frozen":
+        assert all(torch.equal(before[n], after[n]) for n in before), "frozen statistics moved"
+    else:
+        assert any(not torch.equal(before[n], after[n]) for n in before), "statistics did not update"
+    path = m.save(model, tmp_path / "task.safetensors")
+    fresh = METHODS[method]().load(copy.deepcopy(base), path)
+    reloaded = _stats(fresh)
+    assert all(torch.equal(after[n], reloaded[n]) for n in after), "the task file lost the statistics"
+
+
+def test_batchnorm_defaults_are_each_methods_own_and_bad_values_are_refused():
+    assert get_method("full").batchnorm_mode() == "update"
+    assert get_method("gps").batchnorm_mode() == "update"
+    assert get_method("lora").batchnorm_mode() == "frozen"
+    assert get_method("lora", batchnorm="update").batchnorm_mode() == "update"
+    with pytest.raises(ValueError, match="batchnorm"):
+        get_method("linear", batchnorm="sometimes")
+
+
+def _suite(tmp_path, data, extra=""):
+    text = f"""
+name: tiny
+protocol: honest
+tasks: {{natural: ["{data}"]}}
+backbones: [{{name: vit_tiny_patch16_224, img_size: 32}}]
+train: {{epochs: 1, batch_size: 4, warmup_epochs: 0}}
+methods:
+  - {{label: linear, method: linear, grid: {{lr: [1.0e-3, 1.0e-2]}}}}
+seeds: [0, 1]
+{extra}
+"""
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_first_seed_tuning_runs_the_grid_once_and_every_seed_uses_its_choice(tmp_path):
+    data = make_vtab(tmp_path / "task")
+    suite = load_suite(_suite(tmp_path, data, "batchnorm: frozen"))
+    cells = plan(suite)
+    assert [c.seed for c in cells] == [0, 1]  # seed by seed
+    assert [runs_in_cell(suite, c) for c in cells] == [3, 1]
+    records = run_suite(suite, tmp_path / "res", progress=False)
+    first, second = records
+    assert len(first["tuning"]) == 2 and second["tuning"] == []
+    assert second["chosen"] == first["chosen"] and second["tuned_on_seed"] == 0
+    assert first["grid"] == {"lr": [1.0e-3, 1.0e-2]}
+    assert first["train"]["optimizer"] == "adamw" and first["options"]["batchnorm"] == "frozen"
+    assert not (tmp_path / "res" / "vit_tiny_patch16_224@32" / "task" / "linear" / "seed1" / "tune").exists()
+    assert json.loads((tmp_path / "res" / "suite.json").read_text())["tuning"] == "first_seed"
+
+
+def test_each_seed_tuning_and_bad_values(tmp_path):
+    data = make_vtab(tmp_path / "task")
+    suite = load_suite(_suite(tmp_path, data, "tuning: each_seed"))
+    assert [runs_in_cell(suite, c) for c in plan(suite)] == [3, 3]
+    with pytest.raises(SuiteError, match="tuning"):
+        load_suite(_suite(tmp_path, data, "tuning: sometimes"))
+    with pytest.raises(SuiteError, match="batchnorm"):
+        load_suite(_suite(tmp_path, data, "batchnorm: maybe"))
+
+
+def test_a_results_folder_never_mixes_protocols(tmp_path):
+    data = make_vtab(tmp_path / "task")
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "suite.json").write_text(json.dumps({"name": "tiny", "protocol": "honest"}))
+    with pytest.raises(ValueError, match="protocol 'honest', not 'paper'"):
+        run_suite(load_suite(_suite(tmp_path, data), protocol="paper"), out, progress=False)
+    (out / "suite.json").write_text(json.dumps({"name": "other", "protocol": "honest"}))
+    with pytest.raises(ValueError, match="name 'other'"):
+        run_suite(load_suite(_suite(tmp_path, data)), out, progress=False)
+
+
+def test_select_refuses_a_test_split_unless_told_why(tmp_path, capsys):
+    data = make_vtab(tmp_path / "task")
+    common = ["select", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--data", str(data), "--batch-size",
+              "4", "--no-progress"]
+    assert main([*common, "--split", "test", "--out", str(tmp_path / "a.safetensors")]) == 1
+    assert "--allow-test-split" in capsys.readouterr().err
+    assert not (tmp_path / "a.safetensors").exists()
+    assert main([*common, "--split", "test", "--allow-test-split", "reproduce the official SAM script",
+                 "--out", str(tmp_path / "b.safetensors")]) == 0
+    meta = sparseft.Selection.load(tmp_path / "b.safetensors").meta
+    assert meta["split"] == "test" and meta["test_split_reason"] == "reproduce the official SAM script"
+
+
+def test_swin_bias_tables_train_in_full_like_the_official_code():
+    model = tiny_model("swin")
+    tables = [n for n, _ in model.named_parameters() if "relative_position_bias_table" in n]
+    assert tables
+    roles = parameter_roles(model)
+    assert all(roles[n] == "full" for n in tables)
+    per_row = parameter_roles(model, sparseft.selection.Eligibility(select_bias_tables=True))
+    assert all(per_row[n] == "select" for n in tables)
+    gps = get_method("gps", select_bias_tables=True)
+    assert gps.rules().select_bias_tables
+
+
+def test_column_normalised_scores_spread_top1_over_inputs():
+    # every row's raw scores peak on input 0 (a high-activation channel); relative to each column's
+    # mean, row i peaks on input i
+    scores = torch.ones(4, 4) + torch.eye(4)
+    scores[:, 0] *= 10
+    raw = top_k_per_neuron({"w": scores}, 1)["w"] % 4
+    normed = top_k_per_neuron(normalize_columns({"w": scores}), 1)["w"] % 4
+    assert raw.tolist() == [0, 0, 0, 0]
+    assert normed.tolist() == [0, 1, 2, 3]
+
+
+def test_column_normalised_gps_selects_and_records_it():
+    model = tiny_model("vit")
+    batches = toy_batches(2, batch=8)
+    views = [([x, x.flip(-1)], y) for x, y in batches]
+    sel = sparseft.select(model, views, k=1, score_norm="column", progress=False)
+    assert sel.meta["score_norm"] == "column"
+    plain = sparseft.select(model, views, k=1, progress=False)
+    assert any(not torch.equal(sel.indices[n], plain.indices[n]) for n in sel.indices)
+    with pytest.raises(ValueError, match="score_norm"):
+        sparseft.select(model, views, k=1, score_norm="rows", progress=False)
+
+
+@pytest.mark.parametrize("name", shipped_suites())
+def test_shipped_honest_suites_are_fair(name):
+    suite = load_suite(name)
+    if suite.protocol != "honest":
+        assert name.endswith("-paper"), "paper-protocol suites are labelled as such"
+        return
+    assert all(not m.per_task for m in suite.methods), "per-task settings come from test-tuned scripts"
+    sizes = {m.label: len(m.grid_points(suite.grid)) for m in suite.methods}
+    tuned = {n for n in sizes.values() if n > 1}
+    assert len(tuned) <= 1, f"unequal grids: {sizes}"
+    if tuned:
+        assert len(suite.seeds) >= 3
