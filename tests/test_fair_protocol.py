@@ -171,3 +171,28 @@ def test_shipped_honest_suites_are_fair(name):
     assert len(tuned) <= 1, f"unequal grids: {sizes}"
     if tuned:
         assert len(suite.seeds) >= 3
+
+
+def test_a_finished_cell_made_with_other_settings_is_refused(tmp_path):
+    data = make_vtab(tmp_path / "task")
+    out = tmp_path / "res"
+    run_suite(load_suite(_suite(tmp_path, data)), out, progress=False)
+    run_suite(load_suite(_suite(tmp_path, data)), out, progress=False)  # the same suite: reused as it is
+    changed = _suite(tmp_path, data).read_text().replace("[1.0e-3, 1.0e-2]", "[1.0e-3, 3.0e-2]")
+    (tmp_path / "suite.yaml").write_text(changed)
+    with pytest.raises(ValueError, match=r"record.json: made with other settings \(grid"):
+        run_suite(load_suite(tmp_path / "suite.yaml"), out, progress=False)
+    reseeded = _suite(tmp_path, data).read_text().replace("seeds: [0, 1]", "seeds: [1, 0]")
+    (tmp_path / "suite.yaml").write_text(reseeded)  # seed 1 would now tune, but its record reused seed 0's choice
+    with pytest.raises(ValueError, match="tuned_on_seed"):
+        run_suite(load_suite(tmp_path / "suite.yaml"), out, progress=False)
+    with pytest.raises(SuiteError, match="repeat"):
+        load_suite(_suite(tmp_path, data, "seeds: [0, 0, 1]"))
+
+
+def test_a_nearly_silent_column_does_not_win_a_row():
+    scores = torch.ones(4, 4)
+    scores[:, 3] = 0.0
+    scores[2, 3] = 1e-30  # column 3 is silent but for a tiny score in row 2
+    top = top_k_per_neuron(normalize_columns({"w": scores}), 1)["w"] % 4
+    assert top[2].item() != 3

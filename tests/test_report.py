@@ -190,7 +190,34 @@ def test_claims_use_only_pairs_both_rows_finished():
     (claim,) = [c for c in claims(build_tables(records, seeds=[0, 1, 2])["vit"]) if c["claim"].startswith("GPS ≥")]
     (cmp,) = claim["comparisons"]
     assert cmp["n"] == 5 and cmp["a_wins"] == 5 and cmp["mean_diff"] == pytest.approx(5.0)
+    # the missing run would be left out of the pairs: an incomplete row makes the comparison inconclusive
+    assert claim["verdict"] == "inconclusive" and "full incomplete" in cmp["note"]
+    assert cmp["tasks"] == 2 and cmp["tasks_won"] == 2
+    complete = [r for r in records if r["label"] == "gps"] + [rec("full", t, s, a) for (t, s), a in ACC.items()]
+    (claim,) = [c for c in claims(build_tables(complete, seeds=[0, 1, 2])["vit"]) if c["claim"].startswith("GPS ≥")]
     assert claim["verdict"] == "supported"
+
+
+def test_expected_cells_follow_the_suite_not_the_records():
+    records = [rec("gps", t, s, a) for (t, s), a in ACC.items()] + [rec("gps", "a", 7, 10.0)]  # seed 7: not planned
+    tab = build_tables(records, seeds=[0, 1, 2])["vit"]
+    (row,) = tab["rows"]
+    assert row["complete"] and ("a", 7) not in row["cells"]
+    planned = {"natural": ["mini-vtab/a", "mini-vtab/b", "mini-vtab/c"]}  # task c never ran
+    (row,) = build_tables(records, seeds=[0, 1, 2], tasks=planned)["vit"]["rows"]
+    assert not row["complete"] and row["mean"] is None and "incomplete 6/9" in row["display"]
+
+
+def test_paper_protocol_and_untuned_cells_get_no_edge_marks():
+    paper = {"grid": {"lr": [1e-3, 1e-2]}, "chosen": {"lr": 1e-3}, "tuning": [], "tuned_on_seed": None}
+    assert edge_marks(paper) == {}
+    reused = {**paper, "tuned_on_seed": 0}  # a later seed reusing seed 0's choice
+    assert edge_marks(reused) == {"lr": "lo"}
+
+
+def test_equal_budgets_in_a_family_are_averaged():
+    assert interpolate([10, 10, 100], [60.0, 50.0, 70.0], 10) == pytest.approx(55.0)
+    assert interpolate([10, 10, 100], [60.0, 50.0, 70.0], 10 ** 1.5) == pytest.approx(62.5)
 
 
 # ---------------------------------------------------------------- budget matching, Pareto
@@ -270,7 +297,7 @@ def test_write_report_on_a_small_folder(tmp_path):
     assert "| adam wd0 |" in table_line(text, "gps |") and "| adamw wd1e-4 |" in table_line(text, "lora-qkv-r1")
     assert "| 2/2 |" in table_line(text, "full") and "| 0/2 |" in table_line(text, "gps |")
     assert "GPS ≥ full fine-tuning (low-data tasks)**: supported" in text
-    assert "n = 6 pairs, gps better on 6/6 pairs → **supported**" in text
+    assert "n = 6 pairs, gps better on 6/6 pairs and on 2/2 tasks' means → **supported**" in text
     assert "### Budget-matched comparisons" in text
     assert "- gps (92,928 params) vs lora-qkv at the same budget: outside its range" in text
     assert "Pareto frontier" in text

@@ -126,7 +126,7 @@ def write_figures(records: list[dict[str, Any]], tables: dict[str, Any], results
         fig, axes = plt.subplots(1, len(gps_backbones), figsize=(7 * len(gps_backbones), 4), squeeze=False)
         for ax, b in zip(axes[0], gps_backbones):
             files = selections("gps", b)
-            _plot_distribution(ax, summed(files), f"GPS selected entries per block, {b} (sum of {len(files)} tasks)")
+            _plot_distribution(ax, summed(files), f"GPS selected entries per block, {b} (sum of {len(files)} runs)")
         save(fig, "gps_distribution.png")
     # equal budgets: the ablations' fixed-setting reference `gps-ref`, not the tuned `gps`, when it was run
     levels = []

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseft.bench.figures import selection_distribution, write_figures
+from sparseft.bench.suite import task_name
 from sparseft.bench.verdicts import (
     VERDICT_RULE,
     budget_matched,
@@ -71,8 +72,12 @@ def grid_of(record: dict[str, Any]) -> dict[str, list[Any]]:
 
 
 def edge_marks(record: dict[str, Any]) -> dict[str, str]:
-    """key -> "lo" / "hi" for each grid key (≥2 numeric values) whose chosen value is the min / max tried."""
-    marks = {}
+    """key -> "lo" / "hi" for each grid key (≥2 numeric values) whose chosen value is the min / max tried.
+
+    Only cells whose setting was chosen on a grid (their own tuning or the first seed's) are marked."""
+    marks: dict[str, str] = {}
+    if not record.get("tuning") and record.get("tuned_on_seed") is None:
+        return marks
     for key, values in grid_of(record).items():
         nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
         chosen = (record.get("chosen") or {}).get(key)
@@ -97,6 +102,7 @@ def _row(label: str, recs: list[dict[str, Any]], tab: dict[str, Any], results_di
     cells = {(r["task"], r["seed"]): 100 * r["test_acc"] for r in recs if _valid(r)}
     n_valid = sum((t, s) in cells for t in tasks for s in seeds)
     complete = n_valid == len(tasks) * len(seeds)
+    failed = any(r.get("tuning_failed") for r in recs)
     per_task = {t: [a for (tt, _), a in cells.items() if tt == t] for t in tasks}
     edges = {t: {(k, v) for r in recs if r["task"] == t for k, v in edge_marks(r).items()} for t in tasks}
     task_cells = [t for t in tasks if any(r["task"] == t for r in recs)]
@@ -104,7 +110,8 @@ def _row(label: str, recs: list[dict[str, Any]], tab: dict[str, Any], results_di
     params = [r["trainable_backbone"] for r in recs if r.get("trainable_backbone") is not None]
     row = {
         "label": label, "method": recs[0]["method"], "cells": cells, "complete": complete,
-        "display": label if complete else f"{label} (incomplete {n_valid}/{len(tasks) * len(seeds)})",
+        "display": (label if complete else f"{label} (incomplete {n_valid}/{len(tasks) * len(seeds)})")
+        + (" (every tuning run diverged)" if failed else ""),
         "per_task": {t: mean_of(v) for t, v in per_task.items()},
         "task_std": {t: std_of(v) for t, v in per_task.items()},
         "n_seeds": {t: len(v) for t, v in per_task.items()}, "edges": edges,
@@ -131,15 +138,17 @@ def _row(label: str, recs: list[dict[str, Any]], tab: dict[str, Any], results_di
 
 
 def build_tables(records: list[dict[str, Any]], seeds: list[int] | None = None,
-                 results_dir: str | Path = ".") -> dict[str, Any]:
+                 results_dir: str | Path = ".", tasks: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """backbone -> {tasks, groups, group_of, seeds, rows, families, pareto}.
 
-    Expected cells of a row: every task seen for the backbone × `seeds` (default: every seed seen)."""
+    Expected cells of a row: the suite's `tasks` (group -> data specs; default: every task seen for
+    the backbone) × `seeds` (default: every seed seen). Records of other seeds are left out."""
     seeds = sorted(seeds if seeds is not None else {r["seed"] for r in records})
+    planned = {task_name(spec): group for group, specs in (tasks or {}).items() for spec in specs}
     out: dict[str, Any] = {}
     for backbone in sorted({r["backbone"] for r in records}):
-        recs = [r for r in records if r["backbone"] == backbone]
-        group_of = {r["task"]: r["group"] for r in recs}
+        recs = [r for r in records if r["backbone"] == backbone and r["seed"] in seeds]
+        group_of = {**planned, **{r["task"]: r["group"] for r in recs}}
         groups = sorted(set(group_of.values()), key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else 99, g))
         tasks = [t for g in groups for t in sorted(t for t, gg in group_of.items() if gg == g)]
         tab = {"tasks": tasks, "groups": groups, "group_of": group_of, "seeds": seeds}
@@ -213,7 +222,7 @@ def _header(suite: dict[str, Any], protocol: str, seeds: list[int]) -> list[str]
                   f"`{json.dumps(suite.get('grid', {}))}` (per-method grids in the suite file).", ""]
     lines.append(f"Seeds: {seeds}" + ("" if suite else " (no suite.json: the seeds found in the records)") + ".")
     if suite and protocol == "honest":  # suites from before `tuning` existed tuned every seed
-        lines.append(f"Tuning: the grid ran with seed {seeds[0]} only; every seed retrains that choice."
+        lines.append(f"Tuning: the grid ran with seed {seeds[0]} only; every seed retrains that choice."  # file order
                      if suite.get("tuning", "each_seed") == "first_seed" else "Tuning: every seed tuned its own grid.")
     if suite.get("batchnorm"):
         lines.append(f"BatchNorm statistics: {suite['batchnorm']} for every method unless a row says otherwise.")
@@ -239,7 +248,7 @@ def _backbone_section(backbone: str, tab: dict[str, Any]) -> list[str]:
             for x in c["comparisons"]:
                 lines.append(f"  - {x['a']} {_pm(x['a_mean'], x['a_std'])} vs {x['b']} {_pm(x['b_mean'], x['b_std'])}"
                              f": {_diff_text(x)}, n = {x['n']} pairs, {x['a']} better on {x['a_wins']}/{x['n']} "
-                             f"pairs → {_verdict_text(x)}")
+                             f"pairs and on {x['tasks_won']}/{x['tasks']} tasks' means → {_verdict_text(x)}")
         lines.append("")
     matched = budget_matched(tab)
     if matched:
@@ -268,7 +277,7 @@ def write_report(results_dir: str | Path) -> Path:
     records = load_records(results_dir)
     suite = json.loads((results_dir / "suite.json").read_text()) if (results_dir / "suite.json").exists() else {}
     seeds = sorted(suite.get("seeds") or {r["seed"] for r in records})  # the seeds every row should have
-    tables = build_tables(records, seeds, results_dir)
+    tables = build_tables(records, seeds, results_dir, suite.get("tasks"))
     with atomic_path(results_dir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         fields = ["backbone", "group", "task", "label", "method", "seed", "test_acc", "last_test_acc",
                   "best_test_acc", "chosen", "optimizer", "weight_decay", "grid", "edge", "trainable_backbone",
@@ -281,7 +290,8 @@ def write_report(results_dir: str | Path) -> Path:
                              "weight_decay": train.get("weight_decay"), "grid": json.dumps(grid_of(r)),
                              "edge": ";".join(f"{k}:{v}" for k, v in edge_marks(r).items())})
     figures = write_figures(records, tables, results_dir)
-    lines = [f"# Results: {suite.get('name', results_dir.name)}", ""] + _header(suite, records[0]["protocol"], seeds)
+    lines = [f"# Results: {suite.get('name', results_dir.name)}", ""] + _header(suite, records[0]["protocol"],
+                                                                             suite.get("seeds") or seeds)
     total_min = sum(r.get("run_time_s") or 0 for r in records) / 60
     lines += [f"{len(records)} cells; run time {total_min:.1f} min in total (sum of runs, tuning included).", ""]
     for backbone, tab in tables.items():

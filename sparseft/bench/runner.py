@@ -158,9 +158,11 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
     folder = cell.folder(out)
     record_path = folder / "final" / "record.json"
     if record_path.exists():
+        record = json.loads(record_path.read_text())
+        check_record(suite, cell, record, record_path)
         for _ in range(runs_in_cell(suite, cell)):
             progress.end(None)
-        return json.loads(record_path.read_text())
+        return record
     name = f"{cell.backbone.key} / {task_name(cell.task)} / {cell.entry.label} / seed {cell.seed}"
     tuning: list[dict[str, Any]] = []
     points = cell.entry.grid_points(suite.grid)
@@ -169,9 +171,7 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
         chosen, stage = points[0], "final"  # nothing to choose: no tuning runs
     elif suite.protocol == "honest" and not tunes(suite, cell):  # tuning: first_seed
         first = Cell(cell.backbone, cell.task, cell.group, cell.entry, suite.seeds[0])
-        first_record = first.folder(out) / "final" / "record.json"
-        chosen = (json.loads(first_record.read_text()) if first_record.exists()
-                  else run_cell(suite, first, out, Progress(0, False), show_epochs))["chosen"]
+        chosen = run_cell(suite, first, out, Progress(0, False), show_epochs)["chosen"]  # checked, or run
         stage = "final"
         tuned_on = first.seed
     elif suite.protocol == "honest":
@@ -197,6 +197,7 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
                   if k not in ("progress", "eval_every", "seed")},
         "seed": cell.seed, "chosen": chosen, "tuning": tuning, "grid": _grid(suite, cell.entry),
         "tuned_on_seed": cell.seed if tuning else tuned_on, "test_acc": test_acc,
+        "tuning_failed": bool(tuning) and all(t["val_acc"] is None for t in tuning),
         "last_test_acc": s["final"].get("test_acc"), "best_test_acc": s.get("best_test_acc"),
         "diverged": s.get("diverged"),
         **{k: s["params"].get(k) for k in ("trainable_backbone", "trainable_head", "backbone_params",
@@ -208,6 +209,36 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
     }
     write_text_atomic(record_path, json.dumps(record, indent=1, default=str))
     return record
+
+
+def _expected_tuned_on(suite: Suite, cell: Cell) -> int | None:
+    if tunes(suite, cell):
+        return cell.seed
+    if suite.protocol == "honest" and len(cell.entry.grid_points(suite.grid)) > 1:
+        return suite.seeds[0]
+    return None
+
+
+def check_record(suite: Suite, cell: Cell, record: dict[str, Any], path: Path) -> None:
+    """Refuse a finished cell whose record was made with other settings than the suite's now.
+
+    Grid, options, training settings and the seed that tuned must all match: a record is reused
+    only when re-running the cell would repeat it.
+    """
+    if "grid" not in record:
+        raise ValueError(f"{path}: made by an older sparseft (no grid recorded); use another --out")
+    stage = "final" if suite.protocol == "honest" else "paper"
+    spec = run_spec(suite, cell, record["chosen"], stage, False)
+    now = {"grid": _grid(suite, cell.entry), "options": spec.options,
+           "train": {k: v for k, v in spec.train.to_dict().items() if k not in ("progress", "eval_every", "seed")},
+           "tuned_on_seed": _expected_tuned_on(suite, cell)}
+    for key, value in now.items():
+        if key not in record:  # records of the first 0.2 runs have no "train"
+            continue
+        before = json.loads(json.dumps(record[key], sort_keys=True, default=str))
+        if before != json.loads(json.dumps(value, sort_keys=True, default=str)):
+            raise ValueError(f"{path}: made with other settings ({key}: {record[key]} -> {value}); use another "
+                             "--out, or delete that cell's folder to run it again")
 
 
 def check_results_folder(out: Path, suite: Suite) -> None:

@@ -203,8 +203,10 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
         if not isinstance(values, list) or not values:
             raise SuiteError(f"{where}: grid '{key}' must be a non-empty list")
     seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-        raise SuiteError(f"{where}: seeds must be a list of integers")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise SuiteError(f"{where}: seeds must be a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise SuiteError(f"{where}: seeds {seeds} repeat a seed")
     tuning = data.get("tuning", "first_seed")
     if tuning not in TUNING:
         raise SuiteError(f"{where}: tuning must be one of {TUNING}, not {tuning!r}")

@@ -33,7 +33,9 @@ VERDICT_RULE = (
     "with n pairs, mean d̄ and standard error se = sd(d)/√n: **supported** if d̄ > 2·se, **not supported** if "
     "d̄ < −2·se, otherwise **inconclusive**; fewer than 3 pairs or a single seed: inconclusive (too little data). "
     "A claim made of several comparisons is supported if all are, not supported if any is not, otherwise "
-    "inconclusive.")
+    "inconclusive. A comparison with an incomplete row (a run missing or diverged) is inconclusive. The seeds of "
+    "one task are not independent draws of tasks: each comparison also says on how many tasks A's mean over seeds "
+    "is higher, and a verdict carried by one task is worth less than its n suggests.")
 FAMILY = re.compile(r"^(?P<prefix>.+)-[a-z]+\d+$")  # gps-k4 -> gps, lora-qkv-r8 -> lora-qkv
 GPS_FAMILY = "gps"
 
@@ -95,9 +97,21 @@ def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         return mean_of([row["cells"][k] for k in keys]), over_seeds({k: row["cells"][k] for k in keys}, tasks, seeds)[1]
 
     (a_mean, a_std), (b_mean, b_std) = stats(a), stats(b)
+    per_task = [mean_of([a["cells"][k] - b["cells"][k] for k in keys if k[0] == t]) for t in tasks]
     return {"a": a["label"], "b": b["label"], "a_mean": a_mean, "a_std": a_std, "b_mean": b_mean, "b_std": b_std,
             "a_wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "seeds": len(seeds),
-            "mean_diff": mean_of(diffs), **verdict(diffs, n_seeds=len(seeds))}
+            "tasks": len(tasks), "tasks_won": sum(d > 0 for d in per_task),
+            "mean_diff": mean_of(diffs), **_judged(diffs, len(seeds), a, b)}
+
+
+def _judged(diffs: list[float], n_seeds: int, *rows: dict[str, Any]) -> dict[str, Any]:
+    """`verdict`, made inconclusive when a row is incomplete (its missing runs would be left out)."""
+    result = verdict(diffs, n_seeds=n_seeds)
+    incomplete = [r["label"] for r in rows if not r.get("complete", True)]
+    if incomplete:
+        note = f"{', '.join(incomplete)} incomplete"
+        result.update(verdict="inconclusive", note=f"{result['note']}; {note}" if result["note"] else note)
+    return result
 
 
 def claims(tab: dict[str, Any]) -> list[dict[str, Any]]:
@@ -129,7 +143,11 @@ def families(labels: list[str]) -> dict[str, list[str]]:
 
 def interpolate(xs: list[float], ys: list[float], x: float | None) -> float | None:
     """y at x, linear in log10(x) between the nearest points; None outside the points' range."""
-    pts = sorted((a, b) for a, b in zip(xs, ys) if a is not None and a > 0 and b is not None)
+    by_x: dict[float, list[float]] = {}
+    for a, b in zip(xs, ys):
+        if a is not None and a > 0 and b is not None:
+            by_x.setdefault(a, []).append(b)
+    pts = sorted((a, sum(b) / len(b)) for a, b in by_x.items())  # equal budgets: their mean
     if x is None or x <= 0 or not pts or not pts[0][0] <= x <= pts[-1][0]:
         return None
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
@@ -161,7 +179,7 @@ def budget_matched(tab: dict[str, Any]) -> list[dict[str, Any]]:
             found.append({"gps": g, "family": family, "params": gps["params"], "range": (min(xs), max(xs)) if xs
                           else None, "gps_mean": mean_of([a for _, a, _ in pairs]), "a_wins": sum(d > 0 for d in diffs),
                           "family_mean": mean_of([y for _, _, y in pairs]),
-                          **verdict(diffs, n_seeds=len({k[1] for k, _, _ in pairs}))})
+                          **_judged(diffs, len({k[1] for k, _, _ in pairs}), gps, *curve)})
     return found
 
 

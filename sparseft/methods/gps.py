@@ -78,6 +78,8 @@ class GPS(Method):
         if o.selection:  # the file's settings are the task's: the header must say what was trained
             selection = Selection.load(o.selection)
             made_with = {key: selection.meta[key] for key in SELECTION_SETTINGS if key in selection.meta}
+            if "select_bias_tables" in selection.meta.get("rules", {}):
+                made_with["select_bias_tables"] = selection.meta["rules"]["select_bias_tables"]
             self.options = dataclasses.replace(o, **made_with)
             return selection
         loader = ctx.loader("select") if o.criterion == "gradient" else None

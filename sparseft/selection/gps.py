@@ -50,17 +50,22 @@ def top_k_per_neuron(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch
     return chosen
 
 
-def normalize_columns(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each input column's scores divided by that column's mean over the rows (the `score_norm="column"` variant).
+COLUMN_FLOOR = 0.1  # of the weight's mean score: a nearly silent column cannot win a row on a tiny score
 
-    A connection's gradient score carries its input's activation scale, so top-K rows tend to pick the
-    same few high-activation inputs; after this each row ranks inputs against their typical score.
+
+def normalize_columns(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each column's scores divided by that column's mean over the rows (the `score_norm="column"` variant).
+
+    A column is an input of a Linear, or one (input channel, kh, kw) position of a conv viewed as
+    [out, in·kh·kw]. A connection's gradient score carries its input's activation scale, so top-K
+    rows tend to pick the same few high-activation inputs; after this each row ranks inputs against
+    their typical score. The divisor is at least COLUMN_FLOOR × the weight's mean score.
     """
     out = {}
     for name, score in scores.items():
         rows = score.reshape(score.shape[0], -1).float()
-        mean = rows.mean(dim=0, keepdim=True)
-        out[name] = (rows / mean.clamp_min(torch.finfo(torch.float32).tiny)).reshape(score.shape)
+        floor = (COLUMN_FLOOR * rows.mean()).clamp_min(torch.finfo(torch.float32).tiny)
+        out[name] = (rows / rows.mean(dim=0, keepdim=True).clamp_min(floor)).reshape(score.shape)
     return out
 
 
