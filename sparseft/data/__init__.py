@@ -6,10 +6,11 @@
     head = num_classes("mini-vtab/fashion_mnist")
 
 Specs: a VTAB-1k task folder, `fgvc:<dir>`, `folder:<dir>`, or a provisioned task such as
-`mini-vtab/fashion_mnist` (`sparseft data fetch mini-vtab`). See docs/data.md.
+`mini-vtab/fashion_mnist` (`sparseft data fetch mini-vtab`). Segmentation folders (images/ +
+masks/) and `mini-seg/clipart-scenes` are read by `sparseft.data.segmentation`. See docs/data.md.
 """
 
-from sparseft.data import minivtab  # noqa: F401 - importing it registers the suite mini-vtab
+from sparseft.data import miniseg, minivtab  # noqa: F401 - importing them registers mini-seg and mini-vtab
 from sparseft.data.images import DataError, DataWarning, ImageDataset, Sample, open_rgb, to_rgb, verify_samples
 from sparseft.data.layouts import SPLITS
 from sparseft.data.spec import class_names, load_split, num_classes, resolve_spec

@@ -206,16 +206,31 @@ def render_clipart(raw: bytes, size: int = CLIPART_SIZE) -> Image.Image:
     return canvas
 
 
-def _build_clipart(files: Mapping[str, Path], seed: int) -> TaskData:
-    root = "usr/share/openclipart/png/"
-    m = read_members(files["openclipart"], lambda n: n.startswith(root) and n.lower().endswith(".png")
-                     and n[len(root):].split("/", 1)[0] in CLIPART_CLASSES)
+CLIPART_ROOT = "usr/share/openclipart/png/"
+
+
+def clipart_category(name: str) -> str:
+    """The top-level category of an openclipart member (`usr/share/openclipart/png/<category>/...`)."""
+    return name[len(CLIPART_ROOT):].split("/", 1)[0]
+
+
+def read_clipart(deb: Path, categories: Sequence[str]) -> dict[str, bytes]:
+    """The bytes of every PNG drawing of `categories` in the openclipart-png package."""
+    return read_members(deb, lambda n: n.startswith(CLIPART_ROOT) and n.lower().endswith(".png")
+                        and clipart_category(n) in categories)
+
+
+def dedupe_clipart(m: Mapping[str, bytes], categories: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Member names per category (sorted), exact byte duplicates removed, and the counts dropped.
+
+    A drawing whose bytes appear in two categories is dropped (ambiguous); one repeated within
+    a category (Debian's links, copies) is kept once, under its first name.
+    """
     by_hash: dict[str, set[str]] = {}
     for name, raw in m.items():
-        by_hash.setdefault(hashlib.sha256(raw).hexdigest(), set()).add(name[len(root):].split("/", 1)[0])
-    notes = {"exact_duplicates_across_classes_dropped": 0, "duplicates_within_class_dropped": 0,
-             "unreadable_or_too_large_skipped": 0, "rendered_duplicates_dropped": 0}
-    per_class: dict[str, list[str]] = {c: [] for c in CLIPART_CLASSES}
+        by_hash.setdefault(hashlib.sha256(raw).hexdigest(), set()).add(clipart_category(name))
+    notes = {"exact_duplicates_across_classes_dropped": 0, "duplicates_within_class_dropped": 0}
+    per_class: dict[str, list[str]] = {c: [] for c in categories}
     seen: set[str] = set()
     for name in sorted(m):
         digest = hashlib.sha256(m[name]).hexdigest()
@@ -226,7 +241,14 @@ def _build_clipart(files: Mapping[str, Path], seed: int) -> TaskData:
             notes["duplicates_within_class_dropped"] += 1
             continue
         seen.add(digest)
-        per_class[name[len(root):].split("/", 1)[0]].append(name)
+        per_class[clipart_category(name)].append(name)
+    return per_class, notes
+
+
+def _build_clipart(files: Mapping[str, Path], seed: int) -> TaskData:
+    m = read_clipart(files["openclipart"], CLIPART_CLASSES)
+    per_class, counts = dedupe_clipart(m, CLIPART_CLASSES)
+    notes: dict[str, Any] = {**counts, "unreadable_or_too_large_skipped": 0, "rendered_duplicates_dropped": 0}
     images: list[Image.Image] = []
     labels: list[int] = []
     rendered: set[bytes] = set()

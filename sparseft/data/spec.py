@@ -5,6 +5,8 @@ Spec strings:
 - `<dir>` a VTAB-1k task folder (recognised by its `train800.txt`), or an FGVC folder
   (recognised by `train.json` + `test.json`); `vtab:<dir>` / `fgvc:<dir>` say it explicitly.
 - `folder:<dir>` an ImageFolder tree (class subfolders; see `folder.folder_split`).
+- `<dir>` with `images/` and `masks/` subfolders (or `seg:<dir>`): a segmentation data set,
+  read with `sparseft.data.segmentation.load_segmentation` (`class_names` works for it too).
 - `<suite>/<task>`, e.g. `mini-vtab/fashion_mnist`: a task provisioned offline by
   `sparseft data fetch` under the cache (`<cache>/data/<suite>/<task>`).
 """
@@ -16,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sparseft.data import folder, layouts
+from sparseft.data import folder, layouts, segmentation
 from sparseft.data.images import DataError, ImageDataset, OnError
 from sparseft.data.tasks import SUITES, suite_dir
 
-Kind = Literal["vtab", "fgvc", "folder"]
+Kind = Literal["vtab", "fgvc", "folder", "seg"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class ResolvedSpec:
 
 def resolve_spec(spec: str, cache: str | Path | None = None) -> ResolvedSpec:
     """Turn a spec string into (layout, folder); a `DataError` says what was expected."""
-    for prefix in ("vtab", "fgvc", "folder"):
+    for prefix in ("vtab", "fgvc", "folder", "seg"):
         if spec.startswith(prefix + ":"):
             path = Path(spec[len(prefix) + 1:]).expanduser()
             if not path.is_dir():
@@ -42,9 +44,13 @@ def resolve_spec(spec: str, cache: str | Path | None = None) -> ResolvedSpec:
                 raise DataError(f"{spec}: {path} has no train800.txt")
             if prefix == "fgvc" and not layouts.is_fgvc_dir(path):
                 raise DataError(f"{spec}: {path} needs train.json and test.json")
+            if prefix == "seg" and not segmentation.is_segmentation_dir(path):
+                raise DataError(f"{spec}: {path} needs images/ and masks/ subfolders")
             return ResolvedSpec(prefix, path)  # type: ignore[arg-type]
     path = Path(spec).expanduser()
     if path.is_dir():
+        if segmentation.is_segmentation_dir(path):
+            return ResolvedSpec("seg", path)
         if layouts.is_vtab_dir(path):
             return ResolvedSpec("vtab", path)
         if layouts.is_fgvc_dir(path):
@@ -59,7 +65,7 @@ def resolve_spec(spec: str, cache: str | Path | None = None) -> ResolvedSpec:
         if not layouts.is_vtab_dir(folder) or not (folder / "info.json").is_file():
             raise DataError(f"{spec}: not provisioned under {folder.parent}; run "
                             f"`sparseft data fetch {suite} --tasks {task}`")
-        return ResolvedSpec("vtab", folder)
+        return ResolvedSpec("seg" if segmentation.is_segmentation_dir(folder) else "vtab", folder)
     raise DataError(f"{spec}: no such folder, and not a provisioned task name like mini-vtab/fashion_mnist "
                     f"(suites: {', '.join(SUITES)})")
 
@@ -71,6 +77,8 @@ def class_names(spec: str, cache: str | Path | None = None) -> list[str]:
     docs/data.md, "Bad input"), so a run fails here, before it trains, not at its final evaluation.
     """
     r = resolve_spec(spec, cache)
+    if r.kind == "seg":
+        return segmentation.segmentation_classes(r.path).names
     if r.kind == "vtab":
         return layouts.vtab_task(r.path).classes
     if r.kind == "fgvc":
@@ -95,6 +103,9 @@ def load_split(spec: str, split: str, transform: Callable[[Any], Any] | None = N
     split (see docs/data.md, "Bad input"); `verify=True` also opens every image of this split.
     """
     r = resolve_spec(spec, cache)
+    if r.kind == "seg":
+        raise DataError(f"{spec}: a segmentation data set (images/ + masks/); load it with "
+                        "sparseft.data.segmentation.load_segmentation")
     if r.kind == "folder":
         names = folder.folder_classes(r.path)
         samples = folder.folder_split(r.path, split, seed=seed)

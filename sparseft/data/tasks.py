@@ -12,13 +12,14 @@ complete, so a finished task is never rebuilt and an interrupted one never looks
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,11 @@ class TaskData:
 
 @dataclass(frozen=True)
 class Task:
-    """A provisionable task: where its images come from (keys of `SOURCES`) and how it is built."""
+    """A provisionable task: where its images come from (keys of `SOURCES`) and how it is built.
+
+    `build(files, seed)` returns the task's data; `write(dest, data, info, progress=...)` writes
+    it (default: `write_task`, the VTAB-1k layout; segmentation tasks bring their own).
+    """
 
     name: str
     classes: tuple[str, ...]
@@ -63,6 +68,7 @@ class Task:
     seed: int = 0
     build_version: int = 1
     test_size: int = N_TEST
+    write: Callable[..., Path] | None = None
 
     def summary(self) -> dict[str, Any]:
         """Static facts for listings (no files read)."""
@@ -143,6 +149,27 @@ def is_complete(task_dir: str | Path, version: int | None = None) -> bool:
     return meta.get("build_version") == version and meta.get("format_version") == FORMAT_VERSION
 
 
+@contextlib.contextmanager
+def building(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside `dest`, renamed to `dest` when the block ends without error.
+
+    Write `info.json` last inside it: a finished task is never rebuilt and an interrupted one
+    never looks finished (see `is_complete`). The folder is removed if the block fails.
+    """
+    tmp = _claim_partial(dest)
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not is_complete(dest):  # another process finished it first: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _check_splits(name: str, data: TaskData) -> None:
     for split in ("train", "val", "test"):
         if split not in data.splits:
@@ -197,8 +224,7 @@ def write_task(dest: str | Path, data: TaskData, info: Mapping[str, Any] | None 
     """
     dest = Path(dest)
     _check_splits(dest.name, data)
-    tmp = _claim_partial(dest)
-    try:
+    with building(dest) as tmp:
         lists, sizes = _write_images(tmp, data, dest.name if progress else None)
         files = {"train800.txt": lists["train"], "val200.txt": lists["val"],
                  "train800val200.txt": lists["train"] + lists["val"], "test.txt": lists["test"]}
@@ -214,15 +240,6 @@ def write_task(dest: str | Path, data: TaskData, info: Mapping[str, Any] | None 
             "notes": dict(data.notes),
         })
         (tmp / "info.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not is_complete(dest):  # another process finished it first: keep theirs
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -299,6 +316,6 @@ def fetch_suite(suite: str = "mini-vtab", tasks: Iterable[str] | None = None, ca
                 "source": task.source, "licence": task.licence, "description": task.description,
                 "sources": [{"package": SOURCES[k].package, "version": SOURCES[k].version, "file": files[k].name,
                              "sha256": sha256_file(files[k])} for k in task.sources]}
-        write_task(dest, data, info, progress=progress)
+        (task.write or write_task)(dest, data, info, progress=progress)
         log(f"{suite}/{name}: done in {time.perf_counter() - t0:.1f} s ({_tree_bytes(dest) / 1e6:.1f} MB at {dest})")
     return root
