@@ -209,7 +209,7 @@ def _diff_text(c: dict[str, Any]) -> str:
         f"d̄ = {c['mean']:+.2f} points" if c["mean"] is not None else "no pairs")
 
 
-def _header(suite: dict[str, Any], protocol: str, seeds: list[int]) -> list[str]:
+def _header(suite: dict[str, Any], protocol: str, seeds: list[int], tuned: bool = True) -> list[str]:
     lines = []
     if protocol == "honest":
         lines += ["**Protocol: honest.** Hyper-parameters chosen on train800 → val200 (last epoch), the chosen "
@@ -221,7 +221,7 @@ def _header(suite: dict[str, Any], protocol: str, seeds: list[int]) -> list[str]
         lines += [f"Training settings: `{json.dumps(suite.get('train', {}))}`; grid: "
                   f"`{json.dumps(suite.get('grid', {}))}` (per-method grids in the suite file).", ""]
     lines.append(f"Seeds: {seeds}" + ("" if suite else " (no suite.json: the seeds found in the records)") + ".")
-    if suite and protocol == "honest":  # suites from before `tuning` existed tuned every seed
+    if suite and protocol == "honest" and tuned:  # suites from before `tuning` existed tuned every seed
         lines.append(f"Tuning: the grid ran with seed {seeds[0]} only; every seed retrains that choice."  # file order
                      if suite.get("tuning", "each_seed") == "first_seed" else "Tuning: every seed tuned its own grid.")
     if suite.get("batchnorm"):
@@ -290,8 +290,9 @@ def write_report(results_dir: str | Path) -> Path:
                              "weight_decay": train.get("weight_decay"), "grid": json.dumps(grid_of(r)),
                              "edge": ";".join(f"{k}:{v}" for k, v in edge_marks(r).items())})
     figures = write_figures(records, tables, results_dir)
+    tuned = any(r.get("tuning") or r.get("tuned_on_seed") is not None for r in records)
     lines = [f"# Results: {suite.get('name', results_dir.name)}", ""] + _header(suite, records[0]["protocol"],
-                                                                             suite.get("seeds") or seeds)
+                                                                             suite.get("seeds") or seeds, tuned)
     total_min = sum(r.get("run_time_s") or 0 for r in records) / 60
     lines += [f"{len(records)} cells; run time {total_min:.1f} min in total (sum of runs, tuning included).", ""]
     for backbone, tab in tables.items():
