@@ -116,36 +116,57 @@ class SeededViews(Dataset):
             return self.dataset[i]
 
 
+def is_segmentation(data: str) -> bool:
+    """Whether the data spec names a segmentation data set (images/ + masks/): the task kind follows the data."""
+    from sparseft.data import resolve_spec
+
+    return resolve_spec(data).kind == "seg"
+
+
 class TaskData:
-    """The loaders of one task for one model, built on demand."""
+    """The loaders of one task for one model, built on demand (classification or segmentation)."""
 
     def __init__(self, spec: RunSpec, model: nn.Module) -> None:
         from sparseft.data import TwoViews, build_transform, data_config
+        from sparseft.data.segmentation import SegTransform
 
         self.spec = spec
         self.config = data_config(model)
-        self.eval_transform = build_transform(self.config, spec.preprocessing, train=False, img_size=spec.img_size)
-        self.train_transform = build_transform(self.config, spec.preprocessing, train=True, img_size=spec.img_size)
-        self.views = TwoViews.from_config(self.config, spec.img_size)
+        self.segmentation = is_segmentation(spec.data)
+        if self.segmentation:
+            self.eval_transform = SegTransform.from_config(self.config, train=False, img_size=spec.img_size)
+            self.train_transform = SegTransform.from_config(self.config, train=True, img_size=spec.img_size)
+            self.views = None
+        else:
+            self.eval_transform = build_transform(self.config, spec.preprocessing, train=False,
+                                                  img_size=spec.img_size)
+            self.train_transform = build_transform(self.config, spec.preprocessing, train=True,
+                                                   img_size=spec.img_size)
+            self.views = TwoViews.from_config(self.config, spec.img_size)
         self._cache: dict[str, Dataset] = {}
 
     def dataset(self, split: str, transform: Any, deterministic: bool) -> Dataset:
         from sparseft.data import load_split
+        from sparseft.data.segmentation import load_segmentation
 
         key = f"{split}:{id(transform)}"
         if key not in self._cache:
-            ds = load_split(self.spec.data, split, transform)
+            load = load_segmentation if self.segmentation else load_split
+            ds = load(self.spec.data, split, transform)
             self._cache[key] = TensorCache(ds) if (deterministic and self.spec.cache_images) else ds
         return self._cache[key]
 
     def loader(self, kind: str, split: str | None = None) -> DataLoader:
         """'select': two views of the training split; 'train': training batches; 'eval': a split."""
         s = self.spec
+        if kind == "select" and self.segmentation:
+            raise NotImplementedError("GPS selection on segmentation data is not built yet")
         if kind == "select":
             ds = SeededViews(self.dataset(s.train_split, self.views, False), s.train.seed)
             shuffle, batch = True, s.batch_size
         elif kind == "train":
-            ds = self.dataset(s.train_split, self.train_transform, s.preprocessing == "vtab")
+            fixed = s.preprocessing == "vtab" and not self.segmentation  # segmentation always crops and flips
+            ds = self.dataset(s.train_split, self.train_transform, fixed)
             shuffle, batch = True, s.batch_size
         elif kind == "eval":
             ds, shuffle, batch = self.dataset(split, self.eval_transform, True), False, s.eval_batch_size
@@ -199,7 +220,8 @@ def _clear_run_files(run_dir: Path) -> None:
 
 def _absolute_data(data: str) -> str:
     """`<prefix:>path` with the path made absolute when it exists (named tasks stay as they are)."""
-    prefix, sep, rest = data.partition(":") if data.split(":", 1)[0] in ("vtab", "fgvc", "folder") else ("", "", data)
+    prefix, sep, rest = (data.partition(":") if data.split(":", 1)[0] in ("vtab", "fgvc", "folder", "seg")
+                         else ("", "", data))
     if not rest.strip():
         raise ValueError(f"--data {data!r} names no folder")
     path = Path(rest)
@@ -251,18 +273,25 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
             print(f"[sparseft] resuming {run_dir}: its plan ({PLAN_FILE}) and last checkpoint are reused",
                   file=sys.stderr)
     from sparseft.data import class_names, load_split
+    from sparseft.data.segmentation import load_segmentation
+    from sparseft.seg.model import create_segmentation_model
 
     # everything is checked before anything is computed or removed: options, model, data
     method = get_method(spec.method, **spec.options)
     names = class_names(spec.data)
     classes = len(names)
+    segmentation = is_segmentation(spec.data)
     torch.manual_seed(spec.train.seed)
-    model = create_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
-                         pretrained=spec.pretrained).to(distributed.default_device())
+    build = create_segmentation_model if segmentation else create_model
+    model = build(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
+                  pretrained=spec.pretrained).to(distributed.default_device())
     method.check(model)
     distributed.check_global_batch(spec.batch_size)  # before anything is written
     for split in dict.fromkeys((spec.train_split, *spec.eval_splits)):  # every image opens: fail now, not later
-        load_split(spec.data, split, None, verify=True)
+        if segmentation:
+            load_segmentation(spec.data, split, None, verify=True)
+        else:
+            load_split(spec.data, split, None, verify=True)
     data = TaskData(spec, model)
     if run_dir is not None:
         distributed.run_on_main(lambda: _make_run_dir(run_dir, overwrite))
@@ -271,7 +300,8 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     t0 = time.perf_counter()
     model = method.prepare(model, ctx)
     prepare_time = time.perf_counter() - t0
-    info = {"spec": spec.to_dict(), "num_classes": classes, "data_config": data.config}
+    task = "segmentation" if segmentation else "classification"
+    info = {"spec": spec.to_dict(), "num_classes": classes, "data_config": data.config, "task": task}
     eval_loaders = {split.replace("800", "").replace("200", ""): data.loader("eval", split)
                     for split in spec.eval_splits}
     task_file = None
@@ -279,14 +309,15 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     def save_task(m: nn.Module, folder: Path) -> None:
         nonlocal task_file
         task_file = method.save(m, folder / TASK_FILE, extra={
-            "model": spec.model, "num_classes": classes, "img_size": spec.img_size, "data": spec.data,
+            "model": spec.model, "task": task, "num_classes": classes, "img_size": spec.img_size, "data": spec.data,
             "preprocessing": spec.preprocessing, "class_names": names,
             "weights": str(Path(spec.weights).resolve()) if spec.weights else None,
             "pretrained": spec.pretrained, "init_seed": spec.train.seed})
 
     summary = fit(model, data.loader("train"), spec.train, eval_loaders=eval_loaders, run_dir=run_dir,
                   resume=resume, save_task=save_task, run_info=info)
-    summary.update({"method": spec.method, "model": spec.model, "data": spec.data, "num_classes": classes,
+    summary.update({"method": spec.method, "model": spec.model, "data": spec.data, "task": task,
+                    "metric": "mIoU" if segmentation else "acc", "num_classes": classes,
                     "prepare_time_s": round(prepare_time, 2), **ctx.info})
     if task_file is not None:
         summary["task_file"] = str(task_file)

@@ -147,33 +147,74 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+IGNORE_INDEX = 255  # pixels of this label in a mask count for nothing (segmentation's "void")
+
+
+def _valid(y: torch.Tensor) -> torch.Tensor | None:
+    """The pixels that count, for mask targets [B, H, W]; None for class labels [B]."""
+    return y != IGNORE_INDEX if y.dim() > 1 else None
+
+
+def _loss_sum(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy and the number of terms: per image for labels, per valid pixel for masks."""
+    valid = _valid(y)
+    ignore = IGNORE_INDEX if valid is not None else -100
+    loss = F.cross_entropy(logits.float(), y, reduction="sum", ignore_index=ignore, label_smoothing=label_smoothing)
+    return loss, int(valid.sum()) if valid is not None else len(y)
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    hits = logits.argmax(1) == y
+    valid = _valid(y)
+    return int((hits & valid).sum() if valid is not None else hits.sum())
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress: bool = False,
              desc: str = "eval") -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of `model` on `loader` (eval mode).
 
+    Masks as targets ([B, H, W], 255 = ignore): pixel accuracy as "acc", the mean cross-entropy
+    per valid pixel, and `sparseft.seg.SegMetrics`' mIoU / mDice (dataset-level and per image).
     Collective under a process group: every rank passes the same loader, evaluates the samples
     r::W of it and the counts are summed over the ranks.
     """
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    correct = total = 0
+    correct = total = images = 0
     loss_sum = 0.0
+    seg = None
     for x, y in distributed.progress(distributed.shard(loader, "samples"), desc, progress):
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        total += len(y)
+        loss, n = _loss_sum(logits, y)
+        loss_sum += loss.item()
+        correct += _correct(logits, y)
+        total += n
+        images += len(y)
+        if y.dim() > 1:
+            if seg is None:
+                from sparseft.seg.metrics import SegMetrics
+
+                seg = SegMetrics(logits.shape[1], ignore_index=IGNORE_INDEX)
+            seg.update(logits.argmax(1), y)
     model.train(was_training)
     if distributed.active():
-        sums = distributed.all_reduce_sum(torch.tensor([correct, total, loss_sum], dtype=torch.float64))
-        correct, total, loss_sum = int(sums[0]), int(sums[1]), float(sums[2])
-    if total == 0:
+        sums = distributed.all_reduce_sum(torch.tensor([correct, total, loss_sum, images], dtype=torch.float64))
+        correct, total, loss_sum, images = int(sums[0]), int(sums[1]), float(sums[2]), int(sums[3])
+        if seg is not None:
+            seg.sync()
+    if images == 0:
         raise ValueError("evaluation loader yielded no samples")
-    return {"acc": correct / total, "loss": loss_sum / total, "n": total}
+    result = {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": images}
+    if seg is not None:
+        result.update({k: v for k, v in seg.compute().items() if k in SEG_METRICS})
+    return result
+
+
+SEG_METRICS = ("mIoU", "mDice", "mIoU_per_image", "mDice_per_image")
 
 
 def _data_parallel(model: nn.Module) -> nn.Module:
@@ -246,9 +287,6 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
             write_text_atomic(run_dir / "config.json", json.dumps(settings, indent=1))
             write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     scheduler.step_update(step)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    # several processes: a rank's loss is its share of the global batch's mean (DDP averages the gradients)
-    sum_loss = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
     forward = _data_parallel(model) if world > 1 else model
 
     for epoch in range(start_epoch, config.epochs):
@@ -261,12 +299,14 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 logits = forward(x)
+            loss_sum_batch, terms = _loss_sum(logits, y, config.label_smoothing)  # terms: images or valid pixels
             if world == 1:
-                loss = mean_loss = loss_fn(logits.float(), y)
-                batch_size = len(y)
-            else:
-                batch_size = distributed.global_sizes(train_batches)[i]
-                loss = sum_loss(logits.float(), y) * (world / batch_size)
+                loss = mean_loss = loss_sum_batch / max(terms, 1)
+                global_terms = terms
+            else:  # a rank's loss is its share of the global batch's mean (DDP averages the gradients)
+                global_terms = (int(distributed.all_reduce_sum(torch.tensor(float(terms))).item()) if y.dim() > 1
+                                else distributed.global_sizes(train_batches)[i])
+                loss = loss_sum_batch * (world / max(global_terms, 1))
                 mean_loss = distributed.all_reduce_sum(loss.detach().clone()) / world  # the same on every rank
             if not torch.isfinite(mean_loss):
                 where = f" (last good checkpoint: {stem}.json, epoch {epoch})" if stem and epoch > 0 else ""
@@ -279,9 +319,9 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
             optimizer.step()
             step += 1
             scheduler.step_update(step)
-            loss_sum += mean_loss.item() * batch_size
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
+            loss_sum += mean_loss.item() * global_terms
+            correct += _correct(logits, y)
+            seen += terms
             bar.set_postfix(loss=f"{mean_loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if world > 1:
             correct, seen = (int(v) for v in distributed.all_reduce_sum(torch.tensor([correct, seen])))
@@ -293,7 +333,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         due = (epoch + 1) % max(config.eval_every, 1) == 0 or epoch + 1 == config.epochs
         for name, loader in (eval_loaders.items() if due else ()):
             result = evaluate(model, loader, bf16=config.bf16)
-            metrics[f"{name}_acc"], metrics[f"{name}_loss"] = result["acc"], result["loss"]
+            metrics.update({f"{name}_{key}": value for key, value in result.items() if key != "n"})
         history.append(metrics)
         if config.progress and main:
             shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
@@ -314,9 +354,10 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
     summary = {"history": history, "final": history[-1] if history else {},
                "params": parameter_summary(model), "train_time_s": round(train_time, 2), "world_size": world}
     for name in eval_loaders:
-        values = [h[f"{name}_acc"] for h in history if f"{name}_acc" in h]
-        if values:
-            summary[f"best_{name}_acc"] = max(values)
+        for key in ("acc", "mIoU"):
+            values = [h[f"{name}_{key}"] for h in history if f"{name}_{key}" in h]
+            if values:
+                summary[f"best_{name}_{key}"] = max(values)
     if run_dir is not None and main:
         if save_task is None:
             from sparseft.delta import is_applied
