@@ -18,7 +18,7 @@ def write_suite(tmp_path, tasks, protocol="honest", methods=None, epochs=1):
         "tasks": {"natural": [str(tasks[0])], "structured": [str(tasks[1])]},
         "backbones": [{"name": "test_vit", "img_size": 32}],
         "train": {"epochs": epochs, "batch_size": 4, "warmup_epochs": 0},
-        "grid": {"lr": [1e-3, 3e-3]},
+        "grid": {"lr": [1e-3, 3e-3]}, "extend_edges": 0,  # grid extension: tests/test_fair_protocol.py
         "methods": methods or [{"label": "gps", "method": "gps", "options": {"k": 1}},
                                {"label": "gps-net", "method": "gps", "options": {"level": "net"}},
                                {"label": "linear", "method": "linear", "grid": {"lr": [1e-2]}}],

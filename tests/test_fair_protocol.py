@@ -11,7 +11,7 @@ from helpers import make_vtab, tiny_model, toy_batches, train_steps
 
 import sparseft
 from sparseft.bench import load_suite, plan, run_suite, shipped_suites
-from sparseft.bench.runner import runs_in_cell
+from sparseft.bench.runner import beyond_edge, runs_in_cell
 from sparseft.bench.suite import SuiteError
 from sparseft.cli import main
 from sparseft.methods import METHODS, MethodContext, get_method
@@ -75,7 +75,7 @@ seeds: [0, 1]
 
 def test_first_seed_tuning_runs_the_grid_once_and_every_seed_uses_its_choice(tmp_path):
     data = make_vtab(tmp_path / "task")
-    suite = load_suite(_suite(tmp_path, data, "batchnorm: frozen"))
+    suite = load_suite(_suite(tmp_path, data, "batchnorm: frozen\nextend_edges: 0"))
     cells = plan(suite)
     assert [c.seed for c in cells] == [0, 1]  # seed by seed
     assert [runs_in_cell(suite, c) for c in cells] == [3, 1]
@@ -196,3 +196,26 @@ def test_a_nearly_silent_column_does_not_win_a_row():
     scores[2, 3] = 1e-30  # column 3 is silent but for a tiny score in row 2
     top = top_k_per_neuron(normalize_columns({"w": scores}), 1)["w"] % 4
     assert top[2].item() != 3
+
+
+def test_one_step_beyond_the_edge():
+    tried = [{"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}]
+    assert beyond_edge(tried, {"lr": 1e-3}) == {"lr": 3e-4}
+    assert beyond_edge(tried, {"lr": 1e-2}) == {"lr": 3e-2}
+    assert beyond_edge(tried, {"lr": 3e-3}) is None
+    assert beyond_edge([*tried, {"lr": 3e-4}], {"lr": 3e-4}) == {"lr": 1e-4}
+    assert beyond_edge([{"lr": 1e-3, "k": 1}, {"lr": 3e-3, "k": 2}], {"lr": 1e-3, "k": 1}) is None  # two keys
+    assert beyond_edge([{"lr": 1e-3}], {"lr": 1e-3}) is None
+
+
+def test_a_best_point_on_the_edge_is_extended_and_the_record_reused(tmp_path):
+    data = make_vtab(tmp_path / "task")
+    suite = load_suite(_suite(tmp_path, data, "extend_edges: 1"))
+    first, second = run_suite(suite, tmp_path / "res", progress=False)
+    assert len(first["tuning"]) == 3  # a 2-point grid's best is always on an edge: one step beyond was tried
+    assert first["grid_planned"] == {"lr": [1.0e-3, 1.0e-2]}
+    assert first["grid"]["lr"] == sorted({1.0e-3, 1.0e-2, first["tuning"][2]["point"]["lr"]})
+    assert first["tuning"][2]["point"]["lr"] in (1.0e-4, 1.0e-1)
+    assert second["chosen"] == first["chosen"] and second["grid"] == first["grid"]
+    again = run_suite(load_suite(_suite(tmp_path, data, "extend_edges: 1")), tmp_path / "res", progress=False)
+    assert again == [first, second]  # reused as they are

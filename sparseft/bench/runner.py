@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 from sparseft.bench.suite import Backbone, MethodEntry, Suite, task_name
 from sparseft.fileutil import atomic_path, write_text_atomic
 from sparseft.run import RunSpec, run
-from sparseft.train import TrainConfig, TrainingDiverged
+from sparseft.train import TrainConfig, TrainingDiverged, changed_settings
 
 SELECTION_OPTIONS = ("k", "level", "criterion", "loss", "score", "score_norm", "temperature", "select_batches",
                      "train_norm", "train_embeddings", "select_patch_embed", "select_bias_tables")
@@ -122,8 +123,24 @@ def _selection_cache(out: Path, spec: RunSpec, cell: Cell) -> Path | None:
     return out / "selections" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
 
 
+def _same_run(folder: Path, spec: RunSpec) -> bool:
+    """Whether the run in `folder` was started with `spec` (a cached GPS selection file aside)."""
+    try:
+        stored = json.loads((folder / "config.json").read_text())["spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    now = json.loads(json.dumps(spec.to_dict(), default=str))
+    for d in (stored, now):
+        d.get("options", {}).pop("selection", None)
+    return not changed_settings(stored, now)
+
+
 def _execute(out: Path, spec: RunSpec, cell: Cell, folder: Path, progress: Progress, what: str) -> dict[str, Any]:
     summary_path = folder / "summary.json"
+    started = (folder / "config.json").exists()
+    if started and not _same_run(folder, spec):  # e.g. a final run of a choice that a grid extension changed
+        started = False
+        summary_path.unlink(missing_ok=True)
     if summary_path.exists():
         progress.end(None)
         return json.loads(summary_path.read_text())
@@ -133,8 +150,7 @@ def _execute(out: Path, spec: RunSpec, cell: Cell, folder: Path, progress: Progr
     progress.begin(what)
     t0 = time.perf_counter()
     try:
-        resumable = (folder / "config.json").exists()
-        summary = run(spec, folder, resume=resumable, overwrite=not resumable)  # the folder is the suite's
+        summary = run(spec, folder, resume=started, overwrite=not started)  # the folder is the suite's
     except TrainingDiverged as err:  # one diverging setting must not stop (or block) the suite
         summary = {"diverged": str(err), "final": {}, "params": {}, "history": []}
         print(f"  diverged: {err}", flush=True)
@@ -166,24 +182,32 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
     name = f"{cell.backbone.key} / {task_name(cell.task)} / {cell.entry.label} / seed {cell.seed}"
     tuning: list[dict[str, Any]] = []
     points = cell.entry.grid_points(suite.grid)
-    tuned_on = None
+    tuned_on, first_grid = None, None
     if suite.protocol == "honest" and len(points) == 1:
         chosen, stage = points[0], "final"  # nothing to choose: no tuning runs
     elif suite.protocol == "honest" and not tunes(suite, cell):  # tuning: first_seed
         first = Cell(cell.backbone, cell.task, cell.group, cell.entry, suite.seeds[0])
-        chosen = run_cell(suite, first, out, Progress(0, False), show_epochs)["chosen"]  # checked, or run
-        stage = "final"
+        first_record = run_cell(suite, first, out, Progress(0, False), show_epochs)  # checked, or run
+        chosen, first_grid, stage = first_record["chosen"], first_record.get("grid"), "final"
         tuned_on = first.seed
     elif suite.protocol == "honest":
-        for point in points:
+        def tune(point: dict[str, Any]) -> None:
             spec = run_spec(suite, cell, point, "tune", show_epochs)
             s = _execute(out, spec, cell, folder / "tune" / point_key(point), progress,
                          f"{name} tune {point_key(point)}")
-            tuning.append({"point": point, "val_acc": s["final"].get("val_acc"), "wall_time_s": s.get("wall_time_s"),
+            metric = f"val_{s.get('metric', 'acc')}"
+            tuning.append({"point": point, "val_acc": s["final"].get(metric), "wall_time_s": s.get("wall_time_s"),
                            **({"diverged": s["diverged"]} if "diverged" in s else {})})
-        usable = [t for t in tuning if t["val_acc"] is not None] or tuning
-        best = max(usable, key=lambda t: t["val_acc"] or 0.0)  # ties: the first grid point wins
-        chosen, stage = best["point"], "final"
+
+        for point in points:
+            tune(point)
+        for _ in range(suite.extend_edges):  # a best point on the grid's edge: try one step beyond it
+            beyond = beyond_edge([t["point"] for t in tuning], _best(tuning)["point"])
+            if beyond is None:
+                break
+            progress.total += 1
+            tune(beyond)
+        chosen, stage = _best(tuning)["point"], "final"
     else:
         chosen, stage = cell.entry.paper_point(suite.grid), "paper"
     spec = run_spec(suite, cell, chosen, stage, show_epochs)
@@ -195,7 +219,8 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
         "options": run_spec(suite, cell, chosen, stage, False).options,
         "train": {k: v for k, v in run_spec(suite, cell, chosen, stage, False).train.to_dict().items()
                   if k not in ("progress", "eval_every", "seed")},
-        "seed": cell.seed, "chosen": chosen, "tuning": tuning, "grid": _grid(suite, cell.entry),
+        "seed": cell.seed, "chosen": chosen, "tuning": tuning, "grid_planned": _grid(suite, cell.entry),
+        "grid": _tried(tuning) if tuning else (first_grid or _grid(suite, cell.entry)),
         "tuned_on_seed": cell.seed if tuning else tuned_on, "test_acc": test_acc,
         "tuning_failed": bool(tuning) and all(t["val_acc"] is None for t in tuning),
         "last_test_acc": s["final"].get("test_acc"), "best_test_acc": s.get("best_test_acc"),
@@ -209,6 +234,44 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
     }
     write_text_atomic(record_path, json.dumps(record, indent=1, default=str))
     return record
+
+
+def _best(tuning: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tuning run with the best validation score (ties: the one tried first)."""
+    usable = [t for t in tuning if t["val_acc"] is not None] or tuning
+    return max(usable, key=lambda t: t["val_acc"] or 0.0)
+
+
+def _tried(tuning: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The values each grid key took over the tuning runs, sorted."""
+    keys = sorted({k for t in tuning for k in t["point"]})
+    return {k: sorted({t["point"][k] for t in tuning if k in t["point"]}) for k in keys}
+
+
+def beyond_edge(tried: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any] | None:
+    """One step past the grid's edge if `best` sits on it: for a one-key numeric grid (e.g. lr).
+
+    The step is the ratio of the two values nearest that edge, snapped to the 1-3-10 ladder (1e-3, 3e-3,
+    1e-2 -> 3e-4 below, 3e-2 above; then 1e-4, 1e-1). None when the grid has several keys or `best` is
+    inside it.
+    """
+    keys = {k for p in tried for k in p}
+    if len(keys) != 1:
+        return None
+    (key,) = keys
+    values = sorted({p[key] for p in tried})
+    if len(values) < 2 or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+        return None
+    if best[key] == values[0]:
+        target, beyond = values[0] * values[0] / values[1], (lambda v: v < values[0])
+    elif best[key] == values[-1]:
+        target, beyond = values[-1] * values[-1] / values[-2], (lambda v: v > values[-1])
+    else:
+        return None
+    exponent = math.floor(math.log10(target))
+    ladder = [float(f"{m}e{e}") for e in range(exponent - 1, exponent + 2) for m in (1, 3)]
+    nxt = min((v for v in ladder if beyond(v)), key=lambda v: abs(math.log(v / target)))
+    return {key: nxt}
 
 
 def _expected_tuned_on(suite: Suite, cell: Cell) -> int | None:
@@ -227,6 +290,7 @@ def check_record(suite: Suite, cell: Cell, record: dict[str, Any], path: Path) -
     """
     if "grid" not in record:
         raise ValueError(f"{path}: made by an older sparseft (no grid recorded); use another --out")
+    record = {**record, "grid": record.get("grid_planned", record["grid"])}  # the suite's grid, before extensions
     stage = "final" if suite.protocol == "honest" else "paper"
     spec = run_spec(suite, cell, record["chosen"], stage, False)
     now = {"grid": _grid(suite, cell.entry), "options": spec.options,
@@ -272,6 +336,7 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, show_epoc
                                                       "source": suite.source, "tasks": suite.tasks,
                                                       "train": suite.train, "grid": suite.grid,
                                                       "seeds": suite.seeds, "tuning": suite.tuning,
+                                                      "extend_edges": suite.extend_edges,
                                                       "batchnorm": suite.batchnorm},
                                                      indent=1, default=str))
     tracker = Progress(sum(runs_in_cell(suite, c) for c in cells), progress)

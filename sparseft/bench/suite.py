@@ -17,6 +17,8 @@ A suite is a YAML file (the shipped ones live in `sparseft/bench/suites/`, usabl
     seeds: [0, 1, 2]
     tuning: first_seed            # honest: the grid runs with the first seed, its choice serves every seed
                                   # (each_seed: every seed tunes its own)
+    extend_edges: 2               # honest tuning: when the best point of a one-key grid (lr) is on its edge,
+                                  # try one step beyond (the edge pair's ratio), up to this many times; 0: never
     batchnorm: update             # BatchNorm statistics for every method (update | frozen); default: each
                                   # method's own. A row's `options: {batchnorm: ...}` overrides it.
 
@@ -96,6 +98,7 @@ class Suite:
     seeds: list[int] = field(default_factory=lambda: [0])
     tuning: str = "first_seed"
     batchnorm: str | None = None  # every method's BatchNorm statistics policy (a row's options may override)
+    extend_edges: int = 2  # honest tuning: up to this many steps past a grid edge the best point sits on
     source: str = ""
 
     def task_groups(self) -> dict[str, str]:
@@ -146,7 +149,7 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
     if not isinstance(data, dict):
         raise SuiteError(f"{where}: expected a mapping at the top level")
     unknown = set(data) - {"name", "protocol", "tasks", "backbones", "methods", "train", "grid", "seeds",
-                           "tuning", "batchnorm", "description"}
+                           "tuning", "batchnorm", "extend_edges", "description"}
     if unknown:
         raise SuiteError(f"{where}: unknown keys {sorted(unknown)}")
     proto = protocol or data.get("protocol", "honest")
@@ -213,6 +216,9 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
     batchnorm = data.get("batchnorm")
     if batchnorm not in (None, "update", "frozen"):
         raise SuiteError(f"{where}: batchnorm must be 'update' or 'frozen', not {batchnorm!r}")
+    extend = data.get("extend_edges", 2)
+    if not isinstance(extend, int) or isinstance(extend, bool) or extend < 0:
+        raise SuiteError(f"{where}: extend_edges must be an integer >= 0, not {extend!r}")
     return Suite(name=data.get("name", Path(where).stem), protocol=proto, tasks=tasks, backbones=backbones,
                  methods=methods, train=train, grid=grid, seeds=seeds, tuning=tuning, batchnorm=batchnorm,
-                 source=where)
+                 extend_edges=extend, source=where)
