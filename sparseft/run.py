@@ -116,6 +116,24 @@ class SeededViews(Dataset):
             return self.dataset[i]
 
 
+class SegViews(Dataset):
+    """Two independently augmented (image, mask) views of item i, drawn from generators seeded by (seed, i)."""
+
+    def __init__(self, dataset: Dataset, transform: Any, seed: int) -> None:
+        from sparseft.data._random import stable_keys
+
+        self.dataset, self.transform = dataset, transform
+        self.keys = stable_keys(len(dataset), seed, "selection views")  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> Any:
+        image, mask = self.dataset[i]  # the raw pair
+        views = [self.transform(image, mask, torch.Generator().manual_seed(int(self.keys[i]) + v)) for v in (0, 1)]
+        return [x for x, _ in views], [m for _, m in views]
+
+
 def is_segmentation(data: str) -> bool:
     """Whether the data spec names a segmentation data set (images/ + masks/): the task kind follows the data."""
     from sparseft.data import resolve_spec
@@ -160,8 +178,9 @@ class TaskData:
         """'select': two views of the training split; 'train': training batches; 'eval': a split."""
         s = self.spec
         if kind == "select" and self.segmentation:
-            raise NotImplementedError("GPS selection on segmentation data is not built yet")
-        if kind == "select":
+            ds = SegViews(self.dataset(s.train_split, None, False), self.train_transform, s.train.seed)
+            shuffle, batch = True, s.batch_size
+        elif kind == "select":
             ds = SeededViews(self.dataset(s.train_split, self.views, False), s.train.seed)
             shuffle, batch = True, s.batch_size
         elif kind == "train":

@@ -147,6 +147,8 @@ class SegmentationModel(nn.Module):
                                             intermediates_only=True)
         return bb.forward_intermediates(x, indices=self.indices, output_fmt="NCHW", intermediates_only=True)
 
+    task = "segmentation"  # how sparseft's GPS scoring and training recognise a dense model
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last (coarsest) backbone level [B, C, h, w], e.g. for pooling features over mask regions."""
         return self.forward_levels(x)[-1]

@@ -209,7 +209,13 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     names = list(names)
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
-    features = feature_fn(model, head)
+    dense = getattr(model, "task", None) == "segmentation"  # masks: sparseft.seg.selection's losses
+    if dense:
+        from sparseft.seg import selection as seg
+
+        features = model.features
+    else:
+        features = feature_fn(model, head)
     per_batch = reduction != "abs_of_sum"  # Σ|g| and Σg² (SPT's sensitivity) accumulate batch by batch
     acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names} if per_batch else None
     generator = torch.Generator()
@@ -223,6 +229,9 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
             return features(x) if loss == "supcon" else model(x)
 
     def objective(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if dense:
+            return (seg.region_supcon_loss(out, y, model.num_classes, temperature) if loss == "supcon"
+                    else seg.pixel_cross_entropy(out, y))
         return supcon_loss(out, y, temperature) if loss == "supcon" else F.cross_entropy(out.float(), y.long())
 
     world, here = distributed.world_size(), distributed.rank()
@@ -240,11 +249,17 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
             else:
                 views, labels = _split_batch(batch, augment, generator)
                 views = views[:1] if loss == "ce" else views
-            labels = class_labels(labels, views, step)
-            if loss == "supcon":
-                contrast.append((labels[1:] != labels[:1]).any())
             x = torch.cat([v.to(device) for v in views])
-            y = labels.to(device).repeat(len(views))
+            if dense:
+                masks = labels[:len(views)] if isinstance(labels, (list, tuple)) else labels  # ce: first view's
+                y = seg.dense_targets(masks, views, step).to(device)
+                if loss == "supcon":
+                    contrast.append(seg.has_two_classes(y))
+            else:
+                labels = class_labels(labels, views, step)
+                if loss == "supcon":
+                    contrast.append((labels[1:] != labels[:1]).any())
+                y = labels.to(device).repeat(len(views))
             if chunk_size == "auto":
                 chunk_size = auto_chunk(model, forward, x, len(labels), [params[n] for n in names])
             if chunk_size is None or chunk_size >= len(x):
@@ -273,7 +288,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                         params[n].grad = None
             steps.append(step)
             losses.append(value.detach())
-            sizes.append(len(labels))
+            sizes.append(len(views[0]))
         if acc is None:  # |Σg|: take each accumulated gradient over, in place (no second copy of the model)
             acc = {}
             for n in names:

@@ -1,0 +1,101 @@
+"""GPS on masks: region SupCon and pixel cross-entropy scores, and a whole run on a tiny task."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sparseft
+from sparseft.run import RunSpec, run
+from sparseft.seg import create_segmentation_model
+from sparseft.seg.selection import IGNORE_INDEX, region_features, region_supcon_loss
+from sparseft.selection import SelectionError
+from sparseft.train import TrainConfig
+
+CLASSES = ["background", "square", "disc"]
+
+
+def seg_task(root, n_train=12, n_test=6, size=32, seed=0):
+    """Squares (class 1) and discs (class 2) of a class colour on noise; index masks, classes.txt."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    stems = []
+    for i in range(n_train + n_test):
+        img = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        cy, cx = rng.integers(8, size - 8, 2)
+        kind = 1 + i % 2
+        region = (abs(yy - cy) < 6) & (abs(xx - cx) < 6) if kind == 1 else (yy - cy) ** 2 + (xx - cx) ** 2 < 36
+        img[region] = (200, 40, 40) if kind == 1 else (40, 40, 200)
+        mask[region] = kind
+        Image.fromarray(img).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray(mask, "L").save(root / "masks" / f"{i:03d}.png")
+        stems.append(f"{i:03d}")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    for split, part in {"train800": stems[:8], "val200": stems[8:n_train], "train800val200": stems[:n_train],
+                        "test": stems[n_train:]}.items():
+        (root / f"{split}.txt").write_text("\n".join(part) + "\n")
+    return root
+
+
+def test_region_features_average_each_class_region():
+    fmap = torch.arange(2 * 4, dtype=torch.float32).reshape(1, 2, 2, 2)  # channel 0: 0..3, channel 1: 4..7
+    masks = torch.tensor([[[1, 1, 0, 0], [1, 1, 0, 0], [2, 2, IGNORE_INDEX, IGNORE_INDEX],
+                           [2, 2, IGNORE_INDEX, IGNORE_INDEX]]])
+    feats, labels = region_features(fmap, masks, 3)
+    assert labels.tolist() == [0, 1, 2]
+    assert feats[1].tolist() == [0.0, 4.0] and feats[2].tolist() == [2.0, 6.0]  # one grid cell each
+    assert feats[0].tolist() == [1.0, 5.0]  # background fills the top-right cell only; ignore counts for nothing
+
+
+def test_region_supcon_pulls_same_class_regions_together():
+    torch.manual_seed(0)
+    masks = torch.zeros(4, 8, 8, dtype=torch.long)
+    masks[:, :4] = torch.tensor([1, 2, 1, 2])[:, None, None]
+    aligned = torch.zeros(4, 3, 2, 2)
+    aligned[:, 0, :1] = torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None, None]  # class 1 and 2 regions apart
+    aligned[:, 1, 1:] = 1.0  # background
+    mixed = torch.randn(4, 3, 2, 2)
+    assert region_supcon_loss(aligned, masks, 3) < region_supcon_loss(mixed, masks, 3)
+
+
+@pytest.mark.parametrize("loss", ["supcon", "ce"])
+def test_gps_scores_a_segmentation_model(loss):
+    torch.manual_seed(0)
+    model = create_segmentation_model("test_vit", num_classes=3, img_size=32)
+    masks = torch.zeros(4, 32, 32, dtype=torch.long)
+    masks[:, 8:20, 8:20] = torch.tensor([1, 2, 1, 2])[:, None, None]
+    x = torch.randn(4, 3, 32, 32)
+    batches = [([x, x.flip(-1)], [masks, masks.flip(-1)])]
+    sel = sparseft.select(model, batches, k=1, loss=loss, progress=False)
+    assert sel.num_sparse > 0 and all(not n.startswith("decode_head") for n in sel.indices)
+    decoder = {n for n, _ in model.named_parameters() if n.startswith("decode_head.")}
+    assert decoder <= set(sel.full)  # the decoder is the head: it trains in full
+
+
+def test_bad_masks_in_a_selection_batch_are_refused():
+    model = create_segmentation_model("test_vit", num_classes=3, img_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(SelectionError, match="masks must be integer class maps"):
+        sparseft.select(model, [([x, x], [torch.zeros(2, 32, 32), torch.zeros(2, 32, 32)])], k=1, progress=False)
+
+
+@pytest.mark.parametrize("method", ["gps", "lora"])
+def test_a_whole_run_on_segmentation_data(tmp_path, method):
+    data = seg_task(tmp_path / "seg")
+    spec = RunSpec(model="test_vit", data=str(data), method=method, img_size=32, batch_size=4,
+                   options={"k": 1} if method == "gps" else {"lora_r": 2},
+                   train=TrainConfig(epochs=2, lr=3e-3, progress=False))
+    summary = run(spec, tmp_path / "run")
+    final = summary["final"]
+    assert summary["task"] == "segmentation" and summary["metric"] == "mIoU"
+    assert 0.0 <= final["test_mIoU"] <= 1.0 and 0.0 <= final["test_acc"] <= 1.0
+    assert {"test_mDice", "test_mIoU_per_image", "test_mDice_per_image"} <= set(final)
+    header = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert header["task"] == "segmentation"
+    if method == "gps":
+        assert summary["selected_entries"] > 0
