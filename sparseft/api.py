@@ -46,8 +46,11 @@ def load(path: str | Path, model: nn.Module | None = None, *, weights: str | Pat
             raise DeltaFileError(f"{path}: the header does not say which base model it belongs to; pass model=")
         with torch.random.fork_rng():  # a randomly initialised base is defined by its seed
             torch.manual_seed(extra.get("init_seed", 0))
-            model = create_model(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
-                                 weights=weights or extra.get("weights"), pretrained=extra.get("pretrained", False))
+            build = create_model
+            if extra.get("task") == "segmentation":
+                from sparseft.seg.model import create_segmentation_model as build
+            model = build(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
+                          weights=weights or extra.get("weights"), pretrained=extra.get("pretrained", False))
     return method.load(model, path)
 
 

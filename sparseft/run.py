@@ -370,5 +370,12 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
                          "evaluate it on the data it was trained for")
 
     model = load_for_inference(task_file, weights=weights, merge=merge)
-    ds = load_split(data, split, eval_transform(model, extra, preprocessing))
+    if extra.get("task") == "segmentation":
+        from sparseft.data import data_config
+        from sparseft.data.segmentation import SegTransform, load_segmentation
+
+        transform = SegTransform.from_config(data_config(model), train=False, img_size=extra.get("img_size"))
+        ds = load_segmentation(data, split, transform)
+    else:
+        ds = load_split(data, split, eval_transform(model, extra, preprocessing))
     return evaluate(model, DataLoader(ds, batch_size=batch_size))

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import sparseft
-from sparseft.run import RunSpec, run
+from sparseft.run import RunSpec, evaluate_task, run
 from sparseft.seg import create_segmentation_model
 from sparseft.seg.selection import IGNORE_INDEX, region_features, region_supcon_loss
 from sparseft.selection import SelectionError
@@ -99,3 +99,7 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
     assert header["task"] == "segmentation"
     if method == "gps":
         assert summary["selected_entries"] > 0
+    # the task file alone rebuilds the model; evaluated merged it gives the run's numbers
+    again = evaluate_task(tmp_path / "run" / "delta.safetensors", str(data), "test")
+    assert again["mIoU"] == pytest.approx(final["test_mIoU"], abs=1e-6)
+    assert again["acc"] == pytest.approx(final["test_acc"], abs=1e-6)
