@@ -103,3 +103,26 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
     again = evaluate_task(tmp_path / "run" / "delta.safetensors", str(data), "test")
     assert again["mIoU"] == pytest.approx(final["test_mIoU"], abs=1e-6)
     assert again["acc"] == pytest.approx(final["test_acc"], abs=1e-6)
+
+
+def test_a_segmentation_suite_tunes_on_val_miou_and_reports_it(tmp_path):
+    from sparseft.bench import load_suite, run_suite, write_report
+
+    data = seg_task(tmp_path / "seg")
+    (tmp_path / "suite.yaml").write_text(f"""
+name: tiny-seg
+tasks: {{natural: ["{data}"]}}
+backbones: [{{name: test_vit, img_size: 32}}]
+train: {{epochs: 1, batch_size: 4, warmup_epochs: 0}}
+grid: {{lr: [1.0e-3, 3.0e-3]}}
+extend_edges: 0
+methods: [{{label: gps, method: gps, options: {{k: 1}}}}]
+seeds: [0]
+""")
+    (record,) = run_suite(load_suite(tmp_path / "suite.yaml"), tmp_path / "res", progress=False)
+    final = json.loads((tmp_path / "res" / record["final_dir"] / "summary.json").read_text())["final"]
+    assert record["metric"] == "mIoU" and record["test_acc"] == final["test_mIoU"]
+    tune = [json.loads(p.read_text())["final"] for p in sorted((tmp_path / "res").glob("**/tune/*/summary.json"))]
+    assert [t["point"] for t in record["tuning"]] == [{"lr": 1e-3}, {"lr": 3e-3}]
+    assert [t["val_acc"] for t in record["tuning"]] == [t["val_mIoU"] for t in tune]
+    assert "mIoU (dataset-level) (%) on each task's test split" in write_report(tmp_path / "res").read_text()

@@ -82,7 +82,7 @@ def _plot_acc_vs_params(ax: Any, backbone: str, tab: dict[str, Any]) -> None:
                 color="grey", lw=1, label="Pareto frontier")
     ax.set_xscale("log")
     ax.set_xlabel("trainable backbone parameters (head excluded)")
-    ax.set_ylabel("mean top-1 over tasks (%)")
+    ax.set_ylabel(f"mean {tab.get('metric', 'top-1').lower()} over tasks (%)")
     ax.set_title(backbone, fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

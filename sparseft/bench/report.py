@@ -151,7 +151,10 @@ def build_tables(records: list[dict[str, Any]], seeds: list[int] | None = None,
         group_of = {**planned, **{r["task"]: r["group"] for r in recs}}
         groups = sorted(set(group_of.values()), key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else 99, g))
         tasks = [t for g in groups for t in sorted(t for t, gg in group_of.items() if gg == g)]
-        tab = {"tasks": tasks, "groups": groups, "group_of": group_of, "seeds": seeds}
+        metrics = {r.get("metric", "acc") for r in recs}
+        metric = "Top-1 accuracy" if metrics == {"acc"} else "mIoU (dataset-level)" if metrics == {"mIoU"} else \
+            " / ".join(sorted(metrics))
+        tab = {"tasks": tasks, "groups": groups, "group_of": group_of, "seeds": seeds, "metric": metric}
         labels = list(dict.fromkeys(r["label"] for r in recs))
         tab["rows"] = [_row(lab, [r for r in recs if r["label"] == lab], tab, Path(results_dir)) for lab in labels]
         tab["families"] = families(labels)
@@ -231,7 +234,7 @@ def _header(suite: dict[str, Any], protocol: str, seeds: list[int], tuned: bool 
 
 
 def _backbone_section(backbone: str, tab: dict[str, Any]) -> list[str]:
-    lines = [f"## {backbone}", "", "Top-1 accuracy (%) on each task's test split: mean ±std over seeds (n = seeds "
+    lines = [f"## {backbone}", "", f"{tab['metric']} (%) on each task's test split: mean ±std over seeds (n = seeds "
              "when fewer than all). Means are over seeds of each seed's mean over tasks (or groups); a row missing "
              "any (task, seed) is marked incomplete and gets no mean. `params` = trainable backbone parameters "
              "(head excluded; % of the backbone). `setting` = optimizer and weight decay. `time` = all runs of "

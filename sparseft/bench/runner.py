@@ -212,7 +212,8 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
         chosen, stage = cell.entry.paper_point(suite.grid), "paper"
     spec = run_spec(suite, cell, chosen, stage, show_epochs)
     s = _execute(out, spec, cell, folder / "final", progress, f"{name} {stage} {point_key(chosen)}")
-    test_acc = s["final"].get("test_acc") if suite.protocol == "honest" else s.get("best_test_acc")
+    metric = s.get("metric", "acc")  # top-1 accuracy, or mIoU for segmentation
+    test_acc = s["final"].get(f"test_{metric}") if suite.protocol == "honest" else s.get(f"best_test_{metric}")
     record = {
         "suite": suite.name, "protocol": suite.protocol, "backbone": cell.backbone.key, "task": task_name(cell.task),
         "data": cell.task, "group": cell.group, "label": cell.entry.label, "method": cell.entry.method,
@@ -223,7 +224,8 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
         "grid": _tried(tuning) if tuning else (first_grid or _grid(suite, cell.entry)),
         "tuned_on_seed": cell.seed if tuning else tuned_on, "test_acc": test_acc,
         "tuning_failed": bool(tuning) and all(t["val_acc"] is None for t in tuning),
-        "last_test_acc": s["final"].get("test_acc"), "best_test_acc": s.get("best_test_acc"),
+        "metric": metric, "last_test_acc": s["final"].get(f"test_{metric}"),
+        "best_test_acc": s.get(f"best_test_{metric}"),
         "diverged": s.get("diverged"),
         **{k: s["params"].get(k) for k in ("trainable_backbone", "trainable_head", "backbone_params",
                                             "backbone_percent")},
