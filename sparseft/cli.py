@@ -101,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict) -> None:
     final = summary.get("final", {})
     params = summary.get("params", {})
-    accs = " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.endswith("_acc"))
+    shown = ("_acc", "_mIoU", "_mDice")  # segmentation: pixel accuracy, mIoU and mDice (dataset-level)
+    accs = " ".join(f"{k}={v:.4f}" for k, v in final.items() if k.endswith(shown))
     print(f"{summary.get('method')}: {accs}  trainable backbone {params.get('trainable_backbone', 0):,} "
           f"({params.get('backbone_percent', 0):.3f} %) + head {params.get('trainable_head', 0):,}  "
           f"train {summary.get('train_time_s', 0):.1f} s")
