@@ -99,6 +99,11 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
     assert header["task"] == "segmentation"
     if method == "gps":
         assert summary["selected_entries"] > 0
+    from sparseft.seg.figure import prediction_figure
+
+    png = prediction_figure({method: tmp_path / "run" / "delta.safetensors"}, str(data), tmp_path / "fig.png",
+                            n_images=2)
+    assert png.stat().st_size > 1000
     # the task file alone rebuilds the model; evaluated merged it gives the run's numbers
     again = evaluate_task(tmp_path / "run" / "delta.safetensors", str(data), "test")
     assert again["mIoU"] == pytest.approx(final["test_mIoU"], abs=1e-6)
@@ -125,4 +130,7 @@ seeds: [0]
     tune = [json.loads(p.read_text())["final"] for p in sorted((tmp_path / "res").glob("**/tune/*/summary.json"))]
     assert [t["point"] for t in record["tuning"]] == [{"lr": 1e-3}, {"lr": 3e-3}]
     assert [t["val_acc"] for t in record["tuning"]] == [t["val_mIoU"] for t in tune]
-    assert "mIoU (dataset-level) (%) on each task's test split" in write_report(tmp_path / "res").read_text()
+    text = write_report(tmp_path / "res").read_text()
+    assert "mIoU (dataset-level) (%) on each task's test split" in text
+    (figure,) = (tmp_path / "res").glob("predictions_*.png")
+    assert f"![{figure.name}]({figure.name})" in text

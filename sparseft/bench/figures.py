@@ -138,4 +138,23 @@ def write_figures(records: list[dict[str, Any]], tables: dict[str, Any], results
         for ax, (b, lab) in zip(axes[0], levels):
             _plot_distribution(ax, summed(selections(lab, b)), f"{lab} ({b})")
         save(fig, "gps_levels.png")
+    written += _prediction_figures(records, results_dir)
+    return written
+
+
+def _prediction_figures(records: list[dict[str, Any]], results_dir: Path) -> list[str]:
+    """Segmentation suites: image | ground truth | each row's prediction, per backbone and task (first seed)."""
+    from sparseft.seg.figure import prediction_figure
+
+    written = []
+    seg = [r for r in records if r.get("metric") == "mIoU"]
+    for backbone, task in sorted({(r["backbone"], r["task"]) for r in seg}):
+        mine = [r for r in seg if r["backbone"] == backbone and r["task"] == task]
+        first = min(r["seed"] for r in mine)
+        files = {r["label"]: results_dir / r["final_dir"] / "delta.safetensors" for r in mine
+                 if r["seed"] == first and (results_dir / r["final_dir"] / "delta.safetensors").exists()}
+        if files:
+            name = f"predictions_{backbone.replace('/', '_').replace('@', '_')}_{task}.png"
+            prediction_figure(files, mine[0]["data"], results_dir / name)
+            written.append(name)
     return written
