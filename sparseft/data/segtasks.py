@@ -10,20 +10,17 @@ folder renamed into place when complete (`tasks.building`).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from sparseft.data.images import DataError
 from sparseft.data.segmentation import IGNORE_INDEX
-from sparseft.data.tasks import FORMAT_VERSION, PNG_LEVEL, building
+from sparseft.data.tasks import FORMAT_VERSION, PNG_LEVEL, building, save_in_parallel
 
 SPLIT_NAMES = ("train800", "val200", "train800val200", "test")
 
@@ -101,14 +98,7 @@ def _write_scenes(folder: Path, scenes: Sequence[Scene], bar_name: str | None) -
         mask.save(folder / "masks" / f"{scene.stem}.png", format="PNG", compress_level=PNG_LEVEL)
         return scene.image.shape[1], scene.image.shape[0]
 
-    sizes: set[tuple[int, int]] = set()
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(scenes), desc=f"  {bar_name}: writing", unit="img", disable=bar_name is None,
-                 leave=False) as bar:
-        for size in pool.map(save, scenes):
-            sizes.add(size)
-            bar.update(1)
-    return sizes
+    return save_in_parallel(save, scenes, bar_name)
 
 
 def write_segmentation_task(dest: str | Path, data: SegTaskData, info: Mapping[str, Any] | None = None, *,

@@ -204,15 +204,21 @@ def _write_images(folder: Path, data: TaskData, bar_name: str | None) -> tuple[d
         img.save(folder / job[0], format="PNG", compress_level=PNG_LEVEL)
         return img.size
 
+    return lists, save_in_parallel(save, jobs, bar_name)
+
+
+def save_in_parallel(save: Callable[[Any], tuple[int, int]], jobs: Sequence[Any],
+                     bar_name: str | None) -> set[tuple[int, int]]:
+    """Run `save(job)` for every job on threads (PNG encoding releases the GIL, so threads use every
+    core), with a progress bar; returns the set of image sizes the saves report."""
     sizes: set[tuple[int, int]] = set()
-    # PNG encoding releases the GIL, so threads use every core.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
             tqdm(total=len(jobs), desc=f"  {bar_name}: writing", unit="img", disable=bar_name is None,
                  leave=False) as bar:
         for size in pool.map(save, jobs):
             sizes.add(size)
             bar.update(1)
-    return lists, sizes
+    return sizes
 
 
 def write_task(dest: str | Path, data: TaskData, info: Mapping[str, Any] | None = None, *,
