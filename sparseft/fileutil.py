@@ -110,3 +110,51 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class FolderInUse(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[None]:
+    """Hold `folder/.sparseft.lock` while the block runs, or raise FolderInUse naming the holder.
+
+    A lock left by a process of this host that no longer runs (killed) is taken over.
+    """
+    import socket
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".sparseft.lock"
+    host = socket.gethostname()
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner_host, owner_pid = path.read_text().rsplit(" ", 1)
+                pid = int(owner_pid)
+            except (OSError, ValueError):  # being written right now, or removed: look again
+                continue
+            if owner_host == host and not _alive(pid):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise FolderInUse(f"{folder} is in use by process {pid} on {owner_host}") from None
+    try:
+        os.write(fd, f"{host} {os.getpid()}".encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)

@@ -219,3 +219,36 @@ def test_a_best_point_on_the_edge_is_extended_and_the_record_reused(tmp_path):
     assert second["chosen"] == first["chosen"] and second["grid"] == first["grid"]
     again = run_suite(load_suite(_suite(tmp_path, data, "extend_edges: 1")), tmp_path / "res", progress=False)
     assert again == [first, second]  # reused as they are
+
+
+def _lock(folder, pid):
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".sparseft.lock").write_text(f"{socket.gethostname()} {pid}")
+
+
+def test_a_cell_held_by_another_live_process_is_left_to_it(tmp_path, capsys):
+    import os
+    import subprocess
+
+    from sparseft.fileutil import FolderInUse, folder_lock
+
+    data = make_vtab(tmp_path / "task")
+    suite = load_suite(_suite(tmp_path, data, "extend_edges: 0"))
+    out = tmp_path / "res"
+    first, second = plan(suite)
+    _lock(first.folder(out), os.getppid())  # a live process that is not this one
+    assert run_suite(suite, out, progress=True) == []  # seed 1 reuses seed 0's choice: both wait
+    said = capsys.readouterr().out
+    assert f"in use by process {os.getppid()}" in said and "2 cells were in use by another process" in said
+    assert not (first.folder(out) / "tune").exists()
+    with pytest.raises(FolderInUse, match=str(os.getppid())):
+        with folder_lock(first.folder(out)):
+            pass
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _lock(first.folder(out), dead.pid)  # a killed run's lock: taken over
+    records = run_suite(suite, out, progress=False)
+    assert [r["seed"] for r in records] == [0, 1]
+    assert not (first.folder(out) / ".sparseft.lock").exists()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseft.bench.suite import Backbone, MethodEntry, Suite, task_name
-from sparseft.fileutil import atomic_path, write_text_atomic
+from sparseft.fileutil import FolderInUse, atomic_path, folder_lock, write_text_atomic
 from sparseft.run import RunSpec, run
 from sparseft.train import TrainConfig, TrainingDiverged, changed_settings
 
@@ -169,16 +169,41 @@ def runs_in_cell(suite: Suite, cell: Cell) -> int:
     return len(cell.entry.grid_points(suite.grid)) + 1 if tunes(suite, cell) else 1
 
 
-def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epochs: bool) -> dict[str, Any]:
-    """Run one cell (tuning and final run, or the paper run) and write its record.json."""
+def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epochs: bool) -> dict[str, Any] | None:
+    """Run one cell (tuning and final run, or the paper run) and write its record.json.
+
+    Returns None, running nothing, while another process holds the cell (or the cell whose choice it
+    reuses): several `sparseft bench` processes on one results folder share out the cells.
+    """
     folder = cell.folder(out)
     record_path = folder / "final" / "record.json"
-    if record_path.exists():
+
+    def finished() -> dict[str, Any] | None:
+        if not record_path.exists():
+            return None
         record = json.loads(record_path.read_text())
         check_record(suite, cell, record, record_path)
         for _ in range(runs_in_cell(suite, cell)):
             progress.end(None)
         return record
+
+    done = finished()
+    if done is not None:
+        return done
+    try:
+        with folder_lock(folder):
+            return finished() or _run_fresh_cell(suite, cell, out, progress, show_epochs)
+    except FolderInUse as err:
+        if progress.enabled:
+            print(f"  skipped for now: {err}", flush=True)
+        for _ in range(runs_in_cell(suite, cell)):
+            progress.end(None)
+        return None
+
+
+def _run_fresh_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epochs: bool) -> dict[str, Any]:
+    folder = cell.folder(out)
+    record_path = folder / "final" / "record.json"
     name = f"{cell.backbone.key} / {task_name(cell.task)} / {cell.entry.label} / seed {cell.seed}"
     tuning: list[dict[str, Any]] = []
     points = cell.entry.grid_points(suite.grid)
@@ -188,6 +213,8 @@ def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epoch
     elif suite.protocol == "honest" and not tunes(suite, cell):  # tuning: first_seed
         first = Cell(cell.backbone, cell.task, cell.group, cell.entry, suite.seeds[0])
         first_record = run_cell(suite, first, out, Progress(0, False), show_epochs)  # checked, or run
+        if first_record is None:
+            raise FolderInUse(f"{first.folder(out)} (whose choice this seed reuses) is in use by another process")
         chosen, first_grid, stage = first_record["chosen"], first_record.get("grid"), "final"
         tuned_on = first.seed
     elif suite.protocol == "honest":
@@ -343,8 +370,12 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, show_epoc
                                                      indent=1, default=str))
     tracker = Progress(sum(runs_in_cell(suite, c) for c in cells), progress)
     t0 = time.perf_counter()
-    records = [run_cell(suite, cell, out, tracker, show_epochs) for cell in cells]
+    ran = [run_cell(suite, cell, out, tracker, show_epochs) for cell in cells]
+    records = [r for r in ran if r is not None]
     if progress:
         print(f"suite {suite.name}: {len(records)} cells in {_hms(time.perf_counter() - t0)} "
               f"({tracker.skipped} runs already done)")
+        if len(records) < len(ran):
+            print(f"{len(ran) - len(records)} cells were in use by another process: run the command again when "
+                  "it has finished to complete the suite and its report")
     return records
