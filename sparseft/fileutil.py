@@ -116,7 +116,8 @@ class FolderInUse(RuntimeError):
     """Another live process holds the folder's lock."""
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid runs (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,7 +149,7 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
                 pid = int(owner_pid)
             except (OSError, ValueError):  # being written right now, or removed: look again
                 continue
-            if owner_host == host and not _alive(pid):
+            if owner_host == host and not process_alive(pid):
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             raise FolderInUse(f"{folder} is in use by process {pid} on {owner_host}") from None

@@ -241,12 +241,11 @@ def _run_fresh_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, sho
     s = _execute(out, spec, cell, folder / "final", progress, f"{name} {stage} {point_key(chosen)}")
     metric = s.get("metric", "acc")  # top-1 accuracy, or mIoU for segmentation
     test_acc = s["final"].get(f"test_{metric}") if suite.protocol == "honest" else s.get(f"best_test_{metric}")
+    planned = run_spec(suite, cell, chosen, stage, False)  # `spec` may have gained the cached selection
     record = {
         "suite": suite.name, "protocol": suite.protocol, "backbone": cell.backbone.key, "task": task_name(cell.task),
         "data": cell.task, "group": cell.group, "label": cell.entry.label, "method": cell.entry.method,
-        "options": run_spec(suite, cell, chosen, stage, False).options,
-        "train": {k: v for k, v in run_spec(suite, cell, chosen, stage, False).train.to_dict().items()
-                  if k not in ("progress", "eval_every", "seed")},
+        "options": planned.options, "train": _train_settings(planned),
         "seed": cell.seed, "chosen": chosen, "tuning": tuning, "grid_planned": _grid(suite, cell.entry),
         "grid": _tried(tuning) if tuning else (first_grid or _grid(suite, cell.entry)),
         "tuned_on_seed": cell.seed if tuning else tuned_on, "test_acc": test_acc,
@@ -303,6 +302,11 @@ def beyond_edge(tried: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, 
     return {key: nxt}
 
 
+def _train_settings(spec: RunSpec) -> dict[str, Any]:
+    """The training settings a record keeps (those that define the result; the seed is the cell's)."""
+    return {k: v for k, v in spec.train.to_dict().items() if k not in ("progress", "eval_every", "seed")}
+
+
 def _expected_tuned_on(suite: Suite, cell: Cell) -> int | None:
     if tunes(suite, cell):
         return cell.seed
@@ -323,7 +327,7 @@ def check_record(suite: Suite, cell: Cell, record: dict[str, Any], path: Path) -
     stage = "final" if suite.protocol == "honest" else "paper"
     spec = run_spec(suite, cell, record["chosen"], stage, False)
     now = {"grid": _grid(suite, cell.entry), "options": spec.options,
-           "train": {k: v for k, v in spec.train.to_dict().items() if k not in ("progress", "eval_every", "seed")},
+           "train": _train_settings(spec),
            "tuned_on_seed": _expected_tuned_on(suite, cell)}
     for key, value in now.items():
         if key not in record:  # records of the first 0.2 runs have no "train"
@@ -350,7 +354,7 @@ def check_results_folder(out: Path, suite: Suite) -> None:
 
 
 def _grid(suite: Suite, entry: MethodEntry) -> dict[str, list[Any]]:
-    """The values this cell's grid tried, per key (what the report's edge marks are judged against)."""
+    """The suite's planned grid of this row, per key (before any extension past an edge)."""
     return {k: list(v) for k, v in sorted({**suite.grid, **entry.grid}.items())}
 
 

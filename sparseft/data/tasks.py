@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from sparseft.data._random import stable_permutation
 from sparseft.data.images import DataError, to_rgb
 from sparseft.data.sources import SOURCES, progress_log, source_file
-from sparseft.fileutil import cache_dir, sha256_file
+from sparseft.fileutil import cache_dir, process_alive, sha256_file
 
 FORMAT_VERSION = 1
 N_TRAIN, N_VAL, N_TEST = 800, 200, 2000
@@ -111,16 +111,6 @@ def _as_rgb_image(item: ImageLike) -> Image.Image:
     raise DataError(f"image arrays must be HxW or HxWx3, got shape {arr.shape}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _claim_partial(dest: Path) -> Path:
     """A new temporary folder `.<task>.partial-<pid>-*` beside `dest`.
 
@@ -130,7 +120,7 @@ def _claim_partial(dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in dest.parent.glob(f".{dest.name}.partial-*"):
         pid = stale.name.rsplit("-", 2)[-2]
-        if not (pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid()):
+        if not (pid.isdigit() and process_alive(int(pid)) and int(pid) != os.getpid()):
             shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=dest.parent))
 
