@@ -11,7 +11,7 @@ import sparseft
 from sparseft.data.transforms import data_config
 from sparseft.models import WeightsError, head_module_name, head_parameter_names
 from sparseft.seg import SegmentationModel, create_segmentation_model, evenly_spaced
-from sparseft.selection import parameter_roles
+from sparseft.selection import Eligibility, parameter_roles
 
 #: the tiny SAM image encoder of the research notes (0.3 M parameters)
 SAM_TINY = ("samvit_base_patch16", dict(img_size=64, depth=2, embed_dim=96, num_heads=2, global_attn_indexes=[1],
@@ -100,6 +100,10 @@ def test_sam_neck_norms_are_frozen_by_type():
         "backbone.neck.0.weight": "select", "backbone.neck.1.weight": "frozen", "backbone.neck.1.bias": "frozen",
         "backbone.neck.2.weight": "select", "backbone.neck.3.weight": "frozen", "backbone.neck.3.bias": "frozen"}
     assert roles["backbone.pos_embed"] == "frozen"
+    rel_pos = sorted(n for n in roles if ".rel_pos_" in n)
+    assert rel_pos and {roles[n] for n in rel_pos} == {"frozen"}  # as the official GPS SAM code ("pos")
+    eligible = parameter_roles(model, Eligibility(freeze_embeddings=False))  # --train-embeddings
+    assert {eligible[n] for n in rel_pos} == {"select"}
 
 
 @pytest.mark.parametrize("family", ["vit", "resnet", "mobilenetv2", "sam", "swin", "convnext", "efficientnet"])

@@ -1,7 +1,7 @@
 """Which parameters are selected from, trained in full, or frozen.
 
-Defaults follow the official GPS code: normalisation layers, position embeddings and class /
-register tokens are frozen; every parameter with "bias" in its name (biases, and Swin's
+Defaults follow the official GPS code: normalisation layers, position embeddings (SAM's relative
+position tables too) and class / register tokens are frozen; every parameter with "bias" in its name (biases, and Swin's
 `relative_position_bias_table`, as the official code's name test does), every layer-scale `gamma`
 and the new head are trained in full; every other weight with two or more dimensions (Linear rows,
 Conv output channels viewed as [out, in*kh*kw], fused qkv, the patch embedding) is selected from.
@@ -22,7 +22,9 @@ from sparseft.models import head_parameter_names
 
 Role = Literal["select", "full", "frozen"]
 
-EMBEDDING_WORDS = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_token")
+#: position encodings and tokens; `rel_pos` is SAM's (and MViTv2's) rel_pos_h / rel_pos_w, which the
+#: official GPS SAM code freezes with the rest ("pos" in the name)
+EMBEDDING_WORDS = ("pos_embed", "rel_pos", "cls_token", "reg_token", "dist_token", "mask_token")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
