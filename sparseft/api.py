@@ -51,6 +51,8 @@ def load(path: str | Path, model: nn.Module | None = None, *, weights: str | Pat
                 from sparseft.seg.model import create_segmentation_model as build
             model = build(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
                           weights=weights or extra.get("weights"), pretrained=extra.get("pretrained", False))
+            if extra.get("task") == "segmentation" and extra.get("class_names"):
+                model.class_names = list(extra["class_names"])
     return method.load(model, path)
 
 

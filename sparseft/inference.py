@@ -146,6 +146,9 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
     `on_error="skip"` gets a Prediction with `error` set and no labels. Runs under
     `torch.no_grad()` in eval mode on the model's device and in its dtype; the model's train/eval modes are restored.
     """
+    if getattr(model, "task", None) == "segmentation":
+        raise ValueError("predict gives the classes of whole images, and this task is segmentation: take the "
+                         "masks from the model itself (model(x).argmax(1)); `sparseft eval` scores a split")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k (--top-k) must be a whole number >= 1, not {top_k!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

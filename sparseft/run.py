@@ -176,6 +176,8 @@ class TaskData:
 
     def loader(self, kind: str, split: str | None = None) -> DataLoader:
         """'select': two views of the training split; 'train': training batches; 'eval': a split."""
+        from sparseft.data.segmentation import collate_pairs
+
         s = self.spec
         if kind == "select" and self.segmentation:
             ds = SegViews(self.dataset(s.train_split, None, False), self.train_transform, s.train.seed)
@@ -192,8 +194,10 @@ class TaskData:
         else:
             raise ValueError(f"unknown loader kind {kind!r}")
         generator = torch.Generator().manual_seed(s.train.seed) if kind == "select" else None
+        collate = collate_pairs if (kind == "eval" and self.segmentation) else None  # masks at their own sizes
         # workers are re-created every epoch, seeded from the per-epoch RNG: resumed runs stay exact
-        return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=s.workers, generator=generator)
+        return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=s.workers, generator=generator,
+                          collate_fn=collate)
 
 
 def num_classes_of(spec: RunSpec) -> int:
@@ -304,6 +308,8 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     build = create_segmentation_model if segmentation else create_model
     model = build(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
                   pretrained=spec.pretrained).to(distributed.default_device())
+    if segmentation:
+        model.class_names = list(names)  # which class is the background, for the metrics
     method.check(model)
     distributed.check_global_batch(spec.batch_size)  # before anything is written
     for split in dict.fromkeys((spec.train_split, *spec.eval_splits)):  # every image opens: fail now, not later
@@ -369,13 +375,16 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
         raise ValueError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
                          "evaluate it on the data it was trained for")
 
+    if extra.get("task") == "segmentation" and preprocessing is not None:
+        raise ValueError(f"--preprocessing {preprocessing}: {task_file} is a segmentation task, whose evaluation "
+                         "is fixed (the image resized to the model's input, the mask kept at its own size)")
     model = load_for_inference(task_file, weights=weights, merge=merge)
     if extra.get("task") == "segmentation":
         from sparseft.data import data_config
-        from sparseft.data.segmentation import SegTransform, load_segmentation
+        from sparseft.data.segmentation import SegTransform, collate_pairs, load_segmentation
 
         transform = SegTransform.from_config(data_config(model), train=False, img_size=extra.get("img_size"))
-        ds = load_segmentation(data, split, transform)
-    else:
-        ds = load_split(data, split, eval_transform(model, extra, preprocessing))
+        return evaluate(model, DataLoader(load_segmentation(data, split, transform), batch_size=batch_size,
+                                          collate_fn=collate_pairs))
+    ds = load_split(data, split, eval_transform(model, extra, preprocessing))
     return evaluate(model, DataLoader(ds, batch_size=batch_size))

@@ -174,8 +174,11 @@ def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress
              desc: str = "eval") -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of `model` on `loader` (eval mode).
 
-    Masks as targets ([B, H, W], 255 = ignore): pixel accuracy as "acc", the mean cross-entropy
-    per valid pixel, and `sparseft.seg.SegMetrics`' mIoU / mDice (dataset-level and per image).
+    Masks as targets ([B, H, W] or a list of [H, W] of different sizes, 255 = ignore): the logits
+    are resized (bilinear) to the masks' size, so a model run at a smaller input is scored at the
+    data's resolution; pixel accuracy as "acc", the mean cross-entropy per valid pixel, and
+    `sparseft.seg.SegMetrics`' mIoU / mDice (dataset-level and per image; the classes averaged
+    follow the model's `class_names`).
     Collective under a process group: every rank passes the same loader, evaluates the samples
     r::W of it and the counts are summed over the ranks.
     """
@@ -184,22 +187,20 @@ def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress
     device = _device_of(model)
     correct = total = images = 0
     loss_sum = 0.0
-    seg = None
+    seg = _seg_metrics(model) if getattr(model, "task", None) == "segmentation" else None  # on every rank
     for x, y in distributed.progress(distributed.shard(loader, "samples"), desc, progress):
-        x, y = x.to(device), y.to(device)
+        x = x.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        loss, n = _loss_sum(logits, y)
-        loss_sum += loss.item()
-        correct += _correct(logits, y)
-        total += n
         images += len(y)
-        if y.dim() > 1:
-            if seg is None:
-                from sparseft.seg.metrics import SegMetrics
-
-                seg = SegMetrics(logits.shape[1], ignore_index=IGNORE_INDEX)
-            seg.update(logits.argmax(1), y)
+        for out, target in _at_target_size(logits, y, device):
+            loss, n = _loss_sum(out, target)
+            loss_sum += loss.item()
+            correct += _correct(out, target)
+            total += n
+            if target.dim() > 1:
+                seg = seg if seg is not None else _seg_metrics(model, out.shape[1])
+                seg.update(out.argmax(1), target)
     model.train(was_training)
     if distributed.active():
         sums = distributed.all_reduce_sum(torch.tensor([correct, total, loss_sum, images], dtype=torch.float64))
@@ -215,6 +216,27 @@ def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress
 
 
 SEG_METRICS = ("mIoU", "mDice", "mIoU_per_image", "mDice_per_image")
+
+
+def _seg_metrics(model: nn.Module, num_classes: int | None = None) -> Any:
+    from sparseft.seg.metrics import SegMetrics
+
+    classes = int(num_classes or model.num_classes)
+    names = getattr(model, "class_names", None)
+    names = names if names and len(names) == classes else None
+    return SegMetrics(classes, ignore_index=IGNORE_INDEX, class_names=names)
+
+
+def _at_target_size(logits: torch.Tensor, y: torch.Tensor | list[torch.Tensor],
+                    device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, targets) pairs with dense logits resized to their masks' size (one pair per image
+    for a list of masks of different sizes)."""
+    if isinstance(y, (list, tuple)):
+        return [pair for i, m in enumerate(y) for pair in _at_target_size(logits[i:i + 1], m[None], device)]
+    y = y.to(device)
+    if y.dim() > 1 and tuple(logits.shape[-2:]) != tuple(y.shape[-2:]):
+        logits = F.interpolate(logits.float(), size=tuple(y.shape[-2:]), mode="bilinear", align_corners=False)
+    return [(logits, y)]
 
 
 def _data_parallel(model: nn.Module) -> nn.Module:

@@ -103,11 +103,15 @@ def test_index_masks_with_classes_txt_and_ignore_pixels(tmp_path):
     root = multiclass_folder(tmp_path)
     classes = segmentation_classes(root)
     assert classes.names == ["background", "cat", "dog"] and classes.num_classes == 3 and not classes.binary
-    ds = load_segmentation(root, "train800", SegTransform(12, MEAN, STD, train=False))
+    ds = load_segmentation(root, "train800", SegTransform(12, MEAN, STD, train=False, native_mask=False))
     x, y = ds[0]
     assert x.shape == (3, 12, 12) and x.dtype == torch.float32
     assert y.shape == (12, 12) and y.dtype == torch.int64
     assert set(torch.unique(y).tolist()) == {0, 1, IGNORE_INDEX}  # nearest: no new values, 255 kept
+    native = load_segmentation(root, "train800", SegTransform(12, MEAN, STD, train=False))  # evaluation's default
+    x, y = native[0]
+    raw = np.asarray(Image.open(native.samples[0].mask))
+    assert x.shape == (3, 12, 12) and torch.equal(y, torch.from_numpy(raw.astype(np.int64)))  # the mask untouched
     _, y2 = ds[1]  # a palette PNG: the pixel values are the class ids, not the palette colours
     assert set(torch.unique(y2).tolist()) == {0, 1, 2}
     assert class_names(str(root)) == ["background", "cat", "dog"]
@@ -179,6 +183,31 @@ def test_binary_mask_saved_as_0_1_and_bad_class_lists_are_refused(tmp_path):
     (root / "classes.txt").write_text("background\npolyp\npolyp\n")
     with pytest.raises(DataError, match=r"classes\.txt:3: class 'polyp' is listed twice"):
         segmentation_classes(root)
+
+
+def test_palette_binary_masks_are_read_by_index_and_an_empty_split_is_refused(tmp_path):
+    root = binary_folder(tmp_path)
+    mask = _square(value=1)  # palette index 1, whose colour (1, 254, 0) converts to a grey above 127 ...
+    _save(root / "masks" / "a.png", mask, mode="P")
+    with Image.open(root / "masks" / "a.png") as img:
+        img.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)  # ... and VOC's dark red (grey 38) would read as background
+        img.save(root / "masks" / "a.png")
+    got = load_segmentation(root, "train800", verify=True)[0][1]
+    assert np.array_equal(got, (mask > 0).astype(np.uint8))
+    _save(root / "masks" / "a.png", _square(value=3), mode="P")
+    _expect(root, "train800", r"masks/a\.png: palette mask with indices \[0, 3\]")
+    _save(root / "masks" / "a.png", np.zeros((10, 12), dtype=np.uint8))
+    (root / "empty.txt").write_text("a\n")
+    with pytest.raises(DataError, match=r"no mask of this split .*has a foreground pixel"):
+        load_segmentation(root, "empty", verify=True)
+
+
+def test_index_masks_must_be_lossless(tmp_path):
+    root = binary_folder(tmp_path)
+    (root / "classes.txt").write_text("background\npolyp\n")
+    (root / "only_b.txt").write_text("b\n")  # b's mask is a JPEG
+    with pytest.raises(DataError, match=r"masks/b\.jpg: index masks must be lossless"):
+        load_segmentation(root, "only_b", verify=True)
 
 
 def test_any_named_split_file_works(tmp_path):
@@ -257,10 +286,25 @@ def test_augmentation_is_deterministic_for_a_seed(tmp_path):
 
 def test_evaluation_only_resizes():
     image, mask = _coloured_scene()
-    x, y = SegTransform.from_config({"input_size": (3, 24, 32), "mean": MEAN, "std": STD}, train=False)(image, mask)
+    config = {"input_size": (3, 24, 32), "mean": MEAN, "std": STD}
+    x, y = SegTransform.from_config(config, train=False)(image, mask)
     assert x.shape == (3, 24, 32)
+    assert torch.equal(y, torch.from_numpy(mask.astype(np.int64)))  # scored at the data's own size
+    x, y = SegTransform(config["input_size"][1:], MEAN, STD, train=False, native_mask=False)(image, mask)
     assert torch.equal(y, torch.from_numpy(np.asarray(Image.fromarray(mask).resize((32, 24), Image.NEAREST),
                                                       dtype=np.int64)))
+    with pytest.raises(ValueError, match="native_mask"):
+        SegTransform(24, MEAN, STD, train=True, native_mask=True)
+
+
+def test_masks_of_different_sizes_are_collated_as_a_list():
+    from sparseft.data.segmentation import collate_pairs
+
+    same = collate_pairs([(torch.zeros(3, 8, 8), torch.zeros(5, 6, dtype=torch.long))] * 2)
+    assert same[0].shape == (2, 3, 8, 8) and same[1].shape == (2, 5, 6)
+    mixed = collate_pairs([(torch.zeros(3, 8, 8), torch.zeros(5, 6, dtype=torch.long)),
+                           (torch.zeros(3, 8, 8), torch.ones(7, 4, dtype=torch.long))])
+    assert mixed[0].shape == (2, 3, 8, 8) and [tuple(m.shape) for m in mixed[1]] == [(5, 6), (7, 4)]
 
 
 # -- mini-seg on fake package files ----------------------------------------------------------
@@ -392,5 +436,5 @@ def test_real_mini_seg_smoke():
     ds = load_segmentation("mini-seg/clipart-scenes", "test", SegTransform(64, MEAN, STD, train=False))
     assert len(ds) == 600 and ds.num_classes == 8
     x, y = ds[0]
-    assert x.shape == (3, 64, 64) and y.shape == (64, 64) and int(y.max()) < 8
+    assert x.shape == (3, 64, 64) and y.shape == (128, 128) and int(y.max()) < 8  # masks at the data's size
     assert len(load_segmentation("mini-seg/clipart-scenes", "train800")) == 800

@@ -85,6 +85,25 @@ def test_a_class_absent_from_one_image_and_a_class_never_present():
     assert r["pixel_acc"] == approx(6 / 8)
 
 
+def test_which_classes_are_averaged():
+    pred = t([[[0, 1], [2, 2]]])
+    target = t([[[0, 1], [2, 0]]])  # IoU: class 0 1/2, class 1 1, class 2 1/2
+    named = SegMetrics(3, class_names=["background", "cat", "dog"])
+    unnamed = SegMetrics(3)  # no background class (Cityscapes style): every class, as mmseg
+    road = SegMetrics(3, class_names=["road", "car", "sky"])
+    forced = SegMetrics(3, background=2)
+    for m in (named, unnamed, road, forced):
+        m.update(pred, target)
+    assert named.compute()["classes_in_mean"] == ["cat", "dog"] and named.compute()["mIoU"] == approx(3 / 4)
+    assert unnamed.compute()["classes_in_mean"] == ["0", "1", "2"] and unnamed.compute()["mIoU"] == approx(2 / 3)
+    assert road.compute()["classes_in_mean"] == ["road", "car", "sky"]
+    assert forced.compute()["classes_in_mean"] == ["0", "1"] and forced.compute()["mIoU"] == approx(3 / 4)
+    assert SegMetrics(2).compute()["classes_in_mean"] == ["1"]  # binary without names: the foreground
+    assert SegMetrics(2, background=None).compute()["classes_in_mean"] == ["0", "1"]
+    with pytest.raises(ValueError, match="background"):
+        SegMetrics(3, background=3)
+
+
 def test_ignored_pixels_count_for_nothing():
     m = SegMetrics(2)
     m.update(t([[1, 1], [1, 0]]), t([[1, 255], [0, 255]]))

@@ -106,6 +106,16 @@ def test_sam_neck_norms_are_frozen_by_type():
     assert {eligible[n] for n in rel_pos} == {"select"}
 
 
+def test_relative_position_mlps_of_classifiers_keep_their_roles():
+    """Only SAM's rel_pos_h / rel_pos_w tables are position encodings: the MLP of timm's `rel_pos` modules
+    (relpos ViTs, MaxViT) are weights selected from and biases trained in full, as before."""
+    model = timm.create_model("vit_relpos_small_patch16_224", img_size=32, depth=1, embed_dim=32, num_heads=2,
+                              num_classes=3)
+    roles = {n: r for n, r in parameter_roles(model).items() if ".rel_pos." in n}
+    assert roles and {r for n, r in roles.items() if n.endswith(".weight")} == {"select"}
+    assert {r for n, r in roles.items() if n.endswith(".bias")} == {"full"}
+
+
 @pytest.mark.parametrize("family", ["vit", "resnet", "mobilenetv2", "sam", "swin", "convnext", "efficientnet"])
 def test_every_parameter_gets_a_gradient(family):
     if family in BACKBONES:
@@ -221,3 +231,32 @@ def test_sam_checkpoint_loads_offline(tmp_path):
     reference = source.state_dict()
     assert all(torch.equal(t, reference[n]) for n, t in model.backbone.state_dict().items())
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2, 32, 32)  # smaller images than built for
+
+
+def test_evaluation_scores_at_the_masks_own_size():
+    """A model run at 32 px is scored against masks of their own sizes (logits resized bilinearly),
+    whether the batch's masks share a size (stacked) or not (a list)."""
+    from sparseft.data.segmentation import collate_pairs
+    from sparseft.seg import SegMetrics
+    from sparseft.train import evaluate
+
+    model, size = seg_model("vit", num_classes=3)
+    model.class_names = ["background", "a", "b"]
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randn(3, size, size, generator=g), torch.randint(0, 3, hw, generator=g))
+             for hw in [(48, 40), (48, 40), (20, 56)]]
+    items[0][1][:4] = 255  # ignored pixels
+    model.eval()
+    with torch.no_grad():
+        expected = SegMetrics(3, class_names=model.class_names)
+        for x, y in items:
+            logits = F.interpolate(model(x[None]), size=tuple(y.shape), mode="bilinear", align_corners=False)
+            expected.update(logits.argmax(1), y[None])
+    want = expected.compute()
+    for batch in (1, 2, 3):  # stacked masks, a stacked pair then a single mask, a list of mixed sizes
+        loader = torch.utils.data.DataLoader(items, batch_size=batch, collate_fn=collate_pairs)
+        got = evaluate(model, loader)
+        assert got["n"] == 3
+        for key in ("mIoU", "mDice", "mIoU_per_image", "mDice_per_image"):
+            assert got[key] == pytest.approx(want[key]), (batch, key)
+        assert got["acc"] == pytest.approx(want["pixel_acc"])

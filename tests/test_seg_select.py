@@ -82,6 +82,22 @@ def test_bad_masks_in_a_selection_batch_are_refused():
     x = torch.randn(2, 3, 32, 32)
     with pytest.raises(SelectionError, match="masks must be integer class maps"):
         sparseft.select(model, [([x, x], [torch.zeros(2, 32, 32), torch.zeros(2, 32, 32)])], k=1, progress=False)
+    masks = torch.zeros(2, 32, 32, dtype=torch.long)
+    masks[:, :8] = 1
+    with pytest.raises(SelectionError, match="no longer match their masks"):  # views made from the images alone
+        sparseft.select(model, [(x, masks)], k=1, progress=False)
+    assert sparseft.select(model, [(x, masks)], k=1, loss="ce", progress=False).num_sparse > 0  # one view: fine
+
+
+def test_automatic_chunks_count_images_not_views(monkeypatch):
+    from sparseft.selection import scores
+
+    seen = []
+    monkeypatch.setattr(scores, "auto_chunk", lambda model, forward, x, images, scored: seen.append(images))
+    model = create_segmentation_model("test_vit", num_classes=3, img_size=32)
+    x, masks = torch.randn(6, 3, 32, 32), torch.randint(0, 3, (6, 32, 32))
+    sparseft.select(model, [([x, x.flip(-1)], [masks, masks.flip(-1)])], k=1, progress=False)
+    assert seen == [6]
 
 
 @pytest.mark.parametrize("method", ["gps", "lora"])

@@ -8,6 +8,9 @@ paper   train once on train800val200 with fixed settings, evaluate on test after
 Layout under the output folder:
     <backbone>/<task>/<label>/seed<s>/tune/<point>/   (honest only)
     <backbone>/<task>/<label>/seed<s>/final/          record.json = the cell's result
+The record's score keys (`test_acc`, `last_test_acc`, `best_test_acc`, the tuning runs' `val_acc`)
+hold the task's `metric`, named in the record: top-1 accuracy ("acc") for classification, the
+dataset-level mIoU ("mIoU") for segmentation (whose run summaries keep pixel accuracy as `*_acc`).
 A finished run (summary.json present) is never run again; an interrupted one resumes from its
 checkpoint. GPS selections are cached per (backbone, task, split, selection options, seed), so
 the grid's learning rates do not repeat the selection pass.

@@ -8,9 +8,10 @@ Layout (Kvasir-SEG style, any number of splits):
     root/classes.txt                   optional: one class name a line, line i = class i (0 = background)
 
 Without `classes.txt` masks are binary: a pixel > 127 is foreground (class 1), anything else
-background (0), so 0/255 PNGs and noisy JPEG masks both work. With it, masks are index PNGs
-(mode L or P, pixel value = class index) and 255 marks void pixels (`IGNORE_INDEX`), left out
-of the loss and the metrics. Bad input is a `DataError` naming the file.
+background (0), so 0/255 PNGs and noisy JPEG masks both work; a palette (mode P) mask is read by
+its indices (0/1 or 0/255), not its colours. With it, masks are index PNGs (mode L or P, pixel
+value = class index; JPEG refused) and 255 marks void pixels (`IGNORE_INDEX`), left out of the
+loss and the metrics. Bad input is a `DataError` naming the file.
 
     ds = load_segmentation(root, "train800", SegTransform(224, mean, std, train=True), seed=0)
     image, mask = ds[0]   # float [3, H, W] normalised, long [H, W] with 255 = ignore
@@ -35,6 +36,7 @@ from sparseft.data.checks import read_text
 from sparseft.data.images import DataError, open_rgb
 
 IGNORE_INDEX = 255
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".webp")
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 BINARY_CLASSES = ("background", "foreground")
 _ALIASES = {"train": "train800", "val": "val200", "trainval": "train800val200"}
@@ -162,6 +164,13 @@ def _open(path: Path, what: str, origin: str) -> Image.Image:
 
 
 def _binary_mask(img: Image.Image, path: Path) -> np.ndarray:
+    if img.mode == "P":  # a label image: its pixel values are palette indices, whatever their colours
+        arr = np.asarray(img)
+        values = set(np.unique(arr).tolist())
+        if values <= {0, 1} or values <= {0, 255}:
+            return (arr > 0).astype(np.uint8)
+        raise DataError(f"{path}: palette mask with indices {sorted(values)[:6]}; a binary mask holds 0 and 1 (or "
+                        "0 and 255); add classes.txt to read it as an index mask")
     arr = np.asarray(img if img.mode == "L" else img.convert("L"))
     if path.suffix.lower() == ".png" and img.mode in ("L", "P") and arr.max(initial=0) == 1:
         raise DataError(f"{path}: binary mask holds only 0 and 1; binary masks are 0/255 (> 127 = foreground), "
@@ -170,6 +179,9 @@ def _binary_mask(img: Image.Image, path: Path) -> np.ndarray:
 
 
 def _index_mask(img: Image.Image, path: Path, num_classes: int) -> np.ndarray:
+    if path.suffix.lower() in LOSSY_SUFFIXES:
+        raise DataError(f"{path}: index masks must be lossless (PNG): {path.suffix} compression changes class ids at "
+                        "object edges")
     if img.mode not in ("L", "P"):
         raise DataError(f"{path}: index masks must be single-channel PNGs (mode L or P), not mode {img.mode}")
     arr = np.asarray(img, dtype=np.uint8)
@@ -232,16 +244,22 @@ class SegTransform:
     """The same geometry for image and mask; then image -> normalised float, mask -> long.
 
     Training: random resized crop (scale 0.5-1, ratio 3/4-4/3) to `size` and a horizontal flip
-    with p=0.5, drawn from the `generator` given to each call; evaluation: resize to `size`.
-    Images are resampled bilinearly, masks by nearest neighbour (class ids are never mixed).
+    with p=0.5, drawn from the `generator` given to each call; evaluation: the image resized to
+    `size`, the mask kept at the data's own size (`native_mask`, the default for evaluation: the
+    model's logits are resized to it, so metrics are measured at the data's resolution, as mmseg
+    does) or resized with it (`native_mask=False`). Images are resampled bilinearly, masks by
+    nearest neighbour (class ids are never mixed).
     """
 
     def __init__(self, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float], train: bool, *,
                  scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 flip: float = 0.5):
+                 flip: float = 0.5, native_mask: bool | None = None):
         self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.mean, self.std = tuple(mean), tuple(std)
         self.train, self.scale, self.ratio, self.flip = train, scale, ratio, flip
+        self.native_mask = (not train) if native_mask is None else bool(native_mask)
+        if train and self.native_mask:
+            raise ValueError("native_mask is for evaluation: training crops image and mask together")
 
     @classmethod
     def from_config(cls, data_config: Mapping[str, Any], train: bool,
@@ -261,14 +279,25 @@ class SegTransform:
             mirror = _uniform(0.0, 1.0, generator) < self.flip
         out_size = (self.size[1], self.size[0])  # PIL wants (width, height)
         image = image.resize(out_size, Image.BILINEAR, box=box)
-        m = m.resize(out_size, Image.NEAREST, box=box)
+        if not self.native_mask:
+            m = m.resize(out_size, Image.NEAREST, box=box)
         if mirror:
             image, m = image.transpose(Image.FLIP_LEFT_RIGHT), m.transpose(Image.FLIP_LEFT_RIGHT)
         x = TF.normalize(TF.to_tensor(image), self.mean, self.std)
         return x, torch.from_numpy(np.array(m, dtype=np.int64))
 
     def __repr__(self) -> str:
-        return f"SegTransform(size={self.size}, train={self.train})"
+        return f"SegTransform(size={self.size}, train={self.train}, native_mask={self.native_mask})"
+
+
+def collate_pairs(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, Any]:
+    """A batch of (image, mask) pairs: images stacked; masks stacked when they share a size, else
+    a list (evaluation at each image's own resolution)."""
+    images = torch.stack([b[0] for b in batch])
+    masks = [b[1] for b in batch]
+    if all(m.shape == masks[0].shape for m in masks):
+        return images, torch.stack(masks)
+    return images, masks
 
 
 # -- the Dataset -----------------------------------------------------------------------------
@@ -324,9 +353,16 @@ class SegmentationDataset(Dataset):
         return self.transform(image, mask, generator)
 
     def verify(self) -> SegmentationDataset:
-        """Read every pair now, so a bad file fails before training rather than in epoch 37."""
+        """Read every pair now, so a bad file fails before training rather than in epoch 37; a binary
+        split without a single foreground pixel is refused (masks read the wrong way)."""
+        foreground = 0
         for sample in self.samples:
-            read_pair(sample, self.seg_classes)
+            foreground += int(read_pair(sample, self.seg_classes)[1].astype(bool).sum())
+        if self.seg_classes.binary and foreground == 0 and self.samples:
+            where = self.samples[0].mask.parent
+            raise DataError(f"{where}: no mask of this split ({len(self.samples)} images, first "
+                            f"{self.samples[0].mask.name}) has a foreground pixel; binary masks are 0/255 (> 127 = "
+                            "foreground) or palette images with indices 0/1")
         return self
 
     def __repr__(self) -> str:

@@ -54,8 +54,10 @@ def prediction_figure(task_files: dict[str, str | Path], data: str, out: str | P
         preds = []
         for i in range(n):
             image, mask = raw[i]
-            x, y = transform(image, mask)
-            preds.append(model(x[None]).argmax(1)[0].numpy())
+            x, y = transform(image, mask)  # y at the data's own size: the prediction is resized to it
+            logits = torch.nn.functional.interpolate(model(x[None]).float(), size=tuple(y.shape), mode="bilinear",
+                                                     align_corners=False)
+            preds.append(logits.argmax(1)[0].numpy())
             if len(columns["image"]) < n:
                 columns["image"].append(np.asarray(image.resize(y.shape[::-1])))
                 columns["ground truth"].append(y.numpy())

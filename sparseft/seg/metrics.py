@@ -11,10 +11,13 @@ is `ignore_index` removed from both): I = |P ∩ G|, U = |P ∪ G|, IoU = I / U,
   the image nor predicted) are skipped, so an image with an empty mask and an empty prediction counts
   for nothing, while an empty mask with a non-empty prediction scores 0. Averaged per class over the
   images that count, then over the classes.
-- **The mean over classes**: a binary task (2 classes) reports the foreground class only (class 1;
-  background's IoU is near 1 and would inflate the mean); a multi-class task averages classes
-  1..C-1 (background, class 0, excluded but still listed per class). `compute()["classes_in_mean"]`
-  names the classes averaged.
+- **The mean over classes**: every class except a background class, which is listed per class but
+  left out of the mean (its IoU is near 1 and would inflate it). By default (`background="auto"`)
+  class 0 is the background when it is named so (`background`, `bg`, `_background_`) or, without
+  names, when the task is binary; so a binary task reports its foreground class only, as polyp
+  papers do, and a multi-class set without a background class (Cityscapes / ADE20K style)
+  averages all its classes, as mmseg does. `compute()["classes_in_mean"]` names the classes
+  averaged.
 - **Pixel accuracy**: correct valid pixels / valid pixels.
 
 Why not the official GPS SAM evaluation: it calls mmseg's `eval_metrics(..., num_classes=2,
@@ -35,6 +38,8 @@ import torch
 from sparseft import distributed
 
 _AREAS = ("intersection", "union", "pred", "target")
+#: names of class 0 that make it the background (left out of the mean) under background="auto"
+BACKGROUND_NAMES = ("background", "bg", "_background_")
 
 
 class SegMetrics:
@@ -46,7 +51,7 @@ class SegMetrics:
     """
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255,
-                 class_names: Sequence[str] | None = None) -> None:
+                 class_names: Sequence[str] | None = None, background: int | str | None = "auto") -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a whole number >= 1, not {num_classes!r}")
         if ignore_index is not None and 0 <= ignore_index < num_classes:
@@ -54,8 +59,15 @@ class SegMetrics:
                              "(e.g. 255), never a class such as the background")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        if background == "auto":
+            named = class_names is not None and str(class_names[0]).strip().lower() in BACKGROUND_NAMES
+            background = 0 if named or (class_names is None and num_classes == 2) else None
+        if background is not None and (isinstance(background, bool) or not isinstance(background, int)
+                                       or not 0 <= background < num_classes):
+            raise ValueError(f"background must be 'auto', None or a class 0..{num_classes - 1}, not {background!r}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.background = background
         self.class_names = [str(n) for n in class_names] if class_names is not None else [
             str(c) for c in range(num_classes)]
         self.reset()
@@ -70,10 +82,9 @@ class SegMetrics:
 
     @property
     def classes_in_mean(self) -> list[int]:
-        """The classes averaged into mIoU / mDice: [1] for binary tasks, 1..C-1 for multi-class ones."""
-        if self.num_classes == 1:
-            return [0]
-        return list(range(1, self.num_classes))
+        """The classes averaged into mIoU / mDice: all but the background class (if any)."""
+        kept = [c for c in range(self.num_classes) if c != self.background]
+        return kept or [0]
 
     # -- accumulating -------------------------------------------------------------------------
 

@@ -148,6 +148,9 @@ class SegmentationModel(nn.Module):
         return bb.forward_intermediates(x, indices=self.indices, output_fmt="NCHW", intermediates_only=True)
 
     task = "segmentation"  # how sparseft's GPS scoring and training recognise a dense model
+    #: the classes' names when known (set by `sparseft train` and `sparseft.load`); the metrics leave a
+    #: class 0 named "background" out of the mean (`sparseft.seg.SegMetrics`)
+    class_names: list[str] | None = None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last (coarsest) backbone level [B, C, h, w], e.g. for pooling features over mask regions."""
@@ -170,6 +173,7 @@ class SegmentationModel(nn.Module):
         device = next(self.decode_head.parameters()).device
         self.decode_head = FPNDecoder(self.channels, num_classes, self.decoder_width, self.upsample_steps).to(device)
         self.num_classes = num_classes
+        self.class_names = None
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:

@@ -22,7 +22,11 @@ IGNORE_INDEX = 255
 
 def dense_targets(masks: Any, views: list[torch.Tensor], step: int) -> torch.Tensor:
     """The masks of every view, concatenated [N, H, W] in the order of `views`, or SelectionError."""
-    per_view = list(masks) if isinstance(masks, (list, tuple)) else [masks] * len(views)
+    if isinstance(masks, torch.Tensor) and len(views) > 1:
+        raise SelectionError(f"selection batch {step}: {len(views)} views of the images but one mask batch; views "
+                             "made from the images alone no longer match their masks: give the loader paired views "
+                             "([view1, view2], [mask1, mask2]) as sparseft's segmentation loaders do, or use loss='ce'")
+    per_view = list(masks) if isinstance(masks, (list, tuple)) else [masks]
     if len(per_view) != len(views) or not all(isinstance(m, torch.Tensor) for m in per_view):
         raise SelectionError(f"selection batch {step}: a segmentation batch needs one mask tensor per view "
                              f"({len(views)} views)")

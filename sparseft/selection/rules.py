@@ -22,9 +22,11 @@ from sparseft.models import head_parameter_names
 
 Role = Literal["select", "full", "frozen"]
 
-#: position encodings and tokens; `rel_pos` is SAM's (and MViTv2's) rel_pos_h / rel_pos_w, which the
-#: official GPS SAM code freezes with the rest ("pos" in the name)
-EMBEDDING_WORDS = ("pos_embed", "rel_pos", "cls_token", "reg_token", "dist_token", "mask_token")
+EMBEDDING_WORDS = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_token")
+#: SAM's (and MViTv2's) relative position tables, frozen with the embeddings as the official GPS SAM
+#: code does ("pos" in the name); matched as whole parameter names: the MLP weights of timm's
+#: `rel_pos` modules (MaxViT, relpos ViTs) are ordinary weights
+POSITION_TABLES = ("rel_pos_h", "rel_pos_w")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -87,7 +89,7 @@ def parameter_roles(model: nn.Module, rules: Eligibility | None = None,
             role = "full" if rules.train_head else "frozen"
         elif name in norms or "norm" in name:
             role = "frozen" if rules.freeze_norm else "full"
-        elif any(word in name for word in EMBEDDING_WORDS):
+        elif any(word in name for word in EMBEDDING_WORDS) or leaf in POSITION_TABLES:
             role = "frozen" if rules.freeze_embeddings else ("select" if p.dim() >= 2 else "full")
         elif leaf == "bias":
             role = "full" if rules.train_bias else "frozen"

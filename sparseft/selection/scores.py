@@ -261,7 +261,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                     contrast.append((labels[1:] != labels[:1]).any())
                 y = labels.to(device).repeat(len(views))
             if chunk_size == "auto":
-                chunk_size = auto_chunk(model, forward, x, len(labels), [params[n] for n in names])
+                chunk_size = auto_chunk(model, forward, x, len(views[0]), [params[n] for n in names])
             if chunk_size is None or chunk_size >= len(x):
                 value = objective(forward(x), y)
                 value.backward()
