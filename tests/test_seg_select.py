@@ -102,7 +102,7 @@ def test_automatic_chunks_count_images_not_views(monkeypatch):
 
 @pytest.mark.parametrize("method", ["gps", "lora"])
 def test_a_whole_run_on_segmentation_data(tmp_path, method):
-    data = seg_task(tmp_path / "seg")
+    data = seg_task(tmp_path / "seg", size=40)  # the model runs at 32 px, scores are taken at the data's 40
     spec = RunSpec(model="test_vit", data=str(data), method=method, img_size=32, batch_size=4,
                    options={"k": 1} if method == "gps" else {"lora_r": 2},
                    train=TrainConfig(epochs=2, lr=3e-3, progress=False))
@@ -124,6 +124,12 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
     again = evaluate_task(tmp_path / "run" / "delta.safetensors", str(data), "test")
     assert again["mIoU"] == pytest.approx(final["test_mIoU"], abs=1e-6)
     assert again["acc"] == pytest.approx(final["test_acc"], abs=1e-6)
+    with pytest.raises(ValueError, match="segmentation task"):
+        evaluate_task(tmp_path / "run" / "delta.safetensors", str(data), "test", preprocessing="fgvc")
+    model = sparseft.load(tmp_path / "run" / "delta.safetensors")
+    assert model.class_names == CLASSES  # the metrics know the background class
+    with pytest.raises(ValueError, match="predict gives the classes of whole images"):
+        sparseft.predict(model, torch.randn(1, 3, 32, 32))
 
 
 def test_a_segmentation_suite_tunes_on_val_miou_and_reports_it(tmp_path):
