@@ -17,8 +17,15 @@ import warnings
 from pathlib import Path
 
 from sparseft import distributed
-from sparseft.cliopts import (UsageError, add_arguments, add_shared_arguments, cli_options, from_args, given,
-                              owned_options)
+from sparseft.cliopts import (
+    UsageError,
+    add_arguments,
+    add_shared_arguments,
+    cli_options,
+    from_args,
+    given,
+    owned_options,
+)
 from sparseft.train import TrainConfig
 
 OPTION_PREFIX = "opt_"  # namespace prefix of the method options' flags
