@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     _data_args(s)
     gps_options = METHODS["gps"].Options
-    selecting = [o.name for o in cli_options(gps_options) if o.name not in ("batchnorm", "selection")]  # select trains nothing
+    training_only = ("batchnorm", "selection")  # select trains nothing and makes the selection
+    selecting = [o.name for o in cli_options(gps_options) if o.name not in training_only]
     add_arguments(s.add_argument_group("gps options"), gps_options, only=selecting, prefix=OPTION_PREFIX)
     s.set_defaults(func=cmd_select)
 

@@ -75,7 +75,8 @@ def test_select_takes_gps_selection_flags_but_not_training_ones(tmp_path, capsys
     assert "--k " in shown and "--score-norm" in shown
     assert "--batchnorm" not in shown and "--selection " not in shown
     for flag, value in (("--batchnorm", "frozen"), ("--selection", "other.safetensors")):
-        assert main(["select", "--data", "x", "--model", "m", "--out", str(tmp_path / "s.safetensors"), flag, value]) == 2
+        out = str(tmp_path / "s.safetensors")
+        assert main(["select", "--data", "x", "--model", "m", "--out", out, flag, value]) == 2
         assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
     assert not (tmp_path / "s.safetensors").exists()
 
