@@ -17,7 +17,15 @@ import warnings
 from pathlib import Path
 
 from sparseft import distributed
-from sparseft.cliopts import UsageError, add_arguments, add_shared_arguments, from_args, given, owned_options
+from sparseft.cliopts import (
+    UsageError,
+    add_arguments,
+    add_shared_arguments,
+    cli_options,
+    from_args,
+    given,
+    owned_options,
+)
 from sparseft.train import TrainConfig
 
 OPTION_PREFIX = "opt_"  # namespace prefix of the method options' flags
@@ -328,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(s, TrainConfig, only=["seed", "progress"])
     _model_args(s)
     _data_args(s)
-    add_shared_arguments(s, {"gps": METHODS["gps"].Options}, prefix=OPTION_PREFIX)
+    gps_options = METHODS["gps"].Options
+    training_only = ("batchnorm", "selection")  # select trains nothing and makes the selection
+    selecting = [o.name for o in cli_options(gps_options) if o.name not in training_only]
+    add_arguments(s.add_argument_group("gps options"), gps_options, only=selecting, prefix=OPTION_PREFIX)
     s.set_defaults(func=cmd_select)
 
     e = sub.add_parser("eval", help="evaluate a saved task file on a data split")

@@ -112,6 +112,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+LOCK_FILE = ".sparseft.lock"
+
+
 class FolderInUse(RuntimeError):
     """Another live process holds the folder's lock."""
 
@@ -137,7 +140,7 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ".sparseft.lock"
+    path = folder / LOCK_FILE
     host = socket.gethostname()
     while True:
         try:

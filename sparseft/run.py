@@ -8,10 +8,12 @@ harness all go through this function, so they share one code path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sparseft import distributed
 from sparseft.cliopts import require
-from sparseft.fileutil import write_text_atomic
+from sparseft.fileutil import LOCK_FILE, folder_lock, write_text_atomic
 from sparseft.methods import MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
 from sparseft.models import create_model
@@ -219,7 +221,7 @@ def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool
         return
     if not run_dir.is_dir():
         raise NotADirectoryError(f"--out {run_dir} is a file, not a run folder")
-    present = sorted(p.name for p in run_dir.iterdir())
+    present = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
     if not present:
         return
     if overwrite:
@@ -288,6 +290,25 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     if run_dir is not None and (not str(run_dir).strip() or str(run_dir) != str(run_dir).strip()):
         raise ValueError(f"--out {str(run_dir)!r} is not a usable folder name")
     run_dir = Path(run_dir) if run_dir is not None else None
+    with contextlib.ExitStack() as held:
+        if run_dir is not None:  # one process per run folder: a second `train --out` on it is refused
+            distributed.run_on_main(lambda: held.enter_context(_locked_run_dir(run_dir)))
+        return _run(spec, run_dir, resume=resume, overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def _locked_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock; a folder the lock created and nothing else filled is removed after."""
+    created = not run_dir.exists()
+    try:
+        with folder_lock(run_dir):
+            yield
+    finally:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) -> dict[str, Any]:
     if run_dir is not None:
         finished = distributed.run_on_main(lambda: _claim(run_dir, spec, resume=resume, overwrite=overwrite))
         if finished is not None:

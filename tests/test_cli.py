@@ -69,6 +69,18 @@ def test_select_command_and_reuse(tmp_path, task):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_select_takes_gps_selection_flags_but_not_training_ones(tmp_path, capsys):
+    assert main(["select", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "--k " in shown and "--score-norm" in shown
+    assert "--batchnorm" not in shown and "--selection " not in shown
+    for flag, value in (("--batchnorm", "frozen"), ("--selection", "other.safetensors")):
+        out = str(tmp_path / "s.safetensors")
+        assert main(["select", "--data", "x", "--model", "m", "--out", out, flag, value]) == 2
+        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    assert not (tmp_path / "s.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_resume_and_refusal_to_overwrite(tmp_path, task, capsys):
     run = tmp_path / "run"
@@ -98,6 +110,19 @@ def test_a_missing_task_file_is_one_line_and_status_1(tmp_path, command, capsys)
 def test_bad_data_is_one_line_and_status_1(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), *MODEL, *FAST]) == 1
     assert "nowhere" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()  # a refused run leaves no folder behind
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, task, capsys):
+    import os
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".sparseft.lock").write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process, not this one
+    assert main(["train", "--data", str(task), "--out", str(run), *MODEL, *FAST]) == 1
+    assert f"in use by process {os.getppid()}" in _one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in run.iterdir()) == [".sparseft.lock"]
 
 
 def test_merge_refuses_a_method_that_cannot_merge(tmp_path, capsys):
