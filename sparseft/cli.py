@@ -187,6 +187,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         flag, value = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
         raise ValueError(f"{flag} must be at least 1, not {value}")
+    from sparseft.deltafile import read_delta
+
+    if read_delta(args.task_file)[0].get("extra", {}).get("task") == "segmentation":
+        return _predict_masks(args)
     out = _output_file(args.out, args.overwrite, args.task_file, ".csv") if args.out is not None else None
     images = find_images(args.inputs)
     model = load_for_inference(args.task_file, weights=args.weights)  # with the task's preprocessing and names
@@ -206,6 +210,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         for p in good:
             print(f"{p.path}: " + ", ".join(f"{label} ({prob:.3f})" for label, prob in zip(p.labels, p.probs)))
+    return 0
+
+
+def _predict_masks(args: argparse.Namespace) -> int:
+    """`sparseft predict` for a segmentation task: one mask PNG per image in the --out folder."""
+    from sparseft.data import DataError
+    from sparseft.inference import find_images, load_for_inference
+    from sparseft.seg.predict import mask_file_names, predict_masks, write_masks
+
+    if args.out is None or not args.out.strip():
+        raise ValueError(f"{args.task_file} is a segmentation task: name a folder for its mask PNGs with --out")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; a segmentation task writes a folder of mask PNGs")
+    images = find_images(args.inputs)
+    mask_file_names(images)  # two images of one stem: refused before any work
+    model = load_for_inference(args.task_file, weights=args.weights)
+    preds = predict_masks(model, images, batch_size=args.batch_size, progress=_train_config(args).progress,
+                          on_error="raise" if args.strict else "skip")
+    for p in preds:
+        if p.error is not None:
+            print(f"warning: {_one_line(p.error)} (skipped)", file=sys.stderr)
+    good = sum(p.error is None for p in preds)
+    if not good:
+        raise DataError(f"none of the {len(preds)} images could be read")
+    written = write_masks(preds, args.out, overwrite=args.overwrite)
+    print(f"masks for {len(written)} images -> {args.out} (pixel value = class id: "
+          f"{', '.join(f'{i} {n}' for i, n in enumerate(model.class_names or []))})")
     return 0
 
 
@@ -352,14 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation preprocessing (default: the one the task was trained with)")
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="the top-k classes of a saved task for new images",
+    pr = sub.add_parser("predict", help="the top-k classes (or the masks) of a saved task for new images",
                         description="Run a task file on image files and folders (searched recursively): the top-k "
-                                    "classes of each image, printed or written to a CSV file. Mergeable methods run "
-                                    "merged; unreadable images are reported and skipped (--strict: an error).")
+                                    "classes of each image, printed or written to a CSV file; for a segmentation "
+                                    "task, one mask PNG per image (pixel value = class id) in the --out folder. "
+                                    "Mergeable methods run merged; unreadable images are reported and skipped "
+                                    "(--strict: an error).")
     pr.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors)")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders of images")
-    pr.add_argument("--out", help="CSV file to write (columns path, label_1, prob_1, ...) instead of printing")
-    pr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pr.add_argument("--out", help="CSV file to write (columns path, label_1, prob_1, ...) instead of printing; "
+                                  "for a segmentation task the folder of mask PNGs")
+    pr.add_argument("--overwrite", action="store_true", help="replace --out (or masks in it) if it exists")
     pr.add_argument("--top-k", type=int, default=5, help="classes shown per image (at most the task's classes)")
     pr.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     pr.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: a warning, "

@@ -130,6 +130,24 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
     assert model.class_names == CLASSES  # the metrics know the background class
     with pytest.raises(ValueError, match="predict gives the classes of whole images"):
         sparseft.predict(model, torch.randn(1, 3, 32, 32))
+    # `sparseft predict` writes one mask PNG per image; scored against the ground truth they give eval's mIoU
+    from sparseft.cli import main
+    from sparseft.seg import SegMetrics
+
+    stems = (data / "test.txt").read_text().split()
+    images = [str(data / "images" / f"{stem}.png") for stem in stems]
+    task = str(tmp_path / "run" / "delta.safetensors")
+    assert main(["predict", task, *images, "--out", str(tmp_path / "masks"), "--no-progress"]) == 0
+    metrics = SegMetrics(3, class_names=CLASSES)
+    for stem in stems:
+        with Image.open(tmp_path / "masks" / f"{stem}.png") as png:
+            assert png.mode == "P" and png.size == (40, 40)
+            pred = torch.from_numpy(np.asarray(png).astype(np.int64))
+        truth = torch.from_numpy(np.asarray(Image.open(data / "masks" / f"{stem}.png")).astype(np.int64))
+        metrics.update(pred, truth)
+    assert metrics.compute()["mIoU"] == pytest.approx(again["mIoU"], abs=1e-6)
+    assert main(["predict", task, images[0], "--out", str(tmp_path / "masks"), "--no-progress"]) == 1  # exists
+    assert main(["predict", task, images[0], "--no-progress"]) == 1  # no folder named
 
 
 def test_a_segmentation_suite_tunes_on_val_miou_and_reports_it(tmp_path):
@@ -156,3 +174,23 @@ seeds: [0]
     assert "mIoU (dataset-level) (%) on each task's test split" in text
     (figure,) = (tmp_path / "res").glob("predictions_*.png")
     assert f"![{figure.name}]({figure.name})" in text
+
+
+def test_mask_prediction_refusals(tmp_path):
+    from pathlib import Path
+
+    from sparseft.seg import predict_masks
+    from sparseft.seg.predict import mask_file_names
+
+    with pytest.raises(ValueError, match="would both write x.png"):
+        mask_file_names([Path("a/x.png"), Path("b/x.jpg")])
+    with pytest.raises(ValueError, match="needs a segmentation model"):
+        predict_masks(sparseft.create_model("test_vit", 3, img_size=32), [Image.new("RGB", (8, 8))])
+    model = create_segmentation_model("test_vit", num_classes=3, img_size=32)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good = Image.new("RGB", (20, 12))
+    preds = predict_masks(model, [good, broken, good], on_error="skip")
+    assert [p.error is None for p in preds] == [True, False, True]  # input order kept
+    assert preds[0].mask.shape == (12, 20) and preds[0].mask.dtype == np.uint8
+    assert "broken.png" in preds[1].error

@@ -16,6 +16,7 @@ from sparseft.seg.model import (
     evenly_spaced,
     load_segmentation_weights,
 )
+from sparseft.seg.predict import MaskPrediction, predict_masks, write_masks
 
-__all__ = ["FPNDecoder", "SegMetrics", "SegmentationModel", "create_segmentation_model", "evenly_spaced",
-           "load_segmentation_weights"]
+__all__ = ["FPNDecoder", "MaskPrediction", "SegMetrics", "SegmentationModel", "create_segmentation_model",
+           "evenly_spaced", "load_segmentation_weights", "predict_masks", "write_masks"]

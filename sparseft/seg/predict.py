@@ -1,0 +1,141 @@
+"""Masks for new images from a segmentation task: what `sparseft predict` does for masks.
+
+    model = sparseft.load("runs/seg/delta.safetensors")
+    preds = predict_masks(model, ["a.jpg", "b.png"])   # uint8 class ids at each image's own size
+    write_masks(preds, "masks/")                        # masks/a.png, masks/b.png (palette PNGs)
+
+Each image is resized to the model's input (the task's evaluation preprocessing), the logits are
+resized back to the image's own size (bilinear) and the most probable class is kept per pixel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparseft.data.images import DataError, OnError, open_rgb, to_rgb
+from sparseft.fileutil import atomic_path
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+@dataclass
+class MaskPrediction:
+    """One image's mask: class ids [H, W] (uint8) at the image's size; `error` when it was skipped."""
+
+    mask: np.ndarray | None
+    path: Path | None = None
+    error: str | None = None
+
+
+def _image_transform(model: nn.Module):
+    from sparseft.data import data_config
+    from sparseft.data.segmentation import SegTransform
+    from sparseft.delta import task_record
+
+    transform = SegTransform.from_config(data_config(model), train=False, img_size=task_record(model).get("img_size"))
+    return lambda image: transform(image, np.zeros((image.height, image.width), dtype=np.uint8))[0]
+
+
+@torch.no_grad()
+def predict_masks(model: nn.Module, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 16,
+                  progress: bool = False, on_error: OnError = "raise") -> list[MaskPrediction]:
+    """The predicted mask of each image (files or PIL images), one `MaskPrediction` each, in order.
+
+    An unreadable file raises `DataError` naming it, or with `on_error="skip"` gets a prediction
+    with `error` set and no mask. The model's train/eval modes are restored.
+    """
+    from sparseft.inference import eval_mode
+
+    if getattr(model, "task", None) != "segmentation":
+        raise ValueError("predict_masks needs a segmentation model (a task trained on images/ + masks/ data); "
+                         "sparseft.predict gives the classes of a classification task")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+    transform = _image_transform(model)
+    first = next(iter(model.parameters()))
+    out: list[MaskPrediction] = []
+    with eval_mode(model), tqdm(total=len(items), desc="predict", unit="img", disable=not progress,
+                                leave=False) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = [_open(item, on_error) for item in items[start:start + batch_size]]
+            read = [b for b in batch if b.error is None]
+            if read:
+                x = torch.stack([transform(b.image) for b in read]).to(first.device, first.dtype)
+                for b, logits in zip(read, model(x)):
+                    size = (b.image.height, b.image.width)
+                    full = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
+                    b.mask = full.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            out.extend(MaskPrediction(b.mask, b.path, b.error) for b in batch)
+            bar.update(len(batch))
+    return out
+
+
+@dataclass
+class _Item:
+    path: Path | None
+    image: Image.Image | None = None
+    error: str | None = None
+    mask: np.ndarray | None = None
+
+
+def _open(item: ImageInput, on_error: OnError) -> _Item:
+    path = Path(item) if isinstance(item, (str, os.PathLike)) else None
+    if path is None and not isinstance(item, Image.Image):
+        raise TypeError(f"images: expected file paths or PIL images, not {type(item).__name__}")
+    try:
+        return _Item(path, open_rgb(path) if path is not None else to_rgb(item))
+    except DataError as err:
+        if on_error == "raise":
+            raise
+        return _Item(path, error=str(err))
+
+
+def mask_file_names(paths: Sequence[Path]) -> list[str]:
+    """`<stem>.png` for each image; two images with one stem are refused (their masks would collide)."""
+    seen: dict[str, Path] = {}
+    for p in paths:
+        name = f"{p.stem}.png"
+        if name in seen:
+            raise ValueError(f"{p} and {seen[name]} would both write {name}; predict them into separate folders")
+        seen[name] = p
+    return [f"{p.stem}.png" for p in paths]
+
+
+def write_masks(preds: Sequence[MaskPrediction], folder: str | Path, *, overwrite: bool = False) -> list[Path]:
+    """Write each prediction's mask as `<folder>/<image stem>.png`: a palette PNG whose pixel values are
+    the class ids (the colours only show them). Existing files are refused unless `overwrite`."""
+    from sparseft.seg.figure import palette
+
+    good = [p for p in preds if p.mask is not None]
+    if any(p.path is None for p in good):
+        raise ValueError("write_masks names files after the images' paths; predictions of PIL images have none")
+    folder = Path(folder)
+    names = mask_file_names([p.path for p in good])
+    clash = [n for n in names if (folder / n).exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{folder / clash[0]} exists ({len(clash)} of the masks would replace files); pass "
+                              "--overwrite, or choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = palette(int(max((int(p.mask.max()) for p in good), default=0)) + 1)[:-1]
+    flat = [int(v) for v in colours.reshape(-1)]
+    written = []
+    for p, name in zip(good, names):
+        img = Image.fromarray(p.mask)  # mode L; a palette makes it P with the same pixel values
+        img.putpalette(flat + [0] * (768 - len(flat)))
+        with atomic_path(folder / name) as tmp:
+            img.save(tmp, format="PNG")
+        written.append(folder / name)
+    return written
