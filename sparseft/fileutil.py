@@ -119,15 +119,28 @@ class FolderInUse(RuntimeError):
     """Another live process holds the folder's lock."""
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process of this host with this pid runs (one we may not signal counts as running)."""
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether a process of this host with this pid runs (one we may not signal counts as running);
+    with `started` (its `process_start` when the lock was taken), a newer process that was given
+    the same pid does not count."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = process_start(pid)
+    return started is None or now is None or now == started
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks since boot (Linux /proc); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (command name) "
+    return fields[19] if len(fields) > 19 else None  # field 22 of the file: starttime
 
 
 @contextlib.contextmanager
@@ -148,16 +161,16 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
             break
         except FileExistsError:
             try:
-                owner_host, owner_pid = path.read_text().rsplit(" ", 1)
+                owner_host, owner_pid, *started = path.read_text().split(" ")
                 pid = int(owner_pid)
             except (OSError, ValueError):  # being written right now, or removed: look again
                 continue
-            if owner_host == host and not process_alive(pid):
+            if owner_host == host and not process_alive(pid, started[0] if started else None):
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             raise FolderInUse(f"{folder} is in use by process {pid} on {owner_host}") from None
     try:
-        os.write(fd, f"{host} {os.getpid()}".encode())
+        os.write(fd, " ".join([host, str(os.getpid()), *filter(None, [process_start(os.getpid())])]).encode())
         os.close(fd)
         yield
     finally:

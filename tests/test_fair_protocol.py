@@ -252,3 +252,23 @@ def test_a_cell_held_by_another_live_process_is_left_to_it(tmp_path, capsys):
     records = run_suite(suite, out, progress=False)
     assert [r["seed"] for r in records] == [0, 1]
     assert not (first.folder(out) / ".sparseft.lock").exists()
+
+
+def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
+    import os
+    import socket
+
+    from sparseft.fileutil import FolderInUse, folder_lock, process_start
+
+    parent, host = os.getppid(), socket.gethostname()
+    if process_start(parent) is None:
+        pytest.skip("no /proc here")
+    lock = tmp_path / ".sparseft.lock"
+    lock.write_text(f"{host} {parent} {process_start(parent)}")  # the live process that took it
+    with pytest.raises(FolderInUse, match=str(parent)):
+        with folder_lock(tmp_path):
+            pass
+    lock.write_text(f"{host} {parent} 1")  # the pid, reused by a process started later: the taker is gone
+    with folder_lock(tmp_path):
+        assert lock.read_text().split(" ") == [host, str(os.getpid()), process_start(os.getpid())]
+    assert not lock.exists()

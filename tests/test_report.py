@@ -327,3 +327,20 @@ def test_levels_figure_uses_the_fixed_setting_reference(tmp_path, monkeypatch):
     records = [r for r in records if r["label"] != "gps-ref"]
     figures.write_figures(records, build_tables(records), tmp_path)
     assert titles[-2:] == ["gps (vit)", "gps-net (vit)"]
+
+
+def test_learning_rate_curves_come_from_the_tuning_runs(tmp_path):
+    from sparseft.bench.figures import lr_curves, write_figures
+
+    def tuning(*pairs):
+        return [{"point": {"lr": lr}, "val_acc": acc} for lr, acc in pairs]
+
+    records = [rec("gps", "a", 1, 0.5, tuning=tuning((1e-3, 0.4), (3e-3, 0.6))),  # a later seed: ignored
+               rec("gps", "a", 0, 0.5, tuning=tuning((3e-3, 0.5), (1e-3, 0.3), (1e-2, None))),
+               rec("full", "a", 0, 0.5, tuning=tuning((1e-4, 0.7))),  # one point: no curve
+               rec("gps", "b", 0, 0.5, tuning=[{"point": {"lr": 1e-3, "k": 1}, "val_acc": 0.2},
+                                               {"point": {"lr": 3e-3, "k": 1}, "val_acc": 0.3}])]  # not an lr grid
+    assert lr_curves(records) == {("vit", "a"): {"gps": [(1e-3, 30.0), (3e-3, 50.0)]}}
+    write(tmp_path, records)
+    assert "lr_sensitivity.png" in write_figures(records, build_tables(records), tmp_path)
+    assert (tmp_path / "lr_sensitivity.png").stat().st_size > 1000

@@ -4,6 +4,9 @@
                             lines, other rows as points, error bars = std over seeds, Pareto frontier
     gps_distribution.png    where GPS's selected weights sit, per block and matrix type
     gps_levels.png          neuron- vs layer- vs net-level selection at the same setting (if run)
+    lr_sensitivity.png      validation score against learning rate, per task and method: the tuning
+                            runs (honest protocol), so how sharp each method's optimum is and where
+                            the grid caught it
 """
 
 from __future__ import annotations
@@ -89,6 +92,30 @@ def _plot_acc_vs_params(ax: Any, backbone: str, tab: dict[str, Any]) -> None:
         ax.legend(fontsize=7)
 
 
+def lr_curves(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[tuple[float, float]]]]:
+    """(backbone, task) -> label -> [(lr, validation score in %)] from the tuning runs of learning-rate
+    grids (the lowest seed that tuned; diverged points left out); rows with fewer than 2 points skipped."""
+    curves: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = defaultdict(dict)
+    for r in sorted(records, key=lambda r: r["seed"]):
+        points = [(float(t["point"]["lr"]), 100 * t["val_acc"]) for t in r.get("tuning") or []
+                  if set(t["point"]) == {"lr"} and t.get("val_acc") is not None]
+        if len(points) >= 2 and r["label"] not in curves[(r["backbone"], r["task"])]:
+            curves[(r["backbone"], r["task"])][r["label"]] = sorted(points)
+    return {k: v for k, v in curves.items() if v}
+
+
+def _plot_lr_curves(ax: Any, title: str, curves: dict[str, list[tuple[float, float]]]) -> None:
+    for i, (label, points) in enumerate(sorted(curves.items())):  # 10 colours, then the next line style
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^D"[i // 10 % 4], ms=3, lw=1,
+                ls=["-", "--", ":", "-."][i // 10 % 4], color=f"C{i % 10}", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation score (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2 if len(curves) > 8 else 1)
+
+
 def write_figures(records: list[dict[str, Any]], tables: dict[str, Any], results_dir: Path) -> list[str]:
     """Draw the figures into `results_dir`; returns the file names written."""
     import matplotlib
@@ -138,6 +165,19 @@ def write_figures(records: list[dict[str, Any]], tables: dict[str, Any], results
         for ax, (b, lab) in zip(axes[0], levels):
             _plot_distribution(ax, summed(selections(lab, b)), f"{lab} ({b})")
         save(fig, "gps_levels.png")
+    curves = lr_curves(records)
+    if curves:
+        backbones = list(dict.fromkeys(b for b, _ in curves))
+        tasks = list(dict.fromkeys(t for _, t in curves))
+        fig, axes = plt.subplots(len(backbones), len(tasks), figsize=(4.5 * len(tasks), 3.6 * len(backbones)),
+                                 squeeze=False)
+        for i, b in enumerate(backbones):
+            for j, t in enumerate(tasks):
+                if (b, t) in curves:
+                    _plot_lr_curves(axes[i][j], f"{t} ({b})", curves[(b, t)])
+                else:
+                    axes[i][j].set_axis_off()
+        save(fig, "lr_sensitivity.png")
     written += _prediction_figures(records, results_dir)
     return written
 
