@@ -172,6 +172,12 @@ seeds: [0]
     assert [t["val_acc"] for t in record["tuning"]] == [t["val_mIoU"] for t in tune]
     text = write_report(tmp_path / "res").read_text()
     assert "mIoU (dataset-level) (%) on each task's test split" in text
+    assert record["test_scores"]["mDice"] == final["test_mDice"] and record["test_scores"]["acc"] == final["test_acc"]
+    head = next(line for line in text.splitlines() if line.startswith("| method | params % | "))
+    assert "| mDice |" in head and "| pixel acc |" in head and "| mIoU_per_image |" in head
+    section = text[text.index("### Other test scores"):].splitlines()
+    row = next(line for line in section if line.startswith("| gps | ")).split(" | ")
+    assert row[head.split(" | ").index("mDice")] == f"{100 * final['test_mDice']:.1f}"  # one seed: no ± std
     (figure,) = (tmp_path / "res").glob("predictions_*.png")
     assert f"![{figure.name}]({figure.name})" in text
 

@@ -126,7 +126,14 @@ def _row(label: str, recs: list[dict[str, Any]], tab: dict[str, Any], results_di
         "file_kib": mean_of([(r.get("task_file_bytes") or 0) / 1024 for r in recs]),
         "time_min": sum(r.get("run_time_s") or 0 for r in recs) / 60,
         "mean": None, "std": None, "group_means": {g: (None, None) for g in groups}, "mean_groups": (None, None),
+        "scores": {},  # other test scores: name -> (mean, std) over seeds of the mean over tasks
     }
+    others: dict[str, dict[tuple[str, int], float]] = {}
+    for r in recs:
+        if _valid(r):
+            for name, value in (r.get("test_scores") or {}).items():
+                if isinstance(value, (int, float)) and name != r.get("metric", "acc"):
+                    others.setdefault(name, {})[(r["task"], r["seed"])] = 100 * value
     if complete:
         row["mean"], row["std"] = over_seeds(cells, tasks, seeds)
         row["group_means"] = {g: over_seeds(cells, [t for t in tasks if tab["group_of"][t] == g], seeds)
@@ -134,6 +141,7 @@ def _row(label: str, recs: list[dict[str, Any]], tab: dict[str, Any], results_di
         per_seed = [mean_of([mean_of([cells[(t, s)] for t in tasks if tab["group_of"][t] == g]) for g in groups])
                     for s in seeds]
         row["mean_groups"] = (mean_of(per_seed), std_of(per_seed))
+        row["scores"] = {name: over_seeds(c, tasks, seeds) for name, c in others.items() if len(c) == len(cells)}
     return row
 
 
@@ -271,7 +279,24 @@ def _backbone_section(backbone: str, tab: dict[str, Any]) -> list[str]:
     if tab["pareto"]:
         lines += ["Pareto frontier (complete rows; fewer parameters → higher accuracy): "
                   + " → ".join(tab["pareto"]), ""]
-    return lines
+    return lines + _scores_section(tab)
+
+
+def _scores_section(tab: dict[str, Any]) -> list[str]:
+    """The other test scores the runs measured (segmentation: mDice, per-image means, pixel accuracy)."""
+    names = list(dict.fromkeys(n for r in tab["rows"] for n in r["scores"]))
+    if not names:
+        return []
+    shown = {"acc": "pixel acc" if tab["metric"] != "Top-1 accuracy" else "top-1"}
+    lines = ["### Other test scores", "", "Last-epoch test scores (%) besides the table's: mean ±std over seeds of "
+             "the mean over tasks (complete rows).", "",
+             "| method | params % | " + " | ".join(shown.get(n, n) for n in names) + " | file KiB |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for r in tab["rows"]:
+        if r["scores"]:
+            values = " | ".join(_pm(*r["scores"][n]) if n in r["scores"] else "–" for n in names)
+            lines.append(f"| {r['label']} | {_fmt(r['percent'], 3)} | {values} | {_fmt(r['file_kib'], 1)} |")
+    return lines + [""]
 
 
 def write_report(results_dir: str | Path) -> Path:

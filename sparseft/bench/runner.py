@@ -255,6 +255,9 @@ def _run_fresh_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, sho
         "tuning_failed": bool(tuning) and all(t["val_acc"] is None for t in tuning),
         "metric": metric, "last_test_acc": s["final"].get(f"test_{metric}"),
         "best_test_acc": s.get(f"best_test_{metric}"),
+        # every score of the last epoch's test evaluation (segmentation: mDice, per-image means, pixel acc)
+        "test_scores": {k.removeprefix("test_"): v for k, v in s["final"].items()
+                        if k.startswith("test_") and k != "test_loss"},
         "diverged": s.get("diverged"),
         **{k: s["params"].get(k) for k in ("trainable_backbone", "trainable_head", "backbone_params",
                                             "backbone_percent")},
