@@ -141,8 +141,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     import torch
 
     import sparseft
+    from sparseft.loaders import TaskData, num_classes_of
     from sparseft.methods import METHODS, MethodContext, get_method
-    from sparseft.run import RunSpec, TaskData, num_classes_of
+    from sparseft.run import RunSpec
 
     if "test" in args.split.lower() and not args.allow_test_split:
         raise ValueError(f"--split {args.split}: selecting on a test split lets its labels choose what trains, "

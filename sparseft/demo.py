@@ -30,7 +30,8 @@ def main(fast: bool = False, out: Path = Path("runs/demo")) -> int:
     import sparseft
     from sparseft.data import fetch_suite
     from sparseft.hub import fetch_weights
-    from sparseft.run import RunSpec, TaskData, run
+    from sparseft.loaders import TaskData
+    from sparseft.run import RunSpec, run
 
     print(f"[demo] fetching {TASK} and {BACKBONE} (cached after the first run)")
     fetch_suite("mini-vtab", tasks=[TASK.split("/", 1)[1]])

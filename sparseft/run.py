@@ -1,7 +1,7 @@
 """One fine-tuning run end to end: model + data + method -> trained task file and metrics.
 
 `RunSpec` holds everything that defines a run; `run(spec, run_dir)` builds the backbone, the
-data loaders of the task, prepares the method (GPS selects here), trains with `sparseft.train`,
+data loaders of the task (`sparseft.loaders`), prepares the method (GPS selects here), trains with `sparseft.train`,
 and writes the task file and summary into the run folder. The CLI, the demo and the benchmark
 harness all go through this function, so they share one code path.
 """
@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from sparseft import distributed
 from sparseft.cliopts import require
 from sparseft.fileutil import LOCK_FILE, folder_lock, write_text_atomic
+from sparseft.loaders import TaskData, is_segmentation
 from sparseft.methods import MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
 from sparseft.models import create_model
@@ -78,134 +79,6 @@ class RunSpec:
         d["train"] = TrainConfig(**d.get("train", {}))
         d["eval_splits"] = tuple(d.get("eval_splits", ("test",)))
         return cls(**d)
-
-
-class TensorCache(Dataset):
-    """Keeps each transformed sample after its first load (only for deterministic transforms)."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self.items: list[Any] = [None] * len(dataset)  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Any:
-        if self.items[i] is None:
-            self.items[i] = self.dataset[i]
-        return self.items[i]
-
-
-class SeededViews(Dataset):
-    """Sample i's random views drawn from torch's RNG seeded by (seed, i) alone.
-
-    The views then do not depend on the data order, the loader's workers or the number of
-    processes sharing the pass (torchvision's transforms in `TwoViews` draw from torch's RNG).
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        from sparseft.data._random import stable_keys
-
-        self.dataset = dataset
-        self.keys = stable_keys(len(dataset), seed, "selection views")  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(self.keys[i]))
-            return self.dataset[i]
-
-
-class SegViews(Dataset):
-    """Two independently augmented (image, mask) views of item i, drawn from generators seeded by (seed, i)."""
-
-    def __init__(self, dataset: Dataset, transform: Any, seed: int) -> None:
-        from sparseft.data._random import stable_keys
-
-        self.dataset, self.transform = dataset, transform
-        self.keys = stable_keys(len(dataset), seed, "selection views")  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int) -> Any:
-        image, mask = self.dataset[i]  # the raw pair
-        views = [self.transform(image, mask, torch.Generator().manual_seed(int(self.keys[i]) + v)) for v in (0, 1)]
-        return [x for x, _ in views], [m for _, m in views]
-
-
-def is_segmentation(data: str) -> bool:
-    """Whether the data spec names a segmentation data set (images/ + masks/): the task kind follows the data."""
-    from sparseft.data import resolve_spec
-
-    return resolve_spec(data).kind == "seg"
-
-
-class TaskData:
-    """The loaders of one task for one model, built on demand (classification or segmentation)."""
-
-    def __init__(self, spec: RunSpec, model: nn.Module) -> None:
-        from sparseft.data import TwoViews, build_transform, data_config
-        from sparseft.data.segmentation import SegTransform
-
-        self.spec = spec
-        self.config = data_config(model)
-        self.segmentation = is_segmentation(spec.data)
-        if self.segmentation:
-            self.eval_transform = SegTransform.from_config(self.config, train=False, img_size=spec.img_size)
-            self.train_transform = SegTransform.from_config(self.config, train=True, img_size=spec.img_size)
-            self.views = None
-        else:
-            self.eval_transform = build_transform(self.config, spec.preprocessing, train=False,
-                                                  img_size=spec.img_size)
-            self.train_transform = build_transform(self.config, spec.preprocessing, train=True,
-                                                   img_size=spec.img_size)
-            self.views = TwoViews.from_config(self.config, spec.img_size)
-        self._cache: dict[str, Dataset] = {}
-
-    def dataset(self, split: str, transform: Any, deterministic: bool) -> Dataset:
-        from sparseft.data import load_split
-        from sparseft.data.segmentation import load_segmentation
-
-        key = f"{split}:{id(transform)}"
-        if key not in self._cache:
-            load = load_segmentation if self.segmentation else load_split
-            ds = load(self.spec.data, split, transform)
-            self._cache[key] = TensorCache(ds) if (deterministic and self.spec.cache_images) else ds
-        return self._cache[key]
-
-    def loader(self, kind: str, split: str | None = None) -> DataLoader:
-        """'select': two views of the training split; 'train': training batches; 'eval': a split."""
-        from sparseft.data.segmentation import collate_pairs
-
-        s = self.spec
-        if kind == "select" and self.segmentation:
-            ds = SegViews(self.dataset(s.train_split, None, False), self.train_transform, s.train.seed)
-            shuffle, batch = True, s.batch_size
-        elif kind == "select":
-            ds = SeededViews(self.dataset(s.train_split, self.views, False), s.train.seed)
-            shuffle, batch = True, s.batch_size
-        elif kind == "train":
-            fixed = s.preprocessing == "vtab" and not self.segmentation  # segmentation always crops and flips
-            ds = self.dataset(s.train_split, self.train_transform, fixed)
-            shuffle, batch = True, s.batch_size
-        elif kind == "eval":
-            ds, shuffle, batch = self.dataset(split, self.eval_transform, True), False, s.eval_batch_size
-        else:
-            raise ValueError(f"unknown loader kind {kind!r}")
-        generator = torch.Generator().manual_seed(s.train.seed) if kind == "select" else None
-        collate = collate_pairs if (kind == "eval" and self.segmentation) else None  # masks at their own sizes
-        # workers are re-created every epoch, seeded from the per-epoch RNG: resumed runs stay exact
-        return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=s.workers, generator=generator,
-                          collate_fn=collate)
-
-
-def num_classes_of(spec: RunSpec) -> int:
-    from sparseft.data import num_classes
-
-    return num_classes(spec.data)
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", TASK_FILE, PLAN_FILE, "checkpoint.json")
