@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,31 +148,62 @@ def process_start(pid: int) -> str | None:
 def folder_lock(folder: str | Path) -> Iterator[None]:
     """Hold `folder/.sparseft.lock` while the block runs, or raise FolderInUse naming the holder.
 
-    A lock left by a process of this host that no longer runs (killed) is taken over.
+    The lock file reads "host start pid" (start: the holder's start time, so a pid reused by a
+    later process does not count). A lock left by a process of this host that no longer runs
+    (killed) is taken over; so is one naming this very process. A lock file that stays empty or
+    unreadable (its writer died between creating and writing it) counts as held for a moment,
+    then as stale.
     """
     import socket
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    host = socket.gethostname()
+    host, me = socket.gethostname(), os.getpid()
+    unreadable_since = None
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
+        except FileNotFoundError:  # the folder was removed meanwhile (a refused run cleaning up): again
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
         except FileExistsError:
-            try:
-                owner_host, owner_pid, *started = path.read_text().split(" ")
-                pid = int(owner_pid)
-            except (OSError, ValueError):  # being written right now, or removed: look again
+            holder = _lock_holder(path)
+            if holder is None:  # being written right now, or its writer died before writing
+                unreadable_since = unreadable_since or time.monotonic()
+                if time.monotonic() - unreadable_since < LOCK_WRITE_GRACE_S:
+                    time.sleep(0.05)
+                    continue
+                path.unlink(missing_ok=True)
                 continue
-            if owner_host == host and not process_alive(pid, started[0] if started else None):
+            owner_host, started, pid = holder
+            if owner_host == host and (pid == me or not process_alive(pid, started)):
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
-            raise FolderInUse(f"{folder} is in use by process {pid} on {owner_host}") from None
+            raise FolderInUse(f"{folder} is in use by process {pid} on {owner_host} (if that process no longer "
+                              f"runs, delete {path})") from None
     try:
-        os.write(fd, " ".join([host, str(os.getpid()), *filter(None, [process_start(os.getpid())])]).encode())
+        # start before pid: sparseft 0.2's reader (host, pid = rsplit(" ", 1)) then sees another host
+        os.write(fd, " ".join([host, process_start(me) or "-", str(me)]).encode())
         os.close(fd)
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+#: how long a lock file may stay empty or unreadable before it is taken as stale
+LOCK_WRITE_GRACE_S = 2.0
+
+
+def _lock_holder(path: Path) -> tuple[str, str | None, int] | None:
+    """(host, start or None, pid) of a lock file ("host start pid", or the older "host pid"); None if
+    it is empty, unreadable or gone."""
+    try:
+        fields = path.read_text().split(" ")
+        host, *start, pid = fields
+        if len(fields) not in (2, 3):
+            return None
+        return host, (start[0] if start and start[0] != "-" else None), int(pid)
+    except (OSError, ValueError):
+        return None

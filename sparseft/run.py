@@ -163,6 +163,8 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     if run_dir is not None and (not str(run_dir).strip() or str(run_dir) != str(run_dir).strip()):
         raise ValueError(f"--out {str(run_dir)!r} is not a usable folder name")
     run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"--out {run_dir} is a file, not a run folder")
     with contextlib.ExitStack() as held:
         if run_dir is not None:  # one process per run folder: a second `train --out` on it is refused
             distributed.run_on_main(lambda: held.enter_context(_locked_run_dir(run_dir)))
@@ -178,7 +180,8 @@ def _locked_run_dir(run_dir: Path) -> Iterator[None]:
             yield
     finally:
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+            with contextlib.suppress(OSError):  # another process may have just claimed it
+                run_dir.rmdir()
 
 
 def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) -> dict[str, Any]:

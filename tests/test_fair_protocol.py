@@ -264,11 +264,29 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
     if process_start(parent) is None:
         pytest.skip("no /proc here")
     lock = tmp_path / ".sparseft.lock"
-    lock.write_text(f"{host} {parent} {process_start(parent)}")  # the live process that took it
-    with pytest.raises(FolderInUse, match=str(parent)):
+    lock.write_text(f"{host} {process_start(parent)} {parent}")  # the live process that took it
+    with pytest.raises(FolderInUse, match=f"process {parent} .*delete .*sparseft.lock"):
         with folder_lock(tmp_path):
             pass
-    lock.write_text(f"{host} {parent} 1")  # the pid, reused by a process started later: the taker is gone
+    lock.write_text(f"{host} 1 {parent}")  # the pid, reused by a process started later: the taker is gone
     with folder_lock(tmp_path):
-        assert lock.read_text().split(" ") == [host, str(os.getpid()), process_start(os.getpid())]
+        assert lock.read_text().split(" ") == [host, process_start(os.getpid()), str(os.getpid())]
+        # sparseft 0.2's reader (rsplit(" ", 1)) sees another host's lock: it never takes a new lock over
+        assert lock.read_text().rsplit(" ", 1)[0] != host
     assert not lock.exists()
+    lock.write_text(f"{host} {os.getpid()}")  # an older lock naming this very process (a restarted container)
+    with folder_lock(tmp_path):
+        pass
+
+
+def test_a_lock_file_left_empty_is_stale_after_a_grace_period(tmp_path, monkeypatch):
+    import time
+
+    from sparseft import fileutil
+
+    monkeypatch.setattr(fileutil, "LOCK_WRITE_GRACE_S", 0.2)
+    (tmp_path / ".sparseft.lock").write_text("")  # its writer died between creating and writing it
+    start = time.monotonic()
+    with fileutil.folder_lock(tmp_path):
+        assert time.monotonic() - start >= 0.2
+    assert not (tmp_path / ".sparseft.lock").exists()

@@ -64,6 +64,8 @@ def _plot_distribution(ax: Any, dist: dict[str, dict[str, int]], title: str) -> 
 
 def _plot_acc_vs_params(ax: Any, backbone: str, tab: dict[str, Any]) -> None:
     """Complete rows only (an incomplete row has no mean); x is clamped to 1 for the log axis."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator
+
     rows = {r["label"]: r for r in tab["rows"] if r["complete"]}
     in_family = set()
     for family, labels in tab["families"].items():
@@ -84,6 +86,9 @@ def _plot_acc_vs_params(ax: Any, backbone: str, tab: dict[str, Any]) -> None:
         ax.step([max(r["params"], 1.0) for r in front], [r["mean"] for r in front], where="post", ls="--",
                 color="grey", lw=1, label="Pareto frontier")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    # 2x and 5x labels when the axis spans at most 2 decades (3x/4x labels overlapped), none on wider axes
+    ax.xaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.set_xlabel("trainable backbone parameters (head excluded)")
     ax.set_ylabel(f"mean {tab.get('metric', 'top-1').lower()} over tasks (%)")
     ax.set_title(backbone, fontsize=9)
