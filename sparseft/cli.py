@@ -218,14 +218,17 @@ def _predict_masks(args: argparse.Namespace) -> int:
     """`sparseft predict` for a segmentation task: one mask PNG per image in the --out folder."""
     from sparseft.data import DataError
     from sparseft.inference import find_images, load_for_inference
-    from sparseft.seg.predict import mask_file_names, predict_masks, write_masks
+    from sparseft.seg.predict import check_destinations, predict_masks, write_masks
 
     if args.out is None or not args.out.strip():
         raise ValueError(f"{args.task_file} is a segmentation task: name a folder for its mask PNGs with --out")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file; a segmentation task writes a folder of mask PNGs")
-    images = find_images(args.inputs)
-    mask_file_names(images)  # two images of one stem: refused before any work
+    out = Path(args.out).resolve()
+    images = [p for p in find_images(args.inputs) if out not in p.resolve().parents]  # not earlier masks
+    if not images:
+        raise DataError(f"no images to predict outside --out {args.out}")
+    check_destinations(images, out, overwrite=args.overwrite)  # before any work
     model = load_for_inference(args.task_file, weights=args.weights)
     preds = predict_masks(model, images, batch_size=args.batch_size, progress=_train_config(args).progress,
                           on_error="raise" if args.strict else "skip")

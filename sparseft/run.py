@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from sparseft import distributed
 from sparseft.cliopts import require
 from sparseft.fileutil import LOCK_FILE, folder_lock, write_text_atomic
-from sparseft.loaders import TaskData, is_segmentation
+from sparseft.loaders import TaskData, is_segmentation, num_classes_of  # noqa: F401 (num_classes_of: re-exported)
 from sparseft.methods import MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
 from sparseft.models import create_model

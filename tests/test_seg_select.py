@@ -186,10 +186,17 @@ def test_mask_prediction_refusals(tmp_path):
     from pathlib import Path
 
     from sparseft.seg import predict_masks
-    from sparseft.seg.predict import mask_file_names
+    from sparseft.seg.predict import check_destinations, mask_file_names
 
     with pytest.raises(ValueError, match="would both write x.png"):
         mask_file_names([Path("a/x.png"), Path("b/x.jpg")])
+    with pytest.raises(ValueError, match="would both write"):
+        mask_file_names([Path("a/X.png"), Path("b/x.jpg")])  # one file on macOS and Windows
+    photo = tmp_path / "photos" / "p.png"
+    photo.parent.mkdir()
+    Image.new("RGB", (8, 6)).save(photo)
+    with pytest.raises(ValueError, match="is an input image"):
+        check_destinations([photo], photo.parent, overwrite=True)
     with pytest.raises(ValueError, match="needs a segmentation model"):
         predict_masks(sparseft.create_model("test_vit", 3, img_size=32), [Image.new("RGB", (8, 8))])
     model = create_segmentation_model("test_vit", num_classes=3, img_size=32)

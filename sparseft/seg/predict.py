@@ -104,14 +104,30 @@ def _open(item: ImageInput, on_error: OnError) -> _Item:
 
 
 def mask_file_names(paths: Sequence[Path]) -> list[str]:
-    """`<stem>.png` for each image; two images with one stem are refused (their masks would collide)."""
+    """`<stem>.png` for each image; two images with one stem (ignoring case, as macOS and Windows
+    do) are refused: their masks would collide."""
     seen: dict[str, Path] = {}
     for p in paths:
-        name = f"{p.stem}.png"
+        name = f"{p.stem}.png".casefold()
         if name in seen:
-            raise ValueError(f"{p} and {seen[name]} would both write {name}; predict them into separate folders")
+            raise ValueError(f"{p} and {seen[name]} would both write {p.stem}.png; predict them into separate "
+                             "folders")
         seen[name] = p
     return [f"{p.stem}.png" for p in paths]
+
+
+def check_destinations(paths: Sequence[Path], folder: str | Path, *, overwrite: bool = False) -> None:
+    """Before any work: no mask may replace one of the input images, nor an existing file unless `overwrite`."""
+    folder = Path(folder)
+    targets = [folder / n for n in mask_file_names(paths)]
+    inputs = {p.resolve() for p in paths}
+    hit = next((t for t in targets if t.resolve() in inputs), None)
+    if hit is not None:
+        raise ValueError(f"{hit} is an input image and would be replaced by its mask; choose another --out folder")
+    clash = [t for t in targets if t.exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{clash[0]} exists ({len(clash)} of the masks would replace files); pass "
+                              "--overwrite, or choose another folder")
 
 
 def write_masks(preds: Sequence[MaskPrediction], folder: str | Path, *, overwrite: bool = False) -> list[Path]:
@@ -123,11 +139,8 @@ def write_masks(preds: Sequence[MaskPrediction], folder: str | Path, *, overwrit
     if any(p.path is None for p in good):
         raise ValueError("write_masks names files after the images' paths; predictions of PIL images have none")
     folder = Path(folder)
+    check_destinations([p.path for p in good], folder, overwrite=overwrite)
     names = mask_file_names([p.path for p in good])
-    clash = [n for n in names if (folder / n).exists()]
-    if clash and not overwrite:
-        raise FileExistsError(f"{folder / clash[0]} exists ({len(clash)} of the masks would replace files); pass "
-                              "--overwrite, or choose another folder")
     folder.mkdir(parents=True, exist_ok=True)
     colours = palette(int(max((int(p.mask.max()) for p in good), default=0)) + 1)[:-1]
     flat = [int(v) for v in colours.reshape(-1)]
