@@ -130,8 +130,7 @@ def process_alive(pid: int, started: str | None = None) -> bool:
         return False
     except PermissionError:
         pass
-    now = process_start(pid)
-    return started is None or now is None or now == started
+    return started is None or process_start(pid) in (None, started)
 
 
 def process_start(pid: int) -> str | None:
@@ -201,9 +200,9 @@ def _lock_holder(path: Path) -> tuple[str, str | None, int] | None:
     it is empty, unreadable or gone."""
     try:
         fields = path.read_text().split(" ")
-        host, *start, pid = fields
         if len(fields) not in (2, 3):
             return None
-        return host, (start[0] if start and start[0] != "-" else None), int(pid)
+        start = fields[1] if len(fields) == 3 and fields[1] != "-" else None
+        return fields[0], start, int(fields[-1])
     except (OSError, ValueError):
         return None

@@ -90,10 +90,8 @@ def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool
     if resume:
         check_same_settings(run_dir, spec.to_dict(), part="spec")
         return
-    if not run_dir.exists():
+    if not run_dir.exists():  # (a file there was refused by `run` before it took the folder's lock)
         return
-    if not run_dir.is_dir():
-        raise NotADirectoryError(f"--out {run_dir} is a file, not a run folder")
     present = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
     if not present:
         return
