@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,52 +146,57 @@ def process_start(pid: int) -> str | None:
 def folder_lock(folder: str | Path) -> Iterator[None]:
     """Hold `folder/.sparseft.lock` while the block runs, or raise FolderInUse naming the holder.
 
-    The lock file reads "host start pid" (start: the holder's start time, so a pid reused by a
-    later process does not count). A lock left by a process of this host that no longer runs
-    (killed) is taken over; so is one naming this very process. A lock file that stays empty or
-    unreadable (its writer died between creating and writing it) counts as held for a moment,
-    then as stale.
+    The lock is the kernel's (`fcntl.flock` on the file), so it ends with its process however that
+    process ends, and of two processes that try at once exactly one gets it. The file reads
+    "host start pid" so that a refusal can name the holder. A file left by sparseft 0.2, whose
+    locks were the file's existence alone, still counts while the process it names runs.
     """
+    import fcntl
     import socket
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     host, me = socket.gethostname(), os.getpid()
-    unreadable_since = None
     while True:
+        folder.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         except FileNotFoundError:  # the folder was removed meanwhile (a refused run cleaning up): again
-            folder.mkdir(parents=True, exist_ok=True)
             continue
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is None:  # being written right now, or its writer died before writing
-                unreadable_since = unreadable_since or time.monotonic()
-                if time.monotonic() - unreadable_since < LOCK_WRITE_GRACE_S:
-                    time.sleep(0.05)
-                    continue
-                path.unlink(missing_ok=True)
-                continue
-            owner_host, started, pid = holder
-            if owner_host == host and (pid == me or not process_alive(pid, started)):
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            raise FolderInUse(f"{folder} is in use by process {pid} on {owner_host} (if that process no longer "
-                              f"runs, delete {path})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(folder, path, "") from None
+        if not _same_file(fd, path):  # its holder removed it between our open and flock: a new file
+            os.close(fd)
+            continue
+        holder = _lock_holder(path)
+        if holder is not None and holder[0] == host and holder[2] != me and process_alive(holder[2], holder[1]):
+            os.close(fd)  # a live sparseft 0.2 process, which does not flock
+            raise _in_use(folder, path, f" (if that process no longer runs, delete {path})")
+        break
     try:
-        # start before pid: sparseft 0.2's reader (host, pid = rsplit(" ", 1)) then sees another host
+        os.ftruncate(fd, 0)
         os.write(fd, " ".join([host, process_start(me) or "-", str(me)]).encode())
-        os.close(fd)
         yield
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # before the lock ends, so that no one locks a removed file
+        os.close(fd)
 
 
-#: how long a lock file may stay empty or unreadable before it is taken as stale
-LOCK_WRITE_GRACE_S = 2.0
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(os.fstat(fd), st)
+
+
+def _in_use(folder: Path, path: Path, hint: str) -> FolderInUse:
+    holder = _lock_holder(path)
+    who = f"process {holder[2]} on {holder[0]}" if holder else "another process"
+    return FolderInUse(f"{folder} is in use by {who}{hint}")
 
 
 def _lock_holder(path: Path) -> tuple[str, str | None, int] | None:
