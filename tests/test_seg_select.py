@@ -148,6 +148,11 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
     assert metrics.compute()["mIoU"] == pytest.approx(again["mIoU"], abs=1e-6)
     assert main(["predict", task, images[0], "--out", str(tmp_path / "masks"), "--no-progress"]) == 1  # exists
     assert main(["predict", task, images[0], "--no-progress"]) == 1  # no folder named
+    with Image.open(images[0]) as img:  # a wide image gets a wide mask, at its own size
+        img.convert("RGB").resize((52, 30)).save(tmp_path / "wide.png")
+    assert main(["predict", task, str(tmp_path / "wide.png"), "--out", str(tmp_path / "wide"), "--no-progress"]) == 0
+    with Image.open(tmp_path / "wide" / "wide.png") as png:
+        assert png.mode == "P" and png.size == (52, 30)
 
 
 def test_a_segmentation_suite_tunes_on_val_miou_and_reports_it(tmp_path):
