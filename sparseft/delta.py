@@ -192,12 +192,12 @@ def _user_of(model: nn.Module, param_name: str) -> tuple[str, str]:
     return mod_name, leaf
 
 
-def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = "update",
+def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = "frozen",
           head: str | None = None, keep_base: bool = True, base_fingerprint: str | None = None) -> nn.Module:
     """Make `model` train only what `selection` names, in place; returns the model.
 
-    `batchnorm="update"` lets BatchNorm running statistics adapt during training (they are
-    saved with the delta); `"frozen"` keeps BatchNorm layers in eval mode. `keep_base=False`
+    `batchnorm="frozen"` (GPS's default, docs/results.md) keeps BatchNorm layers in eval mode;
+    `"update"` lets their running statistics adapt during training (they are saved with the delta). `keep_base=False`
     keeps no copy of the parameters trained in full (saves memory when that is most of the
     model, as in full fine-tuning); such a model cannot be unmerged. `base_fingerprint`: the
     base's fingerprint when the caller knows it already (a task file's), else it is computed.

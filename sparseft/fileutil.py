@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,51 +147,83 @@ def process_start(pid: int) -> str | None:
 def folder_lock(folder: str | Path) -> Iterator[None]:
     """Hold `folder/.sparseft.lock` while the block runs, or raise FolderInUse naming the holder.
 
-    The lock is the kernel's (`fcntl.flock` on the file), so it ends with its process however that
-    process ends, and of two processes that try at once exactly one gets it. The file reads
-    "host start pid" so that a refusal can name the holder. A file left by sparseft 0.2, whose
-    locks were the file's existence alone, still counts while the process it names runs.
+    The lock is the kernel's (`fcntl.flock` on the file): it ends with its process however that
+    process ends, and of processes that try at once exactly one gets it. The file reads
+    "host+flock start pid" so that a refusal can name the holder. A file written by the earlier
+    scheme (the file's existence was the lock: "host start pid" or "host pid") counts while the
+    process it names runs, or always when that process is on another host. One process cannot hold
+    the same folder's lock twice. On network file systems the lock is as good as their `flock`.
     """
+    folder = Path(folder)
+    path = folder / LOCK_FILE
+    fd = _take_lock(folder, path)
+    try:
+        yield
+    finally:
+        try:
+            with contextlib.suppress(OSError):  # a file left behind is free: nobody holds its flock
+                path.unlink()  # before the lock ends, so that no one locks a removed file
+        finally:
+            os.close(fd)
+
+
+#: marks a lock file written under `flock`; an earlier reader sees another host and never takes it over
+LOCK_MARK = "+flock"
+#: how long an unmarked, empty lock file may be still being written by the earlier scheme
+LOCK_WRITE_GRACE_S = 2.0
+
+
+def _take_lock(folder: Path, path: Path) -> int:
     import fcntl
     import socket
 
-    folder = Path(folder)
-    path = folder / LOCK_FILE
     host, me = socket.gethostname(), os.getpid()
-    while True:
+    for _ in range(100):
         folder.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         except FileNotFoundError:  # the folder was removed meanwhile (a refused run cleaning up): again
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _in_use(folder, path, "") from None
+            except OSError as err:
+                raise OSError(err.errno, f"cannot lock {path}: {err.strerror} (sparseft needs a file system with "
+                                         "flock for its run and results folders)") from None
+            if not _same_file(fd, path):  # its holder removed it between our open and flock: a new file
+                os.close(fd)
+                continue
+            holder = _earlier_holder(fd, path)
+            if holder is not None and (holder[0] != host or (holder[2] != me and process_alive(holder[2], holder[1]))):
+                raise _in_use(folder, path, f" (if that process no longer runs, delete {path})")
+            os.ftruncate(fd, 0)
+            os.write(fd, " ".join([host + LOCK_MARK, process_start(me) or "-", str(me)]).encode())
+            return fd
+        except BaseException:
             os.close(fd)
-            raise _in_use(folder, path, "") from None
-        if not _same_file(fd, path):  # its holder removed it between our open and flock: a new file
-            os.close(fd)
-            continue
-        holder = _lock_holder(path)
-        if holder is not None and holder[0] == host and holder[2] != me and process_alive(holder[2], holder[1]):
-            os.close(fd)  # a live sparseft 0.2 process, which does not flock
-            raise _in_use(folder, path, f" (if that process no longer runs, delete {path})")
-        break
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, " ".join([host, process_start(me) or "-", str(me)]).encode())
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # before the lock ends, so that no one locks a removed file
-        os.close(fd)
+            raise
+    raise OSError(f"cannot lock {path}: it was replaced 100 times in a row")
 
 
 def _same_file(fd: int, path: Path) -> bool:
     try:
-        st = path.stat()
+        return os.path.samestat(os.fstat(fd), path.stat())
     except FileNotFoundError:
         return False
-    return os.path.samestat(os.fstat(fd), st)
+
+
+def _earlier_holder(fd: int, path: Path) -> tuple[str, str | None, int] | None:
+    """The holder named by a lock file of the earlier scheme (no flock), or None. An empty file
+    younger than LOCK_WRITE_GRACE_S may be one such being written: read it again until it is not."""
+    while True:
+        st = os.fstat(fd)
+        if st.st_size or time.time() - st.st_mtime >= LOCK_WRITE_GRACE_S:
+            break
+        time.sleep(0.05)
+    holder = _lock_holder(path)
+    return holder[:3] if holder is not None and not holder[3] else None
 
 
 def _in_use(folder: Path, path: Path, hint: str) -> FolderInUse:
@@ -199,14 +232,15 @@ def _in_use(folder: Path, path: Path, hint: str) -> FolderInUse:
     return FolderInUse(f"{folder} is in use by {who}{hint}")
 
 
-def _lock_holder(path: Path) -> tuple[str, str | None, int] | None:
-    """(host, start or None, pid) of a lock file ("host start pid", or the older "host pid"); None if
-    it is empty, unreadable or gone."""
+def _lock_holder(path: Path) -> tuple[str, str | None, int, bool] | None:
+    """(host, start or None, pid, written under flock) of a lock file ("host+flock start pid", or the
+    earlier "host start pid" and "host pid"); None if it is empty, unreadable or gone."""
     try:
         fields = path.read_text().split(" ")
         if len(fields) not in (2, 3):
             return None
         start = fields[1] if len(fields) == 3 and fields[1] != "-" else None
-        return fields[0], start, int(fields[-1])
+        host = fields[0].removesuffix(LOCK_MARK)
+        return host, start, int(fields[-1]), host != fields[0]
     except (OSError, ValueError):
         return None

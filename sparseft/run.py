@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 
 from sparseft import distributed
 from sparseft.cliopts import require
-from sparseft.fileutil import LOCK_FILE, folder_lock, write_text_atomic
+from sparseft.fileutil import LOCK_FILE, folder_lock, read_json, write_text_atomic
 from sparseft.loaders import TaskData, is_segmentation, num_classes_of  # noqa: F401 (num_classes_of: re-exported)
-from sparseft.methods import MethodContext, get_method
+from sparseft.methods import BATCHNORM_DEFAULT_BEFORE, MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
 from sparseft.models import create_model
 from sparseft.train import TrainConfig, check_same_settings, evaluate, fit
@@ -138,6 +138,22 @@ def _finished(run_dir: Path, spec: RunSpec) -> bool:
     return not checkpoint.is_file() or json.loads(checkpoint.read_text()).get("epoch", -1) + 1 >= spec.train.epochs
 
 
+def _resumed_batchnorm(run_dir: Path, spec: RunSpec) -> str | None:
+    """The BatchNorm policy a resumed run trained with, unless `--batchnorm` is given now (None).
+
+    A run recorded before runs kept their policy gets it written into its config.json: its
+    `batchnorm` option, else the method's default of that time, so that `fit`'s settings check
+    sees a later change of default."""
+    path = run_dir / "config.json"
+    stored = read_json(path, ValueError, "run record")
+    if isinstance(stored, dict) and "batchnorm" not in stored:
+        options = (stored.get("spec") or {}).get("options") or {}
+        stored["batchnorm"] = (options.get("batchnorm") or BATCHNORM_DEFAULT_BEFORE.get(spec.method)
+                               or get_method(spec.method).batchnorm_mode())
+        write_text_atomic(path, json.dumps(stored, indent=1))
+    return None if "batchnorm" in spec.options or not isinstance(stored, dict) else stored["batchnorm"]
+
+
 def _claim(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """`claim_run_dir`; then, resuming a finished run, its summary (None: there is training to do)."""
     claim_run_dir(run_dir, spec, resume=resume, overwrite=overwrite)
@@ -195,7 +211,8 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     from sparseft.seg.model import create_segmentation_model
 
     # everything is checked before anything is computed or removed: options, model, data
-    method = get_method(spec.method, **spec.options)
+    kept = distributed.run_on_main(lambda: _resumed_batchnorm(run_dir, spec)) if resume and run_dir else None
+    method = get_method(spec.method, **spec.options, **({"batchnorm": kept} if kept else {}))
     names = class_names(spec.data)
     classes = len(names)
     segmentation = is_segmentation(spec.data)
@@ -221,7 +238,8 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     model = method.prepare(model, ctx)
     prepare_time = time.perf_counter() - t0
     task = "segmentation" if segmentation else "classification"
-    info = {"spec": spec.to_dict(), "num_classes": classes, "data_config": data.config, "task": task}
+    info = {"spec": spec.to_dict(), "batchnorm": method.batchnorm_mode(), "num_classes": classes,
+            "data_config": data.config, "task": task}
     eval_loaders = {split.replace("800", "").replace("200", ""): data.loader("eval", split)
                     for split in spec.eval_splits}
     task_file = None

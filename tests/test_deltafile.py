@@ -16,7 +16,7 @@ from sparseft import DeltaError, DeltaFileError
 def trained(family="vit", seed=0):
     base = tiny_model(family, seed=seed)
     model = copy.deepcopy(base)
-    sparseft.apply(model, random_selection(model, k=1))
+    sparseft.apply(model, random_selection(model, k=1), batchnorm="update")
     train_steps(model)
     model.eval()
     return base, model

@@ -57,6 +57,34 @@ def test_batchnorm_defaults_are_each_methods_own_and_bad_values_are_refused():
         get_method("linear", batchnorm="sometimes")
 
 
+def test_a_resumed_run_keeps_the_batchnorm_policy_it_trained_with(tmp_path):
+    from sparseft.run import RunSpec, run
+    from sparseft.train import TrainConfig
+
+    spec = RunSpec(model="test_resnet", data=str(make_vtab(tmp_path / "task")), method="gps", options={"k": 1},
+                   img_size=32, batch_size=8, train=TrainConfig(epochs=1, lr=1e-3, progress=False))
+    run(spec, tmp_path / "run")
+    config = tmp_path / "run" / "config.json"
+    assert json.loads(config.read_text())["batchnorm"] == "frozen"  # GPS's default, recorded
+
+    def interrupted_before_the_policy_was_recorded():  # a run of the old default, its last files lost
+        stored = json.loads(config.read_text())
+        del stored["batchnorm"]
+        config.write_text(json.dumps(stored))
+        for name in ("summary.json", "delta.safetensors"):
+            (tmp_path / "run" / name).unlink()
+
+    interrupted_before_the_policy_was_recorded()
+    run(spec, tmp_path / "run", resume=True)
+    assert json.loads(config.read_text())["batchnorm"] == "update"  # GPS's default when that run started
+    header, _ = sparseft.read_delta(tmp_path / "run" / "delta.safetensors")
+    assert header["batchnorm"] == "update"
+    interrupted_before_the_policy_was_recorded()
+    frozen = RunSpec(**{**spec.__dict__, "options": {"k": 1, "batchnorm": "frozen"}})
+    with pytest.raises(ValueError, match="changed settings.*batchnorm"):
+        run(frozen, tmp_path / "run", resume=True)
+
+
 def _suite(tmp_path, data, extra=""):
     text = f"""
 name: tiny
@@ -255,29 +283,43 @@ def test_a_cell_held_by_another_live_process_is_left_to_it(tmp_path, capsys):
     assert not (first.folder(out) / ".sparseft.lock").exists()
 
 
-def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
+def test_a_lock_file_of_the_earlier_scheme_counts_while_its_process_runs(tmp_path, monkeypatch):
     import os
     import socket
+    import time
 
+    from sparseft import fileutil
     from sparseft.fileutil import FolderInUse, folder_lock, process_start
 
     parent, host = os.getppid(), socket.gethostname()
     if process_start(parent) is None:
         pytest.skip("no /proc here")
     lock = tmp_path / ".sparseft.lock"
+    open_fds = len(os.listdir("/proc/self/fd"))
     lock.write_text(f"{host} {process_start(parent)} {parent}")  # the live process that took it
     with pytest.raises(FolderInUse, match=f"process {parent} .*delete .*sparseft.lock"):
         with folder_lock(tmp_path):
             pass
+    lock.write_text(f"otherhost 1 {parent}")  # another host's: it cannot be checked from here, so it counts
+    with pytest.raises(FolderInUse, match="process .* on otherhost .*delete"):
+        with folder_lock(tmp_path):
+            pass
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # the refusals closed what they opened
     lock.write_text(f"{host} 1 {parent}")  # the pid, reused by a process started later: the taker is gone
     with folder_lock(tmp_path):
-        assert lock.read_text().split(" ") == [host, process_start(os.getpid()), str(os.getpid())]
-        # sparseft 0.2's reader (rsplit(" ", 1)) sees another host's lock: it never takes a new lock over
-        assert lock.read_text().rsplit(" ", 1)[0] != host
+        assert lock.read_text().split(" ") == [host + "+flock", process_start(os.getpid()), str(os.getpid())]
+        # the earlier scheme's readers see another host's lock: they never take a new lock over
+        assert lock.read_text().split(" ")[0] != host and lock.read_text().rsplit(" ", 1)[0] != host
     assert not lock.exists()
     lock.write_text(f"{host} {os.getpid()}")  # an older lock naming this very process (a restarted container)
     with folder_lock(tmp_path):
         pass
+    monkeypatch.setattr(fileutil, "LOCK_WRITE_GRACE_S", 0.3)
+    lock.write_text("")  # just created by the earlier scheme and not yet written: wait for its writer
+    start = time.monotonic()
+    with folder_lock(tmp_path):
+        assert time.monotonic() - start >= 0.2
+    assert len(os.listdir("/proc/self/fd")) == open_fds
 
 
 def _hold(folder, ready, release):  # a child process: take the lock, say so, wait to be told to let go

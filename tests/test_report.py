@@ -297,7 +297,8 @@ def test_write_report_on_a_small_folder(tmp_path):
     assert "| adam wd0 |" in table_line(text, "gps |") and "| adamw wd1e-4 |" in table_line(text, "lora-qkv-r1")
     assert "| 2/2 |" in table_line(text, "full") and "| 0/2 |" in table_line(text, "gps |")
     assert "GPS ≥ full fine-tuning (low-data tasks)**: supported" in text
-    assert "n = 6 pairs, gps better on 6/6 pairs and on 2/2 tasks' means → **supported**" in text
+    assert ("n = 6 pairs, gps better on 6/6 pairs and on 2/2 tasks' means → **supported** "
+            "(per task: a +8.00, b +8.00)") in text
     assert "### Budget-matched comparisons" in text
     assert "- gps (92,928 params) vs lora-qkv at the same budget: outside its range" in text
     assert "Pareto frontier" in text

@@ -195,9 +195,10 @@ def _bn_task(path, classes: int = 3) -> tuple[torch.nn.Module, object]:
     ctx = MethodContext(loader={"select": [([x, x.flip(-1)], y)], "train": [(x, y)]}.__getitem__, progress=False)
     if classes != 3:
         model.reset_classifier(classes)
-    task = get_method("gps").prepare(model, ctx)
+    gps = get_method("gps", batchnorm="update")
+    task = gps.prepare(model, ctx)
     task.train()(x)  # BatchNorm statistics of the task
-    get_method("gps").save(task, path, extra={"model": "test_resnet", "num_classes": classes, "img_size": 32})
+    gps.save(task, path, extra={"model": "test_resnet", "num_classes": classes, "img_size": 32})
     torch.manual_seed(0)
     return sparseft.create_model("test_resnet", num_classes=3, img_size=32).eval(), path
 

@@ -259,7 +259,8 @@ def _backbone_section(backbone: str, tab: dict[str, Any]) -> list[str]:
             for x in c["comparisons"]:
                 lines.append(f"  - {x['a']} {_pm(x['a_mean'], x['a_std'])} vs {x['b']} {_pm(x['b_mean'], x['b_std'])}"
                              f": {_diff_text(x)}, n = {x['n']} pairs, {x['a']} better on {x['a_wins']}/{x['n']} "
-                             f"pairs and on {x['tasks_won']}/{x['tasks']} tasks' means → {_verdict_text(x)}")
+                             f"pairs and on {x['tasks_won']}/{x['tasks']} tasks' means → {_verdict_text(x)}"
+                             f" (per task: {', '.join(f'{t} {d:+.2f}' for t, d in x['per_task'].items())})")
         lines.append("")
     matched = budget_matched(tab)
     if matched:

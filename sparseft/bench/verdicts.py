@@ -100,7 +100,7 @@ def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     per_task = [mean_of([a["cells"][k] - b["cells"][k] for k in keys if k[0] == t]) for t in tasks]
     return {"a": a["label"], "b": b["label"], "a_mean": a_mean, "a_std": a_std, "b_mean": b_mean, "b_std": b_std,
             "a_wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "seeds": len(seeds),
-            "tasks": len(tasks), "tasks_won": sum(d > 0 for d in per_task),
+            "tasks": len(tasks), "tasks_won": sum(d > 0 for d in per_task), "per_task": dict(zip(tasks, per_task)),
             "mean_diff": mean_of(diffs), **_judged(diffs, len(seeds), a, b)}
 
 

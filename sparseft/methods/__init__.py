@@ -26,6 +26,10 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+#: methods' BatchNorm defaults before 2026-12-01, for runs recorded before run folders kept their policy
+BATCHNORM_DEFAULT_BEFORE = {"gps": "update"}
+
+
 def get_method(name: str, **options: Any) -> Method:
     """An instance of the method `name` with the given options (unknown options are an error)."""
     if name not in METHODS:

@@ -70,7 +70,7 @@ class CommonOptions:
 
     batchnorm: str | None = field(default=None, metadata={
         "help": "BatchNorm running statistics: update (kept in the task file) or frozen; default: the method's "
-                "own (update for full, gps and spt-*, frozen for the others)", "choices": ["update", "frozen"]})
+                "own (update for full and spt-*, frozen for the others)", "choices": ["update", "frozen"]})
 
 
 class Method:

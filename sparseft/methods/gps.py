@@ -21,8 +21,8 @@ SELECTION_SETTINGS = ("k", "level", "criterion", "loss", "score", "score_norm", 
 class GPS(Method):
     name = "gps"
     summary = "Gradient-based Parameter Selection: top-K inputs per neuron by SupCon gradient"
-    #: frozen since 0.2: on MobileNetV2 (mini-vtab-cpu, 3 tasks x 3 seeds) GPS with frozen statistics beat
-    #: GPS updating them by 8.5 points on 9/9 pairs (docs/results.md)
+    #: "update" until 2026-12-01; on MobileNetV2 (mini-vtab-cpu, 3 tasks x 3 seeds) GPS with frozen statistics
+    #: beat GPS updating them by 8.5 points on 9/9 pairs (docs/results.md)
     batchnorm = "frozen"
 
     @dataclass
