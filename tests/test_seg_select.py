@@ -130,6 +130,21 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
     assert model.class_names == CLASSES  # the metrics know the background class
     with pytest.raises(ValueError, match="predict gives the classes of whole images"):
         sparseft.predict(model, torch.randn(1, 3, 32, 32))
+    # merged, the task gives the logits it gives applied; unmerged, the base comes back bit for bit
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        applied = model(x)
+        sparseft.merge(model)
+        merged = model(x)
+        sparseft.unmerge(model)
+        base_logits = model(x)
+    torch.testing.assert_close(merged, applied, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(base_logits, applied, atol=1e-4)  # the task changed something
+    base = sparseft.unmerge(sparseft.load(tmp_path / "run" / "delta.safetensors"))
+    assert model.state_dict().keys() == base.state_dict().keys()
+    for name, value in base.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
     # `sparseft predict` writes one mask PNG per image; scored against the ground truth they give eval's mIoU
     from sparseft.cli import main
     from sparseft.seg import SegMetrics
