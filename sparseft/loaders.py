@@ -109,8 +109,10 @@ class TaskData:
 
         key = f"{split}:{id(transform)}"
         if key not in self._cache:
-            load = load_segmentation if self.segmentation else load_split
-            ds = load(self.spec.data, split, transform)
+            if self.segmentation:  # crops and flips drawn per (seed, epoch, item): the same under any process count
+                ds = load_segmentation(self.spec.data, split, transform, seed=self.spec.train.seed)
+            else:
+                ds = load_split(self.spec.data, split, transform)
             self._cache[key] = TensorCache(ds) if (deterministic and self.spec.cache_images) else ds
         return self._cache[key]
 

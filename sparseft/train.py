@@ -313,6 +313,9 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
 
     for epoch in range(start_epoch, config.epochs):
         torch.manual_seed(_epoch_seed(config.seed, epoch))
+        dataset = getattr(train_batches, "dataset", None)
+        if hasattr(dataset, "set_epoch"):  # a data set that seeds each item's augmentation itself
+            dataset.set_epoch(epoch)
         model.train()
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0

@@ -156,6 +156,34 @@ def make_vtab(root: Path, n_train: int = 6, n_val: int = 2, n_test: int = 4, cla
     return root
 
 
+SEG_CLASSES = ["background", "square", "disc"]
+
+
+def make_seg_task(root: Path, n_train: int = 12, n_test: int = 6, size: int = 32, seed: int = 0) -> Path:
+    """Squares (class 1) and discs (class 2) of a class colour on noise; index masks, classes.txt."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    stems = []
+    for i in range(n_train + n_test):
+        img = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        cy, cx = rng.integers(8, size - 8, 2)
+        kind = 1 + i % 2
+        region = (abs(yy - cy) < 6) & (abs(xx - cx) < 6) if kind == 1 else (yy - cy) ** 2 + (xx - cx) ** 2 < 36
+        img[region] = (200, 40, 40) if kind == 1 else (40, 40, 200)
+        mask[region] = kind
+        Image.fromarray(img).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray(mask, "L").save(root / "masks" / f"{i:03d}.png")
+        stems.append(f"{i:03d}")
+    (root / "classes.txt").write_text("\n".join(SEG_CLASSES) + "\n")
+    for split, part in {"train800": stems[:8], "val200": stems[8:n_train], "train800val200": stems[:n_train],
+                        "test": stems[n_train:]}.items():
+        (root / f"{split}.txt").write_text("\n".join(part) + "\n")
+    return root
+
+
 def make_fgvc(root: Path, image_dir: str = "images", first_label: int = 1, classes: int = 3) -> Path:
     """A VPT-style FGVC folder: train/val/test.json mapping paths (under `image_dir`) to labels."""
     img_root = root / image_dir if image_dir else root

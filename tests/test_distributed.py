@@ -1,8 +1,9 @@
 """Two processes (torchrun, gloo on CPU) select and train as one process does.
 
 One torchrun launch (run as a script: this file's `__main__`) runs the CLI's `select` and `train`
-(GPS, LoRA, and a GPS run interrupted after its first epoch, then resumed) in two processes; the
-tests compare its files with the same commands run here in one process.
+(GPS, LoRA, GPS on a segmentation task, and a GPS run interrupted after its first epoch, then
+resumed) in two processes; the tests compare its files with the same commands run here in one
+process.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_vtab
+from helpers import make_seg_task, make_vtab
 from safetensors.torch import load_file
 
 from sparseft import distributed
@@ -37,12 +38,17 @@ def commands(task: Path, out: Path) -> dict[str, list[str]]:
                        "--batch-size", "4", "--no-progress", *MODEL],
             "gps": [*train, "--method", "gps", "--k", "2", "--out", str(out / "gps")],
             "lora": [*train, "--method", "lora", "--out", str(out / "lora")],
+            # masks: the pixel loss is shared by the valid pixels of the whole batch, not of each half
+            "seg": ["train", "--data", str(task.parent / "seg"), *MODEL, *TRAIN, "--method", "gps", "--k", "1",
+                    "--out", str(out / "seg")],
             "resumed": [*train, "--method", "gps", "--k", "2", "--out", str(out / "resumed")]}
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> Path:
-    return make_vtab(tmp_path_factory.mktemp("dist") / "task", n_train=12, n_val=4, n_test=8, classes=3)
+    root = tmp_path_factory.mktemp("dist")
+    make_seg_task(root / "seg", size=36)  # masks at 36 px, the model at 32: scores at the masks' size
+    return make_vtab(root / "task", n_train=12, n_val=4, n_test=8, classes=3)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,8 @@ def two(task) -> tuple[Path, str]:
     out = task.parent / "two"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            __file__, str(task), str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1",  # this tree's sparseft, installed or not
+                               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return out, proc.stdout
 
@@ -76,7 +83,7 @@ def test_two_process_selection_equals_one_process_selection(one, two):
     assert printed.count("selected ") == 1  # rank 0 alone reports (and writes)
 
 
-@pytest.mark.parametrize("method", ["gps", "lora"])
+@pytest.mark.parametrize("method", ["gps", "lora", "seg"])
 def test_two_process_training_matches_one_process(one, two, method):
     out, printed = two
     a, b = load_file(one / method / "delta.safetensors"), load_file(out / method / "delta.safetensors")
@@ -96,6 +103,9 @@ def test_two_process_training_matches_one_process(one, two, method):
     assert (final_b["test_acc"], final_b["train_acc"]) == (final_a["test_acc"], final_a["train_acc"])
     assert final_b["train_loss"] == pytest.approx(final_a["train_loss"], rel=1e-5)
     assert final_b["test_loss"] == pytest.approx(final_a["test_loss"], rel=1e-5)
+    if method == "seg":  # evaluation sums each rank's intersections and unions
+        assert final_b["test_mIoU"] == pytest.approx(final_a["test_mIoU"], abs=1e-6)
+        assert final_b["test_mIoU_per_image"] == pytest.approx(final_a["test_mIoU_per_image"], abs=1e-6)
     assert sorted(p.name for p in (out / method).iterdir()) == sorted(p.name for p in (one / method).iterdir())
     assert summary["world_size"] == 2
     assert json.loads((out / method / "config.json").read_text())["world_size"] == 2
@@ -178,7 +188,7 @@ def _worker(task: Path, out: Path) -> None:
 
     distributed.init_from_env()
     argv = commands(task, out)
-    for name in ("select", "gps", "lora"):
+    for name in ("select", "gps", "lora", "seg"):
         assert main(argv[name]) == 0, name
     real, calls = sparseft.train._non_finite, []
 

@@ -282,6 +282,14 @@ def test_augmentation_is_deterministic_for_a_seed(tmp_path):
     assert not torch.equal(first[0], ds[1][0])
     again = load_segmentation(root, "train800", tf, seed=3)
     assert all(torch.equal(p, q) for p, q in zip(first, again[1]))
+    # training moves the data set to each epoch: new crops every epoch, the same under any process count
+    from sparseft.train import TrainConfig, fit
+
+    epochs = []
+    again.set_epoch = epochs.append
+    loader = torch.utils.data.DataLoader(again, batch_size=4)
+    fit(torch.nn.Conv2d(3, 4, 1), loader, TrainConfig(epochs=2, progress=False))
+    assert epochs == [0, 1]
 
 
 def test_evaluation_only_resizes():

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import SEG_CLASSES, make_seg_task
 from PIL import Image
 
 import sparseft
@@ -13,33 +14,6 @@ from sparseft.seg import create_segmentation_model
 from sparseft.seg.selection import IGNORE_INDEX, region_features, region_supcon_loss
 from sparseft.selection import SelectionError
 from sparseft.train import TrainConfig
-
-CLASSES = ["background", "square", "disc"]
-
-
-def seg_task(root, n_train=12, n_test=6, size=32, seed=0):
-    """Squares (class 1) and discs (class 2) of a class colour on noise; index masks, classes.txt."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    yy, xx = np.mgrid[:size, :size]
-    stems = []
-    for i in range(n_train + n_test):
-        img = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
-        mask = np.zeros((size, size), dtype=np.uint8)
-        cy, cx = rng.integers(8, size - 8, 2)
-        kind = 1 + i % 2
-        region = (abs(yy - cy) < 6) & (abs(xx - cx) < 6) if kind == 1 else (yy - cy) ** 2 + (xx - cx) ** 2 < 36
-        img[region] = (200, 40, 40) if kind == 1 else (40, 40, 200)
-        mask[region] = kind
-        Image.fromarray(img).save(root / "images" / f"{i:03d}.png")
-        Image.fromarray(mask, "L").save(root / "masks" / f"{i:03d}.png")
-        stems.append(f"{i:03d}")
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    for split, part in {"train800": stems[:8], "val200": stems[8:n_train], "train800val200": stems[:n_train],
-                        "test": stems[n_train:]}.items():
-        (root / f"{split}.txt").write_text("\n".join(part) + "\n")
-    return root
 
 
 def test_region_features_average_each_class_region():
@@ -102,7 +76,7 @@ def test_automatic_chunks_count_images_not_views(monkeypatch):
 
 @pytest.mark.parametrize("method", ["gps", "lora"])
 def test_a_whole_run_on_segmentation_data(tmp_path, method):
-    data = seg_task(tmp_path / "seg", size=40)  # the model runs at 32 px, scores are taken at the data's 40
+    data = make_seg_task(tmp_path / "seg", size=40)  # the model runs at 32 px, scores are taken at the data's 40
     spec = RunSpec(model="test_vit", data=str(data), method=method, img_size=32, batch_size=4,
                    options={"k": 1} if method == "gps" else {"lora_r": 2},
                    train=TrainConfig(epochs=2, lr=3e-3, progress=False))
@@ -127,7 +101,7 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
     with pytest.raises(ValueError, match="segmentation task"):
         evaluate_task(tmp_path / "run" / "delta.safetensors", str(data), "test", preprocessing="fgvc")
     model = sparseft.load(tmp_path / "run" / "delta.safetensors")
-    assert model.class_names == CLASSES  # the metrics know the background class
+    assert model.class_names == SEG_CLASSES  # the metrics know the background class
     with pytest.raises(ValueError, match="predict gives the classes of whole images"):
         sparseft.predict(model, torch.randn(1, 3, 32, 32))
     # merged, the task gives the logits it gives applied; unmerged, the base comes back bit for bit
@@ -153,7 +127,7 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
     images = [str(data / "images" / f"{stem}.png") for stem in stems]
     task = str(tmp_path / "run" / "delta.safetensors")
     assert main(["predict", task, *images, "--out", str(tmp_path / "masks"), "--no-progress"]) == 0
-    metrics = SegMetrics(3, class_names=CLASSES)
+    metrics = SegMetrics(3, class_names=SEG_CLASSES)
     for stem in stems:
         with Image.open(tmp_path / "masks" / f"{stem}.png") as png:
             assert png.mode == "P" and png.size == (40, 40)
@@ -173,7 +147,7 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
 def test_a_segmentation_suite_tunes_on_val_miou_and_reports_it(tmp_path):
     from sparseft.bench import load_suite, run_suite, write_report
 
-    data = seg_task(tmp_path / "seg")
+    data = make_seg_task(tmp_path / "seg")
     (tmp_path / "suite.yaml").write_text(f"""
 name: tiny-seg
 tasks: {{natural: ["{data}"]}}
