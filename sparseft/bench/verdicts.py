@@ -17,6 +17,7 @@ CLAIMS = [
     ("GPS ≥ LoRA at GPS's budget", [("gps", "lora-qkv-r5")]),
     ("GPS ≥ LoRA at LoRA's default budget", [("gps", "lora")]),
     ("LoRA's default budget beats LoRA at GPS's budget", [("lora", "lora-qkv-r5")]),
+    ("GPS beats adapters and SSF (the GPS paper's tables)", [("gps", "adapter"), ("gps", "ssf")]),
     ("neuron > layer > net selection", [("REF", "gps-layer"), ("gps-layer", "gps-net")]),
     ("gradient > random and magnitude", [("REF", "gps-random"), ("REF", "gps-random-net"),
                                          ("REF", "gps-magnitude")]),
