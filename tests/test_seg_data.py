@@ -15,7 +15,7 @@ import torch
 from helpers import write_deb
 from PIL import Image
 
-from sparseft.data import DataError, class_names, load_split, miniseg, resolve_spec
+from sparseft.data import DataError, class_names, load_split, miniseg, nuclei, resolve_spec
 from sparseft.data.miniseg import BACKGROUND_COLUMNS, BACKGROUNDS, CATEGORIES, SCENE_CLASSES
 from sparseft.data.segmentation import (
     IGNORE_INDEX,
@@ -364,15 +364,41 @@ def _fake_skimage(path: Path) -> dict[str, str]:
     return members
 
 
+def _fake_stardist(path: Path) -> dict[str, str]:
+    """A 16-bit nuclei image (bright discs on a dark ground, left half brighter) and its instance mask."""
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:96, :120]
+    image = rng.integers(0, 20, (96, 120)).astype(np.uint16)
+    mask = np.zeros((96, 120), dtype=np.uint16)
+    for label in range(1, 13):
+        cy, cx = rng.integers(6, 90), rng.integers(6, 114)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 25
+        mask[disc], image[disc] = label, 150 + 20 * (cx < 60)
+    members = {}
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, array in (("img2d", image), ("mask2d", mask)):
+            buf = io.BytesIO()
+            Image.fromarray(array).save(buf, format="TIFF")
+            zf.writestr(f"stardist/data/images/{name}.tif", buf.getvalue())
+            members[f"stardist/data/images/{name}.tif"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    return members
+
+
 @pytest.fixture
 def fake_sources(tmp_path, monkeypatch):
-    """A cache holding a fake openclipart-png .deb and a fake scikit-image wheel, each pinned by its own hashes."""
+    """A cache holding a fake openclipart-png .deb, a fake scikit-image wheel and a fake stardist wheel, each
+    pinned by its own hashes."""
     cache = tmp_path / "cache"
-    clip, sk = SOURCES["openclipart"], SOURCES["skimage"]
-    (cache / "data" / "sources" / clip.key).mkdir(parents=True)
-    (cache / "data" / "sources" / sk.key).mkdir(parents=True)
+    clip, sk, sd = SOURCES["openclipart"], SOURCES["skimage"], SOURCES["stardist"]
+    for src in (clip, sk, sd):
+        (cache / "data" / "sources" / src.key).mkdir(parents=True)
     deb = _fake_openclipart(cache / "data" / "sources" / clip.key / "fake.deb")
     members = _fake_skimage(cache / "data" / "sources" / sk.key / "fake.whl")
+    monkeypatch.setitem(SOURCES, "stardist", Source(sd.package, sd.version, "pypi", sd.licence, members=_fake_stardist(
+        cache / "data" / "sources" / sd.key / "fake.whl")))
+    monkeypatch.setattr(nuclei, "N_TRAIN", 12)
+    monkeypatch.setattr(nuclei, "N_VAL", 4)
+    monkeypatch.setattr(nuclei, "N_TEST", 6)
     monkeypatch.setitem(SOURCES, "openclipart", Source(clip.package, clip.version, "deb", clip.licence,
                                                        sha256=sha256_file(deb), pool_path=clip.pool_path))
     monkeypatch.setitem(SOURCES, "skimage", Source(sk.package, sk.version, "pypi", sk.licence, members=members))
@@ -422,9 +448,34 @@ def test_mini_seg_test_drawings_are_never_used_in_train_or_val(fake_sources):
 
 
 def test_mini_seg_rebuilds_byte_identically(fake_sources, tmp_path):
-    first = _files(fetch_suite("mini-seg", None, fake_sources, progress=False) / "clipart-scenes")
-    again = _files(fetch_suite("mini-seg", None, fake_sources, force=True, progress=False) / "clipart-scenes")
-    assert first == again and any(k.startswith("masks/") for k in first)
+    first = _files(fetch_suite("mini-seg", None, fake_sources, progress=False))
+    again = _files(fetch_suite("mini-seg", None, fake_sources, force=True, progress=False))
+    assert first == again
+    assert {k.split("/")[0] for k in first if "/masks/" in k} == {"clipart-scenes", "nuclei"}
+
+
+def test_nuclei_crops_come_from_disjoint_parts_and_keep_image_and_mask_aligned(fake_sources):
+    root = fetch_suite("mini-seg", ["nuclei"], fake_sources, progress=False) / "nuclei"
+    info = json.loads((root / "info.json").read_text())
+    assert info["splits"] == {"train800": 12, "val200": 4, "train800val200": 16, "test": 6}
+    assert info["classes"] == ["background", "nucleus"]
+    ds = load_segmentation("mini-seg/nuclei", "train800val200", cache=fake_sources, verify=True)
+    assert ds.num_classes == 2
+    inside, outside = [], []
+    for i in range(len(ds)):
+        image, mask = ds[i]
+        pixels = np.asarray(image)[..., 0]
+        assert image.size == (128, 128) and set(np.unique(mask)) <= {0, 1}
+        if mask.any():
+            inside.append(pixels[mask == 1].mean())
+        outside.append(pixels[mask == 0].mean())
+    assert inside and min(inside) > 100 > max(outside)  # the discs are bright where the mask says
+    rows = [line.split("\t") for line in (root / "objects.tsv").read_text().splitlines()[1:]]
+    w, h = 120, 96
+    for stem, x, y, side, _, _ in rows:  # each crop inside its part (test pixels never in train or val)
+        x0, x1, y0, y1 = nuclei.PARTS[stem.split("_")[0]]
+        x, y, side = int(x), int(y), int(side)
+        assert round(x0 * w) <= x and x + side <= round(x1 * w) and round(y0 * h) <= y and y + side <= round(y1 * h)
 
 
 def test_background_crops_stay_in_their_columns():
@@ -446,3 +497,7 @@ def test_real_mini_seg_smoke():
     x, y = ds[0]
     assert x.shape == (3, 64, 64) and y.shape == (128, 128) and int(y.max()) < 8  # masks at the data's size
     assert len(load_segmentation("mini-seg/clipart-scenes", "train800")) == 800
+    if is_complete(suite_dir("mini-seg") / "nuclei"):
+        ds = load_segmentation("mini-seg/nuclei", "test", verify=True)
+        share = np.mean([ds[i][1].mean() for i in range(0, len(ds), 10)])
+        assert len(ds) == 300 and ds.num_classes == 2 and 0.1 < share < 0.35  # nuclei cover ~20 %

@@ -10,7 +10,8 @@ another part of each photo (columns 65-100 %) than those for train/val (0-60 %).
 
 Everything is drawn from a fixed seed with `stable_uniform` (each scene from its own stream),
 so two builds give byte-identical files. Importing this module registers the suite `mini-seg`
-(`sparseft data fetch mini-seg`); `sparseft.data.segmentation` reads the result.
+(`sparseft data fetch mini-seg`) with this task and `nuclei` (`sparseft.data.nuclei`: real
+microscopy); `sparseft.data.segmentation` reads the result.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from PIL import Image
 from sparseft.data._random import stable_uniform
 from sparseft.data.images import DataError
 from sparseft.data.minivtab import CLIPART_MAX_PIXELS, CLIPART_ROOT, dedupe_clipart, read_clipart
+from sparseft.data.nuclei import N_TEST as NUCLEI_TEST
+from sparseft.data.nuclei import NUCLEI_CLASSES, build_nuclei
 from sparseft.data.segtasks import Scene, SegTaskData, write_segmentation_task
 from sparseft.data.tasks import Task, register_suite
 from sparseft.provision import read_members
@@ -230,4 +233,8 @@ MINI_SEG: dict[str, Task] = register_suite("mini-seg", [
          "public domain (drawings); CC0 / public domain (photos)",
          "128x128 scenes of 1-3 clip-art objects of 7 categories on photo crops; index masks",
          _build, test_size=N_TEST, write=write_segmentation_task),
+    Task("nuclei", NUCLEI_CLASSES, ("stardist",), "PyPI stardist's nuclei image and its hand-made mask",
+         "CC0 (image and mask, BBBC038)",
+         "128x128 crops of one fluorescence image of cell nuclei from disjoint parts for train, val and test; "
+         "binary masks", build_nuclei, test_size=NUCLEI_TEST, write=write_segmentation_task),
 ])

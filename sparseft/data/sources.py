@@ -42,6 +42,14 @@ SOURCES: dict[str, Source] = {
             "skimage/data/hubble_deep_field.jpg": "3a19c5dd8a927a9334bb1229a6d63711b1c0c767fb27e2286e7c84a3e2c2f5f4",
             "skimage/data/retina.jpg": "38a07f36f27f095e818aea7b96d34202c05176d30253c66733f2e00379e9e0e6",
         }),
+    # one fluorescence image of nuclei and its instance mask (2018 Data Science Bowl, BBBC038: CC0);
+    # pinned by member, as the wheel is built per platform: mini-seg/nuclei
+    "stardist": Source(
+        "stardist", "0.9.2", "pypi", "BSD-3-Clause (code); the image and mask CC0 (BBBC038)",
+        members={
+            "stardist/data/images/img2d.tif": "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750",
+            "stardist/data/images/mask2d.tif": "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f",
+        }),
 }
 
 # sklearn's bundled copy of the UCI optical digits, checked by content (images as uint8, then labels as int64).
