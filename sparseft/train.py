@@ -260,6 +260,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         run_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the model's trainable parameters; returns {"history", "final", "summary"}.
 
+    A loader whose `dataset` has `set_epoch` (segmentation data sets seeded per item) gets it
+    called before each epoch; with `persistent_workers=True` the workers would keep epoch 0's copy.
     `eval_loaders` are evaluated every `config.eval_every` epochs and after the last one
     (e.g. {"val": ..., "test": ...}).
     `save_task(model, path)` writes the task file at the end (default: a sparse delta when the

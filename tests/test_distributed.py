@@ -20,12 +20,16 @@ import torch
 from helpers import make_seg_task, make_vtab
 from safetensors.torch import load_file
 
+import sparseft
 from sparseft import distributed
 from sparseft.cli import main
 from sparseft.data import DataWarning
 from sparseft.selection import Selection
 
 REPO = Path(__file__).resolve().parents[1]
+# the launched processes import the sparseft this process tests (an editable install may point elsewhere)
+CODE = os.pathsep.join([str(Path(sparseft.__file__).resolve().parents[1]),
+                        *filter(None, [os.environ.get("PYTHONPATH")])])
 MODEL = ["--model", "test_vit", "--img-size", "32"]
 TRAIN = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress"]
 EMBED = 64  # test_vit's width: qkv.bias holds the query, key and value biases of this size
@@ -57,8 +61,7 @@ def two(task) -> tuple[Path, str]:
     out = task.parent / "two"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            __file__, str(task), str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1",  # this tree's sparseft, installed or not
-                               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": CODE})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return out, proc.stdout
 

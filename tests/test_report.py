@@ -107,6 +107,11 @@ def test_claims_combine_comparisons_and_count_pairs():
     del tab["rows"][-1]
     (gradient,) = [c for c in claims(tab) if c["claim"].startswith("gradient")]
     assert gradient["verdict"] == "inconclusive"  # one supported + one inconclusive
+    assert gradient["missing"] == ["gps-ref vs gps-magnitude"]
+    del tab["rows"][-1]  # only the supported comparison is left: a claim's missing part cannot count as won
+    (gradient,) = [c for c in claims(tab) if c["claim"].startswith("gradient")]
+    assert [c["verdict"] for c in gradient["comparisons"]] == ["supported"]
+    assert gradient["verdict"] == "inconclusive" and len(gradient["missing"]) == 2
 
 
 # ---------------------------------------------------------------- edge marks

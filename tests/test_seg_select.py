@@ -165,7 +165,7 @@ seeds: [0]
     assert [t["point"] for t in record["tuning"]] == [{"lr": 1e-3}, {"lr": 3e-3}]
     assert [t["val_acc"] for t in record["tuning"]] == [t["val_mIoU"] for t in tune]
     text = write_report(tmp_path / "res").read_text()
-    assert "mIoU (dataset-level) (%) on each task's test split" in text
+    assert "mIoU (dataset-level, without a background class) (%) on each task's test split" in text
     assert record["test_scores"]["mDice"] == final["test_mDice"] and record["test_scores"]["acc"] == final["test_acc"]
     head = next(line for line in text.splitlines() if line.startswith("| method | params % | "))
     assert "| mDice |" in head and "| pixel acc |" in head and "| mIoU_per_image |" in head

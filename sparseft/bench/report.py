@@ -160,8 +160,12 @@ def build_tables(records: list[dict[str, Any]], seeds: list[int] | None = None,
         groups = sorted(set(group_of.values()), key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else 99, g))
         tasks = [t for g in groups for t in sorted(t for t, gg in group_of.items() if gg == g)]
         metrics = {r.get("metric", "acc") for r in recs}
-        metric = "Top-1 accuracy" if metrics == {"acc"} else "mIoU (dataset-level)" if metrics == {"mIoU"} else \
-            " / ".join(sorted(metrics))
+        if metrics == {"acc"}:
+            metric = "Top-1 accuracy"
+        elif metrics == {"mIoU"}:
+            metric = "mIoU (dataset-level, without a background class)"
+        else:
+            metric = " / ".join(sorted(metrics))
         tab = {"tasks": tasks, "groups": groups, "group_of": group_of, "seeds": seeds, "metric": metric}
         labels = list(dict.fromkeys(r["label"] for r in recs))
         tab["rows"] = [_row(lab, [r for r in recs if r["label"] == lab], tab, Path(results_dir)) for lab in labels]
@@ -255,7 +259,8 @@ def _backbone_section(backbone: str, tab: dict[str, Any]) -> list[str]:
     if found:
         lines += ["### Claims checked", ""]
         for c in found:
-            lines.append(f"- **{c['claim']}**: {c['verdict']}.")
+            lost = f" (not run: {'; '.join(c['missing'])})" if c.get("missing") else ""
+            lines.append(f"- **{c['claim']}**: {c['verdict']}{lost}.")
             for x in c["comparisons"]:
                 lines.append(f"  - {x['a']} {_pm(x['a_mean'], x['a_std'])} vs {x['b']} {_pm(x['b_mean'], x['b_std'])}"
                              f": {_diff_text(x)}, n = {x['n']} pairs, {x['a']} better on {x['a_wins']}/{x['n']} "

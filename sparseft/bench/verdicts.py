@@ -121,14 +121,18 @@ def claims(tab: dict[str, Any]) -> list[dict[str, Any]]:
     ref = "gps-ref" if "gps-ref" in rows else "gps"
     found = []
     for claim, pairs in CLAIMS:
-        comparisons = []
+        comparisons, missing = [], []
         for a, b in pairs:
             a, b = (ref if a == "REF" else a), (ref if b == "REF" else b)
             if a in rows and b in rows:
                 comparisons.append(_compare(rows[a], rows[b]))
+            else:
+                missing.append(f"{a} vs {b}")
         if comparisons:
-            found.append({"claim": claim, "comparisons": comparisons,
-                          "verdict": _combine([c["verdict"] for c in comparisons])})
+            combined = _combine([c["verdict"] for c in comparisons])
+            if missing and combined == "supported":  # supported needs every comparison of the claim
+                combined = "inconclusive"
+            found.append({"claim": claim, "comparisons": comparisons, "verdict": combined, "missing": missing})
     return found
 
 

