@@ -228,9 +228,10 @@ def _header(suite: dict[str, Any], protocol: str, seeds: list[int], tuned: bool 
     lines = []
     if protocol == "honest":
         lines += ["**Protocol: honest.** Hyper-parameters chosen on train800 → val200 (last epoch), the chosen "
-                  "setting retrained on train800val200, **last-epoch** test top-1 reported.", ""]
+                  "setting retrained on train800val200, **last-epoch** test score reported (top-1; mIoU for "
+                  "segmentation).", ""]
     else:
-        lines += ["**Protocol: paper.** Fixed hyper-parameters, trained on train800val200, **best test top-1 over "
+        lines += ["**Protocol: paper.** Fixed hyper-parameters, trained on train800val200, **best test score over "
                   "epochs** reported, as the official repositories do (optimistic by construction).", ""]
     if suite:
         lines += [f"Training settings: `{json.dumps(suite.get('train', {}))}`; grid: "
