@@ -197,8 +197,8 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
     """Make `model` train only what `selection` names, in place; returns the model.
 
     `batchnorm="frozen"` (GPS's default, docs/results.md) keeps BatchNorm layers in eval mode;
-    `"update"` lets their running statistics adapt during training (they are saved with the delta). `keep_base=False`
-    keeps no copy of the parameters trained in full (saves memory when that is most of the
+    `"update"` lets their running statistics adapt during training (they are saved with the
+    delta). `keep_base=False` keeps no copy of the parameters trained in full (saves memory when that is most of the
     model, as in full fine-tuning); such a model cannot be unmerged. `base_fingerprint`: the
     base's fingerprint when the caller knows it already (a task file's), else it is computed.
     """

@@ -143,15 +143,14 @@ def _resumed_batchnorm(run_dir: Path, spec: RunSpec) -> str | None:
 
     A run recorded before runs kept their policy gets it written into its config.json: its
     `batchnorm` option, else the method's default of that time, so that `fit`'s settings check
-    sees a later change of default."""
+    sees a later change of default. (`claim_run_dir` has checked that config.json holds a spec.)"""
     path = run_dir / "config.json"
     stored = read_json(path, ValueError, "run record")
-    if isinstance(stored, dict) and "batchnorm" not in stored:
-        options = (stored.get("spec") or {}).get("options") or {}
-        stored["batchnorm"] = (options.get("batchnorm") or BATCHNORM_DEFAULT_BEFORE.get(spec.method)
-                               or get_method(spec.method).batchnorm_mode())
+    if "batchnorm" not in stored:
+        stored["batchnorm"] = (stored["spec"].get("options", {}).get("batchnorm")
+                               or BATCHNORM_DEFAULT_BEFORE.get(spec.method) or get_method(spec.method).batchnorm_mode())
         write_text_atomic(path, json.dumps(stored, indent=1))
-    return None if "batchnorm" in spec.options or not isinstance(stored, dict) else stored["batchnorm"]
+    return None if "batchnorm" in spec.options else stored["batchnorm"]
 
 
 def _claim(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
