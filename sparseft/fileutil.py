@@ -181,8 +181,11 @@ def _take_lock(folder: Path, path: Path) -> int:
     for _ in range(100):
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        except FileNotFoundError:  # the folder was removed meanwhile (a refused run cleaning up): again
+            try:  # a file this call creates cannot be an earlier scheme's lock being written
+                fd, created = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
+            except FileExistsError:
+                fd, created = os.open(path, os.O_RDWR), False
+        except FileNotFoundError:  # the folder or the file was removed meanwhile (a run cleaning up): again
             continue
         try:
             try:
@@ -195,7 +198,7 @@ def _take_lock(folder: Path, path: Path) -> int:
             if not _same_file(fd, path):  # its holder removed it between our open and flock: a new file
                 os.close(fd)
                 continue
-            holder = _earlier_holder(fd, path)
+            holder = None if created else _earlier_holder(fd, path)
             if holder is not None and (holder[0] != host or (holder[2] != me and process_alive(holder[2], holder[1]))):
                 raise _in_use(folder, path, f" (if that process no longer runs, delete {path})")
             os.ftruncate(fd, 0)

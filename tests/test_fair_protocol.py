@@ -320,6 +320,11 @@ def test_a_lock_file_of_the_earlier_scheme_counts_while_its_process_runs(tmp_pat
     with folder_lock(tmp_path):
         assert time.monotonic() - start >= 0.2
     assert len(os.listdir("/proc/self/fd")) == open_fds
+    # a lock file this process creates is its own from the start: no wait for an earlier writer
+    monkeypatch.setattr(fileutil, "LOCK_WRITE_GRACE_S", 30.0)
+    start = time.monotonic()
+    with folder_lock(tmp_path / "fresh"):
+        assert time.monotonic() - start < 5
 
 
 def _hold(folder, ready, release):  # a child process: take the lock, say so, wait to be told to let go
