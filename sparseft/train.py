@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from sparseft import distributed
 from sparseft.checkpoint import load_checkpoint, save_checkpoint
 from sparseft.cliopts import require
+from sparseft.data.segmentation import IGNORE_INDEX
 from sparseft.delta import parameter_summary
 from sparseft.fileutil import read_json, write_text_atomic
 
@@ -145,9 +146,6 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-IGNORE_INDEX = 255  # pixels of this label in a mask count for nothing (segmentation's "void")
 
 
 def _valid(y: torch.Tensor) -> torch.Tensor | None:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from sparseft import distributed
+from sparseft.data.segmentation import IGNORE_INDEX
 
 _AREAS = ("intersection", "union", "pred", "target")
 #: names of class 0 that make it the background (left out of the mean) under background="auto"
@@ -50,7 +51,7 @@ class SegMetrics:
     `merge(other)` / `merge(other.state())` adds another accumulator's counts).
     """
 
-    def __init__(self, num_classes: int, ignore_index: int | None = 255,
+    def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX,
                  class_names: Sequence[str] | None = None, background: int | str | None = "auto") -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a whole number >= 1, not {num_classes!r}")

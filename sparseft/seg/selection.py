@@ -15,9 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sparseft.data.segmentation import IGNORE_INDEX
 from sparseft.selection.selection import SelectionError
-
-IGNORE_INDEX = 255
 
 
 def dense_targets(masks: Any, views: list[torch.Tensor], step: int) -> torch.Tensor:
