@@ -5,26 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sparseft.fileutil import atomic_path
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """A fixed colour per class (background black, ignore white), [num_classes + 1, 3] uint8."""
-    rng = np.random.default_rng(7)
-    colours = rng.integers(40, 256, (num_classes, 3), dtype=np.uint8)
-    colours[0] = 0
-    return np.vstack([colours, [[255, 255, 255]]])
+def mask_colours() -> np.ndarray:
+    """The colour of each mask value [256, 3] uint8: the VOC colours the data's and predicted mask PNGs
+    carry (background black, 255 = ignore cream)."""
+    from sparseft.data.segtasks import voc_palette
+
+    return np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
 
 
-def colourise(mask: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    """Class ids [H, W] (255 = ignore) as an RGB image."""
-    ids = np.where(mask == 255, len(colours) - 1, mask)
-    return colours[ids]
-
-
-@torch.no_grad()
 def prediction_figure(task_files: dict[str, str | Path], data: str, out: str | Path, *, split: str = "test",
                       n_images: int = 4) -> Path:
     """Draw `n_images` of `split` (the first ones): image, ground truth, then each task file's prediction.
@@ -36,39 +28,25 @@ def prediction_figure(task_files: dict[str, str | Path], data: str, out: str | P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sparseft.data import data_config
-    from sparseft.data.segmentation import SegTransform, load_segmentation
-    from sparseft.deltafile import read_delta
+    from sparseft.data.segmentation import load_segmentation
     from sparseft.inference import load_for_inference
+    from sparseft.seg.predict import predict_masks
 
     if not task_files:
         raise ValueError("prediction_figure needs at least one task file")
     raw = load_segmentation(data, split)
-    n = min(n_images, len(raw))
-    columns = {"image": [], "ground truth": []}
-    colours = None
+    pairs = [raw[i] for i in range(min(n_images, len(raw)))]  # (RGB image, mask at the image's size)
+    images = [image for image, _ in pairs]
+    columns = {"image": [np.asarray(image) for image in images], "ground truth": [mask for _, mask in pairs]}
     for label, path in task_files.items():
-        extra = read_delta(path)[0].get("extra", {})
-        model = load_for_inference(path)
-        transform = SegTransform.from_config(data_config(model), train=False, img_size=extra.get("img_size"))
-        preds = []
-        for i in range(n):
-            image, mask = raw[i]
-            x, y = transform(image, mask)  # y at the data's own size: the prediction is resized to it
-            logits = torch.nn.functional.interpolate(model(x[None]).float(), size=tuple(y.shape), mode="bilinear",
-                                                     align_corners=False)
-            preds.append(logits.argmax(1)[0].numpy())
-            if len(columns["image"]) < n:
-                columns["image"].append(np.asarray(image.resize(y.shape[::-1])))
-                columns["ground truth"].append(y.numpy())
-        if colours is None:
-            colours = palette(int(extra.get("num_classes") or max(int(p.max()) for p in preds) + 1))
-        columns[label] = preds
+        columns[label] = [p.mask for p in predict_masks(load_for_inference(path), images)]
+    colours = mask_colours()
+    n = len(pairs)
     fig, axes = plt.subplots(n, len(columns), figsize=(1.6 * len(columns), 1.6 * n), squeeze=False)
-    for col, (title, images) in enumerate(columns.items()):
+    for col, (title, cells) in enumerate(columns.items()):
         for row in range(n):
             ax = axes[row][col]
-            shown = images[row] if title == "image" else colourise(images[row], colours)
+            shown = cells[row] if title == "image" else colours[cells[row]]
             ax.imshow(shown, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])

@@ -132,8 +132,9 @@ def check_destinations(paths: Sequence[Path], folder: str | Path, *, overwrite: 
 
 def write_masks(preds: Sequence[MaskPrediction], folder: str | Path, *, overwrite: bool = False) -> list[Path]:
     """Write each prediction's mask as `<folder>/<image stem>.png`: a palette PNG whose pixel values are
-    the class ids (the colours only show them). Existing files are refused unless `overwrite`."""
-    from sparseft.seg.figure import palette
+    the class ids (its colours, the VOC ones the data's masks carry, only show them). Existing files are
+    refused unless `overwrite`."""
+    from sparseft.data.segtasks import voc_palette
 
     good = [p for p in preds if p.mask is not None]
     if any(p.path is None for p in good):
@@ -142,12 +143,11 @@ def write_masks(preds: Sequence[MaskPrediction], folder: str | Path, *, overwrit
     check_destinations([p.path for p in good], folder, overwrite=overwrite)
     names = mask_file_names([p.path for p in good])
     folder.mkdir(parents=True, exist_ok=True)
-    colours = palette(int(max((int(p.mask.max()) for p in good), default=0)) + 1)[:-1]
-    flat = [int(v) for v in colours.reshape(-1)]
+    colours = voc_palette()
     written = []
     for p, name in zip(good, names):
         img = Image.fromarray(p.mask)  # mode L; a palette makes it P with the same pixel values
-        img.putpalette(flat + [0] * (768 - len(flat)))
+        img.putpalette(colours)
         with atomic_path(folder / name) as tmp:
             img.save(tmp, format="PNG")
         written.append(folder / name)
