@@ -22,6 +22,27 @@ SOURCES: dict[str, Source] = {
         "openclipart-png", "1:0.18+dfsg-19", "deb", "public domain",
         sha256="f07f1545a2970c2cf3fa339bc2405da1a95cf2b1827bfa05bf73eb1c20291c02",
         pool_path="pool/main/o/openclipart/openclipart-png_0.18+dfsg-19_all.deb"),
+    # minivtab_extra: game sprites, icons, emoji and fonts (Debian bookworm, architecture all)
+    "wesnoth": Source(
+        "wesnoth-1.16-data", "1:1.16.9-1", "deb", "GPL-2.0-or-later",
+        sha256="1012b964bd412a6770685e3324ae3b61e176caff7846192d1ee63d55cd621e26",
+        pool_path="pool/main/w/wesnoth-1.16/wesnoth-1.16-data_1.16.9-1_all.deb"),
+    "oxygen": Source(
+        "oxygen-icon-theme", "5:5.103.0-1", "deb", "LGPL-3.0-or-later",
+        sha256="3e49023e148906e41457a98a19a09858ddd761ef4f212fa356232924b3cebcce",
+        pool_path="pool/main/o/oxygen-icons5/oxygen-icon-theme_5.103.0-1_all.deb"),
+    "emojione": Source(
+        "ruby-gemojione", "3.3.0-1", "deb", "CC-BY-SA-4.0 (EmojiOne images), MIT (code)",
+        sha256="9981df47963de53e10ce097857825c72f2f11dbe2d4cd4887698a99a751bb6bb",
+        pool_path="pool/main/r/ruby-gemojione/ruby-gemojione_3.3.0-1_all.deb"),
+    "noto_emoji": Source(
+        "fonts-noto-color-emoji", "2.042-0+deb12u1", "deb", "OFL-1.1",
+        sha256="a5ab0f69c7938423862320d9aca5dd187b3fd879d6a9a57dd52e17c3fa8d2751",
+        pool_path="pool/main/f/fonts-noto-color-emoji/fonts-noto-color-emoji_2.042-0+deb12u1_all.deb"),
+    "urw": Source(
+        "fonts-urw-base35", "20200910-7", "deb", "AGPL-3.0 with font exception",
+        sha256="93e4997c99c4c31ea88c5d37e2259af0a0c826b9358931d5a69f794f7f0c73ac",
+        pool_path="pool/main/f/fonts-urw-base35/fonts-urw-base35_20200910-7_all.deb"),
     "elpv": Source("elpv-dataset", "1.0.0.post1", "pypi", "CC-BY-NC-SA-4.0 (data), Apache-2.0 (code)",
                    sha256="85e31c1126ee9b48e62d3a0232c58f58b2d189b0814a45c13642fa0415af4a4c"),
     "animal": Source("animal-mnist", "0.4", "pypi", "MIT",
