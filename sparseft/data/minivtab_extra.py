@@ -149,24 +149,15 @@ def grouped_task(items: Sequence[Item], classes: Sequence[str], seed: int, salt:
     return TaskData(splits, list(classes), notes)
 
 
-def _render_all(members: Mapping[str, bytes], label_group: Callable[[str], tuple[int, str] | None], size: int,
-                min_cover: float = 0.0) -> tuple[list[Item], dict[str, int]]:
-    """Items of the members that `label_group` maps to (label, group), fitted on white in size x size.
-
-    Images whose opaque share is below `min_cover` (transparent fragments) are skipped.
-    """
-    items, notes = [], {"unreadable_skipped": 0, "mostly_transparent_skipped": 0}
+def _render_all(members: Mapping[str, bytes], label_group: Callable[[str], tuple[int, str] | None],
+                size: int) -> tuple[list[Item], dict[str, int]]:
+    """Items of the members that `label_group` maps to (label, group), fitted on white in size x size."""
+    items, notes = [], {"unreadable_skipped": 0}
     for name in sorted(members):
         lg = label_group(name)
         if lg is None:
             continue
         try:
-            with Image.open(io.BytesIO(members[name])) as img:
-                img.load()
-                alpha = img.convert("RGBA").getchannel("A")
-            if min_cover and np.count_nonzero(np.asarray(alpha) > 127) < min_cover * alpha.size[0] * alpha.size[1]:
-                notes["mostly_transparent_skipped"] += 1
-                continue
             items.append(Item(name, lg[0], lg[1], render_clipart(members[name], size)))
         except (OSError, ValueError, SyntaxError):
             notes["unreadable_skipped"] += 1
