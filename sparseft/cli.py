@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "interrupted ones resume.")
     b.add_argument("suite", help="suite YAML file or shipped suite name")
     b.add_argument("--out", type=Path, help="results folder (default: results/<suite>-<protocol>)")
-    b.add_argument("--protocol", choices=["honest", "paper"], help="override the suite's protocol")
+    b.add_argument("--protocol", choices=["honest", "paper", "screen"], help="override the suite's protocol")
     b.add_argument("--only", nargs="+", help="run only these method labels")
     b.add_argument("--dry-run", action="store_true", help="list the cells and run counts, run nothing")
     b.add_argument("--epochs-progress", action="store_true", help="show per-epoch progress bars too")

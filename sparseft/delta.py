@@ -41,7 +41,8 @@ from sparseft.sparse_layers import SparseDelta, freeze_batchnorm, install, unins
 BatchNormMode = Literal["update", "frozen"]
 
 __all__ = [
-    "BatchNormMode", "DeltaError", "SparseDelta", "abandon", "added_parameters", "apply", "base_weights", "clear_added",
+    "BatchNormMode", "DeltaError", "SparseDelta", "abandon", "added_parameters", "apply", "base_name", "base_weights",
+    "buffers_by_name", "clear_added", "params_by_name",
     "deltas", "export_task", "forget_base", "import_task", "is_applied", "is_merged", "mark_added", "merge",
     "merged_changes", "method_of", "parameter_summary", "remember_base", "selection_of", "sparse_entries",
     "set_task_record", "structure_of", "sync", "task_record", "trainable_parameters", "unmerge",
@@ -76,6 +77,26 @@ class _State:
     guarded: list[tuple[str, torch.Tensor, bytes]] = field(default_factory=list)
     # the task file's record (`extra` of its header: class names, preprocessing, ...) once loaded
     record: dict[str, Any] = field(default_factory=dict)
+
+
+def base_name(name: str) -> str:
+    """A parameter's or module's name in the base model: peft's wrappers (LoRA on a layer that also has
+    sparse entries, as in RoSA) put the layer under `.base_layer`."""
+    return name.replace(".base_layer.", ".").removesuffix(".base_layer")
+
+
+def params_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters by name, under the base model's names as well (see `base_name`)."""
+    table = dict(model.named_parameters())
+    table.update({base_name(n): p for n, p in list(table.items())})
+    return table
+
+
+def buffers_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's buffers by name, under the base model's names as well (see `base_name`)."""
+    table = dict(model.named_buffers())
+    table.update({base_name(n): b for n, b in list(table.items())})
+    return table
 
 
 def _digest(t: torch.Tensor) -> bytes:
@@ -173,8 +194,12 @@ def method_of(model: nn.Module) -> str | None:
 # -- apply and the state ---------------------------------------------------------------------
 
 def _owner(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
+    """(module holding the parameter, its leaf name), through wrappers that hold the layer as `base_layer`."""
     mod_name, _, leaf = param_name.rpartition(".")
-    return (model.get_submodule(mod_name) if mod_name else model), leaf
+    module = model.get_submodule(mod_name) if mod_name else model
+    while leaf not in module._parameters and isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module, leaf
 
 
 def _user_of(model: nn.Module, param_name: str) -> tuple[str, str]:
@@ -246,7 +271,7 @@ def mark_added(model: nn.Module, names: list[str], structure: dict[str, Any]) ->
     so the method can re-create the modules on a fresh base before the values are loaded.
     """
     state = _require_state(model)
-    params = dict(model.named_parameters())
+    params = params_by_name(model)
     missing = [n for n in names if n not in params]
     if missing:
         raise DeltaError(f"mark_added: the model has no parameters {missing[:5]}")
@@ -294,19 +319,20 @@ def deltas(model: nn.Module) -> dict[str, SparseDelta]:
     for mod_name, module in model.named_modules():
         if "sparse_delta" in module._modules:
             for d in module.sparse_delta.values():
-                found[f"{mod_name}.{d.target}" if mod_name else d.target] = d
+                found[base_name(f"{mod_name}.{d.target}" if mod_name else d.target)] = d
     return found
 
 
-def sync(model: nn.Module) -> None:
+def sync(model: nn.Module, force: bool = True) -> None:
     """Write base + delta into every selected entry now (forward does it lazily).
 
     Forward does this itself whenever `values` changed (any optimizer, `.data` edits included);
-    call it to see the new weights without a forward.
+    call it to see the new weights without a forward. `force=False` writes only entries whose
+    values changed since they were last written.
     """
     for name, d in deltas(model).items():
         module, leaf = _owner(model, name)
-        d.sync(module._parameters[leaf], force=True)
+        d.sync(module._parameters[leaf], force=force)
 
 
 def sparse_entries(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -333,7 +359,7 @@ def export_task(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tenso
         small = index.numel() == 0 or int(index.max()) < 2**31 - 1
         tensors[f"sparse/{name}/index"] = index.to(torch.int32 if small else torch.int64).cpu().contiguous()
         tensors[f"sparse/{name}/values"] = values.detach().cpu().contiguous()
-    params = dict(model.named_parameters())
+    params = params_by_name(model)
     for name in state.selection.full:
         tensors[f"full/{name}"] = params[name].detach().cpu().contiguous()
     for name in state.added:
@@ -358,8 +384,8 @@ def import_task(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     The caller has checked names and shapes; added modules must exist already (`mark_added`).
     """
     state = _require_state(model)
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
+    params = params_by_name(model)
+    buffers = buffers_by_name(model)
     with torch.no_grad():
         for name, d in deltas(model).items():
             d.values.copy_(tensors[f"sparse/{name}/values"].to(d.values))
@@ -386,7 +412,7 @@ def merge(model: nn.Module) -> nn.Module:
     if state.merged:
         return model
     _refuse_added(state, "merge")
-    sync(model)
+    sync(model, force=False)  # a method's fold (RoSA: B·A) may have written into entries already synced
     state.merged_entries = {n: (d.index.clone(), d.base.clone(), d.values.detach().clone())
                             for n, d in deltas(model).items()}
     _uninstall_all(model)
@@ -405,7 +431,10 @@ def unmerge(model: nn.Module) -> nn.Module:
     if not state.keep_base:
         raise DeltaError("this model was applied with keep_base=False (full fine-tuning keeps no copy of the "
                          "base): its base values are gone; load the base weights again instead")
-    params = dict(model.named_parameters())
+    params = params_by_name(model)
+    with torch.no_grad():  # whole tensors first: a weight folded into (RoSA) also has sparse entries
+        for name, value in state.base_full.items():
+            params[name].copy_(value)
     if state.merged:
         for name, (index, base, _) in state.merged_entries.items():
             write_flat(params[name], index, base)
@@ -414,9 +443,7 @@ def unmerge(model: nn.Module) -> nn.Module:
             write_flat(params[name], d.index, d.base)
         _uninstall_all(model)
     with torch.no_grad():
-        for name, value in state.base_full.items():
-            params[name].copy_(value)
-        buffers = dict(model.named_buffers())
+        buffers = buffers_by_name(model)
         for name, value in state.base_buffers.items():
             if name in buffers:
                 buffers[name].copy_(value)
@@ -439,7 +466,7 @@ def merged_changes(model: nn.Module) -> dict[str, tuple[torch.Tensor | None, tor
     out: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {
         n: (index, base) for n, (index, base, _) in state.merged_entries.items()}
     out.update({n: (None, base) for n, base in state.base_full.items()})  # whole-tensor changes win
-    buffers = dict(model.named_buffers())
+    buffers = buffers_by_name(model)
     out.update({n: (None, base) for n, base in state.base_buffers.items()
                 if n in buffers and not torch.equal(buffers[n], base)})
     return out
@@ -461,9 +488,9 @@ def base_weights(model: nn.Module) -> Iterator[nn.Module]:
     _refuse_added(state, "base_weights")
     if state.merged or not state.keep_base:
         raise DeltaError("base_weights needs an applied (not merged) model that kept its base values")
-    params = dict(model.named_parameters())
+    params = params_by_name(model)
     saved_full = {n: params[n].detach().clone() for n in state.base_full}
-    buffers = dict(model.named_buffers())
+    buffers = buffers_by_name(model)
     saved_buffers = {n: b.detach().clone() for n, b in buffers.items() if n in state.base_buffers}
     try:
         with torch.no_grad():

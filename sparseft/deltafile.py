@@ -29,10 +29,12 @@ from sparseft.delta import (
     DeltaError,
     abandon,
     apply,
+    buffers_by_name,
     export_task,
     import_task,
     is_applied,
     mark_added,
+    params_by_name,
     set_task_record,
 )
 from sparseft.delta import merge as merge_model
@@ -119,8 +121,8 @@ def read_delta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
 
 def _plan(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], path: Path) -> Selection:
     """Check everything against the model and return the selection to apply."""
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
+    params = params_by_name(model)
+    buffers = buffers_by_name(model)
     shapes = {n: tuple(s) for n, s in header["shapes"].items()}
     indices = {}
     for name, shape in shapes.items():
@@ -182,7 +184,7 @@ def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, m
     header, tensors = read_delta(path)
     head = header.get("head") or head_parameter_names(model)
     if check_base:
-        missing_head = [n for n in head if n not in dict(model.named_parameters())]
+        missing_head = [n for n in head if n not in params_by_name(model)]
         if missing_head:
             raise DeltaFileError(f"{path}: the model has no head parameters {missing_head}")
         actual = fingerprint(model, exclude=set(head))
@@ -210,7 +212,7 @@ def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, m
             structure = header.get("structure", {})
             names = rebuild(model, structure)
             mark_added(model, list(names), structure)
-            have = dict(model.named_parameters())
+            have = params_by_name(model)
             wrong = [n for n in added if n not in have or have[n].shape != tensors[f"added/{n}"].shape]
             if wrong or sorted(names) != sorted(added):
                 raise DeltaFileError(f"{path}: the rebuilt modules do not match the file's tensors {wrong[:5]}")

@@ -62,6 +62,42 @@ def test_honest_protocol_tunes_on_val_and_reports_last_epoch(tmp_path, tasks):
     assert (out / "results.csv").read_text().count("\n") == 7
 
 
+def test_screen_protocol_runs_the_grid_on_val_only_and_keeps_tasks_by_the_rule(tmp_path, tasks):
+    methods = [{"label": "full", "method": "full"}, {"label": "linear", "method": "linear"}]
+    suite = load_suite(write_suite(tmp_path, tasks, protocol="screen", methods=methods))
+    suite.seeds = [0, 1, 2]  # a screen runs the first seed only
+    out = tmp_path / "res"
+    records = run_suite(suite, out, progress=False)
+    assert len(records) == 4 and {r["seed"] for r in records} == {0}
+    for r in records:
+        assert r["test_acc"] is None and len(r["tuning"]) == 2
+        assert r["val_acc"] == max(t["val_acc"] for t in r["tuning"])
+        cell = out / "test_vit@32" / r["task"] / r["label"] / "seed0"
+        assert not (cell / "final" / "summary.json").exists()  # no final run, no test split
+        for d in (cell / "tune").iterdir():
+            assert json.loads((d / "config.json").read_text())["spec"]["eval_splits"] == ["val200"]
+    assert run_suite(suite, out, progress=False) == records  # finished cells are not run again
+    text = write_report(out).read_text()
+    assert "# Screen: tiny" in text and "| full | linear | kept | why |" in text
+
+
+def test_screen_rule_keeps_tasks_below_the_ceiling_with_a_weaker_probe():
+    from sparseft.bench.screen import screen_tasks
+
+    def rec(task, label, val):
+        return {"backbone": "b", "task": task, "label": label, "val_acc": val}
+
+    records = [rec("easy", "full", 0.99), rec("easy", "linear", 0.90),   # at the ceiling
+               rec("flat", "full", 0.80), rec("flat", "linear", 0.785),  # probe as good as fine-tuning
+               rec("good", "full", 0.80), rec("good", "linear", 0.70),
+               rec("edge", "full", 0.97), rec("edge", "linear", 0.94),   # exactly at both limits: kept
+               rec("gone", "full", 0.80), rec("gone", "linear", None)]
+    kept = {t["task"]: t for t in screen_tasks(records)}
+    assert [t for t, v in kept.items() if v["keep"]] == ["edge", "good"]
+    assert "ceiling" in kept["easy"]["why"] and "within 1.5 points" in kept["flat"]["why"]
+    assert "incomplete" in kept["gone"]["why"]
+
+
 def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path, tasks, capsys):
     suite = load_suite(write_suite(tmp_path, tasks, methods=[{"label": "linear", "method": "linear"}], epochs=2))
     out = tmp_path / "res"

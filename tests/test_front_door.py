@@ -28,7 +28,14 @@ def hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+LEGACY_METHODS = sorted(p.stem for p in LEGACY.glob("*.safetensors") if p.stem not in ("base", "expected_logits"))
+
+
+def test_every_legacy_method_is_still_registered():
+    assert set(LEGACY_METHODS) <= set(METHODS) and len(LEGACY_METHODS) >= 12
+
+
+@pytest.mark.parametrize("method", LEGACY_METHODS)
 def test_task_files_written_by_0_1_still_load_merge_and_unmerge(method):
     expected = load_file(str(LEGACY / "expected_logits.safetensors"))
     base = legacy_base()

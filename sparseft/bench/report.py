@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseft.bench.figures import selection_distribution, write_figures
+from sparseft.bench.screen import write_screen_report
 from sparseft.bench.suite import task_name
 from sparseft.bench.verdicts import (
     VERDICT_RULE,
@@ -307,10 +308,13 @@ def _scores_section(tab: dict[str, Any]) -> list[str]:
 
 
 def write_report(results_dir: str | Path) -> Path:
-    """Write report.md, results.csv and the figures into `results_dir`; returns report.md."""
+    """Write report.md, results.csv and the figures into `results_dir`; returns report.md (screen.md for a
+    screen suite)."""
     results_dir = Path(results_dir)
     records = load_records(results_dir)
     suite = json.loads((results_dir / "suite.json").read_text()) if (results_dir / "suite.json").exists() else {}
+    if records[0].get("protocol") == "screen":  # validation scores only: the screen's own table
+        return write_screen_report(results_dir, records, suite)
     seeds = sorted(suite.get("seeds") or {r["seed"] for r in records})  # the seeds every row should have
     tables = build_tables(records, seeds, results_dir, suite.get("tasks"))
     with atomic_path(results_dir / "results.csv") as tmp, open(tmp, "w", newline="") as f:

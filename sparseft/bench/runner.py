@@ -4,6 +4,8 @@ honest  for every grid point, train on train800 and evaluate on val200 (last epo
         best point on train800val200; report the LAST epoch's test accuracy.
 paper   train once on train800val200 with fixed settings, evaluate on test after every epoch,
         report the BEST test accuracy over epochs (as the official repositories do).
+screen  the honest protocol's tuning alone, first seed only: the grid on train800 -> val200 and
+        nothing else; no test split is touched (which tasks a study keeps, `sparseft.bench.screen`).
 
 Layout under the output folder:
     <backbone>/<task>/<label>/seed<s>/tune/<point>/   (honest only)
@@ -29,11 +31,9 @@ from typing import Any
 
 from sparseft.bench.suite import Backbone, MethodEntry, Suite, task_name
 from sparseft.fileutil import FolderInUse, atomic_path, folder_lock, write_text_atomic
+from sparseft.methods.gps import SELECTION_OPTIONS
 from sparseft.run import RunSpec, run
 from sparseft.train import TrainConfig, TrainingDiverged, changed_settings
-
-SELECTION_OPTIONS = ("k", "level", "criterion", "loss", "score", "score_norm", "temperature", "select_batches",
-                     "train_norm", "train_embeddings", "select_patch_embed", "select_bias_tables")
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,13 +55,14 @@ def point_key(point: dict[str, Any]) -> str:
 def plan(suite: Suite) -> list[Cell]:
     """Every cell, seed by seed: an interrupted suite has whole seeds (every method on every task) done."""
     groups = suite.task_groups()
-    return [Cell(b, task, groups[task], m, seed) for seed in suite.seeds for b in suite.backbones for task in groups
+    seeds = suite.seeds[:1] if suite.protocol == "screen" else suite.seeds
+    return [Cell(b, task, groups[task], m, seed) for seed in seeds for b in suite.backbones for task in groups
             for m in suite.methods_for(b)]
 
 
 def tunes(suite: Suite, cell: Cell) -> bool:
     """Whether this cell runs its own grid (honest protocol, more than one point, and its seed tunes)."""
-    return (suite.protocol == "honest" and len(cell.entry.grid_points(suite.grid)) > 1
+    return (suite.protocol in ("honest", "screen") and len(cell.entry.grid_points(suite.grid)) > 1
             and (suite.tuning == "each_seed" or cell.seed == suite.seeds[0]))
 
 
@@ -118,7 +119,7 @@ def _hms(seconds: float) -> str:
 
 
 def _selection_cache(out: Path, spec: RunSpec, cell: Cell) -> Path | None:
-    if spec.method != "gps" or spec.options.get("criterion", "gradient") != "gradient":
+    if spec.method != "gps" or spec.options.get("criterion", "gradient") not in ("gradient", "taylor"):
         return None
     key = json.dumps([cell.backbone.key, cell.backbone.weights, cell.backbone.pretrained, spec.data, spec.train_split,
                       cell.seed, spec.batch_size, spec.train.bf16, spec.preprocessing,
@@ -168,7 +169,9 @@ def _execute(out: Path, spec: RunSpec, cell: Cell, folder: Path, progress: Progr
 
 
 def runs_in_cell(suite: Suite, cell: Cell) -> int:
-    """Training runs a cell needs: grid points + the final run (honest), or one (paper)."""
+    """Training runs a cell needs: grid points + the final run (honest), the grid points (screen), or one."""
+    if suite.protocol == "screen":
+        return len(cell.entry.grid_points(suite.grid))
     return len(cell.entry.grid_points(suite.grid)) + 1 if tunes(suite, cell) else 1
 
 
@@ -220,7 +223,7 @@ def _run_fresh_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, sho
             raise FolderInUse(f"{first.folder(out)} (whose choice this seed reuses) is in use by another process")
         chosen, first_grid, stage = first_record["chosen"], first_record.get("grid"), "final"
         tuned_on = first.seed
-    elif suite.protocol == "honest":
+    elif suite.protocol in ("honest", "screen"):
         def tune(point: dict[str, Any]) -> None:
             spec = run_spec(suite, cell, point, "tune", show_epochs)
             s = _execute(out, spec, cell, folder / "tune" / point_key(point), progress,
@@ -238,6 +241,8 @@ def _run_fresh_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, sho
             progress.total += 1
             tune(beyond)
         chosen, stage = _best(tuning)["point"], "final"
+        if suite.protocol == "screen":
+            return _write_screen_record(suite, cell, chosen, tuning, record_path)
     else:
         chosen, stage = cell.entry.paper_point(suite.grid), "paper"
     spec = run_spec(suite, cell, chosen, stage, show_epochs)
@@ -267,6 +272,22 @@ def _run_fresh_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, sho
         "final_dir": str((folder / "final").relative_to(out)),
     }
     write_text_atomic(record_path, json.dumps(record, indent=1, default=str))
+    return record
+
+
+def _write_screen_record(suite: Suite, cell: Cell, chosen: dict[str, Any], tuning: list[dict[str, Any]],
+                         path: Path) -> dict[str, Any]:
+    """A screen cell's record: the grid's validation scores and the best of them; no test score exists."""
+    planned = run_spec(suite, cell, chosen, "final", False)
+    best = _best(tuning)
+    record = {"suite": suite.name, "protocol": suite.protocol, "backbone": cell.backbone.key,
+              "task": task_name(cell.task), "data": cell.task, "group": cell.group, "label": cell.entry.label,
+              "method": cell.entry.method, "options": planned.options, "train": _train_settings(planned),
+              "seed": cell.seed, "chosen": chosen, "tuning": tuning, "grid_planned": _grid(suite, cell.entry),
+              "grid": _tried(tuning), "tuned_on_seed": cell.seed, "val_acc": best["val_acc"], "test_acc": None,
+              "tuning_failed": all(t["val_acc"] is None for t in tuning),
+              "run_time_s": round(sum((t["wall_time_s"] or 0) for t in tuning), 2)}
+    write_text_atomic(path, json.dumps(record, indent=1, default=str))
     return record
 
 
@@ -316,7 +337,7 @@ def _train_settings(spec: RunSpec) -> dict[str, Any]:
 def _expected_tuned_on(suite: Suite, cell: Cell) -> int | None:
     if tunes(suite, cell):
         return cell.seed
-    if suite.protocol == "honest" and len(cell.entry.grid_points(suite.grid)) > 1:
+    if suite.protocol in ("honest", "screen") and len(cell.entry.grid_points(suite.grid)) > 1:
         return suite.seeds[0]
     return None
 
@@ -330,7 +351,7 @@ def check_record(suite: Suite, cell: Cell, record: dict[str, Any], path: Path) -
     if "grid" not in record:
         raise ValueError(f"{path}: made by an older sparseft (no grid recorded); use another --out")
     record = {**record, "grid": record.get("grid_planned", record["grid"])}  # the suite's grid, before extensions
-    stage = "final" if suite.protocol == "honest" else "paper"
+    stage = "paper" if suite.protocol == "paper" else "final"
     spec = run_spec(suite, cell, record["chosen"], stage, False)
     now = {"grid": _grid(suite, cell.entry), "options": spec.options,
            "train": _train_settings(spec),

@@ -3,7 +3,7 @@
 A suite is a YAML file (the shipped ones live in `sparseft/bench/suites/`, usable by name):
 
     name: mini-vtab-quick
-    protocol: honest              # honest | paper (the report always says which)
+    protocol: honest              # honest | paper | screen (the report always says which)
     tasks:                        # group -> data specs (VTAB-1k folders, mini-vtab/<task>, ...)
       natural: [mini-vtab/clipart]
       specialized: [mini-vtab/elpv]
@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-PROTOCOLS = ("honest", "paper")
+PROTOCOLS = ("honest", "paper", "screen")
 TUNING = ("first_seed", "each_seed")
 TRAIN_KEYS = {"epochs", "lr", "weight_decay", "optimizer", "warmup_epochs", "warmup_lr", "min_lr",
               "label_smoothing", "grad_clip", "bf16"}

@@ -14,7 +14,10 @@ from sparseft.methods.base import CommonOptions, Method, MethodContext
 from sparseft.selection import Eligibility, Selection
 
 #: options a saved selection fixes (`--selection` takes them from the file)
-SELECTION_SETTINGS = ("k", "level", "criterion", "loss", "score", "score_norm", "temperature")
+SELECTION_SETTINGS = ("k", "level", "criterion", "loss", "score", "score_norm", "temperature", "budget")
+#: every option a selection depends on (a cached selection is reused only when all of them agree)
+SELECTION_OPTIONS = (*SELECTION_SETTINGS, "select_batches", "train_norm", "train_embeddings", "select_patch_embed",
+                     "select_bias_tables", "train_bias")
 
 
 @register
@@ -28,17 +31,21 @@ class GPS(Method):
     @dataclass
     class Options(CommonOptions):
         k: int = field(default=1, metadata={"help": "selected input connections per neuron"})
+        budget: int | None = field(default=None, metadata={
+            "help": "trainable backbone values in all (selected entries + biases/layer scale trained in full); "
+                    "replaces --k: the largest per-neuron K that fits, the rest to the best remaining entries"})
         level: str = field(default="neuron", metadata={
-            "help": "ablation: top-K per neuron, the same count per layer, or over the whole net",
-            "choices": ["neuron", "layer", "net"]})
+            "help": "top-K per neuron (the paper); ablations: the same count per layer or over the whole net; "
+                    "structured: each weight's K whole input columns, or whole rows over the net",
+            "choices": ["neuron", "layer", "net", "column", "row"]})
         criterion: str = field(default="gradient", metadata={
-            "help": "ablation: score by gradient, weight magnitude or at random", "choices": ["gradient",
-                                                                                         "magnitude", "random"]})
+            "help": "score by gradient (the paper), first-order importance |sum g*w| (taylor), or the ablations "
+                    "weight magnitude and random", "choices": ["gradient", "taylor", "magnitude", "random"]})
         loss: str = field(default="supcon", metadata={
             "help": "ablation: head-free SupCon, or cross-entropy through a random head", "choices": ["supcon", "ce"]})
         score: str = field(default="abs_of_sum", metadata={
-            "help": "score = |sum of gradients| (official) or sum of |gradients|",
-            "choices": ["abs_of_sum", "sum_of_abs"]})
+            "help": "score = |sum of gradients| (official), sum of |gradients|, or sum of squared gradients",
+            "choices": ["abs_of_sum", "sum_of_abs", "sum_of_squares"]})
         score_norm: str = field(default="none", metadata={
             "help": "experiment: 'column' divides each input's scores by their mean over the rows before top-K "
                     "(spreads top-1 choices over inputs); 'none' is the paper's rule", "choices": ["none", "column"]})
@@ -49,6 +56,9 @@ class GPS(Method):
                     "default: chosen so the pass stays below a training step, the whole batch for BatchNorm "
                     "models)"})
         train_norm: bool = field(default=False, metadata={"help": "train normalisation layers in full"})
+        train_bias: bool = field(default=True, metadata={
+            "help": "train biases and layer-scale gammas in full (official); --no-train-bias freezes them, so "
+                    "that a --budget goes to selected entries"})
         train_embeddings: bool = field(default=False, metadata={
             "help": "make position embeddings / class token eligible"})
         select_patch_embed: bool = field(default=True, metadata={"help": "select from the patch embedding"})
@@ -64,7 +74,11 @@ class GPS(Method):
         super().validate()
         o = self.options
         check_count(o.k, "k", "--k", "selected inputs per neuron")
-        if o.loss == "supcon" and o.criterion == "gradient":
+        if o.budget is not None:
+            check_count(o.budget, "budget", "--budget", "trainable backbone values")
+            if o.level != "neuron":
+                raise ValueError(f"gps: --budget fills top-K per neuron; --level {o.level} takes --k instead")
+        if o.loss == "supcon" and o.criterion in ("gradient", "taylor"):
             check_temperature(o.temperature)
         for name in ("select_batches", "select_chunk"):
             if getattr(o, name) is not None:
@@ -73,23 +87,31 @@ class GPS(Method):
     def rules(self) -> Eligibility:
         o = self.options
         return Eligibility(freeze_norm=not o.train_norm, freeze_embeddings=not o.train_embeddings,
+                           train_bias=o.train_bias, train_layer_scale=o.train_bias,
                            select_patch_embed=o.select_patch_embed, select_bias_tables=o.select_bias_tables)
 
-    def select(self, model: nn.Module, ctx: MethodContext) -> Selection:
+    def select(self, model: nn.Module, ctx: MethodContext, budget: int | None = None,
+               reserved: int = 0) -> Selection:
+        """The selection (from --selection, or scored on the task's data); `budget` overrides --budget and
+        `reserved` values of it go to modules a subclass adds."""
         o = self.options
         if o.selection:  # the file's settings are the task's: the header must say what was trained
             selection = Selection.load(o.selection)
             made_with = {key: selection.meta[key] for key in SELECTION_SETTINGS if key in selection.meta}
-            if "select_bias_tables" in selection.meta.get("rules", {}):
-                made_with["select_bias_tables"] = selection.meta["rules"]["select_bias_tables"]
+            rules = selection.meta.get("rules", {})
+            if "select_bias_tables" in rules:
+                made_with["select_bias_tables"] = rules["select_bias_tables"]
+            if "train_bias" in rules:
+                made_with["train_bias"] = rules["train_bias"]
             self.options = dataclasses.replace(o, **made_with)
             return selection
-        loader = ctx.loader("select") if o.criterion == "gradient" else None
+        loader = ctx.loader("select") if o.criterion in ("gradient", "taylor") else None
         return sparseft.select(model, loader, k=o.k, rules=self.rules(), score=o.score,
                                temperature=o.temperature, max_batches=o.select_batches,
                                chunk_size=o.select_chunk or "auto", autocast=ctx.bf16, seed=ctx.seed,
                                progress=ctx.progress, level=o.level,
-                               criterion=o.criterion, loss=o.loss, score_norm=o.score_norm)
+                               criterion=o.criterion, loss=o.loss, score_norm=o.score_norm,
+                               budget=o.budget if budget is None else budget, reserved=reserved)
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         t0 = time.perf_counter()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sparseft import distributed
+from sparseft.models import head_parameter_names
 from sparseft.selection.rules import Eligibility, parameter_roles
 from sparseft.selection.scores import (
     ChunkSize,
@@ -33,7 +34,7 @@ from sparseft.selection.scores import (
     gradient_scores,
     nonfinite_where,
 )
-from sparseft.selection.selection import Selection, SelectionError
+from sparseft.selection.selection import Selection, SelectionError, row_length
 
 
 def top_k_per_neuron(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -94,8 +95,88 @@ def top_n_global(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Ten
     return chosen
 
 
-LEVELS = {"neuron": top_k_per_neuron, "layer": top_k_per_layer, "net": top_n_global}
-CRITERIA = ("gradient", "magnitude", "random")
+def top_columns(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Per weight, every entry of its K input columns with the largest summed score (structured selection).
+
+    A column is an input of a Linear, or one (input channel, kh, kw) position of a conv viewed as
+    [out, in·kh·kw]; K columns hold rows × K entries, as many as neuron level's top-K.
+    """
+    chosen = {}
+    for name, score in scores.items():
+        rows = score.reshape(score.shape[0], -1).float()
+        cols = rows.sum(dim=0).topk(min(k, rows.shape[1])).indices
+        flat = cols[None, :] + torch.arange(rows.shape[0], device=cols.device)[:, None] * rows.shape[1]
+        chosen[name] = flat.reshape(-1).sort().values.cpu()
+    return chosen
+
+
+def top_rows(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Whole rows (neurons) over the network, as many entries in all as neuron level's top-K.
+
+    Rows are ranked by their mean score per entry (so that long rows do not win by length) and
+    taken in that order while they fit the total; a row that would overshoot is skipped and
+    shorter rows further down may still fill the rest.
+    """
+    names = list(scores)
+    budget = sum(s.shape[0] * min(k, s[0].numel()) for s in scores.values())
+    means = [scores[n].reshape(scores[n].shape[0], -1).float().mean(dim=1).cpu() for n in names]
+    owner = torch.cat([torch.full((len(m),), i) for i, m in enumerate(means)])
+    row = torch.cat([torch.arange(len(m)) for m in means])
+    length = torch.cat([torch.full((len(m),), scores[n][0].numel()) for n, m in zip(names, means)])
+    picked: dict[int, list[int]] = {i: [] for i in range(len(names))}
+    left = budget
+    for j in torch.cat(means).argsort(descending=True, stable=True).tolist():
+        if int(length[j]) <= left:
+            picked[int(owner[j])].append(int(row[j]))
+            left -= int(length[j])
+        if left < int(length.min()):
+            break
+    chosen = {}
+    for i, name in enumerate(names):
+        width = scores[name][0].numel()
+        rows = torch.tensor(sorted(picked[i]), dtype=torch.int64)
+        chosen[name] = (rows[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+    return chosen
+
+
+LEVELS = {"neuron": top_k_per_neuron, "layer": top_k_per_layer, "net": top_n_global, "column": top_columns,
+          "row": top_rows}
+CRITERIA = ("gradient", "magnitude", "random", "taylor")
+
+
+def per_neuron_count(shapes: dict[str, tuple[int, ...]], entries: int) -> int:
+    """The largest K whose top-K per neuron over `shapes` holds at most `entries` entries (0 if none fits)."""
+    def total(k: int) -> int:
+        return sum(s[0] * min(k, row_length(s)) for s in shapes.values())
+
+    widest = max((row_length(s) for s in shapes.values()), default=0)
+    k = 0
+    while k < widest and total(k + 1) <= entries:
+        k += 1
+    return k
+
+
+def fill_to(scores: dict[str, torch.Tensor], chosen: dict[str, torch.Tensor], entries: int
+            ) -> dict[str, torch.Tensor]:
+    """Add the highest-scoring entries not yet chosen, over the whole network, up to `entries` in all."""
+    extra = entries - sum(int(c.numel()) for c in chosen.values())
+    if extra <= 0:
+        return chosen
+    names = list(scores)
+    flat = []
+    for n in names:
+        s = scores[n].reshape(-1).float().cpu().clone()
+        s[chosen[n]] = -float("inf")
+        flat.append(s)
+    flat_all = torch.cat(flat)
+    top = flat_all.topk(min(extra, int(torch.isfinite(flat_all).sum()))).indices
+    offsets = torch.tensor([0] + [scores[n].numel() for n in names]).cumsum(0)
+    out = {}
+    for i, n in enumerate(names):
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        part = top[(top >= lo) & (top < hi)] - lo
+        out[n] = torch.cat([chosen[n], part]).sort().values
+    return out
 
 
 def criterion_scores(model: nn.Module, names: list[str], criterion: str, seed: int) -> dict[str, torch.Tensor]:
@@ -140,7 +221,8 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
            max_batches: int | None = None, chunk_size: ChunkSize = "auto", autocast: bool = False,
            seed: int = 0, head: str | None = None, progress: bool = True, level: str = "neuron",
            criterion: str = "gradient", loss: Literal["supcon", "ce"] = "supcon",
-           score_norm: Literal["none", "column"] = "none") -> Selection:
+           score_norm: Literal["none", "column"] = "none", budget: int | None = None,
+           reserved: int = 0) -> Selection:
     """Run GPS on `model` with the task data in `loader` and return the `Selection`.
 
     The loader yields `(images, labels)` (two geometric views are made per image) or
@@ -157,6 +239,14 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
     divides each input column's scores by their mean over the rows before ranking (an experiment on
     the top-1 choices' collapse onto a few input channels; "none" is the paper's rule).
 
+    Variants beyond the paper: `level` column (each weight's K input columns with the largest
+    summed score) | row (whole neurons over the network, the same number of entries);
+    `criterion="taylor"` scores an entry by the first-order importance |Σg·w| (gradient score ×
+    |w|). `budget` fixes the total of trainable backbone values instead of K: the parameters trained
+    in full (outside the head) and `reserved` values (e.g. a low-rank part added by the caller)
+    count against it, K becomes the largest per-neuron count that fits, and what is left goes to
+    the highest-scoring remaining entries of the whole network (neuron level only).
+
     Raises SelectionError (a ValueError) instead of selecting from scores that rank nothing: see
     `gradient_scores` for the options and data it refuses, and `check_scores` for NaN/inf or
     all-zero scores.
@@ -170,27 +260,57 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
         raise SelectionError(f"score_norm must be 'none' or 'column' (--score-norm), not {score_norm!r}")
     roles = parameter_roles(model, rules, head)
     selectable = [n for n, r in roles.items() if r == "select"]
+    params = dict(model.named_parameters())
+    shapes = {n: tuple(params[n].shape) for n in selectable}
+    full = [n for n, r in roles.items() if r == "full"]
+    if budget is not None:
+        entries = budget_entries(model, full, head, budget, reserved, level)
+        k = per_neuron_count(shapes, entries)
     stats: dict[str, Any] = {}
-    if criterion == "gradient":
+    if criterion in ("gradient", "taylor"):
         if loader is None:
-            raise SelectionError("gradient selection needs a data loader")
+            raise SelectionError(f"{criterion} selection needs a data loader")
         scores, stats = gradient_scores(model, loader, selectable, loss=loss, temperature=temperature,
                                         reduction=score, augment=augment, max_batches=max_batches,
                                         chunk_size=chunk_size, autocast=autocast, seed=seed, head=head,
                                         progress=progress)
+        if criterion == "taylor":
+            scores = {n: s.mul_(params[n].detach().abs().float()) for n, s in scores.items()}
     else:
         scores = criterion_scores(model, selectable, criterion, seed)
     if criterion != "random":  # random scores need no data and are never NaN or all zero
         check_scores(scores, criterion, loss)
     if score_norm == "column":
         scores = normalize_columns(scores)
-    params = dict(model.named_parameters())
+    indices = LEVELS[level](scores, k) if k > 0 else {n: torch.zeros(0, dtype=torch.int64) for n in selectable}
+    budget_meta: dict[str, Any] = {}
+    if budget is not None:
+        indices = fill_to(scores, indices, entries)
+        budget_meta = {"budget": budget, "reserved": reserved}
     return Selection(
-        indices=LEVELS[level](scores, k),
-        shapes={n: tuple(params[n].shape) for n in selectable},
-        full=[n for n, r in roles.items() if r == "full"],
+        indices=indices,
+        shapes=shapes,
+        full=full,
         meta={"method": "gps", "k": k, "level": level, "criterion": criterion, "loss": loss, "score": score,
               "score_norm": score_norm, "temperature": temperature, "seed": seed, "chunk_size": None, **stats,
-              "world_size": distributed.world_size(),
+              **budget_meta, "world_size": distributed.world_size(),
               "rules": (rules or Eligibility()).to_dict()},
     )
+
+
+def budget_entries(model: nn.Module, full: list[str], head: str | None, budget: int, reserved: int,
+                   level: str) -> int:
+    """Entries a `budget` of trainable backbone values leaves for selection, or SelectionError naming it."""
+    if level != "neuron":
+        raise SelectionError(f"a budget (--budget) fills top-K per neuron; level {level!r} (--level) takes --k")
+    check_count(budget, "budget", "--budget", "trainable backbone values")
+    heads = set(head_parameter_names(model, head))
+    params = dict(model.named_parameters())
+    in_full = sum(params[n].numel() for n in full if n not in heads)
+    entries = budget - in_full - reserved
+    if entries < 0:
+        what = f"{in_full:,} values trained in full (biases, layer scale)" + (
+            f" and {reserved:,} values of added modules" if reserved else "")
+        raise SelectionError(f"budget {budget:,} (--budget) is below the {what}; raise it, or freeze biases and "
+                             "layer scale with --no-train-bias")
+    return entries

@@ -63,7 +63,7 @@ class Selection:
     def per_row_counts(self, name: str) -> torch.Tensor:
         """How many entries of each neuron (row of the 2-D view) are selected."""
         shape = self.shapes[name]
-        rows = self.indices[name] // _row_len(shape)
+        rows = self.indices[name] // row_length(shape)
         return torch.bincount(rows, minlength=shape[0])
 
     def describe(self) -> dict[str, Any]:
@@ -119,6 +119,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _row_len(shape: tuple[int, ...]) -> int:
+def row_length(shape: tuple[int, ...]) -> int:
     """Entries per neuron: a weight of shape [out, ...] is viewed as [out, prod(rest)]."""
     return _numel(shape[1:]) if len(shape) > 1 else 1
