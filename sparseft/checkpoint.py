@@ -12,6 +12,7 @@ anything.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,12 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    record: dict[str, Any]) -> None:
-    """Write `<stem>.safetensors` and `<stem>.json`; `record` must be JSON-serialisable."""
+                    record: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `<stem>.safetensors` and `<stem>.json`; `record` must be JSON-serialisable; `extra`
+    tensors (a training hook's state) are kept under `hook/` and handed back by `load_checkpoint`."""
     stem = Path(stem)
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in _trainable(model).items()}
+    tensors.update({f"hook/{k}": t.detach().cpu().contiguous() for k, t in (extra or {}).items()})
     tensors.update({f"buffer/{n}": b.detach().cpu().contiguous() for n, b in model.named_buffers()
                     if b is not None and "sparse_delta." not in n})
     opt_state = optimizer.state_dict()
@@ -57,8 +60,12 @@ def save_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.O
             old.unlink(missing_ok=True)
 
 
-def load_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model tensors and optimizer state in place; returns the JSON record."""
+def load_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    restore_extra: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, Any]:
+    """Restore model tensors and optimizer state in place; returns the JSON record.
+
+    `restore_extra` gets the `extra` tensors `save_checkpoint` kept, before any parameter is written
+    (a drop-and-regrow hook puts its entries back first, so the values land on them)."""
     stem = Path(stem)
     json_path = stem.with_suffix(".json")
     if not json_path.is_file():
@@ -96,6 +103,8 @@ def load_checkpoint(stem: str | Path, model: nn.Module, optimizer: torch.optim.O
                 wrong.append(f"'opt/{idx}/{name}' {tuple(t.shape)}")
     if wrong:
         raise CheckpointError(f"{tensor_path}: shapes do not fit the model: {wrong[:5]}")
+    if restore_extra is not None:
+        restore_extra({k.removeprefix("hook/"): t for k, t in tensors.items() if k.startswith("hook/")})
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(tensors[key])

@@ -42,7 +42,7 @@ BatchNormMode = Literal["update", "frozen"]
 
 __all__ = [
     "BatchNormMode", "DeltaError", "SparseDelta", "abandon", "added_parameters", "apply", "base_name", "base_weights",
-    "buffers_by_name", "clear_added", "params_by_name",
+    "buffers_by_name", "clear_added", "params_by_name", "replace_entries",
     "deltas", "export_task", "forget_base", "import_task", "is_applied", "is_merged", "mark_added", "merge",
     "merged_changes", "method_of", "parameter_summary", "remember_base", "selection_of", "sparse_entries",
     "set_task_record", "structure_of", "sync", "task_record", "trainable_parameters", "unmerge",
@@ -156,8 +156,24 @@ def is_merged(model: nn.Module) -> bool:
 
 
 def selection_of(model: nn.Module) -> Selection:
-    """The selection the model was applied with."""
+    """The selection the model was applied with (its entries as they are now, after any regrowth)."""
     return _require_state(model).selection
+
+
+def replace_entries(model: nn.Module, name: str, positions: torch.Tensor, new_index: torch.Tensor) -> torch.Tensor:
+    """Swap entries of parameter `name`'s delta for other entries of that weight during training.
+
+    The dropped entries get their base values back, the new ones start at delta 0, the count stays
+    (`sparseft.regrow` drives it). Returns the order to move per-entry optimizer state with.
+    """
+    state = _require_state(model)
+    if state.merged:
+        raise DeltaError("replace_entries needs an applied (not merged) model")
+    d = deltas(model)[name]
+    module, leaf = _owner(model, name)
+    order = d.replace_entries(module._parameters[leaf], positions, new_index)
+    state.selection.indices[name] = d.index.detach().cpu().clone()
+    return order
 
 
 def structure_of(model: nn.Module) -> dict[str, Any]:

@@ -252,7 +252,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
             "pretrained": spec.pretrained, "init_seed": spec.train.seed})
 
     summary = fit(model, data.loader("train"), spec.train, eval_loaders=eval_loaders, run_dir=run_dir,
-                  resume=resume, save_task=save_task, run_info=info)
+                  resume=resume, save_task=save_task, run_info=info, hook=method.training_hook(model))
     summary.update({"method": spec.method, "model": spec.model, "data": spec.data, "task": task,
                     "metric": "mIoU" if segmentation else "acc", "num_classes": classes,
                     "prepare_time_s": round(prepare_time, 2), **ctx.info})

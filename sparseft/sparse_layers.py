@@ -12,6 +12,7 @@ model-level state and calls them.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -159,6 +160,28 @@ class _SparseConv(torch.autograd.Function):
         return grad_x, None, grad_b, grad_values, None, None, None, None, None, None
 
 
+class _ProbeDelta(torch.autograd.Function):
+    """Like `_InjectDelta`, and hands the weight's dense gradient to the delta's `probe` first."""
+
+    @staticmethod
+    def forward(ctx, weight, values, delta):  # noqa: ARG004
+        ctx.delta, ctx.values_dtype = delta, values.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_weight):
+        grad_weight = grad_weight.contiguous()
+        ctx.delta.probe(grad_weight)
+        return None, grad_weight.reshape(-1).index_select(0, ctx.delta.index).to(ctx.values_dtype), None
+
+
+def _injected(param: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
+    """The weight as a layer uses it with `delta`'s gradient routed to `values` (and to its probe)."""
+    if delta.probe is not None:
+        return _ProbeDelta.apply(param, delta.values, delta)
+    return _InjectDelta.apply(param, delta.values, delta.index)
+
+
 class _InjectDelta(torch.autograd.Function):
     """Pass a frozen weight through unchanged; route its gradient's selected entries to `values`."""
 
@@ -199,20 +222,51 @@ class SparseDelta(nn.Module):
         self.shape = tuple(param.shape)
         self._synced_version = -1
         self.register_buffer("written", self.values.detach().clone(), persistent=False)
-        self.gathered = gathered
+        self.gathered, self.groups = gathered, groups
+        #: called with the dense gradient of the weight when set (drop-and-regrow's growth scores); the
+        #: layer then takes the generic path for that step
+        self.probe: Callable[[torch.Tensor], None] | None = None
         if gathered:
-            shape = (*param.shape, 1, 1) if param.dim() == 2 else tuple(param.shape)  # Linear as a 1x1 conv
-            out_ch, in_per_group = shape[0], shape[1]
-            rows, c_local, ki, kj = torch.unravel_index(index, shape)
-            channels = (rows // (out_ch // groups)) * in_per_group + c_local  # input channel of each entry
-            ucols, cpos = torch.unique(channels, return_inverse=True)
-            self.register_buffer("rows", rows.to(torch.int32), persistent=False)
-            self.register_buffer("cpos", cpos.to(torch.int32), persistent=False)
-            self.register_buffer("ki", ki.to(torch.int32), persistent=False)
-            self.register_buffer("kj", kj.to(torch.int32), persistent=False)
-            # when every input channel occurs, the backward keeps the whole input as it is
-            self.register_buffer("ucols", None if ucols.numel() == in_per_group * groups else ucols,
-                                 persistent=False)
+            self._gather_buffers()
+
+    def _gather_buffers(self) -> None:
+        """Per entry its output channel, input channel position and kernel offsets (the gathered kernels)."""
+        shape = (*self.shape, 1, 1) if len(self.shape) == 2 else self.shape  # Linear as a 1x1 conv
+        out_ch, in_per_group = shape[0], shape[1]
+        rows, c_local, ki, kj = torch.unravel_index(self.index, shape)
+        channels = (rows // (out_ch // self.groups)) * in_per_group + c_local  # input channel of each entry
+        ucols, cpos = torch.unique(channels, return_inverse=True)
+        self.register_buffer("rows", rows.to(torch.int32), persistent=False)
+        self.register_buffer("cpos", cpos.to(torch.int32), persistent=False)
+        self.register_buffer("ki", ki.to(torch.int32), persistent=False)
+        self.register_buffer("kj", kj.to(torch.int32), persistent=False)
+        # when every input channel occurs, the backward keeps the whole input as it is
+        self.register_buffer("ucols", None if ucols.numel() == in_per_group * self.groups else ucols,
+                             persistent=False)
+
+    def replace_entries(self, param: torch.Tensor, positions: torch.Tensor, new_index: torch.Tensor) -> torch.Tensor:
+        """Swap the entries at `positions` for the flat indices `new_index` (not selected now), in place.
+
+        The dropped entries get their base values back, the new ones start at delta 0; the number of
+        entries stays. The index stays sorted: returns `order`, the old position of each entry's new
+        position, so a caller moves per-entry state (optimizer moments) with `state[order]`.
+        """
+        with torch.no_grad():
+            self.sync(param)
+            write_flat(param, self.index[positions], self.base[positions])
+            index, base, values = self.index.clone(), self.base.clone(), self.values.detach().clone()
+            index[positions] = new_index.to(index)
+            base[positions] = read_flat(param, index[positions]).to(base.dtype)
+            values[positions] = 0
+            order = index.argsort()
+            self.index.copy_(index[order])
+            self.base.copy_(base[order])
+            self.values.copy_(values[order])
+            self.written.copy_(self.values)
+            self._synced_version = self.values._version
+            if self.gathered:
+                self._gather_buffers()
+        return order
 
     def sync(self, param: torch.Tensor, force: bool = False) -> None:
         """Write base + values into `param` if `values` changed since the last write.
@@ -256,6 +310,8 @@ def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     delta.sync(self.weight)
     if _no_grad_needed(delta):
         return F.linear(x, self.weight, self.bias)
+    if delta.probe is not None:
+        return F.linear(x, _injected(self.weight, delta), self.bias)
     return _SparseLinear.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
 
 
@@ -264,6 +320,8 @@ def _sparse_pointwise_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     delta.sync(self.weight)
     if _no_grad_needed(delta):
         return nn.Conv2d.forward(self, x)
+    if delta.probe is not None:
+        return self._conv_forward(x, _injected(self.weight, delta), self.bias)
     return _SparsePointwiseConv.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
 
 
@@ -272,6 +330,8 @@ def _sparse_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     delta.sync(self.weight)
     if _no_grad_needed(delta):
         return nn.Conv2d.forward(self, x)
+    if delta.probe is not None:
+        return self._conv_forward(x, _injected(self.weight, delta), self.bias)
     geometry = (self.stride, self.padding, self.dilation, self.groups)
     return _SparseConv.apply(x, self.weight, self.bias, delta.values, geometry, delta.rows, delta.cpos, delta.ki,
                              delta.kj, delta.ucols)
@@ -294,7 +354,7 @@ def _injected_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             param = holder._parameters[leaf]
             delta.sync(param)
             originals.append((holder, leaf, param))
-            holder._parameters[leaf] = _InjectDelta.apply(param, delta.values, delta.index)
+            holder._parameters[leaf] = _injected(param, delta)
         if self._sparseft_prev_forward is not None:
             return self._sparseft_prev_forward(*args, **kwargs)
         return type(self).forward(self, *args, **kwargs)

@@ -255,7 +255,7 @@ def _data_parallel(model: nn.Module) -> nn.Module:
 def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         eval_loaders: dict[str, Iterable] | None = None, run_dir: str | Path | None = None,
         resume: bool = False, save_task: Callable[[nn.Module, Path], Any] | None = None,
-        run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+        run_info: dict[str, Any] | None = None, hook: Any = None) -> dict[str, Any]:
     """Train the model's trainable parameters; returns {"history", "final", "summary"}.
 
     A loader whose `dataset` has `set_epoch` (segmentation data sets seeded per item) gets it
@@ -265,6 +265,10 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
     `save_task(model, path)` writes the task file at the end (default: a sparse delta when the
     model has one). With `resume=True` a run folder's checkpoint is continued; a finished run
     returns its summary without training.
+
+    `hook` (a method's training hook, e.g. `sparseft.regrow.Regrower`) gets `before_step(step,
+    total)` before each forward and `after_step(step, total, optimizer)` after each optimizer step;
+    its `state_tensors()` travel in the checkpoint and come back through `load_state_tensors`.
 
     Under a process group (torchrun) every rank calls `fit` with the same loaders: each batch of
     `train_loader` is one step of the whole group (each rank computes a slice of it, the model
@@ -294,7 +298,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         if resume:
             check_same_settings(run_dir, settings)
         if resume and stem.with_suffix(".json").exists():
-            record = load_checkpoint(stem, model, optimizer)
+            record = load_checkpoint(stem, model, optimizer,
+                                     restore_extra=hook.load_state_tensors if hook is not None else None)
             history, start_epoch, step = record["history"], record["epoch"] + 1, record["step"]
             train_time = record.get("train_time_s", 0.0)
             if start_epoch >= config.epochs and summary_path.exists():
@@ -322,6 +327,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         bar = distributed.progress(train_batches, f"epoch {epoch + 1}/{config.epochs}", config.progress)
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device), y.to(device)
+            if hook is not None:
+                hook.before_step(step, total_steps)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 logits = forward(x)
             loss_sum_batch, terms = _loss_sum(logits, y, config.label_smoothing)  # terms: images or valid pixels
@@ -344,6 +351,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
             optimizer.step()
             step += 1
             scheduler.step_update(step)
+            if hook is not None:
+                hook.after_step(step, total_steps, optimizer)
             loss_sum += mean_loss.item() * global_terms
             correct += _correct(logits, y)
             seen += terms
@@ -372,7 +381,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
                                        f"the learning rate{where}")
             if main:
                 save_checkpoint(stem, model, optimizer, {"epoch": epoch, "step": step, "history": history,
-                                                         "train_time_s": train_time})
+                                                         "train_time_s": train_time},
+                                extra=hook.state_tensors() if hook is not None else None)
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
 

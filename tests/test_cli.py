@@ -166,12 +166,12 @@ def test_an_option_of_another_method_is_a_usage_error(tmp_path, task, capsys):
     argv = ["train", "--method", "lora", "--k", "4", "--data", str(task), "--out", str(run), *MODEL, *FAST]
     assert main(argv) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert line.startswith("error: --k is not an option of method 'lora' (it belongs to gps, rosa); lora takes "
+    assert line.startswith("error: --k is not an option of method 'lora' (it belongs to gps, rosa, spiel); lora takes "
                            "--lora-targets, --lora-r")
     assert not run.exists()
     assert main([*argv[:3], "--k", "4", "--channels", "3", *argv[5:]]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "--k, --channels are not options of method 'lora' (they belong to gps, rosa, sct)" in line
+    assert "--k, --channels are not options of method 'lora' (they belong to gps, rosa, sct, spiel)" in line
     assert main(["train", "--method", "linear", "--rank", "4", *argv[5:]]) == 2
     assert "linear takes --batchnorm\n" in capsys.readouterr().err  # the option every method has
 
@@ -180,10 +180,10 @@ def test_a_shared_flag_shows_each_methods_default(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "gps, rosa, sct, spt-lora, spt-adapter options:" in out
+    assert "gps, rosa, sct, spiel, spt-lora, spt-adapter options:" in out
     text = " ".join(out.split())
     assert ("--select-batches SELECT_BATCHES limit the selection pass to N batches "
-            "(default: gps: None, rosa: None, sct: None, spt-lora: 16, spt-adapter: 16)") in text
+            "(default: gps: None, rosa: None, sct: None, spiel: None, spt-lora: 16, spt-adapter: 16)") in text
     assert "--rank RANK LoRA rank / adapter bottleneck width (default: 8)" in text  # spt-lora and spt-adapter agree
     assert "--k K selected input connections per neuron (default: 1)" in text
 

@@ -45,4 +45,4 @@ def get_method(name: str, **options: Any) -> Method:
 __all__ = ["METHODS", "Method", "MethodContext", "NotApplicable", "get_method", "register"]
 
 # register the built-in methods
-from sparseft.methods import adapter, baselines, gps, lora, rosa, sct, spt, ssf, vpt  # noqa: E402, F401
+from sparseft.methods import adapter, baselines, gps, lora, rosa, sct, spiel, spt, ssf, vpt  # noqa: E402, F401

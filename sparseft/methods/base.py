@@ -131,6 +131,10 @@ class Method:
         """Fold the added modules into the base weights and take them out; return the old weights."""
         raise delta.DeltaError(self.merge_refusal())
 
+    def training_hook(self, model: nn.Module) -> Any:
+        """What `sparseft.train.fit` calls around each step (e.g. SpIEL's drop and regrow); None for most."""
+        return None
+
     def merge_refusal(self) -> str:
         """Why this method cannot be merged (for methods with `mergeable = False`)."""
         return f"{self.name} cannot be merged"

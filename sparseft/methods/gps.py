@@ -116,6 +116,7 @@ class GPS(Method):
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         t0 = time.perf_counter()
         selection = self.select(model, ctx)
+        selection.meta["method"] = self.name  # gps, or a method built on its selection (spiel)
         ctx.info["selection_time_s"] = round(time.perf_counter() - t0, 2)
         ctx.info["selected_entries"] = selection.num_sparse
         return selection

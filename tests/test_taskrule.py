@@ -1,0 +1,53 @@
+"""Rule v2: per-task differences, the paired t-test, Holm and TOST (checked against scipy by hand)."""
+
+import math
+
+import pytest
+from scipy import stats
+
+from sparseft.bench.taskrule import compare_family, holm, t_test, task_differences
+
+
+def cells(per_task: dict[str, list[float]]) -> dict[tuple[str, int], float]:
+    return {(t, s): v for t, values in per_task.items() for s, v in enumerate(values)}
+
+
+def test_task_differences_average_seeds_first_and_name_what_is_missing():
+    a = cells({"x": [80, 82, 84], "y": [50, 50, 50]})
+    b = cells({"x": [79, 79, 79], "y": [51, 51]})
+    diffs, missing = task_differences(a, b, seeds=[0, 1, 2])
+    assert diffs == {"x": pytest.approx(3.0)} and missing == ["y/seed2"]
+
+
+def test_t_test_matches_scipy_and_tost_uses_the_margin():
+    d = {"a": 0.5, "b": 0.1, "c": 0.3, "d": -0.1}
+    r = t_test(d, margin=1.0)
+    res = stats.ttest_1samp(list(d.values()), 0.0, alternative="greater")
+    assert r["t"] == pytest.approx(res.statistic) and r["p_better"] == pytest.approx(res.pvalue)
+    lower = stats.ttest_1samp(list(d.values()), -1.0, alternative="greater").pvalue
+    upper = stats.ttest_1samp(list(d.values()), 1.0, alternative="less").pvalue
+    assert r["p_level"] == pytest.approx(max(lower, upper))
+    assert t_test({"a": 1.0, "b": 2.0})["p_better"] is None  # fewer than 3 tasks
+    assert t_test({"a": 1.0, "b": 1.0, "c": 1.0})["p_better"] is None  # no spread: no test
+
+
+def test_holm_steps_down_and_stays_monotone():
+    assert holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
+    assert holm([0.5]) == [0.5]
+
+
+def test_a_family_gives_better_worse_level_and_inconclusive():
+    tasks = [f"t{i}" for i in range(6)]
+    rows = {
+        "base": cells({t: [70.0, 70.0, 70.0] for t in tasks}),
+        "up": cells({t: [75.0 + i * 0.1, 75.2, 74.9] for i, t in enumerate(tasks)}),
+        "down": cells({t: [60.0 - i * 0.2, 60.0, 60.1] for i, t in enumerate(tasks)}),
+        "same": cells({t: [70.0 + (0.1 if i % 2 else -0.1), 70.0, 70.0] for i, t in enumerate(tasks)}),
+        "noisy": cells({t: [70.0 + (8 if i % 2 else -7), 70, 70] for i, t in enumerate(tasks)}),
+    }
+    fam = {f"{c['a']}": c for c in compare_family(rows, [("up", "base"), ("down", "base"), ("same", "base"),
+                                                          ("noisy", "base"), ("up", "missing-row")])}
+    assert [fam[k]["verdict"] for k in ("up", "down", "same", "noisy")] == ["better", "worse", "level", "inconclusive"]
+    assert len(fam) == 4  # a pair with a row that does not exist is left out
+    assert all(math.isclose(c["p_better_holm"], min(1, c["p_better"] * 4)) or c["p_better_holm"] >= c["p_better"]
+               for c in fam.values())
