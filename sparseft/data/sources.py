@@ -43,6 +43,19 @@ SOURCES: dict[str, Source] = {
         "fonts-urw-base35", "20200910-7", "deb", "AGPL-3.0 with font exception",
         sha256="93e4997c99c4c31ea88c5d37e2259af0a0c826b9358931d5a69f794f7f0c73ac",
         pool_path="pool/main/f/fonts-urw-base35/fonts-urw-base35_20200910-7_all.deb"),
+    # minivtab_more: nation flags, terrain tiles and object tiles (Debian bookworm, architecture all)
+    "freeciv": Source(
+        "freeciv-data", "3.0.6-1+deb12u1", "deb", "GPL-2.0-or-later",
+        sha256="278bed022b87408ca9923aa727bef3d6c97875c811723e93ff95dded1b9b76b2",
+        pool_path="pool/main/f/freeciv/freeciv-data_3.0.6-1+deb12u1_all.deb"),
+    "supertux": Source(
+        "supertux-data", "0.6.3-2", "deb", "GPL-3.0-or-later",
+        sha256="a6ad8865972f1dbb5e7b49f4e1b381dd16a68f3028a3502cfeaca2400285d27f",
+        pool_path="pool/main/s/supertux/supertux-data_0.6.3-2_all.deb"),
+    "crossfire": Source(
+        "crossfire-client-images", "1.70.0-2", "deb", "GPL (Debian copyright: /usr/share/common-licenses/GPL)",
+        sha256="f75fe31f0b3c3ca733d7663874b14ab18927df629dcfb77906184ba0864ea57f",
+        pool_path="pool/main/c/crossfire-client-images/crossfire-client-images_1.70.0-2_all.deb"),
     "elpv": Source("elpv-dataset", "1.0.0.post1", "pypi", "CC-BY-NC-SA-4.0 (data), Apache-2.0 (code)",
                    sha256="85e31c1126ee9b48e62d3a0232c58f58b2d189b0814a45c13642fa0415af4a4c"),
     "animal": Source("animal-mnist", "0.4", "pypi", "MIT",
