@@ -57,6 +57,8 @@ def test_honest_protocol_tunes_on_val_and_reports_last_epoch(tmp_path, tasks):
     text = report.read_text()
     assert "Protocol: honest" in text and "last-epoch" in text
     assert "| gps |" in text and "mean (groups)" in text
+    assert "### Verdicts by rule v2" in text and "| gps vs linear | 2 |" in text  # 2 tasks: too few to judge
+    assert "**inconclusive**" in text.split("### Verdicts by rule v2")[1]
     for fig in ("acc_vs_params.png", "gps_distribution.png", "gps_levels.png"):
         assert (out / fig).stat().st_size > 1000
     assert (out / "results.csv").read_text().count("\n") == 7

@@ -19,7 +19,10 @@ from typing import Any
 from sparseft.bench.figures import selection_distribution, write_figures
 from sparseft.bench.screen import write_screen_report
 from sparseft.bench.suite import task_name
+from sparseft.bench.taskrule import RULE_V2, compare_family, plan_pairs
+from sparseft.bench.taskrule import markdown as taskrule_markdown
 from sparseft.bench.verdicts import (
+    CLAIMS,
     VERDICT_RULE,
     budget_matched,
     claims,
@@ -269,6 +272,12 @@ def _backbone_section(backbone: str, tab: dict[str, Any]) -> list[str]:
                              f"pairs and on {x['tasks_won']}/{x['tasks']} tasks' means → {_verdict_text(x)}"
                              f" (per task: {', '.join(f'{t} {d:+.2f}' for t, d in x['per_task'].items())})")
         lines.append("")
+    rows = {r["label"]: r["cells"] for r in tab["rows"]}
+    ref = "gps-ref" if "gps-ref" in rows else "gps"
+    pairs = plan_pairs(rows, [(ref if a == "REF" else a, ref if b == "REF" else b) for _, ps in CLAIMS for a, b in ps])
+    if pairs:
+        lines += ["### Verdicts by rule v2", "", RULE_V2, ""]
+        lines += taskrule_markdown(compare_family(rows, pairs), f"{backbone}: claims and plan v2's comparisons")
     matched = budget_matched(tab)
     if matched:
         lines += ["### Budget-matched comparisons", "", "Each family's accuracy interpolated (linear in log "

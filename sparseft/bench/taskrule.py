@@ -111,6 +111,22 @@ def compare_family(rows: dict[str, dict[tuple[str, int], float]], pairs: list[tu
     return judge_family(found)
 
 
+#: the plan's sparse variants (docs/evidence-plan.md, v2)
+VARIANTS = ("gps-col", "gps-row", "gps-taylor", "gps-colnorm", "gps-nobias", "rosa", "spiel")
+
+
+def plan_pairs(labels: Iterable[str], claims: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """A report's family: the given claim pairs, then each variant vs gps and vs LoRA at GPS's budget, then gps vs
+    every other row (evidence plan v2's development family)."""
+    labels = list(labels)
+    pairs = list(claims)
+    for v in (v for v in VARIANTS if v in labels):
+        pairs += [(v, "gps"), (v, "lora-qkv-r5")]
+    if "gps" in labels:
+        pairs += [("gps", other) for other in labels if other != "gps" and other not in VARIANTS]
+    return list(dict.fromkeys((a, b) for a, b in pairs if a in labels and b in labels))
+
+
 def _p(p: float | None) -> str:
     return "–" if p is None else f"{p:.3f}"
 
