@@ -39,8 +39,9 @@ def screen_tasks(records: list[dict[str, Any]], ceiling: float = CEILING, gap: f
             keep, why = False, f"incomplete: no validation score for {'every row' if best is None else probe}"
         elif best > ceiling:
             keep, why = False, f"at the ceiling ({best_label} {best:.1f} > {ceiling:g})"
-        elif best - linear < gap:
-            keep, why = False, f"{probe} within {best - linear:.1f} points of the best row ({best_label})"
+        elif best_label == probe or best - linear < gap:
+            keep, why = False, (f"{probe} is the best row" if best - linear <= 0 else
+                                f"{probe} within {best - linear:.1f} points of the best row ({best_label})")
         else:
             keep, why = True, f"best {best_label} {best:.1f}, {probe} {best - linear:.1f} points below"
         out.append({"backbone": backbone, "task": task, "rows": rows, "best": best, "best_label": best_label,
