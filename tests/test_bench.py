@@ -100,6 +100,23 @@ def test_screen_rule_keeps_tasks_below_the_ceiling_with_a_weaker_probe():
     assert "incomplete" in kept["gone"]["why"]
 
 
+def test_a_suite_can_take_its_choices_from_another_finished_suite(tmp_path, tasks, capsys):
+    methods = [{"label": "linear", "method": "linear"}]
+    short = yaml.safe_load(write_suite(tmp_path, tasks, methods=methods).read_text())
+    long = {**short, "name": "tiny-long", "train": {**short["train"], "epochs": 2}, "choices_from": "tiny"}
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(long))
+    long_suite = load_suite(tmp_path / "long.yaml")
+    assert run_suite(long_suite, tmp_path / "res" / "tiny-long", progress=True) == []  # nothing chosen yet: waits
+    assert "does not exist yet; run that suite first" in capsys.readouterr().out
+    chosen = {r["task"]: r["chosen"] for r in run_suite(load_suite(tmp_path / "suite.yaml"), tmp_path / "res" / "tiny",
+                                                           progress=False)}
+    records = run_suite(long_suite, tmp_path / "res" / "tiny-long", progress=False)
+    assert len(records) == 2 and all(r["tuning"] == [] and r["choice_from"] == "tiny" for r in records)
+    assert {r["task"]: r["chosen"] for r in records} == chosen
+    assert all(r["test_acc"] is not None for r in records)
+    assert not list((tmp_path / "res" / "tiny-long").glob("**/tune"))  # no grid runs here
+
+
 def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path, tasks, capsys):
     suite = load_suite(write_suite(tmp_path, tasks, methods=[{"label": "linear", "method": "linear"}], epochs=2))
     out = tmp_path / "res"

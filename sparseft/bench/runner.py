@@ -62,7 +62,8 @@ def plan(suite: Suite) -> list[Cell]:
 
 def tunes(suite: Suite, cell: Cell) -> bool:
     """Whether this cell runs its own grid (honest protocol, more than one point, and its seed tunes)."""
-    return (suite.protocol in ("honest", "screen") and len(cell.entry.grid_points(suite.grid)) > 1
+    return (suite.protocol in ("honest", "screen") and not suite.choices_from
+            and len(cell.entry.grid_points(suite.grid)) > 1
             and (suite.tuning == "each_seed" or cell.seed == suite.seeds[0]))
 
 
@@ -214,7 +215,9 @@ def _run_fresh_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, sho
     tuning: list[dict[str, Any]] = []
     points = cell.entry.grid_points(suite.grid)
     tuned_on, first_grid = None, None
-    if suite.protocol == "honest" and len(points) == 1:
+    if suite.choices_from:  # another suite chose: no tuning runs here
+        chosen, first_grid, stage = _choice_of(suite, cell, out), None, "final"
+    elif suite.protocol == "honest" and len(points) == 1:
         chosen, stage = points[0], "final"  # nothing to choose: no tuning runs
     elif suite.protocol == "honest" and not tunes(suite, cell):  # tuning: first_seed
         first = Cell(cell.backbone, cell.task, cell.group, cell.entry, suite.seeds[0])
@@ -257,6 +260,7 @@ def _run_fresh_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, sho
         "seed": cell.seed, "chosen": chosen, "tuning": tuning, "grid_planned": _grid(suite, cell.entry),
         "grid": _tried(tuning) if tuning else (first_grid or _grid(suite, cell.entry)),
         "tuned_on_seed": cell.seed if tuning else tuned_on, "test_acc": test_acc,
+        **({"choice_from": suite.choices_from} if suite.choices_from else {}),
         "tuning_failed": bool(tuning) and all(t["val_acc"] is None for t in tuning),
         "metric": metric, "last_test_acc": s["final"].get(f"test_{metric}"),
         "best_test_acc": s.get(f"best_test_{metric}"),
@@ -289,6 +293,23 @@ def _write_screen_record(suite: Suite, cell: Cell, chosen: dict[str, Any], tunin
               "run_time_s": round(sum((t["wall_time_s"] or 0) for t in tuning), 2)}
     write_text_atomic(path, json.dumps(record, indent=1, default=str))
     return record
+
+
+def _choice_of(suite: Suite, cell: Cell, out: Path) -> dict[str, Any]:
+    """The point suite `choices_from` chose for this (backbone, task, row), from its results folder beside `out`.
+
+    Raises FolderInUse (the cell waits, as for a cell another process holds) while that choice is not made yet.
+    """
+    other = out.parent / str(suite.choices_from)
+    known = other / "suite.json"
+    if known.exists() and json.loads(known.read_text()).get("name") != suite.choices_from:
+        raise ValueError(f"{other}: holds another suite's results, not {suite.choices_from!r}'s")
+    first = Cell(cell.backbone, cell.task, cell.group, cell.entry, suite.seeds[0])
+    record = first.folder(other) / "final" / "record.json"
+    if not record.exists():
+        raise FolderInUse(f"{record} (the choice this cell takes from {suite.choices_from}) does not exist yet; run "
+                          f"that suite first")
+    return json.loads(record.read_text())["chosen"]
 
 
 def _best(tuning: list[dict[str, Any]]) -> dict[str, Any]:
@@ -335,6 +356,8 @@ def _train_settings(spec: RunSpec) -> dict[str, Any]:
 
 
 def _expected_tuned_on(suite: Suite, cell: Cell) -> int | None:
+    if suite.choices_from:
+        return None
     if tunes(suite, cell):
         return cell.seed
     if suite.protocol in ("honest", "screen") and len(cell.entry.grid_points(suite.grid)) > 1:
@@ -397,6 +420,7 @@ def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, show_epoc
                                                       "train": suite.train, "grid": suite.grid,
                                                       "seeds": suite.seeds, "tuning": suite.tuning,
                                                       "extend_edges": suite.extend_edges,
+                                                      "choices_from": suite.choices_from,
                                                       "batchnorm": suite.batchnorm},
                                                      indent=1, default=str))
     tracker = Progress(sum(runs_in_cell(suite, c) for c in cells), progress)

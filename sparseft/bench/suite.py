@@ -21,6 +21,8 @@ A suite is a YAML file (the shipped ones live in `sparseft/bench/suites/`, usabl
                                   # try one step beyond (the edge pair's ratio), up to this many times; 0: never
     batchnorm: update             # BatchNorm statistics for every method (update | frozen); default: each
                                   # method's own. A row's `options: {batchnorm: ...}` overrides it.
+    choices_from: other-suite     # honest: no grid here; each (backbone, task, row) takes the point the
+                                  # finished suite `other-suite` chose (its results folder beside this one's)
 
 A method's `train:` overrides the suite's training settings (e.g. `optimizer: adam`). Grid keys
 `lr` and `weight_decay` set the optimiser; any other key is a method option (e.g.
@@ -99,6 +101,7 @@ class Suite:
     tuning: str = "first_seed"
     batchnorm: str | None = None  # every method's BatchNorm statistics policy (a row's options may override)
     extend_edges: int = 2  # honest tuning: up to this many steps past a grid edge the best point sits on
+    choices_from: str | None = None  # honest: take each cell's chosen point from this suite's results
     source: str = ""
 
     def task_groups(self) -> dict[str, str]:
@@ -149,7 +152,7 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
     if not isinstance(data, dict):
         raise SuiteError(f"{where}: expected a mapping at the top level")
     unknown = set(data) - {"name", "protocol", "tasks", "backbones", "methods", "train", "grid", "seeds",
-                           "tuning", "batchnorm", "extend_edges", "description"}
+                           "tuning", "batchnorm", "extend_edges", "choices_from", "description"}
     if unknown:
         raise SuiteError(f"{where}: unknown keys {sorted(unknown)}")
     proto = protocol or data.get("protocol", "honest")
@@ -219,6 +222,9 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
     extend = data.get("extend_edges", 2)
     if not isinstance(extend, int) or isinstance(extend, bool) or extend < 0:
         raise SuiteError(f"{where}: extend_edges must be an integer >= 0, not {extend!r}")
+    choices_from = data.get("choices_from")
+    if choices_from is not None and (not isinstance(choices_from, str) or proto != "honest"):
+        raise SuiteError(f"{where}: choices_from must name another suite, and only an honest suite takes it")
     return Suite(name=data.get("name", Path(where).stem), protocol=proto, tasks=tasks, backbones=backbones,
                  methods=methods, train=train, grid=grid, seeds=seeds, tuning=tuning, batchnorm=batchnorm,
-                 extend_edges=extend, source=where)
+                 extend_edges=extend, choices_from=choices_from, source=where)
