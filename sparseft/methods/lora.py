@@ -58,6 +58,14 @@ def find_targets(model: nn.Module, targets: list[str], conv: bool) -> tuple[list
     return chosen, skipped
 
 
+def parse_targets(text: str, owner: str) -> list[str]:
+    """The comma-separated --lora-targets as a list; ValueError naming the flag when it is empty."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise ValueError(f"{owner}: --lora-targets is empty")
+    return targets
+
+
 def inject_lora(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float) -> list[str]:
     """Put peft LoRA layers on exactly the modules `names`; returns the LoRA parameters' names.
 
@@ -114,10 +122,7 @@ class LoRA(Method):
             "help": "also adapt matching kxk Conv2d layers (CNNs, the ViT patch embedding)"})
 
     def _targets(self) -> list[str]:
-        targets = [t.strip() for t in self.options.lora_targets.split(",") if t.strip()]
-        if not targets:
-            raise ValueError("lora: --lora-targets is empty")
-        return targets
+        return parse_targets(self.options.lora_targets, self.name)
 
     def validate(self) -> None:
         super().validate()

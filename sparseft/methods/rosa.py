@@ -26,7 +26,7 @@ from sparseft import delta
 from sparseft.methods import register
 from sparseft.methods.base import MethodContext, NotApplicable
 from sparseft.methods.gps import GPS
-from sparseft.methods.lora import find_targets, fold_lora, inject_lora
+from sparseft.methods.lora import find_targets, fold_lora, inject_lora, parse_targets
 from sparseft.models import head_parameter_names
 from sparseft.selection import Selection, parameter_roles
 from sparseft.selection.selection import row_length
@@ -63,10 +63,7 @@ class RoSA(GPS):
         self._targets()
 
     def _targets(self) -> list[str]:
-        targets = [t.strip() for t in self.options.lora_targets.split(",") if t.strip()]
-        if not targets:
-            raise ValueError("rosa: --lora-targets is empty")
-        return targets
+        return parse_targets(self.options.lora_targets, self.name)
 
     def check(self, model: nn.Module) -> None:
         chosen, _ = find_targets(model, self._targets(), conv=False)
