@@ -17,6 +17,7 @@ from sparseft import delta
 from sparseft.deltafile import DeltaFileError, read_delta
 from sparseft.methods import METHODS, Method
 from sparseft.models import create_model
+from sparseft.seg.model import create_segmentation_model
 
 
 def method_named_in(header: dict) -> str:
@@ -46,14 +47,21 @@ def load(path: str | Path, model: nn.Module | None = None, *, weights: str | Pat
             raise DeltaFileError(f"{path}: the header does not say which base model it belongs to; pass model=")
         with torch.random.fork_rng():  # a randomly initialised base is defined by its seed
             torch.manual_seed(extra.get("init_seed", 0))
-            build = create_model
-            if extra.get("task") == "segmentation":
-                from sparseft.seg.model import create_segmentation_model as build
+            build = create_segmentation_model if extra.get("task") == "segmentation" else create_model
             model = build(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
                           weights=weights or extra.get("weights"), pretrained=extra.get("pretrained", False))
             if extra.get("task") == "segmentation" and extra.get("class_names"):
                 model.class_names = list(extra["class_names"])
     return method.load(model, path)
+
+
+def load_for_inference(task_file: str | Path, *, weights: str | Path | None = None, merge: bool = True) -> nn.Module:
+    """A task file's model in eval mode, merged when its method can merge (what users deploy)."""
+    model = load(task_file, weights=weights)
+    method = method_for(model)
+    if merge and method.mergeable:
+        method.merge(model)
+    return model.eval()
 
 
 def method_for(model: nn.Module) -> Method:

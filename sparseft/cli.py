@@ -16,7 +16,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import sparseft
 from sparseft import distributed
+from sparseft.api import load_for_inference, method_named_in
+from sparseft.bench import load_suite, plan, run_suite, write_report
+from sparseft.bench.runner import runs_in_cell
 from sparseft.cliopts import (
     UsageError,
     add_arguments,
@@ -26,6 +30,19 @@ from sparseft.cliopts import (
     given,
     owned_options,
 )
+from sparseft.data import DataError, DataWarning
+from sparseft.data.cli import register_cli as register_data_cli
+from sparseft.deltafile import read_delta
+from sparseft.demo import main as demo_main
+from sparseft.fileutil import atomic_path
+from sparseft.hub.cli import register_cli as register_weights_cli
+from sparseft.inference import find_images, predict, write_csv
+from sparseft.loaders import TaskData, num_classes_of
+from sparseft.methods import METHODS, MethodContext, get_method
+from sparseft.methods.gps import SELECTION_SETTINGS
+from sparseft.methods.report import method_table
+from sparseft.run import PROTOCOL_SPLITS, RunSpec, evaluate_task, run
+from sparseft.seg.predict import check_destinations, predict_masks, write_masks
 from sparseft.train import TrainConfig
 
 OPTION_PREFIX = "opt_"  # namespace prefix of the method options' flags
@@ -73,14 +90,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _method_options() -> dict[str, type]:
-    from sparseft.methods import METHODS
-
     return {name: cls.Options for name, cls in METHODS.items()}
 
 
 def _spec(args: argparse.Namespace, method: str, options: dict):
-    from sparseft.run import PROTOCOL_SPLITS, RunSpec
-
     train_split, eval_splits = PROTOCOL_SPLITS[args.protocol]
     return RunSpec(model=args.model, data=args.data, method=method, options=options, weights=args.weights,
                    pretrained=args.pretrained, img_size=args.img_size, batch_size=args.batch_size,
@@ -89,12 +102,8 @@ def _spec(args: argparse.Namespace, method: str, options: dict):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sparseft.run import run
-
     options = owned_options(args, args.method, _method_options(), prefix=OPTION_PREFIX)
     if options.get("selection"):
-        from sparseft.methods.gps import SELECTION_SETTINGS
-
         fixed = [f"--{k}" for k in SELECTION_SETTINGS if k in options]
         if fixed:
             raise ValueError(f"{', '.join(fixed)}: fixed by the saved --selection {options['selection']} (it was made "
@@ -140,11 +149,6 @@ def _output_file(raw: str, overwrite: bool, source: Path | None = None, kind: st
 def cmd_select(args: argparse.Namespace) -> int:
     import torch
 
-    import sparseft
-    from sparseft.loaders import TaskData, num_classes_of
-    from sparseft.methods import METHODS, MethodContext, get_method
-    from sparseft.run import RunSpec
-
     if "test" in args.split.lower() and not args.allow_test_split:
         raise ValueError(f"--split {args.split}: selecting on a test split lets its labels choose what trains, "
                          "and every accuracy measured on it afterwards is optimistic; select on a training split, "
@@ -173,8 +177,6 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sparseft.run import evaluate_task
-
     result = evaluate_task(args.task_file, args.data, args.split, batch_size=args.batch_size, weights=args.weights,
                            preprocessing=args.preprocessing)
     print(json.dumps({"task_file": str(args.task_file), "split": args.split, **result}))
@@ -182,13 +184,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from sparseft.data import DataError
-    from sparseft.inference import find_images, load_for_inference, predict, write_csv
-
     if args.top_k < 1 or args.batch_size < 1:
         flag, value = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
         raise ValueError(f"{flag} must be at least 1, not {value}")
-    from sparseft.deltafile import read_delta
 
     if read_delta(args.task_file)[0].get("extra", {}).get("task") == "segmentation":
         return _predict_masks(args)
@@ -216,9 +214,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_masks(args: argparse.Namespace) -> int:
     """`sparseft predict` for a segmentation task: one mask PNG per image in the --out folder."""
-    from sparseft.data import DataError
-    from sparseft.inference import find_images, load_for_inference
-    from sparseft.seg.predict import check_destinations, predict_masks, write_masks
 
     if args.out is None or not args.out.strip():
         raise ValueError(f"{args.task_file} is a segmentation task: name a folder for its mask PNGs with --out")
@@ -247,12 +242,6 @@ def _predict_masks(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    import sparseft
-    from sparseft.api import method_named_in
-    from sparseft.deltafile import read_delta
-    from sparseft.fileutil import atomic_path
-    from sparseft.methods import METHODS
-
     out = _output_file(args.out, args.overwrite, source=args.task_file)
     header, _ = read_delta(args.task_file)
     extra = header.get("extra") or {}
@@ -270,9 +259,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from sparseft.api import method_named_in
-    from sparseft.deltafile import read_delta
-
     header, tensors = read_delta(args.task_file)
     sparse = sum(t.numel() for k, t in tensors.items() if k.startswith("sparse/") and k.endswith("/values"))
     full = sum(t.numel() for k, t in tensors.items() if k.startswith("full/"))
@@ -288,9 +274,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from sparseft.methods import METHODS
-    from sparseft.methods.report import method_table
-
     rows = method_table(args.model, args.num_classes, img_size=args.img_size) if args.model else [
         {"method": n, "mergeable": c.mergeable, "summary": c.summary} for n, c in METHODS.items()]
     for row in rows:
@@ -304,9 +287,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from sparseft.bench import load_suite, plan, run_suite, write_report
-    from sparseft.bench.runner import runs_in_cell
-
     suite = load_suite(args.suite, protocol=args.protocol)
     out = args.out or Path("results") / f"{suite.name}-{suite.protocol}"
     cells = [c for c in plan(suite) if not args.only or c.entry.label in args.only]
@@ -322,23 +302,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sparseft.bench import write_report
-
     print(f"report: {write_report(args.results)}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sparseft.demo import main as demo_main
-
     return demo_main(fast=args.fast, out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sparseft.data.cli import register_cli as register_data_cli
-    from sparseft.hub.cli import register_cli as register_weights_cli
-    from sparseft.methods import METHODS
-
     p = argparse.ArgumentParser(prog="sparseft", description="Task-adaptive parameter-efficient fine-tuning "
                                 "(GPS, SPT, SCT and baselines) with lean sparse-delta training.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -466,7 +438,6 @@ def is_user_error(err: BaseException) -> bool:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
     """Warnings about the user's data as one line (no source file or code line of sparseft's)."""
-    from sparseft.data import DataWarning
 
     if issubclass(category, DataWarning):
         print(f"warning: {_one_line(str(message))}", file=file or sys.stderr)

@@ -29,12 +29,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from sparseft.errors import UsageError
+
 __all__ = ["CliOption", "UsageError", "add_arguments", "add_shared_arguments", "cli_options", "flag_of", "from_args",
            "given", "owned_options", "require"]
-
-
-class UsageError(Exception):
-    """A command line that parses but asks for something impossible (exit status 2)."""
 
 
 @dataclasses.dataclass(frozen=True)

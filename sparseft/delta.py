@@ -33,9 +33,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from sparseft.anatomy import fingerprint, head_parameter_names
 from sparseft.fileutil import tensor_bytes
-from sparseft.models import fingerprint, head_parameter_names
-from sparseft.selection.selection import Selection
+from sparseft.selected import Selection
 from sparseft.sparse_layers import SparseDelta, freeze_batchnorm, install, uninstall, write_flat
 
 BatchNormMode = Literal["update", "frozen"]

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparseft import __version__
+from sparseft.anatomy import fingerprint, head_parameter_names
 from sparseft.delta import (
     DeltaError,
     abandon,
@@ -39,8 +39,8 @@ from sparseft.delta import (
 )
 from sparseft.delta import merge as merge_model
 from sparseft.fileutil import atomic_path, read_tagged_safetensors, tensor_bytes
-from sparseft.models import fingerprint, head_parameter_names
-from sparseft.selection.selection import Selection
+from sparseft.selected import Selection
+from sparseft.version import __version__
 
 FORMAT = "sparseft.delta/1"
 

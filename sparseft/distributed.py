@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from sparseft.errors import DataWarning
+
 ShardMode = Literal["batches", "slices", "samples"]
 
 
@@ -169,8 +171,6 @@ class _Parts:
             return slice(self.rank, None, self.world)
         if n < self.world:
             if not self._warned and self.rank == 0:  # one warning for the group, not one per rank
-                from sparseft.data import DataWarning
-
                 warnings.warn(f"a batch of {n} images for {self.world} processes is left out of every epoch; "
                               "choose --batch-size so the last batch is not smaller than the number of processes",
                               DataWarning, stacklevel=3)

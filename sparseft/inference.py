@@ -5,7 +5,7 @@
     preds[0].labels, preds[0].probs             # most probable first
 
 A model loaded from a task file is run with that task's preprocessing and class names (its
-header's record); `sparseft predict TASK_FILE INPUT...` is this plus `load_for_inference`
+header's record); `sparseft predict TASK_FILE INPUT...` is this plus `sparseft.api.load_for_inference`
 (merged where the method can merge), `find_images` (files and folders) and `write_csv`.
 """
 
@@ -25,8 +25,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseft.data import build_transform, data_config
+from sparseft.data.folder import _images_under
 from sparseft.data.images import DataError, OnError, open_rgb, to_rgb
 from sparseft.delta import task_record
+from sparseft.fileutil import write_text_atomic
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -49,22 +52,10 @@ def eval_transform(model: nn.Module, extra: Mapping[str, Any] | None = None,
                    preprocessing: Literal["vtab", "fgvc"] | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """The evaluation transform of a task: the preprocessing and image size recorded in its task
     file's header `extra` (`preprocessing` overrides it); without one, VTAB's resize to the model's input size."""
-    from sparseft.data import build_transform, data_config
 
     extra = extra or {}
     return build_transform(data_config(model), preprocessing or extra.get("preprocessing", "vtab"), train=False,
                            img_size=extra.get("img_size"))
-
-
-def load_for_inference(task_file: str | Path, *, weights: str | Path | None = None, merge: bool = True) -> nn.Module:
-    """A task file's model in eval mode, merged when its method can merge (what users deploy)."""
-    from sparseft.api import load, method_for
-
-    model = load(task_file, weights=weights)
-    method = method_for(model)
-    if merge and method.mergeable:
-        method.merge(model)
-    return model.eval()
 
 
 def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -73,7 +64,6 @@ def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
     A path that does not exist is a FileNotFoundError, a folder without image files a DataError.
     """
-    from sparseft.data.folder import _images_under
 
     out: list[Path] = []
     for raw in inputs:
@@ -192,7 +182,6 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
 def write_csv(predictions: Iterable[Prediction], path: str | Path) -> None:
     """The predictions (skipped images left out) as a CSV file written atomically: columns path,
     then label_1, prob_1, ..., label_k, prob_k."""
-    from sparseft.fileutil import write_text_atomic
 
     rows = [p for p in predictions if p.error is None]
     k = max((len(p.labels) for p in rows), default=0)

@@ -37,6 +37,7 @@ from torch import nn
 from sparseft import delta
 from sparseft.api import load, method_for, method_named_in
 from sparseft.deltafile import read_delta
+from sparseft.inference import eval_mode
 from sparseft.methods import METHODS
 from sparseft.sparse_layers import write_flat
 
@@ -169,7 +170,6 @@ class TaskBank:
         for task in dict.fromkeys(tasks):
             if task is not None:
                 self._require(task)
-        from sparseft.inference import eval_mode
 
         out: list[torch.Tensor | None] = [None] * len(tasks)
         previous = self.active

@@ -35,8 +35,10 @@ from sparseft import distributed
 from sparseft.checkpoint import load_checkpoint, save_checkpoint
 from sparseft.cliopts import require
 from sparseft.data.segmentation import IGNORE_INDEX
-from sparseft.delta import parameter_summary
+from sparseft.delta import is_applied, parameter_summary
+from sparseft.deltafile import save_delta
 from sparseft.fileutil import read_json, write_text_atomic
+from sparseft.seg.metrics import SegMetrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -217,8 +219,6 @@ SEG_METRICS = ("mIoU", "mDice", "mIoU_per_image", "mDice_per_image")
 
 
 def _seg_metrics(model: nn.Module, num_classes: int | None = None) -> Any:
-    from sparseft.seg.metrics import SegMetrics
-
     classes = int(num_classes or model.num_classes)
     names = getattr(model, "class_names", None)
     names = names if names and len(names) == classes else None
@@ -395,9 +395,6 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
                 summary[f"best_{name}_{key}"] = max(values)
     if run_dir is not None and main:
         if save_task is None:
-            from sparseft.delta import is_applied
-            from sparseft.deltafile import save_delta
-
             if is_applied(model):
                 save_delta(model, run_dir / "delta.safetensors", extra=run_info)
         else:

@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from sparseft.methods import METHODS
+
 PROTOCOLS = ("honest", "paper", "screen")
 TUNING = ("first_seed", "each_seed")
 TRAIN_KEYS = {"epochs", "lr", "weight_decay", "optimizer", "warmup_epochs", "warmup_lr", "min_lr",
@@ -139,7 +141,6 @@ def _need(data: dict, key: str, kind: type | tuple, where: str) -> Any:
 
 def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
     """Read and validate a suite (a path or a shipped suite's name); `protocol` overrides the file's."""
-    from sparseft.methods import METHODS
 
     text, where = _resolve(name_or_path)
     try:

@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sparseft.errors import DataWarning
+
 OnError = Literal["raise", "skip"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -24,10 +26,6 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", "
 
 class DataError(ValueError):
     """Bad data-set input: a malformed split file, a missing or unreadable image, a bad label."""
-
-
-class DataWarning(UserWarning):
-    """Bad input that was skipped because the caller asked for `on_error="skip"`."""
 
 
 class Sample(NamedTuple):

@@ -206,6 +206,11 @@ def vtab_classes(task_dir: str | Path) -> list[str]:
 FGVC_SPLITS = {"train800": ("train",), "val200": ("val",), "train800val200": ("train", "val"), "test": ("test",)}
 
 
+def is_segmentation_dir(path: str | Path) -> bool:
+    """A segmentation folder is recognised by its `images/` and `masks/` subfolders."""
+    return (Path(path) / "images").is_dir() and (Path(path) / "masks").is_dir()
+
+
 def is_fgvc_dir(path: str | Path) -> bool:
     """An FGVC data-set folder holds VPT-style `train.json` and `test.json`."""
     return (Path(path) / "train.json").is_file() and (Path(path) / "test.json").is_file()

@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseft.models import head_module_name
+from sparseft.anatomy import head_module_name
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     """Give `model` a fresh classification head with `num_classes` outputs (0: no head, features out).
 
     timm models use their own `reset_classifier`; other models get their last `nn.Linear`
-    (the head, as `sparseft.models.head_module_name` finds it) replaced by a new one, or by
+    (the head, as `sparseft.anatomy.head_module_name` finds it) replaced by a new one, or by
     `nn.Identity` for 0 classes.
     """
     if hasattr(model, "reset_classifier"):

@@ -21,11 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft.anatomy import head_prefix, in_head
 from sparseft.delta import DeltaError
-from sparseft.methods import register
-from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection, register
 from sparseft.methods.modules import lora_layers, set_submodule
-from sparseft.models import head_prefix, in_head
 from sparseft.selection import Selection
 
 DEFAULT_TARGETS = "qkv,proj,fc1,fc2"

@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 from sparseft import delta
-from sparseft.methods import register
-from sparseft.methods.base import MethodContext, NotApplicable
+from sparseft.anatomy import head_parameter_names
+from sparseft.methods.base import MethodContext, NotApplicable, register
 from sparseft.methods.gps import GPS
 from sparseft.methods.lora import find_targets, fold_lora, inject_lora
-from sparseft.models import head_parameter_names
+from sparseft.selected import row_length
 from sparseft.selection import Selection, parameter_roles
-from sparseft.selection.selection import row_length
 
 
 def lora_values(model: nn.Module, layers: list[str], r: int) -> int:

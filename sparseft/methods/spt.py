@@ -27,13 +27,12 @@ import torch
 from torch import nn
 
 from sparseft import delta
-from sparseft.methods import register
+from sparseft.anatomy import head_parameter_names
 from sparseft.methods.adapter import ParallelAdapter
-from sparseft.methods.base import CommonOptions, Method, MethodContext
+from sparseft.methods.base import CommonOptions, Method, MethodContext, register
 from sparseft.methods.lora import fold_lora, inject_lora
 from sparseft.methods.modules import attach, parameter_names
 from sparseft.methods.spt_plan import DEFAULT_BUDGET_FRACTION, KINDS, plan, sensitivity
-from sparseft.models import head_parameter_names
 from sparseft.selection import Selection
 
 

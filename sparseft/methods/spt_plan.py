@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparseft.models import head_parameter_names
+from sparseft.anatomy import head_parameter_names
 from sparseft.selection.scores import gradient_scores
 
 EXCLUDED_WORDS = ("cls_token", "patch_embed", "pos_embed")

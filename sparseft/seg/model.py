@@ -35,7 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseft.models import WeightsError, create_model, load_weights, read_state_dict
+from sparseft.hub.build import attach_data_config
+from sparseft.hub.registry import REGISTRY
+from sparseft.models import create_model
+from sparseft.weights import WeightsError, load_weights, read_state_dict
 
 
 class FPNDecoder(nn.Module):
@@ -219,9 +222,6 @@ def create_segmentation_model(name: str, num_classes: int, img_size: int | None 
 
 def _untrained_backbone(name: str, img_size: int | None, **kwargs: Any) -> nn.Module:
     """The architecture of `name` without weights and without a head (an offline name fetches nothing)."""
-    from sparseft.hub import REGISTRY
-    from sparseft.hub.build import attach_data_config
-
     if name not in REGISTRY:
         return create_model(name, 0, img_size=img_size, **kwargs)
     spec = REGISTRY[name]

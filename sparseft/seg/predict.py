@@ -22,8 +22,13 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseft.data import data_config
 from sparseft.data.images import DataError, OnError, open_rgb, to_rgb
+from sparseft.data.segmentation import SegTransform
+from sparseft.data.segtasks import voc_palette
+from sparseft.delta import task_record
 from sparseft.fileutil import atomic_path
+from sparseft.inference import eval_mode
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -38,10 +43,6 @@ class MaskPrediction:
 
 
 def _image_transform(model: nn.Module):
-    from sparseft.data import data_config
-    from sparseft.data.segmentation import SegTransform
-    from sparseft.delta import task_record
-
     transform = SegTransform.from_config(data_config(model), train=False, img_size=task_record(model).get("img_size"))
     return lambda image: transform(image, np.zeros((image.height, image.width), dtype=np.uint8))[0]
 
@@ -54,7 +55,6 @@ def predict_masks(model: nn.Module, images: ImageInput | Sequence[ImageInput], *
     An unreadable file raises `DataError` naming it, or with `on_error="skip"` gets a prediction
     with `error` set and no mask. The model's train/eval modes are restored.
     """
-    from sparseft.inference import eval_mode
 
     if getattr(model, "task", None) != "segmentation":
         raise ValueError("predict_masks needs a segmentation model (a task trained on images/ + masks/ data); "
@@ -134,7 +134,6 @@ def write_masks(preds: Sequence[MaskPrediction], folder: str | Path, *, overwrit
     """Write each prediction's mask as `<folder>/<image stem>.png`: a palette PNG whose pixel values are
     the class ids (its colours, the VOC ones the data's masks carry, only show them). Existing files are
     refused unless `overwrite`."""
-    from sparseft.data.segtasks import voc_palette
 
     good = [p for p in preds if p.mask is not None]
     if any(p.path is None for p in good):
