@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from sparseft.errors import InputError
 from sparseft.fileutil import tensor_bytes
 
 
@@ -28,7 +29,7 @@ def head_module_name(model: nn.Module, head: str | None = None) -> str | None:
     modules = dict(model.named_modules())
     if head is not None:
         if head not in modules:
-            raise ValueError(f"head module '{head}' not found in the model")
+            raise InputError(f"head module '{head}' not found in the model")
         return head
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
@@ -57,7 +58,7 @@ def head_parameter_names(model: nn.Module, head: str | None = None) -> list[str]
 def _capture_head_input(model: nn.Module, head: str | None) -> Iterator[list[torch.Tensor]]:
     name = head_module_name(model, head)
     if name is None:
-        raise ValueError("cannot find the model's head to take features from; pass head=...")
+        raise InputError("cannot find the model's head to take features from; pass head=...")
     store: list[torch.Tensor] = []
     handle = dict(model.named_modules())[name].register_forward_hook(
         lambda mod, args, out: store.append(args[0]))

@@ -16,6 +16,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
 import sparseft
 from sparseft import distributed
 from sparseft.api import load_for_inference, method_named_in
@@ -34,6 +37,7 @@ from sparseft.data import DataError, DataWarning
 from sparseft.data.cli import register_cli as register_data_cli
 from sparseft.deltafile import read_delta
 from sparseft.demo import main as demo_main
+from sparseft.errors import InputError, SparseftError
 from sparseft.fileutil import atomic_path
 from sparseft.hub.cli import register_cli as register_weights_cli
 from sparseft.inference import find_images, predict, write_csv
@@ -106,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if options.get("selection"):
         fixed = [f"--{k}" for k in SELECTION_SETTINGS if k in options]
         if fixed:
-            raise ValueError(f"{', '.join(fixed)}: fixed by the saved --selection {options['selection']} (it was made "
+            raise InputError(f"{', '.join(fixed)}: fixed by the saved --selection {options['selection']} (it was made "
                              "with its own settings); drop them, or select again")
     spec = _spec(args, args.method, options)
     summary = run(spec, args.out, resume=args.resume, overwrite=args.overwrite)
@@ -138,9 +142,9 @@ def _output_file(raw: str, overwrite: bool, source: Path | None = None, kind: st
     """The file `--out` names, checked before any work: not a folder, not the input, not replaced unasked."""
     path = Path(raw)
     if not raw.strip() or raw.endswith(("/", os.sep)) or path.is_dir():
-        raise ValueError(f"--out {raw!r} is a folder (or empty); name the {kind} file to write")
+        raise InputError(f"--out {raw!r} is a folder (or empty); name the {kind} file to write")
     if source is not None and path.exists() and path.resolve() == source.resolve():
-        raise ValueError(f"--out {raw} is the task file itself; choose another path")
+        raise InputError(f"--out {raw} is the task file itself; choose another path")
     if path.exists() and not overwrite:
         raise FileExistsError(f"--out {raw} exists; pass --overwrite to replace it, or choose another path")
     return path
@@ -150,7 +154,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     import torch
 
     if "test" in args.split.lower() and not args.allow_test_split:
-        raise ValueError(f"--split {args.split}: selecting on a test split lets its labels choose what trains, "
+        raise InputError(f"--split {args.split}: selecting on a test split lets its labels choose what trains, "
                          "and every accuracy measured on it afterwards is optimistic; select on a training split, "
                          "or give --allow-test-split REASON (recorded in the selection file)")
     out = distributed.run_on_main(lambda: _output_file(args.out, args.overwrite))
@@ -186,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         flag, value = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
-        raise ValueError(f"{flag} must be at least 1, not {value}")
+        raise InputError(f"{flag} must be at least 1, not {value}")
 
     if read_delta(args.task_file)[0].get("extra", {}).get("task") == "segmentation":
         return _predict_masks(args)
@@ -216,9 +220,9 @@ def _predict_masks(args: argparse.Namespace) -> int:
     """`sparseft predict` for a segmentation task: one mask PNG per image in the --out folder."""
 
     if args.out is None or not args.out.strip():
-        raise ValueError(f"{args.task_file} is a segmentation task: name a folder for its mask PNGs with --out")
+        raise InputError(f"{args.task_file} is a segmentation task: name a folder for its mask PNGs with --out")
     if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file; a segmentation task writes a folder of mask PNGs")
+        raise InputError(f"--out {args.out} is a file; a segmentation task writes a folder of mask PNGs")
     out = Path(args.out).resolve()
     images = [p for p in find_images(args.inputs) if out not in p.resolve().parents]  # not earlier masks
     if not images:
@@ -240,16 +244,14 @@ def _predict_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
     out = _output_file(args.out, args.overwrite, source=args.task_file)
     header, _ = read_delta(args.task_file)
     extra = header.get("extra") or {}
     name = method_named_in(header)
     if name not in METHODS:
-        raise ValueError(f"{args.task_file}: written by method {name!r}, which this sparseft does not know")
+        raise InputError(f"{args.task_file}: written by method {name!r}, which this sparseft does not know")
     if not METHODS[name].mergeable:
-        raise ValueError(f"{args.task_file}: {METHODS[name]().merge_refusal()}")
+        raise InputError(f"{args.task_file}: {METHODS[name]().merge_refusal()}")
     model = sparseft.merge(sparseft.load(args.task_file, weights=args.weights))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out) as tmp:
@@ -424,16 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
 def is_user_error(err: BaseException) -> bool:
     """Whether `err` is the user's (bad input, a missing file, a diverged run) rather than a bug.
 
-    User errors: ValueError (sparseft's DeltaFileError, DataError, WeightsError, SelectionError,
-    NotApplicable ... derive from it), OSError (missing, existing or unreadable files), and the
-    RuntimeError subclasses sparseft defines (DeltaError, TrainingDiverged).
+    User errors: `sparseft.errors.SparseftError` (DeltaFileError, DataError, WeightsError,
+    SelectionError, NotApplicable, DeltaError, TrainingDiverged ... derive from it), OSError
+    (missing, existing or unreadable files) and safetensors' own error (e.g. a full disk while
+    writing). Anything else, a bare ValueError included, is a bug: it keeps its traceback.
     """
-    from safetensors import SafetensorError
-
-    if isinstance(err, (ValueError, OSError, SafetensorError)):  # SafetensorError: e.g. a full disk
-        return True
-    return isinstance(err, RuntimeError) and any(
-        c.__module__.split(".")[0] == "sparseft" for c in type(err).__mro__ if issubclass(c, RuntimeError))
+    return isinstance(err, (SparseftError, OSError, SafetensorError))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001

@@ -38,6 +38,7 @@ from sparseft.delta import (
     set_task_record,
 )
 from sparseft.delta import merge as merge_model
+from sparseft.errors import InputError
 from sparseft.fileutil import atomic_path, read_tagged_safetensors, tensor_bytes
 from sparseft.selected import Selection
 from sparseft.version import __version__
@@ -45,7 +46,7 @@ from sparseft.version import __version__
 FORMAT = "sparseft.delta/1"
 
 
-class DeltaFileError(ValueError):
+class DeltaFileError(InputError):
     """A delta file that cannot be applied to the given model."""
 
 

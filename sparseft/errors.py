@@ -1,13 +1,25 @@
-"""Exception and warning types that several layers need (a leaf: it imports nothing of sparseft's).
+"""The error types every layer shares (a leaf: it imports nothing of sparseft's).
 
-Each layer keeps its own specific errors (`DataError` in `sparseft.data`, `DeltaFileError` in
-`sparseft.deltafile`, ...); what is here is shared by modules that must not import one another.
+`SparseftError` is the base of every error sparseft raises on purpose about what the user gave
+it: a bad option or argument, a file or data that does not fit, a run that diverged. The command
+line prints those as one line (exit 1; `UsageError` exit 2); any other exception is a bug and
+keeps its traceback. Each layer keeps its specific errors (`DataError` in `sparseft.data`,
+`DeltaFileError` in `sparseft.deltafile`, ...), derived from these; they keep their ValueError or
+RuntimeError base, so callers that catch those still do.
 """
 
 from __future__ import annotations
 
 
-class UsageError(Exception):
+class SparseftError(Exception):
+    """Base of the errors sparseft raises about the user's input (one line from the CLI, not a bug)."""
+
+
+class InputError(SparseftError, ValueError):
+    """A bad value: an option or argument out of range, data or a file that does not fit the task."""
+
+
+class UsageError(SparseftError):
     """A command line that parses but asks for something impossible (exit status 2)."""
 
 

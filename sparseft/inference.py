@@ -29,6 +29,7 @@ from sparseft.data import build_transform, data_config
 from sparseft.data.folder import _images_under
 from sparseft.data.images import DataError, OnError, open_rgb, to_rgb
 from sparseft.delta import task_record
+from sparseft.errors import InputError
 from sparseft.fileutil import write_text_atomic
 
 ImageInput = str | os.PathLike | Image.Image
@@ -114,7 +115,7 @@ def _read(items: Sequence[Any], transform: Callable[[Image.Image], torch.Tensor]
 
 def _top_k(logits: torch.Tensor, k: int, names: Sequence[str] | None) -> list[Prediction]:
     if names is not None and len(names) != logits.shape[1]:
-        raise ValueError(f"class_names has {len(names)} names but the model gives {logits.shape[1]} classes")
+        raise InputError(f"class_names has {len(names)} names but the model gives {logits.shape[1]} classes")
     probs, indices = logits.float().softmax(dim=1).topk(min(k, logits.shape[1]), dim=1)
     out = []
     for p, i in zip(probs.tolist(), indices.tolist()):
@@ -137,23 +138,23 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
     `torch.no_grad()` in eval mode on the model's device and in its dtype; the model's train/eval modes are restored.
     """
     if getattr(model, "task", None) == "segmentation":
-        raise ValueError("predict gives the classes of whole images, and this task is segmentation: take the "
+        raise InputError("predict gives the classes of whole images, and this task is segmentation: take the "
                          "masks from the model itself (model(x).argmax(1)); `sparseft eval` scores a split")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k (--top-k) must be a whole number >= 1, not {top_k!r}")
+        raise InputError(f"top_k (--top-k) must be a whole number >= 1, not {top_k!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
+        raise InputError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     record = task_record(model)
     if class_names is None:
         class_names = record.get("class_names") or None
     names = list(class_names) if class_names is not None else None
     if isinstance(images, torch.Tensor):
         if transform is not None:
-            raise ValueError("transform applies to image files and PIL images; a tensor batch is used as it is")
+            raise InputError("transform applies to image files and PIL images; a tensor batch is used as it is")
         if images.ndim != 4 or not images.is_floating_point():
-            raise ValueError(f"a tensor of images must be a float batch [N, C, H, W], not {images.dtype} of shape "
+            raise InputError(f"a tensor of images must be a float batch [N, C, H, W], not {images.dtype} of shape "
                              f"{tuple(images.shape)}")
         items: Any = images
     else:

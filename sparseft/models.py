@@ -21,6 +21,7 @@ from sparseft.anatomy import (  # noqa: F401 - re-exported
     head_prefix,
     in_head,
 )
+from sparseft.errors import InputError
 from sparseft.hub.fetch import offline_model
 from sparseft.hub.registry import REGISTRY
 from sparseft.weights import WeightsError, load_weights, read_state_dict  # noqa: F401 - re-exported
@@ -39,15 +40,15 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
     hub download (needs internet). Other keyword arguments go to the architecture.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes (--num-classes) must be a whole number >= 0 (0: no head), not {num_classes!r}")
+        raise InputError(f"num_classes (--num-classes) must be a whole number >= 0 (0: no head), not {num_classes!r}")
     if img_size is not None and img_size < 1:
-        raise ValueError(f"img_size (--img-size) must be >= 1 when given, not {img_size!r}")
+        raise InputError(f"img_size (--img-size) must be >= 1 when given, not {img_size!r}")
     if name in REGISTRY:
         return offline_model(name, num_classes, img_size=img_size, weights=weights, **kwargs)
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: not a timm model nor an offline backbone "
+        raise InputError(f"unknown model {name!r}: not a timm model nor an offline backbone "
                          f"({', '.join(sorted(REGISTRY))})")
     create = functools.partial(timm.create_model, name, pretrained=pretrained and weights is None,
                                num_classes=num_classes, **kwargs)
@@ -59,7 +60,7 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
         model = create()  # CNNs take any input size
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if img_size and patch and (img_size < max(patch) or img_size % patch[0] or img_size % patch[-1]):
-        raise ValueError(f"img_size (--img-size) {img_size} is not a positive multiple of {name}'s patch size "
+        raise InputError(f"img_size (--img-size) {img_size} is not a positive multiple of {name}'s patch size "
                          f"{patch[0]}")
     if weights is not None:
         load_weights(model, weights)

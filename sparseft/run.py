@@ -28,6 +28,7 @@ from sparseft.cliopts import require
 from sparseft.data import class_names, data_config, load_split
 from sparseft.data.segmentation import SegTransform, collate_pairs, load_segmentation
 from sparseft.deltafile import read_delta
+from sparseft.errors import InputError
 from sparseft.fileutil import LOCK_FILE, folder_lock, read_json, write_text_atomic
 from sparseft.inference import eval_transform
 from sparseft.loaders import DataSpec, TaskData, is_segmentation, num_classes_of  # noqa: F401 (num_classes_of: re-exported)
@@ -132,7 +133,7 @@ def _absolute_data(data: str) -> str:
     prefix, sep, rest = (data.partition(":") if data.split(":", 1)[0] in ("vtab", "fgvc", "folder", "seg")
                          else ("", "", data))
     if not rest.strip():
-        raise ValueError(f"--data {data!r} names no folder")
+        raise InputError(f"--data {data!r} names no folder")
     path = Path(rest)
     return f"{prefix}{sep}{path.resolve()}" if path.exists() else data
 
@@ -187,7 +188,7 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     """
     spec = dataclasses.replace(spec, data=_absolute_data(spec.data))
     if run_dir is not None and (not str(run_dir).strip() or str(run_dir) != str(run_dir).strip()):
-        raise ValueError(f"--out {str(run_dir)!r} is not a usable folder name")
+        raise InputError(f"--out {str(run_dir)!r} is not a usable folder name")
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"--out {run_dir} is a file, not a run folder")
@@ -287,15 +288,15 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
     extra = header.get("extra", {})
     names = class_names(data)
     if "num_classes" in extra and len(names) != extra["num_classes"]:
-        raise ValueError(f"{task_file}: the task has {extra['num_classes']} classes but {data} has "
+        raise InputError(f"{task_file}: the task has {extra['num_classes']} classes but {data} has "
                          f"{len(names)}; evaluate it on the data it was trained for")
     trained = extra.get("class_names")
     if trained and trained != names:
-        raise ValueError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
+        raise InputError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
                          "evaluate it on the data it was trained for")
 
     if extra.get("task") == "segmentation" and preprocessing is not None:
-        raise ValueError(f"--preprocessing {preprocessing}: {task_file} is a segmentation task, whose evaluation "
+        raise InputError(f"--preprocessing {preprocessing}: {task_file} is a segmentation task, whose evaluation "
                          "is fixed (the image resized to the model's input, the mask kept at its own size)")
     model = load_for_inference(task_file, weights=weights, merge=merge)
     if extra.get("task") == "segmentation":

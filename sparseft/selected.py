@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from sparseft.errors import InputError
 from sparseft.fileutil import atomic_path, read_tagged_safetensors
 
 FORMAT = "sparseft.selection/1"
 
 
-class SelectionError(ValueError):
+class SelectionError(InputError):
     """A selection that does not fit a model, or a selection file that cannot be read."""
 
 

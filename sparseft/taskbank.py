@@ -37,6 +37,7 @@ from torch import nn
 from sparseft import delta
 from sparseft.api import load, method_for, method_named_in
 from sparseft.deltafile import read_delta
+from sparseft.errors import InputError
 from sparseft.inference import eval_mode
 from sparseft.methods import METHODS
 from sparseft.sparse_layers import write_flat
@@ -105,9 +106,9 @@ class TaskBank:
         """Read a task file into the bank (refused: a name in use, a file for another base, a method that
         cannot merge). The active task stays active."""
         if not isinstance(name, str) or not name:
-            raise ValueError(f"a task name must be a non-empty string, got {name!r}")
+            raise InputError(f"a task name must be a non-empty string, got {name!r}")
         if name in self._tasks:
-            raise ValueError(f"task {name!r} is already in the bank; remove it first or choose another name")
+            raise InputError(f"task {name!r} is already in the bank; remove it first or choose another name")
         header, tensors = read_delta(path)
         method = method_named_in(header)
         if method in METHODS and not METHODS[method].mergeable:
@@ -166,7 +167,7 @@ class TaskBank:
         classes). The model runs in eval mode; the active task and every module's mode are restored after.
         """
         if len(tasks) != len(images):
-            raise ValueError(f"predict: {len(images)} images but {len(tasks)} task names")
+            raise InputError(f"predict: {len(images)} images but {len(tasks)} task names")
         for task in dict.fromkeys(tasks):
             if task is not None:
                 self._require(task)

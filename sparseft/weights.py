@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from sparseft.anatomy import head_parameter_names
+from sparseft.errors import InputError
 from sparseft.fileutil import sha256_file
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weight file that cannot be loaded safely or does not fit the model."""
 
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from sparseft.errors import InputError
 from sparseft.methods import METHODS
 
 PROTOCOLS = ("honest", "paper", "screen")
@@ -50,7 +51,7 @@ TRAIN_KEYS = {"epochs", "lr", "weight_decay", "optimizer", "warmup_epochs", "war
 RUN_KEYS = {"batch_size", "eval_batch_size", "preprocessing", "workers"}
 
 
-class SuiteError(ValueError):
+class SuiteError(InputError):
     """A suite file that cannot be used; the message names the file and the key."""
 
 

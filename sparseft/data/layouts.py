@@ -31,6 +31,7 @@ from sparseft.data.checks import (
     trained_classes,
 )
 from sparseft.data.images import DataError, OnError, Problems, Sample
+from sparseft.errors import InputError
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 _ALIASES = {"train": "train800", "val": "val200", "trainval": "train800val200"}
@@ -40,7 +41,7 @@ def canonical_split(split: str) -> str:
     """`train800`/`val200`/`train800val200`/`test`, accepting `train`/`val`/`trainval` too."""
     name = _ALIASES.get(split, split)
     if name not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)} (or train, val, trainval)")
+        raise InputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)} (or train, val, trainval)")
     return name
 
 

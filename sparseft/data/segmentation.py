@@ -36,6 +36,7 @@ from sparseft.data.checks import read_text
 from sparseft.data.images import DataError, open_rgb
 from sparseft.data.layouts import is_segmentation_dir  # noqa: F401 - re-exported (the layout is recognised there)
 from sparseft.data.resolve import resolve_spec
+from sparseft.errors import InputError
 
 IGNORE_INDEX = 255
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".webp")
@@ -256,7 +257,7 @@ class SegTransform:
         self.train, self.scale, self.ratio, self.flip = train, scale, ratio, flip
         self.native_mask = (not train) if native_mask is None else bool(native_mask)
         if train and self.native_mask:
-            raise ValueError("native_mask is for evaluation: training crops image and mask together")
+            raise InputError("native_mask is for evaluation: training crops image and mask together")
 
     @classmethod
     def from_config(cls, data_config: Mapping[str, Any], train: bool,

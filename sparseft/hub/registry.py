@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft.errors import InputError
 from sparseft.hub.build import set_vit_img_size
 from sparseft.hub.convert import dinov2_from_onnx_graph, import_onnx, map_by_order
 from sparseft.hub.verify import IMAGENET_MEAN, IMAGENET_STD, compare_vit_with_onnx
@@ -79,9 +80,9 @@ class BackboneSpec:
 
             builder = getattr(torchvision.models, self.architecture, None)
             if not callable(builder):
-                raise ValueError(f"torchvision has no model '{self.architecture}'")
+                raise InputError(f"torchvision has no model '{self.architecture}'")
             return builder(weights=None, num_classes=n, **kwargs)
-        raise ValueError(f"unknown model library '{self.library}' (expected 'timm' or 'torchvision')")
+        raise InputError(f"unknown model library '{self.library}' (expected 'timm' or 'torchvision')")
 
 
 # -- converters ---------------------------------------------------------------------------

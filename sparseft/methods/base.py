@@ -33,13 +33,14 @@ from sparseft import delta, distributed
 from sparseft.anatomy import head_parameter_names
 from sparseft.cliopts import require
 from sparseft.deltafile import load_delta, save_delta
+from sparseft.errors import InputError
 from sparseft.methods.modules import remove_added
 from sparseft.selection import Selection
 
 PLAN_FILE = "selection.safetensors"
 
 
-class NotApplicable(ValueError):
+class NotApplicable(InputError):
     """The method cannot be used on this architecture (raised before the model is changed)."""
 
 
@@ -267,12 +268,12 @@ BATCHNORM_DEFAULT_BEFORE = {"gps": "update"}
 def get_method(name: str, **options: Any) -> Method:
     """An instance of the method `name` with the given options (unknown options are an error)."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+        raise InputError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
     fields = {f.name for f in dataclasses.fields(cls.Options)}
     unknown = set(options) - fields
     if unknown:
-        raise ValueError(f"method {name!r} has no option(s) {sorted(unknown)}; it takes {sorted(fields)}")
+        raise InputError(f"method {name!r} has no option(s) {sorted(unknown)}; it takes {sorted(fields)}")
     return cls(cls.Options(**options))
 
 

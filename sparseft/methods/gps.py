@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from sparseft.cliopts import flag_of
+from sparseft.errors import InputError
 from sparseft.methods.base import CommonOptions, Method, MethodContext, register
 from sparseft.selection import Eligibility, Selection, select
 from sparseft.selection.scores import check_count, check_temperature
@@ -74,7 +75,7 @@ class GPS(Method):
         if o.budget is not None:
             check_count(o.budget, "budget", "--budget", "trainable backbone values")
             if o.level != "neuron":
-                raise ValueError(f"gps: --budget fills top-K per neuron; --level {o.level} takes --k instead")
+                raise InputError(f"gps: --budget fills top-K per neuron; --level {o.level} takes --k instead")
         if o.loss == "supcon" and o.criterion in ("gradient", "taylor"):
             check_temperature(o.temperature)
         for name in ("select_batches", "select_chunk"):

@@ -23,6 +23,7 @@ from torch import nn
 
 from sparseft.anatomy import head_prefix, in_head
 from sparseft.delta import DeltaError
+from sparseft.errors import InputError
 from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection, register
 from sparseft.methods.modules import lora_layers, set_submodule
 from sparseft.selection import Selection
@@ -115,7 +116,7 @@ class LoRA(Method):
     def _targets(self) -> list[str]:
         targets = [t.strip() for t in self.options.lora_targets.split(",") if t.strip()]
         if not targets:
-            raise ValueError("lora: --lora-targets is empty")
+            raise InputError("lora: --lora-targets is empty")
         return targets
 
     def validate(self) -> None:

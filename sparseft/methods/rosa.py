@@ -24,6 +24,7 @@ from torch import nn
 
 from sparseft import delta
 from sparseft.anatomy import head_parameter_names
+from sparseft.errors import InputError
 from sparseft.methods.base import MethodContext, NotApplicable, register
 from sparseft.methods.gps import GPS
 from sparseft.methods.lora import find_targets, fold_lora, inject_lora
@@ -58,13 +59,13 @@ class RoSA(GPS):
         super().validate()
         self.require(self.options.lora_r >= 1, "lora_r", ">= 1")
         if self.options.level != "neuron":
-            raise ValueError(f"rosa: the sparse part fills top-K per neuron; --level {self.options.level} is not used")
+            raise InputError(f"rosa: the sparse part fills top-K per neuron; --level {self.options.level} is not used")
         self._targets()
 
     def _targets(self) -> list[str]:
         targets = [t.strip() for t in self.options.lora_targets.split(",") if t.strip()]
         if not targets:
-            raise ValueError("rosa: --lora-targets is empty")
+            raise InputError("rosa: --lora-targets is empty")
         return targets
 
     def check(self, model: nn.Module) -> None:

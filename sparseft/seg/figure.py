@@ -9,6 +9,7 @@ import numpy as np
 from sparseft.api import load_for_inference
 from sparseft.data.segmentation import load_segmentation
 from sparseft.data.segtasks import voc_palette
+from sparseft.errors import InputError
 from sparseft.fileutil import atomic_path
 from sparseft.seg.predict import predict_masks
 
@@ -32,7 +33,7 @@ def prediction_figure(task_files: dict[str, str | Path], data: str, out: str | P
     import matplotlib.pyplot as plt
 
     if not task_files:
-        raise ValueError("prediction_figure needs at least one task file")
+        raise InputError("prediction_figure needs at least one task file")
     raw = load_segmentation(data, split)
     pairs = [raw[i] for i in range(min(n_images, len(raw)))]  # (RGB image, mask at the image's size)
     images = [image for image, _ in pairs]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sparseft.errors import InputError
+
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020), all anchors against all samples.
@@ -17,7 +19,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     Each anchor's positives are the other samples with its label (its own other view included).
     """
     if features.dim() != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(f"supcon_loss needs features [N, D] and labels [N], got {tuple(features.shape)} "
+        raise InputError(f"supcon_loss needs features [N, D] and labels [N], got {tuple(features.shape)} "
                          f"and {tuple(labels.shape)}")
     z = F.normalize(features.float(), dim=1)
     logits = z @ z.t() / temperature
