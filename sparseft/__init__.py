@@ -23,7 +23,7 @@ from sparseft.delta import (
     sync,
     trainable_parameters,
 )
-from sparseft.deltafile import DeltaFileError, load_delta, read_delta, save_delta
+from sparseft.deltafile import DeltaFileError, TaskFile, load_delta, read_delta, save_delta
 from sparseft.inference import Prediction, predict
 from sparseft.models import create_model
 from sparseft.selection import Eligibility, Selection, SelectionError, select
@@ -33,5 +33,6 @@ from sparseft.version import __version__
 __all__ = [
     "DeltaError", "DeltaFileError", "Eligibility", "Selection", "SelectionError", "apply", "base_weights",
     "create_model", "forget_base", "load", "load_delta", "merge", "parameter_summary", "Prediction", "predict",
-    "read_delta", "save_delta", "select", "sync", "TaskBank", "trainable_parameters", "unmerge", "__version__",
+    "read_delta", "save_delta", "select", "sync", "TaskBank", "TaskFile", "trainable_parameters", "unmerge",
+    "__version__",
 ]

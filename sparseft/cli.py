@@ -35,7 +35,7 @@ from sparseft.cliopts import (
 )
 from sparseft.data import DataError, DataWarning
 from sparseft.data.cli import register_cli as register_data_cli
-from sparseft.deltafile import read_delta
+from sparseft.deltafile import TaskFile, read_delta
 from sparseft.demo import main as demo_main
 from sparseft.errors import InputError, SparseftError
 from sparseft.fileutil import atomic_path
@@ -191,12 +191,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         flag, value = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
         raise InputError(f"{flag} must be at least 1, not {value}")
-
-    if read_delta(args.task_file)[0].get("extra", {}).get("task") == "segmentation":
-        return _predict_masks(args)
+    task = read_delta(args.task_file)  # read and verified once: the load below takes it as it is
+    if task.header.get("extra", {}).get("task") == "segmentation":
+        return _predict_masks(args, task)
     out = _output_file(args.out, args.overwrite, args.task_file, ".csv") if args.out is not None else None
     images = find_images(args.inputs)
-    model = load_for_inference(args.task_file, weights=args.weights)  # with the task's preprocessing and names
+    model = load_for_inference(task, weights=args.weights)  # with the task's preprocessing and names
     preds = predict(model, images, top_k=args.top_k, batch_size=args.batch_size,
                     progress=_train_config(args).progress, on_error="raise" if args.strict else "skip")
     good = [p for p in preds if p.error is None]
@@ -216,9 +216,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_masks(args: argparse.Namespace) -> int:
+def _predict_masks(args: argparse.Namespace, task: TaskFile) -> int:
     """`sparseft predict` for a segmentation task: one mask PNG per image in the --out folder."""
-
     if args.out is None or not args.out.strip():
         raise InputError(f"{args.task_file} is a segmentation task: name a folder for its mask PNGs with --out")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -228,7 +227,7 @@ def _predict_masks(args: argparse.Namespace) -> int:
     if not images:
         raise DataError(f"no images to predict outside --out {args.out}")
     check_destinations(images, out, overwrite=args.overwrite)  # before any work
-    model = load_for_inference(args.task_file, weights=args.weights)
+    model = load_for_inference(task, weights=args.weights)
     preds = predict_masks(model, images, batch_size=args.batch_size, progress=_train_config(args).progress,
                           on_error="raise" if args.strict else "skip")
     for p in preds:
@@ -245,14 +244,15 @@ def _predict_masks(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     out = _output_file(args.out, args.overwrite, source=args.task_file)
-    header, _ = read_delta(args.task_file)
+    task = read_delta(args.task_file)  # read and verified once: the load below takes it as it is
+    header = task.header
     extra = header.get("extra") or {}
     name = method_named_in(header)
     if name not in METHODS:
         raise InputError(f"{args.task_file}: written by method {name!r}, which this sparseft does not know")
     if not METHODS[name].mergeable:
         raise InputError(f"{args.task_file}: {METHODS[name]().merge_refusal()}")
-    model = sparseft.merge(sparseft.load(args.task_file, weights=args.weights))
+    model = sparseft.merge(sparseft.load(task, weights=args.weights))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata={"merged_from": str(args.task_file), "model": str(extra.get("model"))})

@@ -27,7 +27,7 @@ from sparseft.api import load_for_inference
 from sparseft.cliopts import require
 from sparseft.data import class_names, data_config, load_split
 from sparseft.data.segmentation import SegTransform, collate_pairs, load_segmentation
-from sparseft.deltafile import read_delta
+from sparseft.deltafile import TaskSource, read_task
 from sparseft.errors import InputError
 from sparseft.fileutil import LOCK_FILE, folder_lock, read_json, write_text_atomic
 from sparseft.inference import eval_transform
@@ -275,7 +275,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     return distributed.broadcast_object(summary)  # rank 0's (it saved the task file) on every rank
 
 
-def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batch_size: int = 128,
+def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batch_size: int = 128,
                   weights: str | None = None, preprocessing: str | None = None, merge: bool = True) -> dict[str, Any]:
     """Accuracy of a saved task on a split of `data`.
 
@@ -284,7 +284,9 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
     evaluated merged: what users deploy.
     """
 
-    header, _ = read_delta(task_file)
+    task = read_task(task_file)  # read and verified once: the load below takes it as it is
+    task_file = task.path
+    header = task.header
     extra = header.get("extra", {})
     names = class_names(data)
     if "num_classes" in extra and len(names) != extra["num_classes"]:
@@ -298,7 +300,7 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
     if extra.get("task") == "segmentation" and preprocessing is not None:
         raise InputError(f"--preprocessing {preprocessing}: {task_file} is a segmentation task, whose evaluation "
                          "is fixed (the image resized to the model's input, the mask kept at its own size)")
-    model = load_for_inference(task_file, weights=weights, merge=merge)
+    model = load_for_inference(task, weights=weights, merge=merge)
     if extra.get("task") == "segmentation":
         transform = SegTransform.from_config(data_config(model), train=False, img_size=extra.get("img_size"))
         return evaluate(model, DataLoader(load_segmentation(data, split, transform), batch_size=batch_size,

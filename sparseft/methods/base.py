@@ -32,7 +32,7 @@ from torch import nn
 from sparseft import delta, distributed
 from sparseft.anatomy import head_parameter_names
 from sparseft.cliopts import require
-from sparseft.deltafile import load_delta, save_delta
+from sparseft.deltafile import TaskSource, load_delta, save_delta, source_path
 from sparseft.errors import InputError
 from sparseft.methods.modules import remove_added
 from sparseft.selection import Selection
@@ -213,12 +213,14 @@ class Method:
         options = dataclasses.asdict(self.options)
         return save_delta(model, path, extra={"method": self.name, "options": options, **(extra or {})})
 
-    def load(self, model: nn.Module, path: str | Path) -> nn.Module:
-        """Apply a task file to a plain base, re-creating added modules from the file's structure."""
+    def load(self, model: nn.Module, path: TaskSource) -> nn.Module:
+        """Apply a task file (a path or a `TaskFile` read already) to a plain base, re-creating added
+        modules from the file's structure."""
+        where = source_path(path)
 
         def rebuild(m: nn.Module, structure: dict[str, Any]) -> list[str]:
             if structure.get("method") != self.name:
-                raise delta.DeltaError(f"{path}: holds modules of method {structure.get('method')!r}, "
+                raise delta.DeltaError(f"{where}: holds modules of method {structure.get('method')!r}, "
                                        f"not {self.name!r}")
             return self._add(m, structure)
 
