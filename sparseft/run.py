@@ -31,7 +31,7 @@ from sparseft.deltafile import TaskSource, read_task
 from sparseft.errors import InputError
 from sparseft.fileutil import LOCK_FILE, folder_lock, read_json, write_text_atomic
 from sparseft.inference import eval_transform
-from sparseft.loaders import DataSpec, TaskData, is_segmentation, num_classes_of  # noqa: F401 (num_classes_of: re-exported)
+from sparseft.loaders import DataSpec, TaskData, is_segmentation
 from sparseft.methods import BATCHNORM_DEFAULT_BEFORE, MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
 from sparseft.models import create_model

@@ -8,15 +8,13 @@ from typing import Literal
 
 import pytest
 import torch
-from helpers import make_vtab
+from helpers import LEGACY, make_vtab
 from safetensors.torch import load_file
 
 from sparseft import cli, cliopts
 from sparseft.cli import build_parser, main
 from sparseft.errors import InputError
 from sparseft.train import TrainConfig, TrainingDiverged
-
-LEGACY = Path(__file__).parent / "fixtures" / "legacy-0.1"
 
 MODEL = ["--model", "test_vit", "--img-size", "32"]
 FAST = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress"]

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_vtab, toy_batches
+from helpers import make_vtab, toy_base, toy_batches, trained_model
 
 import sparseft
 import sparseft.deltafile
 from sparseft.cli import main
-from sparseft.methods import MethodContext, get_method
+from sparseft.methods import get_method
 
 
 @pytest.fixture(scope="module")
 def task_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = sparseft.create_model("test_vit", num_classes=3, img_size=32)
-    x, y = toy_batches(1, batch=6, classes=3)[0]
-    ctx = MethodContext(loader={"select": [([x, x.flip(-1)], y)], "train": [(x, y)]}.__getitem__, progress=False)
-    model = get_method("gps").prepare(model, ctx)
-    return get_method("gps").save(model, tmp_path_factory.mktemp("task") / "task.safetensors",
+    return get_method("gps").save(trained_model("gps"), tmp_path_factory.mktemp("task") / "task.safetensors",
                                   extra={"model": "test_vit", "num_classes": 3, "img_size": 32, "init_seed": 0})
 
 
@@ -58,8 +53,7 @@ def test_each_command_reads_the_task_file_once(command, task_file, data, tmp_pat
 
 
 def test_a_task_bank_reads_each_added_file_once(task_file, reads):
-    torch.manual_seed(0)
-    bank = sparseft.TaskBank(sparseft.create_model("test_vit", num_classes=3, img_size=32))
+    bank = sparseft.TaskBank(toy_base())
     bank.add("task", task_file)
     assert reads == {"read": 1, "hash": 1}
 

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_vtab, random_selection, tiny_model, toy_loader, train_steps
+from helpers import LEGACY, make_vtab, random_selection, tiny_model, toy_loader, train_steps
 
 import sparseft
 from sparseft.cli import main
 from sparseft.train import TrainConfig, TrainingDiverged, fit
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy-0.1"
 MODEL = ["--model", "test_vit", "--img-size", "32"]
 FAST = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress",
         "--method", "linear"]
