@@ -13,10 +13,8 @@
 Other methods (LoRA, SPT, SCT, ...): `sparseft.methods.get_method(name, **options)`.
 """
 
-__version__ = "0.2.0"
-
-from sparseft.api import load, merge, unmerge  # noqa: E402
-from sparseft.delta import (  # noqa: E402
+from sparseft.api import load, merge, unmerge
+from sparseft.delta import (
     DeltaError,
     apply,
     base_weights,
@@ -25,14 +23,16 @@ from sparseft.delta import (  # noqa: E402
     sync,
     trainable_parameters,
 )
-from sparseft.deltafile import DeltaFileError, load_delta, read_delta, save_delta  # noqa: E402
-from sparseft.inference import Prediction, predict  # noqa: E402
-from sparseft.models import create_model  # noqa: E402
-from sparseft.selection import Eligibility, Selection, SelectionError, select  # noqa: E402
-from sparseft.taskbank import TaskBank  # noqa: E402
+from sparseft.deltafile import DeltaFileError, TaskFile, load_delta, read_delta, save_delta
+from sparseft.inference import Prediction, predict
+from sparseft.models import create_model
+from sparseft.selection import Eligibility, Selection, SelectionError, select
+from sparseft.taskbank import TaskBank
+from sparseft.version import __version__
 
 __all__ = [
     "DeltaError", "DeltaFileError", "Eligibility", "Selection", "SelectionError", "apply", "base_weights",
     "create_model", "forget_base", "load", "load_delta", "merge", "parameter_summary", "Prediction", "predict",
-    "read_delta", "save_delta", "select", "sync", "TaskBank", "trainable_parameters", "unmerge", "__version__",
+    "read_delta", "save_delta", "select", "sync", "TaskBank", "TaskFile", "trainable_parameters", "unmerge",
+    "__version__",
 ]

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from sparseft import delta
-from sparseft.deltafile import DeltaFileError, read_delta
+from sparseft.deltafile import DeltaFileError, TaskSource, read_task
 from sparseft.methods import METHODS, Method
 from sparseft.models import create_model
+from sparseft.seg.model import create_segmentation_model
 
 
 def method_named_in(header: dict) -> str:
@@ -31,14 +32,18 @@ def _method(name: str, where: str) -> Method:
     return METHODS[name]()
 
 
-def load(path: str | Path, model: nn.Module | None = None, *, weights: str | Path | None = None) -> nn.Module:
+def load(path: TaskSource, model: nn.Module | None = None, *, weights: str | Path | None = None) -> nn.Module:
     """Load a task file of any method; returns the model with the task applied (trainable, unmerged).
+
+    `path`: the file, or the `TaskFile` `sparseft.read_delta` returned (the file is not read again).
 
     Without `model` the base is built from the header's record (model name, classes, image size,
     weights, and the seed of a randomly initialised base); `weights` overrides the recorded local
     weight file. A file made for another base is refused and the model left as it was.
     """
-    header, _ = read_delta(path)
+    task = read_task(path)
+    path = task.path
+    header = task.header
     method = _method(method_named_in(header), str(path))
     if model is None:
         extra = header.get("extra", {})
@@ -46,14 +51,21 @@ def load(path: str | Path, model: nn.Module | None = None, *, weights: str | Pat
             raise DeltaFileError(f"{path}: the header does not say which base model it belongs to; pass model=")
         with torch.random.fork_rng():  # a randomly initialised base is defined by its seed
             torch.manual_seed(extra.get("init_seed", 0))
-            build = create_model
-            if extra.get("task") == "segmentation":
-                from sparseft.seg.model import create_segmentation_model as build
+            build = create_segmentation_model if extra.get("task") == "segmentation" else create_model
             model = build(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
                           weights=weights or extra.get("weights"), pretrained=extra.get("pretrained", False))
             if extra.get("task") == "segmentation" and extra.get("class_names"):
                 model.class_names = list(extra["class_names"])
-    return method.load(model, path)
+    return method.load(model, task)
+
+
+def load_for_inference(task_file: TaskSource, *, weights: str | Path | None = None, merge: bool = True) -> nn.Module:
+    """A task file's model in eval mode, merged when its method can merge (what users deploy)."""
+    model = load(task_file, weights=weights)
+    method = method_for(model)
+    if merge and method.mergeable:
+        method.merge(model)
+    return model.eval()
 
 
 def method_for(model: nn.Module) -> Method:

@@ -21,10 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sparseft.errors import InputError
 from sparseft.fileutil import atomic_path, read_json, sha256_file, write_text_atomic
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that does not exist, is damaged, or does not fit the model."""
 
 

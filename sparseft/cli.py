@@ -16,7 +16,14 @@ import sys
 import warnings
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+import sparseft
 from sparseft import distributed
+from sparseft.api import load_for_inference, method_named_in
+from sparseft.bench import load_suite, plan, run_suite, write_report
+from sparseft.bench.runner import runs_in_cell
 from sparseft.cliopts import (
     UsageError,
     add_arguments,
@@ -26,6 +33,20 @@ from sparseft.cliopts import (
     given,
     owned_options,
 )
+from sparseft.data import DataError, DataWarning
+from sparseft.data.cli import register_cli as register_data_cli
+from sparseft.deltafile import TaskFile, read_delta
+from sparseft.demo import main as demo_main
+from sparseft.errors import InputError, SparseftError
+from sparseft.fileutil import atomic_path
+from sparseft.hub.cli import register_cli as register_weights_cli
+from sparseft.inference import find_images, predict, write_csv
+from sparseft.loaders import TaskData, num_classes_of
+from sparseft.methods import METHODS, MethodContext, get_method
+from sparseft.methods.gps import SELECTION_SETTINGS
+from sparseft.methods.report import method_table
+from sparseft.run import PROTOCOL_SPLITS, RunSpec, evaluate_task, run
+from sparseft.seg.predict import check_destinations, predict_masks, write_masks
 from sparseft.train import TrainConfig
 
 OPTION_PREFIX = "opt_"  # namespace prefix of the method options' flags
@@ -73,14 +94,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _method_options() -> dict[str, type]:
-    from sparseft.methods import METHODS
-
     return {name: cls.Options for name, cls in METHODS.items()}
 
 
 def _spec(args: argparse.Namespace, method: str, options: dict):
-    from sparseft.run import PROTOCOL_SPLITS, RunSpec
-
     train_split, eval_splits = PROTOCOL_SPLITS[args.protocol]
     return RunSpec(model=args.model, data=args.data, method=method, options=options, weights=args.weights,
                    pretrained=args.pretrained, img_size=args.img_size, batch_size=args.batch_size,
@@ -89,15 +106,11 @@ def _spec(args: argparse.Namespace, method: str, options: dict):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sparseft.run import run
-
     options = owned_options(args, args.method, _method_options(), prefix=OPTION_PREFIX)
     if options.get("selection"):
-        from sparseft.methods.gps import SELECTION_SETTINGS
-
         fixed = [f"--{k}" for k in SELECTION_SETTINGS if k in options]
         if fixed:
-            raise ValueError(f"{', '.join(fixed)}: fixed by the saved --selection {options['selection']} (it was made "
+            raise InputError(f"{', '.join(fixed)}: fixed by the saved --selection {options['selection']} (it was made "
                              "with its own settings); drop them, or select again")
     spec = _spec(args, args.method, options)
     summary = run(spec, args.out, resume=args.resume, overwrite=args.overwrite)
@@ -129,9 +142,9 @@ def _output_file(raw: str, overwrite: bool, source: Path | None = None, kind: st
     """The file `--out` names, checked before any work: not a folder, not the input, not replaced unasked."""
     path = Path(raw)
     if not raw.strip() or raw.endswith(("/", os.sep)) or path.is_dir():
-        raise ValueError(f"--out {raw!r} is a folder (or empty); name the {kind} file to write")
+        raise InputError(f"--out {raw!r} is a folder (or empty); name the {kind} file to write")
     if source is not None and path.exists() and path.resolve() == source.resolve():
-        raise ValueError(f"--out {raw} is the task file itself; choose another path")
+        raise InputError(f"--out {raw} is the task file itself; choose another path")
     if path.exists() and not overwrite:
         raise FileExistsError(f"--out {raw} exists; pass --overwrite to replace it, or choose another path")
     return path
@@ -140,13 +153,8 @@ def _output_file(raw: str, overwrite: bool, source: Path | None = None, kind: st
 def cmd_select(args: argparse.Namespace) -> int:
     import torch
 
-    import sparseft
-    from sparseft.loaders import TaskData, num_classes_of
-    from sparseft.methods import METHODS, MethodContext, get_method
-    from sparseft.run import RunSpec
-
     if "test" in args.split.lower() and not args.allow_test_split:
-        raise ValueError(f"--split {args.split}: selecting on a test split lets its labels choose what trains, "
+        raise InputError(f"--split {args.split}: selecting on a test split lets its labels choose what trains, "
                          "and every accuracy measured on it afterwards is optimistic; select on a training split, "
                          "or give --allow-test-split REASON (recorded in the selection file)")
     out = distributed.run_on_main(lambda: _output_file(args.out, args.overwrite))
@@ -173,8 +181,6 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sparseft.run import evaluate_task
-
     result = evaluate_task(args.task_file, args.data, args.split, batch_size=args.batch_size, weights=args.weights,
                            preprocessing=args.preprocessing)
     print(json.dumps({"task_file": str(args.task_file), "split": args.split, **result}))
@@ -182,19 +188,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from sparseft.data import DataError
-    from sparseft.inference import find_images, load_for_inference, predict, write_csv
-
     if args.top_k < 1 or args.batch_size < 1:
         flag, value = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
-        raise ValueError(f"{flag} must be at least 1, not {value}")
-    from sparseft.deltafile import read_delta
-
-    if read_delta(args.task_file)[0].get("extra", {}).get("task") == "segmentation":
-        return _predict_masks(args)
+        raise InputError(f"{flag} must be at least 1, not {value}")
+    task = read_delta(args.task_file)  # read and verified once: the load below takes it as it is
+    if task.header.get("extra", {}).get("task") == "segmentation":
+        return _predict_masks(args, task)
     out = _output_file(args.out, args.overwrite, args.task_file, ".csv") if args.out is not None else None
     images = find_images(args.inputs)
-    model = load_for_inference(args.task_file, weights=args.weights)  # with the task's preprocessing and names
+    model = load_for_inference(task, weights=args.weights)  # with the task's preprocessing and names
     preds = predict(model, images, top_k=args.top_k, batch_size=args.batch_size,
                     progress=_train_config(args).progress, on_error="raise" if args.strict else "skip")
     good = [p for p in preds if p.error is None]
@@ -214,22 +216,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_masks(args: argparse.Namespace) -> int:
+def _predict_masks(args: argparse.Namespace, task: TaskFile) -> int:
     """`sparseft predict` for a segmentation task: one mask PNG per image in the --out folder."""
-    from sparseft.data import DataError
-    from sparseft.inference import find_images, load_for_inference
-    from sparseft.seg.predict import check_destinations, predict_masks, write_masks
-
     if args.out is None or not args.out.strip():
-        raise ValueError(f"{args.task_file} is a segmentation task: name a folder for its mask PNGs with --out")
+        raise InputError(f"{args.task_file} is a segmentation task: name a folder for its mask PNGs with --out")
     if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file; a segmentation task writes a folder of mask PNGs")
+        raise InputError(f"--out {args.out} is a file; a segmentation task writes a folder of mask PNGs")
     out = Path(args.out).resolve()
     images = [p for p in find_images(args.inputs) if out not in p.resolve().parents]  # not earlier masks
     if not images:
         raise DataError(f"no images to predict outside --out {args.out}")
     check_destinations(images, out, overwrite=args.overwrite)  # before any work
-    model = load_for_inference(args.task_file, weights=args.weights)
+    model = load_for_inference(task, weights=args.weights)
     preds = predict_masks(model, images, batch_size=args.batch_size, progress=_train_config(args).progress,
                           on_error="raise" if args.strict else "skip")
     for p in preds:
@@ -245,23 +243,16 @@ def _predict_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
-    import sparseft
-    from sparseft.api import method_named_in
-    from sparseft.deltafile import read_delta
-    from sparseft.fileutil import atomic_path
-    from sparseft.methods import METHODS
-
     out = _output_file(args.out, args.overwrite, source=args.task_file)
-    header, _ = read_delta(args.task_file)
+    task = read_delta(args.task_file)  # read and verified once: the load below takes it as it is
+    header = task.header
     extra = header.get("extra") or {}
     name = method_named_in(header)
     if name not in METHODS:
-        raise ValueError(f"{args.task_file}: written by method {name!r}, which this sparseft does not know")
+        raise InputError(f"{args.task_file}: written by method {name!r}, which this sparseft does not know")
     if not METHODS[name].mergeable:
-        raise ValueError(f"{args.task_file}: {METHODS[name]().merge_refusal()}")
-    model = sparseft.merge(sparseft.load(args.task_file, weights=args.weights))
+        raise InputError(f"{args.task_file}: {METHODS[name]().merge_refusal()}")
+    model = sparseft.merge(sparseft.load(task, weights=args.weights))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata={"merged_from": str(args.task_file), "model": str(extra.get("model"))})
@@ -270,9 +261,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from sparseft.api import method_named_in
-    from sparseft.deltafile import read_delta
-
     header, tensors = read_delta(args.task_file)
     sparse = sum(t.numel() for k, t in tensors.items() if k.startswith("sparse/") and k.endswith("/values"))
     full = sum(t.numel() for k, t in tensors.items() if k.startswith("full/"))
@@ -288,9 +276,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from sparseft.methods import METHODS
-    from sparseft.methods.report import method_table
-
     rows = method_table(args.model, args.num_classes, img_size=args.img_size) if args.model else [
         {"method": n, "mergeable": c.mergeable, "summary": c.summary} for n, c in METHODS.items()]
     for row in rows:
@@ -304,9 +289,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from sparseft.bench import load_suite, plan, run_suite, write_report
-    from sparseft.bench.runner import runs_in_cell
-
     suite = load_suite(args.suite, protocol=args.protocol)
     out = args.out or Path("results") / f"{suite.name}-{suite.protocol}"
     cells = [c for c in plan(suite) if not args.only or c.entry.label in args.only]
@@ -322,23 +304,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sparseft.bench import write_report
-
     print(f"report: {write_report(args.results)}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sparseft.demo import main as demo_main
-
     return demo_main(fast=args.fast, out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sparseft.data.cli import register_cli as register_data_cli
-    from sparseft.hub.cli import register_cli as register_weights_cli
-    from sparseft.methods import METHODS
-
     p = argparse.ArgumentParser(prog="sparseft", description="Task-adaptive parameter-efficient fine-tuning "
                                 "(GPS, SPT, SCT and baselines) with lean sparse-delta training.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -452,21 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
 def is_user_error(err: BaseException) -> bool:
     """Whether `err` is the user's (bad input, a missing file, a diverged run) rather than a bug.
 
-    User errors: ValueError (sparseft's DeltaFileError, DataError, WeightsError, SelectionError,
-    NotApplicable ... derive from it), OSError (missing, existing or unreadable files), and the
-    RuntimeError subclasses sparseft defines (DeltaError, TrainingDiverged).
+    User errors: `sparseft.errors.SparseftError` (DeltaFileError, DataError, WeightsError,
+    SelectionError, NotApplicable, DeltaError, TrainingDiverged ... derive from it), OSError
+    (missing, existing or unreadable files) and safetensors' own error (e.g. a full disk while
+    writing). Anything else, a bare ValueError included, is a bug: it keeps its traceback.
     """
-    from safetensors import SafetensorError
-
-    if isinstance(err, (ValueError, OSError, SafetensorError)):  # SafetensorError: e.g. a full disk
-        return True
-    return isinstance(err, RuntimeError) and any(
-        c.__module__.split(".")[0] == "sparseft" for c in type(err).__mro__ if issubclass(c, RuntimeError))
+    return isinstance(err, (SparseftError, OSError, SafetensorError))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
     """Warnings about the user's data as one line (no source file or code line of sparseft's)."""
-    from sparseft.data import DataWarning
 
     if issubclass(category, DataWarning):
         print(f"warning: {_one_line(str(message))}", file=file or sys.stderr)

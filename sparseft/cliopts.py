@@ -29,12 +29,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from sparseft.errors import InputError, UsageError
+
 __all__ = ["CliOption", "UsageError", "add_arguments", "add_shared_arguments", "cli_options", "flag_of", "from_args",
            "given", "owned_options", "require"]
-
-
-class UsageError(Exception):
-    """A command line that parses but asks for something impossible (exit status 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +63,7 @@ def require(ok: bool, obj: Any, name: str, rule: str, owner: str = "") -> None:
     """Unless `ok`: ValueError "[owner: ]name (--flag) must be <rule>, not <value>" for the field `name` of `obj`."""
     if not ok:
         where = f"{owner}: " if owner else ""
-        raise ValueError(f"{where}{name} ({flag_of(name)}) must be {rule}, not {getattr(obj, name)!r}")
+        raise InputError(f"{where}{name} ({flag_of(name)}) must be {rule}, not {getattr(obj, name)!r}")
 
 
 def cli_options(cls: type) -> list[CliOption]:
@@ -144,7 +142,7 @@ def add_arguments(container: Any, cls: type, *, only: Iterable[str] | None = Non
         wanted = list(only)
         unknown = set(wanted) - {o.name for o in options}
         if unknown:
-            raise ValueError(f"{cls.__qualname__} has no field(s) {sorted(unknown)}")
+            raise InputError(f"{cls.__qualname__} has no field(s) {sorted(unknown)}")
         options = [o for o in options if o.name in wanted]
     for opt in options:
         _add(container, opt, prefix + opt.name, _note(opt))

@@ -33,9 +33,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from sparseft.anatomy import fingerprint, head_parameter_names
+from sparseft.errors import InputError, SparseftError
 from sparseft.fileutil import tensor_bytes
-from sparseft.models import fingerprint, head_parameter_names
-from sparseft.selection.selection import Selection
+from sparseft.selected import Selection
 from sparseft.sparse_layers import SparseDelta, freeze_batchnorm, install, uninstall, write_flat
 
 BatchNormMode = Literal["update", "frozen"]
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 
-class DeltaError(RuntimeError):
+class DeltaError(SparseftError, RuntimeError):
     """A model in the wrong state for the requested delta operation."""
 
 
@@ -246,7 +247,7 @@ def apply(model: nn.Module, selection: Selection, *, batchnorm: BatchNormMode = 
     if _state(model) is not None:
         raise DeltaError("model already has sparseft deltas; merge or unmerge it first")
     if batchnorm not in ("update", "frozen"):
-        raise ValueError(f"batchnorm must be 'update' or 'frozen', not {batchnorm!r}")
+        raise InputError(f"batchnorm must be 'update' or 'frozen', not {batchnorm!r}")
     selection.check_model(model)
     heads = head_parameter_names(model, head)
     full = set(selection.full)

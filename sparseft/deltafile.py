@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparseft import __version__
+from sparseft.anatomy import fingerprint, head_parameter_names
 from sparseft.delta import (
     DeltaError,
     abandon,
@@ -38,14 +38,15 @@ from sparseft.delta import (
     set_task_record,
 )
 from sparseft.delta import merge as merge_model
+from sparseft.errors import InputError
 from sparseft.fileutil import atomic_path, read_tagged_safetensors, tensor_bytes
-from sparseft.models import fingerprint, head_parameter_names
-from sparseft.selection.selection import Selection
+from sparseft.selected import Selection
+from sparseft.version import __version__
 
 FORMAT = "sparseft.delta/1"
 
 
-class DeltaFileError(ValueError):
+class DeltaFileError(InputError):
     """A delta file that cannot be applied to the given model."""
 
 
@@ -89,9 +90,47 @@ def save_delta(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
     return Path(path)
 
 
-def read_delta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and verify a delta file on its own (no model): returns (header, tensors)."""
-    path = Path(path)
+class TaskFile(tuple):
+    """A task file read and verified once: `(header, tensors)` (it unpacks as that pair) and its `path`.
+
+    `sparseft.load`, `Method.load`, `load_delta`, `TaskBank.add` and `evaluate_task` take one
+    instead of a path, so a command that looks at the header first does not read the file again.
+    """
+
+    path: str | Path  # as the caller named it (messages quote it unchanged)
+
+    def __new__(cls, header: dict[str, Any], tensors: dict[str, torch.Tensor], path: str | Path) -> TaskFile:
+        task = super().__new__(cls, (header, tensors))
+        task.path = path
+        return task
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return self[0]
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self[1]
+
+
+#: what the loaders take: a path, or a file `read_delta` has already read and verified
+TaskSource = str | Path | TaskFile
+
+
+def read_task(source: TaskSource) -> TaskFile:
+    """The verified task file: `source` itself when it was read already, else `read_delta(source)`."""
+    return source if isinstance(source, TaskFile) else read_delta(source)
+
+
+def source_path(source: TaskSource) -> str | Path:
+    """The path a task source names (for messages)."""
+    return source.path if isinstance(source, TaskFile) else source
+
+
+def read_delta(path: str | Path) -> TaskFile:
+    """Read and verify a delta file on its own (no model): returns a `TaskFile`, which unpacks as
+    (header, tensors)."""
+    given, path = path, Path(path)
     header, tensors = read_tagged_safetensors(path, FORMAT, "header", DeltaFileError, "delta")
     manifest = header.get("manifest", {})
     missing = sorted(set(manifest) - set(tensors))
@@ -116,7 +155,7 @@ def read_delta(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise DeltaFileError(f"{path}: NaN or infinite values in {bad[:5]}")
-    return header, tensors
+    return TaskFile(header, tensors, given)
 
 
 def _plan(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], path: Path) -> Selection:
@@ -167,10 +206,10 @@ def _rollback(model: nn.Module, remove: Callable[[nn.Module], None] | None) -> N
     abandon(model)
 
 
-def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, merge: bool = False,
+def load_delta(model: nn.Module, path: TaskSource, *, check_base: bool = True, merge: bool = False,
                rebuild: Callable[[nn.Module, dict[str, Any]], list[str]] | None = None,
                remove: Callable[[nn.Module], None] | None = None) -> nn.Module:
-    """Apply the task delta in `path` to a plain base `model`, in place; returns the model.
+    """Apply the task delta in `path` (a path or a `TaskFile`) to a plain base `model`, in place; returns it.
 
     The model stays trainable (an applied model) unless `merge=True`. With `check_base=False`
     the base fingerprint is not compared (for deliberate transfer to another base of the same
@@ -178,10 +217,11 @@ def load_delta(model: nn.Module, path: str | Path, *, check_base: bool = True, m
     re-creates the method's modules, and `remove(model)`, which takes them out again if the load
     fails (`sparseft.load` passes both).
     """
-    path = Path(path)
     if is_applied(model):
         raise DeltaError("model already has sparseft deltas; unmerge it before loading another delta")
-    header, tensors = read_delta(path)
+    task = read_task(path)
+    header, tensors = task
+    path = Path(task.path)
     head = header.get("head") or head_parameter_names(model)
     if check_base:
         missing_head = [n for n in head if n not in params_by_name(model)]

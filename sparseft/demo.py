@@ -11,6 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import sparseft
+from sparseft.data import fetch_suite
+from sparseft.hub import fetch_weights
+from sparseft.loaders import TaskData
+from sparseft.run import RunSpec, run
 from sparseft.train import TrainConfig, evaluate
 
 BACKBONE = "dinov2_vits14_offline"
@@ -27,12 +32,6 @@ def _settings(fast: bool) -> dict[str, dict]:
 
 
 def main(fast: bool = False, out: Path = Path("runs/demo")) -> int:
-    import sparseft
-    from sparseft.data import fetch_suite
-    from sparseft.hub import fetch_weights
-    from sparseft.loaders import TaskData
-    from sparseft.run import RunSpec, run
-
     print(f"[demo] fetching {TASK} and {BACKBONE} (cached after the first run)")
     fetch_suite("mini-vtab", tasks=[TASK.split("/", 1)[1]])
     fetch_weights(BACKBONE)
@@ -47,7 +46,7 @@ def main(fast: bool = False, out: Path = Path("runs/demo")) -> int:
 
         # the task file alone rebuilds the model (base from its header), merged as it is deployed
         reloaded = sparseft.merge(sparseft.load(task_file))
-        again = evaluate(reloaded, TaskData(spec, reloaded).loader("eval", "test"))["acc"]
+        again = evaluate(reloaded, TaskData(spec.data_spec(), reloaded).loader("eval", "test"))["acc"]
         rows.append({"method": method, "test_acc": summary["final"]["test_acc"], "reloaded_acc": again,
                      "backbone_percent": summary["params"]["backbone_percent"],
                      "trainable": summary["params"]["trainable_total"], "file_kib": task_file.stat().st_size / 1024,

@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from sparseft.errors import DataWarning, InputError, SparseftError
+
 ShardMode = Literal["batches", "slices", "samples"]
 
 
-class RankFailed(RuntimeError):
+class RankFailed(SparseftError, RuntimeError):
     """Another rank stopped with an error (this rank stops too instead of waiting for it)."""
 
 
@@ -169,8 +171,6 @@ class _Parts:
             return slice(self.rank, None, self.world)
         if n < self.world:
             if not self._warned and self.rank == 0:  # one warning for the group, not one per rank
-                from sparseft.data import DataWarning
-
                 warnings.warn(f"a batch of {n} images for {self.world} processes is left out of every epoch; "
                               "choose --batch-size so the last batch is not smaller than the number of processes",
                               DataWarning, stacklevel=3)
@@ -263,11 +263,11 @@ def check_global_batch(batch_size: int | None, images: int | None = None) -> Non
     """Refuse a global batch (or a training split) smaller than the number of processes that share it."""
     world = world_size()
     if batch_size is not None and batch_size < world:
-        raise ValueError(f"--batch-size {batch_size} is smaller than the number of processes ({world}): the global "
+        raise InputError(f"--batch-size {batch_size} is smaller than the number of processes ({world}): the global "
                          f"batch is split between the processes, so it needs at least {world} images; use "
                          f"--batch-size >= {world} or fewer processes")
     if images is not None and images < world:
-        raise ValueError(f"the training split has {images} image{'s' if images != 1 else ''}, fewer than the "
+        raise InputError(f"the training split has {images} image{'s' if images != 1 else ''}, fewer than the "
                          f"{world} processes that share every batch; use fewer processes")
 
 

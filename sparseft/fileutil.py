@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from sparseft.errors import SparseftError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -116,7 +118,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 LOCK_FILE = ".sparseft.lock"
 
 
-class FolderInUse(RuntimeError):
+class FolderInUse(SparseftError, RuntimeError):
     """Another live process holds the folder's lock."""
 
 

@@ -5,7 +5,7 @@
     preds[0].labels, preds[0].probs             # most probable first
 
 A model loaded from a task file is run with that task's preprocessing and class names (its
-header's record); `sparseft predict TASK_FILE INPUT...` is this plus `load_for_inference`
+header's record); `sparseft predict TASK_FILE INPUT...` is this plus `sparseft.api.load_for_inference`
 (merged where the method can merge), `find_images` (files and folders) and `write_csv`.
 """
 
@@ -25,8 +25,12 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseft.data import build_transform, data_config
+from sparseft.data.folder import _images_under
 from sparseft.data.images import DataError, OnError, open_rgb, to_rgb
 from sparseft.delta import task_record
+from sparseft.errors import InputError
+from sparseft.fileutil import write_text_atomic
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -49,22 +53,10 @@ def eval_transform(model: nn.Module, extra: Mapping[str, Any] | None = None,
                    preprocessing: Literal["vtab", "fgvc"] | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """The evaluation transform of a task: the preprocessing and image size recorded in its task
     file's header `extra` (`preprocessing` overrides it); without one, VTAB's resize to the model's input size."""
-    from sparseft.data import build_transform, data_config
 
     extra = extra or {}
     return build_transform(data_config(model), preprocessing or extra.get("preprocessing", "vtab"), train=False,
                            img_size=extra.get("img_size"))
-
-
-def load_for_inference(task_file: str | Path, *, weights: str | Path | None = None, merge: bool = True) -> nn.Module:
-    """A task file's model in eval mode, merged when its method can merge (what users deploy)."""
-    from sparseft.api import load, method_for
-
-    model = load(task_file, weights=weights)
-    method = method_for(model)
-    if merge and method.mergeable:
-        method.merge(model)
-    return model.eval()
 
 
 def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -73,7 +65,6 @@ def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
     A path that does not exist is a FileNotFoundError, a folder without image files a DataError.
     """
-    from sparseft.data.folder import _images_under
 
     out: list[Path] = []
     for raw in inputs:
@@ -124,7 +115,7 @@ def _read(items: Sequence[Any], transform: Callable[[Image.Image], torch.Tensor]
 
 def _top_k(logits: torch.Tensor, k: int, names: Sequence[str] | None) -> list[Prediction]:
     if names is not None and len(names) != logits.shape[1]:
-        raise ValueError(f"class_names has {len(names)} names but the model gives {logits.shape[1]} classes")
+        raise InputError(f"class_names has {len(names)} names but the model gives {logits.shape[1]} classes")
     probs, indices = logits.float().softmax(dim=1).topk(min(k, logits.shape[1]), dim=1)
     out = []
     for p, i in zip(probs.tolist(), indices.tolist()):
@@ -147,23 +138,23 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
     `torch.no_grad()` in eval mode on the model's device and in its dtype; the model's train/eval modes are restored.
     """
     if getattr(model, "task", None) == "segmentation":
-        raise ValueError("predict gives the classes of whole images, and this task is segmentation: take the "
+        raise InputError("predict gives the classes of whole images, and this task is segmentation: take the "
                          "masks from the model itself (model(x).argmax(1)); `sparseft eval` scores a split")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k (--top-k) must be a whole number >= 1, not {top_k!r}")
+        raise InputError(f"top_k (--top-k) must be a whole number >= 1, not {top_k!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
+        raise InputError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     record = task_record(model)
     if class_names is None:
         class_names = record.get("class_names") or None
     names = list(class_names) if class_names is not None else None
     if isinstance(images, torch.Tensor):
         if transform is not None:
-            raise ValueError("transform applies to image files and PIL images; a tensor batch is used as it is")
+            raise InputError("transform applies to image files and PIL images; a tensor batch is used as it is")
         if images.ndim != 4 or not images.is_floating_point():
-            raise ValueError(f"a tensor of images must be a float batch [N, C, H, W], not {images.dtype} of shape "
+            raise InputError(f"a tensor of images must be a float batch [N, C, H, W], not {images.dtype} of shape "
                              f"{tuple(images.shape)}")
         items: Any = images
     else:
@@ -192,7 +183,6 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
 def write_csv(predictions: Iterable[Prediction], path: str | Path) -> None:
     """The predictions (skipped images left out) as a CSV file written atomically: columns path,
     then label_1, prob_1, ..., label_k, prob_k."""
-    from sparseft.fileutil import write_text_atomic
 
     rows = [p for p in predictions if p.error is None]
     k = max((len(p.labels) for p in rows), default=0)

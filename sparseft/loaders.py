@@ -1,6 +1,6 @@
 """The data of one run: the loaders a task gives a model (classification or segmentation).
 
-`TaskData(spec, model).loader(kind)` builds, on demand, the loader of a kind: "select" (GPS's two
+`TaskData(DataSpec(...), model).loader(kind)` builds, on demand, the loader of a kind: "select" (GPS's two
 views of the training split, seeded per image), "train" (training batches) or "eval" (a split,
 deterministic, cached after the first pass when the transform is). The transforms follow the
 backbone's data config and the spec's image size and preprocessing.
@@ -8,14 +8,38 @@ backbone's data config and the spec's image size and preprocessing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-if TYPE_CHECKING:
-    from sparseft.run import RunSpec
+from sparseft.data import TwoViews, build_transform, data_config, load_split, num_classes, resolve_spec
+from sparseft.data._random import stable_keys
+from sparseft.data.segmentation import SegTransform, collate_pairs, load_segmentation
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the loaders of a task need to know: the data, its preprocessing, batches and workers.
+
+    (`sparseft.run.RunSpec.data_spec()` gives the one of a run.)
+    """
+
+    data: str
+    img_size: int | None = None
+    preprocessing: str = "vtab"
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    train_split: str = "train800val200"
+    workers: int = 0
+    cache_images: bool = True
+    seed: int = 0
+
+
+class _HasDataSpec(Protocol):
+    def data_spec(self) -> DataSpec: ...
 
 
 class TensorCache(Dataset):
@@ -42,8 +66,6 @@ class SeededViews(Dataset):
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
-        from sparseft.data._random import stable_keys
-
         self.dataset = dataset
         self.keys = stable_keys(len(dataset), seed, "selection views")  # type: ignore[arg-type]
 
@@ -60,8 +82,6 @@ class SegViews(Dataset):
     """Two independently augmented (image, mask) views of item i, drawn from generators seeded by (seed, i)."""
 
     def __init__(self, dataset: Dataset, transform: Any, seed: int) -> None:
-        from sparseft.data._random import stable_keys
-
         self.dataset, self.transform = dataset, transform
         self.keys = stable_keys(len(dataset), seed, "selection views")  # type: ignore[arg-type]
 
@@ -76,18 +96,14 @@ class SegViews(Dataset):
 
 def is_segmentation(data: str) -> bool:
     """Whether the data spec names a segmentation data set (images/ + masks/): the task kind follows the data."""
-    from sparseft.data import resolve_spec
-
     return resolve_spec(data).kind == "seg"
 
 
 class TaskData:
     """The loaders of one task for one model, built on demand (classification or segmentation)."""
 
-    def __init__(self, spec: RunSpec, model: nn.Module) -> None:
-        from sparseft.data import TwoViews, build_transform, data_config
-        from sparseft.data.segmentation import SegTransform
-
+    def __init__(self, spec: DataSpec | _HasDataSpec, model: nn.Module) -> None:
+        spec = spec if isinstance(spec, DataSpec) else spec.data_spec()  # a RunSpec gives its own
         self.spec = spec
         self.config = data_config(model)
         self.segmentation = is_segmentation(spec.data)
@@ -104,13 +120,10 @@ class TaskData:
         self._cache: dict[str, Dataset] = {}
 
     def dataset(self, split: str, transform: Any, deterministic: bool) -> Dataset:
-        from sparseft.data import load_split
-        from sparseft.data.segmentation import load_segmentation
-
         key = f"{split}:{id(transform)}"
         if key not in self._cache:
             if self.segmentation:  # crops and flips drawn per (seed, epoch, item): the same under any process count
-                ds = load_segmentation(self.spec.data, split, transform, seed=self.spec.train.seed)
+                ds = load_segmentation(self.spec.data, split, transform, seed=self.spec.seed)
             else:
                 ds = load_split(self.spec.data, split, transform)
             self._cache[key] = TensorCache(ds) if (deterministic and self.spec.cache_images) else ds
@@ -118,14 +131,12 @@ class TaskData:
 
     def loader(self, kind: str, split: str | None = None) -> DataLoader:
         """'select': two views of the training split; 'train': training batches; 'eval': a split."""
-        from sparseft.data.segmentation import collate_pairs
-
         s = self.spec
         if kind == "select" and self.segmentation:
-            ds = SegViews(self.dataset(s.train_split, None, False), self.train_transform, s.train.seed)
+            ds = SegViews(self.dataset(s.train_split, None, False), self.train_transform, s.seed)
             shuffle, batch = True, s.batch_size
         elif kind == "select":
-            ds = SeededViews(self.dataset(s.train_split, self.views, False), s.train.seed)
+            ds = SeededViews(self.dataset(s.train_split, self.views, False), s.seed)
             shuffle, batch = True, s.batch_size
         elif kind == "train":
             fixed = s.preprocessing == "vtab" and not self.segmentation  # segmentation always crops and flips
@@ -135,14 +146,13 @@ class TaskData:
             ds, shuffle, batch = self.dataset(split, self.eval_transform, True), False, s.eval_batch_size
         else:
             raise ValueError(f"unknown loader kind {kind!r}")
-        generator = torch.Generator().manual_seed(s.train.seed) if kind == "select" else None
+        generator = torch.Generator().manual_seed(s.seed) if kind == "select" else None
         collate = collate_pairs if (kind == "eval" and self.segmentation) else None  # masks at their own sizes
         # workers are re-created every epoch, seeded from the per-epoch RNG: resumed runs stay exact
         return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=s.workers, generator=generator,
                           collate_fn=collate)
 
 
-def num_classes_of(spec: RunSpec) -> int:
-    from sparseft.data import num_classes
-
+def num_classes_of(spec: DataSpec | Any) -> int:
+    """The class count of the data a spec (a `DataSpec` or a `RunSpec`) names."""
     return num_classes(spec.data)

@@ -36,6 +36,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
+from sparseft.errors import InputError
 from sparseft.fileutil import sha256_file
 
 DEBIAN_MIRROR = "https://deb.debian.org/debian"
@@ -43,7 +44,7 @@ DEBIAN_MIRROR = "https://deb.debian.org/debian"
 Log = Callable[[str], None] | None
 
 
-class ProvisionError(ValueError):
+class ProvisionError(InputError):
     """A package file that cannot be downloaded, read or verified."""
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from sparseft import delta, distributed
+from sparseft.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class Regrower:
             if saved is None or torch.equal(saved.to(d.index), d.index):
                 continue
             if saved.numel() != d.index.numel():
-                raise ValueError(f"checkpoint: {name} has {saved.numel()} sparse entries, the model {d.index.numel()}")
+                raise InputError(f"checkpoint: {name} has {saved.numel()} sparse entries, the model {d.index.numel()}")
             delta.replace_entries(self.model, name, torch.arange(d.index.numel(), device=d.index.device),
                                   saved.to(d.index))
         device = next(self.model.parameters()).device

@@ -23,12 +23,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sparseft import distributed
+from sparseft.api import load_for_inference
 from sparseft.cliopts import require
+from sparseft.data import class_names, data_config, load_split
+from sparseft.data.segmentation import SegTransform, collate_pairs, load_segmentation
+from sparseft.deltafile import TaskSource, read_task
+from sparseft.errors import InputError
 from sparseft.fileutil import LOCK_FILE, folder_lock, read_json, write_text_atomic
-from sparseft.loaders import TaskData, is_segmentation, num_classes_of  # noqa: F401 (num_classes_of: re-exported)
+from sparseft.inference import eval_transform
+from sparseft.loaders import DataSpec, TaskData, is_segmentation
 from sparseft.methods import BATCHNORM_DEFAULT_BEFORE, MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
 from sparseft.models import create_model
+from sparseft.seg.model import create_segmentation_model
 from sparseft.train import TrainConfig, check_same_settings, evaluate, fit
 
 TASK_FILE = "delta.safetensors"
@@ -67,6 +74,13 @@ class RunSpec:
                   ("preprocessing", self.preprocessing in ("vtab", "fgvc"), "'vtab' or 'fgvc'")]
         for name, ok, rule in checks:
             require(ok, self, name, rule)
+
+    def data_spec(self) -> DataSpec:
+        """What the task's loaders need of this run (`sparseft.loaders.TaskData`)."""
+        return DataSpec(data=self.data, img_size=self.img_size, preprocessing=self.preprocessing,
+                        batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+                        train_split=self.train_split, workers=self.workers, cache_images=self.cache_images,
+                        seed=self.train.seed)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -119,7 +133,7 @@ def _absolute_data(data: str) -> str:
     prefix, sep, rest = (data.partition(":") if data.split(":", 1)[0] in ("vtab", "fgvc", "folder", "seg")
                          else ("", "", data))
     if not rest.strip():
-        raise ValueError(f"--data {data!r} names no folder")
+        raise InputError(f"--data {data!r} names no folder")
     path = Path(rest)
     return f"{prefix}{sep}{path.resolve()}" if path.exists() else data
 
@@ -174,7 +188,7 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     """
     spec = dataclasses.replace(spec, data=_absolute_data(spec.data))
     if run_dir is not None and (not str(run_dir).strip() or str(run_dir) != str(run_dir).strip()):
-        raise ValueError(f"--out {str(run_dir)!r} is not a usable folder name")
+        raise InputError(f"--out {str(run_dir)!r} is not a usable folder name")
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"--out {run_dir} is a file, not a run folder")
@@ -205,9 +219,6 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
         if resume and spec.train.progress and distributed.is_main():
             print(f"[sparseft] resuming {run_dir}: its plan ({PLAN_FILE}) and last checkpoint are reused",
                   file=sys.stderr)
-    from sparseft.data import class_names, load_split
-    from sparseft.data.segmentation import load_segmentation
-    from sparseft.seg.model import create_segmentation_model
 
     # everything is checked before anything is computed or removed: options, model, data
     kept = distributed.run_on_main(lambda: _resumed_batchnorm(run_dir, spec)) if resume and run_dir else None
@@ -228,7 +239,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
             load_segmentation(spec.data, split, None, verify=True)
         else:
             load_split(spec.data, split, None, verify=True)
-    data = TaskData(spec, model)
+    data = TaskData(spec.data_spec(), model)
     if run_dir is not None:
         distributed.run_on_main(lambda: _make_run_dir(run_dir, overwrite))
     ctx = MethodContext(loader=lambda kind: data.loader(kind), seed=spec.train.seed, progress=spec.train.progress,
@@ -264,7 +275,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     return distributed.broadcast_object(summary)  # rank 0's (it saved the task file) on every rank
 
 
-def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batch_size: int = 128,
+def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batch_size: int = 128,
                   weights: str | None = None, preprocessing: str | None = None, merge: bool = True) -> dict[str, Any]:
     """Accuracy of a saved task on a split of `data`.
 
@@ -272,29 +283,25 @@ def evaluate_task(task_file: str | Path, data: str, split: str = "test", *, batc
     are those the task was trained with, from the task file's header. Mergeable methods are
     evaluated merged: what users deploy.
     """
-    from sparseft.data import class_names, load_split
-    from sparseft.deltafile import read_delta
-    from sparseft.inference import eval_transform, load_for_inference
 
-    header, _ = read_delta(task_file)
+    task = read_task(task_file)  # read and verified once: the load below takes it as it is
+    task_file = task.path
+    header = task.header
     extra = header.get("extra", {})
     names = class_names(data)
     if "num_classes" in extra and len(names) != extra["num_classes"]:
-        raise ValueError(f"{task_file}: the task has {extra['num_classes']} classes but {data} has "
+        raise InputError(f"{task_file}: the task has {extra['num_classes']} classes but {data} has "
                          f"{len(names)}; evaluate it on the data it was trained for")
     trained = extra.get("class_names")
     if trained and trained != names:
-        raise ValueError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
+        raise InputError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
                          "evaluate it on the data it was trained for")
 
     if extra.get("task") == "segmentation" and preprocessing is not None:
-        raise ValueError(f"--preprocessing {preprocessing}: {task_file} is a segmentation task, whose evaluation "
+        raise InputError(f"--preprocessing {preprocessing}: {task_file} is a segmentation task, whose evaluation "
                          "is fixed (the image resized to the model's input, the mask kept at its own size)")
-    model = load_for_inference(task_file, weights=weights, merge=merge)
+    model = load_for_inference(task, weights=weights, merge=merge)
     if extra.get("task") == "segmentation":
-        from sparseft.data import data_config
-        from sparseft.data.segmentation import SegTransform, collate_pairs, load_segmentation
-
         transform = SegTransform.from_config(data_config(model), train=False, img_size=extra.get("img_size"))
         return evaluate(model, DataLoader(load_segmentation(data, split, transform), batch_size=batch_size,
                                           collate_fn=collate_pairs))

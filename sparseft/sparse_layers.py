@@ -431,9 +431,3 @@ def freeze_batchnorm(bn: nn.Module) -> None:
     """Keep a BatchNorm layer in eval mode (frozen statistics) whatever `train()` says."""
     bn.train = types.MethodType(_frozen_bn_train, bn)
     bn.train(False)
-
-
-def holder_parameter(module: nn.Module, target: str) -> torch.Tensor:
-    """The parameter `target` (a name relative to `module`)."""
-    holder, leaf = _holder(module, target)
-    return holder._parameters[leaf]

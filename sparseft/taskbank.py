@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +35,9 @@ from torch import nn
 
 from sparseft import delta
 from sparseft.api import load, method_for, method_named_in
-from sparseft.deltafile import read_delta
+from sparseft.deltafile import TaskSource, read_task
+from sparseft.errors import InputError
+from sparseft.inference import eval_mode
 from sparseft.methods import METHODS
 from sparseft.sparse_layers import write_flat
 
@@ -100,14 +101,16 @@ class TaskBank:
         self._require(name)
         return self._headers[name]
 
-    def add(self, name: str, path: str | Path) -> None:
+    def add(self, name: str, path: TaskSource) -> None:
         """Read a task file into the bank (refused: a name in use, a file for another base, a method that
         cannot merge). The active task stays active."""
         if not isinstance(name, str) or not name:
-            raise ValueError(f"a task name must be a non-empty string, got {name!r}")
+            raise InputError(f"a task name must be a non-empty string, got {name!r}")
         if name in self._tasks:
-            raise ValueError(f"task {name!r} is already in the bank; remove it first or choose another name")
-        header, tensors = read_delta(path)
+            raise InputError(f"task {name!r} is already in the bank; remove it first or choose another name")
+        task = read_task(path)  # read and verified once: the load below takes it as it is
+        header, tensors = task
+        path = task.path
         method = method_named_in(header)
         if method in METHODS and not METHODS[method].mergeable:
             raise delta.DeltaError(
@@ -118,7 +121,7 @@ class TaskBank:
         self._switch(None)
         try:
             with _heads_shaped_as(self.model, header, tensors) as originals:
-                model = load(path, model=self.model)
+                model = load(task, model=self.model)
                 owner = method_for(model)
                 owner.merge(model)
                 changes = {n: self._keep(n, idx, base, originals.get(n))
@@ -165,11 +168,10 @@ class TaskBank:
         classes). The model runs in eval mode; the active task and every module's mode are restored after.
         """
         if len(tasks) != len(images):
-            raise ValueError(f"predict: {len(images)} images but {len(tasks)} task names")
+            raise InputError(f"predict: {len(images)} images but {len(tasks)} task names")
         for task in dict.fromkeys(tasks):
             if task is not None:
                 self._require(task)
-        from sparseft.inference import eval_mode
 
         out: list[torch.Tensor | None] = [None] * len(tasks)
         previous = self.active

@@ -35,11 +35,14 @@ from sparseft import distributed
 from sparseft.checkpoint import load_checkpoint, save_checkpoint
 from sparseft.cliopts import require
 from sparseft.data.segmentation import IGNORE_INDEX
-from sparseft.delta import parameter_summary
+from sparseft.delta import is_applied, parameter_summary
+from sparseft.deltafile import save_delta
+from sparseft.errors import InputError, SparseftError
 from sparseft.fileutil import read_json, write_text_atomic
+from sparseft.seg.metrics import SegMetrics
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(SparseftError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
@@ -110,10 +113,10 @@ def check_same_settings(run_dir: Path, settings: dict[str, Any], part: str | Non
     if part is not None:
         stored = stored.get(part) if isinstance(stored, dict) else None
     if not isinstance(stored, dict):
-        raise ValueError(f"{path}: not a sparseft run record; start a new run folder")
+        raise InputError(f"{path}: not a sparseft run record; start a new run folder")
     changed = changed_settings(stored, json.loads(json.dumps(settings, default=str)))
     if changed:
-        raise ValueError(f"{path}: --resume with changed settings ({'; '.join(changed[:4])}); resume with the "
+        raise InputError(f"{path}: --resume with changed settings ({'; '.join(changed[:4])}); resume with the "
                          "original settings or start a new run folder")
 
 
@@ -136,12 +139,12 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise InputError("the model has no trainable parameters")
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    raise ValueError(f"optimizer must be 'adamw' or 'adam', not {config.optimizer!r}")
+    raise InputError(f"optimizer must be 'adamw' or 'adam', not {config.optimizer!r}")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -206,7 +209,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress
         if seg is not None:
             seg.sync()
     if images == 0:
-        raise ValueError("evaluation loader yielded no samples")
+        raise InputError("evaluation loader yielded no samples")
     result = {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": images}
     if seg is not None:
         result.update({k: v for k, v in seg.compute().items() if k in SEG_METRICS})
@@ -217,8 +220,6 @@ SEG_METRICS = ("mIoU", "mDice", "mIoU_per_image", "mDice_per_image")
 
 
 def _seg_metrics(model: nn.Module, num_classes: int | None = None) -> Any:
-    from sparseft.seg.metrics import SegMetrics
-
     classes = int(num_classes or model.num_classes)
     names = getattr(model, "class_names", None)
     names = names if names and len(names) == classes else None
@@ -395,9 +396,6 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
                 summary[f"best_{name}_{key}"] = max(values)
     if run_dir is not None and main:
         if save_task is None:
-            from sparseft.delta import is_applied
-            from sparseft.deltafile import save_delta
-
             if is_applied(model):
                 save_delta(model, run_dir / "delta.safetensors", extra=run_info)
         else:

@@ -239,3 +239,55 @@ def idx_gz(array: np.ndarray) -> bytes:
 
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     return gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0)
+
+
+# -- task files for the front-door, bank and read-once tests -----------------------------------
+
+#: task files written by sparseft 0.1 and the base they belong to (tests/fixtures/make_legacy_0_1.py)
+LEGACY = Path(__file__).parent / "fixtures" / "legacy-0.1"
+
+
+def toy_base(classes: int = 3, seed: int = 0) -> nn.Module:
+    """The test base (test_vit at 32 px, eval mode); with another number of classes, the same backbone under a new
+    head."""
+    import sparseft
+
+    torch.manual_seed(seed)
+    model = sparseft.create_model("test_vit", num_classes=3, img_size=32).eval()
+    if classes != 3:
+        model.reset_classifier(classes)
+    return model
+
+
+def method_test_options(method: str) -> dict:
+    """Options that keep a method's planning pass to one batch."""
+    return {"select_batches": 1} if method in ("spt-lora", "spt-adapter", "sct") else {}
+
+
+def trained_model(method: str, classes: int = 3, seed: int = 1, base_seed: int = 0,
+                  run_dir: Path | None = None) -> nn.Module:
+    """`toy_base(classes, base_seed)` prepared by `method`, its trained values random (seeded by `seed`) so every
+    task differs; in eval mode."""
+    from sparseft.methods import MethodContext, get_method
+
+    model = toy_base(classes, base_seed)
+    x, y = toy_batches(1, batch=6, classes=classes)[0]
+    ctx = MethodContext(loader={"select": [([x, x.flip(-1)], y)], "train": [(x, y)]}.__getitem__, progress=False,
+                        run_dir=run_dir)
+    model = get_method(method, **method_test_options(method)).prepare(model, ctx)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def write_task(method: str, path: Path, classes: int = 3, seed: int = 1, base_seed: int = 0) -> Path:
+    """A task file of `method` (see `trained_model`) whose header names its base and class names."""
+    from sparseft.methods import get_method
+
+    model = trained_model(method, classes, seed, base_seed)
+    return get_method(method).save(model, path, extra={"model": "test_vit", "num_classes": classes, "img_size": 32,
+                                                       "init_seed": base_seed, "class_names": list("abcde"[:classes])})
+

@@ -8,14 +8,13 @@ from typing import Literal
 
 import pytest
 import torch
-from helpers import make_vtab
+from helpers import LEGACY, make_vtab
 from safetensors.torch import load_file
 
 from sparseft import cli, cliopts
 from sparseft.cli import build_parser, main
+from sparseft.errors import InputError
 from sparseft.train import TrainConfig, TrainingDiverged
-
-LEGACY = Path(__file__).parent / "fixtures" / "legacy-0.1"
 
 MODEL = ["--model", "test_vit", "--img-size", "32"]
 FAST = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress"]
@@ -218,7 +217,7 @@ def test_train_config_flags_round_trip():
 
 
 @pytest.mark.parametrize("raised, status", [(KeyboardInterrupt(), 130), (TrainingDiverged("loss is nan"), 1),
-                                            (ValueError("bad\nvalue"), 1), (PermissionError("x.st"), 1),
+                                            (InputError("bad\nvalue"), 1), (PermissionError("x.st"), 1),
                                             (SystemExit("unknown backbone"), 1), (SystemExit(3), 3),
                                             (cliopts.UsageError("no"), 2)])
 def test_exit_status_of_each_kind_of_failure(monkeypatch, capsys, raised, status):
@@ -240,6 +239,9 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["info", "x"])
     monkeypatch.setattr(cli, "cmd_info", lambda args: (_ for _ in ()).throw(RuntimeError("torch says no")))
     with pytest.raises(RuntimeError):
+        main(["info", "x"])
+    monkeypatch.setattr(cli, "cmd_info", lambda args: (_ for _ in ()).throw(ValueError("an internal bug")))
+    with pytest.raises(ValueError):  # a bare ValueError is not sparseft's refusal: a bug, with its traceback
         main(["info", "x"])
 
 

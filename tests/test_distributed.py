@@ -75,6 +75,7 @@ def one(task) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_process_selection_equals_one_process_selection(one, two):
     out, printed = two
     a, b = Selection.load(one / "select.safetensors"), Selection.load(out / "select.safetensors")
@@ -86,6 +87,7 @@ def test_two_process_selection_equals_one_process_selection(one, two):
     assert printed.count("selected ") == 1  # rank 0 alone reports (and writes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gps", "lora", "seg"])
 def test_two_process_training_matches_one_process(one, two, method):
     out, printed = two
@@ -117,6 +119,7 @@ def test_two_process_training_matches_one_process(one, two, method):
     assert printed.count(f"{out / method / 'delta.safetensors'}") == 1
 
 
+@pytest.mark.slow
 def test_a_resumed_two_process_run_equals_the_uninterrupted_one(two):
     out, _ = two
     whole, resumed = load_file(out / "gps" / "delta.safetensors"), load_file(out / "resumed" / "delta.safetensors")

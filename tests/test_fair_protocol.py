@@ -102,6 +102,7 @@ seeds: [0, 1]
     return path
 
 
+@pytest.mark.slow
 def test_first_seed_tuning_runs_the_grid_once_and_every_seed_uses_its_choice(tmp_path):
     data = make_vtab(tmp_path / "task")
     suite = load_suite(_suite(tmp_path, data, "batchnorm: frozen\nextend_edges: 0"))
@@ -205,6 +206,7 @@ def test_shipped_honest_suites_are_fair(name):
         assert len(suite.seeds) >= 3
 
 
+@pytest.mark.slow
 def test_a_finished_cell_made_with_other_settings_is_refused(tmp_path):
     data = make_vtab(tmp_path / "task")
     out = tmp_path / "res"
@@ -240,6 +242,7 @@ def test_one_step_beyond_the_edge():
     assert beyond_edge([{"lr": 1e-3}], {"lr": 1e-3}) is None
 
 
+@pytest.mark.slow
 def test_a_best_point_on_the_edge_is_extended_and_the_record_reused(tmp_path):
     data = make_vtab(tmp_path / "task")
     suite = load_suite(_suite(tmp_path, data, "extend_edges: 1"))
@@ -260,6 +263,7 @@ def _lock(folder, pid):
     (folder / ".sparseft.lock").write_text(f"{socket.gethostname()} {pid}")
 
 
+@pytest.mark.slow
 def test_a_cell_held_by_another_live_process_is_left_to_it(tmp_path, capsys):
     import os
     import subprocess

@@ -1,19 +1,17 @@
 """The front door: sparseft.create_model, sparseft.load (any method), merge/unmerge, files of 0.1."""
 
 import pkgutil
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from helpers import toy_batches
+from helpers import LEGACY, method_test_options, toy_base, toy_batches
+from helpers import trained_model as _trained
 from safetensors.torch import load_file
 
 import sparseft
 from sparseft.deltafile import DeltaFileError
 from sparseft.methods import METHODS, MethodContext, get_method
-
-LEGACY = Path(__file__).parent / "fixtures" / "legacy-0.1"
 
 
 def legacy_base() -> torch.nn.Module:
@@ -60,25 +58,6 @@ def test_task_files_written_by_0_1_still_load_merge_and_unmerge(method):
         assert torch.equal(value, state[name]), name
 
 
-def _options(method: str) -> dict:
-    return {"select_batches": 1} if method in ("spt-lora", "spt-adapter", "sct") else {}
-
-
-def _trained(method: str, seed: int = 0, run_dir: Path | None = None) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = sparseft.create_model("test_vit", num_classes=3, img_size=32)
-    x, y = toy_batches(1, batch=6, classes=3)[0]
-    batches = {"select": [([x, x.flip(-1)], y)], "train": [(x, y)]}
-    ctx = MethodContext(loader=batches.__getitem__, progress=False, run_dir=run_dir)
-    model = get_method(method, **_options(method)).prepare(model, ctx)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_load_rebuilds_the_base_from_the_header_for_every_method(method, tmp_path):
     model = _trained(method)
@@ -104,10 +83,8 @@ def test_every_method_reuses_its_plan_when_a_run_resumes(method, tmp_path):
     def no_data(kind):
         raise AssertionError("a resumed run must not look at the data again")
 
-    torch.manual_seed(0)
-    again = get_method(method, **_options(method)).prepare(
-        sparseft.create_model("test_vit", num_classes=3, img_size=32),
-        MethodContext(loader=no_data, progress=False, run_dir=tmp_path))
+    again = get_method(method, **method_test_options(method)).prepare(
+        toy_base(), MethodContext(loader=no_data, progress=False, run_dir=tmp_path))
     assert sparseft.delta.structure_of(again) == sparseft.delta.structure_of(first)
     assert [n for n, p in again.named_parameters() if p.requires_grad] == [
         n for n, p in first.named_parameters() if p.requires_grad]

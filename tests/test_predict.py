@@ -152,7 +152,7 @@ def test_python_predict_on_a_tensor_batch_is_softmax_top_k(task_files):
 
 
 def test_the_cli_runs_mergeable_tasks_merged(task_files):
-    from sparseft.inference import load_for_inference
+    from sparseft.api import load_for_inference
 
     assert sparseft.delta.is_merged(load_for_inference(task_files["gps"]))
     adapter = load_for_inference(task_files["adapter"])

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_vtab, random_selection, tiny_model, toy_loader, train_steps
+from helpers import LEGACY, make_vtab, random_selection, tiny_model, toy_loader, train_steps
 
 import sparseft
 from sparseft.cli import main
 from sparseft.train import TrainConfig, TrainingDiverged, fit
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy-0.1"
 MODEL = ["--model", "test_vit", "--img-size", "32"]
 FAST = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "0", "--no-progress",
         "--method", "linear"]
@@ -329,3 +328,36 @@ def test_a_task_header_that_is_not_an_object_is_refused(tmp_path):
               metadata={"format": "sparseft.delta/1", "header": "[1, 2]"})
     with pytest.raises(sparseft.DeltaFileError, match="list.safetensors: delta header is not a JSON object"):
         sparseft.read_delta(tmp_path / "list.safetensors")
+
+
+def test_an_internal_value_error_inside_training_keeps_its_traceback(tmp_path, task, capsys, monkeypatch):
+    """A bug is not a user error: a bare ValueError raised inside training leaves `main` with its traceback."""
+    import sparseft.train
+
+    def broken_loss(*args, **kwargs):
+        raise ValueError("an internal bug in the loss")
+
+    monkeypatch.setattr(sparseft.train, "_loss_sum", broken_loss)
+    with pytest.raises(ValueError, match="an internal bug in the loss") as caught:
+        main(["train", "--data", str(task), "--out", str(tmp_path / "run"), *MODEL, *FAST])
+    assert any(entry.name == "broken_loss" for entry in caught.traceback)  # raised where it happened
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_user_errors_are_sparseft_errors_and_keep_their_old_bases():
+    from sparseft.checkpoint import CheckpointError
+    from sparseft.cli import is_user_error
+    from sparseft.data import DataError
+    from sparseft.errors import InputError, SparseftError, UsageError
+    from sparseft.methods import NotApplicable
+    from sparseft.weights import WeightsError
+
+    value_errors = (sparseft.DeltaFileError, sparseft.SelectionError, DataError, WeightsError, CheckpointError,
+                    NotApplicable, InputError)
+    for cls in value_errors:
+        assert issubclass(cls, SparseftError) and issubclass(cls, ValueError), cls
+    for cls in (sparseft.DeltaError, TrainingDiverged):
+        assert issubclass(cls, SparseftError) and issubclass(cls, RuntimeError), cls
+    assert issubclass(UsageError, SparseftError)
+    assert is_user_error(DataError("x")) and is_user_error(FileNotFoundError("x"))
+    assert not is_user_error(ValueError("x")) and not is_user_error(RuntimeError("x"))

@@ -74,6 +74,7 @@ def test_automatic_chunks_count_images_not_views(monkeypatch):
     assert seen == [6]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gps", "lora"])
 def test_a_whole_run_on_segmentation_data(tmp_path, method):
     data = make_seg_task(tmp_path / "seg", size=40)  # the model runs at 32 px, scores are taken at the data's 40
@@ -144,6 +145,7 @@ def test_a_whole_run_on_segmentation_data(tmp_path, method):
         assert png.mode == "P" and png.size == (52, 30)
 
 
+@pytest.mark.slow
 def test_a_segmentation_suite_tunes_on_val_miou_and_reports_it(tmp_path):
     from sparseft.bench import load_suite, run_suite, write_report
 

@@ -4,38 +4,13 @@ import random
 
 import pytest
 import torch
-from helpers import toy_batches
+from helpers import toy_base, toy_batches, write_task
 
 import sparseft
 from sparseft.deltafile import DeltaFileError
 from sparseft.methods import METHODS, MethodContext, get_method
 
 MERGEABLE = sorted(m for m, cls in METHODS.items() if cls.mergeable)
-
-
-def base(classes: int = 3, seed: int = 0) -> torch.nn.Module:
-    """The test base; with another number of classes, the same backbone under a new head."""
-    torch.manual_seed(seed)
-    model = sparseft.create_model("test_vit", num_classes=3, img_size=32).eval()
-    if classes != 3:
-        model.reset_classifier(classes)
-    return model
-
-
-def write_task(method: str, path, classes: int = 3, seed: int = 1, base_seed: int = 0):
-    """A task file of `method` whose trained values are random (so every task differs)."""
-    model = base(classes, base_seed)
-    x, y = toy_batches(1, batch=6, classes=classes)[0]
-    ctx = MethodContext(loader={"select": [([x, x.flip(-1)], y)], "train": [(x, y)]}.__getitem__, progress=False)
-    options = {"select_batches": 1} if method in ("spt-lora", "spt-adapter", "sct") else {}
-    model = get_method(method, **options).prepare(model, ctx)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return get_method(method).save(model, path, extra={"model": "test_vit", "num_classes": classes, "img_size": 32,
-                                                       "init_seed": base_seed, "class_names": list("abcde"[:classes])})
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +29,7 @@ def bank_of(model: torch.nn.Module, files: dict, names: tuple[str, ...]) -> spar
     return bank
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -66,7 +41,7 @@ def assert_state(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> N
 
 
 def test_every_mergeable_method_switches_to_exactly_its_merged_model(files):
-    model = base()
+    model = toy_base()
     bank = sparseft.TaskBank(model)
     for method in MERGEABLE:
         bank.add(method, files[method])
@@ -74,15 +49,15 @@ def test_every_mergeable_method_switches_to_exactly_its_merged_model(files):
     for method in MERGEABLE:
         bank.use(method)
         assert bank.active == method
-        assert_state(model, snapshot(sparseft.merge(sparseft.load(files[method]))))
+        assert_state(model, state_of(sparseft.merge(sparseft.load(files[method]))))
     # switching writes into the model's own tensors: same parameter objects, same storage
     assert {n: (p, p.data_ptr()) for n, p in model.named_parameters()} == params
     assert bank.header("gps")["class_names"] == ["a", "b", "c"]
 
 
 def test_the_base_is_bit_exact_after_any_sequence_of_switches(files):
-    model = base()
-    expected = snapshot(model)
+    model = toy_base()
+    expected = state_of(model)
     bank = sparseft.TaskBank(model)
     names = ["gps", "gps-2", "lora", "full", "ssf", "gps-5"]
     for name in names:
@@ -99,21 +74,21 @@ def test_the_base_is_bit_exact_after_any_sequence_of_switches(files):
 
 
 def test_a_head_of_another_size_is_swapped_and_put_back(files):
-    model = base(classes=3)
+    model = toy_base(classes=3)
     head = dict(model.named_parameters())["head.weight"]
     bank = sparseft.TaskBank(model)
     bank.add("five", files["gps-5"])
     x = toy_batches(1, batch=2, classes=3)[0][0]
     with torch.no_grad(), bank.use("five"):
         out = model(x)
-        expected = sparseft.merge(sparseft.load(files["gps-5"], model=base(classes=5)))(x)
+        expected = sparseft.merge(sparseft.load(files["gps-5"], model=toy_base(classes=5)))(x)
     assert out.shape == (2, 5)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     assert dict(model.named_parameters())["head.weight"].shape == (3, head.shape[1])
 
 
 def test_a_batch_of_mixed_tasks_is_served_grouped_by_task(files):
-    model = base()
+    model = toy_base()
     bank = bank_of(model, files, ("gps", "lora", "gps-5"))
     bank.use("lora")
     model.train()
@@ -129,12 +104,12 @@ def test_a_batch_of_mixed_tasks_is_served_grouped_by_task(files):
 
 
 def test_refusals_leave_the_bank_and_the_base_as_they_were(files, tmp_path):
-    model = base()
-    expected = snapshot(model)
+    model = toy_base()
+    expected = state_of(model)
     bank = sparseft.TaskBank(model)
     bank.add("gps", files["gps"])
     bank.use("gps")
-    active = snapshot(model)
+    active = state_of(model)
     with pytest.raises(DeltaFileError, match="another base model"):
         bank.add("foreign", write_task("gps", tmp_path / "foreign.safetensors", base_seed=1))
     with pytest.raises(sparseft.DeltaError, match="adapter task adds modules that cannot be merged"):
@@ -152,7 +127,7 @@ def test_refusals_leave_the_bank_and_the_base_as_they_were(files, tmp_path):
 
 
 def test_memory_follows_the_task_files(files):
-    bank = sparseft.TaskBank(base())
+    bank = sparseft.TaskBank(toy_base())
     bank.add("gps", files["gps"])
     bank.add("gps-2", files["gps-2"])
     size = files["gps"].stat().st_size + files["gps-2"].stat().st_size
@@ -163,7 +138,7 @@ def test_a_compiled_model_does_not_recompile_when_tasks_switch(files):
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    model = base()
+    model = toy_base()
     bank = sparseft.TaskBank(model)
     bank.add("gps", files["gps"])
     bank.add("gps-2", files["gps-2"])
@@ -178,7 +153,7 @@ def test_a_compiled_model_does_not_recompile_when_tasks_switch(files):
 
 
 def test_predict_gives_every_module_its_own_mode_back(files):
-    model = base()
+    model = toy_base()
     bank = sparseft.TaskBank(model)
     bank.add("gps", files["gps"])
     model.train()
@@ -208,17 +183,17 @@ def test_the_bank_follows_the_model_when_it_is_cast_after_the_tasks_were_read(fi
     old dtype; switches must still give the merged task, and the base back exactly."""
     x = toy_batches(1, batch=2, classes=3)[0][0].double()
     # a ViT: sparse entries, whole tensors and a head of another size (swapped)
-    model = base()
+    model = toy_base()
     bank = bank_of(model, files, ("gps", "lora", "gps-5"))
     bank.use("gps-5")
     model.double()
     for name, classes in (("gps", 3), ("gps-5", 5), ("lora", 3)):
         bank.use(name)
-        expected = sparseft.merge(sparseft.load(files[name], model=base(classes))).double()
+        expected = sparseft.merge(sparseft.load(files[name], model=toy_base(classes))).double()
         with torch.no_grad():
             torch.testing.assert_close(model(x), expected(x), atol=0, rtol=0)
     bank.use(None)
-    assert_state(model, snapshot(base().double()))
+    assert_state(model, state_of(toy_base().double()))
     # a CNN whose task changes BatchNorm statistics (buffers)
     model, path = _bn_task(tmp_path / "bn.safetensors")
     bank = sparseft.TaskBank(model)
@@ -230,8 +205,8 @@ def test_the_bank_follows_the_model_when_it_is_cast_after_the_tasks_were_read(fi
 
 
 def test_removing_the_task_an_outer_block_switches_back_to_leaves_the_base(files):
-    model = base()
-    expected = snapshot(model)
+    model = toy_base()
+    expected = state_of(model)
     bank = sparseft.TaskBank(model)
     bank.add("a", files["gps"])
     bank.add("b", files["gps-2"])
@@ -244,4 +219,4 @@ def test_removing_the_task_an_outer_block_switches_back_to_leaves_the_base(files
 
 def test_a_base_in_another_dtype_is_named_as_the_reason(files):
     with pytest.raises(DeltaFileError, match="weights are bfloat16, and the fingerprint covers the dtype"):
-        sparseft.TaskBank(base().to(torch.bfloat16)).add("gps", files["gps"])
+        sparseft.TaskBank(toy_base().to(torch.bfloat16)).add("gps", files["gps"])

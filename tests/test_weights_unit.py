@@ -21,11 +21,11 @@ from sparseft.hub import (
     fetch_weights,
     map_by_order,
     offline_model,
-    register_cli,
     resolve_backbone,
     weights_paths,
 )
 from sparseft.hub.build import resample_pos_embed
+from sparseft.hub.cli import register_cli
 from sparseft.hub.registry import same_names
 from sparseft.models import WeightsError
 from sparseft.provision import ProvisionError, extract_member

@@ -16,6 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from sparseft.seg.figure import prediction_figure
+from sparseft.selection import Selection
+
 
 def _block_of(name: str) -> str:
     for pattern in (r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)", r"(?:^|\.)stages\.(\d+)\.blocks\.(\d+)",
@@ -29,7 +32,6 @@ def _block_of(name: str) -> str:
 
 def selection_distribution(selection_file: str | Path) -> dict[str, dict[str, int]]:
     """block -> matrix kind -> number of selected entries, from a saved selection."""
-    from sparseft.selection import Selection
 
     sel = Selection.load(selection_file)
     dist: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -189,7 +191,6 @@ def write_figures(records: list[dict[str, Any]], tables: dict[str, Any], results
 
 def _prediction_figures(records: list[dict[str, Any]], results_dir: Path) -> list[str]:
     """Segmentation suites: image | ground truth | each row's prediction, per backbone and task (first seed)."""
-    from sparseft.seg.figure import prediction_figure
 
     written = []
     seg = [r for r in records if r.get("metric") == "mIoU"]

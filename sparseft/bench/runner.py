@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseft.bench.suite import Backbone, MethodEntry, Suite, task_name
+from sparseft.errors import InputError
 from sparseft.fileutil import FolderInUse, atomic_path, folder_lock, write_text_atomic
 from sparseft.methods.gps import SELECTION_OPTIONS
 from sparseft.run import RunSpec, run
@@ -303,7 +304,7 @@ def _choice_of(suite: Suite, cell: Cell, out: Path) -> dict[str, Any]:
     other = out.parent / str(suite.choices_from)
     known = other / "suite.json"
     if known.exists() and json.loads(known.read_text()).get("name") != suite.choices_from:
-        raise ValueError(f"{other}: holds another suite's results, not {suite.choices_from!r}'s")
+        raise InputError(f"{other}: holds another suite's results, not {suite.choices_from!r}'s")
     first = Cell(cell.backbone, cell.task, cell.group, cell.entry, suite.seeds[0])
     record = first.folder(other) / "final" / "record.json"
     if not record.exists():
@@ -372,7 +373,7 @@ def check_record(suite: Suite, cell: Cell, record: dict[str, Any], path: Path) -
     only when re-running the cell would repeat it.
     """
     if "grid" not in record:
-        raise ValueError(f"{path}: made by an older sparseft (no grid recorded); use another --out")
+        raise InputError(f"{path}: made by an older sparseft (no grid recorded); use another --out")
     record = {**record, "grid": record.get("grid_planned", record["grid"])}  # the suite's grid, before extensions
     stage = "paper" if suite.protocol == "paper" else "final"
     spec = run_spec(suite, cell, record["chosen"], stage, False)
@@ -384,7 +385,7 @@ def check_record(suite: Suite, cell: Cell, record: dict[str, Any], path: Path) -
             continue
         before = json.loads(json.dumps(record[key], sort_keys=True, default=str))
         if before != json.loads(json.dumps(value, sort_keys=True, default=str)):
-            raise ValueError(f"{path}: made with other settings ({key}: {record[key]} -> {value}); use another "
+            raise InputError(f"{path}: made with other settings ({key}: {record[key]} -> {value}); use another "
                              "--out, or delete that cell's folder to run it again")
 
 
@@ -396,10 +397,10 @@ def check_results_folder(out: Path, suite: Suite) -> None:
     try:
         before = json.loads(known.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{known}: unreadable ({err}); use another --out") from err
+        raise InputError(f"{known}: unreadable ({err}); use another --out") from err
     for key in ("name", "protocol"):
         if before.get(key) != getattr(suite, key):
-            raise ValueError(f"{out}: holds results of {key} {before.get(key)!r}, not {getattr(suite, key)!r}; "
+            raise InputError(f"{out}: holds results of {key} {before.get(key)!r}, not {getattr(suite, key)!r}; "
                              "use another --out (records of different protocols must not mix)")
 
 

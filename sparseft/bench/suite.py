@@ -43,6 +43,9 @@ from typing import Any
 
 import yaml
 
+from sparseft.errors import InputError
+from sparseft.methods import METHODS
+
 PROTOCOLS = ("honest", "paper", "screen")
 TUNING = ("first_seed", "each_seed")
 TRAIN_KEYS = {"epochs", "lr", "weight_decay", "optimizer", "warmup_epochs", "warmup_lr", "min_lr",
@@ -50,7 +53,7 @@ TRAIN_KEYS = {"epochs", "lr", "weight_decay", "optimizer", "warmup_epochs", "war
 RUN_KEYS = {"batch_size", "eval_batch_size", "preprocessing", "workers"}
 
 
-class SuiteError(ValueError):
+class SuiteError(InputError):
     """A suite file that cannot be used; the message names the file and the key."""
 
 
@@ -142,7 +145,6 @@ def _need(data: dict, key: str, kind: type | tuple, where: str) -> Any:
 
 def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
     """Read and validate a suite (a path or a shipped suite's name); `protocol` overrides the file's."""
-    from sparseft.methods import METHODS
 
     text, where = _resolve(name_or_path)
     try:

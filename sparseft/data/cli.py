@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from sparseft.data.images import DataError
 from sparseft.data.tasks import SUITES, fetch_suite, suite_dir, task_status
+from sparseft.errors import SparseftError
 
 
 def _split_tasks(values: list[str] | None) -> list[str] | None:
@@ -26,7 +26,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     try:
         root = fetch_suite(args.suite, _split_tasks(args.tasks), args.cache, force=args.force,
                            progress=not args.quiet)
-    except (DataError, ValueError) as err:
+    except SparseftError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(root)
@@ -37,7 +37,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     """Print the suite's tasks: classes, split sizes, whether provisioned, size on disk, licence."""
     try:
         rows = task_status(args.suite, args.cache)
-    except ValueError as err:
+    except SparseftError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.json:

@@ -17,17 +17,15 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sparseft.errors import DataWarning, InputError
+
 OnError = Literal["raise", "skip"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad data-set input: a malformed split file, a missing or unreadable image, a bad label."""
-
-
-class DataWarning(UserWarning):
-    """Bad input that was skipped because the caller asked for `on_error="skip"`."""
 
 
 class Sample(NamedTuple):
@@ -47,7 +45,7 @@ class Problems:
 
     def __init__(self, on_error: OnError, what: str):
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+            raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
         self.on_error = on_error
         self.what = what
         self.messages: list[str] = []

@@ -31,6 +31,7 @@ from sparseft.data.checks import (
     trained_classes,
 )
 from sparseft.data.images import DataError, OnError, Problems, Sample
+from sparseft.errors import InputError
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 _ALIASES = {"train": "train800", "val": "val200", "trainval": "train800val200"}
@@ -40,7 +41,7 @@ def canonical_split(split: str) -> str:
     """`train800`/`val200`/`train800val200`/`test`, accepting `train`/`val`/`trainval` too."""
     name = _ALIASES.get(split, split)
     if name not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)} (or train, val, trainval)")
+        raise InputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)} (or train, val, trainval)")
     return name
 
 
@@ -187,18 +188,9 @@ def vtab_task(task_dir: str | Path, *, num_classes: int | None = None, on_error:
                       {split: str(file) for split, file in files.items()})
 
 
-def vtab_split(task_dir: str | Path, split: str, *, num_classes: int | None = None, on_error: OnError = "raise",
-               check_files: bool = True) -> list[Sample]:
-    """Samples of one split of a VTAB-1k task folder (`<split>.txt`, paths relative to the folder).
-
-    The whole task is read and checked (see `vtab_task`), so a bad line in any split fails now.
-    """
-    return vtab_task(task_dir, num_classes=num_classes, on_error=on_error, check_files=check_files).split(split)
-
-
-def vtab_classes(task_dir: str | Path) -> list[str]:
-    """Class names of a VTAB-1k task folder (see `vtab_task`; numbers where it has no classes.txt)."""
-    return vtab_task(task_dir).classes
+def is_segmentation_dir(path: str | Path) -> bool:
+    """A segmentation folder is recognised by its `images/` and `masks/` subfolders."""
+    return (Path(path) / "images").is_dir() and (Path(path) / "masks").is_dir()
 
 
 # -- FGVC (VPT json splits) ------------------------------------------------------------------
@@ -281,21 +273,6 @@ def _json_entries(path: Path, pairs: JsonPairs, guard: PathGuard, class_ids: Seq
     return dedupe(entries, str(path))
 
 
-def read_json_split(path: str | Path, image_root: str | Path, class_ids: Sequence[int], *,
-                    num_classes: int | None = None, on_error: OnError = "raise",
-                    check_files: bool = True) -> list[Sample]:
-    """Samples of a VPT-style json split (`{"relative/path.jpg": label, ...}`).
-
-    Labels are mapped to 0..C-1 through `class_ids` (see `fgvc_class_ids`). Errors name the
-    json file and the entry (its position and key): json files carry no useful line numbers.
-    Paths must stay inside the json file's folder.
-    """
-    path, image_root = Path(path), Path(image_root)
-    guard = PathGuard(image_root, boundary=path.parent)
-    entries = _json_entries(path, read_json_pairs(path), guard, class_ids, num_classes, on_error, check_files)
-    return _nonempty([s for s, _ in entries], str(path))
-
-
 def fgvc_task(dataset_dir: str | Path, *, num_classes: int | None = None, on_error: OnError = "raise",
               check_files: bool = True) -> LoadedTask:
     """Read and check train/val/test.json of an FGVC folder (the checks of `vtab_task`; the
@@ -325,10 +302,3 @@ def fgvc_task(dataset_dir: str | Path, *, num_classes: int | None = None, on_err
             splits[split] = [s for n in names for s, _ in entries[n]]
             sources[split] = " + ".join(str(dataset_dir / f"{n}.json") for n in names)
     return LoadedTask(classes, splits, sources)
-
-
-def fgvc_split(dataset_dir: str | Path, split: str, *, num_classes: int | None = None, on_error: OnError = "raise",
-               check_files: bool = True) -> list[Sample]:
-    """Samples of an FGVC data set: train800 -> train.json, val200 -> val.json,
-    train800val200 -> both, test -> test.json (the whole data set is checked, see `fgvc_task`)."""
-    return fgvc_task(dataset_dir, num_classes=num_classes, on_error=on_error, check_files=check_files).split(split)

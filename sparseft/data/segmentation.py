@@ -34,6 +34,9 @@ from torchvision.transforms import functional as TF
 
 from sparseft.data.checks import read_text
 from sparseft.data.images import DataError, open_rgb
+from sparseft.data.layouts import is_segmentation_dir  # noqa: F401 - re-exported (the layout is recognised there)
+from sparseft.data.resolve import resolve_spec
+from sparseft.errors import InputError
 
 IGNORE_INDEX = 255
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".webp")
@@ -62,11 +65,6 @@ class SegClasses(NamedTuple):
 
 
 # -- the layout ------------------------------------------------------------------------------
-
-def is_segmentation_dir(path: str | Path) -> bool:
-    """A segmentation folder is recognised by its `images/` and `masks/` subfolders."""
-    return (Path(path) / "images").is_dir() and (Path(path) / "masks").is_dir()
-
 
 def segmentation_classes(root: str | Path) -> SegClasses:
     """Class names and count of a segmentation folder: `classes.txt`, else background/foreground."""
@@ -259,7 +257,7 @@ class SegTransform:
         self.train, self.scale, self.ratio, self.flip = train, scale, ratio, flip
         self.native_mask = (not train) if native_mask is None else bool(native_mask)
         if train and self.native_mask:
-            raise ValueError("native_mask is for evaluation: training crops image and mask together")
+            raise InputError("native_mask is for evaluation: training crops image and mask together")
 
     @classmethod
     def from_config(cls, data_config: Mapping[str, Any], train: bool,
@@ -371,8 +369,6 @@ class SegmentationDataset(Dataset):
 
 def segmentation_root(spec: str | Path, cache: str | Path | None = None) -> Path:
     """The folder of a segmentation data set: a folder, `seg:<dir>` or a task like `mini-seg/clipart-scenes`."""
-    from sparseft.data.spec import resolve_spec
-
     resolved = resolve_spec(str(spec), cache)
     if resolved.kind != "seg":
         raise DataError(f"{spec}: not a segmentation folder (images/ and masks/ subfolders expected)")

@@ -14,60 +14,12 @@ Spec strings:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from sparseft.data import folder, layouts, segmentation
 from sparseft.data.images import DataError, ImageDataset, OnError
-from sparseft.data.tasks import SUITES, suite_dir
-
-Kind = Literal["vtab", "fgvc", "folder", "seg"]
-
-
-@dataclass(frozen=True)
-class ResolvedSpec:
-    """What a spec string names: the layout and the folder."""
-
-    kind: Kind
-    path: Path
-
-
-def resolve_spec(spec: str, cache: str | Path | None = None) -> ResolvedSpec:
-    """Turn a spec string into (layout, folder); a `DataError` says what was expected."""
-    for prefix in ("vtab", "fgvc", "folder", "seg"):
-        if spec.startswith(prefix + ":"):
-            path = Path(spec[len(prefix) + 1:]).expanduser()
-            if not path.is_dir():
-                raise DataError(f"{spec}: {path} is not a folder")
-            if prefix == "vtab" and not layouts.is_vtab_dir(path):
-                raise DataError(f"{spec}: {path} has no train800.txt")
-            if prefix == "fgvc" and not layouts.is_fgvc_dir(path):
-                raise DataError(f"{spec}: {path} needs train.json and test.json")
-            if prefix == "seg" and not segmentation.is_segmentation_dir(path):
-                raise DataError(f"{spec}: {path} needs images/ and masks/ subfolders")
-            return ResolvedSpec(prefix, path)  # type: ignore[arg-type]
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if segmentation.is_segmentation_dir(path):
-            return ResolvedSpec("seg", path)
-        if layouts.is_vtab_dir(path):
-            return ResolvedSpec("vtab", path)
-        if layouts.is_fgvc_dir(path):
-            return ResolvedSpec("fgvc", path)
-        raise DataError(f"{spec}: neither a VTAB-1k task folder (train800.txt) nor an FGVC folder (train.json, "
-                        "test.json); for class subfolders use folder:<dir>")
-    suite, _, task = spec.partition("/")
-    if suite in SUITES and task:
-        if task not in SUITES[suite]:
-            raise DataError(f"{spec}: {suite} has no task {task!r}; tasks: {', '.join(SUITES[suite])}")
-        folder = suite_dir(suite, cache) / task
-        if not layouts.is_vtab_dir(folder) or not (folder / "info.json").is_file():
-            raise DataError(f"{spec}: not provisioned under {folder.parent}; run "
-                            f"`sparseft data fetch {suite} --tasks {task}`")
-        return ResolvedSpec("seg" if segmentation.is_segmentation_dir(folder) else "vtab", folder)
-    raise DataError(f"{spec}: no such folder, and not a provisioned task name like mini-vtab/fashion_mnist "
-                    f"(suites: {', '.join(SUITES)})")
+from sparseft.data.resolve import Kind, ResolvedSpec, resolve_spec  # noqa: F401 - re-exported
 
 
 def class_names(spec: str, cache: str | Path | None = None) -> list[str]:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from sparseft.data._random import stable_permutation
 from sparseft.data.images import DataError, to_rgb
 from sparseft.data.sources import SOURCES, progress_log, source_file
+from sparseft.errors import InputError
 from sparseft.fileutil import cache_dir, process_alive, sha256_file
 
 FORMAT_VERSION = 1
@@ -258,7 +259,7 @@ def suite_dir(suite: str = "mini-vtab", cache: str | Path | None = None) -> Path
 def list_tasks(suite: str = "mini-vtab") -> list[Task]:
     """The tasks of a suite, in a fixed order."""
     if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
+        raise InputError(f"unknown suite {suite!r}; suites: {', '.join(SUITES)}")
     return list(SUITES[suite].values())
 
 
@@ -295,7 +296,7 @@ def fetch_suite(suite: str = "mini-vtab", tasks: Iterable[str] | None = None, ca
     names = list(tasks) if tasks is not None else list(known)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown {suite} tasks {unknown}; tasks: {', '.join(known)}")
+        raise InputError(f"unknown {suite} tasks {unknown}; tasks: {', '.join(known)}")
     root = suite_dir(suite, cache)
     log = progress_log(progress) or (lambda message: None)
     for name in names:

@@ -19,6 +19,8 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
+from sparseft.errors import InputError
+
 Protocol = Literal["vtab", "fgvc"]
 
 DEFAULT_CONFIG = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
@@ -86,7 +88,7 @@ def build_transform(data_config: Mapping[str, Any], protocol: Protocol, train: b
             resize = scaled[0] if h == w else scaled  # shorter side keeps the aspect ratio for square crops
             steps = [T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop((h, w))]
     else:
-        raise ValueError(f"unknown protocol {protocol!r}; use 'vtab' or 'fgvc'")
+        raise InputError(f"unknown protocol {protocol!r}; use 'vtab' or 'fgvc'")
     return T.Compose(steps + _to_tensor(data_config))
 
 

@@ -5,10 +5,10 @@
 
 `sparseft.models.create_model(name, num_classes)` builds these names through `offline_model`.
 See docs/weights.md for the backbones, their sources, licences and what was verified.
-Machines with internet can keep using timm's own `pretrained=True` instead.
+Machines with internet can keep using timm's own `pretrained=True` instead. The `sparseft weights`
+command is `sparseft.hub.cli` (not imported here: the command line sits above the library).
 """
 
-from sparseft.hub.cli import register_cli
 from sparseft.hub.convert import dinov2_from_onnx_graph, map_by_order
 from sparseft.hub.fetch import (
     ResolvedBackbone,
@@ -24,6 +24,6 @@ from sparseft.hub.registry import REGISTRY, BackboneSpec, get_spec, register
 
 __all__ = [
     "REGISTRY", "BackboneSpec", "ResolvedBackbone", "cached_weights", "dinov2_from_onnx_graph", "fetch_weights",
-    "get_spec", "map_by_order", "offline_model", "read_sidecar", "register", "register_cli", "resolve_backbone",
+    "get_spec", "map_by_order", "offline_model", "read_sidecar", "register", "resolve_backbone",
     "weights_dir", "weights_paths",
 ]

@@ -8,14 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseft.models import head_module_name
+from sparseft.anatomy import head_module_name
+from sparseft.errors import InputError
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     """Give `model` a fresh classification head with `num_classes` outputs (0: no head, features out).
 
     timm models use their own `reset_classifier`; other models get their last `nn.Linear`
-    (the head, as `sparseft.models.head_module_name` finds it) replaced by a new one, or by
+    (the head, as `sparseft.anatomy.head_module_name` finds it) replaced by a new one, or by
     `nn.Identity` for 0 classes.
     """
     if hasattr(model, "reset_classifier"):
@@ -23,7 +24,7 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
         return model
     name = head_module_name(model)
     if name is None:
-        raise ValueError("the model has no nn.Linear head to replace")
+        raise InputError("the model has no nn.Linear head to replace")
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
@@ -55,10 +56,10 @@ def set_vit_img_size(model: nn.Module, img_size: int) -> nn.Module:
     """
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or getattr(model, "pos_embed", None) is None or not hasattr(model, "set_input_size"):
-        raise ValueError(f"{type(model).__name__} has no absolute position embedding to resample")
+        raise InputError(f"{type(model).__name__} has no absolute position embedding to resample")
     patch = tuple(patch_embed.patch_size)
     if img_size <= 0 or img_size % patch[0] or img_size % patch[1]:
-        raise ValueError(f"img_size {img_size} is not a positive multiple of the patch size {patch[0]}")
+        raise InputError(f"img_size {img_size} is not a positive multiple of the patch size {patch[0]}")
     old_grid = tuple(patch_embed.grid_size)
     new_grid = (img_size // patch[0], img_size // patch[1])
     if new_grid == old_grid:

@@ -14,7 +14,7 @@ from typing import Any
 
 from sparseft.hub.fetch import cached_weights, fetch_weights, read_sidecar, weights_dir
 from sparseft.hub.registry import REGISTRY
-from sparseft.models import WeightsError
+from sparseft.weights import WeightsError
 
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sparseft.models import WeightsError
+from sparseft.weights import WeightsError
 
 _COUNTER = "num_batches_tracked"
 

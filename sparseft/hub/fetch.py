@@ -31,7 +31,7 @@ from sparseft import provision
 from sparseft.fileutil import atomic_path, cache_dir, sha256_file
 from sparseft.hub.build import attach_data_config, replace_head, set_vit_img_size
 from sparseft.hub.registry import BackboneSpec, get_spec
-from sparseft.models import WeightsError, load_weights
+from sparseft.weights import WeightsError, load_weights
 
 SIDECAR_FORMAT = 1
 
@@ -206,7 +206,7 @@ def offline_model(name: str, num_classes: int, img_size: int | None = None, *, f
     Use `sparseft.models.create_model(name, num_classes)`, the one public model factory, which
     calls this for the offline backbone names (`sparseft.hub.REGISTRY`).
 
-    The checkpoint loads strictly (through `sparseft.models.load_weights`) into the
+    The checkpoint loads strictly (through `sparseft.weights.load_weights`) into the
     architecture with the checkpoint's own head; the head is then replaced unless
     `num_classes` equals the checkpoint's (1000 keeps the ImageNet classifier; 0 gives
     pooled features). `img_size`: input size; for ViTs the position embedding is resampled

@@ -2,7 +2,7 @@
 
 Every entry pins a package version and the sha256 of the weight file inside it; nothing is
 loaded before that hash matches. Pickled `.pth` files are read with
-`torch.load(weights_only=True)` only (via `sparseft.models.read_state_dict`).
+`torch.load(weights_only=True)` only (via `sparseft.weights.read_state_dict`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft.errors import InputError
 from sparseft.hub.build import set_vit_img_size
 from sparseft.hub.convert import dinov2_from_onnx_graph, import_onnx, map_by_order
 from sparseft.hub.verify import IMAGENET_MEAN, IMAGENET_STD, compare_vit_with_onnx
-from sparseft.models import WeightsError, read_state_dict
 from sparseft.provision import Source
+from sparseft.weights import WeightsError, read_state_dict
 
 Converter = Callable[[Path, "BackboneSpec"], dict[str, torch.Tensor]]
 Verifier = Callable[[Path, "BackboneSpec", nn.Module], dict[str, Any]]
@@ -79,9 +80,9 @@ class BackboneSpec:
 
             builder = getattr(torchvision.models, self.architecture, None)
             if not callable(builder):
-                raise ValueError(f"torchvision has no model '{self.architecture}'")
+                raise InputError(f"torchvision has no model '{self.architecture}'")
             return builder(weights=None, num_classes=n, **kwargs)
-        raise ValueError(f"unknown model library '{self.library}' (expected 'timm' or 'torchvision')")
+        raise InputError(f"unknown model library '{self.library}' (expected 'timm' or 'torchvision')")
 
 
 # -- converters ---------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparseft.models import WeightsError
+from sparseft.hub.convert import import_onnx
+from sparseft.weights import WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,8 +92,6 @@ def compare_vit_with_onnx(onnx_path: str | Path, model: nn.Module, *, tolerance:
     fixed input size; `model` must already take that size. Raises `WeightsError` above
     `tolerance`; returns a record of what was compared for the weights' sidecar file.
     """
-    from sparseft.hub.convert import import_onnx
-
     onnx = import_onnx()
     graph_model = onnx.load(str(onnx_path))
     graph_input = graph_model.graph.input[0]

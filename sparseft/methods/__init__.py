@@ -12,37 +12,17 @@ once.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from sparseft.methods.base import (
+    BATCHNORM_DEFAULT_BEFORE,
+    METHODS,
+    Method,
+    MethodContext,
+    NotApplicable,
+    get_method,
+    register,
+)
 
-from sparseft.methods.base import Method, MethodContext, NotApplicable
+__all__ = ["BATCHNORM_DEFAULT_BEFORE", "METHODS", "Method", "MethodContext", "NotApplicable", "get_method", "register"]
 
-METHODS: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available by its `name`."""
-    METHODS[cls.name] = cls
-    return cls
-
-
-#: methods' BatchNorm defaults before 2026-12-01, for runs recorded before run folders kept their policy
-BATCHNORM_DEFAULT_BEFORE = {"gps": "update"}
-
-
-def get_method(name: str, **options: Any) -> Method:
-    """An instance of the method `name` with the given options (unknown options are an error)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
-    cls = METHODS[name]
-    fields = {f.name for f in dataclasses.fields(cls.Options)}
-    unknown = set(options) - fields
-    if unknown:
-        raise ValueError(f"method {name!r} has no option(s) {sorted(unknown)}; it takes {sorted(fields)}")
-    return cls(cls.Options(**options))
-
-
-__all__ = ["METHODS", "Method", "MethodContext", "NotApplicable", "get_method", "register"]
-
-# register the built-in methods
+# register the built-in methods (each module registers its class with `register` from methods.base)
 from sparseft.methods import adapter, baselines, gps, lora, rosa, sct, spiel, spt, ssf, vpt  # noqa: E402, F401

@@ -30,16 +30,17 @@ import torch
 from torch import nn
 
 from sparseft import delta, distributed
+from sparseft.anatomy import head_parameter_names
 from sparseft.cliopts import require
-from sparseft.deltafile import load_delta, save_delta
+from sparseft.deltafile import TaskSource, load_delta, save_delta, source_path
+from sparseft.errors import InputError
 from sparseft.methods.modules import remove_added
-from sparseft.models import head_parameter_names
 from sparseft.selection import Selection
 
 PLAN_FILE = "selection.safetensors"
 
 
-class NotApplicable(ValueError):
+class NotApplicable(InputError):
     """The method cannot be used on this architecture (raised before the model is changed)."""
 
 
@@ -203,7 +204,7 @@ class Method:
     def save(self, model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write the task file (refused after merging a method whose modules were folded away)."""
         owner = delta.method_of(model) if delta.is_applied(model) else None
-        if owner is not None and owner != self.name and (owner in _registry() or delta.structure_of(model)):
+        if owner is not None and owner != self.name and (owner in METHODS or delta.structure_of(model)):
             raise delta.DeltaError(f"{self.name}: the model's task was made by method {owner!r}; save it with "
                                    f"that method (or sparseft.save_delta)")
         if delta.is_merged(model) and delta.structure_of(model):
@@ -212,12 +213,14 @@ class Method:
         options = dataclasses.asdict(self.options)
         return save_delta(model, path, extra={"method": self.name, "options": options, **(extra or {})})
 
-    def load(self, model: nn.Module, path: str | Path) -> nn.Module:
-        """Apply a task file to a plain base, re-creating added modules from the file's structure."""
+    def load(self, model: nn.Module, path: TaskSource) -> nn.Module:
+        """Apply a task file (a path or a `TaskFile` read already) to a plain base, re-creating added
+        modules from the file's structure."""
+        where = source_path(path)
 
         def rebuild(m: nn.Module, structure: dict[str, Any]) -> list[str]:
             if structure.get("method") != self.name:
-                raise delta.DeltaError(f"{path}: holds modules of method {structure.get('method')!r}, "
+                raise delta.DeltaError(f"{where}: holds modules of method {structure.get('method')!r}, "
                                        f"not {self.name!r}")
             return self._add(m, structure)
 
@@ -249,10 +252,31 @@ class Method:
             raise delta.DeltaError(f"{self.name}: the model holds modules of method {owner!r}")
 
 
-def _registry() -> dict[str, type[Method]]:
-    from sparseft.methods import METHODS
+# -- the registry of methods by name (filled by each method module's `@register`) -----------
 
-    return METHODS
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its `name`."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+#: methods' BatchNorm defaults before 2026-12-01, for runs recorded before run folders kept their policy
+BATCHNORM_DEFAULT_BEFORE = {"gps": "update"}
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """An instance of the method `name` with the given options (unknown options are an error)."""
+    if name not in METHODS:
+        raise InputError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls.Options)}
+    unknown = set(options) - fields
+    if unknown:
+        raise InputError(f"method {name!r} has no option(s) {sorted(unknown)}; it takes {sorted(fields)}")
+    return cls(cls.Options(**options))
 
 
 def head_selection(model: nn.Module, method: str, structure: dict[str, Any], **meta: Any) -> Selection:

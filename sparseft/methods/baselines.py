@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from sparseft.methods import register
-from sparseft.methods.base import Method, MethodContext, whole_parameters
-from sparseft.models import head_parameter_names
+from sparseft.anatomy import head_parameter_names
+from sparseft.methods.base import Method, MethodContext, register, whole_parameters
 from sparseft.selection import Selection
 
 

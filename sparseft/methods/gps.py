@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-import sparseft
-from sparseft.methods import register
-from sparseft.methods.base import CommonOptions, Method, MethodContext
-from sparseft.selection import Eligibility, Selection
+from sparseft.cliopts import flag_of
+from sparseft.errors import InputError
+from sparseft.methods.base import CommonOptions, Method, MethodContext, register
+from sparseft.selection import Eligibility, Selection, select
+from sparseft.selection.scores import check_count, check_temperature
 
 #: options a saved selection fixes (`--selection` takes them from the file)
 SELECTION_SETTINGS = ("k", "level", "criterion", "loss", "score", "score_norm", "temperature", "budget")
@@ -68,16 +69,13 @@ class GPS(Method):
         selection: str | None = field(default=None, metadata={"help": "use this saved selection file instead"})
 
     def validate(self) -> None:
-        from sparseft.cliopts import flag_of
-        from sparseft.selection.scores import check_count, check_temperature
-
         super().validate()
         o = self.options
         check_count(o.k, "k", "--k", "selected inputs per neuron")
         if o.budget is not None:
             check_count(o.budget, "budget", "--budget", "trainable backbone values")
             if o.level != "neuron":
-                raise ValueError(f"gps: --budget fills top-K per neuron; --level {o.level} takes --k instead")
+                raise InputError(f"gps: --budget fills top-K per neuron; --level {o.level} takes --k instead")
         if o.loss == "supcon" and o.criterion in ("gradient", "taylor"):
             check_temperature(o.temperature)
         for name in ("select_batches", "select_chunk"):
@@ -106,7 +104,7 @@ class GPS(Method):
             self.options = dataclasses.replace(o, **made_with)
             return selection
         loader = ctx.loader("select") if o.criterion in ("gradient", "taylor") else None
-        return sparseft.select(model, loader, k=o.k, rules=self.rules(), score=o.score,
+        return select(model, loader, k=o.k, rules=self.rules(), score=o.score,
                                temperature=o.temperature, max_batches=o.select_batches,
                                chunk_size=o.select_chunk or "auto", autocast=ctx.bf16, seed=ctx.seed,
                                progress=ctx.progress, level=o.level,

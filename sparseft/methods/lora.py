@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft.anatomy import head_prefix, in_head
 from sparseft.delta import DeltaError
-from sparseft.methods import register
-from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection
+from sparseft.errors import InputError
+from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection, register
 from sparseft.methods.modules import lora_layers, set_submodule
-from sparseft.models import head_prefix, in_head
 from sparseft.selection import Selection
 
 DEFAULT_TARGETS = "qkv,proj,fc1,fc2"
@@ -59,10 +59,10 @@ def find_targets(model: nn.Module, targets: list[str], conv: bool) -> tuple[list
 
 
 def parse_targets(text: str, owner: str) -> list[str]:
-    """The comma-separated --lora-targets as a list; ValueError naming the flag when it is empty."""
+    """The comma-separated --lora-targets as a list; InputError naming the flag when it is empty."""
     targets = [t.strip() for t in text.split(",") if t.strip()]
     if not targets:
-        raise ValueError(f"{owner}: --lora-targets is empty")
+        raise InputError(f"{owner}: --lora-targets is empty")
     return targets
 
 

@@ -8,6 +8,7 @@ import torch
 
 from sparseft.delta import parameter_summary
 from sparseft.methods import METHODS, MethodContext, NotApplicable, get_method
+from sparseft.models import create_model
 
 
 def method_table(model_name: str, num_classes: int, *, img_size: int | None = None,
@@ -18,7 +19,6 @@ def method_table(model_name: str, num_classes: int, *, img_size: int | None = No
     only on the rule (K per neuron), not on which entries win. A method that does not fit the
     architecture (e.g. VPT on a CNN) gets a row without counts that says why.
     """
-    from sparseft.models import create_model
 
     rows = []
     for name, cls in METHODS.items():

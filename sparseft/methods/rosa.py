@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from sparseft import delta
-from sparseft.methods import register
-from sparseft.methods.base import MethodContext, NotApplicable
+from sparseft.anatomy import head_parameter_names
+from sparseft.errors import InputError
+from sparseft.methods.base import MethodContext, NotApplicable, register
 from sparseft.methods.gps import GPS
 from sparseft.methods.lora import find_targets, fold_lora, inject_lora, parse_targets
-from sparseft.models import head_parameter_names
+from sparseft.selected import row_length
 from sparseft.selection import Selection, parameter_roles
-from sparseft.selection.selection import row_length
 
 
 def lora_values(model: nn.Module, layers: list[str], r: int) -> int:
@@ -59,7 +59,7 @@ class RoSA(GPS):
         super().validate()
         self.require(self.options.lora_r >= 1, "lora_r", ">= 1")
         if self.options.level != "neuron":
-            raise ValueError(f"rosa: the sparse part fills top-K per neuron; --level {self.options.level} is not used")
+            raise InputError(f"rosa: the sparse part fills top-K per neuron; --level {self.options.level} is not used")
         self._targets()
 
     def _targets(self) -> list[str]:

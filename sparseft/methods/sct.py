@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from sparseft.delta import DeltaError
-from sparseft.methods import register
-from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection
+from sparseft.errors import InputError
+from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection, register
 from sparseft.methods.modules import Added, attach, parameter_names
 from sparseft.selection import Selection
 
@@ -166,7 +166,7 @@ def channel_saliency(model: nn.Module, loader: Iterable, sites: list[Site] | Non
             h.remove()
         model.train(was_training)
     if stats["batches"] == 0:
-        raise ValueError("SCT: the training loader yielded no batches")
+        raise InputError("SCT: the training loader yielded no batches")
     present = class_images > 0
     stats["classes"] = int(present.sum())
     return {b: t.sqrt()[present[: t.shape[0]]].mean(0).float().cpu() for b, t in sums.items()}, stats

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from sparseft.methods import register
+from sparseft.methods.base import register
 from sparseft.methods.gps import GPS
 from sparseft.regrow import Regrower, RegrowSchedule
 

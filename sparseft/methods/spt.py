@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from sparseft import delta
-from sparseft.methods import register
+from sparseft.anatomy import head_parameter_names
+from sparseft.errors import InputError
 from sparseft.methods.adapter import ParallelAdapter
-from sparseft.methods.base import CommonOptions, Method, MethodContext
+from sparseft.methods.base import CommonOptions, Method, MethodContext, register
 from sparseft.methods.lora import fold_lora, inject_lora
 from sparseft.methods.modules import attach, parameter_names
 from sparseft.methods.spt_plan import DEFAULT_BUDGET_FRACTION, KINDS, plan, sensitivity
-from sparseft.models import head_parameter_names
 from sparseft.selection import Selection
 
 
@@ -84,7 +84,7 @@ class _SPT(Method):
         candidates = [int(o.budget)] if o.budget is not None else []
         if fraction is not None:
             if not 0 < fraction <= 1:
-                raise ValueError(f"{self.name}: budget_fraction (--budget-fraction) must be in (0, 1], got {fraction}")
+                raise InputError(f"{self.name}: budget_fraction (--budget-fraction) must be in (0, 1], got {fraction}")
             candidates.append(max(1, round(fraction * backbone)))
         return min(candidates)
 

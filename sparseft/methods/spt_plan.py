@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparseft.models import head_parameter_names
+from sparseft.anatomy import head_parameter_names
+from sparseft.errors import InputError
 from sparseft.selection.scores import gradient_scores
 
 EXCLUDED_WORDS = ("cls_token", "patch_embed", "pos_embed")
@@ -49,7 +50,7 @@ def structured_size(kind: str, in_features: int, out_features: int, rank: int) -
         return rank * (in_features + out_features)
     if kind == "adapter":
         return rank * (in_features + out_features) + rank + out_features
-    raise ValueError(f"structured kind must be one of {KINDS}, not {kind!r}")
+    raise InputError(f"structured kind must be one of {KINDS}, not {kind!r}")
 
 
 @dataclass
@@ -125,9 +126,9 @@ def plan(model: nn.Module, scores: dict[str, torch.Tensor], budget: int, *, kind
          alpha: float = 10.0, beta: float = 5.0, rule: str = "fit") -> SPTPlan:
     """SPT's allocation of the budget from sensitivity `scores` (see the module docstring)."""
     if rule not in ("fit", "tau"):
-        raise ValueError(f"budget rule must be 'fit' or 'tau', not {rule!r}")
+        raise InputError(f"budget rule must be 'fit' or 'tau', not {rule!r}")
     if budget < 1:
-        raise ValueError(f"the SPT budget must be at least 1 trainable value, got {budget}")
+        raise InputError(f"the SPT budget must be at least 1 trainable value, got {budget}")
     names = list(scores)
     tensors = _tensors(model, names, kind, rank)
     flat = torch.cat([scores[n].reshape(-1).float().cpu() for n in names]) if names else torch.zeros(0)

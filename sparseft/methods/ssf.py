@@ -21,11 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseft.anatomy import head_prefix, in_head
 from sparseft.delta import DeltaError
-from sparseft.methods import register
-from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection, register
 from sparseft.methods.modules import Added, attach, parameter_names, remove_added
-from sparseft.models import head_prefix, in_head
 from sparseft.selection import Selection
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)

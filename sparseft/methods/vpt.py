@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from sparseft.delta import DeltaError
-from sparseft.methods import register
-from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection
+from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection, register
 from sparseft.methods.modules import Added, attach, parameter_names
 from sparseft.selection import Selection
 

@@ -6,13 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
+from sparseft.api import load_for_inference
+from sparseft.data.segmentation import load_segmentation
+from sparseft.data.segtasks import voc_palette
+from sparseft.errors import InputError
 from sparseft.fileutil import atomic_path
+from sparseft.seg.predict import predict_masks
 
 
 def mask_colours() -> np.ndarray:
     """The colour of each mask value [256, 3] uint8: the VOC colours the data's and predicted mask PNGs
     carry (background black, 255 = ignore cream)."""
-    from sparseft.data.segtasks import voc_palette
 
     return np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
 
@@ -28,12 +32,8 @@ def prediction_figure(task_files: dict[str, str | Path], data: str, out: str | P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sparseft.data.segmentation import load_segmentation
-    from sparseft.inference import load_for_inference
-    from sparseft.seg.predict import predict_masks
-
     if not task_files:
-        raise ValueError("prediction_figure needs at least one task file")
+        raise InputError("prediction_figure needs at least one task file")
     raw = load_segmentation(data, split)
     pairs = [raw[i] for i in range(min(n_images, len(raw)))]  # (RGB image, mask at the image's size)
     images = [image for image, _ in pairs]

@@ -37,6 +37,7 @@ import torch
 
 from sparseft import distributed
 from sparseft.data.segmentation import IGNORE_INDEX
+from sparseft.errors import InputError
 
 _AREAS = ("intersection", "union", "pred", "target")
 #: names of class 0 that make it the background (left out of the mean) under background="auto"
@@ -54,18 +55,18 @@ class SegMetrics:
     def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX,
                  class_names: Sequence[str] | None = None, background: int | str | None = "auto") -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a whole number >= 1, not {num_classes!r}")
+            raise InputError(f"num_classes must be a whole number >= 1, not {num_classes!r}")
         if ignore_index is not None and 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index {ignore_index} is one of the {num_classes} classes; it marks void pixels "
+            raise InputError(f"ignore_index {ignore_index} is one of the {num_classes} classes; it marks void pixels "
                              "(e.g. 255), never a class such as the background")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+            raise InputError(f"{len(class_names)} class names for {num_classes} classes")
         if background == "auto":
             named = class_names is not None and str(class_names[0]).strip().lower() in BACKGROUND_NAMES
             background = 0 if named or (class_names is None and num_classes == 2) else None
         if background is not None and (isinstance(background, bool) or not isinstance(background, int)
                                        or not 0 <= background < num_classes):
-            raise ValueError(f"background must be 'auto', None or a class 0..{num_classes - 1}, not {background!r}")
+            raise InputError(f"background must be 'auto', None or a class 0..{num_classes - 1}, not {background!r}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.background = background
@@ -114,7 +115,7 @@ class SegMetrics:
                 raise TypeError(f"{what} must be an integer tensor of class indices (take logits.argmax(1)), "
                                 f"got {dtype or type(t).__name__}")
         if pred.shape != target.shape or pred.dim() not in (2, 3):
-            raise ValueError(f"pred and target must be class maps of one shape [B, H, W] or [H, W], got "
+            raise InputError(f"pred and target must be class maps of one shape [B, H, W] or [H, W], got "
                              f"{tuple(pred.shape)} and {tuple(target.shape)}")
         if pred.dim() == 2:
             pred, target = pred[None], target[None]
@@ -123,11 +124,11 @@ class SegMetrics:
         valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
         bad = target[((target < 0) | (target >= c)) & valid].unique()
         if bad.numel():
-            raise ValueError(f"target holds values {bad[:8].tolist()} outside the classes 0..{c - 1} and the ignore "
+            raise InputError(f"target holds values {bad[:8].tolist()} outside the classes 0..{c - 1} and the ignore "
                              f"index {self.ignore_index}")
         bad = pred[(pred < 0) | (pred >= c)].unique()
         if bad.numel():
-            raise ValueError(f"pred holds values {bad[:8].tolist()} outside the classes 0..{c - 1}")
+            raise InputError(f"pred holds values {bad[:8].tolist()} outside the classes 0..{c - 1}")
         return pred, target, valid
 
     # -- combining ------------------------------------------------------------------------------
@@ -142,12 +143,12 @@ class SegMetrics:
         state = other.state() if isinstance(other, SegMetrics) else other
         if isinstance(other, SegMetrics) and (other.num_classes, other.ignore_index) != (self.num_classes,
                                                                                        self.ignore_index):
-            raise ValueError("cannot merge metrics of another class count or ignore index")
+            raise InputError("cannot merge metrics of another class count or ignore index")
         for key in ("areas", "per_image"):
             value = state[key]
             own = getattr(self, key)
             if tuple(value.shape) != tuple(own.shape):
-                raise ValueError(f"cannot merge '{key}' of shape {tuple(value.shape)} into {tuple(own.shape)}")
+                raise InputError(f"cannot merge '{key}' of shape {tuple(value.shape)} into {tuple(own.shape)}")
             own += value.to("cpu", torch.float64)
         return self
 

@@ -35,7 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseft.models import WeightsError, create_model, load_weights, read_state_dict
+from sparseft.errors import InputError
+from sparseft.hub.build import attach_data_config
+from sparseft.hub.registry import REGISTRY
+from sparseft.models import create_model
+from sparseft.weights import WeightsError, load_weights, read_state_dict
 
 
 class FPNDecoder(nn.Module):
@@ -104,9 +108,9 @@ class SegmentationModel(nn.Module):
                  upsample_to: int = 4) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a whole number >= 1 (background included), not {num_classes!r}")
+            raise InputError(f"num_classes must be a whole number >= 1 (background included), not {num_classes!r}")
         if levels < 1:
-            raise ValueError(f"levels must be >= 1, not {levels!r}")
+            raise InputError(f"levels must be >= 1, not {levels!r}")
         info = _feature_info(backbone)
         before = set(backbone.state_dict())
         self.plain = len({d["reduction"] for d in info}) == 1 and hasattr(backbone, "blocks")
@@ -169,7 +173,7 @@ class SegmentationModel(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh decoder for `num_classes` classes."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a whole number >= 1, not {num_classes!r}")
+            raise InputError(f"num_classes must be a whole number >= 1, not {num_classes!r}")
         device = next(self.decode_head.parameters()).device
         self.decode_head = FPNDecoder(self.channels, num_classes, self.decoder_width, self.upsample_steps).to(device)
         self.num_classes = num_classes
@@ -219,9 +223,6 @@ def create_segmentation_model(name: str, num_classes: int, img_size: int | None 
 
 def _untrained_backbone(name: str, img_size: int | None, **kwargs: Any) -> nn.Module:
     """The architecture of `name` without weights and without a head (an offline name fetches nothing)."""
-    from sparseft.hub import REGISTRY
-    from sparseft.hub.build import attach_data_config
-
     if name not in REGISTRY:
         return create_model(name, 0, img_size=img_size, **kwargs)
     spec = REGISTRY[name]

@@ -22,8 +22,14 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparseft.data import data_config
 from sparseft.data.images import DataError, OnError, open_rgb, to_rgb
+from sparseft.data.segmentation import SegTransform
+from sparseft.data.segtasks import voc_palette
+from sparseft.delta import task_record
+from sparseft.errors import InputError
 from sparseft.fileutil import atomic_path
+from sparseft.inference import eval_mode
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -38,10 +44,6 @@ class MaskPrediction:
 
 
 def _image_transform(model: nn.Module):
-    from sparseft.data import data_config
-    from sparseft.data.segmentation import SegTransform
-    from sparseft.delta import task_record
-
     transform = SegTransform.from_config(data_config(model), train=False, img_size=task_record(model).get("img_size"))
     return lambda image: transform(image, np.zeros((image.height, image.width), dtype=np.uint8))[0]
 
@@ -54,15 +56,14 @@ def predict_masks(model: nn.Module, images: ImageInput | Sequence[ImageInput], *
     An unreadable file raises `DataError` naming it, or with `on_error="skip"` gets a prediction
     with `error` set and no mask. The model's train/eval modes are restored.
     """
-    from sparseft.inference import eval_mode
 
     if getattr(model, "task", None) != "segmentation":
-        raise ValueError("predict_masks needs a segmentation model (a task trained on images/ + masks/ data); "
+        raise InputError("predict_masks needs a segmentation model (a task trained on images/ + masks/ data); "
                          "sparseft.predict gives the classes of a classification task")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
+        raise InputError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
     transform = _image_transform(model)
     first = next(iter(model.parameters()))
@@ -110,7 +111,7 @@ def mask_file_names(paths: Sequence[Path]) -> list[str]:
     for p in paths:
         name = f"{p.stem}.png".casefold()
         if name in seen:
-            raise ValueError(f"{p} and {seen[name]} would both write {p.stem}.png; predict them into separate "
+            raise InputError(f"{p} and {seen[name]} would both write {p.stem}.png; predict them into separate "
                              "folders")
         seen[name] = p
     return [f"{p.stem}.png" for p in paths]
@@ -123,7 +124,7 @@ def check_destinations(paths: Sequence[Path], folder: str | Path, *, overwrite: 
     inputs = {p.resolve() for p in paths}
     hit = next((t for t in targets if t.resolve() in inputs), None)
     if hit is not None:
-        raise ValueError(f"{hit} is an input image and would be replaced by its mask; choose another --out folder")
+        raise InputError(f"{hit} is an input image and would be replaced by its mask; choose another --out folder")
     clash = [t for t in targets if t.exists()]
     if clash and not overwrite:
         raise FileExistsError(f"{clash[0]} exists ({len(clash)} of the masks would replace files); pass "
@@ -134,11 +135,10 @@ def write_masks(preds: Sequence[MaskPrediction], folder: str | Path, *, overwrit
     """Write each prediction's mask as `<folder>/<image stem>.png`: a palette PNG whose pixel values are
     the class ids (its colours, the VOC ones the data's masks carry, only show them). Existing files are
     refused unless `overwrite`."""
-    from sparseft.data.segtasks import voc_palette
 
     good = [p for p in preds if p.mask is not None]
     if any(p.path is None for p in good):
-        raise ValueError("write_masks names files after the images' paths; predictions of PIL images have none")
+        raise InputError("write_masks names files after the images' paths; predictions of PIL images have none")
     folder = Path(folder)
     check_destinations([p.path for p in good], folder, overwrite=overwrite)
     names = mask_file_names([p.path for p in good])

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from sparseft import distributed
-from sparseft.models import head_parameter_names
+from sparseft.anatomy import head_parameter_names
+from sparseft.selected import Selection, SelectionError, row_length
 from sparseft.selection.rules import Eligibility, parameter_roles
 from sparseft.selection.scores import (
     ChunkSize,
@@ -34,7 +35,6 @@ from sparseft.selection.scores import (
     gradient_scores,
     nonfinite_where,
 )
-from sparseft.selection.selection import Selection, SelectionError, row_length
 
 
 def top_k_per_neuron(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from typing import Literal
 
 from torch import nn
 
-from sparseft.models import head_parameter_names
+from sparseft.anatomy import head_parameter_names
 
 Role = Literal["select", "full", "frozen"]
 

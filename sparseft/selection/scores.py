@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseft import distributed
-from sparseft.models import feature_fn
-from sparseft.selection.selection import SelectionError
+from sparseft.anatomy import feature_fn
+from sparseft.selected import SelectionError
+from sparseft.selection import regions as seg
+from sparseft.selection.losses import supcon_loss
 
 ScoreReduction = Literal["abs_of_sum", "sum_of_abs", "sum_of_squares"]
 ChunkSize = int | Literal["auto"] | None
@@ -50,27 +52,6 @@ def check_temperature(temperature: Any) -> None:
             f"temperature must be a finite number > 0 (--temperature; GPS uses 0.07), got {temperature!r}: "
             "the SupCon logits are divided by it, so 0 gives a NaN loss and a negative value inverts it")
 
-
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
-    """Supervised contrastive loss (Khosla et al. 2020), all anchors against all samples.
-
-    `features` [N, D] holds every view of every image (views stacked along N), `labels` [N].
-    Each anchor's positives are the other samples with its label (its own other view included).
-    """
-    if features.dim() != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(f"supcon_loss needs features [N, D] and labels [N], got {tuple(features.shape)} "
-                         f"and {tuple(labels.shape)}")
-    z = F.normalize(features.float(), dim=1)
-    logits = z @ z.t() / temperature
-    n = z.shape[0]
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    count = positives.sum(1)
-    has_pos = count > 0
-    mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)[has_pos] / count[has_pos]
-    return -mean_log_prob.mean()
 
 
 def default_two_views(images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -209,10 +190,8 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     names = list(names)
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
-    dense = getattr(model, "task", None) == "segmentation"  # masks: sparseft.seg.selection's losses
+    dense = getattr(model, "task", None) == "segmentation"  # masks: sparseft.selection.regions's losses
     if dense:
-        from sparseft.seg import selection as seg
-
         features = model.features
     else:
         features = feature_fn(model, head)

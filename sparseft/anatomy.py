@@ -1,0 +1,113 @@
+"""What sparseft must know about any model: where its head is, its pooled features, its fingerprint.
+
+sparseft works on any `torch.nn.Module`. Two things it must know about a model are where the
+classification head is (trained in full, excluded from the base fingerprint) and how to get
+the pooled pre-logit features (GPS scores weights with a head-free loss on them). For timm
+models both come from timm's own API; for anything else the head is the last `nn.Linear`
+unless named, and the features are whatever enters the head. (A leaf below the model factory,
+`sparseft.models`, so that the backbone builders in `sparseft.hub` can use it.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from sparseft.errors import InputError
+from sparseft.fileutil import tensor_bytes
+
+
+def head_module_name(model: nn.Module, head: str | None = None) -> str | None:
+    """Name of the classification head module ('' never; None when the model has none).
+
+    Order: an explicit `head`; timm's `get_classifier()`; the last `nn.Linear` in the model.
+    """
+    modules = dict(model.named_modules())
+    if head is not None:
+        if head not in modules:
+            raise InputError(f"head module '{head}' not found in the model")
+        return head
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        clf = get_classifier()
+        if isinstance(clf, nn.Module):
+            for name, mod in modules.items():
+                if mod is clf and name:
+                    return name
+    last = None
+    for name, mod in modules.items():
+        if isinstance(mod, nn.Linear) and name:
+            last = name
+    return last
+
+
+def head_parameter_names(model: nn.Module, head: str | None = None) -> list[str]:
+    """Names of the parameters that belong to the head module."""
+    name = head_module_name(model, head)
+    if name is None:
+        return []
+    prefix = name + "."
+    return [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+
+
+@contextlib.contextmanager
+def _capture_head_input(model: nn.Module, head: str | None) -> Iterator[list[torch.Tensor]]:
+    name = head_module_name(model, head)
+    if name is None:
+        raise InputError("cannot find the model's head to take features from; pass head=...")
+    store: list[torch.Tensor] = []
+    handle = dict(model.named_modules())[name].register_forward_hook(
+        lambda mod, args, out: store.append(args[0]))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def feature_fn(model: nn.Module, head: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function image-batch -> pooled pre-logit features [B, D] (the input of the head).
+
+    timm models: `forward_head(forward_features(x), pre_logits=True)` (CLS token for ViT, global
+    pool for CNNs). Other models: the input that reaches the head module, flattened.
+    """
+    if head is None and hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        def timm_features(x: torch.Tensor) -> torch.Tensor:
+            return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
+        return timm_features
+
+    def hooked_features(x: torch.Tensor) -> torch.Tensor:
+        with _capture_head_input(model, head) as store:
+            model(x)
+        return store[-1].flatten(1)
+    return hooked_features
+
+
+def fingerprint(model: nn.Module, exclude: set[str] | None = None) -> str:
+    """sha256 over names, shapes, dtypes and values of parameters and persistent buffers.
+
+    Identifies the base model a delta belongs to. Head parameters are excluded by the caller
+    (the head is new per task and trained in full).
+    """
+    exclude = exclude or set()
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        if name in exclude or "sparse_delta." in name:
+            continue
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        h.update(tensor_bytes(tensor))
+    return h.hexdigest()
+
+
+def head_prefix(model: nn.Module) -> str | None:
+    """'<head module>.' so modules inside the classifier can be left out (None: no head)."""
+    name = head_module_name(model)
+    return None if name is None else name + "."
+
+
+def in_head(name: str, prefix: str | None) -> bool:
+    """Whether module `name` is the head or inside it (`prefix` from `head_prefix`)."""
+    return prefix is not None and (name + ".").startswith(prefix)
