@@ -25,6 +25,7 @@ from sparseft.delta import (
 )
 from sparseft.deltafile import DeltaFileError, TaskFile, load_delta, read_delta, save_delta
 from sparseft.inference import Prediction, predict
+from sparseft.kinds import classification, segmentation  # noqa: F401 - registers the built-in task kinds
 from sparseft.models import create_model
 from sparseft.selection import Eligibility, Selection, SelectionError, select
 from sparseft.taskbank import TaskBank

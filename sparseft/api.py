@@ -15,9 +15,9 @@ from torch import nn
 
 from sparseft import delta
 from sparseft.deltafile import DeltaFileError, TaskSource, read_task
+from sparseft.errors import InputError
+from sparseft.kinds.base import kind_named_in
 from sparseft.methods import METHODS, Method
-from sparseft.models import create_model
-from sparseft.seg.model import create_segmentation_model
 
 
 def method_named_in(header: dict) -> str:
@@ -49,13 +49,15 @@ def load(path: TaskSource, model: nn.Module | None = None, *, weights: str | Pat
         extra = header.get("extra", {})
         if "model" not in extra or "num_classes" not in extra:
             raise DeltaFileError(f"{path}: the header does not say which base model it belongs to; pass model=")
+        try:
+            kind = kind_named_in(header)  # classification for files that name none (0.1, 0.2)
+        except InputError as err:
+            raise DeltaFileError(f"{path}: {err}") from None
         with torch.random.fork_rng():  # a randomly initialised base is defined by its seed
             torch.manual_seed(extra.get("init_seed", 0))
-            build = create_segmentation_model if extra.get("task") == "segmentation" else create_model
-            model = build(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
-                          weights=weights or extra.get("weights"), pretrained=extra.get("pretrained", False))
-            if extra.get("task") == "segmentation" and extra.get("class_names"):
-                model.class_names = list(extra["class_names"])
+            model = kind.build_model(extra["model"], extra["num_classes"], img_size=extra.get("img_size"),
+                                     weights=weights or extra.get("weights"), pretrained=extra.get("pretrained", False),
+                                     class_names=extra.get("class_names"))
     return method.load(model, task)
 
 

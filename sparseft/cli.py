@@ -41,6 +41,7 @@ from sparseft.errors import InputError, SparseftError
 from sparseft.fileutil import atomic_path
 from sparseft.hub.cli import register_cli as register_weights_cli
 from sparseft.inference import find_images, predict, write_csv
+from sparseft.kinds.base import kind_named_in
 from sparseft.loaders import TaskData, num_classes_of
 from sparseft.methods import METHODS, MethodContext, get_method
 from sparseft.methods.gps import SELECTION_SETTINGS
@@ -192,8 +193,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         flag, value = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
         raise InputError(f"{flag} must be at least 1, not {value}")
     task = read_delta(args.task_file)  # read and verified once: the load below takes it as it is
-    if task.header.get("extra", {}).get("task") == "segmentation":
-        return _predict_masks(args, task)
+    kind = kind_named_in(task.header)  # what the task's kind predicts: classes (a CSV) or masks (PNGs)
+    if kind.prediction != "classes":
+        return PREDICTION_WRITERS[kind.prediction](args, task)
     out = _output_file(args.out, args.overwrite, args.task_file, ".csv") if args.out is not None else None
     images = find_images(args.inputs)
     model = load_for_inference(task, weights=args.weights)  # with the task's preprocessing and names
@@ -240,6 +242,10 @@ def _predict_masks(args: argparse.Namespace, task: TaskFile) -> int:
     print(f"masks for {len(written)} images -> {args.out} (pixel value = class id: "
           f"{', '.join(f'{i} {n}' for i, n in enumerate(model.class_names or []))})")
     return 0
+
+
+#: how `sparseft predict` writes what a task kind's `prediction` names, beside "classes" (`cmd_predict`)
+PREDICTION_WRITERS = {"masks": _predict_masks}
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from sparseft.data.images import DataError, OnError, open_rgb, to_rgb
 from sparseft.delta import task_record
 from sparseft.errors import InputError
 from sparseft.fileutil import write_text_atomic
+from sparseft.kinds.base import kind_of
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -137,9 +138,10 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
     `on_error="skip"` gets a Prediction with `error` set and no labels. Runs under
     `torch.no_grad()` in eval mode on the model's device and in its dtype; the model's train/eval modes are restored.
     """
-    if getattr(model, "task", None) == "segmentation":
-        raise InputError("predict gives the classes of whole images, and this task is segmentation: take the "
-                         "masks from the model itself (model(x).argmax(1)); `sparseft eval` scores a split")
+    kind = kind_of(model)
+    if kind.prediction != "classes":
+        raise InputError(f"predict gives the classes of whole images, and this task is {kind.name}: "
+                         f"{kind.predict_hint}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InputError(f"top_k (--top-k) must be a whole number >= 1, not {top_k!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -1,4 +1,4 @@
-"""The data of one run: the loaders a task gives a model (classification or segmentation).
+"""The data of one run: the loaders a task gives a model, built as the data's task kind says.
 
 `TaskData(DataSpec(...), model).loader(kind)` builds, on demand, the loader of a kind: "select" (GPS's two
 views of the training split, seeded per image), "train" (training batches) or "eval" (a split,
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sparseft.data import TwoViews, build_transform, data_config, load_split, num_classes, resolve_spec
+from sparseft.data import data_config, num_classes
 from sparseft.data._random import stable_keys
-from sparseft.data.segmentation import SegTransform, collate_pairs, load_segmentation
+from sparseft.kinds.base import kind_for_data
 
 
 @dataclass(frozen=True)
@@ -78,79 +78,40 @@ class SeededViews(Dataset):
             return self.dataset[i]
 
 
-class SegViews(Dataset):
-    """Two independently augmented (image, mask) views of item i, drawn from generators seeded by (seed, i)."""
-
-    def __init__(self, dataset: Dataset, transform: Any, seed: int) -> None:
-        self.dataset, self.transform = dataset, transform
-        self.keys = stable_keys(len(dataset), seed, "selection views")  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int) -> Any:
-        image, mask = self.dataset[i]  # the raw pair
-        views = [self.transform(image, mask, torch.Generator().manual_seed(int(self.keys[i]) + v)) for v in (0, 1)]
-        return [x for x, _ in views], [m for _, m in views]
-
-
-def is_segmentation(data: str) -> bool:
-    """Whether the data spec names a segmentation data set (images/ + masks/): the task kind follows the data."""
-    return resolve_spec(data).kind == "seg"
-
-
 class TaskData:
-    """The loaders of one task for one model, built on demand (classification or segmentation)."""
+    """The loaders of one task for one model, built on demand by the data's task kind (`sparseft.kinds`)."""
 
     def __init__(self, spec: DataSpec | _HasDataSpec, model: nn.Module) -> None:
         spec = spec if isinstance(spec, DataSpec) else spec.data_spec()  # a RunSpec gives its own
         self.spec = spec
         self.config = data_config(model)
-        self.segmentation = is_segmentation(spec.data)
-        if self.segmentation:
-            self.eval_transform = SegTransform.from_config(self.config, train=False, img_size=spec.img_size)
-            self.train_transform = SegTransform.from_config(self.config, train=True, img_size=spec.img_size)
-            self.views = None
-        else:
-            self.eval_transform = build_transform(self.config, spec.preprocessing, train=False,
-                                                  img_size=spec.img_size)
-            self.train_transform = build_transform(self.config, spec.preprocessing, train=True,
-                                                   img_size=spec.img_size)
-            self.views = TwoViews.from_config(self.config, spec.img_size)
+        self.kind = kind_for_data(spec.data)  # the task kind follows the data
+        self.eval_transform, self.train_transform, self.views = self.kind.transforms(self.config, spec)
         self._cache: dict[str, Dataset] = {}
 
     def dataset(self, split: str, transform: Any, deterministic: bool) -> Dataset:
         key = f"{split}:{id(transform)}"
         if key not in self._cache:
-            if self.segmentation:  # crops and flips drawn per (seed, epoch, item): the same under any process count
-                ds = load_segmentation(self.spec.data, split, transform, seed=self.spec.seed)
-            else:
-                ds = load_split(self.spec.data, split, transform)
+            ds = self.kind.dataset(self.spec.data, split, transform, seed=self.spec.seed)
             self._cache[key] = TensorCache(ds) if (deterministic and self.spec.cache_images) else ds
         return self._cache[key]
 
     def loader(self, kind: str, split: str | None = None) -> DataLoader:
         """'select': two views of the training split; 'train': training batches; 'eval': a split."""
         s = self.spec
-        if kind == "select" and self.segmentation:
-            ds = SegViews(self.dataset(s.train_split, None, False), self.train_transform, s.seed)
-            shuffle, batch = True, s.batch_size
-        elif kind == "select":
-            ds = SeededViews(self.dataset(s.train_split, self.views, False), s.seed)
-            shuffle, batch = True, s.batch_size
+        if kind == "select":
+            ds, shuffle, batch = self.kind.selection_dataset(self), True, s.batch_size
         elif kind == "train":
-            fixed = s.preprocessing == "vtab" and not self.segmentation  # segmentation always crops and flips
-            ds = self.dataset(s.train_split, self.train_transform, fixed)
+            ds = self.dataset(s.train_split, self.train_transform, self.kind.train_is_fixed(s))
             shuffle, batch = True, s.batch_size
         elif kind == "eval":
             ds, shuffle, batch = self.dataset(split, self.eval_transform, True), False, s.eval_batch_size
         else:
             raise ValueError(f"unknown loader kind {kind!r}")
         generator = torch.Generator().manual_seed(s.seed) if kind == "select" else None
-        collate = collate_pairs if (kind == "eval" and self.segmentation) else None  # masks at their own sizes
         # workers are re-created every epoch, seeded from the per-epoch RNG: resumed runs stay exact
         return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=s.workers, generator=generator,
-                          collate_fn=collate)
+                          collate_fn=self.kind.collate(kind))
 
 
 def num_classes_of(spec: DataSpec | Any) -> int:

@@ -25,17 +25,13 @@ from torch.utils.data import DataLoader
 from sparseft import distributed
 from sparseft.api import load_for_inference
 from sparseft.cliopts import require
-from sparseft.data import class_names, data_config, load_split
-from sparseft.data.segmentation import SegTransform, collate_pairs, load_segmentation
 from sparseft.deltafile import TaskSource, read_task
 from sparseft.errors import InputError
 from sparseft.fileutil import LOCK_FILE, folder_lock, read_json, write_text_atomic
-from sparseft.inference import eval_transform
-from sparseft.loaders import DataSpec, TaskData, is_segmentation
+from sparseft.kinds.base import kind_for_data, kind_named_in
+from sparseft.loaders import DataSpec, TaskData
 from sparseft.methods import BATCHNORM_DEFAULT_BEFORE, MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
-from sparseft.models import create_model
-from sparseft.seg.model import create_segmentation_model
 from sparseft.train import TrainConfig, check_same_settings, evaluate, fit
 
 TASK_FILE = "delta.safetensors"
@@ -223,22 +219,16 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     # everything is checked before anything is computed or removed: options, model, data
     kept = distributed.run_on_main(lambda: _resumed_batchnorm(run_dir, spec)) if resume and run_dir else None
     method = get_method(spec.method, **spec.options, **({"batchnorm": kept} if kept else {}))
-    names = class_names(spec.data)
+    kind = kind_for_data(spec.data)  # the task kind follows the data (sparseft.kinds)
+    names = kind.class_names(spec.data)
     classes = len(names)
-    segmentation = is_segmentation(spec.data)
     torch.manual_seed(spec.train.seed)
-    build = create_segmentation_model if segmentation else create_model
-    model = build(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
-                  pretrained=spec.pretrained).to(distributed.default_device())
-    if segmentation:
-        model.class_names = list(names)  # which class is the background, for the metrics
+    model = kind.build_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
+                             pretrained=spec.pretrained, class_names=names).to(distributed.default_device())
     method.check(model)
     distributed.check_global_batch(spec.batch_size)  # before anything is written
     for split in dict.fromkeys((spec.train_split, *spec.eval_splits)):  # every image opens: fail now, not later
-        if segmentation:
-            load_segmentation(spec.data, split, None, verify=True)
-        else:
-            load_split(spec.data, split, None, verify=True)
+        kind.verify_split(spec.data, split)
     data = TaskData(spec.data_spec(), model)
     if run_dir is not None:
         distributed.run_on_main(lambda: _make_run_dir(run_dir, overwrite))
@@ -247,7 +237,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     t0 = time.perf_counter()
     model = method.prepare(model, ctx)
     prepare_time = time.perf_counter() - t0
-    task = "segmentation" if segmentation else "classification"
+    task = kind.name
     info = {"spec": spec.to_dict(), "batchnorm": method.batchnorm_mode(), "num_classes": classes,
             "data_config": data.config, "task": task}
     eval_loaders = {split.replace("800", "").replace("200", ""): data.loader("eval", split)
@@ -265,7 +255,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     summary = fit(model, data.loader("train"), spec.train, eval_loaders=eval_loaders, run_dir=run_dir,
                   resume=resume, save_task=save_task, run_info=info, hook=method.training_hook(model))
     summary.update({"method": spec.method, "model": spec.model, "data": spec.data, "task": task,
-                    "metric": "mIoU" if segmentation else "acc", "num_classes": classes,
+                    "metric": kind.metric_key, "num_classes": classes,
                     "prepare_time_s": round(prepare_time, 2), **ctx.info})
     if task_file is not None:
         summary["task_file"] = str(task_file)
@@ -277,7 +267,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
 
 def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batch_size: int = 128,
                   weights: str | None = None, preprocessing: str | None = None, merge: bool = True) -> dict[str, Any]:
-    """Accuracy of a saved task on a split of `data`.
+    """The metrics of a saved task on a split of `data` (those of its task kind: accuracy, mIoU, ...).
 
     The base model, image size and (unless `preprocessing` is given) the evaluation preprocessing
     are those the task was trained with, from the task file's header. Mergeable methods are
@@ -288,7 +278,8 @@ def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batc
     task_file = task.path
     header = task.header
     extra = header.get("extra", {})
-    names = class_names(data)
+    kind = kind_named_in(header)
+    names = kind.class_names(data)
     if "num_classes" in extra and len(names) != extra["num_classes"]:
         raise InputError(f"{task_file}: the task has {extra['num_classes']} classes but {data} has "
                          f"{len(names)}; evaluate it on the data it was trained for")
@@ -297,13 +288,7 @@ def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batc
         raise InputError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
                          "evaluate it on the data it was trained for")
 
-    if extra.get("task") == "segmentation" and preprocessing is not None:
-        raise InputError(f"--preprocessing {preprocessing}: {task_file} is a segmentation task, whose evaluation "
-                         "is fixed (the image resized to the model's input, the mask kept at its own size)")
+    kind.check_eval_options(task_file, preprocessing)
     model = load_for_inference(task, weights=weights, merge=merge)
-    if extra.get("task") == "segmentation":
-        transform = SegTransform.from_config(data_config(model), train=False, img_size=extra.get("img_size"))
-        return evaluate(model, DataLoader(load_segmentation(data, split, transform), batch_size=batch_size,
-                                          collate_fn=collate_pairs))
-    ds = load_split(data, split, eval_transform(model, extra, preprocessing))
-    return evaluate(model, DataLoader(ds, batch_size=batch_size))
+    ds = kind.eval_dataset(model, data, split, extra, preprocessing)
+    return evaluate(model, DataLoader(ds, batch_size=batch_size, collate_fn=kind.collate("eval")))

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
@@ -34,12 +33,11 @@ from tqdm.auto import tqdm
 from sparseft import distributed
 from sparseft.checkpoint import load_checkpoint, save_checkpoint
 from sparseft.cliopts import require
-from sparseft.data.segmentation import IGNORE_INDEX
 from sparseft.delta import is_applied, parameter_summary
 from sparseft.deltafile import save_delta
 from sparseft.errors import InputError, SparseftError
 from sparseft.fileutil import read_json, write_text_atomic
-from sparseft.seg.metrics import SegMetrics
+from sparseft.kinds.base import TaskKind, kind_of, summary_keys
 
 
 class TrainingDiverged(SparseftError, RuntimeError):
@@ -151,91 +149,43 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _valid(y: torch.Tensor) -> torch.Tensor | None:
-    """The pixels that count, for mask targets [B, H, W]; None for class labels [B]."""
-    return y != IGNORE_INDEX if y.dim() > 1 else None
-
-
-def _loss_sum(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy and the number of terms: per image for labels, per valid pixel for masks."""
-    valid = _valid(y)
-    ignore = IGNORE_INDEX if valid is not None else -100
-    loss = F.cross_entropy(logits.float(), y, reduction="sum", ignore_index=ignore, label_smoothing=label_smoothing)
-    return loss, int(valid.sum()) if valid is not None else len(y)
-
-
-def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
-    hits = logits.argmax(1) == y
-    valid = _valid(y)
-    return int((hits & valid).sum() if valid is not None else hits.sum())
+def _loss_sum(kind: TaskKind, logits: torch.Tensor, y: torch.Tensor,
+              label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """The kind's summed training loss of a batch and its number of terms (images, valid pixels, ...)."""
+    return kind.loss_sum(logits, y, label_smoothing)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress: bool = False,
              desc: str = "eval") -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of `model` on `loader` (eval mode).
+    """The task kind's metrics of `model` on `loader` (eval mode): "acc", the mean loss, "n", and the kind's own.
 
-    Masks as targets ([B, H, W] or a list of [H, W] of different sizes, 255 = ignore): the logits
-    are resized (bilinear) to the masks' size, so a model run at a smaller input is scored at the
-    data's resolution; pixel accuracy as "acc", the mean cross-entropy per valid pixel, and
-    `sparseft.seg.SegMetrics`' mIoU / mDice (dataset-level and per image; the classes averaged
-    follow the model's `class_names`).
+    Classification: top-1 accuracy and mean cross-entropy. Masks as targets ([B, H, W] or a list
+    of [H, W] of different sizes, 255 = ignore): the logits are resized (bilinear) to the masks'
+    size, so a model run at a smaller input is scored at the data's resolution; pixel accuracy as
+    "acc", the mean cross-entropy per valid pixel, and `sparseft.seg.SegMetrics`' mIoU / mDice
+    (dataset-level and per image; the classes averaged follow the model's `class_names`).
+    The kind is the model's (`sparseft.kinds.kind_of`); a model that names none is scored as its targets say.
     Collective under a process group: every rank passes the same loader, evaluates the samples
     r::W of it and the counts are summed over the ranks.
     """
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    correct = total = images = 0
-    loss_sum = 0.0
-    seg = _seg_metrics(model) if getattr(model, "task", None) == "segmentation" else None  # on every rank
+    meter = kind_of(model).meter(model) if getattr(model, "task", None) else None  # on every rank
     for x, y in distributed.progress(distributed.shard(loader, "samples"), desc, progress):
         x = x.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        images += len(y)
-        for out, target in _at_target_size(logits, y, device):
-            loss, n = _loss_sum(out, target)
-            loss_sum += loss.item()
-            correct += _correct(out, target)
-            total += n
-            if target.dim() > 1:
-                seg = seg if seg is not None else _seg_metrics(model, out.shape[1])
-                seg.update(out.argmax(1), target)
+        meter = meter if meter is not None else kind_of(model, y).meter(model)
+        meter.update(logits, y, device)
+    meter = meter if meter is not None else kind_of(model).meter(model)
     model.train(was_training)
     if distributed.active():
-        sums = distributed.all_reduce_sum(torch.tensor([correct, total, loss_sum, images], dtype=torch.float64))
-        correct, total, loss_sum, images = int(sums[0]), int(sums[1]), float(sums[2]), int(sums[3])
-        if seg is not None:
-            seg.sync()
-    if images == 0:
+        meter.sync()
+    if meter.images == 0:
         raise InputError("evaluation loader yielded no samples")
-    result = {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": images}
-    if seg is not None:
-        result.update({k: v for k, v in seg.compute().items() if k in SEG_METRICS})
-    return result
-
-
-SEG_METRICS = ("mIoU", "mDice", "mIoU_per_image", "mDice_per_image")
-
-
-def _seg_metrics(model: nn.Module, num_classes: int | None = None) -> Any:
-    classes = int(num_classes or model.num_classes)
-    names = getattr(model, "class_names", None)
-    names = names if names and len(names) == classes else None
-    return SegMetrics(classes, ignore_index=IGNORE_INDEX, class_names=names)
-
-
-def _at_target_size(logits: torch.Tensor, y: torch.Tensor | list[torch.Tensor],
-                    device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(logits, targets) pairs with dense logits resized to their masks' size (one pair per image
-    for a list of masks of different sizes)."""
-    if isinstance(y, (list, tuple)):
-        return [pair for i, m in enumerate(y) for pair in _at_target_size(logits[i:i + 1], m[None], device)]
-    y = y.to(device)
-    if y.dim() > 1 and tuple(logits.shape[-2:]) != tuple(y.shape[-2:]):
-        logits = F.interpolate(logits.float(), size=tuple(y.shape[-2:]), mode="bilinear", align_corners=False)
-    return [(logits, y)]
+    return meter.result()
 
 
 def _data_parallel(model: nn.Module) -> nn.Module:
@@ -332,13 +282,14 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
                 hook.before_step(step, total_steps)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 logits = forward(x)
-            loss_sum_batch, terms = _loss_sum(logits, y, config.label_smoothing)  # terms: images or valid pixels
+            kind = kind_of(model, y)  # the model's task kind, or (a model naming none) its targets
+            loss_sum_batch, terms = _loss_sum(kind, logits, y, config.label_smoothing)  # images, valid pixels, ...
             if world == 1:
                 loss = mean_loss = loss_sum_batch / max(terms, 1)
                 global_terms = terms
             else:  # a rank's loss is its share of the global batch's mean (DDP averages the gradients)
-                global_terms = (int(distributed.all_reduce_sum(torch.tensor(float(terms))).item()) if y.dim() > 1
-                                else distributed.global_sizes(train_batches)[i])
+                global_terms = (distributed.global_sizes(train_batches)[i] if kind.terms_per_sample()
+                                else int(distributed.all_reduce_sum(torch.tensor(float(terms))).item()))
                 loss = loss_sum_batch * (world / max(global_terms, 1))
                 mean_loss = distributed.all_reduce_sum(loss.detach().clone()) / world  # the same on every rank
             if not torch.isfinite(mean_loss):
@@ -355,7 +306,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
             if hook is not None:
                 hook.after_step(step, total_steps, optimizer)
             loss_sum += mean_loss.item() * global_terms
-            correct += _correct(logits, y)
+            correct += kind.correct(logits, y)
             seen += terms
             bar.set_postfix(loss=f"{mean_loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if world > 1:
@@ -390,7 +341,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
     summary = {"history": history, "final": history[-1] if history else {},
                "params": parameter_summary(model), "train_time_s": round(train_time, 2), "world_size": world}
     for name in eval_loaders:
-        for key in ("acc", "mIoU"):
+        for key in summary_keys():  # every kind's (acc, mIoU, ...): those the history holds are kept
             values = [h[f"{name}_{key}"] for h in history if f"{name}_{key}" in h]
             if values:
                 summary[f"best_{name}_{key}"] = max(values)

@@ -30,6 +30,7 @@ from sparseft.delta import task_record
 from sparseft.errors import InputError
 from sparseft.fileutil import atomic_path
 from sparseft.inference import eval_mode
+from sparseft.kinds.base import kind_of
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -57,7 +58,7 @@ def predict_masks(model: nn.Module, images: ImageInput | Sequence[ImageInput], *
     with `error` set and no mask. The model's train/eval modes are restored.
     """
 
-    if getattr(model, "task", None) != "segmentation":
+    if kind_of(model).prediction != "masks":
         raise InputError("predict_masks needs a segmentation model (a task trained on images/ + masks/ data); "
                          "sparseft.predict gives the classes of a classification task")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -18,14 +18,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparseft import distributed
-from sparseft.anatomy import feature_fn
+from sparseft.kinds.base import kind_of
 from sparseft.selected import SelectionError
-from sparseft.selection import regions as seg
-from sparseft.selection.losses import supcon_loss
+from sparseft.selection.losses import supcon_loss  # noqa: F401 - re-exported (sparseft.selection)
 
 ScoreReduction = Literal["abs_of_sum", "sum_of_abs", "sum_of_squares"]
 ChunkSize = int | Literal["auto"] | None
@@ -190,11 +188,8 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     names = list(names)
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
-    dense = getattr(model, "task", None) == "segmentation"  # masks: sparseft.selection.regions's losses
-    if dense:
-        features = model.features
-    else:
-        features = feature_fn(model, head)
+    target = kind_of(model).selection_objective(model, head)  # images or class regions: the task kind's
+    features = target.features(model, head)
     per_batch = reduction != "abs_of_sum"  # Σ|g| and Σg² (SPT's sensitivity) accumulate batch by batch
     acc = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names} if per_batch else None
     generator = torch.Generator()
@@ -208,10 +203,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
             return features(x) if loss == "supcon" else model(x)
 
     def objective(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if dense:
-            return (seg.region_supcon_loss(out, y, model.num_classes, temperature) if loss == "supcon"
-                    else seg.pixel_cross_entropy(out, y))
-        return supcon_loss(out, y, temperature) if loss == "supcon" else F.cross_entropy(out.float(), y.long())
+        return target.loss(model, out, y, loss, temperature)
 
     world, here = distributed.world_size(), distributed.rank()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), scoring_mode(model, set(names)):
@@ -229,16 +221,10 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                 views, labels = _split_batch(batch, augment, generator)
                 views = views[:1] if loss == "ce" else views
             x = torch.cat([v.to(device) for v in views])
-            if dense:
-                masks = labels[:len(views)] if isinstance(labels, (list, tuple)) else labels  # ce: first view's
-                y = seg.dense_targets(masks, views, step).to(device)
-                if loss == "supcon":
-                    contrast.append(seg.has_two_classes(y))
-            else:
-                labels = class_labels(labels, views, step)
-                if loss == "supcon":
-                    contrast.append((labels[1:] != labels[:1]).any())
-                y = labels.to(device).repeat(len(views))
+            y, two_classes = target.targets(labels, views, step)
+            y = y.to(device)
+            if loss == "supcon":
+                contrast.append(two_classes)
             if chunk_size == "auto":
                 chunk_size = auto_chunk(model, forward, x, len(views[0]), [params[n] for n in names])
             if chunk_size is None or chunk_size >= len(x):
