@@ -171,20 +171,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     scores, counts and checks are those of the whole pass on every rank. The random draws of
     batch i (drop-path, the default views) depend on (`seed`, i) only.
     """
-    if reduction not in ("abs_of_sum", "sum_of_abs", "sum_of_squares"):
-        raise SelectionError(f"reduction must be 'abs_of_sum', 'sum_of_abs' or 'sum_of_squares', not {reduction!r}")
-    if loss not in LOSSES:
-        raise SelectionError(f"loss must be one of {LOSSES} (--loss), not {loss!r}")
-    if loss == "supcon":
-        check_temperature(temperature)
-    if max_batches is not None:
-        check_count(max_batches, "max_batches", "--select-batches", "batches of the selection pass")
-    if chunk_size not in (None, "auto"):
-        check_count(chunk_size, "chunk_size", "--select-chunk", "images per re-run chunk")
-    if loss == "supcon" and getattr(loader, "batch_size", None) == 1:
-        raise SelectionError("the selection loader has batch size 1: every SupCon batch then holds one image "
-                             "(its two views are each other's only positive, with no negatives), so the loss is 0 "
-                             f"and no gradient reaches the weights; {BATCH_ADVICE}")
+    _check_arguments(loader, loss, temperature, reduction, max_batches, chunk_size)
     names = list(names)
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
@@ -215,11 +202,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                 break
             torch.manual_seed(_step_seed(seed, step))  # the random draws of batch i depend on (seed, i) only
             generator.manual_seed(_step_seed(seed, step))
-            if loss == "ce" and isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor):
-                views, labels = [batch[0]], batch[1]  # cross-entropy needs no second view
-            else:
-                views, labels = _split_batch(batch, augment, generator)
-                views = views[:1] if loss == "ce" else views
+            views, labels = _batch_views(batch, loss, augment, generator)
             x = torch.cat([v.to(device) for v in views])
             y, two_classes = target.targets(labels, views, step)
             y = y.to(device)
@@ -227,43 +210,100 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                 contrast.append(two_classes)
             if chunk_size == "auto":
                 chunk_size = auto_chunk(model, forward, x, len(views[0]), [params[n] for n in names])
-            if chunk_size is None or chunk_size >= len(x):
-                value = objective(forward(x), y)
-                value.backward()
-            else:
-                spans = [slice(i, i + chunk_size) for i in range(0, len(x), chunk_size)]
-                states, outs = [], []
-                with torch.no_grad():
-                    for span in spans:
-                        states.append(_rng_state(device))
-                        outs.append(forward(x[span]).float())
-                after = _rng_state(device)
-                out = torch.cat(outs).requires_grad_(True)
-                value = objective(out, y)
-                value.backward()
-                for span, state in zip(spans, states):
-                    _set_rng_state(device, state)
-                    forward(x[span]).float().backward(out.grad[span])
-                _set_rng_state(device, after)
+            value = _forward_backward(forward, objective, x, y, chunk_size, device)
             if acc is not None:
-                for n in names:
-                    if params[n].grad is not None:
-                        g = params[n].grad.float()
-                        acc[n] += g.square() if reduction == "sum_of_squares" else g.abs()
-                        params[n].grad = None
+                _accumulate(acc, params, names, reduction)
             steps.append(step)
             losses.append(value.detach())
             sizes.append(len(views[0]))
-        if acc is None:  # |Σg|: take each accumulated gradient over, in place (no second copy of the model)
-            acc = {}
-            for n in names:
-                grad, params[n].grad = params[n].grad, None
-                grad = grad if grad is not None else torch.zeros_like(params[n], dtype=torch.float32)
-                acc[n] = distributed.all_reduce_sum(grad).abs_().float()  # |Σg| over every rank's batches
-        else:
-            for score in acc.values():
-                distributed.all_reduce_sum(score)
+        acc = _reduce_over_ranks(acc, params, names)
     table = _batch_table(steps, losses, contrast, sizes)
+    stats = _check_pass(table, acc, loss, chunk_size)
+    return acc, stats
+
+
+def _check_arguments(loader: Iterable, loss: str, temperature: Any, reduction: str, max_batches: Any,
+                     chunk_size: Any) -> None:
+    """`gradient_scores`' option checks, before any forward pass (SelectionError naming the flag)."""
+    if reduction not in ("abs_of_sum", "sum_of_abs", "sum_of_squares"):
+        raise SelectionError(f"reduction must be 'abs_of_sum', 'sum_of_abs' or 'sum_of_squares', not {reduction!r}")
+    if loss not in LOSSES:
+        raise SelectionError(f"loss must be one of {LOSSES} (--loss), not {loss!r}")
+    if loss == "supcon":
+        check_temperature(temperature)
+    if max_batches is not None:
+        check_count(max_batches, "max_batches", "--select-batches", "batches of the selection pass")
+    if chunk_size not in (None, "auto"):
+        check_count(chunk_size, "chunk_size", "--select-chunk", "images per re-run chunk")
+    if loss == "supcon" and getattr(loader, "batch_size", None) == 1:
+        raise SelectionError("the selection loader has batch size 1: every SupCon batch then holds one image "
+                             "(its two views are each other's only positive, with no negatives), so the loss is 0 "
+                             f"and no gradient reaches the weights; {BATCH_ADVICE}")
+
+
+def _batch_views(batch: Any, loss: str, augment: Callable | None,
+                 generator: torch.Generator) -> tuple[list[torch.Tensor], Any]:
+    """One batch's views (two or more for SupCon, the first only for cross-entropy) and its labels."""
+    if loss == "ce" and isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor):
+        return [batch[0]], batch[1]  # cross-entropy needs no second view
+    views, labels = _split_batch(batch, augment, generator)
+    return (views[:1] if loss == "ce" else views), labels
+
+
+def _forward_backward(forward: Callable[[torch.Tensor], torch.Tensor],
+                      objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      y: torch.Tensor, chunk_size: int | None, device: torch.device) -> torch.Tensor:
+    """The batch's loss, its gradients added to the scored weights' `.grad`: at once, or (`chunk_size`
+    smaller than the batch) forward without gradients, then chunk by chunk with the random state replayed."""
+    if chunk_size is None or chunk_size >= len(x):
+        value = objective(forward(x), y)
+        value.backward()
+        return value
+    spans = [slice(i, i + chunk_size) for i in range(0, len(x), chunk_size)]
+    states, outs = [], []
+    with torch.no_grad():
+        for span in spans:
+            states.append(_rng_state(device))
+            outs.append(forward(x[span]).float())
+    after = _rng_state(device)
+    out = torch.cat(outs).requires_grad_(True)
+    value = objective(out, y)
+    value.backward()
+    for span, state in zip(spans, states):
+        _set_rng_state(device, state)
+        forward(x[span]).float().backward(out.grad[span])
+    _set_rng_state(device, after)
+    return value
+
+
+def _accumulate(acc: dict[str, torch.Tensor], params: dict[str, nn.Parameter], names: list[str],
+                reduction: str) -> None:
+    """Σ|g| or Σg²: add this batch's gradients to the scores and clear them."""
+    for n in names:
+        if params[n].grad is not None:
+            g = params[n].grad.float()
+            acc[n] += g.square() if reduction == "sum_of_squares" else g.abs()
+            params[n].grad = None
+
+
+def _reduce_over_ranks(acc: dict[str, torch.Tensor] | None, params: dict[str, nn.Parameter],
+                       names: list[str]) -> dict[str, torch.Tensor]:
+    """The scores of the whole pass on every rank: per-batch sums added up, or (`acc` None) |Σg|."""
+    if acc is not None:
+        for score in acc.values():
+            distributed.all_reduce_sum(score)
+        return acc
+    acc = {}  # |Σg|: take each accumulated gradient over, in place (no second copy of the model)
+    for n in names:
+        grad, params[n].grad = params[n].grad, None
+        grad = grad if grad is not None else torch.zeros_like(params[n], dtype=torch.float32)
+        acc[n] = distributed.all_reduce_sum(grad).abs_().float()  # |Σg| over every rank's batches
+    return acc
+
+
+def _check_pass(table: torch.Tensor, acc: dict[str, torch.Tensor], loss: str,
+                chunk_size: int | None) -> dict[str, Any]:
+    """The pass's counts, or SelectionError: no batches, no batch with two classes (SupCon), NaN/inf."""
     stats = {"batches": len(table), "images": int(table[:, 2].sum()), "chunk_size": chunk_size}
     if stats["batches"] == 0:
         raise SelectionError("selection loader yielded no batches (is the training split empty?)")
@@ -290,7 +330,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
         raise SelectionError("; ".join(problems) + ": the images hold NaN/inf values, or the loss or the gradients "
                              "overflowed; check the data and the model weights (a tiny --temperature or --bf16 "
                              "can overflow too)")
-    return acc, stats
+    return stats
 
 
 def auto_chunk(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
