@@ -228,124 +228,29 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
     """
     eval_loaders = eval_loaders or {}
     run_dir = Path(run_dir) if run_dir is not None else None
-    device = _device_of(model)
-    world, main = distributed.world_size(), distributed.is_main()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
-    train_batches = distributed.shard(train_loader, "slices")
-    steps_per_epoch = len(train_batches)  # type: ignore[arg-type]
-    total_steps = max(1, config.epochs * steps_per_epoch)
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=config.min_lr,
-                                  warmup_t=int(round(config.warmup_epochs * steps_per_epoch)),
-                                  warmup_lr_init=config.warmup_lr, t_in_epochs=False)
-    history: list[dict[str, Any]] = []
-    start_epoch, step, train_time = 0, 0, 0.0
-    stem = run_dir / "checkpoint" if run_dir else None
+    loop = _Loop(model, train_loader, config, params, hook, run_dir)
+    start = _start_run(loop, run_dir, resume, run_info)
+    if start.finished is not None:
+        return start.finished
+    history, step, train_time = start.history, start.step, start.train_time
+    loop.scheduler.step_update(step)
+    loop.forward = _data_parallel(model) if loop.world > 1 else model
 
-    if run_dir is not None:
-        summary_path = run_dir / "summary.json"
-        settings = json.loads(json.dumps({"train": config.to_dict(), **(run_info or {}), "world_size": world},
-                                         default=str))
-        if resume:
-            check_same_settings(run_dir, settings)
-        if resume and stem.with_suffix(".json").exists():
-            record = load_checkpoint(stem, model, optimizer,
-                                     restore_extra=hook.load_state_tensors if hook is not None else None)
-            history, start_epoch, step = record["history"], record["epoch"] + 1, record["step"]
-            train_time = record.get("train_time_s", 0.0)
-            if start_epoch >= config.epochs and summary_path.exists():
-                return json.loads(summary_path.read_text())
-        elif resume and summary_path.exists():  # finished, its checkpoint gone: nothing to redo or overwrite
-            return json.loads(summary_path.read_text())
-        elif (run_dir / "config.json").exists() and not resume:
-            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True or choose another folder")
-        distributed.barrier()  # every rank has read the folder before rank 0 writes to it
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / "config.json", json.dumps(settings, indent=1))
-            write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    scheduler.step_update(step)
-    forward = _data_parallel(model) if world > 1 else model
-
-    for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(_epoch_seed(config.seed, epoch))
-        dataset = getattr(train_batches, "dataset", None)
-        if hasattr(dataset, "set_epoch"):  # a data set that seeds each item's augmentation itself
-            dataset.set_epoch(epoch)
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = distributed.progress(train_batches, f"epoch {epoch + 1}/{config.epochs}", config.progress)
-        for i, (x, y) in enumerate(bar):
-            x, y = x.to(device), y.to(device)
-            if hook is not None:
-                hook.before_step(step, total_steps)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                logits = forward(x)
-            kind = kind_of(model, y)  # the model's task kind, or (a model naming none) its targets
-            loss_sum_batch, terms = _loss_sum(kind, logits, y, config.label_smoothing)  # images, valid pixels, ...
-            if world == 1:
-                loss = mean_loss = loss_sum_batch / max(terms, 1)
-                global_terms = terms
-            else:  # a rank's loss is its share of the global batch's mean (DDP averages the gradients)
-                global_terms = (distributed.global_sizes(train_batches)[i] if kind.terms_per_sample()
-                                else int(distributed.all_reduce_sum(torch.tensor(float(terms))).item()))
-                loss = loss_sum_batch * (world / max(global_terms, 1))
-                mean_loss = distributed.all_reduce_sum(loss.detach().clone()) / world  # the same on every rank
-            if not torch.isfinite(mean_loss):
-                where = f" (last good checkpoint: {stem}.json, epoch {epoch})" if stem and epoch > 0 else ""
-                raise TrainingDiverged(f"loss is {mean_loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                       f"lower the learning rate{where}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            if hook is not None:
-                hook.after_step(step, total_steps, optimizer)
-            loss_sum += mean_loss.item() * global_terms
-            correct += kind.correct(logits, y)
-            seen += terms
-            bar.set_postfix(loss=f"{mean_loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if world > 1:
-            correct, seen = (int(v) for v in distributed.all_reduce_sum(torch.tensor([correct, seen])))
-        epoch_time = time.perf_counter() - t0
+    for epoch in range(start.epoch, config.epochs):
+        metrics, step, epoch_time = _train_epoch(loop, epoch, step)
         train_time += epoch_time
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                                   "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                                   "epoch_time_s": round(epoch_time, 3)}
-        due = (epoch + 1) % max(config.eval_every, 1) == 0 or epoch + 1 == config.epochs
-        for name, loader in (eval_loaders.items() if due else ()):
-            result = evaluate(model, loader, bf16=config.bf16)
-            metrics.update({f"{name}_{key}": value for key, value in result.items() if key != "n"})
+        _evaluate_epoch(loop, epoch, metrics, eval_loaders)
         history.append(metrics)
-        if config.progress and main:
+        if config.progress and loop.main:
             shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             tqdm.write(shown)
         if run_dir is not None:
-            bad = _non_finite(model, optimizer)
-            if bad:  # never write a checkpoint that cannot be resumed
-                where = (f"; the last finite checkpoint is {stem}.json (epoch {epoch})" if epoch > start_epoch or
-                         stem.with_suffix(".json").exists() else "")
-                raise TrainingDiverged(f"non-finite values in {', '.join(bad[:3])} after epoch {epoch + 1}; lower "
-                                       f"the learning rate{where}")
-            if main:
-                save_checkpoint(stem, model, optimizer, {"epoch": epoch, "step": step, "history": history,
-                                                         "train_time_s": train_time},
-                                extra=hook.state_tensors() if hook is not None else None)
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+            _save_epoch(loop, run_dir, epoch, start.epoch, metrics, {"epoch": epoch, "step": step, "history": history,
+                                                                    "train_time_s": train_time})
 
-    summary = {"history": history, "final": history[-1] if history else {},
-               "params": parameter_summary(model), "train_time_s": round(train_time, 2), "world_size": world}
-    for name in eval_loaders:
-        for key in summary_keys():  # every kind's (acc, mIoU, ...): those the history holds are kept
-            values = [h[f"{name}_{key}"] for h in history if f"{name}_{key}" in h]
-            if values:
-                summary[f"best_{name}_{key}"] = max(values)
-    if run_dir is not None and main:
+    summary = _summary(model, history, train_time, loop.world, eval_loaders)
+    if run_dir is not None and loop.main:
         if save_task is None:
             if is_applied(model):
                 save_delta(model, run_dir / "delta.safetensors", extra=run_info)
@@ -354,3 +259,156 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
+
+class _Loop:
+    """What every step of a `fit` needs: the model (and its DDP wrapper), optimizer, schedule and hook."""
+
+    def __init__(self, model: nn.Module, train_loader: Iterable, config: TrainConfig, params: list[nn.Parameter],
+                 hook: Any, run_dir: Path | None) -> None:
+        self.model, self.config, self.params, self.hook = model, config, params, hook
+        self.device = _device_of(model)
+        self.world, self.main = distributed.world_size(), distributed.is_main()
+        self.optimizer = make_optimizer(params, config)
+        self.train_batches = distributed.shard(train_loader, "slices")
+        steps_per_epoch = len(self.train_batches)  # type: ignore[arg-type]
+        self.total_steps = max(1, config.epochs * steps_per_epoch)
+        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=self.total_steps, lr_min=config.min_lr,
+                                           warmup_t=int(round(config.warmup_epochs * steps_per_epoch)),
+                                           warmup_lr_init=config.warmup_lr, t_in_epochs=False)
+        self.stem = run_dir / "checkpoint" if run_dir else None
+        self.forward: nn.Module = model  # the training forward: under a process group, `fit` wraps it in DDP
+
+
+@dataclass
+class _Start:
+    """Where `fit` starts: a fresh run, a checkpoint's epoch, or (`finished`) a finished run's summary."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epoch: int = 0
+    step: int = 0
+    train_time: float = 0.0
+    finished: dict[str, Any] | None = None
+
+
+def _start_run(loop: _Loop, run_dir: Path | None, resume: bool, run_info: dict[str, Any] | None) -> _Start:
+    """The run folder: the settings check, the checkpoint resumed or a fresh start (config.json,
+    metrics.jsonl written by rank 0); a finished run's summary when there is nothing to redo."""
+    if run_dir is None:
+        return _Start()
+    start = _Start()
+    stem, hook = loop.stem, loop.hook
+    summary_path = run_dir / "summary.json"
+    settings = json.loads(json.dumps({"train": loop.config.to_dict(), **(run_info or {}), "world_size": loop.world},
+                                     default=str))
+    if resume:
+        check_same_settings(run_dir, settings)
+    if resume and stem.with_suffix(".json").exists():
+        record = load_checkpoint(stem, loop.model, loop.optimizer,
+                                 restore_extra=hook.load_state_tensors if hook is not None else None)
+        start = _Start(record["history"], record["epoch"] + 1, record["step"], record.get("train_time_s", 0.0))
+        if start.epoch >= loop.config.epochs and summary_path.exists():
+            return _Start(finished=json.loads(summary_path.read_text()))
+    elif resume and summary_path.exists():  # finished, its checkpoint gone: nothing to redo or overwrite
+        return _Start(finished=json.loads(summary_path.read_text()))
+    elif (run_dir / "config.json").exists() and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True or choose another folder")
+    distributed.barrier()  # every rank has read the folder before rank 0 writes to it
+    if loop.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.json", json.dumps(settings, indent=1))
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in start.history))
+    return start
+
+
+def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], int, float]:
+    """One epoch of training steps from global step `step`: (its metrics, the step after it, its time)."""
+    config, model, optimizer, hook, world = loop.config, loop.model, loop.optimizer, loop.hook, loop.world
+    train_batches, device, stem = loop.train_batches, loop.device, loop.stem
+    forward = loop.forward
+    torch.manual_seed(_epoch_seed(config.seed, epoch))
+    dataset = getattr(train_batches, "dataset", None)
+    if hasattr(dataset, "set_epoch"):  # a data set that seeds each item's augmentation itself
+        dataset.set_epoch(epoch)
+    model.train()
+    t0 = time.perf_counter()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = distributed.progress(train_batches, f"epoch {epoch + 1}/{config.epochs}", config.progress)
+    for i, (x, y) in enumerate(bar):
+        x, y = x.to(device), y.to(device)
+        if hook is not None:
+            hook.before_step(step, loop.total_steps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            logits = forward(x)
+        kind = kind_of(model, y)  # the model's task kind, or (a model naming none) its targets
+        loss_sum_batch, terms = _loss_sum(kind, logits, y, config.label_smoothing)  # images, valid pixels, ...
+        if world == 1:
+            loss = mean_loss = loss_sum_batch / max(terms, 1)
+            global_terms = terms
+        else:  # a rank's loss is its share of the global batch's mean (DDP averages the gradients)
+            global_terms = (distributed.global_sizes(train_batches)[i] if kind.terms_per_sample()
+                            else int(distributed.all_reduce_sum(torch.tensor(float(terms))).item()))
+            loss = loss_sum_batch * (world / max(global_terms, 1))
+            mean_loss = distributed.all_reduce_sum(loss.detach().clone()) / world  # the same on every rank
+        if not torch.isfinite(mean_loss):
+            where = f" (last good checkpoint: {stem}.json, epoch {epoch})" if stem and epoch > 0 else ""
+            raise TrainingDiverged(f"loss is {mean_loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                   f"lower the learning rate{where}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(loop.params, config.grad_clip)
+        optimizer.step()
+        step += 1
+        loop.scheduler.step_update(step)
+        if hook is not None:
+            hook.after_step(step, loop.total_steps, optimizer)
+        loss_sum += mean_loss.item() * global_terms
+        correct += kind.correct(logits, y)
+        seen += terms
+        bar.set_postfix(loss=f"{mean_loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    if world > 1:
+        correct, seen = (int(v) for v in distributed.all_reduce_sum(torch.tensor([correct, seen])))
+    epoch_time = time.perf_counter() - t0
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                               "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                               "epoch_time_s": round(epoch_time, 3)}
+    return metrics, step, epoch_time
+
+
+def _evaluate_epoch(loop: _Loop, epoch: int, metrics: dict[str, Any], eval_loaders: dict[str, Iterable]) -> None:
+    """Every `eval_every` epochs and after the last: each eval loader's metrics into `metrics`."""
+    config = loop.config
+    due = (epoch + 1) % max(config.eval_every, 1) == 0 or epoch + 1 == config.epochs
+    for name, loader in (eval_loaders.items() if due else ()):
+        result = evaluate(loop.model, loader, bf16=config.bf16)
+        metrics.update({f"{name}_{key}": value for key, value in result.items() if key != "n"})
+
+
+def _save_epoch(loop: _Loop, run_dir: Path, epoch: int, start_epoch: int, metrics: dict[str, Any],
+                record: dict[str, Any]) -> None:
+    """The end-of-epoch NaN check, then (rank 0) the checkpoint and the epoch's line of metrics.jsonl."""
+    stem = loop.stem
+    bad = _non_finite(loop.model, loop.optimizer)
+    if bad:  # never write a checkpoint that cannot be resumed
+        where = (f"; the last finite checkpoint is {stem}.json (epoch {epoch})" if epoch > start_epoch or
+                 stem.with_suffix(".json").exists() else "")
+        raise TrainingDiverged(f"non-finite values in {', '.join(bad[:3])} after epoch {epoch + 1}; lower "
+                               f"the learning rate{where}")
+    if loop.main:
+        save_checkpoint(stem, loop.model, loop.optimizer, record,
+                        extra=loop.hook.state_tensors() if loop.hook is not None else None)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def _summary(model: nn.Module, history: list[dict[str, Any]], train_time: float, world: int,
+             eval_loaders: dict[str, Iterable]) -> dict[str, Any]:
+    """The run's summary: history, final epoch, parameter counts, time and each eval split's best metrics."""
+    summary = {"history": history, "final": history[-1] if history else {},
+               "params": parameter_summary(model), "train_time_s": round(train_time, 2), "world_size": world}
+    for name in eval_loaders:
+        for key in summary_keys():  # every kind's (acc, mIoU, ...): those the history holds are kept
+            values = [h[f"{name}_{key}"] for h in history if f"{name}_{key}" in h]
+            if values:
+                summary[f"best_{name}_{key}"] = max(values)
+    return summary
