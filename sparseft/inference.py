@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from PIL import Image
@@ -34,6 +34,7 @@ from sparseft.fileutil import write_text_atomic
 from sparseft.kinds.base import kind_of
 
 ImageInput = str | os.PathLike | Image.Image
+T = TypeVar("T")
 
 
 @dataclass
@@ -94,6 +95,29 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def check_batch_options(batch_size: Any, on_error: Any) -> None:
+    """Refuse a `batch_size` that is not a whole number >= 1 or an `on_error` other than raise/skip."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
+    if on_error not in ("raise", "skip"):
+        raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+
+
+def predict_batches(model: nn.Module, items: Sequence[Any] | torch.Tensor, batch_size: int,
+                    run_batch: Callable[[Any], list[T]], *, progress: bool = False) -> list[T]:
+    """The one prediction loop of every task kind: `items` in slices of `batch_size`, each given to
+    `run_batch` (one result per item, in order) in eval mode under `torch.no_grad()`, with a progress
+    bar; the model's train/eval modes are restored."""
+    results: list[T] = []
+    with eval_mode(model), torch.no_grad(), tqdm(total=len(items), desc="predict", unit="img", disable=not progress,
+                                                  leave=False) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            results.extend(run_batch(chunk))
+            bar.update(len(chunk))
+    return results
+
+
 def _read(items: Sequence[Any], transform: Callable[[Image.Image], torch.Tensor],
           on_error: OnError) -> tuple[torch.Tensor | None, list[Path | None], dict[int, str]]:
     """One batch of files or PIL images: (stacked tensors of the readable ones, paths, errors by position)."""
@@ -144,10 +168,7 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
                          f"{kind.predict_hint}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InputError(f"top_k (--top-k) must be a whole number >= 1, not {top_k!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
-    if on_error not in ("raise", "skip"):
-        raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    check_batch_options(batch_size, on_error)
     record = task_record(model)
     if class_names is None:
         class_names = record.get("class_names") or None
@@ -165,21 +186,17 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
     first = next(iter(model.parameters()), torch.empty(0))
     # images come as float32 (files) or the caller's float dtype: run them in the model's (a bf16/fp64 model)
     device, dtype = first.device, first.dtype if first.is_floating_point() else None
-    results: list[Prediction] = []
-    with eval_mode(model), torch.no_grad(), tqdm(total=len(items), desc="predict", unit="img", disable=not progress,
-                                                  leave=False) as bar:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            if isinstance(chunk, torch.Tensor):
-                x, paths, errors = chunk, [None] * len(chunk), {}
-            else:
-                x, paths, errors = _read(chunk, transform, on_error)
-            found = iter(_top_k(model(x.to(device, dtype)), top_k, names) if x is not None else ())
-            for i, path in enumerate(paths):
-                failed = Prediction([], [], [], path, errors[i]) if i in errors else None
-                results.append(failed or replace(next(found), path=path))
-            bar.update(len(chunk))
-    return results
+
+    def run_batch(chunk: Any) -> list[Prediction]:
+        if isinstance(chunk, torch.Tensor):
+            x, paths, errors = chunk, [None] * len(chunk), {}
+        else:
+            x, paths, errors = _read(chunk, transform, on_error)
+        found = iter(_top_k(model(x.to(device, dtype)), top_k, names) if x is not None else ())
+        return [Prediction([], [], [], path, errors[i]) if i in errors else replace(next(found), path=path)
+                for i, path in enumerate(paths)]
+
+    return predict_batches(model, items, batch_size, run_batch, progress=progress)
 
 
 def write_csv(predictions: Iterable[Prediction], path: str | Path) -> None:

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from sparseft.data import data_config
 from sparseft.data.images import DataError, OnError, open_rgb, to_rgb
@@ -29,7 +28,7 @@ from sparseft.data.segtasks import voc_palette
 from sparseft.delta import task_record
 from sparseft.errors import InputError
 from sparseft.fileutil import atomic_path
-from sparseft.inference import eval_mode
+from sparseft.inference import check_batch_options, predict_batches
 from sparseft.kinds.base import kind_of
 
 ImageInput = str | os.PathLike | Image.Image
@@ -49,7 +48,6 @@ def _image_transform(model: nn.Module):
     return lambda image: transform(image, np.zeros((image.height, image.width), dtype=np.uint8))[0]
 
 
-@torch.no_grad()
 def predict_masks(model: nn.Module, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 16,
                   progress: bool = False, on_error: OnError = "raise") -> list[MaskPrediction]:
     """The predicted mask of each image (files or PIL images), one `MaskPrediction` each, in order.
@@ -61,28 +59,23 @@ def predict_masks(model: nn.Module, images: ImageInput | Sequence[ImageInput], *
     if kind_of(model).prediction != "masks":
         raise InputError("predict_masks needs a segmentation model (a task trained on images/ + masks/ data); "
                          "sparseft.predict gives the classes of a classification task")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size (--batch-size) must be a whole number >= 1, not {batch_size!r}")
-    if on_error not in ("raise", "skip"):
-        raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    check_batch_options(batch_size, on_error)
     items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
     transform = _image_transform(model)
     first = next(iter(model.parameters()))
-    out: list[MaskPrediction] = []
-    with eval_mode(model), tqdm(total=len(items), desc="predict", unit="img", disable=not progress,
-                                leave=False) as bar:
-        for start in range(0, len(items), batch_size):
-            batch = [_open(item, on_error) for item in items[start:start + batch_size]]
-            read = [b for b in batch if b.error is None]
-            if read:
-                x = torch.stack([transform(b.image) for b in read]).to(first.device, first.dtype)
-                for b, logits in zip(read, model(x)):
-                    size = (b.image.height, b.image.width)
-                    full = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
-                    b.mask = full.argmax(1)[0].to(torch.uint8).cpu().numpy()
-            out.extend(MaskPrediction(b.mask, b.path, b.error) for b in batch)
-            bar.update(len(batch))
-    return out
+
+    def run_batch(chunk: list[ImageInput]) -> list[MaskPrediction]:
+        batch = [_open(item, on_error) for item in chunk]
+        read = [b for b in batch if b.error is None]
+        if read:
+            x = torch.stack([transform(b.image) for b in read]).to(first.device, first.dtype)
+            for b, logits in zip(read, model(x)):
+                size = (b.image.height, b.image.width)
+                full = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
+                b.mask = full.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        return [MaskPrediction(b.mask, b.path, b.error) for b in batch]
+
+    return predict_batches(model, items, batch_size, run_batch, progress=progress)
 
 
 @dataclass
