@@ -9,15 +9,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from sparseft import delta
 from sparseft.deltafile import DeltaFileError, TaskSource, read_task
 from sparseft.errors import InputError
 from sparseft.kinds.base import kind_named_in
 from sparseft.methods import METHODS, Method
+from sparseft.train import evaluate
 
 
 def method_named_in(header: dict) -> str:
@@ -68,6 +71,35 @@ def load_for_inference(task_file: TaskSource, *, weights: str | Path | None = No
     if merge and method.mergeable:
         method.merge(model)
     return model.eval()
+
+
+def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batch_size: int = 128,
+                  weights: str | None = None, preprocessing: str | None = None, merge: bool = True) -> dict[str, Any]:
+    """The metrics of a saved task on a split of `data` (those of its task kind: accuracy, mIoU, ...).
+
+    The base model, image size and (unless `preprocessing` is given) the evaluation preprocessing
+    are those the task was trained with, from the task file's header. Mergeable methods are
+    evaluated merged: what users deploy.
+    """
+
+    task = read_task(task_file)  # read and verified once: the load below takes it as it is
+    task_file = task.path
+    header = task.header
+    extra = header.get("extra", {})
+    kind = kind_named_in(header)
+    names = kind.class_names(data)
+    if "num_classes" in extra and len(names) != extra["num_classes"]:
+        raise InputError(f"{task_file}: the task has {extra['num_classes']} classes but {data} has "
+                         f"{len(names)}; evaluate it on the data it was trained for")
+    trained = extra.get("class_names")
+    if trained and trained != names:
+        raise InputError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
+                         "evaluate it on the data it was trained for")
+
+    kind.check_eval_options(task_file, preprocessing)
+    model = load_for_inference(task, weights=weights, merge=merge)
+    ds = kind.eval_dataset(model, data, split, extra, preprocessing)
+    return evaluate(model, DataLoader(ds, batch_size=batch_size, collate_fn=kind.collate("eval")))
 
 
 def method_for(model: nn.Module) -> Method:

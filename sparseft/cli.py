@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 import sparseft
 from sparseft import distributed
-from sparseft.api import load_for_inference, method_named_in
+from sparseft.api import evaluate_task, load_for_inference, method_named_in
 from sparseft.bench import load_suite, plan, run_suite, write_report
 from sparseft.bench.runner import runs_in_cell
 from sparseft.cliopts import (
@@ -46,7 +46,7 @@ from sparseft.loaders import TaskData, num_classes_of
 from sparseft.methods import METHODS, MethodContext, get_method
 from sparseft.methods.gps import SELECTION_SETTINGS
 from sparseft.methods.report import method_table
-from sparseft.run import PROTOCOL_SPLITS, RunSpec, evaluate_task, run
+from sparseft.run import PROTOCOL_SPLITS, RunSpec, run
 from sparseft.seg.predict import check_destinations, predict_masks, write_masks
 from sparseft.train import TrainConfig
 

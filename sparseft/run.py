@@ -20,19 +20,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from sparseft import distributed
-from sparseft.api import load_for_inference
+from sparseft.api import evaluate_task  # noqa: F401 - re-exported: tests import it from here
 from sparseft.cliopts import require
-from sparseft.deltafile import TaskSource, read_task
 from sparseft.errors import InputError
 from sparseft.fileutil import LOCK_FILE, folder_lock, read_json, write_text_atomic
-from sparseft.kinds.base import kind_for_data, kind_named_in
+from sparseft.kinds.base import kind_for_data
 from sparseft.loaders import DataSpec, TaskData
 from sparseft.methods import BATCHNORM_DEFAULT_BEFORE, MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
-from sparseft.train import TrainConfig, check_same_settings, evaluate, fit
+from sparseft.train import TrainConfig, check_same_settings, fit
 
 TASK_FILE = "delta.safetensors"
 
@@ -264,31 +262,3 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
     return distributed.broadcast_object(summary)  # rank 0's (it saved the task file) on every rank
 
-
-def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batch_size: int = 128,
-                  weights: str | None = None, preprocessing: str | None = None, merge: bool = True) -> dict[str, Any]:
-    """The metrics of a saved task on a split of `data` (those of its task kind: accuracy, mIoU, ...).
-
-    The base model, image size and (unless `preprocessing` is given) the evaluation preprocessing
-    are those the task was trained with, from the task file's header. Mergeable methods are
-    evaluated merged: what users deploy.
-    """
-
-    task = read_task(task_file)  # read and verified once: the load below takes it as it is
-    task_file = task.path
-    header = task.header
-    extra = header.get("extra", {})
-    kind = kind_named_in(header)
-    names = kind.class_names(data)
-    if "num_classes" in extra and len(names) != extra["num_classes"]:
-        raise InputError(f"{task_file}: the task has {extra['num_classes']} classes but {data} has "
-                         f"{len(names)}; evaluate it on the data it was trained for")
-    trained = extra.get("class_names")
-    if trained and trained != names:
-        raise InputError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
-                         "evaluate it on the data it was trained for")
-
-    kind.check_eval_options(task_file, preprocessing)
-    model = load_for_inference(task, weights=weights, merge=merge)
-    ds = kind.eval_dataset(model, data, split, extra, preprocessing)
-    return evaluate(model, DataLoader(ds, batch_size=batch_size, collate_fn=kind.collate("eval")))
