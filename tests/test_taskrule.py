@@ -51,3 +51,18 @@ def test_a_family_gives_better_worse_level_and_inconclusive():
     assert len(fam) == 4  # a pair with a row that does not exist is left out
     assert all(math.isclose(c["p_better_holm"], min(1, c["p_better"] * 4)) or c["p_better_holm"] >= c["p_better"]
                for c in fam.values())
+
+
+def test_the_variant_choice_takes_the_two_best_complete_variants():
+    from sparseft.bench.taskrule import choose_variants
+    from sparseft.errors import InputError
+
+    tasks, seeds = ["a", "b"], [0, 1, 2]
+    rows = {"gps-col": cells({"a": [70, 71, 72], "b": [60, 60, 60]}),   # 65.5
+            "rosa": cells({"a": [75, 75, 75], "b": [58, 58, 58]}),      # 66.5
+            "spiel": cells({"a": [80, 80, 80], "b": [50, 50, 50]}),     # 65.0
+            "gps-row": cells({"a": [99, 99], "b": [99, 99, 99]}),       # best, but seed 2 of task a is missing
+            "gps": cells({"a": [90, 90, 90], "b": [90, 90, 90]})}       # not a variant
+    assert choose_variants(rows, tasks, seeds) == [("rosa", 66.5), ("gps-col", 65.5)]
+    with pytest.raises(InputError, match="gps-row: a/seed2"):
+        choose_variants(rows, tasks, seeds, variants=["gps-row", "rosa"])

@@ -17,6 +17,8 @@ from typing import Any
 
 from scipy import stats
 
+from sparseft.errors import InputError
+
 ALPHA = 0.05
 MARGIN = 1.0  # points
 RULE_V2 = (
@@ -125,6 +127,26 @@ def plan_pairs(labels: Iterable[str], claims: list[tuple[str, str]] = ()) -> lis
     if "gps" in labels:
         pairs += [("gps", other) for other in labels if other != "gps" and other not in VARIANTS]
     return list(dict.fromkeys((a, b) for a, b in pairs if a in labels and b in labels))
+
+
+def choose_variants(rows: dict[str, dict[tuple[str, int], float]], tasks: list[str], seeds: list[int],
+                    variants: Iterable[str] = VARIANTS, count: int = 2) -> list[tuple[str, float]]:
+    """Evidence plan v2, step 3: the `count` variants with the highest mean over `tasks` of their mean over
+    `seeds` (highest first, ties by label). A variant missing any (task, seed) cannot be chosen; raises
+    InputError when fewer than `count` are complete, naming what is missing."""
+    scored, missing = [], {}
+    for v in variants:
+        cells = rows.get(v, {})
+        gaps = [f"{t}/seed{s}" for t in tasks for s in seeds if (t, s) not in cells]
+        if gaps:
+            missing[v] = gaps
+            continue
+        per_task = [sum(cells[(t, s)] for s in seeds) / len(seeds) for t in tasks]
+        scored.append((v, sum(per_task) / len(per_task)))
+    if len(scored) < count:
+        raise InputError(f"only {len(scored)} of the variants are complete on every (task, seed); missing: "
+                         + "; ".join(f"{v}: {', '.join(g[:3])}{'…' if len(g) > 3 else ''}" for v, g in missing.items()))
+    return sorted(scored, key=lambda vs: (-vs[1], vs[0]))[:count]
 
 
 def _p(p: float | None) -> str:
