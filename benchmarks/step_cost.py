@@ -24,6 +24,10 @@ Options add, in the same run:
                of loading a checkpoint is left out), `sparse` including a default-argument
                `sparseft.select` on two views of the batch (what a user who passes no options gets)
   --all        all of the above
+  --variants   the frontier variants' steps against full, sparse (GPS) and floor: `column` (GPS
+               --level column), `rosa` (LoRA r=1 on qkv + sparse entries at GPS K's budget) and
+               `spiel-probe` (a GPS step with SpIEL's gradient probes on: what its 2 steps before
+               each update cost; its other steps are `sparse` steps)
 
     python benchmarks/step_cost.py --all                                   # ViT-S/16 @224, batch 32
     python benchmarks/step_cost.py --model resnet50 --img 128               # a CNN
@@ -46,6 +50,9 @@ import torch
 import torch.nn.functional as F
 
 import sparseft
+from sparseft import delta
+from sparseft.methods import MethodContext, get_method
+from sparseft.regrow import Regrower, RegrowSchedule
 from sparseft.selection import parameter_roles
 
 MODES = ("full", "official", "sparse", "floor")
@@ -162,6 +169,34 @@ def time_compiled(args: argparse.Namespace, base: torch.nn.Module, selection: sp
     return result
 
 
+def prepared_runner(base: torch.nn.Module, method: str, loader: list, **options) -> Runner:
+    """A runner whose model a method prepared (on `loader`'s views), with AdamW on what it trains."""
+    runner = Runner("floor", base, sparseft.Selection(indices={}, shapes={}))
+    runner.model = get_method(method, **options).prepare(
+        copy.deepcopy(base).train(), MethodContext(loader={"select": loader}.__getitem__, progress=False))
+    runner.opt = torch.optim.AdamW([p for p in runner.model.parameters() if p.requires_grad], lr=1e-4,
+                                   weight_decay=1e-4)
+    runner.named = dict(runner.model.named_parameters())
+    runner.forward = runner.model
+    return runner
+
+
+def time_variants(args: argparse.Namespace, base: torch.nn.Module, selection: sparseft.Selection) -> dict:
+    x, y = batch_of(args.batch, args.img, args.classes, seed=1)
+    loader = [([x, x.flip(-1)], y)]
+    runners = {m: Runner(m, base, selection) for m in ("full", "sparse", "floor")}
+    runners["column"] = prepared_runner(base, "gps", loader, k=args.k, level="column", score="sum_of_squares")
+    runners["rosa"] = prepared_runner(base, "rosa", loader, k=args.k)
+    probe = Runner("sparse", base, selection)
+    grower = Regrower(probe.model, RegrowSchedule())
+    for name, d in delta.deltas(probe.model).items():
+        d.probe = grower._accumulator(name, d)  # on for every step: the cost of a step before an update
+    runners["spiel-probe"] = probe
+    result = interleaved(runners, *batch_of(args.batch, args.img, args.classes), args)
+    result["trainable"] = {m: sparseft.trainable_parameters(r.model) for m, r in runners.items()}
+    return result
+
+
 def time_selection(args: argparse.Namespace, base: torch.nn.Module) -> dict:
     """The default selection pass against one full fine-tuning epoch on the same images (min of 2 each)."""
     x, y = batch_of(args.select_images, args.img, args.classes)
@@ -257,7 +292,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="steps per mode per round")
     p.add_argument("--select-images", type=int, default=0, help="images of the selection pass (default 2 batches)")
-    for flag in ("bf16", "compile", "selection", "rss", "all"):
+    for flag in ("bf16", "compile", "selection", "rss", "variants", "all"):
         p.add_argument(f"--{flag}", action="store_true")
     p.add_argument("--no-fp32", action="store_true", help="skip the fp32 step timing")
     p.add_argument("--rss-repeats", type=int, default=2)
@@ -269,7 +304,7 @@ def main() -> None:
         rss_child(args)
         return
     if args.all:
-        args.bf16 = args.compile = args.selection = args.rss = True
+        args.bf16 = args.compile = args.selection = args.rss = args.variants = True
     head = {"model": args.model, "img": args.img, "batch": args.batch, "k": args.k, "classes": args.classes,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     print(json.dumps(head))
@@ -281,6 +316,10 @@ def main() -> None:
         result = time_modes(args, base, selection, bf16)
         show(f"step, {label} ({result['steps_per_mode']} timed steps per mode, median):", result)
         print(json.dumps({"step": label, **result}))
+    if args.variants:
+        result = time_variants(args, base, selection)
+        show("frontier variants' steps (fp32):", result)
+        print(json.dumps({"variants": result}))
     if args.compile:
         result = time_compiled(args, base, selection)
         show("sparse step, eager vs torch.compile (inductor):", result)
