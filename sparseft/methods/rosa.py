@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from sparseft import delta
-from sparseft.anatomy import head_parameter_names
 from sparseft.errors import InputError
 from sparseft.methods.base import MethodContext, NotApplicable, register
 from sparseft.methods.gps import GPS
 from sparseft.methods.lora import find_targets, fold_lora, inject_lora, parse_targets
 from sparseft.selected import row_length
 from sparseft.selection import Selection, parameter_roles
+from sparseft.selection.gps import full_values
 
 
 def lora_values(model: nn.Module, layers: list[str], r: int) -> int:
@@ -75,11 +75,9 @@ class RoSA(GPS):
         """What GPS with this --k trains on `model`: top-K per neuron plus the values trained in full."""
         roles = parameter_roles(model, self.rules())
         params = dict(model.named_parameters())
-        heads = set(head_parameter_names(model))
         sparse = sum(p.shape[0] * min(self.options.k, row_length(tuple(p.shape)))
                      for n, p in params.items() if roles[n] == "select")
-        full = sum(p.numel() for n, p in params.items() if roles[n] == "full" and n not in heads)
-        return sparse + full
+        return sparse + full_values(model, [n for n, r in roles.items() if r == "full"])
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         o = self.options

@@ -298,15 +298,20 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
     )
 
 
+def full_values(model: nn.Module, full: list[str], head: str | None = None) -> int:
+    """Values of the parameters `full` trains in full, the head left out (they count against a budget)."""
+    heads = set(head_parameter_names(model, head))
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in full if n not in heads)
+
+
 def budget_entries(model: nn.Module, full: list[str], head: str | None, budget: int, reserved: int,
                    level: str) -> int:
     """Entries a `budget` of trainable backbone values leaves for selection, or SelectionError naming it."""
     if level != "neuron":
         raise SelectionError(f"a budget (--budget) fills top-K per neuron; level {level!r} (--level) takes --k")
     check_count(budget, "budget", "--budget", "trainable backbone values")
-    heads = set(head_parameter_names(model, head))
-    params = dict(model.named_parameters())
-    in_full = sum(params[n].numel() for n in full if n not in heads)
+    in_full = full_values(model, full, head)
     entries = budget - in_full - reserved
     if entries < 0:
         what = f"{in_full:,} values trained in full (biases, layer scale)" + (
