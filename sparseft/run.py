@@ -225,8 +225,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
                              pretrained=spec.pretrained, class_names=names).to(distributed.default_device())
     method.check(model)
     distributed.check_global_batch(spec.batch_size)  # before anything is written
-    for split in dict.fromkeys((spec.train_split, *spec.eval_splits)):  # every image opens: fail now, not later
-        kind.verify_split(spec.data, split)
+    kind.check_data(spec.data, spec.train_split, spec.eval_splits)  # every image opens, splits agree: fail now
     data = TaskData(spec.data_spec(), model)
     if run_dir is not None:
         distributed.run_on_main(lambda: _make_run_dir(run_dir, overwrite))

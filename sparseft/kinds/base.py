@@ -19,7 +19,7 @@ imported).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -99,9 +99,19 @@ class TaskKind:
         """The class (or output) names of the data; checks the whole data set."""
         raise NotImplementedError
 
-    def verify_split(self, data: str, split: str) -> None:
-        """Open every item of a split now, so a run fails before it trains, not at its evaluation."""
+    def verify_split(self, data: str, split: str) -> Any:
+        """Open every item of a split now, so a run fails before it trains, not at its evaluation; returns
+        what `check_splits` compares (None: nothing)."""
         raise NotImplementedError
+
+    def check_data(self, data: str, train_split: str, eval_splits: Sequence[str]) -> None:
+        """Verify every split a run uses (`verify_split`) and check them together (`check_splits`): what
+        `sparseft train` does before it computes anything."""
+        found = {split: self.verify_split(data, split) for split in dict.fromkeys((train_split, *eval_splits))}
+        self.check_splits(data, found, train_split, eval_splits)
+
+    def check_splits(self, data: str, found: Mapping[str, Any], train_split: str, eval_splits: Sequence[str]) -> None:
+        """Checks between a run's verified splits (`found`: split -> what `verify_split` returned); none by default."""
 
     def dataset(self, data: str, split: str, transform: Any, *, seed: int = 0) -> Any:
         """The Dataset of one split with `transform` applied."""
