@@ -111,7 +111,7 @@ T = TypeVar("T")
 
 #: what checking files found, by what was checked and the digests of the files' bytes (see `remembered`)
 _REMEMBERED: dict[tuple[Hashable, ...], Any] = {}
-_REMEMBER_AT_MOST = 500_000
+_REMEMBER_AT_MOST = 200_000  # about 60 MB; past it, files are decoded again
 
 
 def read_file(path: str | Path, what: str = "image", origin: str | None = None) -> bytes:

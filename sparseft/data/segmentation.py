@@ -259,9 +259,9 @@ def refuse_only_background(samples: Sequence[SegSample], checks: Sequence[PairCh
     how = ("binary masks are 0/255 (> 127 = foreground) or palette images with indices 0/1" if classes.binary else
            f"index masks hold the class ids 0..{classes.num_classes - 1} of classes.txt, {IGNORE_INDEX} = ignore")
     count = f"{len(samples)} image{'' if len(samples) == 1 else 's'}"
-    raise DataError(f"{split_of(samples[0])}: every mask of this split ({count}, first "
-                    f"masks/{samples[0].mask.name}) holds only {background_name(classes)}, no pixel of {listed}; a split "
-                    f"without objects can neither train nor score a segmentation model: check the masks ({how})")
+    raise DataError(f"{split_of(samples[0])}: every mask of this split ({count}, first masks/{samples[0].mask.name}) "
+                    f"holds only {background_name(classes)}, no pixel of {listed}; a split without objects can "
+                    f"neither train nor score a segmentation model: check the masks ({how})")
 
 
 # -- the Dataset -----------------------------------------------------------------------------

@@ -101,9 +101,9 @@ def check_mask_classes(train: SegmentationDataset, root: Path) -> None:
                       "add training masks that hold it")
     empty = [s for s, check in zip(train.samples, train.checks) if not set(check.present) - {0}]
     if 2 * len(empty) >= len(train.samples):
-        warnings.warn(f"{file}: {len(empty)} of its {len(train.samples)} masks hold only "
-                      f"{background_name(classes)} (first masks/{empty[0].mask.name}); negative examples are fine, but if "
-                      "these are not meant to be, check how their masks were saved", DataWarning, stacklevel=2)
+        warnings.warn(f"{file}: {len(empty)} of its {len(train.samples)} masks hold only {background_name(classes)} "
+                      f"(first masks/{empty[0].mask.name}); negative examples are fine, but if these are not meant to "
+                      "be, check how their masks were saved", DataWarning, stacklevel=2)
 
 
 @register
