@@ -290,6 +290,7 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.checks: list[PairCheck] = []  # filled by `verify`
 
     @property
     def classes(self) -> list[str]:
