@@ -245,3 +245,18 @@ def test_a_copied_run_folder_names_its_own_files_even_when_the_old_ones_remain(t
     capsys.readouterr()
     assert train(task, copy, "--resume") == 0
     assert f"task file: {copy / 'delta.safetensors'} (" in capsys.readouterr().out
+
+
+def test_relabelled_images_are_named_with_both_classes(tmp_path, task, monkeypatch, capsys):
+    out = tmp_path / "run"
+    interrupted(task, out, monkeypatch)
+    before = snapshot(out)
+    lines = (task / "test.txt").read_text().splitlines()
+    path, label = lines[0].split()
+    other = str((int(label) + 1) % 3)
+    (task / "test.txt").write_text("\n".join([f"{path} {other}", *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert train(task, out, "--resume") == 1
+    line = one_line(capsys.readouterr().err)
+    assert "test.txt (edited)" in line and f"1 image moved from class '{label}' to '{other}' ({path})" in line
+    assert snapshot(out) == before

@@ -134,17 +134,22 @@ def _split_file_change(name: str, before: Mapping[str, Any] | None, now: Mapping
     return f"{name} (edited)"
 
 
-def _grouped(rels: list[str], files: Mapping[str, list[Any]], verb: str) -> list[str]:
-    """'3 images of class 'cat' changed (a.png, b.png, c.png)', one phrase per (role, class)."""
-    groups: dict[tuple[str, str | None], list[str]] = {}
+def _grouped(rels: list[str], files: Mapping[str, list[Any]], verb: str,
+             before: Mapping[str, list[Any]] | None = None) -> list[str]:
+    """'3 images of class 'cat' changed (a.png, b.png, c.png)', one phrase per (role, class); with `before`,
+    'moved from class 'cat' to 'dog'', one phrase per (role, old class, new class)."""
+    groups: dict[tuple[str, Any, Any], list[str]] = {}
     for rel in rels:
         role, name, *_ = files[rel]
-        groups.setdefault((role, name), []).append(rel)
+        groups.setdefault((role, before[rel][1] if before else None, name), []).append(rel)
     out = []
-    for (role, name), members in groups.items():
+    for (role, old, name), members in groups.items():
         shown = ", ".join(members[:SHOWN]) + (", …" if len(members) > SHOWN else "")
-        of_class = f" of class {name!r}" if name is not None else ""
-        out.append(f"{_plural(len(members), role)}{of_class} {verb} ({shown})")
+        if before:
+            what = f"moved from class {old!r} to {name!r}"
+        else:
+            what = (f"of class {name!r} " if name is not None else "") + verb
+        out.append(f"{_plural(len(members), role)} {what} ({shown})")
     return out
 
 
@@ -161,10 +166,10 @@ def changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     for rel in sorted(set(before) & set(now)):
         (_, name_a, size_a, hash_a), (_, name_b, size_b, hash_b) = before[rel], now[rel]
         if name_a != name_b:
-            relabelled.append(f"{rel} moved from class {name_a!r} to {name_b!r}")
-        elif size_a != size_b or (hash_a is not None and hash_b is not None and hash_a != hash_b):
+            relabelled.append(rel)
+        if size_a != size_b or (hash_a is not None and hash_b is not None and hash_a != hash_b):
             changed.append(rel)
-    out += _grouped(changed, now, "changed") + relabelled
+    out += _grouped(changed, now, "changed") + _grouped(relabelled, now, "", before=before)
     out += _grouped(sorted(set(now) - set(before)), now, "added")
     out += _grouped(sorted(set(before) - set(now)), before, "removed")
     if not out:  # the same files, listed otherwise (e.g. moved between splits)
