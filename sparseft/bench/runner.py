@@ -33,7 +33,7 @@ from sparseft.bench.suite import Backbone, MethodEntry, Suite, task_name
 from sparseft.errors import InputError
 from sparseft.fileutil import FolderInUse, atomic_path, folder_lock, write_text_atomic
 from sparseft.methods.gps import SELECTION_OPTIONS
-from sparseft.run import RunSpec, run
+from sparseft.run import RunSpec, run, summary_record
 from sparseft.train import TrainConfig, TrainingDiverged, changed_settings
 
 
@@ -162,7 +162,7 @@ def _execute(out: Path, spec: RunSpec, cell: Cell, folder: Path, progress: Progr
         print(f"  diverged: {err}", flush=True)
     seconds = time.perf_counter() - t0
     summary["wall_time_s"] = round(seconds, 2)
-    write_text_atomic(summary_path, json.dumps(summary, indent=1, default=str))
+    write_text_atomic(summary_path, json.dumps(summary_record(summary), indent=1, default=str))
     if cache is not None and not cache.exists() and (folder / "selection.safetensors").exists():
         with atomic_path(cache) as tmp:
             shutil.copyfile(folder / "selection.safetensors", tmp)
