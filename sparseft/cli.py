@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 import sparseft
 from sparseft import distributed
 from sparseft.api import evaluate_task, load_for_inference, method_named_in
-from sparseft.bench import load_suite, plan, run_suite, write_report
-from sparseft.bench.runner import runs_in_cell
+from sparseft.bench import load_suite, run_suite, write_report
+from sparseft.bench.cells import runs_in_cell
+from sparseft.bench.runner import checked_cells
 from sparseft.cliopts import (
     UsageError,
     add_arguments,
@@ -297,8 +298,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, protocol=args.protocol)
     out = args.out or Path("results") / f"{suite.name}-{suite.protocol}"
-    cells = [c for c in plan(suite) if not args.only or c.entry.label in args.only]
-    if args.dry_run:
+    if args.dry_run:  # every check a run makes before its first cell; nothing written
+        cells = checked_cells(suite, out, args.only)
         for c in cells:
             print(f"{c.backbone.key} / {c.task} / {c.entry.label} / seed {c.seed}: {runs_in_cell(suite, c)} run(s)")
         print(f"{len(cells)} cells, {sum(runs_in_cell(suite, c) for c in cells)} training runs -> {out}")
@@ -405,13 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark suite (resumable) and write its report",
                        description="Run methods x tasks x backbones x seeds from a suite YAML (or a shipped suite: "
-                                   "mini-vtab-quick, mini-vtab-cpu, vtab-1k, fgvc); finished runs are skipped, "
-                                   "interrupted ones resume.")
+                                   "mini-vtab-quick, mini-vtab-cpu, vtab-1k, fgvc); the whole suite is checked "
+                                   "before the first run; finished runs are skipped, interrupted ones resume.")
     b.add_argument("suite", help="suite YAML file or shipped suite name")
     b.add_argument("--out", type=Path, help="results folder (default: results/<suite>-<protocol>)")
     b.add_argument("--protocol", choices=["honest", "paper", "screen"], help="override the suite's protocol")
-    b.add_argument("--only", nargs="+", help="run only these method labels")
-    b.add_argument("--dry-run", action="store_true", help="list the cells and run counts, run nothing")
+    b.add_argument("--only", nargs="+", help="run only these method labels (a label no row has is an error)")
+    b.add_argument("--dry-run", action="store_true", help="check the whole suite as a run does before its first "
+                   "cell (options, grid values, backbones, every task's data), list the cells and run counts; run "
+                   "and write nothing")
     b.add_argument("--epochs-progress", action="store_true", help="show per-epoch progress bars too")
     b.set_defaults(func=cmd_bench)
 

@@ -28,6 +28,17 @@ from sparseft.weights import WeightsError, load_weights, read_state_dict  # noqa
 
 # -- building models ---------------------------------------------------------------------
 
+def check_model_name(name: str) -> None:
+    """Refuse a name that is neither an offline backbone nor a timm model (InputError), building nothing."""
+    if isinstance(name, str) and name in REGISTRY:
+        return
+    import timm
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise InputError(f"unknown model {name!r}: not a timm model nor an offline backbone "
+                         f"({', '.join(sorted(REGISTRY))})")
+
+
 def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = None,
                  weights: str | Path | None = None, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """The one model factory: an offline backbone or a timm model, with a new `num_classes` head.
@@ -43,13 +54,11 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
         raise InputError(f"num_classes (--num-classes) must be a whole number >= 0 (0: no head), not {num_classes!r}")
     if img_size is not None and img_size < 1:
         raise InputError(f"img_size (--img-size) must be >= 1 when given, not {img_size!r}")
+    check_model_name(name)
     if name in REGISTRY:
         return offline_model(name, num_classes, img_size=img_size, weights=weights, **kwargs)
     import timm
 
-    if not timm.is_model(name):
-        raise InputError(f"unknown model {name!r}: not a timm model nor an offline backbone "
-                         f"({', '.join(sorted(REGISTRY))})")
     create = functools.partial(timm.create_model, name, pretrained=pretrained and weights is None,
                                num_classes=num_classes, **kwargs)
     try:
