@@ -25,9 +25,10 @@ from sparseft.train import evaluate
 
 
 def method_named_in(header: dict) -> str:
-    """The method a task file's header names (files of 0.1 always name one; plain deltas are GPS's)."""
+    """The method a task file's header names (files of 0.1 always name one; plain deltas are GPS's; a merged
+    model file's header names the method it was merged from)."""
     return (header.get("extra", {}).get("method") or header.get("structure", {}).get("method")
-            or header.get("selection", {}).get("method") or "gps")
+            or header.get("selection", {}).get("method") or header.get("method") or "gps")
 
 
 def _method(name: str, where: str) -> Method:

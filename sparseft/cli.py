@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_select)
 
     e = sub.add_parser("eval", help="evaluate a saved task file on a data split")
-    e.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors)")
+    e.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors), or a merged model "
+                                                "(merge --out)")
     e.add_argument("--data", required=True, help="data spec (see train --help)")
     e.add_argument("--split", default="test", help="split to evaluate")
     e.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
@@ -360,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "task, one mask PNG per image (pixel value = class id) in the --out folder. "
                                     "Mergeable methods run merged; unreadable images are reported and skipped "
                                     "(--strict: an error).")
-    pr.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors)")
+    pr.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors), or a merged model "
+                                                 "(merge --out)")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders of images")
     pr.add_argument("--out", help="CSV file to write (columns path, label_1, prob_1, ...) instead of printing; "
                                   "for a segmentation task the folder of mask PNGs")
@@ -384,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("info", help="describe a task file or merged model (method, sizes, base fingerprint)")
-    i.add_argument("task_file", type=Path)
+    i.add_argument("task_file", type=Path, help="task file, or a merged model (merge --out)")
     i.set_defaults(func=cmd_info)
 
     ms = sub.add_parser("methods", help="list the methods; with --model, their trainable parameters on it")

@@ -188,10 +188,10 @@ def _untagged(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str
         return (f"a merged model written by an earlier sparseft (merged from {metadata['merged_from']}), without the "
                 "task's header (image size, classes, preprocessing); merge the task file again with this version, "
                 "or load it with model.load_state_dict")
-    return (f"a plain safetensors file ({len(tensors)} tensor{'s' if len(tensors) != 1 else ''}, no sparseft "
-            "header), not a task file or a merged "
-            "model; a state dict loads with model.load_state_dict(safetensors.torch.load_file(...)), or as base "
-            "weights with --weights")
+    count = f"{len(tensors)} tensor{'s' if len(tensors) != 1 else ''}"
+    return (f"a plain safetensors file ({count}, no sparseft header), not a task file or a merged model; a "
+            "state dict loads with model.load_state_dict(safetensors.torch.load_file(...)), or as base weights "
+            "with --weights")
 
 
 def read_delta(path: str | Path) -> TaskFile:
