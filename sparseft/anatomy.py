@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,3 +112,28 @@ def head_prefix(model: nn.Module) -> str | None:
 def in_head(name: str, prefix: str | None) -> bool:
     """Whether module `name` is the head or inside it (`prefix` from `head_prefix`)."""
     return prefix is not None and (name + ".").startswith(prefix)
+
+
+def note_build(model: nn.Module, name: str, img_size: int | None) -> nn.Module:
+    """Remember on `model` the name and input size it was built with (`create_model` does), so that a
+    task file made for another base can say what differs; returns the model."""
+    model.__dict__["_sparseft_built_as"] = {"model": name, "img_size": img_size}
+    return model
+
+
+def built_as(model: nn.Module) -> dict[str, Any]:
+    """What a model is, as far as it tells: `model` (the name it was built with, else timm's
+    architecture), `img_size` (the size it was built for, else a ViT's patch-embedding size) and
+    `num_classes` (its head's outputs, 0 without a head); None where unknown."""
+    noted = model.__dict__.get("_sparseft_built_as", {})
+    name = noted.get("model") or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    size = noted.get("img_size")
+    if size is None:
+        embed = next((m for m in model.modules() if hasattr(m, "patch_size") and hasattr(m, "img_size")), None)
+        grid = getattr(embed, "img_size", None)
+        size = int(grid[0]) if isinstance(grid, (tuple, list)) and grid and grid[0] == grid[-1] else None
+    classes = getattr(model, "num_classes", None)
+    if not isinstance(classes, int):
+        weights = [p for n, p in model.named_parameters() if n in set(head_parameter_names(model)) and p.dim() > 1]
+        classes = int(weights[0].shape[0]) if weights else 0 if head_module_name(model) is None else None
+    return {"model": name, "img_size": size, "num_classes": classes}

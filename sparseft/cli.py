@@ -17,11 +17,10 @@ import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 import sparseft
 from sparseft import distributed
-from sparseft.api import evaluate_task, load_for_inference, method_named_in
+from sparseft.api import describe_task, evaluate_task, load_for_inference, method_named_in
 from sparseft.bench import load_suite, run_suite, write_report
 from sparseft.bench.cells import runs_in_cell
 from sparseft.bench.runner import checked_cells
@@ -36,10 +35,9 @@ from sparseft.cliopts import (
 )
 from sparseft.data import DataError, DataWarning
 from sparseft.data.cli import register_cli as register_data_cli
-from sparseft.deltafile import TaskFile, read_delta
+from sparseft.deltafile import TaskFile, read_delta, save_merged
 from sparseft.demo import main as demo_main
 from sparseft.errors import InputError, SparseftError
-from sparseft.fileutil import atomic_path
 from sparseft.hub.cli import register_cli as register_weights_cli
 from sparseft.inference import find_images, predict, write_csv
 from sparseft.kinds.base import kind_named_in
@@ -253,32 +251,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = _output_file(args.out, args.overwrite, source=args.task_file)
     task = read_delta(args.task_file)  # read and verified once: the load below takes it as it is
     header = task.header
-    extra = header.get("extra") or {}
+    if task.merged:
+        raise InputError(f"{args.task_file}: is a merged model already; predict, eval and info take it as it is")
     name = method_named_in(header)
     if name not in METHODS:
         raise InputError(f"{args.task_file}: written by method {name!r}, which this sparseft does not know")
     if not METHODS[name].mergeable:
         raise InputError(f"{args.task_file}: {METHODS[name]().merge_refusal()}")
     model = sparseft.merge(sparseft.load(task, weights=args.weights))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata={"merged_from": str(args.task_file), "model": str(extra.get("model"))})
-    print(f"merged model ({sum(v.numel() for v in state.values()):,} values) -> {out}")
+    save_merged(model, out, source=args.task_file)  # the task's header goes along: predict, eval, info take it
+    print(f"merged model ({sum(v.numel() for v in model.state_dict().values()):,} values) -> {out}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    header, tensors = read_delta(args.task_file)
-    sparse = sum(t.numel() for k, t in tensors.items() if k.startswith("sparse/") and k.endswith("/values"))
-    full = sum(t.numel() for k, t in tensors.items() if k.startswith("full/"))
-    out = {"file": str(args.task_file), "bytes": Path(args.task_file).stat().st_size,
-           "method": method_named_in(header), "added_values": sum(
-               t.numel() for k, t in tensors.items() if k.startswith("added/")),
-           "sparse_entries": sparse, "full_values": full,
-           "buffers": sum(1 for k in tensors if k.startswith("buffer/")),
-           "base_fingerprint": header["fingerprint"], "selection": header.get("selection"),
-           "extra": header.get("extra"), "created": header.get("created")}
-    print(json.dumps(out, indent=1, default=str))
+    print(json.dumps(describe_task(args.task_file), indent=1, default=str))
     return 0
 
 
@@ -359,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_select)
 
     e = sub.add_parser("eval", help="evaluate a saved task file on a data split")
-    e.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors)")
+    e.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors), or a merged model "
+                                                "(merge --out)")
     e.add_argument("--data", required=True, help="data spec (see train --help)")
     e.add_argument("--split", default="test", help="split to evaluate")
     e.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
@@ -374,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "task, one mask PNG per image (pixel value = class id) in the --out folder. "
                                     "Mergeable methods run merged; unreadable images are reported and skipped "
                                     "(--strict: an error).")
-    pr.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors)")
+    pr.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors), or a merged model "
+                                                 "(merge --out)")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders of images")
     pr.add_argument("--out", help="CSV file to write (columns path, label_1, prob_1, ...) instead of printing; "
                                   "for a segmentation task the folder of mask PNGs")
@@ -387,15 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(pr, TrainConfig, only=["progress"])
     pr.set_defaults(func=cmd_predict)
 
-    m = sub.add_parser("merge", help="merge a task file into its base and save a plain model")
+    m = sub.add_parser("merge", help="merge a task file into its base and save a plain model",
+                       description="Merge a task file into its base: a plain state dict (load_state_dict takes it) "
+                                   "whose metadata keeps the task's header, so predict, eval, info and sparseft.load "
+                                   "take the merged file with no base model.")
     m.add_argument("task_file", type=Path, help="task file written by train")
-    m.add_argument("--out", required=True, help="output .safetensors with the merged state dict")
+    m.add_argument("--out", required=True, help="output .safetensors with the merged state dict and the task's header")
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
     m.set_defaults(func=cmd_merge)
 
-    i = sub.add_parser("info", help="describe a task file (method, sizes, base fingerprint)")
-    i.add_argument("task_file", type=Path)
+    i = sub.add_parser("info", help="describe a task file or merged model (method, sizes, base fingerprint)")
+    i.add_argument("task_file", type=Path, help="task file, or a merged model (merge --out)")
     i.set_defaults(func=cmd_info)
 
     ms = sub.add_parser("methods", help="list the methods; with --model, their trainable parameters on it")

@@ -20,6 +20,7 @@ from sparseft.anatomy import (  # noqa: F401 - re-exported
     head_parameter_names,
     head_prefix,
     in_head,
+    note_build,
 )
 from sparseft.errors import InputError
 from sparseft.hub.fetch import offline_model
@@ -56,7 +57,8 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
         raise InputError(f"img_size (--img-size) must be >= 1 when given, not {img_size!r}")
     check_model_name(name)
     if name in REGISTRY:
-        return offline_model(name, num_classes, img_size=img_size, weights=weights, **kwargs)
+        return note_build(offline_model(name, num_classes, img_size=img_size, weights=weights, **kwargs), name,
+                          img_size)
     import timm
 
     create = functools.partial(timm.create_model, name, pretrained=pretrained and weights is None,
@@ -73,5 +75,5 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
                          f"{patch[0]}")
     if weights is not None:
         load_weights(model, weights)
-    return model
+    return note_build(model, name, img_size)
 
