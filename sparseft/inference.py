@@ -23,7 +23,6 @@ from typing import Any, Literal, TypeVar
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from sparseft.data import build_transform, data_config
 from sparseft.data.folder import _images_under
@@ -32,6 +31,7 @@ from sparseft.delta import task_record
 from sparseft.errors import InputError
 from sparseft.fileutil import write_text_atomic
 from sparseft.kinds.base import kind_of
+from sparseft.progress import progress_bar
 
 ImageInput = str | os.PathLike | Image.Image
 T = TypeVar("T")
@@ -109,8 +109,8 @@ def predict_batches(model: nn.Module, items: Sequence[Any] | torch.Tensor, batch
     `run_batch` (one result per item, in order) in eval mode under `torch.no_grad()`, with a progress
     bar; the model's train/eval modes are restored."""
     results: list[T] = []
-    with eval_mode(model), torch.no_grad(), tqdm(total=len(items), desc="predict", unit="img", disable=not progress,
-                                                  leave=False) as bar:
+    with eval_mode(model), torch.no_grad(), progress_bar(total=len(items), desc="predict", unit="img",
+                                                          enabled=progress, leave=False) as bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             results.extend(run_batch(chunk))

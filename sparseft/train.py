@@ -28,7 +28,6 @@ from typing import Any, Literal
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from tqdm.auto import tqdm
 
 from sparseft import distributed
 from sparseft.checkpoint import load_checkpoint, save_checkpoint
@@ -38,6 +37,7 @@ from sparseft.deltafile import save_delta
 from sparseft.errors import InputError, SparseftError
 from sparseft.fileutil import read_json, write_text_atomic
 from sparseft.kinds.base import TaskKind, kind_of, summary_keys
+from sparseft.progress import write_line
 
 
 class TrainingDiverged(SparseftError, RuntimeError):
@@ -64,7 +64,8 @@ class TrainConfig:
         "help": "bf16 autocast (pays off for ViT-S/B at 224 px on CPUs with AMX, and on GPUs)"})
     seed: int = field(default=0, metadata={"help": "seed for selection, shuffling and initialisation"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N epochs (the last always)"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    progress: bool | None = field(default=None, metadata={
+        "help": "progress bars on stderr (default: only when stderr is a terminal)"})
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot train, naming the flag: before any data is read."""
@@ -156,7 +157,7 @@ def _loss_sum(kind: TaskKind, logits: torch.Tensor, y: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress: bool = False,
+def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress: bool | None = False,
              desc: str = "eval") -> dict[str, float]:
     """The task kind's metrics of `model` on `loader` (eval mode): "acc", the mean loss, "n", and the kind's own.
 
@@ -242,9 +243,9 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         train_time += epoch_time
         _evaluate_epoch(loop, epoch, metrics, eval_loaders)
         history.append(metrics)
-        if config.progress and loop.main:
+        if config.progress is not False and loop.main:  # the epoch's numbers: results, on their own line
             shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            tqdm.write(shown)
+            write_line(shown)
         if run_dir is not None:
             _save_epoch(loop, run_dir, epoch, start.epoch, metrics, {"epoch": epoch, "step": step, "history": history,
                                                                     "train_time_s": train_time})

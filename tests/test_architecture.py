@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent / "sparseft"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["sparseft.version", "sparseft.errors", "sparseft.fileutil", "sparseft.provision",
                     "sparseft.cliopts", "sparseft.kernels", "sparseft.distributed", "sparseft.checkpoint",
-                    "sparseft.anatomy", "sparseft.weights", "sparseft.data._random",
+                    "sparseft.progress", "sparseft.anatomy", "sparseft.weights", "sparseft.data._random",
                     # the task-kind registry: every layer asks a model's or a data set's kind
                     "sparseft.kinds", "sparseft.kinds.base"]),
     ("data", ["sparseft.data"]),
