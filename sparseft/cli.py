@@ -1,4 +1,5 @@
-"""`sparseft` command line: select, train, eval, predict, merge, info, methods, bench, report, demo, data, weights.
+"""`sparseft` command line: select, train, eval, predict, merge, info, methods, layers, bench, report, demo, data,
+weights.
 
 Exit status, for every command: 0 success; 1 a user error (bad file, bad value, a run that
 diverged), reported as one line `error: ...` on stderr; 2 a usage error (unknown flag, a
@@ -42,6 +43,7 @@ from sparseft.fileutil import atomic_path
 from sparseft.hub.cli import register_cli as register_weights_cli
 from sparseft.inference import find_images, predict, write_csv
 from sparseft.kinds.base import kind_named_in
+from sparseft.layers import format_layers
 from sparseft.loaders import TaskData, num_classes_of
 from sparseft.methods import METHODS, MethodContext, get_method
 from sparseft.methods.gps import SELECTION_SETTINGS
@@ -294,6 +296,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layers(args: argparse.Namespace) -> int:
+    model = sparseft.create_model(args.model, img_size=args.img_size, weights=args.weights,
+                                  pretrained=args.pretrained)
+    print(format_layers(model))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, protocol=args.protocol)
     out = args.out or Path("results") / f"{suite.name}-{suite.protocol}"
@@ -402,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--num-classes", type=_at_least_two, default=10, help="head size for the counts")
     ms.add_argument("--img-size", type=int, help="input resolution of the model")
     ms.set_defaults(func=cmd_methods)
+
+    ly = sub.add_parser("layers", help="a model's layers grouped as --lora-targets takes them, and what GPS trains",
+                        description="List a model's layers with parameters, grouped by name and type: the target "
+                                    "names --lora-targets takes, how LoRA and GPS treat each group, and a suggestion.")
+    ly.add_argument("model", help="timm model name or offline backbone (sparseft weights list)")
+    ly.add_argument("--img-size", type=int, help="input resolution (default: the backbone's own)")
+    ly.add_argument("--weights", help="local backbone weights (.safetensors, or a .pth read weights-only)")
+    ly.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (needs internet)")
+    ly.set_defaults(func=cmd_layers)
 
     b = sub.add_parser("bench", help="run a benchmark suite (resumable) and write its report",
                        description="Run methods x tasks x backbones x seeds from a suite YAML (or a shipped suite: "

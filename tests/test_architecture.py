@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                # the built-in kinds: built on data, models, selection objectives, loaders and prediction
                "sparseft.kinds.classification", "sparseft.kinds.segmentation"]),
     ("front", ["sparseft", "sparseft.__main__", "sparseft.cli", "sparseft.data.cli", "sparseft.hub.cli",
-               "sparseft.demo", "sparseft.bench", "sparseft.methods.report"]),
+               "sparseft.demo", "sparseft.bench", "sparseft.methods.report", "sparseft.layers"]),
 ]
 
 #: (importer, imported) pairs allowed to go from a lower layer to a higher one: at most 3
