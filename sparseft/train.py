@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +36,7 @@ from sparseft.delta import is_applied, parameter_summary
 from sparseft.deltafile import save_delta
 from sparseft.errors import InputError, SparseftError
 from sparseft.fileutil import read_json, write_text_atomic
-from sparseft.kinds.base import TaskKind, kind_of, summary_keys
+from sparseft.kinds.base import Meter, TaskKind, kind_of, summary_keys
 from sparseft.progress import write_line
 
 
@@ -158,7 +158,7 @@ def _loss_sum(kind: TaskKind, logits: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress: bool | None = False,
-             desc: str = "eval") -> dict[str, float]:
+             desc: str = "eval", details: bool = False, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """The task kind's metrics of `model` on `loader` (eval mode): "acc", the mean loss, "n", and the kind's own.
 
     Classification: top-1 accuracy and mean cross-entropy. Masks as targets ([B, H, W] or a list
@@ -168,25 +168,33 @@ def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress
     (dataset-level and per image; the classes averaged follow the model's `class_names`).
     The kind is the model's (`sparseft.kinds.kind_of`); a model that names none is scored as its targets say.
     Collective under a process group: every rank passes the same loader, evaluates the samples
-    r::W of it and the counts are summed over the ranks.
+    r::W of it and the counts are summed over the ranks. `details`: also "per_class" and
+    "confusion" (`sparseft.kinds.Meter.details`, named by `class_names`) for kinds with classes.
     """
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    meter = kind_of(model).meter(model) if getattr(model, "task", None) else None  # on every rank
+
+    def new_meter(targets: Any = None) -> Meter:
+        meter = kind_of(model, targets).meter(model)
+        if details:
+            meter.keep_confusion()
+        return meter
+
+    meter = new_meter() if getattr(model, "task", None) else None  # on every rank
     for x, y in distributed.progress(distributed.shard(loader, "samples"), desc, progress):
         x = x.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        meter = meter if meter is not None else kind_of(model, y).meter(model)
+        meter = meter if meter is not None else new_meter(y)
         meter.update(logits, y, device)
-    meter = meter if meter is not None else kind_of(model).meter(model)
+    meter = meter if meter is not None else new_meter()
     model.train(was_training)
     if distributed.active():
         meter.sync()
     if meter.images == 0:
         raise InputError("evaluation loader yielded no samples")
-    return meter.result()
+    return {**meter.result(), **(meter.details(class_names) if details else {})}
 
 
 def _data_parallel(model: nn.Module) -> nn.Module:

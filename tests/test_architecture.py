@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("selection", ["sparseft.selection", "sparseft.regrow", "sparseft.seg.selection"]),
     ("methods", ["sparseft.methods"]),
     ("tasks", ["sparseft.inference", "sparseft.seg", "sparseft.loaders", "sparseft.train", "sparseft.api",
-               "sparseft.taskbank", "sparseft.run",
+               "sparseft.taskbank", "sparseft.run", "sparseft.evalreport",
                # the built-in kinds: built on data, models, selection objectives, loaders and prediction
                "sparseft.kinds.classification", "sparseft.kinds.segmentation"]),
     ("front", ["sparseft", "sparseft.__main__", "sparseft.cli", "sparseft.data.cli", "sparseft.hub.cli",
