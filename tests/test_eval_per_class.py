@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_seg_task, make_vtab
+from helpers import make_seg_task, make_vtab, write_task
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -20,21 +20,18 @@ from sparseft.train import evaluate
 
 MODEL = ["--model", "test_vit", "--img-size", "32"]
 FAST = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-2", "--warmup-epochs", "0", "--no-progress"]
-NAMES = ["cat", "dog", "bird"]
+NAMES = ["a", "b", "c"]  # the class names `write_task` records
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    root = make_vtab(tmp_path_factory.mktemp("task") / "toy", n_train=6, n_val=3, n_test=9, classes=3)
-    (root / "classes.txt").write_text("\n".join(NAMES) + "\n")
-    return root
+    """Nine test images, three per class, of the classes a `write_task` file was made for."""
+    return make_vtab(tmp_path_factory.mktemp("task") / "toy", n_train=6, n_val=3, n_test=9, names=NAMES)
 
 
 @pytest.fixture(scope="module")
-def task_file(task, tmp_path_factory):
-    run = tmp_path_factory.mktemp("gps") / "run"
-    assert main(["train", "--data", str(task), "--out", str(run), *MODEL, *FAST]) == 0
-    return run / "delta.safetensors"
+def task_file(tmp_path_factory):
+    return write_task("gps", tmp_path_factory.mktemp("gps") / "delta.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +179,7 @@ def test_confusion_refusals_name_the_path_and_change_nothing(task_file, task, tm
         assert f"{target / 'confusion.csv'} exists" in err[0] and "--overwrite" in err[0]
         assert (target / "confusion.csv").read_text() == "mine" and not (target / "confusion.png").exists()
         assert main(["eval", str(task_file), "--data", str(task), "--confusion", str(target), "--overwrite"]) == 0
-        assert (target / "confusion.csv").read_text().startswith("true \\ predicted,cat,dog,bird")
+        assert (target / "confusion.csv").read_text().startswith("true \\ predicted,a,b,c")
 
 
 def test_write_confusion_needs_a_result_with_classes(tmp_path):
@@ -247,8 +244,7 @@ def test_min_confidence_does_not_apply_to_a_segmentation_task(seg_task_file, tmp
 
 
 def test_a_task_with_a_class_named_unknown_refuses_min_confidence(tmp_path, capsys):
-    data = make_vtab(tmp_path / "toy", n_train=6, n_val=2, n_test=2, classes=2)
-    (data / "classes.txt").write_text("face\nunknown\n")
+    data = make_vtab(tmp_path / "toy", n_train=6, n_val=2, n_test=2, classes=2, names=["face", "unknown"])
     run = tmp_path / "run"
     assert main(["train", "--method", "linear", "--data", str(data), "--out", str(run), *MODEL, *FAST]) == 0
     model = sparseft.load(run / "delta.safetensors")
