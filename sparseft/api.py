@@ -145,12 +145,17 @@ def describe_task(task_file: TaskSource) -> dict[str, Any]:
 
 
 def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batch_size: int = 128,
-                  weights: str | None = None, preprocessing: str | None = None, merge: bool = True) -> dict[str, Any]:
+                  weights: str | None = None, preprocessing: str | None = None, merge: bool = True,
+                  per_class: bool = True) -> dict[str, Any]:
     """The metrics of a saved task on a split of `data` (those of its task kind: accuracy, mIoU, ...).
 
     The base model, image size and (unless `preprocessing` is given) the evaluation preprocessing
     are those the task was trained with, from the task file's header. Mergeable methods are
     evaluated merged: what users deploy.
+
+    With `per_class` (kinds with classes): "per_class", {class name: {"n", "correct", "acc"}} (n:
+    images; for segmentation pixels, plus "iou" and "dice"), and "confusion", {"classes", "unit",
+    "matrix"} (rows: true class, columns: predicted class). `sparseft.evalreport` prints and writes them.
     """
 
     task = read_task(task_file)  # read and verified once: the load below takes it as it is
@@ -170,7 +175,8 @@ def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batc
     kind.check_eval_options(task_file, preprocessing)
     model = load_for_inference(task, weights=weights, merge=merge)
     ds = kind.eval_dataset(model, data, split, extra, preprocessing)
-    return evaluate(model, DataLoader(ds, batch_size=batch_size, collate_fn=kind.collate("eval")))
+    return evaluate(model, DataLoader(ds, batch_size=batch_size, collate_fn=kind.collate("eval")), details=per_class,
+                    class_names=names)
 
 
 def method_for(model: nn.Module) -> Method:

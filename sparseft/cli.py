@@ -1,4 +1,5 @@
-"""`sparseft` command line: select, train, eval, predict, merge, info, methods, bench, report, demo, data, weights.
+"""`sparseft` command line: select, train, eval, predict, merge, info, methods, layers, bench, report, demo, data,
+weights.
 
 Exit status, for every command: 0 success; 1 a user error (bad file, bad value, a run that
 diverged), reported as one line `error: ...` on stderr; 2 a usage error (unknown flag, a
@@ -38,9 +39,11 @@ from sparseft.data.cli import register_cli as register_data_cli
 from sparseft.deltafile import TaskFile, read_delta, save_merged
 from sparseft.demo import main as demo_main
 from sparseft.errors import InputError, SparseftError
+from sparseft.evalreport import check_confusion_folder, per_class_table, write_confusion
 from sparseft.hub.cli import register_cli as register_weights_cli
-from sparseft.inference import find_images, predict, write_csv
+from sparseft.inference import UNKNOWN, check_min_confidence, find_images, predict, write_csv
 from sparseft.kinds.base import kind_named_in
+from sparseft.layers import format_layers
 from sparseft.loaders import TaskData, num_classes_of
 from sparseft.methods import METHODS, MethodContext, get_method
 from sparseft.methods.gps import SELECTION_SETTINGS
@@ -56,7 +59,7 @@ EPILOG = """examples:
   sparseft weights fetch mobilenetv2_100_offline   # offline ImageNet weights
   sparseft train --model mobilenetv2_100_offline --data mini-vtab/fashion_mnist --method gps --k 1 \\
       --img-size 64 --epochs 10 --out runs/fashion-gps
-  sparseft eval runs/fashion-gps/delta.safetensors --data mini-vtab/fashion_mnist
+  sparseft eval runs/fashion-gps/delta.safetensors --data mini-vtab/fashion_mnist --confusion runs/fashion-gps/test
   sparseft predict runs/fashion-gps/delta.safetensors photos/ --top-k 3 --out preds.csv
   sparseft merge runs/fashion-gps/delta.safetensors --out fashion-model.safetensors
 """
@@ -181,9 +184,17 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    folder = check_confusion_folder(args.confusion, overwrite=args.overwrite) if args.confusion is not None else None
     result = evaluate_task(args.task_file, args.data, args.split, batch_size=args.batch_size, weights=args.weights,
                            preprocessing=args.preprocessing)
-    print(json.dumps({"task_file": str(args.task_file), "split": args.split, **result}))
+    record = {"task_file": str(args.task_file), "split": args.split, **result}
+    written = write_confusion(result, folder, overwrite=args.overwrite) if folder is not None else []
+    if args.json:
+        print(json.dumps({**record, **({"confusion_files": [str(w) for w in written]} if written else {})}))
+        return 0
+    print(json.dumps({k: v for k, v in record.items() if k not in ("per_class", "confusion")}))  # the overall line
+    table = per_class_table(result)
+    print(table, *(["confusion matrix -> " + ", ".join(map(str, written))] if written else []), sep="\n")
     return 0
 
 
@@ -194,12 +205,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     task = read_delta(args.task_file)  # read and verified once: the load below takes it as it is
     kind = kind_named_in(task.header)  # what the task's kind predicts: classes (a CSV) or masks (PNGs)
     if kind.prediction != "classes":
+        if args.min_confidence is not None:
+            raise InputError(f"--min-confidence: {args.task_file} is a {kind.name} task; the option applies to "
+                             "the classes of whole images (classification)")
         return PREDICTION_WRITERS[kind.prediction](args, task)
+    check_min_confidence(args.min_confidence, (task.header.get("extra") or {}).get("class_names"))
     out = _output_file(args.out, args.overwrite, args.task_file, ".csv") if args.out is not None else None
     images = find_images(args.inputs)
     model = load_for_inference(task, weights=args.weights)  # with the task's preprocessing and names
-    preds = predict(model, images, top_k=args.top_k, batch_size=args.batch_size,
-                    progress=_train_config(args).progress, on_error="raise" if args.strict else "skip")
+    preds = predict(model, images, top_k=args.top_k, batch_size=args.batch_size, progress=_train_config(args).progress,
+                    on_error="raise" if args.strict else "skip", min_confidence=args.min_confidence)
     good = [p for p in preds if p.error is None]
     for p in preds:
         if p.error is not None:
@@ -209,11 +224,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not good:
         raise DataError(f"none of the {len(preds)} images could be read")
     if out is not None:
-        write_csv(good, out)
+        write_csv(good, out, label=args.min_confidence is not None)
         print(f"predictions for {len(good)} images -> {out}")
     else:
         for p in good:
-            print(f"{p.path}: " + ", ".join(f"{label} ({prob:.3f})" for label, prob in zip(p.labels, p.probs)))
+            print(f"{p.path}: {f'{UNKNOWN}; ' if p.unknown else ''}"
+                  + ", ".join(f"{label} ({prob:.3f})" for label, prob in zip(p.labels, p.probs)))
     return 0
 
 
@@ -279,6 +295,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
                   f"head {row['trainable_head']:>8,}  {row['summary']}")
         else:
             print(f"{row['method']:12s} merge={'yes' if row['mergeable'] else 'no ':3s} {row['summary']}")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    model = sparseft.create_model(args.model, img_size=args.img_size, weights=args.weights,
+                                  pretrained=args.pretrained)
+    print(format_layers(model))
     return 0
 
 
@@ -354,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
     e.add_argument("--preprocessing", default=None, choices=["vtab", "fgvc"],
                    help="evaluation preprocessing (default: the one the task was trained with)")
+    e.add_argument("--confusion", metavar="DIR", help="write the confusion matrix as DIR/confusion.csv and "
+                                                      "DIR/confusion.png (rows: true class)")
+    e.add_argument("--overwrite", action="store_true", help="replace the --confusion files if they exist")
+    e.add_argument("--json", action="store_true", help="print one JSON object (per-class results and the "
+                                                       "confusion matrix included) instead of the overall line and "
+                                                       "the per-class table")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="the top-k classes (or the masks) of a saved task for new images",
@@ -372,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     pr.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: a warning, "
                                                           "and the image is skipped)")
+    pr.add_argument("--min-confidence", type=float, metavar="P", help="label an image whose top probability is "
+                    "below P (in (0, 1]) 'unknown' (printed first; the CSV gets a label column); classification only")
     pr.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
     add_arguments(pr, TrainConfig, only=["progress"])
     pr.set_defaults(func=cmd_predict)
@@ -395,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--num-classes", type=_at_least_two, default=10, help="head size for the counts")
     ms.add_argument("--img-size", type=int, help="input resolution of the model")
     ms.set_defaults(func=cmd_methods)
+
+    ly = sub.add_parser("layers", help="a model's layers grouped as --lora-targets takes them, and what GPS trains",
+                        description="List a model's layers with parameters, grouped by name and type: the target "
+                                    "names --lora-targets takes, how LoRA and GPS treat each group, and a suggestion.")
+    ly.add_argument("model", help="timm model name or offline backbone (sparseft weights list)")
+    ly.add_argument("--img-size", type=int, help="input resolution (default: the backbone's own)")
+    ly.add_argument("--weights", help="local backbone weights (.safetensors, or a .pth read weights-only)")
+    ly.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (needs internet)")
+    ly.set_defaults(func=cmd_layers)
 
     b = sub.add_parser("bench", help="run a benchmark suite (resumable) and write its report",
                        description="Run methods x tasks x backbones x seeds from a suite YAML (or a shipped suite: "

@@ -263,7 +263,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
         finished = distributed.run_on_main(lambda: _claim(run_dir, spec, resume=resume, overwrite=overwrite))
         if finished is not None:
             return finished
-        if resume and spec.train.progress and distributed.is_main():
+        if resume and spec.train.progress is not False and distributed.is_main():
             print(f"[sparseft] resuming {run_dir}: its plan ({PLAN_FILE}) and last checkpoint are reused",
                   file=sys.stderr)
 

@@ -19,6 +19,7 @@ imported).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -37,13 +38,28 @@ class Meter:
 
     A kind's meter adds its own metrics by overriding `update`, `sync` and `result`. `acc` is
     top-1 accuracy for classification and pixel accuracy for segmentation (the key kept for
-    compatibility with run summaries and bench records).
+    compatibility with run summaries and bench records). After `keep_confusion()` it also counts
+    (true class, predicted class) pairs of the kind's `predicted_classes`, and `details()` gives
+    per-class results and the confusion matrix.
     """
+
+    #: what one count of the confusion matrix is ("images"; "pixels" for segmentation)
+    unit: ClassVar[str] = "images"
 
     def __init__(self, kind: TaskKind, model: nn.Module) -> None:
         self.kind, self.model = kind, model
         self.correct = self.total = self.images = 0
         self.loss_sum = 0.0
+        self.counting = False
+        self.confusion: torch.Tensor | None = None  # [true, predicted] counts once counting
+
+    def keep_confusion(self) -> None:
+        """Count (true class, predicted class) pairs from now on (sized by the model's `num_classes`,
+        else by the first batch's logits)."""
+        self.counting = True
+        classes = getattr(self.model, "num_classes", None)
+        if isinstance(classes, int) and classes > 0 and self.confusion is None:
+            self.confusion = torch.zeros(classes, classes, dtype=torch.int64)
 
     def update(self, logits: torch.Tensor, y: Any, device: torch.device) -> None:
         self.images += len(y)
@@ -53,6 +69,20 @@ class Meter:
             self.correct += self.kind.correct(out, target)
             self.total += n
             self.add(out, target)
+            if self.counting:
+                self._count(out, target)
+
+    def _count(self, out: torch.Tensor, target: torch.Tensor) -> None:
+        pred = self.kind.predicted_classes(out)
+        if pred is None:  # a kind without classes
+            return
+        if self.confusion is None:
+            self.confusion = torch.zeros(out.shape[1], out.shape[1], dtype=torch.int64)
+        c = self.confusion.shape[0]
+        target = target.to(pred.device).long()
+        valid = (target >= 0) & (target < c)  # segmentation's ignore index (255) is no class
+        pairs = torch.bincount(target[valid] * c + pred[valid].long(), minlength=c * c)
+        self.confusion += pairs.reshape(c, c).cpu()
 
     def add(self, out: torch.Tensor, target: torch.Tensor) -> None:
         """A kind's own metrics of one (logits, targets) pair."""
@@ -63,10 +93,38 @@ class Meter:
                                                        dtype=torch.float64))
         self.correct, self.total, self.loss_sum, self.images = (int(sums[0]), int(sums[1]), float(sums[2]),
                                                                 int(sums[3]))
+        if self.confusion is not None:
+            distributed.all_reduce_sum(self.confusion)
 
     def result(self) -> dict[str, float]:
         return {"acc": self.correct / max(self.total, 1), "loss": self.loss_sum / max(self.total, 1),
                 "n": self.images}
+
+    def per_class(self, names: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Per class, from the confusion matrix: `n` (its items: images, or pixels), `correct` and
+        `acc` (correct / n; NaN for a class with no item)."""
+        m = self.confusion if self.confusion is not None else torch.zeros(len(names), len(names), dtype=torch.int64)
+        n, correct = m.sum(1), m.diagonal()
+        return {name: {"n": int(n[c]), "correct": int(correct[c]),
+                       "acc": float(correct[c]) / float(n[c]) if n[c] else math.nan}
+                for c, name in enumerate(names)}
+
+    def details(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """`per_class` results and the `confusion` matrix ({"classes", "unit", "matrix"}: rows are the
+        true classes, columns the predicted ones) after `keep_confusion`; {} for a kind without classes.
+
+        `class_names`: one per class (default: the model's `class_names`, else the class indices).
+        """
+        if self.confusion is None:
+            return {}
+        c = self.confusion.shape[0]
+        names = list(class_names or getattr(self.model, "class_names", None) or [])
+        if len(names) != c:
+            if class_names is not None:
+                raise InputError(f"{len(names)} class names for a model of {c} classes")
+            names = [str(i) for i in range(c)]
+        return {"per_class": self.per_class(names),
+                "confusion": {"classes": names, "unit": self.unit, "matrix": self.confusion.tolist()}}
 
 
 class TaskKind:
@@ -147,6 +205,11 @@ class TaskKind:
     def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
         """The terms of a batch predicted right (the `acc` bookkeeping)."""
         return 0
+
+    def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The predicted class of each term (image, pixel) of a batch's logits, shaped as its targets;
+        None for a kind without classes (no per-class results or confusion matrix)."""
+        return None
 
     def terms_per_sample(self) -> bool:
         """Whether a batch's loss terms are its samples (else they must be counted over the ranks)."""

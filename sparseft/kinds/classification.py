@@ -67,6 +67,9 @@ class ClassificationKind(TaskKind):
     def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
         return int((logits.argmax(1) == y).sum())
 
+    def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(1)
+
     def eval_dataset(self, model: nn.Module, data: str, split: str, extra: Mapping[str, Any],
                      preprocessing: str | None) -> Any:
         return load_split(data, split, eval_transform(model, extra, preprocessing))

@@ -60,7 +60,10 @@ class SegViews(Dataset):
 class SegMeter(Meter):
     """Pixel accuracy and loss per valid pixel, plus SegMetrics' mIoU / mDice (the classes averaged
     follow the model's `class_names`). Built on every rank for a segmentation model, so the sync
-    is collective; for a model that names no kind, at its first mask batch."""
+    is collective; for a model that names no kind, at its first mask batch. Per class: pixels,
+    pixel accuracy, and SegMetrics' dataset-level IoU and Dice."""
+
+    unit = "pixels"
 
     def __init__(self, kind: TaskKind, model: nn.Module) -> None:
         super().__init__(kind, model)
@@ -86,6 +89,14 @@ class SegMeter(Meter):
         if self.metrics is not None:
             result.update({k: v for k, v in self.metrics.compute().items() if k in SEG_METRICS})
         return result
+
+    def per_class(self, names: Sequence[str]) -> dict[str, dict[str, float]]:
+        rows = super().per_class(names)
+        if self.metrics is not None and self.metrics.num_classes == len(names):
+            scores = list(self.metrics.compute()["per_class"].values())  # in class order
+            for row, score in zip(rows.values(), scores):
+                row.update(iou=score["iou"], dice=score["dice"])
+        return rows
 
 
 def check_mask_classes(train: SegmentationDataset, root: Path) -> None:
@@ -174,6 +185,9 @@ class SegmentationKind(TaskKind):
 
     def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
         return int(((logits.argmax(1) == y) & (y != IGNORE_INDEX)).sum())
+
+    def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(1)
 
     def terms_per_sample(self) -> bool:
         return False  # valid pixels
