@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 from sparseft.anatomy import head_module_name
 from sparseft.errors import InputError
+from sparseft.weights import WeightsError, weights_record
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
@@ -86,3 +89,41 @@ def attach_data_config(model: nn.Module, data_config: Mapping[str, Any], **extra
     if hasattr(model, "default_cfg"):
         model.default_cfg = cfg
     return model
+
+
+def recorded_data_config(weights: str | Path, architecture: str) -> dict[str, Any] | None:
+    """The data config a converted weight file records (`sparseft weights convert`), or None.
+
+    Refuses a file converted for another architecture than `architecture` (pretrained tags such
+    as `.a1_in1k` aside), before any tensor is loaded.
+    """
+    record = weights_record(weights)
+    if record is None:
+        return None
+    recorded = record["architecture"]
+    if recorded.split(".")[0] != architecture.split(".")[0]:
+        raise WeightsError(f"{weights}: converted for {recorded}, not {architecture}; use --model "
+                           f"{recorded.split('.')[0]} (or convert the checkpoint for {architecture})")
+    config = record.get("data_config")
+    return dict(config) if isinstance(config, Mapping) else None
+
+
+def use_data_config(model: nn.Module, config: Mapping[str, Any] | None, img_size: int | None,
+                    **extra: Any) -> nn.Module:
+    """Attach `config` (default: the model's own) with its input size set to `img_size` when given.
+
+    The model's data config then says the size it is trained and served at: a run's
+    `config.json` shows `--img-size`, not the size the weights were pretrained at.
+    """
+    if config is None and img_size is None:
+        return model
+    config = dict(config if config is not None else (getattr(model, "pretrained_cfg", None) or {}))
+    if img_size is not None:
+        config["input_size"] = (3, img_size, img_size)
+    return attach_data_config(model, config, **extra)
+
+
+def checkpoint_filter(model: nn.Module) -> Callable[[dict[str, torch.Tensor], nn.Module], Any] | None:
+    """timm's `checkpoint_filter_fn` for the model's architecture (maps original checkpoints' names), or None."""
+    fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    return fn if callable(fn) else None
