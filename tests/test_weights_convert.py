@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from helpers import write_png
+from helpers import make_vtab, write_png
 from safetensors.torch import load_file, save_file
 
 from sparseft.cli import main
@@ -18,6 +18,7 @@ from sparseft.data import data_config
 from sparseft.errors import InputError
 from sparseft.hub.userweights import class_index, convert_checkpoint, convert_file
 from sparseft.models import create_model
+from sparseft.seg.model import create_segmentation_model
 from sparseft.weights import RECORD_KEY, WeightsError, read_checkpoint, weights_record
 
 ARCH = "mobilenetv2_050"  # a real timm architecture, small enough to build in a test
@@ -245,6 +246,23 @@ def test_weights_bring_their_data_config_and_img_size_wins(tmp_path: Path, sourc
     with pytest.raises(WeightsError, match=r"w\.safetensors: converted for mobilenetv2_050, not mobilenetv2_100; "
                                            "use --model mobilenetv2_050"):
         create_model("mobilenetv2_100", 7, weights=tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match="converted for mobilenetv2_050, not mobilenetv2_100"):
+        create_model("mobilenetv2_100_offline", 7, weights=tmp_path / "w.safetensors")  # an offline name's too
+    seg = create_segmentation_model(ARCH, 3, img_size=32, weights=tmp_path / "w.safetensors")
+    assert data_config(seg)["input_size"] == (3, 32, 32) and data_config(seg)["mean"] == (0.5, 0.5, 0.5)
+    plain = timm.create_model(ARCH, pretrained=False)
+    plain.load_state_dict(load_file(str(tmp_path / "w.safetensors")))  # a plain state dict too
+    assert torch.equal(plain.state_dict()["conv_stem.weight"], source["conv_stem.weight"])
+
+
+def test_a_timm_hub_folder_brings_its_config(tmp_path: Path, source) -> None:
+    save_file(source, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": ARCH, "pretrained_cfg": {
+        "input_size": [3, 192, 192], "interpolation": "bilinear", "crop_pct": 1.0}}))
+    result = convert_checkpoint(tmp_path / "model.safetensors", ARCH)
+    assert result.data_config["input_size"] == (3, 192, 192) and result.data_config["crop_pct"] == 1.0
+    assert result.config_from["interpolation"] == "config.json beside model.safetensors"
+    assert result.config_from["mean"] == "timm's pretrained config of mobilenetv2_050"
 
 
 # -- the check image ------------------------------------------------------------------------------------
@@ -268,7 +286,8 @@ def test_check_image_top1_must_match(tmp_path: Path, source) -> None:
 def test_check_class_names() -> None:
     assert class_index("espresso", 1000) == 967 and class_index("Egyptian cat", 1000) == 285
     assert class_index("tabby", 1000) == 281 and class_index("7", 10) == 7
-    with pytest.raises(InputError, match="matches .* ImageNet classes"):
+    with pytest.raises(InputError, match=r"--check-class 'cat': matches 7 ImageNet classes \(281 tabby, tabby cat; "
+                                         r"282 tiger cat; .*\); give an index"):
         class_index("cat", 1000)
     with pytest.raises(InputError, match="matches no ImageNet class"):
         class_index("unicorn", 1000)
@@ -298,6 +317,20 @@ def test_cli_convert_then_train_options_take_it(tmp_path: Path, source, capsys) 
                  "--out", str(tmp_path / "x.safetensors"), "--check-class", "3"]) == 1
     assert "--check-class goes with --check-image" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_run_records_the_size_it_trains_at(tmp_path: Path, source) -> None:
+    """The issue's run said input size 260 (the weights') while the task trained at 56: now one size."""
+    torch.save(_anonymous(source), tmp_path / "lite.pth")
+    weights = tmp_path / "w.safetensors"
+    assert main(["weights", "convert", str(tmp_path / "lite.pth"), "--model", ARCH, "--out", str(weights),
+                 "--input-size", "260", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"]) == 0
+    task = make_vtab(tmp_path / "toy", n_train=6, n_val=2, n_test=3, classes=3)
+    assert main(["train", "--model", ARCH, "--weights", str(weights), "--img-size", "32", "--data", str(task),
+                 "--method", "linear", "--epochs", "1", "--batch-size", "3", "--warmup-epochs", "0", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["data_config"]
+    assert config["input_size"] == [3, 32, 32] and config["mean"] == [0.5, 0.5, 0.5]
 
 
 def test_real_efficientnet_lite0_from_its_package_file(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,12 +344,13 @@ def class_index(value: str | int, num_classes: int) -> int:
     if num_classes != 1000:
         raise InputError(f"--check-class {text!r}: names are known for ImageNet's 1000 classes only; "
                          f"this head has {num_classes}: give an index")
-    names = [n.lower() for n in imagenet_names()]
+    names = imagenet_names()
     wanted = text.lower()
-    exact = [i for i, n in enumerate(names) if wanted == n or wanted in [p.strip() for p in n.split(",")]]
-    found = exact or [i for i, n in enumerate(names) if wanted in n]
+    exact = [i for i, n in enumerate(names) if wanted in [p.strip() for p in n.lower().split(",")]]
+    word = re.compile(rf"\b{re.escape(wanted)}\b")
+    found = exact or [i for i, n in enumerate(names) if word.search(n.lower())]
     if len(found) != 1:
-        shown = ", ".join(f"{i} {names[i]}" for i in found[:_SHOW])
+        shown = "; ".join(f"{i} {names[i]}" for i in found[:_SHOW])
         raise InputError(f"--check-class {text!r}: " + (f"matches {len(found)} ImageNet classes ({shown}); "
                                                         "give an index" if found else "matches no ImageNet class"))
     return found[0]
