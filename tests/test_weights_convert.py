@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from sparseft.cli import main
 from sparseft.data import data_config
 from sparseft.errors import InputError
-from sparseft.hub.userweights import class_index, convert_checkpoint, convert_file
+from sparseft.hub.userweights import convert_checkpoint, convert_file
+from sparseft.hub.verify import class_index
 from sparseft.models import create_model
 from sparseft.seg.model import create_segmentation_model
 from sparseft.weights import RECORD_KEY, WeightsError, read_checkpoint, weights_record

@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sparseft.hub.build import INTERPOLATIONS
 from sparseft.hub.fetch import cached_weights, fetch_weights, read_sidecar, weights_dir
 from sparseft.hub.registry import REGISTRY
-from sparseft.hub.userweights import INTERPOLATIONS, check_output, convert_checkpoint, save_converted
+from sparseft.hub.userweights import check_output, convert_checkpoint, save_converted
 from sparseft.weights import WeightsError
 
 

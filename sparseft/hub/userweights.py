@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +26,12 @@ from torch import nn
 
 from sparseft.errors import InputError
 from sparseft.fileutil import atomic_path, sha256_file
-from sparseft.hub.build import checkpoint_filter
+from sparseft.hub.build import DATA_KEYS, checkpoint_filter, file_data_config, resolve_config
 from sparseft.hub.convert import map_by_order
 from sparseft.hub.registry import REGISTRY
-from sparseft.hub.verify import preprocess
+from sparseft.hub.verify import check_image
 from sparseft.weights import RECORD_KEY, Checkpoint, WeightsError, read_checkpoint
 
-DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 PREFIXES = ("module.", "model.", "_orig_mod.", "backbone.", "encoder.", "net.", "base_model.")
 """Prefixes stripped when every source name has one (DataParallel, Lightning, torch.compile, ...)."""
 _COUNTER = "num_batches_tracked"
@@ -245,156 +242,6 @@ def match_tensors(ckpt: Checkpoint, model: nn.Module, arch: str, what: str) -> t
         raise WeightsError(f"{what}: does not map one-to-one {named.how}: {named.problem}")
     raise WeightsError(f"{what}: does not map one-to-one: by name {round(named.overlap * 100)} % of {arch}'s "
                        f"names match ({named.problem}); by order: {ordered.problem}")
-
-
-# -- the data config ----------------------------------------------------------------------------
-
-def _config_value(key: str, value: Any, where: str) -> Any:
-    """One data-config entry, checked and in timm's form (input_size a 3-tuple, mean/std 3-tuples)."""
-    try:
-        if key == "input_size":
-            size = [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-            size = [3, size[0], size[0]] if len(size) == 1 else [3, *size] if len(size) == 2 else size
-            ok = len(size) == 3 and all(v >= 1 for v in size)
-            value = tuple(size)
-        elif key in ("mean", "std"):
-            value = tuple(float(v) for v in value)
-            ok = len(value) == 3 and all(v == v and abs(v) != float("inf") for v in value) and (
-                key == "mean" or all(v > 0 for v in value))
-        elif key == "crop_pct":
-            value = float(value)
-            ok = 0 < value <= 1
-        elif key == "interpolation":
-            ok = value in INTERPOLATIONS
-        else:
-            ok = value in ("center", "squash", "border")
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise InputError(f"{where}: {key} {value!r} is not a valid data-config value")
-    return value
-
-
-def file_data_config(src: Path, ckpt: Checkpoint) -> tuple[dict[str, Any], str]:
-    """The data config a checkpoint carries: an entry beside its weights, its metadata, or a JSON beside it."""
-    found: tuple[Any, str] | None = None
-    for key in ("data_config", "pretrained_cfg", "default_cfg", RECORD_KEY):
-        value = ckpt.meta.get(key)
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                continue
-        if isinstance(value, Mapping):
-            value = value.get("data_config", value)
-            found = (value, f"{src.name} ({key})")
-            break
-    if found is None:
-        for side, key in ((src.with_suffix(".json"), "data_config"), (src.parent / "config.json", "pretrained_cfg")):
-            try:
-                value = json.loads(side.read_text()).get(key) if side.is_file() else None
-            except (OSError, ValueError, AttributeError):
-                value = None
-            if isinstance(value, Mapping):
-                found = (value, f"{side.name} beside {src.name}")
-                break
-    if found is None:
-        return {}, ""
-    value, where = found
-    return {k: _config_value(k, value[k], where) for k in DATA_KEYS if value.get(k) is not None}, where
-
-
-def resolve_config(model: nn.Module, arch: str, from_file: dict[str, Any], where: str,
-                   given: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """(data config, where each key came from, notes): the caller's values, else the file's, else timm's."""
-    from timm.data import resolve_data_config
-
-    config = {k: v for k, v in resolve_data_config({}, model=model).items() if k in DATA_KEYS}
-    origin = dict.fromkeys(config, f"timm's pretrained config of {arch}")
-    notes = []
-    for key, value in from_file.items():
-        config[key], origin[key] = value, where
-    for key, value in given.items():
-        if value is None:
-            continue
-        value = _config_value(key, value, f"--{key.replace('_', '-')}")
-        if key in from_file and from_file[key] != value:
-            notes.append(f"{key} {value} given overrides the {from_file[key]} recorded in {where}")
-        config[key], origin[key] = value, "given"
-    return config, origin, notes
-
-
-# -- the check image ----------------------------------------------------------------------------
-
-def imagenet_names() -> list[str]:
-    """ImageNet-1k class descriptions, index order (timm's bundled copy; no download)."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)]
-
-
-def class_index(value: str | int, num_classes: int) -> int:
-    """A class given as an index or, for a 1000-class head, an ImageNet name ('espresso', 'Egyptian cat')."""
-    text = str(value).strip()
-    if text.isdigit():
-        if int(text) >= num_classes:
-            raise InputError(f"--check-class {text}: the head has {num_classes} classes (0 to {num_classes - 1})")
-        return int(text)
-    if num_classes != 1000:
-        raise InputError(f"--check-class {text!r}: names are known for ImageNet's 1000 classes only; "
-                         f"this head has {num_classes}: give an index")
-    names = imagenet_names()
-    wanted = text.lower()
-    exact = [i for i, n in enumerate(names) if wanted in [p.strip() for p in n.lower().split(",")]]
-    word = re.compile(rf"\b{re.escape(wanted)}\b")
-    found = exact or [i for i, n in enumerate(names) if word.search(n.lower())]
-    if len(found) != 1:
-        shown = "; ".join(f"{i} {names[i]}" for i in found[:_SHOW])
-        raise InputError(f"--check-class {text!r}: " + (f"matches {len(found)} ImageNet classes ({shown}); "
-                                                        "give an index" if found else "matches no ImageNet class"))
-    return found[0]
-
-
-def check_image(model: nn.Module, image: str | Path, data_config: Mapping[str, Any],
-                expect: str | int | None = None) -> dict[str, Any]:
-    """Run one image through the converted model: its top-5, and top-1 == `expect` when given.
-
-    A model without head only shows that its features are finite. Raises `WeightsError` when
-    the top-1 class is not `expect` (the conversion or the data config is wrong).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(image) as im:
-            pixels = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise InputError(f"--check-image {image}: not a readable image ({err})") from err
-    classes = int(getattr(model, "num_classes", 0))
-    if expect is not None and classes == 0:
-        raise InputError("--check-class needs a classifier head; the converted model has none (a backbone: "
-                         "features only); leave --check-class out to see that its features are finite")
-    target = class_index(expect, classes) if expect is not None else None
-    with torch.no_grad():
-        out = model.eval()(preprocess([pixels], data_config))[0]
-    if not torch.isfinite(out).all():
-        raise WeightsError(f"--check-image {image}: the converted model gives non-finite outputs")
-    record: dict[str, Any] = {"image": Path(image).name}
-    if classes == 0:
-        record["features"] = list(out.shape)
-        return record
-    probs = out.softmax(-1)
-    names = imagenet_names() if classes == 1000 else [str(i) for i in range(classes)]
-    top = probs.topk(min(5, classes))
-    record["top5"] = [[int(i), names[int(i)], round(float(p), 4)] for p, i in zip(top.values, top.indices)]
-    if target is not None:
-        record["expected"] = [target, names[target]]
-        first, name, prob = record["top5"][0]
-        if first != target:
-            raise WeightsError(f"--check-image {image}: top-1 is {first} {name} ({prob:.3f}), not {target} "
-                               f"{names[target]}; the tensors are paired wrongly or the data config (mean/std, "
-                               "size) does not fit these weights; nothing written")
-    return record
 
 
 # -- the whole job ------------------------------------------------------------------------------
