@@ -88,8 +88,8 @@ def read_checkpoint(path: str | Path, sha256: str | None = None) -> Checkpoint:
             raise WeightsError(f"{path}: not a PyTorch checkpoint ({' '.join(detail.split())})") from err
         raise WeightsError(f"{path}: holds a Python object ({culprit.group(1)}) that only full unpickling could "
                            "rebuild, and unpickling can run any code, so sparseft reads tensors only; if you trust "
-                           "the file, save its tensors alone: "
-                           "torch.save(torch.load(FILE, weights_only=False)['state_dict'], 'weights.pth')") from err
+                           "the file, load it yourself (torch.load(FILE, weights_only=False)) and torch.save only "
+                           "its state dict") from err
     except Exception as err:  # noqa: BLE001 - any other failure means the file is not a checkpoint
         raise WeightsError(f"{path}: not a PyTorch checkpoint ({type(err).__name__}: {err})") from err
     return _unwrap(state, path)

@@ -47,8 +47,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         description="Map a checkpoint's tensors one-to-one onto a timm architecture (by name, without prefixes "
                     "such as module./model.; else by position and shape), verify that every tensor is used and "
                     "every shape equal, and write safetensors that --weights takes, with the data config "
-                    "(input size, mean/std, interpolation) in its metadata. .pth/.pt/.bin files are read with "
-                    "torch.load(weights_only=True) only.")
+                    "(input size, mean/std, interpolation) in its metadata; a value given here overrides the "
+                    "file's. .pth/.pt/.bin files are read with torch.load(weights_only=True) only.")
     conv.add_argument("source", type=Path, metavar="SRC", help="checkpoint: .pth/.pt/.bin, .safetensors or .npz")
     conv.add_argument("--model", required=True, metavar="NAME",
                       help="timm architecture, e.g. tf_efficientnet_lite2 (a tag such as resnet50.a1_in1k picks "
@@ -57,9 +57,10 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     conv.add_argument("--input-size", type=int, metavar="N", help="pretraining input size in px (default: the "
                       "file's, else timm's for NAME); training still uses --img-size")
-    conv.add_argument("--mean", type=_triple, metavar="R,G,B", help="normalisation mean (default: file, else timm)")
-    conv.add_argument("--std", type=_triple, metavar="R,G,B", help="normalisation std (default: file, else timm)")
-    conv.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize filter (default: file, else timm)")
+    default = "(default: the file's, else timm's)"
+    conv.add_argument("--mean", type=_triple, metavar="R,G,B", help=f"normalisation mean {default}")
+    conv.add_argument("--std", type=_triple, metavar="R,G,B", help=f"normalisation std {default}")
+    conv.add_argument("--interpolation", choices=INTERPOLATIONS, help=f"resize filter {default}")
     conv.add_argument("--crop-pct", type=float, metavar="F", help="evaluation centre-crop fraction in (0, 1]")
     conv.add_argument("--check-image", type=Path, metavar="IMG", help="print the converted model's top-5 for "
                       "this image")
