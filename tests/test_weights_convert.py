@@ -97,6 +97,10 @@ def test_the_head_follows_the_source(tmp_path: Path, source) -> None:
     ten = dict(source, **{"classifier.weight": torch.randn(10, 1280), "classifier.bias": torch.randn(10)})
     torch.save(_anonymous(ten), tmp_path / "ten.pth")
     assert convert_checkpoint(tmp_path / "ten.pth", ARCH).num_classes == 10  # by order too
+    image = write_png(tmp_path / "img.png", size=40)
+    assert convert_checkpoint(tmp_path / "backbone.pth", ARCH, check=image).check["features"] == [1280]
+    with pytest.raises(InputError, match="--check-class needs a classifier head; the converted model has none"):
+        convert_checkpoint(tmp_path / "backbone.pth", ARCH, check=image, check_class=3)
     model = create_model(ARCH, 5, weights=tmp_path / "backbone.safetensors")  # a new 5-class head on it
     assert torch.equal(model.state_dict()["conv_stem.weight"], source["conv_stem.weight"])
 
