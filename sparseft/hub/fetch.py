@@ -29,7 +29,7 @@ from torch import nn
 
 from sparseft import provision
 from sparseft.fileutil import atomic_path, cache_dir, sha256_file
-from sparseft.hub.build import attach_data_config, replace_head, set_vit_img_size
+from sparseft.hub.build import attach_data_config, recorded_data_config, replace_head, set_vit_img_size
 from sparseft.hub.registry import BackboneSpec, get_spec
 from sparseft.weights import WeightsError, load_weights
 
@@ -220,7 +220,7 @@ def offline_model(name: str, num_classes: int, img_size: int | None = None, *, f
         spec, path, data_config = resolve_backbone(name, cache, fetch=fetch, img_size=img_size)
     else:
         spec, path = get_spec(name), Path(weights)
-        data_config = dict(spec.data_config)
+        data_config = recorded_data_config(path, spec.architecture) or dict(spec.data_config)
         if img_size is not None:
             data_config["input_size"] = (3, img_size, img_size)
     model = spec.build(**model_kwargs)

@@ -1,5 +1,6 @@
 """Checks that converted weights compute what their source computes.
 
+`check_image` runs one photo through a converted classifier (`sparseft weights convert`).
 The DINOv2 weights come out of an ONNX graph that is not kept after conversion, so the
 conversion is checked right away: the converted timm model's final-norm tokens are compared
 with the graph's own backbone output (`backbone.layernorm`) on the same inputs. The graph is
@@ -9,6 +10,7 @@ evaluator that ships with the `onnx` package (slow, but dependency-free).
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparseft.errors import InputError
 from sparseft.hub.convert import import_onnx
 from sparseft.weights import WeightsError
 
@@ -116,4 +119,77 @@ def compare_vit_with_onnx(onnx_path: str | Path, model: nn.Module, *, tolerance:
               "tolerance": tolerance}
     if not diff <= tolerance:
         raise WeightsError(f"converted DINOv2 differs from its ONNX source by {diff:.3g} (> {tolerance})")
+    return record
+
+
+# -- a check image for a converted classifier --------------------------------------------------
+
+def imagenet_names() -> list[str]:
+    """ImageNet-1k class descriptions, index order (timm's bundled copy; no download)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]
+
+
+def class_index(value: str | int, num_classes: int) -> int:
+    """A class given as an index or, for a 1000-class head, an ImageNet name ('espresso', 'Egyptian cat')."""
+    text = str(value).strip()
+    if text.isdigit():
+        if int(text) >= num_classes:
+            raise InputError(f"--check-class {text}: the head has {num_classes} classes (0 to {num_classes - 1})")
+        return int(text)
+    if num_classes != 1000:
+        raise InputError(f"--check-class {text!r}: names are known for ImageNet's 1000 classes only; "
+                         f"this head has {num_classes}: give an index")
+    names = imagenet_names()
+    wanted = text.lower()
+    exact = [i for i, n in enumerate(names) if wanted in [p.strip() for p in n.lower().split(",")]]
+    word = re.compile(rf"\b{re.escape(wanted)}\b")
+    found = exact or [i for i, n in enumerate(names) if word.search(n.lower())]
+    if len(found) != 1:
+        shown = "; ".join(f"{i} {names[i]}" for i in found[:5])
+        raise InputError(f"--check-class {text!r}: " + (f"matches {len(found)} ImageNet classes ({shown}); "
+                                                        "give an index" if found else "matches no ImageNet class"))
+    return found[0]
+
+
+def check_image(model: nn.Module, image: str | Path, data_config: Mapping[str, Any],
+                expect: str | int | None = None) -> dict[str, Any]:
+    """Run one image through the converted model: its top-5, and top-1 == `expect` when given.
+
+    A model without head only shows that its features are finite. Raises `WeightsError` when
+    the top-1 class is not `expect` (the conversion or the data config is wrong).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            pixels = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise InputError(f"--check-image {image}: not a readable image ({err})") from err
+    classes = int(getattr(model, "num_classes", 0))
+    if expect is not None and classes == 0:
+        raise InputError("--check-class needs a classifier head; the converted model has none (a backbone: "
+                         "features only); leave --check-class out to see that its features are finite")
+    target = class_index(expect, classes) if expect is not None else None
+    with torch.no_grad():
+        out = model.eval()(preprocess([pixels], data_config))[0]
+    if not torch.isfinite(out).all():
+        raise WeightsError(f"--check-image {image}: the converted model gives non-finite outputs")
+    record: dict[str, Any] = {"image": Path(image).name}
+    if classes == 0:
+        record["features"] = list(out.shape)
+        return record
+    probs = out.softmax(-1)
+    names = imagenet_names() if classes == 1000 else [str(i) for i in range(classes)]
+    top = probs.topk(min(5, classes))
+    record["top5"] = [[int(i), names[int(i)], round(float(p), 4)] for p, i in zip(top.values, top.indices)]
+    if target is not None:
+        record["expected"] = [target, names[target]]
+        first, name, prob = record["top5"][0]
+        if first != target:
+            raise WeightsError(f"--check-image {image}: top-1 is {first} {name} ({prob:.3f}), not {target} "
+                               f"{names[target]}; the tensors are paired wrongly or the data config (mean/std, "
+                               "size) does not fit these weights; nothing written")
     return record

@@ -26,7 +26,6 @@ The decoder, `model.decode_head`, is what `model.get_classifier()` returns, so
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from torch import nn
 
 from sparseft.anatomy import note_build
 from sparseft.errors import InputError
-from sparseft.hub.build import attach_data_config
+from sparseft.hub.build import attach_data_config, checkpoint_filter, recorded_data_config, use_data_config
 from sparseft.hub.registry import REGISTRY
 from sparseft.models import create_model
 from sparseft.weights import WeightsError, load_weights, read_state_dict
@@ -215,7 +214,9 @@ def create_segmentation_model(name: str, num_classes: int, img_size: int | None 
     if weights is None:
         backbone = create_model(name, 0, img_size=img_size, pretrained=pretrained, **kwargs)
     else:
-        backbone = _untrained_backbone(name, img_size, **kwargs)
+        architecture = REGISTRY[name].architecture if name in REGISTRY else name
+        config = recorded_data_config(weights, architecture)  # a converted file's preprocessing
+        backbone = use_data_config(_untrained_backbone(name, img_size, **kwargs), config, img_size)
     model = SegmentationModel(backbone, num_classes, levels=levels, decoder_width=decoder_width)
     if weights is not None:
         load_segmentation_weights(model, weights)
@@ -245,8 +246,8 @@ def load_segmentation_weights(model: SegmentationModel, path: str | Path,
     if any(k.startswith(("backbone.", "decode_head.")) for k in state):
         return load_weights(model, path, sha256)
     backbone = model.backbone
-    filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
-    if callable(filter_fn):
+    filter_fn = checkpoint_filter(backbone)
+    if filter_fn is not None:
         state = filter_fn(state, backbone)
     own = backbone.state_dict()
     classifier = (backbone.pretrained_cfg or {}).get("classifier") or ()
