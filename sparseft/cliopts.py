@@ -7,8 +7,8 @@ A dataclass field becomes a flag `--field-name`; its type decides how the value 
     bool                     --name / --no-name (argparse.BooleanOptionalAction)
     Literal["a", "b"]        --name {a,b}
 
-Help text comes from `field(metadata={"help": ...})` and a choice list may be given with
-`metadata={"choices": [...]}`; the field's default is appended to the help. Every flag is
+Help text comes from `field(metadata={"help": ...})`, a choice list may be given with
+`metadata={"choices": [...]}` and a reader of the flag's text with `metadata={"convert": fn}`; the field's default is appended to the help. Every flag is
 added with `default=argparse.SUPPRESS`, so the parsed namespace holds exactly the options
 that were given: `given(args, cls)` returns them as a dict and `from_args(args, cls)` builds
 the dataclass (the dataclass's own defaults fill the rest).
@@ -90,7 +90,9 @@ def cli_options(cls: type) -> list[CliOption]:
                 raise TypeError(f"{where}: Literal values of mixed types {values}")
             choices = choices if choices is not None else values
             tp = kinds.pop()
-        if tp is bool:
+        if "convert" in f.metadata:  # a flag that takes more than the field's type (e.g. --lr auto)
+            convert = f.metadata["convert"]
+        elif tp is bool:
             convert = None
         elif tp in _SCALARS:
             convert = _SCALARS[tp]

@@ -44,6 +44,7 @@ class Meter:
         self.kind, self.model = kind, model
         self.correct = self.total = self.images = 0
         self.loss_sum = 0.0
+        self.counts = torch.zeros(2, 0, dtype=torch.float64)  # per class: [predicted, true] (images or pixels)
 
     def update(self, logits: torch.Tensor, y: Any, device: torch.device) -> None:
         self.images += len(y)
@@ -52,7 +53,17 @@ class Meter:
             self.loss_sum += loss.item()
             self.correct += self.kind.correct(out, target)
             self.total += n
+            self._count(out, target)
             self.add(out, target)
+
+    def _count(self, out: torch.Tensor, target: torch.Tensor) -> None:
+        if out.dim() < 2 or target.is_floating_point() or target.dim() != out.dim() - 1:
+            return  # not class scores against class indices (e.g. a regression kind)
+        classes = out.shape[1]
+        valid = (target >= 0) & (target < classes)
+        counts = torch.stack([torch.bincount(out.argmax(1)[valid].flatten().cpu(), minlength=classes),
+                              torch.bincount(target[valid].flatten().cpu(), minlength=classes)]).double()
+        self.counts = _padded(self.counts, classes) + _padded(counts, self.counts.shape[1])
 
     def add(self, out: torch.Tensor, target: torch.Tensor) -> None:
         """A kind's own metrics of one (logits, targets) pair."""
@@ -63,10 +74,30 @@ class Meter:
                                                        dtype=torch.float64))
         self.correct, self.total, self.loss_sum, self.images = (int(sums[0]), int(sums[1]), float(sums[2]),
                                                                 int(sums[3]))
+        classes = int(distributed.all_reduce_max(torch.tensor([self.counts.shape[1]], dtype=torch.float64))[0])
+        self.counts = distributed.all_reduce_sum(_padded(self.counts, classes))
 
     def result(self) -> dict[str, float]:
+        """`acc`, the mean `loss`, `n`; `top_pred_share` / `top_true_share`: the share of the class predicted most
+        often / most common in the targets (what `not_learning` reads)."""
+        shares = self.counts.amax(1) / self.counts.sum(1).clamp(min=1) if self.counts.numel() else torch.zeros(2)
         return {"acc": self.correct / max(self.total, 1), "loss": self.loss_sum / max(self.total, 1),
-                "n": self.images}
+                "n": self.images, "top_pred_share": float(shares[0]), "top_true_share": float(shares[1])}
+
+
+def _padded(counts: torch.Tensor, classes: int) -> torch.Tensor:
+    """`counts` ([2, C]) with zero columns up to `classes`."""
+    return torch.nn.functional.pad(counts, (0, max(classes - counts.shape[1], 0)))
+
+
+    step = ("try `--lr auto` (or a rate 3-10x lower if the loss grew, higher if it barely moved), more epochs, or "
+            "check the labels")
+    if result["top_pred_share"] >= 1.0:
+        return f"the model predicts one class for every {unit} of {split}; {step}"
+    if result["top_true_share"] < 1.0 and result["acc"] <= result["top_true_share"]:
+        return (f"{split} accuracy {result['acc']:.3f} is no better than always answering the most common class "
+                f"({result['top_true_share']:.3f}); {step}")
+    return None
 
 
 class TaskKind:
@@ -148,6 +179,28 @@ class TaskKind:
 
     def meter(self, model: nn.Module) -> Meter:
         return Meter(self, model)
+
+    #: what one prediction is about, in `not_learning`'s messages
+    unit: ClassVar[str] = "image"
+    #: whether scoring no better than the most common class means nothing was learnt (not for pixel accuracy)
+    chance_check: ClassVar[bool] = True
+
+    def not_learning(self, result: dict[str, Any], split: str) -> str | None:
+        """Why an evaluation result (a `Meter.result`) says the model learnt nothing usable, with a next step.
+
+        One class predicted for every image (pixel), or an accuracy no better than always answering
+        the most common class of the split. None when neither holds.
+        """
+        if "top_pred_share" not in result or not result.get("n"):
+            return None
+        step = ("try `--lr auto` (or a rate 3-10x lower if the loss grew, higher if it barely moved), more epochs, "
+                "or check the labels")
+        if result["top_pred_share"] >= 1.0:
+            return f"the model predicts one class for every {self.unit} of {split}; {step}"
+        if self.chance_check and result["top_true_share"] < 1.0 and result["acc"] <= result["top_true_share"]:
+            return (f"{split} accuracy {result['acc']:.3f} is no better than always answering its most common class "
+                    f"({result['top_true_share']:.3f}); {step}")
+        return None
 
     def eval_dataset(self, model: nn.Module, data: str, split: str, extra: Mapping[str, Any],
                      preprocessing: str | None) -> Any:
