@@ -81,9 +81,10 @@ def run_auto_lr(spec: RunSpec, run_dir: str | Path | None, *, resume: bool = Fal
         tune(ladder(best["lr"], -1 if best["lr"] == tried[0] else 1))
     best = max(tuning, key=lambda t: t[key] if t[key] is not None else -1.0)
     edge = best["lr"] in (min(t["lr"] for t in tuning), max(t["lr"] for t in tuning))
+    rule = (f"best val200 score at the last epoch of a train800 run; the recommended rate and its two ladder "
+            f"neighbours, extended past an edge up to {extend} times")
     choice = {"chosen_lr": best["lr"], "center": center, "center_source": source, "score": key, "tried": tuning,
-              "on_edge": edge, "rule": "best val200 score at the last epoch of a train800 run; recommended rate and its "
-                                      f"two ladder neighbours, extended past an edge up to {extend} times"}
+              "on_edge": edge, "rule": rule}
     if distributed.is_main():
         write_text_atomic(run_dir / SEARCH_DIR / "choice.json", json.dumps(choice, indent=1))
     if spec.train.progress and distributed.is_main():

@@ -8,7 +8,8 @@ A dataclass field becomes a flag `--field-name`; its type decides how the value 
     Literal["a", "b"]        --name {a,b}
 
 Help text comes from `field(metadata={"help": ...})`, a choice list may be given with
-`metadata={"choices": [...]}` and a reader of the flag's text with `metadata={"convert": fn}`; the field's default is appended to the help. Every flag is
+`metadata={"choices": [...]}` and a reader of the flag's text with
+`metadata={"convert": fn}`; the field's default is appended to the help. Every flag is
 added with `default=argparse.SUPPRESS`, so the parsed namespace holds exactly the options
 that were given: `given(args, cls)` returns them as a dict and `from_args(args, cls)` builds
 the dataclass (the dataclass's own defaults fill the rest).

@@ -40,7 +40,6 @@ from sparseft.errors import InputError, SparseftError, TrainingWarning
 from sparseft.fileutil import read_json, write_text_atomic
 from sparseft.kinds.base import TaskKind, kind_of, summary_keys
 
-
 NOT_REPORTED = ("n", "top_pred_share", "top_true_share")  # evaluation results kept out of the metrics
 
 

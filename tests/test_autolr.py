@@ -177,6 +177,7 @@ def test_fit_warns_when_the_model_predicts_one_class(tmp_path):
     torch.nn.init.zeros_(model[1].bias)
     model[1].weight.requires_grad_(False)
     with pytest.warns(TrainingWarning, match="one class for every image of val; try `--lr auto`"):
-        summary = fit(model, toy_loader(n=16), TrainConfig(epochs=1, lr=1e-12, min_lr=0, warmup_lr=0, warmup_epochs=0, progress=False),
+        summary = fit(model, toy_loader(n=16), TrainConfig(epochs=1, lr=1e-12, min_lr=0, warmup_lr=0, warmup_epochs=0,
+                                                                  progress=False),
                       eval_loaders={"val": toy_loader(n=16, shuffle=False)})
     assert "val_top_pred_share" not in summary["final"]

@@ -90,16 +90,6 @@ def _padded(counts: torch.Tensor, classes: int) -> torch.Tensor:
     return torch.nn.functional.pad(counts, (0, max(classes - counts.shape[1], 0)))
 
 
-    step = ("try `--lr auto` (or a rate 3-10x lower if the loss grew, higher if it barely moved), more epochs, or "
-            "check the labels")
-    if result["top_pred_share"] >= 1.0:
-        return f"the model predicts one class for every {unit} of {split}; {step}"
-    if result["top_true_share"] < 1.0 and result["acc"] <= result["top_true_share"]:
-        return (f"{split} accuracy {result['acc']:.3f} is no better than always answering the most common class "
-                f"({result['top_true_share']:.3f}); {step}")
-    return None
-
-
 class TaskKind:
     """One kind of task. Subclasses set `name`, `primary_metric`, `metric_key` and override what differs."""
 
