@@ -83,15 +83,15 @@ def search_grid(center: float) -> list[float]:
     return [ladder(center, -1), snap(center), ladder(center, 1)]
 
 
-def derive_rates(results: Path) -> dict[str, dict[str, float]]:
-    """The table the rule above gives from `results/<suite>/results.csv` of the `EVIDENCE` suites.
-
-    Per (method, family): every first-seed row whose label is the method's own name (its default
-    options), one learning-rate choice per (suite, backbone, task); the median of their log10, snapped.
-    """
+def evidence(results: Path) -> dict[tuple[str, str], list[float]]:
+    """(method, family) -> every first-seed learning-rate choice of the method's default row in the `EVIDENCE`
+    suites, one per (suite, backbone, task), read from `results/<suite>/results.csv` (or, for a suite still
+    running, its `choices.csv`: the same columns, first seed only)."""
     chosen: dict[tuple[str, str], list[float]] = {}
     for suite, families in EVIDENCE.items():
-        with open(Path(results) / suite / "results.csv", newline="") as f:
+        path = Path(results) / suite / "results.csv"
+        path = path if path.is_file() else path.with_name("choices.csv")
+        with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 family = families.get(row["backbone"].split("@")[0])
                 if family is None or row["label"] != row["method"] or int(row["seed"]) != 0:
@@ -99,7 +99,12 @@ def derive_rates(results: Path) -> dict[str, dict[str, float]]:
                 lr = json.loads(row["chosen"] or "{}").get("lr")
                 if lr is not None:
                     chosen.setdefault((row["method"], family), []).append(float(lr))
+    return chosen
+
+
+def derive_rates(results: Path) -> dict[str, dict[str, float]]:
+    """The table the rule above gives: per (method, family), the median of log10 of `evidence`, snapped."""
     table: dict[str, dict[str, float]] = {}
-    for (method, family), values in sorted(chosen.items()):
+    for (method, family), values in sorted(evidence(results).items()):
         table.setdefault(method, {})[family] = snap(10 ** statistics.median(math.log10(v) for v in values))
     return table
