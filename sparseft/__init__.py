@@ -7,13 +7,15 @@
     sparseft.save_delta(model, "task.safetensors")  # kilobytes to a few MB
     model = sparseft.load("task.safetensors")       # a task file of any method, base rebuilt
     sparseft.merge(model)                           # plain model, zero extra cost
+    sparseft.save_merged(model, "model.safetensors")  # a plain state dict + the task's header (load takes it)
     sparseft.unmerge(model)                         # the base again, bit-exactly
+    base = sparseft.base_model("pets.safetensors")  # the base a task file was trained on, from its header
     bank = sparseft.TaskBank(base); bank.add("pets", "pets.safetensors"); bank.use("pets")  # many tasks
 
 Other methods (LoRA, SPT, SCT, ...): `sparseft.methods.get_method(name, **options)`.
 """
 
-from sparseft.api import load, merge, unmerge
+from sparseft.api import base_model, load, merge, unmerge
 from sparseft.delta import (
     DeltaError,
     apply,
@@ -23,7 +25,7 @@ from sparseft.delta import (
     sync,
     trainable_parameters,
 )
-from sparseft.deltafile import DeltaFileError, TaskFile, load_delta, read_delta, save_delta
+from sparseft.deltafile import DeltaFileError, TaskFile, load_delta, read_delta, save_delta, save_merged
 from sparseft.inference import Prediction, predict
 from sparseft.kinds import classification, segmentation  # noqa: F401 - registers the built-in task kinds
 from sparseft.models import create_model
@@ -32,8 +34,9 @@ from sparseft.taskbank import TaskBank
 from sparseft.version import __version__
 
 __all__ = [
-    "DeltaError", "DeltaFileError", "Eligibility", "Selection", "SelectionError", "apply", "base_weights",
+    "DeltaError", "DeltaFileError", "Eligibility", "Selection", "SelectionError", "apply", "base_model",
+    "base_weights",
     "create_model", "forget_base", "load", "load_delta", "merge", "parameter_summary", "Prediction", "predict",
-    "read_delta", "save_delta", "select", "sync", "TaskBank", "TaskFile", "trainable_parameters", "unmerge",
-    "__version__",
+    "read_delta", "save_delta", "save_merged", "select", "sync", "TaskBank", "TaskFile", "trainable_parameters",
+    "unmerge", "__version__",
 ]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,3 +113,119 @@ def head_prefix(model: nn.Module) -> str | None:
 def in_head(name: str, prefix: str | None) -> bool:
     """Whether module `name` is the head or inside it (`prefix` from `head_prefix`)."""
     return prefix is not None and (name + ".").startswith(prefix)
+
+
+def note_build(model: nn.Module, name: str, img_size: int | None) -> nn.Module:
+    """Remember on `model` the name and input size it was built with (`create_model` does), so that a
+    task file made for another base can say what differs; returns the model."""
+    model.__dict__["_sparseft_built_as"] = {"model": name, "img_size": img_size}
+    return model
+
+
+def built_as(model: nn.Module) -> dict[str, Any]:
+    """What a model is, as far as it tells: `model` (the name it was built with, else timm's
+    architecture), `img_size` (the size it was built for, else a ViT's patch-embedding size) and
+    `num_classes` (its head's outputs, 0 without a head); None where unknown."""
+    noted = model.__dict__.get("_sparseft_built_as", {})
+    name = noted.get("model") or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    size = noted.get("img_size")
+    if size is None:
+        embed = next((m for m in model.modules() if hasattr(m, "patch_size") and hasattr(m, "img_size")), None)
+        grid = getattr(embed, "img_size", None)
+        size = int(grid[0]) if isinstance(grid, (tuple, list)) and grid and grid[0] == grid[-1] else None
+    classes = getattr(model, "num_classes", None)
+    if not isinstance(classes, int):
+        weights = [p for n, p in model.named_parameters() if n in set(head_parameter_names(model)) and p.dim() > 1]
+        classes = int(weights[0].shape[0]) if weights else 0 if head_module_name(model) is None else None
+    return {"model": name, "img_size": size, "num_classes": classes}
+# -- naming a model and its layers --------------------------------------------------------------
+
+def model_name(model: nn.Module) -> str:
+    """The model's name for messages: timm's architecture (`mobilenetv2_100`, also for the offline
+    backbones), else its class name (`MobileNetV2`)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return str(architecture) if architecture else type(model).__name__
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """How LoRA sees a layer: 'linear' (Linear or a 1x1 conv), 'conv' (kxk conv), 'grouped' (grouped
+    or depthwise conv) or None (anything else, e.g. timm's Conv2dSame)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:  # not e.g. timm's Conv2dSame
+        if module.groups != 1:
+            return "grouped"
+        return "linear" if tuple(module.kernel_size) == (1, 1) else "conv"
+    return None
+
+
+def layer_type(module: nn.Module) -> str:
+    """A layer's type as a listing shows it: `Linear`, `Conv2d 1x1`, `Conv2d 3x3 depthwise`, `LayerNorm`."""
+    name = type(module).__name__
+    if isinstance(module, nn.Conv2d):
+        size = "x".join(str(k) for k in module.kernel_size)
+        groups = "" if module.groups == 1 else (" depthwise" if module.groups == module.in_channels
+                                                 else f" groups={module.groups}")
+        return f"{name} {size}{groups}"
+    return name
+
+
+@dataclass
+class LayerGroup:
+    """Layers of one type that one name selects (`--lora-targets` takes `target`).
+
+    `target`: the shortest dotted name suffix that selects exactly these layers (`qkv`, `attn.proj`);
+    the layer's last name when that also selects layers of another type. `names`: the modules.
+    """
+
+    target: str
+    type: str
+    kind: str | None  # layer_kind of the layers
+    names: list[str]
+    params: int
+    in_head: bool = False
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def layer_groups(model: nn.Module) -> list[LayerGroup]:
+    """The model's layers with parameters of their own, grouped by last name and type, in model order.
+
+    A last name of digits (a Sequential's `0`) keeps the names before it up to one that is not:
+    `layer1.0.downsample.0` is grouped as `downsample.0`, which LoRA matches as it is.
+    """
+    head = head_prefix(model)
+    owners = [(n, m) for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    groups: dict[tuple[str, str, bool], list[tuple[str, nn.Module]]] = {}
+    for name, module in owners:
+        parts = name.split(".")
+        start = max((i for i, part in enumerate(parts) if not part.isdigit()), default=0)
+        key = (".".join(parts[start:]), layer_type(module), in_head(name, head))
+        groups.setdefault(key, []).append((name, module))
+    every = [n for n, _ in owners]
+    out = []
+    for (key, kind_text, head_layer), members in groups.items():
+        names = [n for n, _ in members]
+        params = sum(p.numel() for _, m in members for p in m.parameters(recurse=False))
+        out.append(LayerGroup(target=_target(key, names, every), type=kind_text, kind=layer_kind(members[0][1]),
+                              names=names, params=params, in_head=head_layer))
+    return out
+
+
+def _target(key: str, names: list[str], every: list[str]) -> str:
+    """The shortest dotted suffix, at least `key` and starting with a name that is not digits, that
+    selects exactly `names` among `every` (`key` when none does)."""
+    parts = [n.split(".") for n in names]
+    for depth in range(key.count(".") + 1, min(len(p) for p in parts) + 1):
+        suffixes = {".".join(p[-depth:]) for p in parts}
+        if len(suffixes) != 1:
+            break
+        suffix = suffixes.pop()
+        if suffix.split(".")[0].isdigit():
+            continue
+        if {n for n in every if _matches(n, suffix)} == set(names):
+            return suffix
+    return key

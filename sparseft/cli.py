@@ -1,4 +1,5 @@
-"""`sparseft` command line: select, train, eval, predict, merge, info, methods, bench, report, demo, data, weights.
+"""`sparseft` command line: select, train, eval, predict, merge, info, methods, layers, bench, report, demo, data,
+weights.
 
 Exit status, for every command: 0 success; 1 a user error (bad file, bad value, a run that
 diverged), reported as one line `error: ...` on stderr; 2 a usage error (unknown flag, a
@@ -17,14 +18,14 @@ import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 import sparseft
 from sparseft import distributed
-from sparseft.api import evaluate_task, load_for_inference, method_named_in
+from sparseft.api import describe_task, evaluate_task, load_for_inference, method_named_in
 from sparseft.autolr import run_auto_lr
-from sparseft.bench import load_suite, plan, run_suite, write_report
-from sparseft.bench.runner import runs_in_cell
+from sparseft.bench import load_suite, run_suite, write_report
+from sparseft.bench.cells import runs_in_cell
+from sparseft.bench.runner import checked_cells
 from sparseft.cliopts import (
     UsageError,
     add_arguments,
@@ -36,13 +37,14 @@ from sparseft.cliopts import (
 )
 from sparseft.data import DataError, DataWarning
 from sparseft.data.cli import register_cli as register_data_cli
-from sparseft.deltafile import TaskFile, read_delta
+from sparseft.deltafile import TaskFile, read_delta, save_merged
 from sparseft.demo import main as demo_main
 from sparseft.errors import InputError, SparseftError, TrainingWarning
-from sparseft.fileutil import atomic_path
+from sparseft.evalreport import check_confusion_folder, per_class_table, write_confusion
 from sparseft.hub.cli import register_cli as register_weights_cli
-from sparseft.inference import find_images, predict, write_csv
+from sparseft.inference import UNKNOWN, check_min_confidence, find_images, predict, write_csv
 from sparseft.kinds.base import kind_named_in
+from sparseft.layers import format_layers
 from sparseft.loaders import TaskData, num_classes_of
 from sparseft.methods import METHODS, MethodContext, get_method
 from sparseft.methods.gps import SELECTION_SETTINGS
@@ -58,7 +60,7 @@ EPILOG = """examples:
   sparseft weights fetch mobilenetv2_100_offline   # offline ImageNet weights
   sparseft train --model mobilenetv2_100_offline --data mini-vtab/fashion_mnist --method gps --k 1 \\
       --img-size 64 --epochs 10 --out runs/fashion-gps
-  sparseft eval runs/fashion-gps/delta.safetensors --data mini-vtab/fashion_mnist
+  sparseft eval runs/fashion-gps/delta.safetensors --data mini-vtab/fashion_mnist --confusion runs/fashion-gps/test
   sparseft predict runs/fashion-gps/delta.safetensors photos/ --top-k 3 --out preds.csv
   sparseft merge runs/fashion-gps/delta.safetensors --out fashion-model.safetensors
 """
@@ -188,9 +190,17 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    folder = check_confusion_folder(args.confusion, overwrite=args.overwrite) if args.confusion is not None else None
     result = evaluate_task(args.task_file, args.data, args.split, batch_size=args.batch_size, weights=args.weights,
                            preprocessing=args.preprocessing)
-    print(json.dumps({"task_file": str(args.task_file), "split": args.split, **result}))
+    record = {"task_file": str(args.task_file), "split": args.split, **result}
+    written = write_confusion(result, folder, overwrite=args.overwrite) if folder is not None else []
+    if args.json:
+        print(json.dumps({**record, **({"confusion_files": [str(w) for w in written]} if written else {})}))
+        return 0
+    print(json.dumps({k: v for k, v in record.items() if k not in ("per_class", "confusion")}))  # the overall line
+    table = per_class_table(result)
+    print(table, *(["confusion matrix -> " + ", ".join(map(str, written))] if written else []), sep="\n")
     return 0
 
 
@@ -201,12 +211,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     task = read_delta(args.task_file)  # read and verified once: the load below takes it as it is
     kind = kind_named_in(task.header)  # what the task's kind predicts: classes (a CSV) or masks (PNGs)
     if kind.prediction != "classes":
+        if args.min_confidence is not None:
+            raise InputError(f"--min-confidence: {args.task_file} is a {kind.name} task; the option applies to "
+                             "the classes of whole images (classification)")
         return PREDICTION_WRITERS[kind.prediction](args, task)
+    check_min_confidence(args.min_confidence, (task.header.get("extra") or {}).get("class_names"))
     out = _output_file(args.out, args.overwrite, args.task_file, ".csv") if args.out is not None else None
     images = find_images(args.inputs)
     model = load_for_inference(task, weights=args.weights)  # with the task's preprocessing and names
-    preds = predict(model, images, top_k=args.top_k, batch_size=args.batch_size,
-                    progress=_train_config(args).progress, on_error="raise" if args.strict else "skip")
+    preds = predict(model, images, top_k=args.top_k, batch_size=args.batch_size, progress=_train_config(args).progress,
+                    on_error="raise" if args.strict else "skip", min_confidence=args.min_confidence)
     good = [p for p in preds if p.error is None]
     for p in preds:
         if p.error is not None:
@@ -216,11 +230,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not good:
         raise DataError(f"none of the {len(preds)} images could be read")
     if out is not None:
-        write_csv(good, out)
+        write_csv(good, out, label=args.min_confidence is not None)
         print(f"predictions for {len(good)} images -> {out}")
     else:
         for p in good:
-            print(f"{p.path}: " + ", ".join(f"{label} ({prob:.3f})" for label, prob in zip(p.labels, p.probs)))
+            print(f"{p.path}: {f'{UNKNOWN}; ' if p.unknown else ''}"
+                  + ", ".join(f"{label} ({prob:.3f})" for label, prob in zip(p.labels, p.probs)))
     return 0
 
 
@@ -258,32 +273,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = _output_file(args.out, args.overwrite, source=args.task_file)
     task = read_delta(args.task_file)  # read and verified once: the load below takes it as it is
     header = task.header
-    extra = header.get("extra") or {}
+    if task.merged:
+        raise InputError(f"{args.task_file}: is a merged model already; predict, eval and info take it as it is")
     name = method_named_in(header)
     if name not in METHODS:
         raise InputError(f"{args.task_file}: written by method {name!r}, which this sparseft does not know")
     if not METHODS[name].mergeable:
         raise InputError(f"{args.task_file}: {METHODS[name]().merge_refusal()}")
     model = sparseft.merge(sparseft.load(task, weights=args.weights))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata={"merged_from": str(args.task_file), "model": str(extra.get("model"))})
-    print(f"merged model ({sum(v.numel() for v in state.values()):,} values) -> {out}")
+    save_merged(model, out, source=args.task_file)  # the task's header goes along: predict, eval, info take it
+    print(f"merged model ({sum(v.numel() for v in model.state_dict().values()):,} values) -> {out}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    header, tensors = read_delta(args.task_file)
-    sparse = sum(t.numel() for k, t in tensors.items() if k.startswith("sparse/") and k.endswith("/values"))
-    full = sum(t.numel() for k, t in tensors.items() if k.startswith("full/"))
-    out = {"file": str(args.task_file), "bytes": Path(args.task_file).stat().st_size,
-           "method": method_named_in(header), "added_values": sum(
-               t.numel() for k, t in tensors.items() if k.startswith("added/")),
-           "sparse_entries": sparse, "full_values": full,
-           "buffers": sum(1 for k in tensors if k.startswith("buffer/")),
-           "base_fingerprint": header["fingerprint"], "selection": header.get("selection"),
-           "extra": header.get("extra"), "created": header.get("created")}
-    print(json.dumps(out, indent=1, default=str))
+    print(json.dumps(describe_task(args.task_file), indent=1, default=str))
     return 0
 
 
@@ -300,11 +304,18 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layers(args: argparse.Namespace) -> int:
+    model = sparseft.create_model(args.model, img_size=args.img_size, weights=args.weights,
+                                  pretrained=args.pretrained)
+    print(format_layers(model))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, protocol=args.protocol)
     out = args.out or Path("results") / f"{suite.name}-{suite.protocol}"
-    cells = [c for c in plan(suite) if not args.only or c.entry.label in args.only]
-    if args.dry_run:
+    if args.dry_run:  # every check a run makes before its first cell; nothing written
+        cells = checked_cells(suite, out, args.only)
         for c in cells:
             print(f"{c.backbone.key} / {c.task} / {c.entry.label} / seed {c.seed}: {runs_in_cell(suite, c)} run(s)")
         print(f"{len(cells)} cells, {sum(runs_in_cell(suite, c) for c in cells)} training runs -> {out}")
@@ -364,13 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_select)
 
     e = sub.add_parser("eval", help="evaluate a saved task file on a data split")
-    e.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors)")
+    e.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors), or a merged model "
+                                                "(merge --out)")
     e.add_argument("--data", required=True, help="data spec (see train --help)")
     e.add_argument("--split", default="test", help="split to evaluate")
     e.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     e.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
     e.add_argument("--preprocessing", default=None, choices=["vtab", "fgvc"],
                    help="evaluation preprocessing (default: the one the task was trained with)")
+    e.add_argument("--confusion", metavar="DIR", help="write the confusion matrix as DIR/confusion.csv and "
+                                                      "DIR/confusion.png (rows: true class)")
+    e.add_argument("--overwrite", action="store_true", help="replace the --confusion files if they exist")
+    e.add_argument("--json", action="store_true", help="print one JSON object (per-class results and the "
+                                                       "confusion matrix included) instead of the overall line and "
+                                                       "the per-class table")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="the top-k classes (or the masks) of a saved task for new images",
@@ -379,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "task, one mask PNG per image (pixel value = class id) in the --out folder. "
                                     "Mergeable methods run merged; unreadable images are reported and skipped "
                                     "(--strict: an error).")
-    pr.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors)")
+    pr.add_argument("task_file", type=Path, help="task file written by train (delta.safetensors), or a merged model "
+                                                 "(merge --out)")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders of images")
     pr.add_argument("--out", help="CSV file to write (columns path, label_1, prob_1, ...) instead of printing; "
                                   "for a segmentation task the folder of mask PNGs")
@@ -388,19 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     pr.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: a warning, "
                                                           "and the image is skipped)")
+    pr.add_argument("--min-confidence", type=float, metavar="P", help="label an image whose top probability is "
+                    "below P (in (0, 1]) 'unknown' (printed first; the CSV gets a label column); classification only")
     pr.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
     add_arguments(pr, TrainConfig, only=["progress"])
     pr.set_defaults(func=cmd_predict)
 
-    m = sub.add_parser("merge", help="merge a task file into its base and save a plain model")
+    m = sub.add_parser("merge", help="merge a task file into its base and save a plain model",
+                       description="Merge a task file into its base: a plain state dict (load_state_dict takes it) "
+                                   "whose metadata keeps the task's header, so predict, eval, info and sparseft.load "
+                                   "take the merged file with no base model.")
     m.add_argument("task_file", type=Path, help="task file written by train")
-    m.add_argument("--out", required=True, help="output .safetensors with the merged state dict")
+    m.add_argument("--out", required=True, help="output .safetensors with the merged state dict and the task's header")
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
     m.set_defaults(func=cmd_merge)
 
-    i = sub.add_parser("info", help="describe a task file (method, sizes, base fingerprint)")
-    i.add_argument("task_file", type=Path)
+    i = sub.add_parser("info", help="describe a task file or merged model (method, sizes, base fingerprint)")
+    i.add_argument("task_file", type=Path, help="task file, or a merged model (merge --out)")
     i.set_defaults(func=cmd_info)
 
     ms = sub.add_parser("methods", help="list the methods; with --model, their trainable parameters on it")
@@ -409,15 +433,26 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--img-size", type=int, help="input resolution of the model")
     ms.set_defaults(func=cmd_methods)
 
+    ly = sub.add_parser("layers", help="a model's layers grouped as --lora-targets takes them, and what GPS trains",
+                        description="List a model's layers with parameters, grouped by name and type: the target "
+                                    "names --lora-targets takes, how LoRA and GPS treat each group, and a suggestion.")
+    ly.add_argument("model", help="timm model name or offline backbone (sparseft weights list)")
+    ly.add_argument("--img-size", type=int, help="input resolution (default: the backbone's own)")
+    ly.add_argument("--weights", help="local backbone weights (.safetensors, or a .pth read weights-only)")
+    ly.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (needs internet)")
+    ly.set_defaults(func=cmd_layers)
+
     b = sub.add_parser("bench", help="run a benchmark suite (resumable) and write its report",
                        description="Run methods x tasks x backbones x seeds from a suite YAML (or a shipped suite: "
-                                   "mini-vtab-quick, mini-vtab-cpu, vtab-1k, fgvc); finished runs are skipped, "
-                                   "interrupted ones resume.")
+                                   "mini-vtab-quick, mini-vtab-cpu, vtab-1k, fgvc); the whole suite is checked "
+                                   "before the first run; finished runs are skipped, interrupted ones resume.")
     b.add_argument("suite", help="suite YAML file or shipped suite name")
     b.add_argument("--out", type=Path, help="results folder (default: results/<suite>-<protocol>)")
     b.add_argument("--protocol", choices=["honest", "paper", "screen"], help="override the suite's protocol")
-    b.add_argument("--only", nargs="+", help="run only these method labels")
-    b.add_argument("--dry-run", action="store_true", help="list the cells and run counts, run nothing")
+    b.add_argument("--only", nargs="+", help="run only these method labels (a label no row has is an error)")
+    b.add_argument("--dry-run", action="store_true", help="check the whole suite as a run does before its first "
+                   "cell (options, grid values, backbones, every task's data), list the cells and run counts; run "
+                   "and write nothing")
     b.add_argument("--epochs-progress", action="store_true", help="show per-epoch progress bars too")
     b.set_defaults(func=cmd_bench)
 

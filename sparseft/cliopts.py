@@ -17,7 +17,11 @@ the dataclass (the dataclass's own defaults fill the rest).
 `add_shared_arguments` adds the fields of several dataclasses at once (e.g. the options of
 every fine-tuning method): a field name several of them have becomes one flag whose help
 lists each one's default, and `owned_options` turns a flag given for the wrong owner into a
-`UsageError` that names it.
+`UsageError` that names it (`foreign_options` words it, for flags or for a suite's keys).
+
+Values that arrive as data rather than text (a benchmark suite's YAML) are held to the same
+fields: `type_rule` says what a value of the wrong type should be, and `require` (the rules the
+dataclasses check) raises an `OptionValueError` that carries the field's name, rule and value.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from typing import Any, Literal
 
 from sparseft.errors import InputError, UsageError
 
-__all__ = ["CliOption", "UsageError", "add_arguments", "add_shared_arguments", "cli_options", "flag_of", "from_args",
-           "given", "owned_options", "require"]
+__all__ = ["CliOption", "OptionValueError", "UsageError", "add_arguments", "add_shared_arguments", "cli_options",
+           "flag_of", "foreign_options", "from_args", "given", "owned_options", "require", "type_rule"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +64,81 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class OptionValueError(InputError):
+    """A field's value breaks its rule. `name`, `rule` and `value` say which, so that a caller whose values
+    come from elsewhere than flags (a suite file) can name its own key instead of the flag."""
+
+    def __init__(self, message: str, *, name: str = "", rule: str = "", value: Any = None) -> None:
+        super().__init__(message)
+        self.name, self.rule, self.value = name, rule, value
+
+
 def require(ok: bool, obj: Any, name: str, rule: str, owner: str = "") -> None:
-    """Unless `ok`: ValueError "[owner: ]name (--flag) must be <rule>, not <value>" for the field `name` of `obj`."""
+    """Unless `ok`: `OptionValueError` "[owner: ]name (--flag) must be <rule>, not <value>" for the field `name`
+    of `obj`."""
     if not ok:
         where = f"{owner}: " if owner else ""
-        raise InputError(f"{where}{name} ({flag_of(name)}) must be {rule}, not {getattr(obj, name)!r}")
+        value = getattr(obj, name)
+        raise OptionValueError(f"{where}{name} ({flag_of(name)}) must be {rule}, not {value!r}", name=name, rule=rule,
+                               value=value)
+
+
+def type_rule(cls: type, name: str, value: Any) -> str | None:
+    """What the field `name` of dataclass `cls` must be when `value` is not of its type (None: it is).
+
+    For values given as data, not text (a suite's YAML): each is held to the type its flag would read
+    (`cli_options`): a whole number for `int` (not a bool), a number for `float`, text for `str` and
+    `Path`, true/false for `bool`, one of the choices where the field lists them. Fields of other types
+    are not checked here.
+    """
+    field_ = next(f for f in dataclasses.fields(cls) if f.name == name)
+    try:
+        tp, optional, choices = _field_type(cls, field_, typing.get_type_hints(cls))
+    except TypeError:  # a type no flag reads: not checked here
+        return None
+    if value is None:
+        return None if optional else "given (not empty)"
+    kinds: dict[Any, tuple[Callable[[Any], bool], str]] = {
+        bool: (lambda v: isinstance(v, bool), "true or false"),
+        int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+        float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+        str: (lambda v: isinstance(v, str), "text"),
+        Path: (lambda v: isinstance(v, str), "a path"),
+    }
+    if tp not in kinds:
+        return None
+    fits, what = kinds[tp]
+    if not fits(value):
+        return what + (" or null" if optional else "")
+    if choices is not None and value not in choices:
+        return "one of " + ", ".join(repr(c) for c in choices)
+    return None
+
+
+def _field_type(cls: type, f: dataclasses.Field, hints: dict[str, Any]) -> tuple[Any, bool, tuple[Any, ...] | None]:
+    """(scalar type, whether None is allowed, choices) of the dataclass field `f` of `cls`.
+
+    `X | None` is X (None allowed); `Literal[...]` is its values' type, the values its choices
+    (unless `metadata["choices"]` lists them). TypeError for a union of several types or a Literal
+    of mixed types: no flag reads those.
+    """
+    where = f"{cls.__qualname__}.{f.name}"
+    tp = hints[f.name]
+    optional = False
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) != 1:
+            raise TypeError(f"{where}: no command-line flag for the type {tp}")
+        optional, tp = len(members) < len(typing.get_args(tp)), members[0]
+    choices = f.metadata.get("choices")
+    if typing.get_origin(tp) is Literal:
+        values = typing.get_args(tp)
+        kinds = {type(v) for v in values}
+        if len(kinds) != 1:
+            raise TypeError(f"{where}: Literal values of mixed types {values}")
+        choices = choices if choices is not None else values
+        tp = kinds.pop()
+    return tp, optional, tuple(choices) if choices is not None else None
 
 
 def cli_options(cls: type) -> list[CliOption]:
@@ -76,21 +150,7 @@ def cli_options(cls: type) -> list[CliOption]:
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("cli", True) is False:
             continue
-        where = f"{cls.__qualname__}.{f.name}"
-        tp = hints[f.name]
-        if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            members = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(members) != 1:
-                raise TypeError(f"{where}: no command-line flag for the type {tp}")
-            tp = members[0]
-        choices = f.metadata.get("choices")
-        if typing.get_origin(tp) is Literal:
-            values = typing.get_args(tp)
-            kinds = {type(v) for v in values}
-            if len(kinds) != 1:
-                raise TypeError(f"{where}: Literal values of mixed types {values}")
-            choices = choices if choices is not None else values
-            tp = kinds.pop()
+        tp, _, choices = _field_type(cls, f, hints)
         if "convert" in f.metadata:  # a flag that takes more than the field's type (e.g. --lr auto)
             convert = f.metadata["convert"]
         elif tp is bool:
@@ -98,15 +158,14 @@ def cli_options(cls: type) -> list[CliOption]:
         elif tp in _SCALARS:
             convert = _SCALARS[tp]
         else:
-            raise TypeError(f"{where}: no command-line flag for the type {tp}")
+            raise TypeError(f"{cls.__qualname__}.{f.name}: no command-line flag for the type {tp}")
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = dataclasses.MISSING
-        out.append(CliOption(name=f.name, flag=flag_of(f.name), convert=convert,
-                             choices=tuple(choices) if choices is not None else None,
+        out.append(CliOption(name=f.name, flag=flag_of(f.name), convert=convert, choices=choices,
                              help=str(f.metadata.get("help", "")), default=default))
     return out
 
@@ -198,6 +257,27 @@ def add_shared_arguments(parser: argparse.ArgumentParser, owners: Mapping[str, t
     return {name: [owner for owner, _ in held] for name, held in holders.items()}
 
 
+def foreign_options(owner: str, given_names: Iterable[str], owners: Mapping[str, type], *, kind: str = "method",
+                    show: Callable[[str], str] = flag_of) -> str | None:
+    """Why some of `given_names` are not options of `owner` (None: all are): names them (`show` writes a
+    name: a flag, or a suite's key), whose they are, and what `owner` takes."""
+    mine = [o.name for o in cli_options(owners[owner])]
+    foreign = [n for n in dict.fromkeys(given_names) if n not in mine]
+    if not foreign:
+        return None
+    belongs = [o for o, cls in owners.items() if any(c.name in foreign for c in cli_options(cls))]
+    shown = ", ".join(show(n) for n in foreign)
+    one = len(foreign) == 1
+    whose = (f"{'it belongs' if one else 'they belong'} to {', '.join(belongs)}" if belongs else
+             f"no {kind} takes {'it' if one else 'them'}")
+    what = (f"{shown} is not an option of {kind} {owner!r} ({whose})" if one else
+            f"{shown} are not options of {kind} {owner!r} ({whose})")
+    everyones = set.intersection(*({o.name for o in cli_options(cls)} for cls in owners.values()))
+    own = [n for n in mine if n not in everyones] + [n for n in mine if n in everyones]  # its own first
+    takes = ", ".join(show(n) for n in own) if own else "no options"
+    return f"{what}; {owner} takes {takes}"
+
+
 def owned_options(args: argparse.Namespace, owner: str, owners: Mapping[str, type], *, prefix: str = "",
                   kind: str = "method") -> dict[str, Any]:
     """The options of `owner` given on the command line (flags added by `add_shared_arguments`).
@@ -205,18 +285,9 @@ def owned_options(args: argparse.Namespace, owner: str, owners: Mapping[str, typ
     A flag that only other owners take raises `UsageError`, naming it, whose it is, and what
     `owner` takes.
     """
-    mine = [o.name for o in cli_options(owners[owner])]
     names = list(dict.fromkeys(o.name for cls in owners.values() for o in cli_options(cls)))
     present = [n for n in names if hasattr(args, prefix + n)]
-    foreign = [n for n in present if n not in mine]
-    if foreign:
-        belongs = [o for o, cls in owners.items() if any(c.name in foreign for c in cli_options(cls))]
-        flags = ", ".join(flag_of(n) for n in foreign)
-        what = (f"{flags} is not an option of {kind} {owner!r} (it belongs to {', '.join(belongs)})"
-                if len(foreign) == 1 else
-                f"{flags} are not options of {kind} {owner!r} (they belong to {', '.join(belongs)})")
-        everyones = set.intersection(*({o.name for o in cli_options(cls)} for cls in owners.values()))
-        own = [n for n in mine if n not in everyones] + [n for n in mine if n in everyones]  # its own first
-        takes = ", ".join(flag_of(n) for n in own) if own else "no options"
-        raise UsageError(f"{what}; {owner} takes {takes}")
+    problem = foreign_options(owner, present, owners, kind=kind)
+    if problem:
+        raise UsageError(problem)
     return {n: getattr(args, prefix + n) for n in present}

@@ -45,7 +45,8 @@ __all__ = [
     "BatchNormMode", "DeltaError", "SparseDelta", "abandon", "added_parameters", "apply", "base_name", "base_weights",
     "buffers_by_name", "clear_added", "params_by_name", "replace_entries",
     "deltas", "export_task", "forget_base", "import_task", "is_applied", "is_merged", "mark_added", "merge",
-    "merged_changes", "method_of", "parameter_summary", "remember_base", "selection_of", "sparse_entries",
+    "merged_changes", "merged_task",
+    "method_of", "parameter_summary", "remember_base", "selection_of", "sparse_entries",
     "set_task_record", "structure_of", "sync", "task_record", "trainable_parameters", "unmerge",
 ]
 
@@ -190,14 +191,31 @@ def added_parameters(model: nn.Module) -> list[str]:
 
 def task_record(model: nn.Module) -> dict[str, Any]:
     """The record of the task file the model's task was loaded from (class names, image size,
-    preprocessing, ...); empty for a plain model or a task not loaded from a file."""
+    preprocessing, ...); for a plain model, that of the merged model file it was loaded from;
+    else empty."""
     state = _state(model)
-    return dict(state.record) if state is not None else {}
+    return dict(state.record) if state is not None else dict(model.__dict__.get("_sparseft_record", {}))
 
 
 def set_task_record(model: nn.Module, record: dict[str, Any]) -> None:
-    """Keep a task file's record with the model's task (`sparseft.load_delta` does)."""
-    _require_state(model).record = dict(record)
+    """Keep a task file's record with the model's task (`sparseft.load_delta` does), or with a plain
+    model loaded from a merged model file (`sparseft.load` does)."""
+    state = _state(model)
+    if state is not None:
+        state.record = dict(record)
+    else:
+        model.__dict__["_sparseft_record"] = dict(record)
+
+
+def merged_task(model: nn.Module) -> dict[str, Any]:
+    """What a merged model's file records of its task: the base `fingerprint`, the `head`, the `method`
+    and the task file's `record`; refused unless the task is merged and no weight changed since."""
+    state = _require_state(model)
+    if not state.merged:
+        raise DeltaError("the model's task is not merged (sparseft.merge(model) first)")
+    _check_guarded(model, state, "save the merged model")
+    return {"fingerprint": state.fingerprint, "head": list(state.head), "method": method_of(model),
+            "record": dict(state.record)}
 
 
 def method_of(model: nn.Module) -> str | None:

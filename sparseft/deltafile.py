@@ -9,6 +9,11 @@ base model, a manifest of every tensor (name, dtype, shape) and a sha256 of all 
 truncated or corrupt file, a missing or extra tensor, or shapes that do not fit are refused with
 an error that names the file and the problem, and the model is left as it was. Nothing is ever
 unpickled.
+
+A merged model file (`save_merged`, `sparseft merge --out`) is a plain state dict (the keys of
+`model.state_dict()`) whose metadata carries the task's record in a header of the same kind:
+model name, image size, classes, preprocessing, method, base fingerprint, manifest and checksums.
+`read_delta` reads and verifies both kinds (`TaskFile.merged` tells them apart).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparseft.anatomy import fingerprint, head_parameter_names
+from sparseft.anatomy import built_as, fingerprint, head_parameter_names
 from sparseft.delta import (
     DeltaError,
     abandon,
@@ -34,6 +39,7 @@ from sparseft.delta import (
     import_task,
     is_applied,
     mark_added,
+    merged_task,
     params_by_name,
     set_task_record,
 )
@@ -44,10 +50,26 @@ from sparseft.selected import Selection
 from sparseft.version import __version__
 
 FORMAT = "sparseft.delta/1"
+#: a merged model: full weights (a plain state dict) and the task's header
+MERGED_FORMAT = "sparseft.merged/1"
 
 
 class DeltaFileError(InputError):
     """A delta file that cannot be applied to the given model."""
+
+
+class BaseMismatch(DeltaFileError):
+    """A task file made for another base than the model given; the message names what differs
+    (model name, image size, class count) where the header says it."""
+
+    def __init__(self, path: str | Path, task: str, base: str, hint: str, *, subject: str | None = None,
+                 whose: str = "this model") -> None:
+        self.path, self.task, self.base, self.hint = path, task, base, hint
+        super().__init__(f"{subject or f'{path}: this task'} is for {task}; {whose} is {base}{hint}")
+
+    def reworded(self, subject: str, whose: str) -> BaseMismatch:
+        """The same mismatch said of another subject and base (a TaskBank names the task and "this bank's base")."""
+        return BaseMismatch(self.path, self.task, self.base, self.hint, subject=subject, whose=whose)
 
 
 def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -90,6 +112,34 @@ def save_delta(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
     return Path(path)
 
 
+def save_merged(model: nn.Module, path: str | Path, source: str | Path | None = None) -> Path:
+    """Write a merged task (`sparseft.merge` of a loaded task file) atomically as a plain state dict
+    whose metadata holds the task's header (model, image size, classes, preprocessing, method, base
+    fingerprint; `source`: the task file it came from); returns the path.
+
+    `model.load_state_dict(safetensors.torch.load_file(path))` loads it into its architecture;
+    `sparseft.load`, `sparseft predict`, `eval` and `info` take it with no base model.
+    """
+    task = merged_task(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    header = {
+        "format": MERGED_FORMAT,
+        "sparseft_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "merged_from": None if source is None else str(source),
+        "method": task["record"].get("method") or task["method"],
+        "fingerprint": task["fingerprint"],
+        "head": task["head"],
+        "manifest": _manifest(tensors),
+        "checksum": _tensor_checksum(tensors),
+        "extra": task["record"],
+    }
+    header["header_sha256"] = _header_hash(header)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": MERGED_FORMAT, "header": json.dumps(header)})
+    return Path(path)
+
+
 class TaskFile(tuple):
     """A task file read and verified once: `(header, tensors)` (it unpacks as that pair) and its `path`.
 
@@ -112,6 +162,11 @@ class TaskFile(tuple):
     def tensors(self) -> dict[str, torch.Tensor]:
         return self[1]
 
+    @property
+    def merged(self) -> bool:
+        """Whether the file is a merged model (full weights, no base needed) rather than a task delta."""
+        return self.header.get("format") == MERGED_FORMAT
+
 
 #: what the loaders take: a path, or a file `read_delta` has already read and verified
 TaskSource = str | Path | TaskFile
@@ -127,11 +182,24 @@ def source_path(source: TaskSource) -> str | Path:
     return source.path if isinstance(source, TaskFile) else source
 
 
+def _untagged(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """What a safetensors file without sparseft's header is, for the refusal."""
+    if "merged_from" in metadata:
+        return (f"a merged model written by an earlier sparseft (merged from {metadata['merged_from']}), without the "
+                "task's header (image size, classes, preprocessing); merge the task file again with this version, "
+                "or load it with model.load_state_dict")
+    count = f"{len(tensors)} tensor{'s' if len(tensors) != 1 else ''}"
+    return (f"a plain safetensors file ({count}, no sparseft header), not a task file or a merged model; a "
+            "state dict loads with model.load_state_dict(safetensors.torch.load_file(...)), or as base weights "
+            "with --weights")
+
+
 def read_delta(path: str | Path) -> TaskFile:
-    """Read and verify a delta file on its own (no model): returns a `TaskFile`, which unpacks as
-    (header, tensors)."""
+    """Read and verify a task file on its own (no model): a task delta, or a merged model
+    (`TaskFile.merged`); returns a `TaskFile`, which unpacks as (header, tensors)."""
     given, path = path, Path(path)
-    header, tensors = read_tagged_safetensors(path, FORMAT, "header", DeltaFileError, "delta")
+    header, tensors = read_tagged_safetensors(path, (FORMAT, MERGED_FORMAT), "header", DeltaFileError, "delta",
+                                              untagged=_untagged)
     manifest = header.get("manifest", {})
     missing = sorted(set(manifest) - set(tensors))
     unexpected = sorted(set(tensors) - set(manifest))
@@ -149,13 +217,40 @@ def read_delta(path: str | Path) -> TaskFile:
                              "sparseft")
     if _header_hash(header) != header["header_sha256"]:
         raise DeltaFileError(f"{path}: header checksum mismatch: its metadata was changed or is corrupt")
-    for key in ("fingerprint", "shapes", "full"):
+    for key in ("fingerprint",) if header.get("format") == MERGED_FORMAT else ("fingerprint", "shapes", "full"):
         if key not in header:
             raise DeltaFileError(f"{path}: header lacks '{key}'")
     bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise DeltaFileError(f"{path}: NaN or infinite values in {bad[:5]}")
     return TaskFile(header, tensors, given)
+
+
+def _described(facts: dict[str, Any], classes: bool) -> str:
+    text = str(facts["model"] or "an unnamed model") + (f" at {facts['img_size']} px" if facts["img_size"] else "")
+    if classes:
+        text += f" with {facts['num_classes']} classes" if facts["num_classes"] else " without a head (num_classes=0)"
+    return text
+
+
+def base_mismatch(path: str | Path, header: dict[str, Any], model: nn.Module, *,
+                  classes: bool = True) -> BaseMismatch | None:
+    """The refusal naming what differs between the base a task's header records and `model`: model name,
+    image size and (with `classes`) class count; None where the header does not say or nothing it says
+    differs (then the weights differ)."""
+    extra = header.get("extra") or {}
+    task = {key: extra.get(key) for key in ("model", "img_size", "num_classes")}
+    base = built_as(model)
+    differs = {k for k in task if task[k] is not None and base[k] is not None and task[k] != base[k]}
+    # another architecture has its own head: its class count matters only where the model has no head
+    count = classes and "num_classes" in differs and (not differs - {"num_classes"} or not base["num_classes"])
+    if not differs - {"num_classes"} and not count:
+        return None
+    if header.get("format") == MERGED_FORMAT:
+        return BaseMismatch(path, _described(task, count), _described(base, count), "; sparseft.load(path) without "
+                            "a model builds its own", subject=f"{path}: this merged model")
+    return BaseMismatch(path, _described(task, count), _described(base, count),
+                        f"; sparseft.base_model({str(path)!r}) builds the base it was trained on")
 
 
 def _plan(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], path: Path) -> Selection:
@@ -222,12 +317,22 @@ def load_delta(model: nn.Module, path: TaskSource, *, check_base: bool = True, m
     task = read_task(path)
     header, tensors = task
     path = Path(task.path)
+    if task.merged:
+        raise DeltaFileError(f"{path}: a merged model (full weights, no base needed), not a task delta to apply; "
+                             "load it with sparseft.load(path)")
     head = header.get("head") or head_parameter_names(model)
     if check_base:
-        missing_head = [n for n in head if n not in params_by_name(model)]
+        params = params_by_name(model)
+        missing_head = [n for n in head if n not in params]
+        other_head = [n for n in head if n in params and f"full/{n}" in tensors
+                      and tensors[f"full/{n}"].shape != params[n].shape]
+        actual = None if missing_head else fingerprint(model, exclude=set(head))
+        if missing_head or other_head or actual != header["fingerprint"]:
+            mismatch = base_mismatch(path, header, model, classes=bool(missing_head or other_head))
+            if mismatch is not None:
+                raise mismatch
         if missing_head:
             raise DeltaFileError(f"{path}: the model has no head parameters {missing_head}")
-        actual = fingerprint(model, exclude=set(head))
         if actual != header["fingerprint"]:
             dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
             hint = (f" (this model's weights are {'/'.join(sorted(dtypes))}, and the fingerprint covers the dtype: "

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from sparseft.errors import DataWarning, InputError, SparseftError
+from sparseft.progress import progress_bar
 
 ShardMode = Literal["batches", "slices", "samples"]
 
@@ -29,16 +30,15 @@ class RankFailed(SparseftError, RuntimeError):
     """Another rank stopped with an error (this rank stops too instead of waiting for it)."""
 
 
-def progress(batches: Iterable, desc: str, enabled: bool = True) -> Any:
-    """A progress bar over `batches` on rank 0, iterating them once.
+def progress(batches: Iterable, desc: str, enabled: bool | None = None) -> Any:
+    """A progress bar over `batches` on rank 0, iterating them once (`enabled`: see `sparseft.progress`;
+    None draws it only on a terminal).
 
     (`tqdm.auto` given a loader calls `iter` on it twice: a DataLoader's shuffle and worker seeds
     would then come from a second pass that depends on `--workers`.)
     """
-    from tqdm.auto import tqdm
-
     total = len(batches) if hasattr(batches, "__len__") else None
-    return tqdm(iter(batches), desc=desc, total=total, disable=not enabled or not is_main(), leave=False)
+    return progress_bar(iter(batches), desc=desc, total=total, enabled=enabled if is_main() else False, leave=False)
 
 
 def init_from_env() -> bool:

@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +60,15 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def read_tagged_safetensors(path: str | Path, fmt: str, header_key: str, error: type[Exception],
-                            what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a safetensors file whose metadata holds `format == fmt` and a JSON `header_key`.
+def read_tagged_safetensors(
+        path: str | Path, fmt: str | tuple[str, ...], header_key: str, error: type[Exception], what: str, *,
+        untagged: Callable[[dict[str, str], dict[str, torch.Tensor]], str] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a safetensors file whose metadata holds `format` (`fmt`, or one of several) and a JSON `header_key`.
 
     Any problem (missing, truncated, corrupt, another kind of file, bad header) raises `error`
-    with a message that names the file. Returns (header, tensors).
+    with a message that names the file. A file with no `format` at all (a plain state dict) is
+    described by `untagged(metadata, tensors)` when given. Returns (header, tensors).
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -81,8 +84,14 @@ def read_tagged_safetensors(path: str | Path, fmt: str, header_key: str, error: 
         tensors = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError) as err:
         raise error(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from err
-    if metadata.get("format") != fmt:
-        raise error(f"{path}: not a sparseft {what} (format {metadata.get('format')!r}, expected {fmt!r})")
+    formats = (fmt,) if isinstance(fmt, str) else fmt
+    if "format" not in metadata:
+        raise error(f"{path}: {untagged(metadata, tensors)}" if untagged is not None else
+                    f"{path}: not a sparseft {what}: a safetensors file without sparseft's header ({len(tensors)} "
+                    "tensors)")
+    if metadata["format"] not in formats:
+        raise error(f"{path}: not a sparseft {what} (format {metadata['format']!r}, expected "
+                    f"{' or '.join(map(repr, formats))})")
     try:
         header = json.loads(metadata[header_key])
     except (KeyError, json.JSONDecodeError) as err:

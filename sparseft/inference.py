@@ -23,7 +23,6 @@ from typing import Any, Literal, TypeVar
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from sparseft.data import build_transform, data_config
 from sparseft.data.folder import _images_under
@@ -32,9 +31,14 @@ from sparseft.delta import task_record
 from sparseft.errors import InputError
 from sparseft.fileutil import write_text_atomic
 from sparseft.kinds.base import kind_of
+from sparseft.progress import progress_bar
 
 ImageInput = str | os.PathLike | Image.Image
 T = TypeVar("T")
+
+
+#: the label of an image whose top probability is below `predict(..., min_confidence=P)`
+UNKNOWN = "unknown"
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Prediction:
     """The top-k classes of one image, most probable first; `path` when the image came from a file.
 
     `error` says why the image was skipped (only with `on_error="skip"`); its lists are empty then.
+    `unknown`: its top probability is below the `min_confidence` asked for; `label` is then "unknown".
     """
 
     labels: list[str]
@@ -49,6 +54,12 @@ class Prediction:
     indices: list[int]
     path: Path | None = None
     error: str | None = None
+    unknown: bool = False
+
+    @property
+    def label(self) -> str | None:
+        """The decision: the top class, "unknown" below `min_confidence`, None for a skipped image."""
+        return None if self.error is not None else UNKNOWN if self.unknown else self.labels[0]
 
 
 def eval_transform(model: nn.Module, extra: Mapping[str, Any] | None = None,
@@ -109,8 +120,8 @@ def predict_batches(model: nn.Module, items: Sequence[Any] | torch.Tensor, batch
     `run_batch` (one result per item, in order) in eval mode under `torch.no_grad()`, with a progress
     bar; the model's train/eval modes are restored."""
     results: list[T] = []
-    with eval_mode(model), torch.no_grad(), tqdm(total=len(items), desc="predict", unit="img", disable=not progress,
-                                                  leave=False) as bar:
+    with eval_mode(model), torch.no_grad(), progress_bar(total=len(items), desc="predict", unit="img",
+                                                          enabled=progress, leave=False) as bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             results.extend(run_batch(chunk))
@@ -138,20 +149,35 @@ def _read(items: Sequence[Any], transform: Callable[[Image.Image], torch.Tensor]
     return (torch.stack(tensors) if tensors else None), paths, errors
 
 
-def _top_k(logits: torch.Tensor, k: int, names: Sequence[str] | None) -> list[Prediction]:
+def _top_k(logits: torch.Tensor, k: int, names: Sequence[str] | None,
+           min_confidence: float | None = None) -> list[Prediction]:
     if names is not None and len(names) != logits.shape[1]:
         raise InputError(f"class_names has {len(names)} names but the model gives {logits.shape[1]} classes")
     probs, indices = logits.float().softmax(dim=1).topk(min(k, logits.shape[1]), dim=1)
     out = []
     for p, i in zip(probs.tolist(), indices.tolist()):
-        out.append(Prediction([names[j] if names is not None else str(j) for j in i], p, i))
+        unknown = min_confidence is not None and p[0] < min_confidence
+        out.append(Prediction([names[j] if names is not None else str(j) for j in i], p, i, unknown=unknown))
     return out
+
+
+def check_min_confidence(min_confidence: Any, names: Sequence[str] | None = None) -> None:
+    """Refuse a `min_confidence` that is not a number in (0, 1], or one for a task with a class named "unknown"."""
+    if min_confidence is None:
+        return
+    if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) or not (
+            0 < min_confidence <= 1):
+        raise InputError(f"min_confidence (--min-confidence) must be a probability in (0, 1], not {min_confidence!r}")
+    if names is not None and UNKNOWN in names:
+        raise InputError(f"min_confidence (--min-confidence): the task has a class named {UNKNOWN!r}, so a "
+                         "low-confidence image could not be told from it")
 
 
 def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[ImageInput], *, top_k: int = 5,
             class_names: Sequence[str] | None = None,
             transform: Callable[[Image.Image], torch.Tensor] | None = None, batch_size: int = 64,
-            progress: bool = False, on_error: OnError = "raise") -> list[Prediction]:
+            progress: bool | None = False, on_error: OnError = "raise",
+            min_confidence: float | None = None) -> list[Prediction]:
     """The `top_k` most probable classes (softmax of the logits) of each image, one Prediction each.
 
     `images`: a preprocessed float batch [N, C, H, W], used as it is; or image files / PIL images
@@ -161,6 +187,8 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
     the number of classes. An unreadable file raises `DataError` naming it, or with
     `on_error="skip"` gets a Prediction with `error` set and no labels. Runs under
     `torch.no_grad()` in eval mode on the model's device and in its dtype; the model's train/eval modes are restored.
+    `min_confidence` P in (0, 1]: an image whose top probability is below P is marked `unknown`
+    (its `label` is "unknown"; its top-k stay as they are).
     """
     kind = kind_of(model)
     if kind.prediction != "classes":
@@ -173,6 +201,7 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
     if class_names is None:
         class_names = record.get("class_names") or None
     names = list(class_names) if class_names is not None else None
+    check_min_confidence(min_confidence, names)
     if isinstance(images, torch.Tensor):
         if transform is not None:
             raise InputError("transform applies to image files and PIL images; a tensor batch is used as it is")
@@ -192,23 +221,24 @@ def predict(model: nn.Module, images: torch.Tensor | ImageInput | Sequence[Image
             x, paths, errors = chunk, [None] * len(chunk), {}
         else:
             x, paths, errors = _read(chunk, transform, on_error)
-        found = iter(_top_k(model(x.to(device, dtype)), top_k, names) if x is not None else ())
+        found = iter(_top_k(model(x.to(device, dtype)), top_k, names, min_confidence) if x is not None else ())
         return [Prediction([], [], [], path, errors[i]) if i in errors else replace(next(found), path=path)
                 for i, path in enumerate(paths)]
 
     return predict_batches(model, items, batch_size, run_batch, progress=progress)
 
 
-def write_csv(predictions: Iterable[Prediction], path: str | Path) -> None:
+def write_csv(predictions: Iterable[Prediction], path: str | Path, *, label: bool = False) -> None:
     """The predictions (skipped images left out) as a CSV file written atomically: columns path,
-    then label_1, prob_1, ..., label_k, prob_k."""
+    (with `label`: the decision, the top class or "unknown"), then label_1, prob_1, ..., label_k, prob_k."""
 
     rows = [p for p in predictions if p.error is None]
     k = max((len(p.labels) for p in rows), default=0)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob"))])
+    writer.writerow(["path", *(["label"] if label else []),
+                     *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob"))])
     for p in rows:
-        writer.writerow(["" if p.path is None else str(p.path),
-                         *(v for label, prob in zip(p.labels, p.probs) for v in (label, f"{prob:.6f}"))])
+        writer.writerow(["" if p.path is None else str(p.path), *([p.label] if label else []),
+                         *(v for name, prob in zip(p.labels, p.probs) for v in (name, f"{prob:.6f}"))])
     write_text_atomic(path, text.getvalue())

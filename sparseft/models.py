@@ -20,6 +20,7 @@ from sparseft.anatomy import (  # noqa: F401 - re-exported
     head_parameter_names,
     head_prefix,
     in_head,
+    note_build,
 )
 from sparseft.errors import InputError
 from sparseft.hub.fetch import offline_model
@@ -27,6 +28,17 @@ from sparseft.hub.registry import REGISTRY
 from sparseft.weights import WeightsError, load_weights, read_state_dict  # noqa: F401 - re-exported
 
 # -- building models ---------------------------------------------------------------------
+
+def check_model_name(name: str) -> None:
+    """Refuse a name that is neither an offline backbone nor a timm model (InputError), building nothing."""
+    if isinstance(name, str) and name in REGISTRY:
+        return
+    import timm
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise InputError(f"unknown model {name!r}: not a timm model nor an offline backbone "
+                         f"({', '.join(sorted(REGISTRY))})")
+
 
 def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = None,
                  weights: str | Path | None = None, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -43,13 +55,12 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
         raise InputError(f"num_classes (--num-classes) must be a whole number >= 0 (0: no head), not {num_classes!r}")
     if img_size is not None and img_size < 1:
         raise InputError(f"img_size (--img-size) must be >= 1 when given, not {img_size!r}")
+    check_model_name(name)
     if name in REGISTRY:
-        return offline_model(name, num_classes, img_size=img_size, weights=weights, **kwargs)
+        return note_build(offline_model(name, num_classes, img_size=img_size, weights=weights, **kwargs), name,
+                          img_size)
     import timm
 
-    if not timm.is_model(name):
-        raise InputError(f"unknown model {name!r}: not a timm model nor an offline backbone "
-                         f"({', '.join(sorted(REGISTRY))})")
     create = functools.partial(timm.create_model, name, pretrained=pretrained and weights is None,
                                num_classes=num_classes, **kwargs)
     try:
@@ -64,5 +75,5 @@ def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = N
                          f"{patch[0]}")
     if weights is not None:
         load_weights(model, weights)
-    return model
+    return note_build(model, name, img_size)
 

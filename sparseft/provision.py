@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tqdm.auto import tqdm
-
 from sparseft.errors import InputError
 from sparseft.fileutil import sha256_file
+from sparseft.progress import progress_bar
 
 DEBIAN_MIRROR = "https://deb.debian.org/debian"
 
@@ -200,8 +199,8 @@ def _apt_or_mirror(src: Source, dest: Path, log: Log) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(target, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"  {src.package}", disable=log is None,
-                      leave=False) as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=f"  {src.package}",
+                              enabled=None if log is not None else False, leave=False) as bar:
                 while block := resp.read(1 << 20):
                     out.write(block)
                     bar.update(len(block))

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,11 @@ from torch import nn
 from sparseft import distributed
 from sparseft.api import evaluate_task  # noqa: F401 - re-exported: tests import it from here
 from sparseft.cliopts import require
-from sparseft.errors import InputError
+from sparseft.data import fingerprint
+from sparseft.data.images import DataError
+from sparseft.errors import DataWarning, InputError
 from sparseft.fileutil import LOCK_FILE, folder_lock, read_json, write_text_atomic
-from sparseft.kinds.base import kind_for_data
+from sparseft.kinds.base import TaskKind, kind_for_data
 from sparseft.loaders import DataSpec, TaskData
 from sparseft.methods import BATCHNORM_DEFAULT_BEFORE, MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
@@ -35,6 +38,8 @@ from sparseft.train import TrainConfig, check_same_settings, fit
 
 TASK_FILE = "delta.safetensors"
 SEARCH_DIR = "lr-search"  # `--lr auto`'s tuning runs inside a run folder (sparseft.autolr)
+DATA_FILE = "data.json"  # the data's fingerprint when the run started (`sparseft.data.fingerprint`)
+RECORD_PATHS = ("task_file",)  # summary keys naming a file of the run folder: stored relative to it
 
 PROTOCOL_SPLITS = {
     # protocol name: (train split, evaluation splits)
@@ -91,7 +96,7 @@ class RunSpec:
         return cls(**d)
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", TASK_FILE, PLAN_FILE, "checkpoint.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", TASK_FILE, PLAN_FILE, "checkpoint.json", DATA_FILE)
 
 
 def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool) -> None:
@@ -163,12 +168,60 @@ def _resumed_batchnorm(run_dir: Path, spec: RunSpec) -> str | None:
     return None if "batchnorm" in spec.options else stored["batchnorm"]
 
 
+def record_path(run_dir: Path, stored: str) -> Path:
+    """A file a run's record names, as a path to use now. Records hold the run folder's files relative
+    to it; older ones held them absolute (or relative to where the run was started): then the run
+    folder's own file of that name wins, so a moved run folder names its own files."""
+    own = run_dir / Path(stored).name
+    return own if own.exists() or not Path(stored).exists() else Path(stored)
+
+
+def _with_run_paths(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A summary as returned and shown: its paths of the run folder's files under `run_dir` as it is now."""
+    return {**summary, **{key: str(record_path(run_dir, summary[key])) for key in RECORD_PATHS
+                          if isinstance(summary.get(key), str)}}
+
+
+def summary_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary as a run folder records it: the run folder's files by their names (relative to it)."""
+    return {**summary, **{key: Path(summary[key]).name for key in RECORD_PATHS if isinstance(summary.get(key), str)}}
+
+
+def _data_fingerprint(kind: TaskKind, spec: RunSpec, like: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fingerprint of the splits the run reads (`sparseft.data.fingerprint.take`)."""
+    splits = dict.fromkeys((spec.train_split, *spec.eval_splits))
+    return fingerprint.take(spec.data, {s: kind.dataset(spec.data, s, None) for s in splits}, like=like)
+
+
+def _check_data(run_dir: Path, kind: TaskKind, spec: RunSpec) -> None:
+    """Resuming: the data must be what the run started with (its `DATA_FILE`), else a `DataError` naming what
+    changed. A run started before runs kept a fingerprint resumes with a warning that nothing was checked."""
+    path = run_dir / DATA_FILE
+    if not path.is_file():
+        warnings.warn(f"{run_dir}: no {DATA_FILE} (the run was started by an older sparseft): resuming without "
+                      "checking that the data is the data it started with", DataWarning, stacklevel=2)
+        return
+    stored = read_json(path, DataError, "data fingerprint")
+    if not isinstance(stored, dict) or not isinstance(stored.get("files"), dict):
+        raise DataError(f"{path}: not a data fingerprint; restore it, or start a new run")
+    if stored.get("version") != fingerprint.VERSION:
+        warnings.warn(f"{path}: a fingerprint of another format (version {stored.get('version')!r}, this sparseft "
+                      f"reads {fingerprint.VERSION}): resuming without checking that the data is the data it started "
+                      "with", DataWarning, stacklevel=2)
+        return
+    found = fingerprint.changes(stored, _data_fingerprint(kind, spec, like=stored))
+    if found:
+        shown = "; ".join(found[:6]) + (f"; and {len(found) - 6} more" if len(found) > 6 else "")
+        raise DataError(f"{spec.data}: data changed since the run in {run_dir} started: {shown}; resume refused: "
+                        "start a new run or restore the data")
+
+
 def _claim(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """`claim_run_dir`; then, resuming a finished run, its summary (None: there is training to do)."""
     claim_run_dir(run_dir, spec, resume=resume, overwrite=overwrite)
     if resume and _finished(run_dir, spec):
         if (run_dir / TASK_FILE).is_file() or not (run_dir / "checkpoint.json").is_file():
-            return json.loads((run_dir / "summary.json").read_text())  # as it is, nothing rewritten
+            return _with_run_paths(json.loads((run_dir / "summary.json").read_text()), run_dir)  # nothing rewritten
         (run_dir / "summary.json").unlink()  # its task file is gone: written again from the last checkpoint
     return None
 
@@ -222,7 +275,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
         finished = distributed.run_on_main(lambda: _claim(run_dir, spec, resume=resume, overwrite=overwrite))
         if finished is not None:
             return finished
-        if resume and spec.train.progress and distributed.is_main():
+        if resume and spec.train.progress is not False and distributed.is_main():
             print(f"[sparseft] resuming {run_dir}: its plan ({PLAN_FILE}) and last checkpoint are reused",
                   file=sys.stderr)
 
@@ -238,8 +291,18 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     method.check(model)
     train, lr_source = _learning_rate(spec, model)
     distributed.check_global_batch(spec.batch_size)  # before anything is written
-    for split in dict.fromkeys((spec.train_split, *spec.eval_splits)):  # every image opens: fail now, not later
-        kind.verify_split(spec.data, split)
+    kind.check_data(spec.data, spec.train_split, spec.eval_splits)  # every image opens, splits agree: fail now
+    started = None  # a fresh run's data fingerprint (rank 0's), written just before training starts
+
+    def check_or_take() -> None:
+        nonlocal started
+        if resume:
+            _check_data(run_dir, kind, spec)
+        else:
+            started = _data_fingerprint(kind, spec)
+
+    if run_dir is not None:
+        distributed.run_on_main(check_or_take)
     data = TaskData(spec.data_spec(), model)
     if run_dir is not None:
         distributed.run_on_main(lambda: _make_run_dir(run_dir, overwrite))
@@ -263,15 +326,17 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
             "weights": str(Path(spec.weights).resolve()) if spec.weights else None,
             "pretrained": spec.pretrained, "init_seed": spec.train.seed})
 
+    if started is not None:
+        write_text_atomic(run_dir / DATA_FILE, json.dumps(started, separators=(",", ":")))
     summary = fit(model, data.loader("train"), train, eval_loaders=eval_loaders, run_dir=run_dir,
                   resume=resume, save_task=save_task, run_info=info, hook=method.training_hook(model))
     summary.update({"method": spec.method, "model": spec.model, "data": spec.data, "task": task,
                     "metric": kind.metric_key, "num_classes": classes,
                     "prepare_time_s": round(prepare_time, 2), "lr": train.lr, "lr_source": lr_source, **ctx.info})
-    if task_file is not None:
+    if task_file is not None:  # in the run folder: recorded relative to it, returned as a path to use
         summary["task_file"] = str(task_file)
         summary["task_file_bytes"] = Path(task_file).stat().st_size
     if run_dir is not None and distributed.is_main():
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary_record(summary), indent=1, default=str))
     return distributed.broadcast_object(summary)  # rank 0's (it saved the task file) on every rank
 

@@ -1,6 +1,6 @@
 """Many tasks on one base model: switch between task files in place, in milliseconds.
 
-    bank = sparseft.TaskBank(model)              # a plain base model
+    bank = sparseft.TaskBank(sparseft.base_model("runs/pets/delta.safetensors"))  # the base the tasks were trained on
     bank.add("pets", "runs/pets/delta.safetensors")
     bank.add("flowers", "runs/flowers/delta.safetensors")
     bank.use("pets")                             # the model is now the pets model (merged)
@@ -15,6 +15,10 @@ trained in full, folded modules and BatchNorm statistics), then the model is unm
 writes those values into the model's own weight tensors and writes the base values back: no
 weight tensor is re-allocated, so a `torch.compile`d model does not recompile. A head with
 another number of classes than the base's is swapped as a tensor (one recompilation per shape).
+
+The base is the model the tasks were trained on: `sparseft.base_model(task_file)` builds it from a
+task file's header (model name, image size, weights, and a head; tasks of another class count swap
+theirs in). A task made for another base is refused, naming what differs (model name, image size).
 
 Methods whose task merges into the weights are served: gps, bitfit, linear, full, lora,
 spt-lora, ssf. Memory: the base + what each task changes; a sparse task (GPS, BitFit) holds about
@@ -35,7 +39,7 @@ from torch import nn
 
 from sparseft import delta
 from sparseft.api import load, method_for, method_named_in
-from sparseft.deltafile import TaskSource, read_task
+from sparseft.deltafile import BaseMismatch, TaskSource, read_task
 from sparseft.errors import InputError
 from sparseft.inference import eval_mode
 from sparseft.methods import METHODS
@@ -111,6 +115,9 @@ class TaskBank:
         task = read_task(path)  # read and verified once: the load below takes it as it is
         header, tensors = task
         path = task.path
+        if task.merged:
+            raise InputError(f"{path}: a merged model (full weights), not a task a TaskBank can switch to; add the "
+                             f"task file it was merged from ({header.get('merged_from') or 'its delta.safetensors'})")
         method = method_named_in(header)
         if method in METHODS and not METHODS[method].mergeable:
             raise delta.DeltaError(
@@ -121,7 +128,10 @@ class TaskBank:
         self._switch(None)
         try:
             with _heads_shaped_as(self.model, header, tensors) as originals:
-                model = load(task, model=self.model)
+                try:
+                    model = load(task, model=self.model)
+                except BaseMismatch as err:
+                    raise err.reworded(f"task {name!r} ({path})", "this bank's base") from None
                 owner = method_for(model)
                 owner.merge(model)
                 changes = {n: self._keep(n, idx, base, originals.get(n))

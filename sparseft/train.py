@@ -21,7 +21,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +29,6 @@ from typing import Any, Literal
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from tqdm.auto import tqdm
 
 from sparseft import distributed
 from sparseft.checkpoint import load_checkpoint, save_checkpoint
@@ -38,9 +37,10 @@ from sparseft.delta import is_applied, parameter_summary
 from sparseft.deltafile import save_delta
 from sparseft.errors import InputError, SparseftError, TrainingWarning
 from sparseft.fileutil import read_json, write_text_atomic
-from sparseft.kinds.base import TaskKind, kind_of, summary_keys
+from sparseft.kinds.base import Meter, TaskKind, kind_of, summary_keys
+from sparseft.progress import write_line
 
-NOT_REPORTED = ("n", "top_pred_share", "top_true_share")  # evaluation results kept out of the metrics
+NOT_REPORTED = ("n", "per_class", "confusion")  # evaluation results kept out of the epoch metrics
 
 
 class TrainingDiverged(SparseftError, RuntimeError):
@@ -75,7 +75,8 @@ class TrainConfig:
         "help": "bf16 autocast (pays off for ViT-S/B at 224 px on CPUs with AMX, and on GPUs)"})
     seed: int = field(default=0, metadata={"help": "seed for selection, shuffling and initialisation"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N epochs (the last always)"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    progress: bool | None = field(default=None, metadata={
+        "help": "progress bars on stderr (default: only when stderr is a terminal)"})
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot train, naming the flag: before any data is read."""
@@ -168,8 +169,8 @@ def _loss_sum(kind: TaskKind, logits: torch.Tensor, y: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress: bool = False,
-             desc: str = "eval") -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress: bool | None = False,
+             desc: str = "eval", details: bool = False, class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """The task kind's metrics of `model` on `loader` (eval mode): "acc", the mean loss, "n", and the kind's own.
 
     Classification: top-1 accuracy and mean cross-entropy. Masks as targets ([B, H, W] or a list
@@ -179,25 +180,33 @@ def evaluate(model: nn.Module, loader: Iterable, *, bf16: bool = False, progress
     (dataset-level and per image; the classes averaged follow the model's `class_names`).
     The kind is the model's (`sparseft.kinds.kind_of`); a model that names none is scored as its targets say.
     Collective under a process group: every rank passes the same loader, evaluates the samples
-    r::W of it and the counts are summed over the ranks.
+    r::W of it and the counts are summed over the ranks. `details`: also "per_class" and
+    "confusion" (`sparseft.kinds.Meter.details`, named by `class_names`) for kinds with classes.
     """
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    meter = kind_of(model).meter(model) if getattr(model, "task", None) else None  # on every rank
+
+    def new_meter(targets: Any = None) -> Meter:
+        meter = kind_of(model, targets).meter(model)
+        if details:
+            meter.keep_confusion()
+        return meter
+
+    meter = new_meter() if getattr(model, "task", None) else None  # on every rank
     for x, y in distributed.progress(distributed.shard(loader, "samples"), desc, progress):
         x = x.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        meter = meter if meter is not None else kind_of(model, y).meter(model)
+        meter = meter if meter is not None else new_meter(y)
         meter.update(logits, y, device)
-    meter = meter if meter is not None else kind_of(model).meter(model)
+    meter = meter if meter is not None else new_meter()
     model.train(was_training)
     if distributed.active():
         meter.sync()
     if meter.images == 0:
         raise InputError("evaluation loader yielded no samples")
-    return meter.result()
+    return {**meter.result(), **(meter.details(class_names) if details else {})}
 
 
 def _data_parallel(model: nn.Module) -> nn.Module:
@@ -257,9 +266,9 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         train_time += epoch_time
         _evaluate_epoch(loop, epoch, metrics, eval_loaders)
         history.append(metrics)
-        if config.progress and loop.main:
+        if config.progress is not False and loop.main:  # the epoch's numbers: results, on their own line
             shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            tqdm.write(shown)
+            write_line(shown)
         if run_dir is not None:
             _save_epoch(loop, run_dir, epoch, start.epoch, metrics, {"epoch": epoch, "step": step, "history": history,
                                                                     "train_time_s": train_time})
@@ -395,8 +404,9 @@ def _evaluate_epoch(loop: _Loop, epoch: int, metrics: dict[str, Any], eval_loade
     config = loop.config
     due = (epoch + 1) % max(config.eval_every, 1) == 0 or epoch + 1 == config.epochs
     for name, loader in (eval_loaders.items() if due else ()):
-        result = evaluate(loop.model, loader, bf16=config.bf16)
-        reason = kind_of(loop.model).not_learning(result, name) if epoch + 1 == config.epochs else None
+        last = epoch + 1 == config.epochs  # the last evaluation also says whether the model learnt anything
+        result = evaluate(loop.model, loader, bf16=config.bf16, details=last)
+        reason = kind_of(loop.model).not_learning(result, name) if last else None
         if reason and loop.main:
             warnings.warn(reason, TrainingWarning, stacklevel=2)
         metrics.update({f"{name}_{key}": value for key, value in result.items() if key not in NOT_REPORTED})

@@ -137,9 +137,12 @@ def write_png(path: Path, value: int = 0, size: int = 12, mode: str = "RGB") -> 
     return path
 
 
-def make_vtab(root: Path, n_train: int = 6, n_val: int = 2, n_test: int = 4, classes: int = 3) -> Path:
-    """A VTAB-1k task folder (NOAH layout) with the four split lists."""
+def make_vtab(root: Path, n_train: int = 6, n_val: int = 2, n_test: int = 4, classes: int = 3,
+              names: list[str] | None = None) -> Path:
+    """A VTAB-1k task folder (NOAH layout) with the four split lists (and `names` in classes.txt)."""
     root.mkdir(parents=True, exist_ok=True)
+    if names is not None:
+        (root / "classes.txt").write_text("\n".join(names) + "\n")
     lists: dict[str, list[str]] = {}
     k = 0
     for split, n in (("train800", n_train), ("val200", n_val), ("test", n_test)):

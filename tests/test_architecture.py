@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent / "sparseft"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["sparseft.version", "sparseft.errors", "sparseft.fileutil", "sparseft.provision",
                     "sparseft.cliopts", "sparseft.kernels", "sparseft.distributed", "sparseft.checkpoint",
-                    "sparseft.anatomy", "sparseft.weights", "sparseft.data._random",
+                    "sparseft.progress", "sparseft.anatomy", "sparseft.weights", "sparseft.data._random",
                     # the task-kind registry: every layer asks a model's or a data set's kind
                     "sparseft.kinds", "sparseft.kinds.base"]),
     ("data", ["sparseft.data"]),
@@ -32,11 +32,11 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("selection", ["sparseft.selection", "sparseft.regrow", "sparseft.seg.selection"]),
     ("methods", ["sparseft.methods"]),
     ("tasks", ["sparseft.inference", "sparseft.seg", "sparseft.loaders", "sparseft.train", "sparseft.api",
-               "sparseft.taskbank", "sparseft.run",
+               "sparseft.taskbank", "sparseft.run", "sparseft.evalreport",
                # the built-in kinds: built on data, models, selection objectives, loaders and prediction
                "sparseft.kinds.classification", "sparseft.kinds.segmentation"]),
     ("front", ["sparseft", "sparseft.__main__", "sparseft.cli", "sparseft.data.cli", "sparseft.hub.cli",
-               "sparseft.demo", "sparseft.bench", "sparseft.methods.report"]),
+               "sparseft.demo", "sparseft.bench", "sparseft.methods.report", "sparseft.layers"]),
 ]
 
 #: (importer, imported) pairs allowed to go from a lower layer to a higher one: at most 3

@@ -133,6 +133,7 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resume(tmp_path, tasks, 
     again = run_suite(suite, out, progress=False)
     assert json.loads((tune / "summary.json").read_text())["final"]["epoch"] == 2
     assert again[0]["test_acc"] == first[0]["test_acc"]
+    assert json.loads((run_dir / "summary.json").read_text())["task_file"] == "delta.safetensors"  # movable
 
 
 def test_paper_protocol_reports_best_test_over_epochs(tmp_path, tasks):

@@ -193,7 +193,8 @@ def test_a_task_file_of_another_method_is_refused_and_the_model_left_clean(tmp_p
 
 
 @pytest.mark.parametrize(("method", "family", "match"), [
-    ("lora", "resnet", "It looks like a CNN: .*--lora-targets conv1,conv2 --lora-conv"),
+    ("lora", "resnet", "no layer of resnet10t matches .* layers: conv1 \\(4 Conv2d 3x3\\).*--lora-targets conv1,conv2 "
+                       "--lora-conv"),
     ("adapter", "resnet", "no transformer/ConvNeXt blocks with an MLP"),
     ("adapter", "mobilenetv2", "no transformer/ConvNeXt blocks with an MLP"),
     ("vpt-shallow", "swin", "needs a ViT with a token sequence"),

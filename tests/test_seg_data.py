@@ -198,7 +198,8 @@ def test_palette_binary_masks_are_read_by_index_and_an_empty_split_is_refused(tm
     _expect(root, "train800", r"masks/a\.png: palette mask with indices \[0, 3\]")
     _save(root / "masks" / "a.png", np.zeros((10, 12), dtype=np.uint8))
     (root / "empty.txt").write_text("a\n")
-    with pytest.raises(DataError, match=r"no mask of this split .*has a foreground pixel"):
+    with pytest.raises(DataError, match=r"empty\.txt: every mask of this split \(1 image, first masks/a\.png\) holds "
+                                        r"only background, no pixel of 'foreground'"):
         load_segmentation(root, "empty", verify=True)
 
 

@@ -25,67 +25,17 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparseft.bench.suite import Backbone, MethodEntry, Suite, task_name
+from sparseft.bench.cells import Cell, point_key, run_spec, runs_in_cell, select_cells, tunes
+from sparseft.bench.check import check_suite
+from sparseft.bench.suite import MethodEntry, Suite, task_name
 from sparseft.errors import InputError
 from sparseft.fileutil import FolderInUse, atomic_path, folder_lock, write_text_atomic
 from sparseft.methods.gps import SELECTION_OPTIONS
-from sparseft.run import RunSpec, run
-from sparseft.train import TrainConfig, TrainingDiverged, changed_settings
-
-
-@dataclass(frozen=True, eq=False)
-class Cell:
-    backbone: Backbone
-    task: str
-    group: str
-    entry: MethodEntry
-    seed: int
-
-    def folder(self, out: Path) -> Path:
-        return out / self.backbone.key.replace("/", "_") / task_name(self.task) / self.entry.label / f"seed{self.seed}"
-
-
-def point_key(point: dict[str, Any]) -> str:
-    return ",".join(f"{k}={point[k]}" for k in sorted(point)) or "default"
-
-
-def plan(suite: Suite) -> list[Cell]:
-    """Every cell, seed by seed: an interrupted suite has whole seeds (every method on every task) done."""
-    groups = suite.task_groups()
-    seeds = suite.seeds[:1] if suite.protocol == "screen" else suite.seeds
-    return [Cell(b, task, groups[task], m, seed) for seed in seeds for b in suite.backbones for task in groups
-            for m in suite.methods_for(b)]
-
-
-def tunes(suite: Suite, cell: Cell) -> bool:
-    """Whether this cell runs its own grid (honest protocol, more than one point, and its seed tunes)."""
-    return (suite.protocol in ("honest", "screen") and not suite.choices_from
-            and len(cell.entry.grid_points(suite.grid)) > 1
-            and (suite.tuning == "each_seed" or cell.seed == suite.seeds[0]))
-
-
-def run_spec(suite: Suite, cell: Cell, point: dict[str, Any], stage: str, progress: bool) -> RunSpec:
-    settings = {**suite.train, **cell.backbone.train, **cell.entry.train}
-    train_kwargs = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
-    train_kwargs.update({k: point[k] for k in ("lr", "weight_decay") if k in point})
-    epochs = int(train_kwargs.get("epochs", TrainConfig.epochs))
-    config = TrainConfig(**train_kwargs, seed=cell.seed, progress=progress,
-                         eval_every=1 if stage == "paper" else max(epochs, 1))
-    policy = {"batchnorm": suite.batchnorm} if suite.batchnorm else {}
-    options = {**policy, **cell.entry.options, **cell.entry.per_task.get(task_name(cell.task), {}),
-               **{k: v for k, v in point.items() if k not in ("lr", "weight_decay")}}
-    splits = {"tune": ("train800", ("val200",)), "final": ("train800val200", ("test",)),
-              "paper": ("train800val200", ("test",))}[stage]
-    return RunSpec(model=cell.backbone.name, data=cell.task, method=cell.entry.method, options=options,
-                   weights=cell.backbone.weights, pretrained=cell.backbone.pretrained,
-                   img_size=cell.backbone.img_size, batch_size=int(settings.get("batch_size", 32)),
-                   eval_batch_size=int(settings.get("eval_batch_size", 128)),
-                   preprocessing=settings.get("preprocessing", "vtab"), workers=int(settings.get("workers", 0)),
-                   train_split=splits[0], eval_splits=splits[1], train=config)
+from sparseft.run import RunSpec, run, summary_record
+from sparseft.train import TrainingDiverged, changed_settings
 
 
 class Progress:
@@ -162,19 +112,12 @@ def _execute(out: Path, spec: RunSpec, cell: Cell, folder: Path, progress: Progr
         print(f"  diverged: {err}", flush=True)
     seconds = time.perf_counter() - t0
     summary["wall_time_s"] = round(seconds, 2)
-    write_text_atomic(summary_path, json.dumps(summary, indent=1, default=str))
+    write_text_atomic(summary_path, json.dumps(summary_record(summary), indent=1, default=str))
     if cache is not None and not cache.exists() and (folder / "selection.safetensors").exists():
         with atomic_path(cache) as tmp:
             shutil.copyfile(folder / "selection.safetensors", tmp)
     progress.end(seconds)
     return summary
-
-
-def runs_in_cell(suite: Suite, cell: Cell) -> int:
-    """Training runs a cell needs: grid points + the final run (honest), the grid points (screen), or one."""
-    if suite.protocol == "screen":
-        return len(cell.entry.grid_points(suite.grid))
-    return len(cell.entry.grid_points(suite.grid)) + 1 if tunes(suite, cell) else 1
 
 
 def run_cell(suite: Suite, cell: Cell, out: Path, progress: Progress, show_epochs: bool) -> dict[str, Any] | None:
@@ -409,13 +352,22 @@ def _grid(suite: Suite, entry: MethodEntry) -> dict[str, list[Any]]:
     return {k: list(v) for k, v in sorted({**suite.grid, **entry.grid}.items())}
 
 
+def checked_cells(suite: Suite, out: Path, only: list[str] | None = None) -> list[Cell]:
+    """The cells `run_suite` would run into `out`, after every check it makes before the first run (nothing is
+    written): the whole suite (`check_suite`), the labels in `only`, and the results folder."""
+    check_suite(suite)
+    cells = select_cells(suite, only)
+    check_results_folder(out, suite)
+    return cells
+
+
 def run_suite(suite: Suite, out: str | Path, *, progress: bool = True, show_epochs: bool = False,
               only: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run every cell of `suite` into `out` (skipping finished ones); returns the records."""
+    """Run every cell of `suite` (or of the rows labelled in `only`) into `out`, skipping finished ones; returns
+    the records. The whole suite is checked first (`check_suite`): a bad value or task fails before any run."""
     out = Path(out)
-    check_results_folder(out, suite)
+    cells = checked_cells(suite, out, only)
     out.mkdir(parents=True, exist_ok=True)
-    cells = [c for c in plan(suite) if not only or c.entry.label in only]
     write_text_atomic(out / "suite.json", json.dumps({"name": suite.name, "protocol": suite.protocol,
                                                       "source": suite.source, "tasks": suite.tasks,
                                                       "train": suite.train, "grid": suite.grid,

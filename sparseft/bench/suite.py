@@ -30,6 +30,9 @@ A method's `train:` overrides the suite's training settings (e.g. `optimizer: ad
 GPS's K=2 on Patch Camelyon); `${VAR}` in task specs is expanded from the environment. The
 paper protocol runs each method once with its `paper` settings (default: the first value of
 each grid key) and reports the best test accuracy over epochs.
+
+`load_suite` reads the file's structure; `sparseft.bench.check.check_suite` checks the values
+(options, grid, train settings, backbones, task data) before the first run.
 """
 
 from __future__ import annotations
@@ -143,6 +146,15 @@ def _need(data: dict, key: str, kind: type | tuple, where: str) -> Any:
     return data[key]
 
 
+def _mapping(value: Any, where: str) -> dict:
+    """A mapping the suite gives (an absent or empty key: {}); anything else is refused, naming where."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SuiteError(f"{where}: must be a mapping (key: value), not {value!r}")
+    return value
+
+
 def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
     """Read and validate a suite (a path or a shipped suite's name); `protocol` overrides the file's."""
 
@@ -165,7 +177,7 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
         if not isinstance(specs, list) or not specs:
             raise SuiteError(f"{where}: tasks.{group} must be a non-empty list of data specs")
         tasks[group] = [os.path.expandvars(str(spec)) for spec in specs]  # e.g. ${VTAB_ROOT}/cifar
-    train = data.get("train", {}) or {}
+    train = _mapping(data.get("train"), f"{where}: train")
     bad = set(train) - TRAIN_KEYS - RUN_KEYS
     if bad:
         raise SuiteError(f"{where}: unknown train settings {sorted(bad)}")
@@ -176,8 +188,12 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
         extra = set(b) - {"name", "img_size", "weights", "pretrained", "train"}
         if extra:
             raise SuiteError(f"{where}: backbones[{i}] has unknown keys {sorted(extra)}")
+        train_b = _mapping(b.get("train"), f"{where}: backbones[{i}] train")
+        bad = set(train_b) - TRAIN_KEYS - RUN_KEYS
+        if bad:
+            raise SuiteError(f"{where}: backbones[{i}] has unknown train settings {sorted(bad)}")
         backbones.append(Backbone(name=b["name"], img_size=b.get("img_size"), weights=b.get("weights"),
-                                  pretrained=bool(b.get("pretrained", False)), train=b.get("train", {}) or {}))
+                                  pretrained=b.get("pretrained", False), train=train_b))  # types: bench.check
         if any(other.key == backbones[-1].key for other in backbones[:-1]):
             raise SuiteError(f"{where}: backbones[{i}]: {backbones[-1].key} is listed twice (results would collide)")
     methods = []
@@ -187,26 +203,33 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
             m = {"label": m, "method": m}
         if not isinstance(m, dict) or "method" not in m:
             raise SuiteError(f"{where}: methods[{i}] needs a 'method'")
-        if m["method"] not in METHODS:
+        if not isinstance(m["method"], str) or m["method"] not in METHODS:
             raise SuiteError(f"{where}: methods[{i}]: unknown method {m['method']!r} "
                              f"(known: {', '.join(sorted(METHODS))})")
         label = m.get("label", m["method"])
-        restricted = frozenset(m.get("backbones", ()) or ())
+        if not isinstance(label, str) or not label.strip() or label in (".", "..") or any(c in label for c in "/\\"):
+            raise SuiteError(f"{where}: methods[{i}]: label {label!r} must be a name (it names the row's results "
+                             "folder: no '/', not empty)")
+        row = f"{where}: methods[{i}] (label {label!r})"
+        extra = set(m) - {"label", "method", "options", "grid", "paper", "backbones", "per_task", "train"}
+        if extra:
+            raise SuiteError(f"{row} has unknown keys {sorted(extra)}")
+        names = m.get("backbones") or []
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise SuiteError(f"{row} backbones: must be a list of backbone names, not {names!r}")
+        restricted = frozenset(names)
         for other_label, other in labels:  # one label may appear once per backbone
             if other_label == label and (not restricted or not other or restricted & other):
                 raise SuiteError(f"{where}: methods[{i}]: label {label!r} used twice for the same backbone")
         labels.add((label, restricted))
-        extra = set(m) - {"label", "method", "options", "grid", "paper", "backbones", "per_task", "train"}
-        if extra:
-            raise SuiteError(f"{where}: methods[{i}] has unknown keys {sorted(extra)}")
-        methods.append(MethodEntry(label=label, method=m["method"], options=m.get("options", {}) or {},
-                                   grid=m.get("grid", {}) or {}, paper=m.get("paper", {}) or {},
-                                   backbones=tuple(m.get("backbones", ()) or ()),
-                                   per_task=m.get("per_task", {}) or {}, train=m.get("train", {}) or {}))
+        parts = {key: _mapping(m.get(key), f"{row} {key}") for key in ("options", "grid", "paper", "per_task", "train")}
+        for task, overrides in parts["per_task"].items():
+            _mapping(overrides, f"{row} per_task.{task}")
+        methods.append(MethodEntry(label=label, method=m["method"], backbones=tuple(names), **parts))
         bad = set(methods[-1].train) - TRAIN_KEYS - RUN_KEYS
         if bad:
             raise SuiteError(f"{where}: methods[{i}] has unknown train settings {sorted(bad)}")
-    grid = data.get("grid", {}) or {}
+    grid = _mapping(data.get("grid"), f"{where}: grid")
     for key, values in [*grid.items(), *(kv for m in methods for kv in m.grid.items())]:
         if not isinstance(values, list) or not values:
             raise SuiteError(f"{where}: grid '{key}' must be a non-empty list")

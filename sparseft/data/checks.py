@@ -7,6 +7,11 @@ Per task (always errors, whatever `on_error` says, because skipping cannot fix t
 listed with two labels, fewer than two classes, a class with no training sample, a gap in the
 labels when the class count is inferred from them. Repeated entries and images shared by a
 training split and the test split are `DataWarning`s with the count.
+
+By content (`check_content`, for every task kind, on the splits a run verifies): two image files
+with the same decoded pixels are compared like two entries of one image: two labels (masks) in
+the training split is a `DataError`; a repeat in training, or a copy in an evaluation split, a
+`DataWarning` with the count.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import json
 import os
 import stat
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
-from sparseft.data.images import DataError, DataWarning, Sample
+from sparseft.data.images import DataError, DataWarning, Sample, sample_digests
 
 # An admitted entry: the sample and its identity (the image's real path), for duplicate and overlap checks.
 Entry = tuple[Sample, str]
@@ -151,21 +157,29 @@ def across_splits(splits: Mapping[str, Sequence[Entry]], names: Mapping[str, str
             if seen.label != sample.label:
                 raise conflict(seen, sample)
 
-    def overlap(a: Sequence[str], b: Sequence[str], what: str) -> None:
-        left: dict[str, Sample] = {}
-        for name in a:
-            for sample, key in splits.get(name, ()):
-                left.setdefault(key, sample)
-        shared = [(sample, left[key]) for name in b for sample, key in splits.get(name, ()) if key in left]
-        if shared:
-            a_names = "/".join(names[n] for n in a if n in splits)
-            b_names = "/".join(names[n] for n in b if n in splits)
-            shown = "; ".join(f"{s.origin} = {t.origin}" for s, t in shared[:3]) + ("; ..." if len(shared) > 3 else "")
-            warnings.warn(f"{len(shared)} images of {b_names} are also in {a_names} ({what}): {shown}",
-                          DataWarning, stacklevel=3)
+    overlap(splits, names, train, val, "train/val overlap: validation scores are optimistic")
+    overlap(splits, names, [*train, *val, *combined], test, "train/test overlap: test scores are optimistic")
 
-    overlap(train, val, "train/val overlap: validation scores are optimistic")
-    overlap([*train, *val, *combined], test, "train/test overlap: test scores are optimistic")
+
+def overlap(splits: Mapping[str, Sequence[Entry]], names: Mapping[str, str], a: Sequence[str], b: Sequence[str],
+            why: str) -> None:
+    """A `DataWarning` with the count when entries of the splits `b` name the same image (key) as entries
+    of the splits `a`, saying `why` it matters."""
+    left: dict[str, Sample] = {}
+    for name in a:
+        for sample, key in splits.get(name, ()):
+            left.setdefault(key, sample)
+    shared = [(sample.origin, left[key].origin) for name in b for sample, key in splits.get(name, ()) if key in left]
+    if shared:
+        a_names = "/".join(names[n] for n in a if n in splits)
+        b_names = "/".join(names[n] for n in b if n in splits)
+        warn_shared(shared, f"images of {b_names} are also in {a_names}", why)
+
+
+def warn_shared(pairs: Sequence[tuple[str, str]], lead: str, why: str) -> None:
+    """One `DataWarning`: "<count> <lead> (<why>): a = b; c = d; e = f; ..." (the first three pairs)."""
+    shown = "; ".join(f"{a} = {b}" for a, b in pairs[:3]) + ("; ..." if len(pairs) > 3 else "")
+    warnings.warn(f"{len(pairs)} {lead} ({why}): {shown}", DataWarning, stacklevel=3)
 
 
 def need_two_classes(count: int, where: str, what: str) -> None:
@@ -207,12 +221,76 @@ def trained_classes(classes: Sequence[str], splits: Mapping[str, Sequence[Entry]
     """Every class needs a sample in a training split: else a `DataError` naming the class
     (`where_class[i]` says where class i is defined: its classes.txt line, or a split line)."""
     seen = {sample.label for name in train for sample, _ in splits.get(name, ())}
-    missing = [i for i in range(len(classes)) if i not in seen]
+    files = ", ".join(names[n] for n in train if n in splits) or "the training splits"
+    untrained_classes(classes, seen, where_class, f"has no sample in {files}", "add training images for it")
+
+
+def untrained_classes(classes: Sequence[str], seen: Iterable[int], where_class: Sequence[str], lacks: str,
+                      fix: str) -> None:
+    """A class that never occurs in training (not in `seen`) is a `DataError` naming the first such class
+    where it is defined (`where_class[i]`) and counting the others: the class `lacks` something; `fix`."""
+    present = set(seen)
+    missing = [i for i in range(len(classes)) if i not in present]
     if missing:
-        files = ", ".join(names[n] for n in train if n in splits) or "the training splits"
         i = missing[0]
         others = ", ".join(repr(classes[j]) for j in missing[1:4]) + (", ..." if len(missing) > 4 else "")
         more = f" (nor {'does' if len(missing) == 2 else 'do'} {others})" if others else ""
-        raise DataError(f"{where_class[i]}: class {classes[i]!r} (label {i}) has no sample in {files}{more}; "
-                        "a class the model never sees in training cannot be learnt: remove it from the class list "
-                        "or add training images for it")
+        raise DataError(f"{where_class[i]}: class {classes[i]!r} (label {i}) {lacks}{more}; a class the model never "
+                        f"sees in training cannot be learnt: remove it from the class list or {fix}")
+
+
+# -- by content ------------------------------------------------------------------------------
+
+class Item(NamedTuple):
+    """One verified item of a split, for `check_content`: where it is listed, its image file, the digest of
+    its decoded pixels (`sparseft.data.images.pixel_digest`), its target (a label, a mask's digest) and
+    that target as messages show it ("label 3", "mask masks/a.png")."""
+
+    where: str
+    path: Path
+    pixels: str
+    target: Hashable
+    shown: str
+
+
+def sample_items(samples: Iterable[Sample]) -> list[Item]:
+    """Open every image (`sample_digests`: an unreadable one is a `DataError` naming it) and give the
+    `Item`s that `check_content` compares (each shown by its split line, or its path for a class folder)."""
+    return [Item(str(s.path) if s.origin.endswith("/") else s.origin, s.path, digest, s.label, f"label {s.label}")
+            for s, digest in sample_digests(samples)]
+
+
+def _same_file(a: Item, b: Item) -> bool:
+    """Two entries of one file (the path checks above report those)."""
+    return os.path.realpath(a.path) == os.path.realpath(b.path)
+
+
+def check_content(found: Mapping[str, Sequence[Item]], train: str, evals: Iterable[str], noun: str = "label") -> None:
+    """Compare the images of different files by their pixels, in the splits a run verified (`found`):
+    two with different targets in the `train` split is a `DataError` naming both ("one image must have
+    one label"); two with the same target there, or an image of an evaluation split (`evals`) with the
+    pixels of a training image, is a `DataWarning` with the count and the first pairs. Two entries of one
+    file are left to the path checks (`dedupe`, `across_splits`, `overlap`)."""
+    first: dict[str, Item] = {}
+    repeats: list[tuple[str, str]] = []
+    for item in found.get(train, ()):
+        seen = first.setdefault(item.pixels, item)
+        if seen is item or _same_file(seen, item):
+            continue
+        if seen.target != item.target:
+            raise DataError(f"{item.where}: image {item.path} has the same pixels as {seen.path} ({seen.where}) but "
+                            f"{item.shown} here and {seen.shown} there; one image must have one {noun}: fix or remove "
+                            "one of the two")
+        repeats.append((item.where, seen.where))
+    if repeats:
+        warn_shared(repeats, f"images of split {train} have the same pixels as another of its images, with the same "
+                    f"{noun}", "repeated images weigh more in training")
+    for split in dict.fromkeys(evals):
+        shared = [(item, first[item.pixels]) for item in found.get(split, ()) if split != train
+                  and item.pixels in first and not _same_file(item, first[item.pixels])]
+        if shared:
+            other = sum(item.target != seen.target for item, seen in shared)
+            note = f"; {other} of them with another {noun}" if other else ""
+            warn_shared([(item.where, seen.where) for item, seen in shared],
+                        f"images of split {split} have the same pixels as images of split {train}",
+                        f"train/{split} overlap under other names: {split} scores are optimistic{note}")

@@ -8,10 +8,12 @@ silently.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -88,11 +90,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(path: str | Path, origin: str | None = None) -> Image.Image:
-    """Open an image file fully decoded as RGB; any failure is a `DataError` naming the file."""
+def open_rgb(path: str | Path, origin: str | None = None, data: bytes | None = None) -> Image.Image:
+    """Open an image file fully decoded as RGB; any failure is a `DataError` naming the file.
+
+    `data`: the file's bytes, when they have been read already (see `remembered`)."""
     where = f" (listed at {origin})" if origin else ""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             img.load()
             return to_rgb(img)
     except FileNotFoundError as err:
@@ -101,22 +105,79 @@ def open_rgb(path: str | Path, origin: str | None = None) -> Image.Image:
         raise DataError(f"{path}: cannot read image{where}: {err}") from err
 
 
+# -- verifying files, remembered by their content ------------------------------------------
+
+T = TypeVar("T")
+
+#: what checking files found, by what was checked and the digests of the files' bytes (see `remembered`)
+_REMEMBERED: dict[tuple[Hashable, ...], Any] = {}
+_REMEMBER_AT_MOST = 200_000  # about 60 MB; past it, files are decoded again
+
+
+def read_file(path: str | Path, what: str = "image", origin: str | None = None) -> bytes:
+    """A file's bytes; a missing or unreadable file is a `DataError` naming it (and the line that listed it)."""
+    where = f" (listed at {origin})" if origin else ""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: {what} file not found{where}") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read {what}{where}: {err}") from err
+
+
+def remembered(files: Sequence[tuple[str | Path, str, str | None]], how: Hashable,
+               check: Callable[[list[bytes]], T]) -> T:
+    """`check(contents)` of files given as (path, what, origin), remembered for this process by `how`
+    and the digests of the files' bytes: checking byte-identical files again (a later run of a
+    benchmark, a copy under another name) reads them but does not decode them. A check that raises
+    is not remembered. `how` must hold everything besides the bytes that the result depends on."""
+    contents = [read_file(*file) for file in files]
+    key = (how, *(hashlib.blake2b(data, digest_size=16).digest() for data in contents))
+    if key not in _REMEMBERED:
+        value = check(contents)
+        if len(_REMEMBERED) >= _REMEMBER_AT_MOST:
+            _REMEMBERED.clear()
+        _REMEMBERED[key] = value
+    return _REMEMBERED[key]
+
+
+def pixel_digest(pixels: Image.Image | np.ndarray) -> str:
+    """A digest of decoded pixels (an image's mode, size and values; an array's dtype, shape and values):
+    equal for pixel-identical images whatever their file format, name or compression."""
+    if isinstance(pixels, Image.Image):
+        head, body = f"{pixels.mode} {pixels.size}", pixels.tobytes()
+    else:
+        head, body = f"{pixels.dtype} {pixels.shape}", np.ascontiguousarray(pixels).tobytes()
+    return hashlib.blake2b(head.encode() + b"\0" + body, digest_size=16).hexdigest()
+
+
+def image_digest(path: str | Path, origin: str | None = None) -> str:
+    """The `pixel_digest` of an image file decoded as RGB (see `open_rgb`, `remembered`); a file that
+    cannot be read or decoded is a `DataError` naming it."""
+    return remembered([(path, "image", origin)], "rgb",
+                      lambda contents: pixel_digest(open_rgb(path, origin, contents[0])))
+
+
+def sample_digests(samples: Iterable[Sample], on_error: OnError = "raise") -> list[tuple[Sample, str]]:
+    """Open every image up front: the readable samples (all of them in raise mode) with their
+    `image_digest`, for the checks that compare images by content (`sparseft.data.checks.check_content`)."""
+    problems = Problems(on_error, "images")
+    good = []
+    for sample in samples:
+        try:
+            good.append((sample, image_digest(sample.path, sample.origin)))
+        except DataError as err:
+            problems.report(str(err))
+    problems.finish()
+    return good
+
+
 def verify_samples(samples: Iterable[Sample], on_error: OnError = "raise") -> list[Sample]:
     """Open every image up front; returns the readable samples (all of them in raise mode).
 
     Use it before a long run so a corrupt file fails now and not in epoch 37.
     """
-    problems = Problems(on_error, "images")
-    good = []
-    for sample in samples:
-        try:
-            open_rgb(sample.path, sample.origin)
-        except DataError as err:
-            problems.report(str(err))
-            continue
-        good.append(sample)
-    problems.finish()
-    return good
+    return [sample for sample, _ in sample_digests(samples, on_error)]
 
 
 class ImageDataset(Dataset):

@@ -1,4 +1,5 @@
-"""Semantic segmentation data: the images/ + masks/ layout, its checks, and joint augmentation.
+"""Semantic segmentation data: the images/ + masks/ layout, its checks, and the Dataset (joint
+augmentation is in `sparseft.data.segtransforms`).
 
 Layout (Kvasir-SEG style, any number of splits):
 
@@ -20,9 +21,9 @@ loss and the metrics. Bad input is a `DataError` naming the file.
 from __future__ import annotations
 
 import hashlib
-import math
+import io
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,13 +31,16 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import functional as TF
 
 from sparseft.data.checks import read_text
-from sparseft.data.images import DataError, open_rgb
+from sparseft.data.images import DataError, open_rgb, pixel_digest, remembered
 from sparseft.data.layouts import is_segmentation_dir  # noqa: F401 - re-exported (the layout is recognised there)
 from sparseft.data.resolve import resolve_spec
-from sparseft.errors import InputError
+from sparseft.data.segtransforms import (  # noqa: F401 - re-exported (joint augmentation lives there)
+    SegTransform,
+    collate_pairs,
+    random_crop_box,
+)
 
 IGNORE_INDEX = 255
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".webp")
@@ -150,9 +154,9 @@ def read_seg_split(root: str | Path, split: str) -> list[SegSample]:
 
 # -- reading one pair ------------------------------------------------------------------------
 
-def _open(path: Path, what: str, origin: str) -> Image.Image:
+def _open(path: Path, what: str, origin: str, data: bytes | None = None) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             img.load()
             return img
     except FileNotFoundError as err:
@@ -192,110 +196,72 @@ def _index_mask(img: Image.Image, path: Path, num_classes: int) -> np.ndarray:
     return arr
 
 
-def read_mask(path: str | Path, classes: SegClasses, origin: str = "") -> np.ndarray:
-    """A mask file as a uint8 array of class ids (255 = ignore); `DataError` naming the file if bad."""
+def read_mask(path: str | Path, classes: SegClasses, origin: str = "", data: bytes | None = None) -> np.ndarray:
+    """A mask file as a uint8 array of class ids (255 = ignore); `DataError` naming the file if bad.
+    `data`: the file's bytes, when they have been read already."""
     path = Path(path)
-    img = _open(path, "mask", origin or str(path))
+    img = _open(path, "mask", origin or str(path), data)
     return _binary_mask(img, path) if classes.binary else _index_mask(img, path, classes.num_classes)
 
 
-def read_pair(sample: SegSample, classes: SegClasses) -> tuple[Image.Image, np.ndarray]:
-    """The sample's RGB image and its mask (uint8 class ids), checked to have the same size."""
-    image = open_rgb(sample.image, sample.origin)
-    mask = read_mask(sample.mask, classes, sample.origin)
+def read_pair(sample: SegSample, classes: SegClasses,
+              contents: Sequence[bytes] | None = None) -> tuple[Image.Image, np.ndarray]:
+    """The sample's RGB image and its mask (uint8 class ids), checked to have the same size.
+    `contents`: the bytes of the image and of the mask file, when they have been read already."""
+    image = open_rgb(sample.image, sample.origin, contents[0] if contents else None)
+    mask = read_mask(sample.mask, classes, sample.origin, contents[1] if contents else None)
     if mask.shape != (image.height, image.width):
         raise DataError(f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {sample.image.name} "
                         f"is {image.width}x{image.height} (listed at {sample.origin})")
     return image, mask
 
 
-# -- joint augmentation ----------------------------------------------------------------------
+class PairCheck(NamedTuple):
+    """What reading one pair found: the digests of the image's pixels and of the mask (`pixel_digest`),
+    and the classes its mask holds (ignore left out)."""
 
-def _uniform(lo: float, hi: float, generator: torch.Generator | None) -> float:
-    return float(torch.empty(1).uniform_(lo, hi, generator=generator))
-
-
-def random_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
-                    generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box (left, top, w, h), drawn from `generator`."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * _uniform(*scale, generator)
-        aspect = math.exp(_uniform(*log_ratio, generator))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-            return left, top, w, h
-    aspect = width / height  # fallback: the central crop, as torchvision does
-    if aspect < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif aspect > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
+    pixels: str
+    mask: str
+    present: tuple[int, ...]
 
 
-class SegTransform:
-    """The same geometry for image and mask; then image -> normalised float, mask -> long.
+def check_pair(sample: SegSample, classes: SegClasses) -> PairCheck:
+    """Read a pair (`read_pair`: a bad file is a `DataError` naming it) and say what it holds; remembered
+    for byte-identical files in this process (`sparseft.data.images.remembered`)."""
+    def check(contents: list[bytes]) -> PairCheck:
+        image, mask = read_pair(sample, classes, contents)
+        present = tuple(int(v) for v in np.unique(mask) if v != IGNORE_INDEX)
+        return PairCheck(pixel_digest(image), pixel_digest(mask), present)
 
-    Training: random resized crop (scale 0.5-1, ratio 3/4-4/3) to `size` and a horizontal flip
-    with p=0.5, drawn from the `generator` given to each call; evaluation: the image resized to
-    `size`, the mask kept at the data's own size (`native_mask`, the default for evaluation: the
-    model's logits are resized to it, so metrics are measured at the data's resolution, as mmseg
-    does) or resized with it (`native_mask=False`). Images are resampled bilinearly, masks by
-    nearest neighbour (class ids are never mixed).
-    """
-
-    def __init__(self, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float], train: bool, *,
-                 scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 flip: float = 0.5, native_mask: bool | None = None):
-        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.train, self.scale, self.ratio, self.flip = train, scale, ratio, flip
-        self.native_mask = (not train) if native_mask is None else bool(native_mask)
-        if train and self.native_mask:
-            raise InputError("native_mask is for evaluation: training crops image and mask together")
-
-    @classmethod
-    def from_config(cls, data_config: Mapping[str, Any], train: bool,
-                    img_size: int | Sequence[int] | None = None) -> SegTransform:
-        """At the backbone's input size (or `img_size`) with its mean/std (see `data_config`)."""
-        size = img_size if img_size is not None else tuple(data_config["input_size"][1:])
-        return cls(size, data_config["mean"], data_config["std"], train)
-
-    def __call__(self, image: Image.Image, mask: np.ndarray | Image.Image,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        m = mask if isinstance(mask, Image.Image) else Image.fromarray(np.asarray(mask, dtype=np.uint8), "L")
-        box = (0, 0, image.width, image.height)
-        mirror = False
-        if self.train:
-            left, top, w, h = random_crop_box(image.width, image.height, self.scale, self.ratio, generator)
-            box = (left, top, left + w, top + h)
-            mirror = _uniform(0.0, 1.0, generator) < self.flip
-        out_size = (self.size[1], self.size[0])  # PIL wants (width, height)
-        image = image.resize(out_size, Image.BILINEAR, box=box)
-        if not self.native_mask:
-            m = m.resize(out_size, Image.NEAREST, box=box)
-        if mirror:
-            image, m = image.transpose(Image.FLIP_LEFT_RIGHT), m.transpose(Image.FLIP_LEFT_RIGHT)
-        x = TF.normalize(TF.to_tensor(image), self.mean, self.std)
-        return x, torch.from_numpy(np.array(m, dtype=np.int64))
-
-    def __repr__(self) -> str:
-        return f"SegTransform(size={self.size}, train={self.train}, native_mask={self.native_mask})"
+    how = ("segmentation pair", classes.binary, classes.num_classes, sample.mask.suffix.lower())
+    return remembered([(sample.image, "image", sample.origin), (sample.mask, "mask", sample.origin)], how, check)
 
 
-def collate_pairs(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, Any]:
-    """A batch of (image, mask) pairs: images stacked; masks stacked when they share a size, else
-    a list (evaluation at each image's own resolution)."""
-    images = torch.stack([b[0] for b in batch])
-    masks = [b[1] for b in batch]
-    if all(m.shape == masks[0].shape for m in masks):
-        return images, torch.stack(masks)
-    return images, masks
+def background_name(classes: SegClasses) -> str:
+    """How messages name class 0: "background" when it is one (binary masks, or so named), else by its name."""
+    name = classes.names[0]
+    return "background" if classes.binary or name.lower() in ("background", "bg") else f"class 0 ({name!r})"
+
+
+def split_of(sample: SegSample) -> str:
+    """The split file that listed a sample (its origin without the line number)."""
+    return sample.origin.rsplit(":", 1)[0]
+
+
+def refuse_only_background(samples: Sequence[SegSample], checks: Sequence[PairCheck], classes: SegClasses) -> None:
+    """A split whose every mask holds only class 0 (or ignore) is a `DataError` naming its split file:
+    it can neither train nor score a segmentation model (masks saved or read the wrong way)."""
+    if not samples or any(set(check.present) - {0} for check in checks):
+        return
+    others = [repr(name) for name in classes.names[1:]]
+    listed = (" or ".join(others) if len(others) <= 2 else
+              ", ".join(others[:3]) + (", ..." if len(others) > 3 else "") + " or any other class")
+    how = ("binary masks are 0/255 (> 127 = foreground) or palette images with indices 0/1" if classes.binary else
+           f"index masks hold the class ids 0..{classes.num_classes - 1} of classes.txt, {IGNORE_INDEX} = ignore")
+    count = f"{len(samples)} image{'' if len(samples) == 1 else 's'}"
+    raise DataError(f"{split_of(samples[0])}: every mask of this split ({count}, first masks/{samples[0].mask.name}) "
+                    f"holds only {background_name(classes)}, no pixel of {listed}; a split without objects can "
+                    f"neither train nor score a segmentation model: check the masks ({how})")
 
 
 # -- the Dataset -----------------------------------------------------------------------------
@@ -324,6 +290,7 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.checks: list[PairCheck] = []  # filled by `verify`
 
     @property
     def classes(self) -> list[str]:
@@ -351,16 +318,10 @@ class SegmentationDataset(Dataset):
         return self.transform(image, mask, generator)
 
     def verify(self) -> SegmentationDataset:
-        """Read every pair now, so a bad file fails before training rather than in epoch 37; a binary
-        split without a single foreground pixel is refused (masks read the wrong way)."""
-        foreground = 0
-        for sample in self.samples:
-            foreground += int(read_pair(sample, self.seg_classes)[1].astype(bool).sum())
-        if self.seg_classes.binary and foreground == 0 and self.samples:
-            where = self.samples[0].mask.parent
-            raise DataError(f"{where}: no mask of this split ({len(self.samples)} images, first "
-                            f"{self.samples[0].mask.name}) has a foreground pixel; binary masks are 0/255 (> 127 = "
-                            "foreground) or palette images with indices 0/1")
+        """Read every pair now (`check_pair`, kept in `checks`), so a bad file fails before training rather
+        than in epoch 37; a split whose masks hold only background is refused (`refuse_only_background`)."""
+        self.checks = [check_pair(sample, self.seg_classes) for sample in self.samples]
+        refuse_only_background(self.samples, self.checks, self.seg_classes)
         return self
 
     def __repr__(self) -> str:

@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from sparseft.data._random import stable_permutation
 from sparseft.data.images import DataError, to_rgb
 from sparseft.data.sources import SOURCES, progress_log, source_file
 from sparseft.errors import InputError
 from sparseft.fileutil import cache_dir, process_alive, sha256_file
+from sparseft.progress import progress_bar
 
 FORMAT_VERSION = 1
 N_TRAIN, N_VAL, N_TEST = 800, 200, 2000
@@ -204,8 +204,8 @@ def save_in_parallel(save: Callable[[Any], tuple[int, int]], jobs: Sequence[Any]
     core), with a progress bar; returns the set of image sizes the saves report."""
     sizes: set[tuple[int, int]] = set()
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(jobs), desc=f"  {bar_name}: writing", unit="img", disable=bar_name is None,
-                 leave=False) as bar:
+            progress_bar(total=len(jobs), desc=f"  {bar_name}: writing", unit="img",
+                         enabled=None if bar_name is not None else False, leave=False) as bar:
         for size in pool.map(save, jobs):
             sizes.add(size)
             bar.update(1)

@@ -19,7 +19,8 @@ imported).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -37,14 +38,28 @@ class Meter:
 
     A kind's meter adds its own metrics by overriding `update`, `sync` and `result`. `acc` is
     top-1 accuracy for classification and pixel accuracy for segmentation (the key kept for
-    compatibility with run summaries and bench records).
+    compatibility with run summaries and bench records). After `keep_confusion()` it also counts
+    (true class, predicted class) pairs of the kind's `predicted_classes`, and `details()` gives
+    per-class results and the confusion matrix.
     """
+
+    #: what one count of the confusion matrix is ("images"; "pixels" for segmentation)
+    unit: ClassVar[str] = "images"
 
     def __init__(self, kind: TaskKind, model: nn.Module) -> None:
         self.kind, self.model = kind, model
         self.correct = self.total = self.images = 0
         self.loss_sum = 0.0
-        self.counts = torch.zeros(2, 0, dtype=torch.float64)  # per class: [predicted, true] (images or pixels)
+        self.counting = False
+        self.confusion: torch.Tensor | None = None  # [true, predicted] counts once counting
+
+    def keep_confusion(self) -> None:
+        """Count (true class, predicted class) pairs from now on (sized by the model's `num_classes`,
+        else by the first batch's logits)."""
+        self.counting = True
+        classes = getattr(self.model, "num_classes", None)
+        if isinstance(classes, int) and classes > 0 and self.confusion is None:
+            self.confusion = torch.zeros(classes, classes, dtype=torch.int64)
 
     def update(self, logits: torch.Tensor, y: Any, device: torch.device) -> None:
         self.images += len(y)
@@ -53,17 +68,21 @@ class Meter:
             self.loss_sum += loss.item()
             self.correct += self.kind.correct(out, target)
             self.total += n
-            self._count(out, target)
             self.add(out, target)
+            if self.counting:
+                self._count(out, target)
 
     def _count(self, out: torch.Tensor, target: torch.Tensor) -> None:
-        if out.dim() < 2 or target.is_floating_point() or target.dim() != out.dim() - 1:
-            return  # not class scores against class indices (e.g. a regression kind)
-        classes = out.shape[1]
-        valid = (target >= 0) & (target < classes)
-        counts = torch.stack([torch.bincount(out.argmax(1)[valid].flatten().cpu(), minlength=classes),
-                              torch.bincount(target[valid].flatten().cpu(), minlength=classes)]).double()
-        self.counts = _padded(self.counts, classes) + _padded(counts, self.counts.shape[1])
+        pred = self.kind.predicted_classes(out)
+        if pred is None:  # a kind without classes
+            return
+        if self.confusion is None:
+            self.confusion = torch.zeros(out.shape[1], out.shape[1], dtype=torch.int64)
+        c = self.confusion.shape[0]
+        target = target.to(pred.device).long()
+        valid = (target >= 0) & (target < c)  # segmentation's ignore index (255) is no class
+        pairs = torch.bincount(target[valid] * c + pred[valid].long(), minlength=c * c)
+        self.confusion += pairs.reshape(c, c).cpu()
 
     def add(self, out: torch.Tensor, target: torch.Tensor) -> None:
         """A kind's own metrics of one (logits, targets) pair."""
@@ -74,20 +93,38 @@ class Meter:
                                                        dtype=torch.float64))
         self.correct, self.total, self.loss_sum, self.images = (int(sums[0]), int(sums[1]), float(sums[2]),
                                                                 int(sums[3]))
-        classes = int(distributed.all_reduce_max(torch.tensor([self.counts.shape[1]], dtype=torch.float64))[0])
-        self.counts = distributed.all_reduce_sum(_padded(self.counts, classes))
+        if self.confusion is not None:
+            distributed.all_reduce_sum(self.confusion)
 
     def result(self) -> dict[str, float]:
-        """`acc`, the mean `loss`, `n`; `top_pred_share` / `top_true_share`: the share of the class predicted most
-        often / most common in the targets (what `not_learning` reads)."""
-        shares = self.counts.amax(1) / self.counts.sum(1).clamp(min=1) if self.counts.numel() else torch.zeros(2)
         return {"acc": self.correct / max(self.total, 1), "loss": self.loss_sum / max(self.total, 1),
-                "n": self.images, "top_pred_share": float(shares[0]), "top_true_share": float(shares[1])}
+                "n": self.images}
 
+    def per_class(self, names: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Per class, from the confusion matrix: `n` (its items: images, or pixels), `correct` and
+        `acc` (correct / n; NaN for a class with no item)."""
+        m = self.confusion if self.confusion is not None else torch.zeros(len(names), len(names), dtype=torch.int64)
+        n, correct = m.sum(1), m.diagonal()
+        return {name: {"n": int(n[c]), "correct": int(correct[c]),
+                       "acc": float(correct[c]) / float(n[c]) if n[c] else math.nan}
+                for c, name in enumerate(names)}
 
-def _padded(counts: torch.Tensor, classes: int) -> torch.Tensor:
-    """`counts` ([2, C]) with zero columns up to `classes`."""
-    return torch.nn.functional.pad(counts, (0, max(classes - counts.shape[1], 0)))
+    def details(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """`per_class` results and the `confusion` matrix ({"classes", "unit", "matrix"}: rows are the
+        true classes, columns the predicted ones) after `keep_confusion`; {} for a kind without classes.
+
+        `class_names`: one per class (default: the model's `class_names`, else the class indices).
+        """
+        if self.confusion is None:
+            return {}
+        c = self.confusion.shape[0]
+        names = list(class_names or getattr(self.model, "class_names", None) or [])
+        if len(names) != c:
+            if class_names is not None:
+                raise InputError(f"{len(names)} class names for a model of {c} classes")
+            names = [str(i) for i in range(c)]
+        return {"per_class": self.per_class(names),
+                "confusion": {"classes": names, "unit": self.unit, "matrix": self.confusion.tolist()}}
 
 
 class TaskKind:
@@ -120,9 +157,19 @@ class TaskKind:
         """The class (or output) names of the data; checks the whole data set."""
         raise NotImplementedError
 
-    def verify_split(self, data: str, split: str) -> None:
-        """Open every item of a split now, so a run fails before it trains, not at its evaluation."""
+    def verify_split(self, data: str, split: str) -> Any:
+        """Open every item of a split now, so a run fails before it trains, not at its evaluation; returns
+        what `check_splits` compares (None: nothing)."""
         raise NotImplementedError
+
+    def check_data(self, data: str, train_split: str, eval_splits: Sequence[str]) -> None:
+        """Verify every split a run uses (`verify_split`) and check them together (`check_splits`): what
+        `sparseft train` does before it computes anything."""
+        found = {split: self.verify_split(data, split) for split in dict.fromkeys((train_split, *eval_splits))}
+        self.check_splits(data, found, train_split, eval_splits)
+
+    def check_splits(self, data: str, found: Mapping[str, Any], train_split: str, eval_splits: Sequence[str]) -> None:
+        """Checks between a run's verified splits (`found`: split -> what `verify_split` returned); none by default."""
 
     def dataset(self, data: str, split: str, transform: Any, *, seed: int = 0) -> Any:
         """The Dataset of one split with `transform` applied."""
@@ -159,6 +206,11 @@ class TaskKind:
         """The terms of a batch predicted right (the `acc` bookkeeping)."""
         return 0
 
+    def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The predicted class of each term (image, pixel) of a batch's logits, shaped as its targets;
+        None for a kind without classes (no per-class results or confusion matrix)."""
+        return None
+
     def terms_per_sample(self) -> bool:
         """Whether a batch's loss terms are its samples (else they must be counted over the ranks)."""
         return True
@@ -176,13 +228,26 @@ class TaskKind:
     chance_check: ClassVar[bool] = True
 
     def not_learning(self, result: dict[str, Any], split: str) -> str | None:
-        """Why an evaluation result (a `Meter.result`) says the model learnt nothing usable, with a next step.
+        """Why an evaluation result with its confusion matrix (`evaluate(..., details=True)`) says the model
+        learnt nothing usable, with a next step; None when it did.
 
         One class predicted for every image (pixel), or an accuracy no better than always answering
-        the most common class of the split. None when neither holds.
+        the most common class of the split (`chance_check`).
         """
-        if "top_pred_share" not in result or not result.get("n"):
+        matrix = torch.tensor(result.get("confusion", {}).get("matrix") or [], dtype=torch.float64)
+        if matrix.dim() != 2 or matrix.sum() == 0:
             return None
+        total = matrix.sum()
+        predicted, true = matrix.sum(0), matrix.sum(1)
+        step = ("try `--lr auto` (or a rate 3-10x lower if the loss grew, higher if it barely moved), more epochs, "
+                "or check the labels")
+        if int((predicted > 0).sum()) == 1 and int((true > 0).sum()) > 1:
+            return f"the model predicts one class for every {self.unit} of {split}; {step}"
+        majority = float(true.max() / total)
+        if self.chance_check and majority < 1.0 and result["acc"] <= majority:
+            return (f"{split} accuracy {result['acc']:.3f} is no better than always answering its most common class "
+                    f"({majority:.3f}); {step}")
+        return None
         step = ("try `--lr auto` (or a rate 3-10x lower if the loss grew, higher if it barely moved), more epochs, "
                 "or check the labels")
         if result["top_pred_share"] >= 1.0:

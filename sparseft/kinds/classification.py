@@ -6,7 +6,7 @@ provisioned mini-vtab tasks) is classification data, and a model that names no k
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseft.data import TwoViews, build_transform, class_names, load_split
+from sparseft.data.checks import Item, check_content, sample_items
 from sparseft.inference import eval_transform, predict
 from sparseft.kinds.base import TaskKind, register
 from sparseft.loaders import SeededViews
@@ -33,8 +34,11 @@ class ClassificationKind(TaskKind):
     def class_names(self, data: str) -> list[str]:
         return class_names(data)
 
-    def verify_split(self, data: str, split: str) -> None:
-        load_split(data, split, None, verify=True)
+    def verify_split(self, data: str, split: str) -> list[Item]:
+        return sample_items(load_split(data, split, None).samples)  # every image opened, with its pixels' digest
+
+    def check_splits(self, data: str, found: Mapping[str, Any], train_split: str, eval_splits: Sequence[str]) -> None:
+        check_content(found, train_split, eval_splits)  # copies under other names (the layouts check paths)
 
     def dataset(self, data: str, split: str, transform: Any, *, seed: int = 0) -> Any:
         return load_split(data, split, transform)
@@ -62,6 +66,9 @@ class ClassificationKind(TaskKind):
 
     def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
         return int((logits.argmax(1) == y).sum())
+
+    def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(1)
 
     def eval_dataset(self, model: nn.Module, data: str, split: str, extra: Mapping[str, Any],
                      preprocessing: str | None) -> Any:

@@ -7,7 +7,9 @@ resized bilinearly), 255 ignored.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,9 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from sparseft.data import class_names, data_config, resolve_spec
+from sparseft.data import DataWarning, Sample, class_names, data_config, resolve_spec
 from sparseft.data._random import stable_keys
-from sparseft.data.segmentation import IGNORE_INDEX, SegTransform, collate_pairs, load_segmentation
+from sparseft.data.checks import Item, check_content, need_two_classes, overlap, untrained_classes
+from sparseft.data.segmentation import (
+    IGNORE_INDEX,
+    SegmentationDataset,
+    SegTransform,
+    background_name,
+    collate_pairs,
+    load_segmentation,
+    segmentation_root,
+    split_of,
+)
 from sparseft.errors import InputError
 from sparseft.kinds.base import Meter, TaskKind, register
 from sparseft.seg.metrics import SegMetrics
@@ -48,7 +60,10 @@ class SegViews(Dataset):
 class SegMeter(Meter):
     """Pixel accuracy and loss per valid pixel, plus SegMetrics' mIoU / mDice (the classes averaged
     follow the model's `class_names`). Built on every rank for a segmentation model, so the sync
-    is collective; for a model that names no kind, at its first mask batch."""
+    is collective; for a model that names no kind, at its first mask batch. Per class: pixels,
+    pixel accuracy, and SegMetrics' dataset-level IoU and Dice."""
+
+    unit = "pixels"
 
     def __init__(self, kind: TaskKind, model: nn.Module) -> None:
         super().__init__(kind, model)
@@ -75,6 +90,32 @@ class SegMeter(Meter):
             result.update({k: v for k, v in self.metrics.compute().items() if k in SEG_METRICS})
         return result
 
+    def per_class(self, names: Sequence[str]) -> dict[str, dict[str, float]]:
+        rows = super().per_class(names)
+        if self.metrics is not None and self.metrics.num_classes == len(names):
+            scores = list(self.metrics.compute()["per_class"].values())  # in class order
+            for row, score in zip(rows.values(), scores):
+                row.update(iou=score["iou"], dice=score["dice"])
+        return rows
+
+
+def check_mask_classes(train: SegmentationDataset, root: Path) -> None:
+    """The training masks must hold two classes or more, and every class (else a `DataError`, as a class
+    without training sample is for classification); when at least half of them hold only background,
+    a `DataWarning` with the count (negative examples are fine, masks saved wrong are not)."""
+    classes, file = train.seg_classes, split_of(train.samples[0])
+    present = set().union(*(check.present for check in train.checks))
+    shown = " and ".join(repr(classes.names[i]) for i in sorted(present))
+    need_two_classes(len(present), file, f"only {shown} occurs in its masks")
+    where = [f"{root / 'classes.txt'}:{i + 1}" if not classes.binary else file for i in range(classes.num_classes)]
+    untrained_classes(classes.names, present, where, f"has no pixel in the masks of {file}",
+                      "add training masks that hold it")
+    empty = [s for s, check in zip(train.samples, train.checks) if not set(check.present) - {0}]
+    if 2 * len(empty) >= len(train.samples):
+        warnings.warn(f"{file}: {len(empty)} of its {len(train.samples)} masks hold only {background_name(classes)} "
+                      f"(first masks/{empty[0].mask.name}); negative examples are fine, but if these are not meant to "
+                      "be, check how their masks were saved", DataWarning, stacklevel=2)
+
 
 @register
 class SegmentationKind(TaskKind):
@@ -96,8 +137,23 @@ class SegmentationKind(TaskKind):
     def class_names(self, data: str) -> list[str]:
         return class_names(data)
 
-    def verify_split(self, data: str, split: str) -> None:
-        load_segmentation(data, split, None, verify=True)
+    def verify_split(self, data: str, split: str) -> SegmentationDataset:
+        return load_segmentation(data, split, None, verify=True)  # every pair read; masks of only background refused
+
+    def check_splits(self, data: str, found: Mapping[str, Any], train_split: str, eval_splits: Sequence[str]) -> None:
+        """The checks classification data gets, on masks: the classes the training masks hold, and
+        the training images found again in an evaluation split (by stem, and by their pixels)."""
+        train: SegmentationDataset = found[train_split]
+        check_mask_classes(train, segmentation_root(data))
+        evals = [split for split in dict.fromkeys(eval_splits) if split != train_split]
+        entries = {split: [(Sample(s.image, 0, s.origin), s.image.stem) for s in found[split].samples]
+                   for split in (train_split, *evals)}
+        names = {split: Path(split_of(found[split].samples[0])).name for split in entries}
+        for split in evals:
+            overlap(entries, names, [train_split], [split], f"train/{split} overlap: {split} scores are optimistic")
+        check_content({split: [Item(s.origin, s.image, check.pixels, check.mask, f"mask {s.mask.name}")
+                               for s, check in zip(ds.samples, ds.checks)] for split, ds in found.items()},
+                      train_split, evals, noun="mask")
 
     def dataset(self, data: str, split: str, transform: Any, *, seed: int = 0) -> Any:
         # crops and flips drawn per (seed, epoch, item): the same under any process count
@@ -131,6 +187,9 @@ class SegmentationKind(TaskKind):
 
     def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
         return int(((logits.argmax(1) == y) & (y != IGNORE_INDEX)).sum())
+
+    def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(1)
 
     def terms_per_sample(self) -> bool:
         return False  # valid pixels

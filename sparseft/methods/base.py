@@ -54,7 +54,7 @@ class MethodContext:
 
     loader: Callable[[str], Iterable]
     seed: int = 0
-    progress: bool = True
+    progress: bool | None = None  # None: bars only on a terminal (sparseft.progress)
     bf16: bool = False
     run_dir: Path | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # what prepare reports (timings, counts)

@@ -14,14 +14,13 @@ LoRA Conv2d: A is a kxk conv to r channels, B a 1x1 conv back); grouped convolut
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparseft.anatomy import head_prefix, in_head
+from sparseft.anatomy import LayerGroup, head_prefix, in_head, layer_groups, layer_kind, model_name
 from sparseft.delta import DeltaError
 from sparseft.errors import InputError
 from sparseft.methods.base import CommonOptions, Method, MethodContext, NotApplicable, head_selection, register
@@ -29,17 +28,40 @@ from sparseft.methods.modules import lora_layers, set_submodule
 from sparseft.selection import Selection
 
 DEFAULT_TARGETS = "qkv,proj,fc1,fc2"
+_kind = layer_kind  # how LoRA sees a layer (sparseft.anatomy): linear, conv, grouped or None
 
 
-def _kind(module: nn.Module) -> str | None:
-    """'linear' (Linear or 1x1 conv), 'conv' (kxk conv), 'grouped' (grouped conv) or None."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:  # not e.g. timm's Conv2dSame
-        if module.groups != 1:
-            return "grouped"
-        return "linear" if tuple(module.kernel_size) == (1, 1) else "conv"
-    return None
+def suggested_groups(model: nn.Module, conv: bool = True) -> tuple[list[LayerGroup], bool]:
+    """The layer groups (`sparseft.anatomy.layer_groups`) to suggest as `--lora-targets`, and whether
+    they need `--lora-conv`.
+
+    The groups with the most layers among the Linear and 1x1 conv layers (a CNN's pointwise
+    convs); the kxk conv groups instead when `conv` and they hold more layers (a ResNet of basic
+    blocks). At most four; none when the model has no layer LoRA can adapt.
+    """
+    groups = [g for g in layer_groups(model) if not g.in_head]
+
+    def best(kind: str) -> list[LayerGroup]:
+        found = sorted((g for g in groups if g.kind == kind), key=lambda g: -len(g.names))
+        most = len(found[0].names) if found else 0
+        return [g for g in found if len(g.names) >= max(min(2, most), most / 2)][:4]
+
+    linear, convs = best("linear"), best("conv") if conv else []
+    if sum(len(g.names) for g in convs) > sum(len(g.names) for g in linear):
+        return convs, True
+    return linear, False
+
+
+def suggest_targets(model: nn.Module, conv: bool = True) -> str:
+    """A sentence for a refusal: `model`'s most frequent adaptable layers as a `--lora-targets` value."""
+    picked, needs_conv = suggested_groups(model, conv)
+    name = model_name(model)
+    listing = f"`sparseft layers {name if name != type(model).__name__ else 'MODEL'}` lists every layer"
+    if not picked:
+        return f"It has no layer LoRA can adapt (Linear or Conv2d outside the head); {listing}."
+    shown = ", ".join(f"{g.target} ({len(g.names)} {g.type})" for g in picked)
+    return (f"Its most frequent adaptable layers: {shown}: e.g. --lora-targets {','.join(g.target for g in picked)}"
+            f"{' --lora-conv' if needs_conv else ''}; {listing}.")
 
 
 def find_targets(model: nn.Module, targets: list[str], conv: bool) -> tuple[list[str], dict[str, list[str]]]:
@@ -137,16 +159,12 @@ class LoRA(Method):
             raise NotApplicable(f"lora: grouped/depthwise convolutions cannot take LoRA: {skipped['grouped'][:4]}; "
                                 "leave them out of --lora-targets")
         if not chosen:
-            head, hint = head_prefix(model), ""
             if skipped["conv"]:
-                hint = f" It has matching kxk Conv2d layers ({', '.join(skipped['conv'][:3])}…): pass --lora-conv."
-            elif not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if not in_head(n, head)):
-                leaves = Counter(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _kind(m) == "conv")
-                common = [leaf for leaf, _ in leaves.most_common() if not leaf.isdigit()][:2] or ["conv1"]
-                hint = (f" It looks like a CNN: name its convolutions, e.g. --lora-targets {','.join(common)} "
-                        "--lora-conv.")
-            raise NotApplicable(f"lora: no layer of this {type(model).__name__} matches the targets "
-                                f"{','.join(targets)} (nn.Linear or 1x1 Conv2d outside the head).{hint}")
+                hint = f"It has matching kxk Conv2d layers ({', '.join(skipped['conv'][:3])}…): pass --lora-conv."
+            else:
+                hint = suggest_targets(model, conv=True)
+            raise NotApplicable(f"lora: no layer of {model_name(model)} matches the targets {','.join(targets)} "
+                                f"(nn.Linear or 1x1 Conv2d outside the head). {hint}")
 
     def plan(self, model: nn.Module, ctx: MethodContext) -> Selection:
         o = self.options

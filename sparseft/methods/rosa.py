@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from sparseft import delta
+from sparseft.anatomy import model_name
 from sparseft.errors import InputError
 from sparseft.methods.base import MethodContext, NotApplicable, register
 from sparseft.methods.gps import GPS
-from sparseft.methods.lora import find_targets, fold_lora, inject_lora, parse_targets
+from sparseft.methods.lora import find_targets, fold_lora, inject_lora, parse_targets, suggest_targets
 from sparseft.selected import row_length
 from sparseft.selection import Selection, parameter_roles
 from sparseft.selection.gps import full_values
@@ -68,8 +69,9 @@ class RoSA(GPS):
     def check(self, model: nn.Module) -> None:
         chosen, _ = find_targets(model, self._targets(), conv=False)
         if not chosen:
-            raise NotApplicable(f"rosa: no nn.Linear (or 1x1 Conv2d) of this {type(model).__name__} outside the head "
-                                f"matches --lora-targets {self.options.lora_targets}")
+            raise NotApplicable(f"rosa: no nn.Linear (or 1x1 Conv2d) of {model_name(model)} outside the head "
+                                f"matches --lora-targets {self.options.lora_targets}. "
+                                f"{suggest_targets(model, conv=False)}")
 
     def default_budget(self, model: nn.Module) -> int:
         """What GPS with this --k trains on `model`: top-K per neuron plus the values trained in full."""

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseft.anatomy import note_build
 from sparseft.errors import InputError
 from sparseft.hub.build import attach_data_config
 from sparseft.hub.registry import REGISTRY
@@ -218,7 +219,7 @@ def create_segmentation_model(name: str, num_classes: int, img_size: int | None 
     model = SegmentationModel(backbone, num_classes, levels=levels, decoder_width=decoder_width)
     if weights is not None:
         load_segmentation_weights(model, weights)
-    return model
+    return note_build(model, name, img_size)
 
 
 def _untrained_backbone(name: str, img_size: int | None, **kwargs: Any) -> nn.Module:

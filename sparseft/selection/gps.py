@@ -219,7 +219,7 @@ def check_scores(scores: dict[str, torch.Tensor], criterion: str = "gradient", l
 def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Eligibility | None = None,
            score: ScoreReduction = "abs_of_sum", temperature: float = 0.07, augment: Callable | None = None,
            max_batches: int | None = None, chunk_size: ChunkSize = "auto", autocast: bool = False,
-           seed: int = 0, head: str | None = None, progress: bool = True, level: str = "neuron",
+           seed: int = 0, head: str | None = None, progress: bool | None = None, level: str = "neuron",
            criterion: str = "gradient", loss: Literal["supcon", "ce"] = "supcon",
            score_norm: Literal["none", "column"] = "none", budget: int | None = None,
            reserved: int = 0) -> Selection:

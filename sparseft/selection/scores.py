@@ -154,7 +154,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                     reduction: ScoreReduction = "abs_of_sum", augment: Callable | None = None,
                     max_batches: int | None = None, chunk_size: ChunkSize = "auto",
                     autocast: bool = False, seed: int = 0, head: str | None = None,
-                    progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+                    progress: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Accumulated gradient magnitudes for the named parameters over one pass of `loader`.
 
     `loss="supcon"` is GPS's head-free loss on two views per image; `loss="ce"` uses the model's
