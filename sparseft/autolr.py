@@ -68,7 +68,8 @@ def run_auto_lr(spec: RunSpec, run_dir: str | Path | None, *, resume: bool = Fal
             print(f"[sparseft] --lr auto: lr {lr:g} on train800 -> val200 ({folder})", file=sys.stderr)
         s = run(tune_spec, folder, resume=started and not overwrite, overwrite=overwrite or not started)
         metric = s.get("metric", "acc")
-        tuning.append({"lr": lr, f"val_{metric}": s["final"].get(f"val_{metric}"), "folder": str(folder.relative_to(run_dir))})
+        tuning.append({"lr": lr, f"val_{metric}": s["final"].get(f"val_{metric}"),
+                       "folder": str(folder.relative_to(run_dir))})
 
     for lr in search_grid(center):
         tune(lr)
