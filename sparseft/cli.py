@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 import sparseft
 from sparseft import distributed
 from sparseft.api import describe_task, evaluate_task, load_for_inference, method_named_in
+from sparseft.autolr import run_auto_lr
 from sparseft.bench import load_suite, run_suite, write_report
 from sparseft.bench.cells import runs_in_cell
 from sparseft.bench.runner import checked_cells
@@ -38,7 +39,7 @@ from sparseft.data import DataError, DataWarning
 from sparseft.data.cli import register_cli as register_data_cli
 from sparseft.deltafile import TaskFile, read_delta, save_merged
 from sparseft.demo import main as demo_main
-from sparseft.errors import InputError, SparseftError
+from sparseft.errors import InputError, SparseftError, TrainingWarning
 from sparseft.evalreport import check_confusion_folder, per_class_table, write_confusion
 from sparseft.hub.cli import register_cli as register_weights_cli
 from sparseft.inference import UNKNOWN, check_min_confidence, find_images, predict, write_csv
@@ -115,8 +116,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if fixed:
             raise InputError(f"{', '.join(fixed)}: fixed by the saved --selection {options['selection']} (it was made "
                              "with its own settings); drop them, or select again")
+    auto = getattr(args, "lr", None) == "auto"
+    if auto:
+        del args.lr  # `sparseft.autolr` chooses it
     spec = _spec(args, args.method, options)
-    summary = run(spec, args.out, resume=args.resume, overwrite=args.overwrite)
+    summary = (run_auto_lr if auto else run)(spec, args.out, resume=args.resume, overwrite=args.overwrite)
     if distributed.is_main():
         _print_summary(summary)
     return 0
@@ -130,6 +134,8 @@ def _print_summary(summary: dict) -> None:
     print(f"{summary.get('method')}: {accs}  trainable backbone {params.get('trainable_backbone', 0):,} "
           f"({params.get('backbone_percent', 0):.3f} %) + head {params.get('trainable_head', 0):,}  "
           f"train {summary.get('train_time_s', 0):.1f} s")
+    if summary.get("lr") is not None:
+        print(f"lr {summary['lr']:g} ({summary.get('lr_source', 'given')})")
     if "task_file" in summary:
         print(f"task file: {summary['task_file']} ({summary['task_file_bytes'] / 1024:.1f} KiB)")
 
@@ -478,7 +484,7 @@ def is_user_error(err: BaseException) -> bool:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
     """Warnings about the user's data as one line (no source file or code line of sparseft's)."""
 
-    if issubclass(category, DataWarning):
+    if issubclass(category, (DataWarning, TrainingWarning)):
         print(f"warning: {_one_line(str(message))}", file=file or sys.stderr)
     else:
         print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=file or sys.stderr)

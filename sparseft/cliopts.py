@@ -7,8 +7,9 @@ A dataclass field becomes a flag `--field-name`; its type decides how the value 
     bool                     --name / --no-name (argparse.BooleanOptionalAction)
     Literal["a", "b"]        --name {a,b}
 
-Help text comes from `field(metadata={"help": ...})` and a choice list may be given with
-`metadata={"choices": [...]}`; the field's default is appended to the help. Every flag is
+Help text comes from `field(metadata={"help": ...})`, a choice list may be given with
+`metadata={"choices": [...]}` and a reader of the flag's text with
+`metadata={"convert": fn}`; the field's default is appended to the help. Every flag is
 added with `default=argparse.SUPPRESS`, so the parsed namespace holds exactly the options
 that were given: `given(args, cls)` returns them as a dict and `from_args(args, cls)` builds
 the dataclass (the dataclass's own defaults fill the rest).
@@ -150,7 +151,9 @@ def cli_options(cls: type) -> list[CliOption]:
         if not f.init or f.metadata.get("cli", True) is False:
             continue
         tp, _, choices = _field_type(cls, f, hints)
-        if tp is bool:
+        if "convert" in f.metadata:  # a flag that takes more than the field's type (e.g. --lr auto)
+            convert = f.metadata["convert"]
+        elif tp is bool:
             convert = None
         elif tp in _SCALARS:
             convert = _SCALARS[tp]

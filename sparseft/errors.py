@@ -25,3 +25,7 @@ class UsageError(SparseftError):
 
 class DataWarning(UserWarning):
     """Bad input that was skipped because the caller asked for `on_error="skip"` (the CLI shows it as one line)."""
+
+
+class TrainingWarning(UserWarning):
+    """A run that finished with a result that looks unusable (e.g. one class for everything; the CLI shows one line)."""

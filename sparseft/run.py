@@ -33,9 +33,11 @@ from sparseft.kinds.base import TaskKind, kind_for_data
 from sparseft.loaders import DataSpec, TaskData
 from sparseft.methods import BATCHNORM_DEFAULT_BEFORE, MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
+from sparseft.methods.rates import backbone_family, recommended_lr
 from sparseft.train import TrainConfig, check_same_settings, fit
 
 TASK_FILE = "delta.safetensors"
+SEARCH_DIR = "lr-search"  # `--lr auto`'s tuning runs inside a run folder (sparseft.autolr)
 DATA_FILE = "data.json"  # the data's fingerprint when the run started (`sparseft.data.fingerprint`)
 RECORD_PATHS = ("task_file",)  # summary keys naming a file of the run folder: stored relative to it
 
@@ -105,7 +107,7 @@ def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool
         return
     if not run_dir.exists():  # (a file there was refused by `run` before it took the folder's lock)
         return
-    present = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    present = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_FILE, SEARCH_DIR))
     if not present:
         return
     if overwrite:
@@ -245,6 +247,16 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
         return _run(spec, run_dir, resume=resume, overwrite=overwrite)
 
 
+def _learning_rate(spec: RunSpec, model: nn.Module) -> tuple[TrainConfig, str]:
+    """The run's training settings with its learning rate filled in, and where the rate comes from."""
+    if spec.train.lr is not None:
+        return spec.train, "given"
+    lr, source = recommended_lr(spec.method, backbone_family(model))
+    if spec.train.progress and distributed.is_main():
+        print(f"[sparseft] lr {lr:g}: {source}; --lr sets another, --lr auto tunes it on val200", file=sys.stderr)
+    return dataclasses.replace(spec.train, lr=lr), source
+
+
 @contextlib.contextmanager
 def _locked_run_dir(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock; a folder the lock created and nothing else filled is removed after."""
@@ -277,6 +289,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     model = kind.build_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
                              pretrained=spec.pretrained, class_names=names).to(distributed.default_device())
     method.check(model)
+    train, lr_source = _learning_rate(spec, model)
     distributed.check_global_batch(spec.batch_size)  # before anything is written
     kind.check_data(spec.data, spec.train_split, spec.eval_splits)  # every image opens, splits agree: fail now
     started = None  # a fresh run's data fingerprint (rank 0's), written just before training starts
@@ -300,7 +313,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     prepare_time = time.perf_counter() - t0
     task = kind.name
     info = {"spec": spec.to_dict(), "batchnorm": method.batchnorm_mode(), "num_classes": classes,
-            "data_config": data.config, "task": task}
+            "data_config": data.config, "task": task, "lr_source": lr_source}
     eval_loaders = {split.replace("800", "").replace("200", ""): data.loader("eval", split)
                     for split in spec.eval_splits}
     task_file = None
@@ -315,11 +328,11 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
 
     if started is not None:
         write_text_atomic(run_dir / DATA_FILE, json.dumps(started, separators=(",", ":")))
-    summary = fit(model, data.loader("train"), spec.train, eval_loaders=eval_loaders, run_dir=run_dir,
+    summary = fit(model, data.loader("train"), train, eval_loaders=eval_loaders, run_dir=run_dir,
                   resume=resume, save_task=save_task, run_info=info, hook=method.training_hook(model))
     summary.update({"method": spec.method, "model": spec.model, "data": spec.data, "task": task,
                     "metric": kind.metric_key, "num_classes": classes,
-                    "prepare_time_s": round(prepare_time, 2), **ctx.info})
+                    "prepare_time_s": round(prepare_time, 2), "lr": train.lr, "lr_source": lr_source, **ctx.info})
     if task_file is not None:  # in the run folder: recorded relative to it, returned as a path to use
         summary["task_file"] = str(task_file)
         summary["task_file_bytes"] = Path(task_file).stat().st_size

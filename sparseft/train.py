@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,14 +35,21 @@ from sparseft.checkpoint import load_checkpoint, save_checkpoint
 from sparseft.cliopts import require
 from sparseft.delta import is_applied, parameter_summary
 from sparseft.deltafile import save_delta
-from sparseft.errors import InputError, SparseftError
+from sparseft.errors import InputError, SparseftError, TrainingWarning
 from sparseft.fileutil import read_json, write_text_atomic
 from sparseft.kinds.base import Meter, TaskKind, kind_of, summary_keys
 from sparseft.progress import write_line
 
+NOT_REPORTED = ("n", "per_class", "confusion")  # evaluation results kept out of the epoch metrics
+
 
 class TrainingDiverged(SparseftError, RuntimeError):
     """The loss became NaN or infinite."""
+
+
+def float_or_auto(text: str) -> float | str:
+    """`--lr`'s value: a number, or "auto" (`sparseft train` tunes it; `sparseft.autolr`)."""
+    return "auto" if text.strip().lower() == "auto" else float(text)
 
 
 @dataclass
@@ -52,7 +60,10 @@ class TrainConfig:
     """
 
     epochs: int = field(default=10, metadata={"help": "training epochs"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate (default: the method's recommended rate for the backbone family, "
+                "docs/learning-rates.md; `sparseft train --lr auto` tunes it on val200)",
+        "convert": float_or_auto})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
     optimizer: Literal["adamw", "adam"] = field(default="adamw", metadata={"help": "optimizer"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length (epochs)"})
@@ -69,16 +80,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot train, naming the flag: before any data is read."""
-        finite = {n: getattr(self, n) for n in ("lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
+        finite = {n: getattr(self, n) for n in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
                                                 "label_smoothing")}
         checks = [
             ("epochs", self.epochs >= 1, ">= 1"),
-            ("lr", math.isfinite(self.lr) and 0 < self.lr < 3.4e38, "> 0 (and a float32)"),
+            ("lr", self.lr is None or (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)
+                                       and 0 < self.lr < 3.4e38), "> 0 (and a float32)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("optimizer", self.optimizer in ("adamw", "adam"), "'adamw' or 'adam'"),
             ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
             ("warmup_lr", self.warmup_lr >= 0, ">= 0"),
-            ("min_lr", 0 <= self.min_lr <= self.lr, "between 0 and --lr"),
+            ("min_lr", 0 <= self.min_lr and (self.lr is None or self.min_lr <= self.lr), "between 0 and --lr"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 when given"),
             ("eval_every", self.eval_every >= 1, ">= 1"),
@@ -235,6 +247,9 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
     is wrapped in DistributedDataParallel for the training forward), evaluation is split by
     sample, and only rank 0 writes files.
     """
+    if config.lr is None:
+        raise InputError("lr (--lr): fit needs a learning rate; `sparseft.run.run` fills in the method's recommended "
+                         "one (sparseft.methods.rates.recommended_lr)")
     eval_loaders = eval_loaders or {}
     run_dir = Path(run_dir) if run_dir is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -389,8 +404,12 @@ def _evaluate_epoch(loop: _Loop, epoch: int, metrics: dict[str, Any], eval_loade
     config = loop.config
     due = (epoch + 1) % max(config.eval_every, 1) == 0 or epoch + 1 == config.epochs
     for name, loader in (eval_loaders.items() if due else ()):
-        result = evaluate(loop.model, loader, bf16=config.bf16)
-        metrics.update({f"{name}_{key}": value for key, value in result.items() if key != "n"})
+        last = epoch + 1 == config.epochs  # the last evaluation also says whether the model learnt anything
+        result = evaluate(loop.model, loader, bf16=config.bf16, details=last)
+        reason = kind_of(loop.model).not_learning(result, name) if last else None
+        if reason and loop.main:
+            warnings.warn(reason, TrainingWarning, stacklevel=2)
+        metrics.update({f"{name}_{key}": value for key, value in result.items() if key not in NOT_REPORTED})
 
 
 def _save_epoch(loop: _Loop, run_dir: Path, epoch: int, start_epoch: int, metrics: dict[str, Any],

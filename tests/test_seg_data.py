@@ -289,7 +289,7 @@ def test_augmentation_is_deterministic_for_a_seed(tmp_path):
     epochs = []
     again.set_epoch = epochs.append
     loader = torch.utils.data.DataLoader(again, batch_size=4)
-    fit(torch.nn.Conv2d(3, 4, 1), loader, TrainConfig(epochs=2, progress=False))
+    fit(torch.nn.Conv2d(3, 4, 1), loader, TrainConfig(epochs=2, lr=1e-3, progress=False))
     assert epochs == [0, 1]
 
 

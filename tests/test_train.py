@@ -127,7 +127,8 @@ def test_a_checkpoint_of_another_model_changes_nothing(tmp_path):
 
 def test_bf16_label_smoothing_adam_and_clipping_run():
     model = gps_vit()
-    summary = fit(model, toy_loader(n=16), TrainConfig(epochs=1, bf16=True, label_smoothing=0.1, optimizer="adam",
+    summary = fit(model, toy_loader(n=16), TrainConfig(epochs=1, lr=1e-3, bf16=True, label_smoothing=0.1,
+                                                        optimizer="adam",
                                                         grad_clip=1.0, progress=False),
                   eval_loaders={"val": toy_loader(n=16, shuffle=False)})
     assert 0.0 <= summary["final"]["val_acc"] <= 1.0

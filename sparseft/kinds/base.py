@@ -222,6 +222,41 @@ class TaskKind:
     def meter(self, model: nn.Module) -> Meter:
         return Meter(self, model)
 
+    #: what one prediction is about, in `not_learning`'s messages
+    unit: ClassVar[str] = "image"
+    #: whether scoring no better than the most common class means nothing was learnt (not for pixel accuracy)
+    chance_check: ClassVar[bool] = True
+
+    def not_learning(self, result: dict[str, Any], split: str) -> str | None:
+        """Why an evaluation result with its confusion matrix (`evaluate(..., details=True)`) says the model
+        learnt nothing usable, with a next step; None when it did.
+
+        One class predicted for every image (pixel), or an accuracy no better than always answering
+        the most common class of the split (`chance_check`).
+        """
+        matrix = torch.tensor(result.get("confusion", {}).get("matrix") or [], dtype=torch.float64)
+        if matrix.dim() != 2 or matrix.sum() == 0:
+            return None
+        total = matrix.sum()
+        predicted, true = matrix.sum(0), matrix.sum(1)
+        step = ("try `--lr auto` (or a rate 3-10x lower if the loss grew, higher if it barely moved), more epochs, "
+                "or check the labels")
+        if int((predicted > 0).sum()) == 1 and int((true > 0).sum()) > 1:
+            return f"the model predicts one class for every {self.unit} of {split}; {step}"
+        majority = float(true.max() / total)
+        if self.chance_check and majority < 1.0 and result["acc"] <= majority:
+            return (f"{split} accuracy {result['acc']:.3f} is no better than always answering its most common class "
+                    f"({majority:.3f}); {step}")
+        return None
+        step = ("try `--lr auto` (or a rate 3-10x lower if the loss grew, higher if it barely moved), more epochs, "
+                "or check the labels")
+        if result["top_pred_share"] >= 1.0:
+            return f"the model predicts one class for every {self.unit} of {split}; {step}"
+        if self.chance_check and result["top_true_share"] < 1.0 and result["acc"] <= result["top_true_share"]:
+            return (f"{split} accuracy {result['acc']:.3f} is no better than always answering its most common class "
+                    f"({result['top_true_share']:.3f}); {step}")
+        return None
+
     def eval_dataset(self, model: nn.Module, data: str, split: str, extra: Mapping[str, Any],
                      preprocessing: str | None) -> Any:
         """The evaluation Dataset of a saved task (`sparseft eval`) with its recorded preprocessing."""

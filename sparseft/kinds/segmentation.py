@@ -122,6 +122,8 @@ class SegmentationKind(TaskKind):
     name = "segmentation"
     primary_metric = "miou"
     metric_key = "mIoU"  # dataset-level mean IoU: the key run summaries and bench records have always used
+    unit = "pixel"
+    chance_check = False  # pixel accuracy below all-background can still be the better segmentation
     best_keys = ("acc", "mIoU")
     prediction = "masks"
     predict_hint = "take the masks from the model itself (model(x).argmax(1)); `sparseft eval` scores a split"

@@ -1,0 +1,101 @@
+"""`sparseft train --lr auto`: choose the learning rate on val200, then train on train800val200.
+
+The benchmark harness's honest protocol for one run: the method's recommended rate and its two
+neighbours on the 1-3-10 ladder (`sparseft.methods.rates`) each train on train800 and are scored
+on val200 at their last epoch, with the run's own schedule, seed and options; while the best
+rate sits on the edge of what was tried, one more rung beyond it is tried (at most `extend`
+times). The best rate (ties: the one tried first) then trains on the run's training split and
+is evaluated on its evaluation splits, in the run folder itself. The tuning runs live in
+`<run folder>/lr-search/lr=<rate>/` (whole run folders: `--resume` continues them) and the choice,
+with every rate's validation score, in `lr-search/choice.json` and the final summary's
+`lr_search`. No test split is read before the choice is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from sparseft import distributed
+from sparseft.errors import InputError
+from sparseft.fileutil import LOCK_FILE, write_text_atomic
+from sparseft.methods.rates import backbone_family, ladder, recommended_lr, search_grid
+from sparseft.run import SEARCH_DIR, RunSpec, run
+
+EXTEND = 2  # rungs tried beyond the grid's edge at most
+
+
+def _center(spec: RunSpec) -> tuple[float, str]:
+    """The recommended rate of the run's method on its backbone (a throwaway build tells the family)."""
+    from sparseft.models import create_model
+
+    model = create_model(spec.model, num_classes=0, img_size=spec.img_size, weights=spec.weights,
+                         pretrained=spec.pretrained)
+    return recommended_lr(spec.method, backbone_family(model))
+
+
+def _check(spec: RunSpec, run_dir: Path | None) -> None:
+    if run_dir is None:
+        raise InputError("--lr auto needs a run folder (--out): its tuning runs are kept there")
+    if spec.train.lr is not None:
+        raise InputError(f"--lr auto chooses the learning rate; it cannot also be {spec.train.lr!r}")
+    if "val200" in spec.eval_splits or spec.train_split != "train800val200":
+        raise InputError(f"--lr auto tunes on train800 -> val200, so the run must train on train800val200 and not "
+                         f"evaluate on val200 (this one trains on {spec.train_split} and evaluates on "
+                         f"{', '.join(spec.eval_splits)}); use --protocol final")
+
+
+def run_auto_lr(spec: RunSpec, run_dir: str | Path | None, *, resume: bool = False, overwrite: bool = False,
+                extend: int = EXTEND) -> dict[str, Any]:
+    """Tune `spec`'s learning rate on val200, then run it with the chosen rate in `run_dir`; the final summary."""
+    run_dir = Path(run_dir) if run_dir is not None else None
+    _check(spec, run_dir)
+    if not resume and not overwrite and run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} is not empty; pass --resume to continue an --lr auto run there, --overwrite "
+                              "to replace it, or choose another folder")
+    center, source = _center(spec)
+    tuning: list[dict[str, Any]] = []
+
+    def tune(lr: float) -> None:
+        tune_spec = dataclasses.replace(spec, train_split="train800", eval_splits=("val200",),
+                                        train=dataclasses.replace(spec.train, lr=lr))
+        folder = run_dir / SEARCH_DIR / f"lr={lr:g}"
+        started = (folder / "config.json").is_file()
+        if spec.train.progress and distributed.is_main():
+            print(f"[sparseft] --lr auto: lr {lr:g} on train800 -> val200 ({folder})", file=sys.stderr)
+        s = run(tune_spec, folder, resume=started and not overwrite, overwrite=overwrite or not started)
+        metric = s.get("metric", "acc")
+        tuning.append({"lr": lr, f"val_{metric}": s["final"].get(f"val_{metric}"),
+                       "folder": str(folder.relative_to(run_dir))})
+
+    for lr in search_grid(center):
+        tune(lr)
+    key = next(k for k in tuning[0] if k.startswith("val_"))
+    for _ in range(extend):
+        best = max(tuning, key=lambda t: t[key] if t[key] is not None else -1.0)
+        tried = sorted(t["lr"] for t in tuning)
+        if best["lr"] not in (tried[0], tried[-1]):
+            break
+        tune(ladder(best["lr"], -1 if best["lr"] == tried[0] else 1))
+    best = max(tuning, key=lambda t: t[key] if t[key] is not None else -1.0)
+    edge = best["lr"] in (min(t["lr"] for t in tuning), max(t["lr"] for t in tuning))
+    rule = (f"best val200 score at the last epoch of a train800 run; the recommended rate and its two ladder "
+            f"neighbours, extended past an edge up to {extend} times")
+    choice = {"chosen_lr": best["lr"], "center": center, "center_source": source, "score": key, "tried": tuning,
+              "on_edge": edge, "rule": rule}
+    if distributed.is_main():
+        write_text_atomic(run_dir / SEARCH_DIR / "choice.json", json.dumps(choice, indent=1))
+    if spec.train.progress and distributed.is_main():
+        scores = ", ".join(f"{t['lr']:g}: {t[key]}" for t in tuning)
+        print(f"[sparseft] --lr auto chose lr {best['lr']:g} ({key} {scores})"
+              + ("; it is on the edge of the rates tried" if edge else ""), file=sys.stderr)
+    final = dataclasses.replace(spec, train=dataclasses.replace(spec.train, lr=best["lr"]))
+    started = (run_dir / "config.json").is_file()
+    summary = run(final, run_dir, resume=resume and started, overwrite=overwrite)
+    summary.update(lr_search=choice, lr_source="--lr auto (lr-search/choice.json)")
+    if distributed.is_main():
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    return summary
