@@ -23,6 +23,7 @@ from sparseft import distributed
 from sparseft.errors import InputError
 from sparseft.fileutil import LOCK_FILE, write_text_atomic
 from sparseft.methods.rates import backbone_family, ladder, recommended_lr, search_grid
+from sparseft.models import create_model
 from sparseft.run import SEARCH_DIR, RunSpec, run
 
 EXTEND = 2  # rungs tried beyond the grid's edge at most
@@ -30,8 +31,6 @@ EXTEND = 2  # rungs tried beyond the grid's edge at most
 
 def _center(spec: RunSpec) -> tuple[float, str]:
     """The recommended rate of the run's method on its backbone (a throwaway build tells the family)."""
-    from sparseft.models import create_model
-
     model = create_model(spec.model, num_classes=0, img_size=spec.img_size, weights=spec.weights,
                          pretrained=spec.pretrained)
     return recommended_lr(spec.method, backbone_family(model))

@@ -63,7 +63,7 @@ def test_predict_eval_info_and_load_take_the_merged_file(method, files, data, tm
         torch.testing.assert_close(model.eval()(x), expected, atol=1e-5, rtol=0)
     assert sparseft.delta.task_record(model)["class_names"] == ["a", "b", "c"]  # the task's record came along
     capsys.readouterr()
-    for command in (["eval", "--data", str(data)], ["predict", str(data / "images"), "--no-progress"]):
+    for command in (["eval", "--data", str(data), "--json"], ["predict", str(data / "images"), "--no-progress"]):
         outputs = []
         for source in (task, merged):
             assert main([command[0], str(source), *command[1:]]) == 0

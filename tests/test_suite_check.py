@@ -84,7 +84,7 @@ BAD_VALUES = [  # (where in the suite, value, what the message must say)
     (("train", "workers"), "two", "train.workers (row 'gps'): workers must be a whole number, not 'two'"),
     (("methods", 0, "train"), {"optimizer": "sgd"},
      "row 'gps' (methods[0]) train.optimizer: optimizer must be one of 'adamw', 'adam', not 'sgd'"),
-    (("grid", "lr"), ["1e-3"], "grid.lr (row 'gps'): lr must be a number, not '1e-3' (YAML reads 1e-3 as text"),
+    (("grid", "lr"), ["1e-3"], "grid.lr (row 'gps'): lr must be a number or null, not '1e-3' (YAML reads 1e-3 as text"),
     (("grid", "lr"), [1.0e-9], "grid.lr (row 'gps'): min_lr must be between 0 and lr, not 1e-08"),
     (("grid", "k"), [1], "grid.k (row 'full'): 'k' is not an option of method 'full'"),
     (("methods", 0, "options"), {"k": 1.5}, "row 'gps' (methods[0]) options.k: k must be a whole number, not 1.5"),
