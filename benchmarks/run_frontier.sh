@@ -4,6 +4,8 @@
 # other worker held it is picked up by the second pass).
 #   bash benchmarks/run_frontier.sh RESULTS_DIR SUITE [SUITE ...]
 # e.g. bash benchmarks/run_frontier.sh results frontier-screen-dev frontier-dev
+# Between machines, keep the records (not the weights) with benchmarks/archive_runs.py and copy them back
+# before resuming: a cell or tuning point with a record is never run again.
 set -u
 out=${1:?results folder}; shift
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
