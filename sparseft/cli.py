@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -41,6 +40,7 @@ from sparseft.deltafile import TaskFile, read_delta, save_merged
 from sparseft.demo import main as demo_main
 from sparseft.errors import InputError, SparseftError, TrainingWarning
 from sparseft.evalreport import check_confusion_folder, per_class_table, write_confusion
+from sparseft.fileutil import check_output_file, check_output_folder
 from sparseft.hub.cli import register_cli as register_weights_cli
 from sparseft.inference import UNKNOWN, check_min_confidence, find_images, predict, write_csv
 from sparseft.kinds.base import kind_named_in
@@ -148,15 +148,9 @@ def _at_least_two(text: str) -> int:
 
 
 def _output_file(raw: str, overwrite: bool, source: Path | None = None, kind: str = ".safetensors") -> Path:
-    """The file `--out` names, checked before any work: not a folder, not the input, not replaced unasked."""
-    path = Path(raw)
-    if not raw.strip() or raw.endswith(("/", os.sep)) or path.is_dir():
-        raise InputError(f"--out {raw!r} is a folder (or empty); name the {kind} file to write")
-    if source is not None and path.exists() and path.resolve() == source.resolve():
-        raise InputError(f"--out {raw} is the task file itself; choose another path")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"--out {raw} exists; pass --overwrite to replace it, or choose another path")
-    return path
+    """The file `--out` names, checked before any work (`fileutil.check_output_file`, as the Python API's writers)."""
+    return check_output_file(raw, overwrite=overwrite, source=source, source_is="task file", label="--out",
+                             what=f"{kind} file")
 
 
 def cmd_select(args: argparse.Namespace) -> int:
@@ -243,8 +237,7 @@ def _predict_masks(args: argparse.Namespace, task: TaskFile) -> int:
     """`sparseft predict` for a segmentation task: one mask PNG per image in the --out folder."""
     if args.out is None or not args.out.strip():
         raise InputError(f"{args.task_file} is a segmentation task: name a folder for its mask PNGs with --out")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise InputError(f"--out {args.out} is a file; a segmentation task writes a folder of mask PNGs")
+    check_output_folder(args.out, label="--out", what="the mask PNGs (a segmentation task writes one per image)")
     out = Path(args.out).resolve()
     images = [p for p in find_images(args.inputs) if out not in p.resolve().parents]  # not earlier masks
     if not images:
