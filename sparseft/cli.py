@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,14 +232,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     preds = predict(model, images, top_k=options.top_k, batch_size=args.batch_size,
                     progress=_train_config(args).progress, on_error="raise" if args.strict else "skip",
                     min_confidence=options.min_confidence)
+    _report_skipped(preds)
     good = [p for p in preds if p.error is None]
-    for p in preds:
-        if p.error is not None:
-            print(f"warning: {_one_line(p.error)} (skipped)", file=sys.stderr)
-    if len(good) < len(preds):
-        print(f"warning: skipped {len(preds) - len(good)} of {len(preds)} images", file=sys.stderr)
-    if not good:
-        raise DataError(f"none of the {len(preds)} images could be read")
     if out is not None:
         write_csv(good, out, label=options.min_confidence is not None)
         print(f"predictions for {len(good)} images -> {out}")
@@ -262,16 +257,24 @@ def _predict_masks(args: argparse.Namespace, task: TaskFile) -> int:
     model = load_for_inference(task, weights=args.weights)
     preds = predict_masks(model, images, batch_size=args.batch_size, progress=_train_config(args).progress,
                           on_error="raise" if args.strict else "skip")
-    for p in preds:
-        if p.error is not None:
-            print(f"warning: {_one_line(p.error)} (skipped)", file=sys.stderr)
-    good = sum(p.error is None for p in preds)
-    if not good:
-        raise DataError(f"none of the {len(preds)} images could be read")
+    _report_skipped(preds)
     written = write_masks(preds, args.out, overwrite=args.overwrite)
     print(f"masks for {len(written)} images -> {args.out} (pixel value = class id: "
           f"{', '.join(f'{i} {n}' for i, n in enumerate(model.class_names or []))})")
     return 0
+
+
+def _report_skipped(preds: Sequence[Any]) -> None:
+    """What `predict` could not read, whatever the reason (undecodable, truncated, a folder or a FIFO named
+    like an image, a broken link, no permission): one warning line per image naming it, then the count
+    (exit status 0: the others were predicted); none read is an error."""
+    skipped = [p for p in preds if p.error is not None]
+    for p in skipped:
+        print(f"warning: {_one_line(p.error)} (skipped)", file=sys.stderr)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} of {len(preds)} images", file=sys.stderr)
+    if len(skipped) == len(preds):
+        raise DataError(f"none of the {len(preds)} images could be read")
 
 
 #: how `sparseft predict` writes what a task kind's `prediction` names, beside "classes" (`cmd_predict`)

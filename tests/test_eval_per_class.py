@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +276,25 @@ def test_a_task_with_a_class_named_unknown_refuses_min_confidence(tmp_path, caps
     assert main(["predict", str(run / "delta.safetensors"), str(data / "images"), "--min-confidence", "0.5",
                  "--out", str(tmp_path / "p.csv")]) == 1
     assert "a class named 'unknown'" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+
+
+def test_predict_on_a_segmentation_task_skips_what_it_cannot_read(seg_task_file, tmp_path, capsys):
+    """The masks of the readable images are written; each unreadable input is one warning line naming it."""
+    import os
+    import shutil
+
+    task_file, data = seg_task_file
+    images = tmp_path / "images"
+    images.mkdir()
+    good = shutil.copy(next(iter(sorted((data / "images").iterdir()))), images / "good.png")
+    (images / "link.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(images / "pipe.png")
+    (images / "cut.png").write_bytes(Path(good).read_bytes()[:40])
+    out = tmp_path / "masks"
+    capsys.readouterr()
+    assert main(["predict", str(task_file), str(images), "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sorted(p.name for p in out.iterdir()) == ["good.png"]
+    for name in ("cut.png", "link.png", "pipe.png"):
+        assert sum(line.startswith(f"warning: {images / name}: ") and line.endswith("(skipped)") for line in err) == 1
+    assert err[-1] == "warning: skipped 3 of 4 images"
