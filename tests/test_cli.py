@@ -246,9 +246,14 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 
 def test_eval_preprocessing_defaults_to_the_tasks_own():
+    from sparseft.cli import KIND_PREFIX
+    from sparseft.kinds.base import get_kind
+
+    options = get_kind("classification").eval_options
     args = build_parser().parse_args(["eval", "t.safetensors", "--data", "d"])
-    assert args.preprocessing is None
-    assert build_parser().parse_args(["eval", "t", "--data", "d", "--preprocessing", "fgvc"]).preprocessing == "fgvc"
+    assert cliopts.from_args(args, options, prefix=KIND_PREFIX).preprocessing is None
+    args = build_parser().parse_args(["eval", "t", "--data", "d", "--preprocessing", "fgvc"])
+    assert cliopts.from_args(args, options, prefix=KIND_PREFIX).preprocessing == "fgvc"
 
 
 @dataclasses.dataclass
