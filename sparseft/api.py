@@ -172,7 +172,7 @@ def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batc
         raise InputError(f"{task_file}: the task was trained on classes {trained[:4]}…, {data} has {names[:4]}…; "
                          "evaluate it on the data it was trained for")
 
-    kind.check_eval_options(task_file, preprocessing)
+    kind.check_options(task_file, "eval", [] if preprocessing is None else ["preprocessing"], flags=False)
     model = load_for_inference(task, weights=weights, merge=merge)
     ds = kind.eval_dataset(model, data, split, extra, preprocessing)
     return evaluate(model, DataLoader(ds, batch_size=batch_size, collate_fn=kind.collate("eval")), details=per_class,

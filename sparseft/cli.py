@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 
@@ -41,9 +42,10 @@ from sparseft.deltafile import TaskFile, read_delta, save_merged
 from sparseft.demo import main as demo_main
 from sparseft.errors import InputError, SparseftError, TrainingWarning
 from sparseft.evalreport import check_confusion_folder, per_class_table, write_confusion
+from sparseft.fileutil import check_output_file, check_output_folder
 from sparseft.hub.cli import register_cli as register_weights_cli
 from sparseft.inference import UNKNOWN, check_min_confidence, find_images, predict, write_csv
-from sparseft.kinds.base import kind_named_in
+from sparseft.kinds.base import Command, TaskKind, kind_named_in, kind_options
 from sparseft.layers import format_layers
 from sparseft.loaders import TaskData, num_classes_of
 from sparseft.methods import METHODS, MethodContext, get_method
@@ -54,6 +56,7 @@ from sparseft.seg.predict import check_destinations, predict_masks, write_masks
 from sparseft.train import TrainConfig
 
 OPTION_PREFIX = "opt_"  # namespace prefix of the method options' flags
+KIND_PREFIX = "kind_"  # namespace prefix of the flags of predict and eval that depend on the task kind
 
 EPILOG = """examples:
   sparseft data fetch mini-vtab                    # offline tasks into the cache
@@ -148,15 +151,9 @@ def _at_least_two(text: str) -> int:
 
 
 def _output_file(raw: str, overwrite: bool, source: Path | None = None, kind: str = ".safetensors") -> Path:
-    """The file `--out` names, checked before any work: not a folder, not the input, not replaced unasked."""
-    path = Path(raw)
-    if not raw.strip() or raw.endswith(("/", os.sep)) or path.is_dir():
-        raise InputError(f"--out {raw!r} is a folder (or empty); name the {kind} file to write")
-    if source is not None and path.exists() and path.resolve() == source.resolve():
-        raise InputError(f"--out {raw} is the task file itself; choose another path")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"--out {raw} exists; pass --overwrite to replace it, or choose another path")
-    return path
+    """The file `--out` names, checked before any work (`fileutil.check_output_file`, as the Python API's writers)."""
+    return check_output_file(raw, overwrite=overwrite, source=source, source_is="task file", label="--out",
+                             what=f"{kind} file")
 
 
 def cmd_select(args: argparse.Namespace) -> int:
@@ -189,10 +186,21 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kind_options(args: argparse.Namespace, command: Command, kind: TaskKind) -> Any:
+    """The task kind's own options of `command` as given (its dataclass; defaults for the rest); an option
+    that only other kinds take is refused (exit status 2) before any work."""
+    present = [n for n in dict.fromkeys(o.name for cls in kind_options(command).values() for o in cli_options(cls))
+               if hasattr(args, KIND_PREFIX + n)]
+    kind.check_options(args.task_file, command, present)
+    return from_args(args, getattr(kind, f"{command}_options"), prefix=KIND_PREFIX)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    task = read_delta(args.task_file)  # read and verified once: the evaluation below takes it as it is
+    options = _kind_options(args, "eval", kind_named_in(task.header))
     folder = check_confusion_folder(args.confusion, overwrite=args.overwrite) if args.confusion is not None else None
-    result = evaluate_task(args.task_file, args.data, args.split, batch_size=args.batch_size, weights=args.weights,
-                           preprocessing=args.preprocessing)
+    result = evaluate_task(task, args.data, args.split, batch_size=args.batch_size, weights=args.weights,
+                           preprocessing=getattr(options, "preprocessing", None))
     record = {"task_file": str(args.task_file), "split": args.split, **result}
     written = write_confusion(result, folder, overwrite=args.overwrite) if folder is not None else []
     if args.json:
@@ -205,32 +213,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    if args.top_k < 1 or args.batch_size < 1:
-        flag, value = ("--top-k", args.top_k) if args.top_k < 1 else ("--batch-size", args.batch_size)
-        raise InputError(f"{flag} must be at least 1, not {value}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, not {args.batch_size}")
     task = read_delta(args.task_file)  # read and verified once: the load below takes it as it is
     kind = kind_named_in(task.header)  # what the task's kind predicts: classes (a CSV) or masks (PNGs)
+    options = _kind_options(args, "predict", kind)
     if kind.prediction != "classes":
-        if args.min_confidence is not None:
-            raise InputError(f"--min-confidence: {args.task_file} is a {kind.name} task; the option applies to "
-                             "the classes of whole images (classification)")
+        if kind.prediction not in PREDICTION_WRITERS:
+            raise InputError(f"{args.task_file} is a {kind.name} task, which sparseft predict does not serve: "
+                             f"{kind.predict_hint}")
         return PREDICTION_WRITERS[kind.prediction](args, task)
-    check_min_confidence(args.min_confidence, (task.header.get("extra") or {}).get("class_names"))
+    if options.top_k < 1:
+        raise InputError(f"--top-k must be at least 1, not {options.top_k}")
+    check_min_confidence(options.min_confidence, (task.header.get("extra") or {}).get("class_names"))
     out = _output_file(args.out, args.overwrite, args.task_file, ".csv") if args.out is not None else None
     images = find_images(args.inputs)
     model = load_for_inference(task, weights=args.weights)  # with the task's preprocessing and names
-    preds = predict(model, images, top_k=args.top_k, batch_size=args.batch_size, progress=_train_config(args).progress,
-                    on_error="raise" if args.strict else "skip", min_confidence=args.min_confidence)
+    preds = predict(model, images, top_k=options.top_k, batch_size=args.batch_size,
+                    progress=_train_config(args).progress, on_error="raise" if args.strict else "skip",
+                    min_confidence=options.min_confidence)
+    _report_skipped(preds)
     good = [p for p in preds if p.error is None]
-    for p in preds:
-        if p.error is not None:
-            print(f"warning: {_one_line(p.error)} (skipped)", file=sys.stderr)
-    if len(good) < len(preds):
-        print(f"warning: skipped {len(preds) - len(good)} of {len(preds)} images", file=sys.stderr)
-    if not good:
-        raise DataError(f"none of the {len(preds)} images could be read")
     if out is not None:
-        write_csv(good, out, label=args.min_confidence is not None)
+        write_csv(good, out, label=options.min_confidence is not None)
         print(f"predictions for {len(good)} images -> {out}")
     else:
         for p in good:
@@ -243,8 +248,7 @@ def _predict_masks(args: argparse.Namespace, task: TaskFile) -> int:
     """`sparseft predict` for a segmentation task: one mask PNG per image in the --out folder."""
     if args.out is None or not args.out.strip():
         raise InputError(f"{args.task_file} is a segmentation task: name a folder for its mask PNGs with --out")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise InputError(f"--out {args.out} is a file; a segmentation task writes a folder of mask PNGs")
+    check_output_folder(args.out, label="--out", what="the mask PNGs (a segmentation task writes one per image)")
     out = Path(args.out).resolve()
     images = [p for p in find_images(args.inputs) if out not in p.resolve().parents]  # not earlier masks
     if not images:
@@ -253,16 +257,24 @@ def _predict_masks(args: argparse.Namespace, task: TaskFile) -> int:
     model = load_for_inference(task, weights=args.weights)
     preds = predict_masks(model, images, batch_size=args.batch_size, progress=_train_config(args).progress,
                           on_error="raise" if args.strict else "skip")
-    for p in preds:
-        if p.error is not None:
-            print(f"warning: {_one_line(p.error)} (skipped)", file=sys.stderr)
-    good = sum(p.error is None for p in preds)
-    if not good:
-        raise DataError(f"none of the {len(preds)} images could be read")
+    _report_skipped(preds)
     written = write_masks(preds, args.out, overwrite=args.overwrite)
     print(f"masks for {len(written)} images -> {args.out} (pixel value = class id: "
           f"{', '.join(f'{i} {n}' for i, n in enumerate(model.class_names or []))})")
     return 0
+
+
+def _report_skipped(preds: Sequence[Any]) -> None:
+    """What `predict` could not read, whatever the reason (undecodable, truncated, a folder or a FIFO named
+    like an image, a broken link, no permission): one warning line per image naming it, then the count
+    (exit status 0: the others were predicted); none read is an error."""
+    skipped = [p for p in preds if p.error is not None]
+    for p in skipped:
+        print(f"warning: {_one_line(p.error)} (skipped)", file=sys.stderr)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} of {len(preds)} images", file=sys.stderr)
+    if len(skipped) == len(preds):
+        raise DataError(f"none of the {len(preds)} images could be read")
 
 
 #: how `sparseft predict` writes what a task kind's `prediction` names, beside "classes" (`cmd_predict`)
@@ -381,8 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="split to evaluate")
     e.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     e.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
-    e.add_argument("--preprocessing", default=None, choices=["vtab", "fgvc"],
-                   help="evaluation preprocessing (default: the one the task was trained with)")
+    add_shared_arguments(e, kind_options("eval"), prefix=KIND_PREFIX, title="options of {} tasks")
     e.add_argument("--confusion", metavar="DIR", help="write the confusion matrix as DIR/confusion.csv and "
                                                       "DIR/confusion.png (rows: true class)")
     e.add_argument("--overwrite", action="store_true", help="replace the --confusion files if they exist")
@@ -403,14 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="CSV file to write (columns path, label_1, prob_1, ...) instead of printing; "
                                   "for a segmentation task the folder of mask PNGs")
     pr.add_argument("--overwrite", action="store_true", help="replace --out (or masks in it) if it exists")
-    pr.add_argument("--top-k", type=int, default=5, help="classes shown per image (at most the task's classes)")
     pr.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     pr.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: a warning, "
                                                           "and the image is skipped)")
-    pr.add_argument("--min-confidence", type=float, metavar="P", help="label an image whose top probability is "
-                    "below P (in (0, 1]) 'unknown' (printed first; the CSV gets a label column); classification only")
     pr.add_argument("--weights", help="local base weights, if the base is not an offline backbone")
     add_arguments(pr, TrainConfig, only=["progress"])
+    add_shared_arguments(pr, kind_options("predict"), prefix=KIND_PREFIX, title="options of {} tasks")
     pr.set_defaults(func=cmd_predict)
 
     m = sub.add_parser("merge", help="merge a task file into its base and save a plain model",

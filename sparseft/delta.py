@@ -125,12 +125,30 @@ def _check_guarded(model: nn.Module, state: _State, action: str) -> None:
         return _digest(restored)
 
     changed = [name for name, p, digest in state.guarded if current(name, p) != digest]
-    if changed:
-        since = "merge" if state.merged else "apply"
-        raise DeltaError(f"cannot {action}: {len(changed)} weight(s) changed since {since} outside what the task "
-                         f"trains ({', '.join(changed[:4])}{'…' if len(changed) > 4 else ''}); "
-                         + ("a merged model is a plain model: train it as a new task from its own base"
-                            if state.merged else "something other than the engine wrote into frozen weights"))
+    if not changed:
+        return
+    names = f"{', '.join(changed[:4])}{'…' if len(changed) > 4 else ''}"
+    if not state.merged:  # only the frozen weights are guarded: none of them is the task's
+        raise DeltaError(f"cannot {action}: {len(changed)} weight(s) changed since apply where the task does not "
+                         f"train them ({names}: frozen weights, or entries of a sparse weight outside its selection); "
+                         "something other than the engine wrote into them (an optimizer given parameters outside "
+                         "the task's, load_state_dict, a .data edit)")
+    trained = set(state.selection.full) | set(state.selection.indices) | set(state.base_full) | set(state.head)
+    own = [n for n in changed if n in trained]
+    theirs = (f"; the task trains {'all' if len(own) == len(changed) else len(own)} of them "
+              f"({', '.join(own[:3])}{'…' if len(own) > 3 else ''}), but merged they are plain weights" if own else "")
+    way_out = {
+        "unmerge": "its base cannot be written back under the changes: build the base again "
+                   "(sparseft.base_model(task_file)) or load the base weights again",
+        "save the task": "to save the task, load its task file again (or unmerge before training further); to keep "
+                         "the trained model, save its weights (model.state_dict()) or train it as a new task "
+                         "(sparseft.apply on it, then save_delta)",
+        "save the merged model": "save_merged writes the task as it was merged: load its task file again, or save "
+                                 "the trained model's own weights (model.state_dict())",
+    }.get(action, "load the task file again")
+    raise DeltaError(f"cannot {action}: the model's task is merged and {len(changed)} weight(s) changed since the "
+                     f"merge ({names}){theirs}: a merged model trained further is another model, not the task; "
+                     + way_out)
 
 
 def _state(model: nn.Module) -> _State | None:

@@ -45,7 +45,7 @@ from sparseft.delta import (
 )
 from sparseft.delta import merge as merge_model
 from sparseft.errors import InputError
-from sparseft.fileutil import atomic_path, read_tagged_safetensors, tensor_bytes
+from sparseft.fileutil import atomic_path, check_output_file, read_tagged_safetensors, tensor_bytes
 from sparseft.selected import Selection
 from sparseft.version import __version__
 
@@ -93,7 +93,8 @@ def _manifest(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
 
 
 def save_delta(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write the model's task delta to `path` atomically; returns the path."""
+    """Write the model's task delta to `path` atomically; returns the path (checked first: `check_output_file`)."""
+    check_output_file(path, what="task file")
     if not is_applied(model):
         raise DeltaFileError("model has no sparseft deltas to save (apply() or load_delta() first)")
     fields, tensors = export_task(model)
@@ -120,6 +121,7 @@ def save_merged(model: nn.Module, path: str | Path, source: str | Path | None = 
     `model.load_state_dict(safetensors.torch.load_file(path))` loads it into its architecture;
     `sparseft.load`, `sparseft predict`, `eval` and `info` take it with no base model.
     """
+    check_output_file(path, source=source, source_is="task file it was merged from", what="merged model file")
     task = merged_task(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {

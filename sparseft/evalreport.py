@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseft.errors import InputError
-from sparseft.fileutil import atomic_path, write_text_atomic
+from sparseft.fileutil import atomic_path, check_output_folder, write_text_atomic
 
 #: the files `write_confusion` writes into its folder
 CONFUSION_FILES = ("confusion.csv", "confusion.png")
@@ -65,12 +65,9 @@ def confusion_csv(result: Mapping[str, Any]) -> str:
 
 
 def check_confusion_folder(folder: str | Path, *, overwrite: bool = False) -> Path:
-    """Before any work: `folder` is not a file, and its confusion files are not replaced unless `overwrite`."""
-    path = Path(folder)
-    if not str(folder).strip():
-        raise InputError("--confusion is empty; name a folder for confusion.csv and confusion.png")
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--confusion {folder} is a file; name a folder for {' and '.join(CONFUSION_FILES)}")
+    """Before any work: `folder` is a folder that can be written (`fileutil.check_output_folder`), and its
+    confusion files are not replaced unless `overwrite`."""
+    path = check_output_folder(folder, label="--confusion", what=" and ".join(CONFUSION_FILES))
     present = [path / name for name in CONFUSION_FILES if (path / name).exists()]
     if present and not overwrite:
         raise FileExistsError(f"{present[0]} exists; pass --overwrite to replace it, or choose another folder")

@@ -14,18 +14,91 @@ from typing import Any
 
 import torch
 
-from sparseft.errors import SparseftError
+from sparseft.errors import InputError, SparseftError
+
+
+class OutputPathError(InputError):
+    """A path to write that cannot be written: a folder where a file goes, a file where a folder goes,
+    a parent that is a file or a folder this process cannot write into (the message names the path)."""
+
+
+def _named(path: str | Path, label: str | None) -> str:
+    """How a message names an output path: `--out x.csv` on the command line, `x.csv` from Python."""
+    return f"{label} {path}" if label else str(path)
+
+
+def _check_parent(path: Path, name: str) -> None:
+    """The folder `path` goes into, or the nearest existing folder above it (the missing ones are
+    created on writing), is a folder this process may write into."""
+    parent = path.absolute().parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{name}: {parent} is {'a broken link' if parent.is_symlink() else 'a file'}, not a "
+                              "folder to write into")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{name}: cannot write into the folder {parent} (permission denied or a read-only "
+                              "file system)")
+
+
+def check_output_file(path: str | Path, *, overwrite: bool = True, source: str | Path | None = None,
+                      source_is: str = "input file", label: str | None = None, what: str = "file") -> Path:
+    """The file `path` names, checked before anything is computed or written; the one check of every
+    output file, from the command line (`label="--out"`, `overwrite=args.overwrite`) and from Python
+    (`sparseft.save_delta`, `save_merged`, `Selection.save`, `write_csv`, ...: `atomic_path` runs it).
+
+    Refused, naming the path: an empty path, a folder or a path ending in '/'; the `source` file
+    itself (`source_is` says what it is); an existing file unless
+    `overwrite` (FileExistsError); a parent that is a file; a folder this process cannot write into.
+    A missing parent is created on writing. `what` names the file in messages (".csv file").
+    """
+    raw = str(path)
+    name = _named(raw, label)
+    path = Path(path)
+    if not raw.strip() or raw.endswith(("/", os.sep)) or path.is_dir():
+        raise OutputPathError(f"{label + ' ' if label else ''}{raw!r} is a folder (or empty); name the {what} to "
+                              "write")
+    if source is not None and path.exists() and path.resolve() == Path(source).resolve():
+        raise OutputPathError(f"{name} is the {source_is} itself; choose another path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{name} exists; pass --overwrite to replace it, or choose another path")
+    _check_parent(path, name)
+    return path
+
+
+def check_output_folder(path: str | Path, *, label: str | None = None, what: str = "its files") -> Path:
+    """The folder `path` names, checked before any work: not empty, not a file, and inside a folder
+    this process may write into (a missing folder is created on writing). `what` says what goes in it."""
+    raw = str(path)
+    name = _named(raw, label)
+    if not raw.strip():
+        raise OutputPathError(f"{label + ' is empty' if label else 'an empty path'}; name a folder for {what}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{name} is a file; name a folder for {what}")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{name}: cannot write into this folder (permission denied or a read-only file "
+                                  "system)")
+    else:
+        _check_parent(path, name)
+    return path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
-    A crash or an exception leaves the old file (or no file) and never half a file.
+    A crash or an exception leaves the old file (or no file) and never half a file. `path` is
+    checked first (`check_output_file`: not a folder, a writable place); an OS error while writing
+    names `path`, not the temporary file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path = check_output_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
     os.close(fd)
     try:
         yield Path(tmp)
@@ -33,6 +106,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the permissions open() would
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp not in (err.filename, err.filename2):
+            raise
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -26,7 +26,7 @@ from torch import nn
 
 from sparseft.data import build_transform, data_config
 from sparseft.data.folder import _images_under
-from sparseft.data.images import DataError, OnError, open_rgb, to_rgb
+from sparseft.data.images import IMAGE_EXTENSIONS, DataError, OnError, open_rgb, to_rgb
 from sparseft.delta import task_record
 from sparseft.errors import InputError
 from sparseft.fileutil import write_text_atomic
@@ -76,7 +76,10 @@ def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """The image files `inputs` name: files as given (whatever their extension), folders searched
     recursively for image files (by extension; sorted; hidden names and symlinked folders skipped).
 
-    A path that does not exist is a FileNotFoundError, a folder without image files a DataError.
+    What exists but cannot be read (a broken link, a FIFO, a file without permission, a folder named
+    like an image that holds none) is listed as it is: reading it reports it (`predict` skips it
+    with `on_error="skip"`). A path that does not exist is a FileNotFoundError, any other folder
+    without image files a DataError.
     """
 
     out: list[Path] = []
@@ -84,10 +87,13 @@ def find_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
         path = Path(raw)
         if path.is_dir():
             found = sorted(sample.path for sample, _ in _images_under(path))
-            if not found:
+            if found:
+                out.extend(found)
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:  # named as an image: reading it says what it is
+                out.append(path)
+            else:
                 raise DataError(f"{raw}: no image files in this folder")
-            out.extend(found)
-        elif path.exists():
+        elif os.path.lexists(path):
             out.append(path)
         else:
             raise FileNotFoundError(f"{raw}: no such file or folder")

@@ -28,7 +28,7 @@ from sparseft.cliopts import require
 from sparseft.data import fingerprint
 from sparseft.data.images import DataError
 from sparseft.errors import DataWarning, InputError
-from sparseft.fileutil import LOCK_FILE, folder_lock, read_json, write_text_atomic
+from sparseft.fileutil import LOCK_FILE, check_output_folder, folder_lock, read_json, write_text_atomic
 from sparseft.kinds.base import TaskKind, kind_for_data
 from sparseft.loaders import DataSpec, TaskData
 from sparseft.methods import BATCHNORM_DEFAULT_BEFORE, MethodContext, get_method
@@ -239,8 +239,8 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     if run_dir is not None and (not str(run_dir).strip() or str(run_dir) != str(run_dir).strip()):
         raise InputError(f"--out {str(run_dir)!r} is not a usable folder name")
     run_dir = Path(run_dir) if run_dir is not None else None
-    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"--out {run_dir} is a file, not a run folder")
+    if run_dir is not None:
+        check_output_folder(run_dir, label="--out", what="the run (its config, checkpoints and task file)")
     with contextlib.ExitStack() as held:
         if run_dir is not None:  # one process per run folder: a second `train --out` on it is refused
             distributed.run_on_main(lambda: held.enter_context(_locked_run_dir(run_dir)))

@@ -20,6 +20,15 @@ The base is the model the tasks were trained on: `sparseft.base_model(task_file)
 task file's header (model name, image size, weights, and a head; tasks of another class count swap
 theirs in). A task made for another base is refused, naming what differs (model name, image size).
 
+The bank trusts nothing between switches: a switch (and `add`, `remove`, `predict`) first checks
+that no tensor of the model was written since the bank's last write (each tensor's autograd version
+counter, and that no buffer was replaced: microseconds). An optimizer step, `load_state_dict` or a
+forward in train mode that updates BatchNorm statistics while a task (or the base) is active would
+otherwise leave a mix of the trained weights and the base behind the next switch; the switch is
+refused instead, naming the tensors, and the model is left as it is (nothing is restored: the bank
+keeps only what its tasks change). Writes that bypass the version counter are not seen: in-place
+edits through `.data` and fused optimizers (`fused=True`).
+
 Methods whose task merges into the weights are served: gps, bitfit, linear, full, lora,
 spt-lora, ssf. Memory: the base + what each task changes; a sparse task (GPS, BitFit) holds about
 its file's size, while a merged LoRA or SSF task changes its target weights whole. Methods that
@@ -53,7 +62,9 @@ class _Change:
     index: torch.Tensor | None
     value: torch.Tensor
     base: torch.Tensor  # the base values at `index`, or the whole base tensor (shared between tasks)
-    swap: bool = False  # another shape than the base's (a head): the tensor is swapped, not written
+    # another shape than the base's (a head): the tensor is swapped, not written, and `base` is the base's
+    # own tensor, taken from the model each time the task becomes active
+    swap: bool = False
 
 
 class _Active:
@@ -87,6 +98,9 @@ class TaskBank:
                 for key, t in table.items():
                     if t is not None:
                         self._slots.setdefault(f"{prefix}.{key}" if prefix else key, (table, key))
+        self._buffer_names = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+        self._sealed: list[tuple[torch.Tensor, int]] = []
+        self._seal()
 
     # -- tasks ---------------------------------------------------------------------------
     @property
@@ -124,6 +138,7 @@ class TaskBank:
                 f"{path}: a {method} task adds modules that cannot be merged into the base weights, so a TaskBank "
                 f"cannot switch to it; it serves {', '.join(m for m, c in sorted(METHODS.items()) if c.mergeable)} "
                 "tasks (load this one alone with sparseft.load)")
+        self._check_untouched(f"add task {name!r}")
         previous = self.active
         self._switch(None)
         try:
@@ -138,6 +153,7 @@ class TaskBank:
                            for n, (idx, base) in delta.merged_changes(model).items()}
                 owner.unmerge(model)
         finally:
+            self._seal()  # the load, merge and unmerge above were the bank's own writes
             self._switch(previous)
         self._tasks[name] = changes
         self._headers[name] = dict(header.get("extra", {}))
@@ -215,12 +231,45 @@ class TaskBank:
         kept = self._bases.setdefault(name, base.detach().clone())
         return _Change(None, current.clone(), kept)
 
+    def _seal(self) -> None:
+        """Note each tensor of the model and its version counter: what the bank wrote last."""
+        self._sealed = [(t := table[key], t._version) for table, key in self._slots.values()]
+
+    def _check_untouched(self, action: str) -> None:
+        """Refuse `action`, naming the tensors, when the model was written since the bank's last write.
+
+        A tensor counts as written when its version counter moved, or when it was replaced by another
+        tensor of the same dtype and device (`.to()`, `.cuda()`, `.half()` replace tensors: a move or a
+        cast is not a change; the bank follows it in `_move`).
+        """
+        changed = []
+        for name, (table, key), (sealed, version) in zip(self._slots, self._slots.values(), self._sealed):
+            now = table[key]
+            if now is sealed:
+                if now._version != version:
+                    changed.append(name)
+            elif now.dtype == sealed.dtype and now.device == sealed.device:
+                changed.append(name)
+        if not changed:
+            return
+        active = f"task {self.active!r}" if self.active is not None else "the base"
+        listed = ", ".join(changed[:4]) + (", …" if len(changed) > 4 else "")
+        hint = ("; buffers among them: a forward pass in train mode updates BatchNorm statistics (run the model in "
+                "eval mode)" if any(n in self._buffer_names for n in changed) else "")
+        raise delta.DeltaError(
+            f"cannot {action}: {len(changed)} tensor(s) of the model were written while {active} was active, outside "
+            f"what the bank wrote ({listed}): an optimizer step, load_state_dict or another in-place write{hint}; "
+            "the bank keeps only what its tasks change and cannot give the base back from this, so nothing was "
+            "switched: build a new TaskBank on a fresh base (sparseft.base_model(task_file), or a model with the "
+            "base weights loaded again) and add the tasks again")
+
     @torch.no_grad()
     def _switch(self, name: str | None) -> None:
         if name == self.active:
             return
         if delta.is_applied(self.model):
             raise delta.DeltaError("the bank's model carries a task applied outside the bank; unmerge it first")
+        self._check_untouched("switch to " + (f"task {name!r}" if name is not None else "the base"))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # many small writes: thread hand-offs would cost more than the copies
         try:
@@ -232,6 +281,7 @@ class TaskBank:
                 self.active = name
         finally:
             torch.set_num_threads(threads)
+        self._seal()
 
     def _write(self, changes: dict[str, _Change], restore: bool) -> None:
         for name, c in changes.items():
@@ -240,6 +290,8 @@ class TaskBank:
                 self._move(name, c, tensor)
             new = c.base if restore else c.value
             if c.swap:
+                if not restore:  # the base's head is what the model holds now (after any cast or move since `add`)
+                    c.base = tensor.data
                 tensor.data = new
             elif c.index is None:
                 tensor.copy_(new)

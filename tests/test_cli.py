@@ -112,7 +112,7 @@ def test_bad_data_is_one_line_and_status_1(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # a refused run leaves no folder behind
     (tmp_path / "afile").write_text("x")
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "afile"), *MODEL, *FAST]) == 1
-    assert "afile is a file, not a run folder" in _one_error_line(capsys.readouterr().err)
+    assert "afile is a file; name a folder for the run" in _one_error_line(capsys.readouterr().err)
 
 
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, task, capsys):
@@ -246,9 +246,14 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 
 def test_eval_preprocessing_defaults_to_the_tasks_own():
+    from sparseft.cli import KIND_PREFIX
+    from sparseft.kinds.base import get_kind
+
+    options = get_kind("classification").eval_options
     args = build_parser().parse_args(["eval", "t.safetensors", "--data", "d"])
-    assert args.preprocessing is None
-    assert build_parser().parse_args(["eval", "t", "--data", "d", "--preprocessing", "fgvc"]).preprocessing == "fgvc"
+    assert cliopts.from_args(args, options, prefix=KIND_PREFIX).preprocessing is None
+    args = build_parser().parse_args(["eval", "t", "--data", "d", "--preprocessing", "fgvc"])
+    assert cliopts.from_args(args, options, prefix=KIND_PREFIX).preprocessing == "fgvc"
 
 
 @dataclasses.dataclass

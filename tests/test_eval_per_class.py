@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from sparseft.api import evaluate_task
 from sparseft.cli import main
 from sparseft.data import build_transform, data_config, load_split
 from sparseft.evalreport import confusion_csv, per_class_table, write_confusion
+from sparseft.kinds.base import KindOptionError
 from sparseft.train import evaluate
 
 MODEL = ["--model", "test_vit", "--img-size", "32"]
@@ -233,14 +235,34 @@ def test_a_min_confidence_outside_0_1_is_refused_before_any_work(task_file, task
     assert len(err) == 1 and "--min-confidence" in err[0] and "(0, 1]" in err[0] and not out.exists()
 
 
-def test_min_confidence_does_not_apply_to_a_segmentation_task(seg_task_file, tmp_path, capsys):
+@pytest.mark.parametrize("command, flags", [
+    ("predict", ["--min-confidence", "0.5"]), ("predict", ["--top-k", "3"]),
+    ("predict", ["--top-k", "3", "--min-confidence", "0.5"]), ("eval", ["--preprocessing", "fgvc"])])
+def test_classification_options_are_refused_for_a_segmentation_task(seg_task_file, tmp_path, capsys, command, flags):
+    """As an option of another method is: one line naming the option and the task kind, exit status 2, nothing
+    written (not silently ignored)."""
     task_file, data = seg_task_file
-    out = tmp_path / "masks"
+    out = tmp_path / "out"
+    where = (["--out", str(out)] if command == "predict" else ["--confusion", str(out)])
+    argv = [command, str(task_file), *([str(data / "images")] if command == "predict" else ["--data", str(data)])]
     capsys.readouterr()
-    assert main(["predict", str(task_file), str(data / "images"), "--min-confidence", "0.5", "--out", str(out)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--min-confidence" in err[0] and "segmentation task" in err[0] and str(task_file) in err[0]
+    assert main([*argv, *flags, *where]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    named = [f for f in flags if f.startswith("--")]
+    assert len(err) == 1 and not captured.out and "Traceback" not in captured.err
+    assert err[0].startswith(f"error: {task_file} is a segmentation task: {', '.join(named)} ")
+    assert "task kind 'segmentation' (" in err[0] and "belong" in err[0] and "to classification)" in err[0]
+    assert err[0].endswith("segmentation takes no options")
     assert not out.exists()
+    assert main([*argv, *where]) == 0 and out.is_dir()  # the same command without the option runs
+
+
+def test_the_python_api_refuses_a_classification_option_for_a_segmentation_task(seg_task_file):
+    task_file, data = seg_task_file
+    with pytest.raises(KindOptionError, match=r"is a segmentation task: preprocessing \(--preprocessing\) is not an "
+                                              "option of task kind 'segmentation'"):
+        evaluate_task(task_file, str(data), "test", preprocessing="vtab")
 
 
 def test_a_task_with_a_class_named_unknown_refuses_min_confidence(tmp_path, capsys):
@@ -254,3 +276,25 @@ def test_a_task_with_a_class_named_unknown_refuses_min_confidence(tmp_path, caps
     assert main(["predict", str(run / "delta.safetensors"), str(data / "images"), "--min-confidence", "0.5",
                  "--out", str(tmp_path / "p.csv")]) == 1
     assert "a class named 'unknown'" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+
+
+def test_predict_on_a_segmentation_task_skips_what_it_cannot_read(seg_task_file, tmp_path, capsys):
+    """The masks of the readable images are written; each unreadable input is one warning line naming it."""
+    import os
+    import shutil
+
+    task_file, data = seg_task_file
+    images = tmp_path / "images"
+    images.mkdir()
+    good = shutil.copy(next(iter(sorted((data / "images").iterdir()))), images / "good.png")
+    (images / "link.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(images / "pipe.png")
+    (images / "cut.png").write_bytes(Path(good).read_bytes()[:40])
+    out = tmp_path / "masks"
+    capsys.readouterr()
+    assert main(["predict", str(task_file), str(images), "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sorted(p.name for p in out.iterdir()) == ["good.png"]
+    for name in ("cut.png", "link.png", "pipe.png"):
+        assert sum(line.startswith(f"warning: {images / name}: ") and line.endswith("(skipped)") for line in err) == 1
+    assert err[-1] == "warning: skipped 3 of 4 images"

@@ -1,6 +1,7 @@
 """`sparseft predict` and `sparseft.predict`: top-k classes of a saved task for new images."""
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,104 @@ def test_python_predict_runs_in_the_models_dtype(task_files, images):
         for p, ref in zip(preds, reference):
             torch.testing.assert_close(torch.tensor(p.probs), torch.tensor(ref.probs),
                                        atol=1e-6 if dtype == torch.float64 else 2e-2, rtol=0)
+
+
+# -- whatever cannot be read is skipped, named, and counted ---------------------------------------
+
+
+def unreadable_inputs(root: Path, monkeypatch) -> tuple[list[Path], dict[Path, str]]:
+    """Two good images and one of each kind of input that exists but cannot be read, with what the
+    warning about it says: a truncated PNG, a broken link, a FIFO and a folder named like images, a
+    file without read permission (refused through `open`: as root, chmod 000 does not stop a read)."""
+    import builtins
+
+    good = [write_png(root / "good" / "a.png", value=1, size=20), write_png(root / "good" / "b.png", value=2, size=20)]
+    bad: dict[Path, str] = {}
+    data = write_png(root / "tmp.png", value=3, size=20).read_bytes()
+    (root / "tmp.png").unlink()
+    (root / "bad" / "truncated.png").parent.mkdir(parents=True)
+    (root / "bad" / "truncated.png").write_bytes(data[:len(data) // 2])
+    bad[root / "bad" / "truncated.png"] = "cannot read image"
+    (root / "bad" / "link.png").symlink_to(root / "nowhere.png")
+    bad[root / "bad" / "link.png"] = "a broken link (to "
+    os.mkfifo(root / "bad" / "pipe.png")
+    bad[root / "bad" / "pipe.png"] = "a FIFO (named pipe), not a file"
+    (root / "folder.png").mkdir()  # named explicitly: a folder named like an image, with none in it
+    bad[root / "folder.png"] = "a folder, not a file"
+    locked = write_png(root / "bad" / "locked.png", value=4, size=20)
+    bad[locked] = "Permission denied"
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(locked):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    return good, bad
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of blocking for ever (a FIFO opened for reading waits for a writer)."""
+    import signal
+
+    def fail(*_):
+        raise TimeoutError("predict blocked on an input")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_inputs_that_exist_but_cannot_be_read_are_skipped_with_one_line_each(task_files, tmp_path, monkeypatch,
+                                                                             capsys, no_hang):
+    good, bad = unreadable_inputs(tmp_path, monkeypatch)
+    out = tmp_path / "preds.csv"
+    capsys.readouterr()
+    argv = ["predict", str(task_files["gps"]), str(tmp_path / "good"), str(tmp_path / "bad"),
+            str(tmp_path / "folder.png"), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err and len(err) == len(bad) + 1
+    for path, says in bad.items():
+        line = next(e for e in err if e.startswith(f"warning: {path}: "))
+        assert says in line and line.endswith("(skipped)")
+    assert err[-1] == f"warning: skipped {len(bad)} of {len(good) + len(bad)} images"
+    with out.open(newline="") as f:
+        assert [Path(r[0]) for r in list(csv.reader(f))[1:]] == good  # the others were predicted
+    assert main([*argv[:2], str(tmp_path / "bad"), "--no-progress", "--strict"]) == 1  # --strict: an error
+    assert main([*argv[:2], str(tmp_path / "bad"), "--no-progress"]) == 1  # nothing readable
+    assert f"none of the {len(bad) - 1} images could be read" in capsys.readouterr().err
+
+
+def test_an_explicitly_named_broken_link_is_skipped_and_a_missing_path_is_an_error(task_files, tmp_path, capsys):
+    good = write_png(tmp_path / "a.png", value=1, size=20)
+    (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")
+    capsys.readouterr()
+    assert main(["predict", str(task_files["gps"]), str(good), str(tmp_path / "link.png"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{good}: ") and f"{tmp_path / 'link.png'}: a broken link (to " in captured.err
+    assert main(["predict", str(task_files["gps"]), str(good), str(tmp_path / "typo.png"), "--no-progress"]) == 1
+    assert "typo.png: no such file or folder" in capsys.readouterr().err
+
+
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    from sparseft.data import DataWarning
+    from sparseft.inference import find_images
+
+    write_png(tmp_path / "a.png", value=1)
+    write_png(tmp_path / "sub" / "b.png", value=2)
+    real = os.scandir
+
+    def scandir(path):
+        if Path(path) == tmp_path / "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.warns(DataWarning, match=f"{tmp_path / 'sub'}: cannot list this folder \\(Permission denied\\)"):
+        assert find_images([tmp_path]) == [tmp_path / "a.png"]

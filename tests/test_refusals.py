@@ -123,7 +123,8 @@ def test_a_merged_model_trained_further_cannot_be_saved_or_unmerged(tmp_path):
     sparseft.merge(model)
     assert all(p.requires_grad for p in model.parameters())  # merge gives back a plain model, as it was
     train_steps(model, steps=1)
-    with pytest.raises(sparseft.DeltaError, match=r"cannot save the task: \d+ weight\(s\) changed since merge"):
+    with pytest.raises(sparseft.DeltaError, match=r"cannot save the task: the model.s task is merged and \d+ "
+                                                  r"weight\(s\) changed since the merge"):
         sparseft.save_delta(model, tmp_path / "t.safetensors")
     with pytest.raises(sparseft.DeltaError, match=r"cannot unmerge: .*(blocks|patch_embed|cls_token|pos_embed)"):
         sparseft.unmerge(model)
@@ -361,3 +362,37 @@ def test_user_errors_are_sparseft_errors_and_keep_their_old_bases():
     assert issubclass(UsageError, SparseftError)
     assert is_user_error(DataError("x")) and is_user_error(FileNotFoundError("x"))
     assert not is_user_error(ValueError("x")) and not is_user_error(RuntimeError("x"))
+
+
+def test_after_merge_changed_weights_the_task_trains_are_described_as_such(tmp_path):
+    """The head and a bias are trained by the task: after merge, a change to them makes another model, and the
+    refusal says so (not "outside what the task trains")."""
+    model = tiny_model("vit")
+    sparseft.apply(model, random_selection(model, k=1))
+    sparseft.merge(model)
+    with torch.no_grad():
+        model.head.weight.add_(0.1)
+        model.blocks[0].attn.qkv.bias.add_(0.1)
+    with pytest.raises(sparseft.DeltaError) as err:
+        sparseft.save_delta(model, tmp_path / "t.safetensors")
+    message = str(err.value)
+    assert message.startswith("cannot save the task: the model's task is merged and 2 weight(s) changed since the "
+                              "merge (blocks.0.attn.qkv.bias, head.weight); the task trains all of them")
+    assert "outside what the task trains" not in message and "load its task file again" in message
+    with pytest.raises(sparseft.DeltaError, match=r"cannot save the merged model: the model's task is merged .*"
+                                                  r"save_merged writes the task as it was merged"):
+        sparseft.save_merged(model, tmp_path / "m.safetensors")
+    with pytest.raises(sparseft.DeltaError, match=r"cannot unmerge: .* its base cannot be written back"):
+        sparseft.unmerge(model)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_applied_model_names_weights_the_task_does_not_train(tmp_path):
+    model = tiny_model("vit")
+    sparseft.apply(model, random_selection(model, k=1))
+    with torch.no_grad():
+        model.pos_embed.add_(1.0)
+    with pytest.raises(sparseft.DeltaError, match=r"cannot save the task: 1 weight\(s\) changed since apply where the "
+                                                  r"task does not train them \(pos_embed: frozen weights"):
+        sparseft.save_delta(model, tmp_path / "t.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -220,3 +220,74 @@ def test_removing_the_task_an_outer_block_switches_back_to_leaves_the_base(files
 def test_a_base_in_another_dtype_is_named_as_the_reason(files):
     with pytest.raises(DeltaFileError, match="weights are bfloat16, and the fingerprint covers the dtype"):
         sparseft.TaskBank(toy_base().to(torch.bfloat16)).add("gps", files["gps"])
+
+
+def _step_all(model: torch.nn.Module) -> None:
+    """One optimizer step on every parameter (what a user fine-tuning the active task further does)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(toy_batches(1, batch=2, classes=3)[0][0]).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("active", ["gps", None])
+def test_a_switch_after_the_weights_were_written_outside_the_bank_is_refused(files, active):
+    model = toy_base()
+    bank = bank_of(model, files, ("gps", "gps-2"))
+    bank.use(active)
+    before_step = state_of(model)
+    _step_all(model)
+    at_refusal = state_of(model)
+    stepped = {n for n, v in at_refusal.items() if not torch.equal(v, before_step[n])}
+    shown = "task 'gps'" if active else "the base"
+    for attempt, target in ((lambda: bank.use("gps-2"), "task 'gps-2'"),
+                            (lambda: bank.use(None if active else "gps"), "the base" if active else "task 'gps'"),
+                            (lambda: bank.predict(toy_batches(1, batch=2, classes=3)[0][0], ["gps-2", None]), None)):
+        with pytest.raises(sparseft.DeltaError) as err:
+            attempt()
+        message = str(err.value)
+        if target is not None:
+            assert message.startswith(f"cannot switch to {target}: ")
+        assert f"while {shown} was active" in message
+        named = message.split("outside what the bank wrote (", 1)[1].split(")", 1)[0].removesuffix(", …").split(", ")
+        assert len(named) == 4 and set(named) <= stepped  # the first few, and how many
+        assert f": {len(stepped)} tensor(s) of the model were written" in message
+        assert "sparseft.base_model" in message  # how to recover
+        assert bank.active == active
+        assert_state(model, at_refusal)  # nothing switched, nothing restored
+    with pytest.raises(sparseft.DeltaError, match="cannot add task 'lora'"):
+        bank.add("lora", files["lora"])
+    assert bank.tasks == ["gps", "gps-2"]
+    assert_state(model, at_refusal)
+    if active is not None:  # removing the active task switches to the base first
+        with pytest.raises(sparseft.DeltaError, match="cannot switch to the base"):
+            bank.remove(active)
+        assert bank.tasks == ["gps", "gps-2"]
+    assert_state(model, at_refusal)
+
+
+def test_batchnorm_statistics_changed_in_train_mode_are_named_as_such(tmp_path):
+    model, path = _bn_task(tmp_path / "bn.safetensors")
+    bank = sparseft.TaskBank(model)
+    bank.add("bn", path)
+    bank.use("bn")
+    with torch.no_grad():
+        model.train()(toy_batches(1, batch=4, classes=3)[0][0])  # updates the running statistics
+    before = state_of(model)
+    with pytest.raises(sparseft.DeltaError, match=r"\(conv1.1.num_batches_tracked, .*buffers among them: a forward "
+                                                  "pass in train mode updates BatchNorm statistics"):
+        bank.use(None)
+    assert_state(model, before)
+
+
+def test_a_forward_in_eval_mode_and_a_cast_are_not_changes(files):
+    model = toy_base()
+    bank = bank_of(model, files, ("gps", "gps-5"))
+    bank.use("gps")
+    with torch.no_grad():
+        model.eval()(toy_batches(1, batch=2, classes=3)[0][0])
+    model.double()  # the model is cast after the tasks were read: the bank follows it
+    bank.use("gps-5")
+    bank.use(None)
+    assert_state(model, state_of(toy_base().double()))

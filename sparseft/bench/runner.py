@@ -32,7 +32,7 @@ from sparseft.bench.cells import Cell, point_key, run_spec, runs_in_cell, select
 from sparseft.bench.check import check_suite
 from sparseft.bench.suite import MethodEntry, Suite, task_name
 from sparseft.errors import InputError
-from sparseft.fileutil import FolderInUse, atomic_path, folder_lock, write_text_atomic
+from sparseft.fileutil import FolderInUse, atomic_path, check_output_folder, folder_lock, write_text_atomic
 from sparseft.methods.gps import SELECTION_OPTIONS
 from sparseft.run import RunSpec, run, summary_record
 from sparseft.train import TrainingDiverged, changed_settings
@@ -333,7 +333,9 @@ def check_record(suite: Suite, cell: Cell, record: dict[str, Any], path: Path) -
 
 
 def check_results_folder(out: Path, suite: Suite) -> None:
-    """Refuse a results folder that holds another suite's or another protocol's records."""
+    """Refuse a results folder that cannot be written (`fileutil.check_output_folder`) or that holds another
+    suite's or another protocol's records."""
+    check_output_folder(out, label="--out", what="the suite's results")
     known = out / "suite.json"
     if not known.exists():
         return

@@ -59,7 +59,9 @@ def _images_under(folder: Path) -> list[Entry]:
     def walk(path: Path, real: str) -> None:
         try:
             listing = sorted(os.scandir(path), key=lambda e: e.name)
-        except OSError:
+        except OSError as err:  # not silently: the images in it would be missing without a word
+            warnings.warn(DataWarning(f"{path}: cannot list this folder ({err.strerror or err}); its images are "
+                                      "left out"), stacklevel=2)
             return
         subdirs = []
         for e in listing:

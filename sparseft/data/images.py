@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
@@ -90,11 +92,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_readable(path: str | Path, what: str = "image", origin: str | None = None) -> None:
+    """Refuse, before it is opened, a path that is no regular file (a folder, a FIFO that would block the
+    read, a device, a socket) or a link to nothing: a `DataError` naming it (and the line that listed it).
+    The other failures (permissions, I/O errors) come from the read itself."""
+    where = f" (listed at {origin})" if origin else ""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        if os.path.islink(path):
+            raise DataError(f"{path}: a broken link (to {os.readlink(path)}): no {what} file there{where}") from err
+        raise DataError(f"{path}: {what} file not found{where}") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read {what}{where}: {err.strerror or err}") from err
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise DataError(f"{path}: {kind}, not a file: cannot read {what}{where}")
+
+
 def open_rgb(path: str | Path, origin: str | None = None, data: bytes | None = None) -> Image.Image:
-    """Open an image file fully decoded as RGB; any failure is a `DataError` naming the file.
+    """Open an image file fully decoded as RGB; any failure (`check_readable`, an OS error while reading,
+    an undecodable or truncated file) is a `DataError` naming the file.
 
     `data`: the file's bytes, when they have been read already (see `remembered`)."""
     where = f" (listed at {origin})" if origin else ""
+    if data is None:
+        check_readable(path, "image", origin)
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as img:
             img.load()
@@ -117,6 +141,7 @@ _REMEMBER_AT_MOST = 200_000  # about 60 MB; past it, files are decoded again
 def read_file(path: str | Path, what: str = "image", origin: str | None = None) -> bytes:
     """A file's bytes; a missing or unreadable file is a `DataError` naming it (and the line that listed it)."""
     where = f" (listed at {origin})" if origin else ""
+    check_readable(path, what, origin)
     try:
         return Path(path).read_bytes()
     except FileNotFoundError as err:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sparseft.errors import InputError
-from sparseft.fileutil import atomic_path, sha256_file
+from sparseft.fileutil import atomic_path, check_output_file, sha256_file
 from sparseft.hub.build import DATA_KEYS, checkpoint_filter, file_data_config, resolve_config
 from sparseft.hub.convert import map_by_order
 from sparseft.hub.registry import REGISTRY
@@ -295,17 +295,12 @@ def convert_checkpoint(src: str | Path, model: str, *, data_config: Mapping[str,
 
 
 def check_output(out: str | Path, src: str | Path | None = None, overwrite: bool = False) -> Path:
-    """The `.safetensors` path to write, checked before any work: not a folder, not the source, not replaced unasked."""
-    raw = str(out)
-    path = Path(raw)
-    if not raw.strip() or raw.endswith(("/", os.sep)) or path.is_dir():
-        raise InputError(f"--out {raw!r} is a folder (or empty); name the .safetensors file to write")
+    """The `.safetensors` path to write, checked before any work (`fileutil.check_output_file`): not a folder,
+    a `.safetensors` file (the format --weights reads without unpickling), not the source, not replaced unasked."""
+    path = check_output_file(out, overwrite=overwrite, source=src, source_is="source file", label="--out",
+                             what=".safetensors file")
     if path.suffix != ".safetensors":
-        raise InputError(f"--out {raw}: must end in .safetensors (the format --weights reads without unpickling)")
-    if src is not None and path.exists() and path.resolve() == Path(src).resolve():
-        raise InputError(f"--out {raw} is the source file itself; choose another path")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"--out {raw} exists; pass --overwrite to replace it, or choose another path")
+        raise InputError(f"--out {out}: must end in .safetensors (the format --weights reads without unpickling)")
     return path
 
 

@@ -19,15 +19,30 @@ imported).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from sparseft import distributed
-from sparseft.errors import InputError
+from sparseft.cliopts import flag_of, foreign_options
+from sparseft.errors import InputError, UsageError
+
+#: the commands whose options depend on the task kind
+Command = Literal["predict", "eval"]
+
+
+class KindOptionError(UsageError, InputError):
+    """An option of `sparseft predict`/`eval` (or of the Python call behind it) that another task kind
+    owns: refused as an option of another method is (exit status 2)."""
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """The options of a kind that has none of its own for a command."""
 
 #: the kind of a model or a header that names none (every task file before kinds were recorded)
 DEFAULT_KIND = "classification"
@@ -143,6 +158,10 @@ class TaskKind:
     prediction: ClassVar[str | None] = None
     #: what to do instead, when `sparseft.predict` (classes of whole images) does not apply to the kind
     predict_hint: ClassVar[str] = "`sparseft eval` scores a split"
+    #: the kind's own options of `sparseft predict` and `sparseft eval`, as dataclasses (`sparseft.cliopts` makes
+    #: their flags); an option another kind owns is refused for this one (`check_options`)
+    predict_options: ClassVar[type] = NoOptions
+    eval_options: ClassVar[type] = NoOptions
 
     # -- data --------------------------------------------------------------------------------
     def claims(self, data: str) -> bool:
@@ -262,8 +281,15 @@ class TaskKind:
         """The evaluation Dataset of a saved task (`sparseft eval`) with its recorded preprocessing."""
         raise NotImplementedError
 
-    def check_eval_options(self, task_file: Any, preprocessing: str | None) -> None:
-        """Refuse evaluation options that do not apply to this kind."""
+    def check_options(self, task_file: Any, command: Command, given: Iterable[str], *, flags: bool = True) -> None:
+        """Refuse options of `command` given for a task of this kind that only other kinds take, as an option
+        of another method is refused: one line naming the option, whose it is and what this kind takes
+        (`KindOptionError`). `given`: the options' field names; `flags`: name them as flags (the command
+        line), else as parameters with their flags (the Python API)."""
+        show = flag_of if flags else (lambda n: f"{n} ({flag_of(n)})")
+        problem = foreign_options(self.name, given, kind_options(command), kind="task kind", show=show)
+        if problem:
+            raise KindOptionError(f"{task_file} is a {self.name} task: {problem}")
 
     # -- selection and prediction -------------------------------------------------------------
     def selection_objective(self, model: nn.Module, head: str | None) -> Any:
@@ -284,6 +310,11 @@ def register(cls: type[TaskKind]) -> type[TaskKind]:
         raise TypeError(f"{cls.__name__} has no name")
     KINDS[cls.name] = cls()
     return cls
+
+
+def kind_options(command: Command) -> dict[str, type]:
+    """Each registered kind's own options of `command` (a dataclass), by kind name."""
+    return {name: getattr(kind, f"{command}_options") for name, kind in KINDS.items()}
 
 
 def unregister(name: str) -> None:

@@ -7,7 +7,8 @@ provisioned mini-vtab tasks) is classification data, and a model that names no k
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,24 @@ from sparseft.models import create_model
 from sparseft.selection.objectives import ImageObjective
 
 
+@dataclass
+class PredictOptions:
+    """What `sparseft predict` takes for a classification task only (the classes of whole images)."""
+
+    top_k: int = field(default=5, metadata={"help": "classes shown per image (at most the task's classes)"})
+    min_confidence: float | None = field(default=None, metadata={
+        "help": "label an image whose top probability is below this (in (0, 1]) 'unknown' (printed first; the CSV "
+                "gets a label column); default: none"})
+
+
+@dataclass
+class EvalOptions:
+    """What `sparseft eval` takes for a classification task only (a segmentation task's evaluation is fixed)."""
+
+    preprocessing: Literal["vtab", "fgvc"] | None = field(default=None, metadata={
+        "help": "evaluation preprocessing (default: the one the task was trained with)"})
+
+
 @register
 class ClassificationKind(TaskKind):
     name = "classification"
@@ -30,6 +49,8 @@ class ClassificationKind(TaskKind):
     best_keys = ("acc",)
     fallback = True
     prediction = "classes"
+    predict_options = PredictOptions
+    eval_options = EvalOptions
 
     def class_names(self, data: str) -> list[str]:
         return class_names(data)

@@ -30,7 +30,6 @@ from sparseft.data.segmentation import (
     segmentation_root,
     split_of,
 )
-from sparseft.errors import InputError
 from sparseft.kinds.base import Meter, TaskKind, register
 from sparseft.seg.metrics import SegMetrics
 from sparseft.seg.model import create_segmentation_model
@@ -205,11 +204,6 @@ class SegmentationKind(TaskKind):
 
     def meter(self, model: nn.Module) -> SegMeter:
         return SegMeter(self, model)
-
-    def check_eval_options(self, task_file: Any, preprocessing: str | None) -> None:
-        if preprocessing is not None:
-            raise InputError(f"--preprocessing {preprocessing}: {task_file} is a segmentation task, whose evaluation "
-                             "is fixed (the image resized to the model's input, the mask kept at its own size)")
 
     def eval_dataset(self, model: nn.Module, data: str, split: str, extra: Mapping[str, Any],
                      preprocessing: str | None) -> Any:

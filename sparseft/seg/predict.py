@@ -27,7 +27,7 @@ from sparseft.data.segmentation import SegTransform
 from sparseft.data.segtasks import voc_palette
 from sparseft.delta import task_record
 from sparseft.errors import InputError
-from sparseft.fileutil import atomic_path
+from sparseft.fileutil import atomic_path, check_output_folder
 from sparseft.inference import check_batch_options, predict_batches
 from sparseft.kinds.base import kind_of
 
@@ -133,7 +133,7 @@ def write_masks(preds: Sequence[MaskPrediction], folder: str | Path, *, overwrit
     good = [p for p in preds if p.mask is not None]
     if any(p.path is None for p in good):
         raise InputError("write_masks names files after the images' paths; predictions of PIL images have none")
-    folder = Path(folder)
+    folder = check_output_folder(folder, what="the mask PNGs")
     check_destinations([p.path for p in good], folder, overwrite=overwrite)
     names = mask_file_names([p.path for p in good])
     folder.mkdir(parents=True, exist_ok=True)
