@@ -45,7 +45,8 @@ def markdown(results: Path) -> str:
             values = chosen.get((method, family))
             if values:
                 shown = ", ".join(f"{v:g}" for v in sorted(values))
-                cells.append(f"**{table[method][family]:g}** ({len(values)} choices: {shown})")
+                plural = "" if len(values) == 1 else "s"
+                cells.append(f"**{table[method][family]:g}** ({len(values)} choice{plural}: {shown})")
             else:
                 cells.append(f"{table[method]['transformer']:g} (no evidence: the transformer value)"
                              if "transformer" in table[method] else "no evidence")

@@ -1,6 +1,7 @@
 """Learning rates a user gets without tuning (the recommended table) and `--lr auto` (tuned on val200)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sparseft.methods.rates import (
     FAMILIES,
     RECOMMENDED_LR,
     backbone_family,
+    derive_rates,
     ladder,
     recommended_lr,
     search_grid,
@@ -53,6 +55,11 @@ def test_every_method_has_a_transformer_rate_and_families_are_known():
     for rates in RECOMMENDED_LR.values():
         assert set(rates) <= set(FAMILIES)
         assert all(snap(v) == v for v in rates.values())
+
+
+def test_the_table_is_what_the_committed_evidence_gives():
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results-figures"
+    assert derive_rates(docs) == RECOMMENDED_LR
 
 
 def test_backbone_family():

@@ -30,11 +30,20 @@ EVIDENCE = {
 
 #: method -> family -> peak learning rate (the schedule is every run's: cosine with linear warm-up)
 RECOMMENDED_LR: dict[str, dict[str, float]] = {
-    "full": {"transformer": 3e-5, "cnn": 1e-3},
-    "linear": {"transformer": 1e-2, "cnn": 1e-2},
-    "bitfit": {"transformer": 3e-3},
-    "gps": {"transformer": 3e-3, "cnn": 3e-3},
-    "lora": {"transformer": 3e-3, "cnn": 3e-3},
+    "adapter": {"transformer": 0.003},
+    "bitfit": {"transformer": 0.003},
+    "full": {"transformer": 3e-05, "cnn": 0.001},
+    "gps": {"transformer": 0.003, "cnn": 0.01},
+    "linear": {"transformer": 0.03, "cnn": 0.01},
+    "lora": {"transformer": 0.001, "cnn": 0.003},
+    "rosa": {"transformer": 0.001},
+    "sct": {"transformer": 0.003},
+    "spiel": {"transformer": 0.001},
+    "spt-adapter": {"transformer": 0.003},
+    "spt-lora": {"transformer": 0.003},
+    "ssf": {"transformer": 0.003},
+    "vpt-deep": {"transformer": 0.01},
+    "vpt-shallow": {"transformer": 0.01},
 }
 
 #: the rate a method without any evidence gets (no built-in method is in this case; a plug-in may be)
