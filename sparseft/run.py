@@ -81,7 +81,8 @@ class RunSpec:
         return DataSpec(data=self.data, img_size=self.img_size, preprocessing=self.preprocessing,
                         batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                         train_split=self.train_split, workers=self.workers, cache_images=self.cache_images,
-                        seed=self.train.seed)
+                        seed=self.train.seed, drop_last=self.train.drop_last,
+                        view_scale=float(self.options.get("view_scale", DataSpec.view_scale)))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -287,7 +288,9 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     classes = len(names)
     torch.manual_seed(spec.train.seed)
     model = kind.build_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
-                             pretrained=spec.pretrained, class_names=names).to(distributed.default_device())
+                             pretrained=spec.pretrained, class_names=names,
+                             **({"drop_path_rate": spec.train.drop_path} if spec.train.drop_path else {}))
+    model = model.to(distributed.default_device())
     method.check(model)
     train, lr_source = _learning_rate(spec, model)
     distributed.check_global_batch(spec.batch_size)  # before anything is written

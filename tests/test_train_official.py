@@ -1,0 +1,173 @@
+"""The official scripts' training extras as options: model EMA, mixup/cutmix, drop-last, drop-path, view scale."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from helpers import make_vtab, random_selection, tiny_model, toy_loader
+from safetensors.torch import load_file
+
+import sparseft
+from sparseft.errors import InputError
+from sparseft.loaders import DataSpec, TaskData
+from sparseft.methods import get_method
+from sparseft.run import RunSpec, run
+from sparseft.train import TrainConfig, evaluate, fit
+
+CFG = dict(epochs=2, lr=3e-3, warmup_epochs=0, progress=False)
+
+
+class Recorder:
+    """A training hook that keeps a copy of every trainable tensor after each optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.after = model, []
+
+    def before_step(self, step, total):
+        pass
+
+    def after_step(self, step, total, optimizer):
+        self.after.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+
+    def state_tensors(self):
+        return {}
+
+    def load_state_tensors(self, tensors):
+        pass
+
+
+def gps_vit():
+    model = tiny_model("vit")
+    return sparseft.apply(model, random_selection(model, k=2))
+
+
+def test_defaults_are_unchanged():
+    c = TrainConfig()
+    assert (c.ema_decay, c.mixup, c.cutmix, c.drop_last, c.drop_path) == (None, 0.0, 0.0, False, 0.0)
+    assert c.optimizer == "adamw" and c.weight_decay == 1e-4 and c.label_smoothing == 0.0
+    assert DataSpec("x").drop_last is False and DataSpec("x").view_scale == 0.2
+    assert get_method("gps").options.view_scale == 0.2
+
+
+def test_ema_follows_timms_update_rule_step_by_step(tmp_path):
+    model = tiny_model("mlp")
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hook = Recorder(model)
+    decay = 0.9
+    fit(model, toy_loader(n=24), TrainConfig(**CFG, ema_decay=decay), run_dir=tmp_path, hook=hook)
+    assert len(hook.after) == 6  # 3 steps x 2 epochs
+    expected = dict(start)
+    for weights in hook.after:  # ema <- decay * ema + (1 - decay) * weights, after every optimizer step
+        expected = {n: decay * expected[n] + (1 - decay) * weights[n] for n in expected}
+    saved = load_file(str(next(tmp_path.glob("checkpoint-e*.safetensors"))))
+    for name, value in expected.items():
+        assert torch.allclose(saved[f"hook/ema/{name}"], value, atol=1e-6), name
+    assert not torch.allclose(expected["1.weight"], hook.after[-1]["1.weight"])  # it averages, not copies
+
+
+def test_ema_is_evaluated_and_its_extremes_are_the_model_and_its_start():
+    loader = toy_loader(shuffle=False)
+    same = fit(gps_vit(), toy_loader(), TrainConfig(**CFG, ema_decay=0.0), eval_loaders={"test": loader})
+    assert same["final"]["ema_test_acc"] == same["final"]["test_acc"]  # decay 0: the average is the model
+    assert same["best_ema_test_acc"] == max(h["ema_test_acc"] for h in same["history"])
+    frozen = fit(gps_vit(), toy_loader(), TrainConfig(**CFG, ema_decay=1.0), eval_loaders={"test": loader})
+    start = evaluate(gps_vit(), loader)
+    assert frozen["final"]["ema_test_loss"] == pytest.approx(start["loss"], abs=1e-5)  # decay 1: the start
+    assert frozen["final"]["test_loss"] != pytest.approx(start["loss"], abs=1e-5)
+    plain = fit(gps_vit(), toy_loader(), TrainConfig(**CFG), eval_loaders={"test": loader})
+    assert not any(k.startswith("ema_") for k in plain["final"]) and "best_ema_test_acc" not in plain
+
+
+def test_ema_resumes_with_the_run(tmp_path):
+    whole = fit(gps_vit(), toy_loader(), TrainConfig(**{**CFG, "epochs": 3}, ema_decay=0.5),
+                eval_loaders={"test": toy_loader(shuffle=False)}, run_dir=tmp_path / "a")
+    fit(gps_vit(), toy_loader(), TrainConfig(**{**CFG, "epochs": 3}, ema_decay=0.5),
+        eval_loaders={"test": toy_loader(shuffle=False)}, run_dir=tmp_path / "b")
+    ema_a = load_file(str(next((tmp_path / "a").glob("checkpoint-e*.safetensors"))))
+    ema_b = load_file(str(next((tmp_path / "b").glob("checkpoint-e*.safetensors"))))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a if k.startswith("hook/ema/"))
+    assert whole["final"]["ema_test_acc"] is not None
+
+
+def test_mixup_is_applied_only_when_asked(monkeypatch):
+    import timm.data
+
+    calls = []
+    real = timm.data.Mixup.__call__
+
+    def spy(self, x, target):
+        calls.append((self.mixup_alpha, self.cutmix_alpha))
+        return real(self, x, target)
+
+    monkeypatch.setattr(timm.data.Mixup, "__call__", spy)
+    fit(gps_vit(), toy_loader(), TrainConfig(**CFG))
+    assert calls == []
+    out = fit(gps_vit(), toy_loader(), TrainConfig(**CFG, mixup=0.8, cutmix=1.0, label_smoothing=0.1))
+    assert calls and set(calls) == {(0.8, 1.0)} and len(calls) == 2 * 6  # every batch of both epochs
+    assert 0 <= out["final"]["train_acc"] <= 1
+
+
+def test_mixup_targets_are_soft_and_an_odd_batch_is_refused():
+    with pytest.raises(InputError, match="even --batch-size"):
+        fit(gps_vit(), toy_loader(n=9, batch=9), TrainConfig(**CFG, mixup=0.8))
+
+
+def test_drop_last_drops_the_partial_batch(tmp_path):
+    root = make_vtab(tmp_path / "task", n_train=5, n_val=2, classes=3)
+    model = tiny_model("vit", num_classes=3)
+    spec = DataSpec(str(root), img_size=32, batch_size=3, train_split="train800")
+    sizes = [len(y) for _, y in TaskData(spec, model).loader("train")]
+    assert sorted(sizes) == [2, 3]
+    dropped = TaskData(dataclasses.replace(spec, drop_last=True), model)
+    assert [len(y) for _, y in dropped.loader("train")] == [3]
+    assert [len(y) for _, y in dropped.loader("select")] == [3]  # the selection pass drops it too
+    assert sum(len(y) for _, y in dropped.loader("eval", "test")) == 4  # evaluation never drops
+
+
+def test_view_scale_reaches_the_selection_views(tmp_path):
+    root = make_vtab(tmp_path / "task", classes=3)
+    spec = RunSpec(model="vit_tiny_patch16_224", data=str(root), options={"view_scale": 0.08},
+                   train=TrainConfig(drop_last=True, drop_path=0.1))
+    data = spec.data_spec()
+    assert data.view_scale == 0.08 and data.drop_last is True
+    views = TaskData(data, tiny_model("vit", num_classes=3)).views
+    assert views.transform.transforms[0].scale == (0.08, 1.0)
+    with pytest.raises(InputError, match="view_scale"):
+        get_method("gps", view_scale=0.0)
+
+
+def test_drop_path_reaches_the_backbone(tmp_path):
+    root = make_vtab(tmp_path / "task", classes=3)
+    seen = {}
+    from sparseft.kinds import classification
+
+    real = classification.create_model
+
+    def spy(name, num_classes, **kwargs):
+        seen.update(kwargs)
+        return real(name, num_classes, **{k: v for k, v in kwargs.items() if k != "drop_path_rate"})
+
+    import unittest.mock as mock
+
+    with mock.patch.object(classification, "create_model", spy):
+        run(RunSpec(model="mobilenetv2_100_offline", data=str(root), method="linear", img_size=32,
+                    train=TrainConfig(epochs=1, lr=1e-3, drop_path=0.1, progress=False)))
+    assert seen["drop_path_rate"] == 0.1
+    seen.clear()
+    with mock.patch.object(classification, "create_model", spy):
+        run(RunSpec(model="mobilenetv2_100_offline", data=str(root), method="linear", img_size=32,
+                    train=TrainConfig(epochs=1, lr=1e-3, progress=False)))
+    assert "drop_path_rate" not in seen  # default: the architecture's own
+
+
+def test_ema_copies_do_not_share_storage():
+    model = gps_vit()
+    from sparseft.regularize import WeightAverage
+
+    avg = WeightAverage(model, 0.5)
+    before = copy.deepcopy(avg.module.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in avg.module.state_dict().items())
