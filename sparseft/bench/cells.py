@@ -54,9 +54,11 @@ def tunes(suite: Suite, cell: Cell) -> bool:
 
 def run_spec(suite: Suite, cell: Cell, point: dict[str, Any], stage: str, progress: bool) -> RunSpec:
     """The run of `cell` at grid `point` in `stage` (tune, final, paper): the suite's train settings, then the
-    backbone's, then the row's (each overrides the one before), the point's lr and weight decay; the options
+    backbone's, then the row's, then the row's `per_task_train` ones for this task (each overrides the one
+    before), the point's lr and weight decay; the options
     are the suite's BatchNorm policy, the row's, the row's `per_task` ones for this task, the point's others."""
-    settings = {**suite.train, **cell.backbone.train, **cell.entry.train}
+    settings = {**suite.train, **cell.backbone.train, **cell.entry.train,
+                **cell.entry.per_task_train.get(task_name(cell.task), {})}
     train_kwargs = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
     train_kwargs.update({k: point[k] for k in ("lr", "weight_decay") if k in point})
     epochs = int(train_kwargs.get("epochs", TrainConfig.epochs))

@@ -1,0 +1,41 @@
+"""The papers' published accuracies, with where each number was read.
+
+`PUBLISHED[table name]` holds a paper's per-task top-1 (%) and its mean, each with its source (the
+paper's table or section). A number this package could not read from its source is absent (None),
+never estimated: `sparseft reproduce` then shows "-" in the paper's column, and a number added here
+must name its table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Published:
+    paper: str  # the citation
+    source: str  # where the per-task numbers come from (table number), or why there are none
+    per_task: dict[str, float] = field(default_factory=dict)  # task folder name -> top-1 (%)
+    mean: float | None = None
+    mean_source: str = ""
+
+
+_NOT_READ = ("per-task numbers not recorded: the paper's table could not be read where this table was written "
+             "(no copy of the paper was available); add them with the table number")
+
+PUBLISHED: dict[str, Published] = {
+    "gps-vtab": Published(
+        paper="Zhang et al., Gradient-based Parameter Selection for Efficient Fine-Tuning, CVPR 2024 "
+              "(arXiv:2312.10136)", source=_NOT_READ, mean=73.1,
+        mean_source="arXiv:2312.10136v1 abstract: '73.1% vs. 65.57%, VTAB' (GPS vs. full fine-tuning)"),
+    "gps-fgvc": Published(
+        paper="Zhang et al., Gradient-based Parameter Selection for Efficient Fine-Tuning, CVPR 2024 "
+              "(arXiv:2312.10136)", source=_NOT_READ, mean=91.78,
+        mean_source="arXiv:2312.10136v1 abstract: '91.78% vs. 88.45%, FGVC' (GPS vs. full fine-tuning)"),
+    "spt-vtab": Published(
+        paper="He et al., Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning, ICCV 2023 (arXiv:2303.08566)",
+        source=_NOT_READ),
+    "sct-vtab": Published(
+        paper="Zhao et al., SCT: A Simple Baseline for Parameter-Efficient Fine-Tuning via Salient Channels "
+              "(github.com/zhaohengyuan1/SCT)", source=_NOT_READ),
+}
