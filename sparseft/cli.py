@@ -31,7 +31,6 @@ from sparseft.cliopts import (
     add_arguments,
     add_shared_arguments,
     cli_options,
-    from_args,
     given,
     owned_options,
 )
@@ -93,8 +92,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_arguments(g, TrainConfig)
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return from_args(args, TrainConfig)
+def _train_config(args: argparse.Namespace, method: str | None = None) -> TrainConfig:
+    """The training settings given as flags; those not given: the method's own defaults
+    (`Method.train_defaults`, e.g. GPS's Adam without weight decay), then TrainConfig's."""
+    defaults = METHODS[method].train_defaults if method in METHODS else {}
+    return TrainConfig(**{**defaults, **given(args, TrainConfig)})
 
 
 def _method_options() -> dict[str, type]:
@@ -106,7 +108,7 @@ def _spec(args: argparse.Namespace, method: str, options: dict):
     return RunSpec(model=args.model, data=args.data, method=method, options=options, weights=args.weights,
                    pretrained=args.pretrained, img_size=args.img_size, batch_size=args.batch_size,
                    train_split=train_split, eval_splits=eval_splits, preprocessing=args.preprocessing,
-                   workers=args.workers, train=_train_config(args))
+                   workers=args.workers, train=_train_config(args, method))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

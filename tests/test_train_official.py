@@ -171,3 +171,18 @@ def test_ema_copies_do_not_share_storage():
         for p in model.parameters():
             p.add_(1.0)
     assert all(torch.equal(before[k], v) for k, v in avg.module.state_dict().items())
+
+
+def test_gps_trains_with_the_papers_optimizer_unless_told_otherwise():
+    from sparseft.cli import _spec, build_parser
+
+    def spec(*flags):
+        args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", *flags])
+        return _spec(args, args.method, {}).train
+
+    gps = spec("--method", "gps")
+    assert (gps.optimizer, gps.weight_decay) == ("adam", 0.0)
+    given = spec("--method", "gps", "--optimizer", "adamw", "--weight-decay", "0.05")
+    assert (given.optimizer, given.weight_decay) == ("adamw", 0.05)
+    lora = spec("--method", "lora")
+    assert (lora.optimizer, lora.weight_decay) == ("adamw", 1e-4)  # other methods: TrainConfig's defaults
