@@ -11,7 +11,7 @@ adds 10 cool-down epochs at min-lr after the 100 cosine epochs (`--cooldown-epoc
 
 from __future__ import annotations
 
-from sparseft.bench.official import Row, Table
+from sparseft.bench.official.table import Row, Table
 
 REPOSITORY = "github.com/FightingFighting/GPS"
 COMMIT = "72e0c31564f46b6b6a166b54a28f2a8f48cec031"

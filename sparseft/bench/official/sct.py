@@ -11,7 +11,7 @@ batch and normalises with the ImageNet mean/std. It evaluates every 10th epoch a
 
 from __future__ import annotations
 
-from sparseft.bench.official import Row, Table
+from sparseft.bench.official.table import Row, Table
 
 # task folder: (lr, weight decay, label smoothing, RandAugment, SCT scale, scale on x)
 _TASKS = {

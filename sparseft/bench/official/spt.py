@@ -11,7 +11,7 @@ epochs 0, 10, 20, ... and every one of the last ten, and reports the best of tho
 
 from __future__ import annotations
 
-from sparseft.bench.official import Row, Table
+from sparseft.bench.official.table import Row, Table
 
 TASKS = ("cifar", "caltech101", "dtd", "oxford_flowers102", "svhn", "sun397", "oxford_iiit_pet", "patch_camelyon",
          "eurosat", "resisc45", "diabetic_retinopathy", "clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc",

@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from sparseft.bench.official import TABLES, Row, Table
+from sparseft.bench.official import TABLES
+from sparseft.bench.official.table import Row, Table
 
 SUITES = {"vtab-1k-paper": "gps-vtab", "fgvc-paper": "gps-fgvc", "spt-vtab-paper": "spt-vtab",
           "sct-vtab-paper": "sct-vtab"}
