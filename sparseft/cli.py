@@ -31,6 +31,7 @@ from sparseft.cliopts import (
     add_arguments,
     add_shared_arguments,
     cli_options,
+    from_args,
     given,
     owned_options,
 )
@@ -92,11 +93,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_arguments(g, TrainConfig)
 
 
-def _train_config(args: argparse.Namespace, method: str | None = None) -> TrainConfig:
-    """The training settings given as flags; those not given: the method's own defaults
-    (`Method.train_defaults`, e.g. GPS's Adam without weight decay), then TrainConfig's."""
-    defaults = METHODS[method].train_defaults if method in METHODS else {}
-    return TrainConfig(**{**defaults, **given(args, TrainConfig)})
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training settings given as flags, TrainConfig's defaults for the others: those it leaves open (the
+    learning rate, the optimiser) `sparseft.run.run` fills in, as it does for a run built in Python."""
+    return from_args(args, TrainConfig)
 
 
 def _method_options() -> dict[str, type]:
@@ -108,7 +108,7 @@ def _spec(args: argparse.Namespace, method: str, options: dict):
     return RunSpec(model=args.model, data=args.data, method=method, options=options, weights=args.weights,
                    pretrained=args.pretrained, img_size=args.img_size, batch_size=args.batch_size,
                    train_split=train_split, eval_splits=eval_splits, preprocessing=args.preprocessing,
-                   workers=args.workers, train=_train_config(args, method))
+                   workers=args.workers, train=_train_config(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -138,6 +138,9 @@ def _print_summary(summary: dict) -> None:
           f"train {summary.get('train_time_s', 0):.1f} s")
     if summary.get("lr") is not None:
         print(f"lr {summary['lr']:g} ({summary.get('lr_source', 'given')})")
+    if summary.get("optimizer") is not None:
+        print(f"optimizer {summary['optimizer']}, weight decay {summary['weight_decay']:g} "
+              f"({summary.get('optimizer_source', 'given')})")
     if "task_file" in summary:
         print(f"task file: {summary['task_file']} ({summary['task_file_bytes'] / 1024:.1f} KiB)")
 

@@ -22,7 +22,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,8 +65,10 @@ class TrainConfig:
         "help": "peak learning rate (default: the method's recommended rate for the backbone family, "
                 "docs/learning-rates.md; `sparseft train --lr auto` tunes it on val200)",
         "convert": float_or_auto})
-    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
-    optimizer: Literal["adamw", "adam"] = field(default="adamw", metadata={"help": "optimizer"})
+    weight_decay: float | None = field(default=None, metadata={
+        "help": "weight decay (default: the method's paper's, GPS 0; else 1e-4)"})
+    optimizer: Literal["adamw", "adam"] | None = field(default=None, metadata={
+        "help": "optimizer (default: the method's paper's, GPS adam; else adamw)"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length (epochs)"})
     warmup_lr: float = field(default=1e-7, metadata={"help": "learning rate at the start of the warm-up"})
     min_lr: float = field(default=1e-8, metadata={"help": "cosine schedule's final learning rate"})
@@ -89,13 +91,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuse settings that cannot train, naming the flag: before any data is read."""
         finite = {n: getattr(self, n) for n in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
-                                                "label_smoothing", "drop_path", "mixup", "cutmix")}
+                                                "label_smoothing", "drop_path", "mixup", "cutmix")
+                  if getattr(self, n) is not None}
         checks = [
             ("epochs", self.epochs >= 1, ">= 1"),
             ("lr", self.lr is None or (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)
                                        and 0 < self.lr < 3.4e38), "> 0 (and a float32)"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("optimizer", self.optimizer in ("adamw", "adam"), "'adamw' or 'adam'"),
+            ("weight_decay", self.weight_decay is None or self.weight_decay >= 0, ">= 0"),
+            ("optimizer", self.optimizer in (None, "adamw", "adam"), "'adamw' or 'adam'"),
             ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
             ("warmup_lr", self.warmup_lr >= 0, ">= 0"),
             ("min_lr", 0 <= self.min_lr and (self.lr is None or self.min_lr <= self.lr), "between 0 and --lr"),
@@ -114,13 +117,25 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def with_defaults(self, defaults: dict[str, Any] | None = None) -> TrainConfig:
+        """These settings with the optimiser settings not given (None) filled in: from `defaults` (a method's
+        `train_defaults`), then `OPTIMIZER_DEFAULTS`. (`sparseft.run.run` fills them and records from where.)"""
+        fill = {**OPTIMIZER_DEFAULTS, **(defaults or {})}
+        filled = {k: fill[k] for k in OPTIMIZER_DEFAULTS if getattr(self, k) is None}
+        return replace(self, **filled) if filled else self
+
+
+#: the optimiser settings of a run whose caller and method set none (`Method.train_defaults` sets a paper's)
+OPTIMIZER_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "weight_decay": 1e-4}
+
 
 def changed_settings(stored: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two JSON trees ('progress' display settings aside)."""
+    """Dotted keys whose values differ between two JSON trees (display settings and notes aside: 'progress',
+    the workers, the world size, where the optimiser settings came from)."""
     if isinstance(stored, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(stored) | set(new)):
-            if key in ("progress", "workers", "eval_batch_size", "world_size"):
+            if key in ("progress", "workers", "eval_batch_size", "world_size", "optimizer_source"):
                 continue
             out += changed_settings(stored.get(key), new.get(key), f"{prefix}{key}.")
         return out
@@ -262,6 +277,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
     if config.lr is None:
         raise InputError("lr (--lr): fit needs a learning rate; `sparseft.run.run` fills in the method's recommended "
                          "one (sparseft.methods.rates.recommended_lr)")
+    config = config.with_defaults()  # a caller other than `run` may leave the optimiser to sparseft's defaults
     eval_loaders = eval_loaders or {}
     run_dir = Path(run_dir) if run_dir is not None else None
     params = [p for p in model.parameters() if p.requires_grad]

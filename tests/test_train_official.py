@@ -45,7 +45,11 @@ def gps_vit():
 def test_defaults_are_unchanged():
     c = TrainConfig()
     assert (c.ema_decay, c.mixup, c.cutmix, c.drop_last, c.drop_path) == (None, 0.0, 0.0, False, 0.0)
-    assert c.optimizer == "adamw" and c.weight_decay == 1e-4 and c.label_smoothing == 0.0
+    assert c.label_smoothing == 0.0
+    # the optimiser is left open (`sparseft.run.with_optimizer_defaults` fills it per method); filled without a
+    # method's defaults it is what it always was
+    assert (c.optimizer, c.weight_decay) == (None, None)
+    assert (c.with_defaults().optimizer, c.with_defaults().weight_decay) == ("adamw", 1e-4)
     assert DataSpec("x").drop_last is False and DataSpec("x").view_scale == 0.2
     assert get_method("gps").options.view_scale == 0.2
 
@@ -174,15 +178,82 @@ def test_ema_copies_do_not_share_storage():
 
 
 def test_gps_trains_with_the_papers_optimizer_unless_told_otherwise():
-    from sparseft.cli import _spec, build_parser
+    from sparseft.run import with_optimizer_defaults
 
-    def spec(*flags):
-        args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", *flags])
-        return _spec(args, args.method, {}).train
+    def resolved(method, **train):
+        spec, source = with_optimizer_defaults(RunSpec(model="m", data="d", method=method, train=TrainConfig(**train)))
+        return spec.train.optimizer, spec.train.weight_decay, source
 
-    gps = spec("--method", "gps")
-    assert (gps.optimizer, gps.weight_decay) == ("adam", 0.0)
-    given = spec("--method", "gps", "--optimizer", "adamw", "--weight-decay", "0.05")
-    assert (given.optimizer, given.weight_decay) == ("adamw", 0.05)
-    lora = spec("--method", "lora")
-    assert (lora.optimizer, lora.weight_decay) == ("adamw", 1e-4)  # other methods: TrainConfig's defaults
+    assert resolved("gps") == ("adam", 0.0, "gps's paper's (Method.train_defaults)")
+    assert resolved("gps", optimizer="adamw", weight_decay=0.05) == ("adamw", 0.05, "given")  # the user's win
+    assert resolved("gps", weight_decay=0.1)[:2] == ("adam", 0.1)
+    assert "weight_decay: given" in resolved("gps", weight_decay=0.1)[2]
+    assert resolved("lora") == ("adamw", 1e-4, "sparseft's default")  # other methods: sparseft's defaults
+    spec, source = with_optimizer_defaults(RunSpec(model="m", data="d", method="gps"),
+                                           resumed={"optimizer": "adamw", "weight_decay": 1e-4})
+    assert (spec.train.optimizer, spec.train.weight_decay, source) == ("adamw", 1e-4, "the resumed run's")
+
+
+TOY = dict(model="test_vit", img_size=32, batch_size=4)
+FAST = ["--epochs", "1", "--batch-size", "4", "--warmup-epochs", "0", "--lr", "1e-3", "--no-progress"]
+
+
+@pytest.mark.parametrize("method, expected", [("gps", ("adam", 0.0)), ("linear", ("adamw", 1e-4))])
+def test_cli_and_python_api_train_with_the_same_optimizer(tmp_path, method, expected, capsys):
+    """`sparseft train --method gps` and `run(RunSpec(method="gps"))` take the same defaults (GPS: the paper's
+    Adam without weight decay), record where they come from, and build that optimiser."""
+    import json
+
+    from sparseft import train as train_module
+    from sparseft.cli import main
+
+    task = make_vtab(tmp_path / "task", n_train=4, n_val=2, n_test=2, classes=2)
+    built = []
+    real = train_module.make_optimizer
+
+    def spy(params, config):
+        optimizer = real(params, config)
+        built.append((type(optimizer).__name__, optimizer.defaults["weight_decay"]))
+        return optimizer
+
+    import unittest.mock as mock
+
+    with mock.patch.object(train_module, "make_optimizer", spy):
+        assert main(["train", "--method", method, "--model", "test_vit", "--img-size", "32", "--data", str(task),
+                     "--out", str(tmp_path / "cli"), *FAST]) == 0
+        api = run(RunSpec(data=str(task), method=method, train=TrainConfig(epochs=1, lr=1e-3, warmup_epochs=0,
+                                                                           progress=False), **TOY),
+                  tmp_path / "api")
+    cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    for summary in (cli, api):
+        assert (summary["optimizer"], summary["weight_decay"]) == expected
+        assert summary["optimizer_source"] == ("gps's paper's (Method.train_defaults)" if method == "gps"
+                                               else "sparseft's default")
+    assert built == [({"adam": "Adam", "adamw": "AdamW"}[expected[0]], expected[1])] * 2
+    assert f"optimizer {expected[0]}" in capsys.readouterr().out
+    config = json.loads((tmp_path / "api" / "config.json").read_text())
+    assert config["spec"]["train"]["optimizer"] == expected[0]  # the run folder names what it trained with
+    assert config["optimizer_source"] == api["optimizer_source"]
+
+
+def test_explicit_optimizer_wins_and_an_older_run_resumes_with_its_own(tmp_path):
+    import json
+
+    task = make_vtab(tmp_path / "task", n_train=4, n_val=2, n_test=2, classes=2)
+    cfg = dict(lr=1e-3, warmup_epochs=0, progress=False)
+    given = run(RunSpec(data=str(task), method="gps", train=TrainConfig(epochs=1, optimizer="adamw", weight_decay=0.05,
+                                                                        **cfg), **TOY), tmp_path / "given")
+    assert (given["optimizer"], given["weight_decay"], given["optimizer_source"]) == ("adamw", 0.05, "given")
+    # a GPS run started when the default was AdamW 1e-4 (its config.json says so) resumes with AdamW
+    old = tmp_path / "old"
+    run(RunSpec(data=str(task), method="gps", train=TrainConfig(epochs=1, optimizer="adamw", weight_decay=1e-4,
+                                                                **cfg), **TOY), old)
+    (old / "summary.json").unlink()  # as if it stopped before writing its summary
+    config = json.loads((old / "config.json").read_text())
+    assert config["spec"]["train"]["optimizer"] == "adamw"
+    resumed = run(RunSpec(data=str(task), method="gps", train=TrainConfig(epochs=1, **cfg), **TOY), old, resume=True)
+    assert (resumed["optimizer"], resumed["weight_decay"], resumed["optimizer_source"]) == ("adamw", 1e-4,
+                                                                                          "the resumed run's")
+    with pytest.raises(InputError, match="optimizer"):  # a value given now must still match the run's
+        run(RunSpec(data=str(task), method="gps", train=TrainConfig(epochs=1, optimizer="adam", **cfg), **TOY), old,
+            resume=True)
