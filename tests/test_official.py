@@ -111,3 +111,7 @@ def test_published_numbers_name_their_source():
         assert name in TABLES and published.source
         assert set(published.per_task) <= set(TABLES[name].tasks())
         assert published.mean is None or published.mean_source
+        assert published.mean_of in ("", "tasks", "groups")
+        for method, numbers in published.per_method.items():
+            assert method in {r.method or TABLES[name].paper for r in TABLES[name].rows}
+            assert set(numbers) <= set(TABLES[name].tasks())

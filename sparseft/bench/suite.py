@@ -166,6 +166,12 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SuiteError(f"{where}: not valid YAML ({err})") from err
+    return suite_from_mapping(data, where, protocol)
+
+
+def suite_from_mapping(data: Any, where: str, protocol: str | None = None) -> Suite:
+    """A suite from its mapping (a suite file's content; `where` names it in errors), validated as `load_suite`
+    validates a file: a suite built in code (`sparseft reproduce`) is held to the same rules."""
     if not isinstance(data, dict):
         raise SuiteError(f"{where}: expected a mapping at the top level")
     unknown = set(data) - {"name", "protocol", "tasks", "backbones", "methods", "train", "grid", "seeds",
