@@ -25,6 +25,7 @@ from sparseft import distributed
 from sparseft.api import describe_task, evaluate_task, load_for_inference, method_named_in
 from sparseft.autolr import run_auto_lr
 from sparseft.bench import load_suite, run_suite, write_report
+from sparseft.bench import reproduce as reproduction
 from sparseft.bench.cells import runs_in_cell
 from sparseft.bench.runner import checked_cells
 from sparseft.cliopts import (
@@ -97,6 +98,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training settings given as flags, TrainConfig's defaults for the others: those it leaves open (the
+    learning rate, the optimiser) `sparseft.run.run` fills in, as it does for a run built in Python."""
     return from_args(args, TrainConfig)
 
 
@@ -139,6 +142,9 @@ def _print_summary(summary: dict) -> None:
           f"train {summary.get('train_time_s', 0):.1f} s")
     if summary.get("lr") is not None:
         print(f"lr {summary['lr']:g} ({summary.get('lr_source', 'given')})")
+    if summary.get("optimizer") is not None:
+        print(f"optimizer {summary['optimizer']}, weight decay {summary['weight_decay']:g} "
+              f"({summary.get('optimizer_source', 'given')})")
     if "task_file" in summary:
         print(f"task file: {summary['task_file']} ({summary['task_file_bytes'] / 1024:.1f} KiB)")
 
@@ -338,6 +344,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    rep = reproduction.prepare(args.target, args.data, protocol=args.protocol, weights=args.weights,
+                               download=args.download, tasks=args.tasks, strict_weights=not args.dry_run)
+    out = args.out or Path("results") / f"reproduce-{args.target}"
+    if args.dry_run:
+        print(reproduction.plan_text(rep, out))
+        return 0
+    print(f"report: {reproduction.reproduce(rep, out)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     print(f"report: {write_report(args.results)}")
     return 0
@@ -465,6 +482,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs-progress", action="store_true", help="show per-epoch progress bars too")
     b.set_defaults(func=cmd_bench)
 
+    rp = sub.add_parser("reproduce", help="run a paper's suite as its official code does; its numbers beside ours",
+                        description="Check the data and the paper's backbone weights, then run the paper suite of "
+                                    "TARGET (the rows of the paper's own method, the official per-task settings) "
+                                    "and write reproduce.md: the paper's published per-task numbers, ours and the "
+                                    "difference (docs/reproduce.md).")
+    rp.add_argument("target", choices=list(reproduction.TARGETS), help="the paper and benchmark")
+    rp.add_argument("--data", required=True, help="the benchmark's root: VTAB-1k task folders (NOAH layout) or "
+                                                  "FGVC data-set folders (VPT's JSON splits); docs/data.md")
+    rp.add_argument("--protocol", choices=list(reproduction.PROTOCOLS), default="paper",
+                    help="paper: best test top-1 over epochs, as the paper reports (labelled so); honest: the "
+                         "last epoch's; both: each in its own results folder (default: paper)")
+    rp.add_argument("--out", type=Path, help="results folder (default: results/reproduce-<target>)")
+    rp.add_argument("--weights", help="the backbone's weights as a local file, in place of timm's pretrained tag "
+                                      "(e.g. the official .npz converted with `sparseft weights convert`)")
+    rp.add_argument("--download", action="store_true", help="let timm download the paper's pretrained weights when "
+                                                            "they are not cached (needs internet)")
+    rp.add_argument("--tasks", nargs="+", help="run only these tasks (folder names, e.g. dtd cifar)")
+    rp.add_argument("--dry-run", action="store_true", help="check the data (and note the weights), print the "
+                    "per-task plan with an estimated GPU time; run and write nothing")
+    rp.set_defaults(func=cmd_reproduce)
+
     r = sub.add_parser("report", help="write report.md, results.csv and plots for a results folder")
     r.add_argument("results", type=Path, help="results folder of sparseft bench")
     r.set_defaults(func=cmd_report)
@@ -528,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         resumable = args.command == "train" and (Path(args.out) / "config.json").exists()
-        hint = "; resume with --resume" if resumable else "; run it again to resume" if args.command == "bench" else ""
+        again = args.command in ("bench", "reproduce")
+        hint = "; resume with --resume" if resumable else "; run it again to resume" if again else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except UsageError as err:

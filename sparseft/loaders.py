@@ -36,6 +36,8 @@ class DataSpec:
     workers: int = 0
     cache_images: bool = True
     seed: int = 0
+    drop_last: bool = False  # training and selection loaders drop the last partial batch
+    view_scale: float = 0.2  # the selection views' smallest crop (GPS's `view_scale`)
 
 
 class _HasDataSpec(Protocol):
@@ -111,7 +113,7 @@ class TaskData:
         generator = torch.Generator().manual_seed(s.seed) if kind == "select" else None
         # workers are re-created every epoch, seeded from the per-epoch RNG: resumed runs stay exact
         return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=s.workers, generator=generator,
-                          collate_fn=self.kind.collate(kind))
+                          collate_fn=self.kind.collate(kind), drop_last=s.drop_last and kind != "eval")
 
 
 def num_classes_of(spec: DataSpec | Any) -> int:

@@ -31,10 +31,10 @@ from sparseft.errors import DataWarning, InputError
 from sparseft.fileutil import LOCK_FILE, check_output_folder, folder_lock, read_json, write_text_atomic
 from sparseft.kinds.base import TaskKind, kind_for_data
 from sparseft.loaders import DataSpec, TaskData
-from sparseft.methods import BATCHNORM_DEFAULT_BEFORE, MethodContext, get_method
+from sparseft.methods import BATCHNORM_DEFAULT_BEFORE, METHODS, MethodContext, get_method
 from sparseft.methods.base import PLAN_FILE
 from sparseft.methods.rates import backbone_family, recommended_lr
-from sparseft.train import TrainConfig, check_same_settings, fit
+from sparseft.train import OPTIMIZER_DEFAULTS, TrainConfig, check_same_settings, fit
 
 TASK_FILE = "delta.safetensors"
 SEARCH_DIR = "lr-search"  # `--lr auto`'s tuning runs inside a run folder (sparseft.autolr)
@@ -81,7 +81,8 @@ class RunSpec:
         return DataSpec(data=self.data, img_size=self.img_size, preprocessing=self.preprocessing,
                         batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                         train_split=self.train_split, workers=self.workers, cache_images=self.cache_images,
-                        seed=self.train.seed)
+                        seed=self.train.seed, drop_last=self.train.drop_last,
+                        view_scale=float(self.options.get("view_scale", DataSpec.view_scale)))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -244,7 +245,42 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     with contextlib.ExitStack() as held:
         if run_dir is not None:  # one process per run folder: a second `train --out` on it is refused
             distributed.run_on_main(lambda: held.enter_context(_locked_run_dir(run_dir)))
-        return _run(spec, run_dir, resume=resume, overwrite=overwrite)
+        resumed = distributed.run_on_main(lambda: _started_train(run_dir)) if resume and run_dir else None
+        spec, optimizer_source = with_optimizer_defaults(spec, resumed)
+        return _run(spec, run_dir, resume=resume, overwrite=overwrite, optimizer_source=optimizer_source)
+
+
+def _started_train(run_dir: Path) -> dict[str, Any]:
+    """The training settings the run in `run_dir` started with ({} when there is none to read: `claim_run_dir`
+    names what is wrong)."""
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())["spec"]["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def with_optimizer_defaults(spec: RunSpec, resumed: dict[str, Any] | None = None) -> tuple[RunSpec, str]:
+    """`spec` with the optimiser settings it leaves open (`optimizer`, `weight_decay` None) filled in, and where
+    they come from, as `run` records it (`optimizer_source`): "given"; resuming, the values the run started
+    with; else the method's paper's (`Method.train_defaults`, e.g. GPS's Adam without weight decay); else
+    sparseft's (`sparseft.train.OPTIMIZER_DEFAULTS`). Every entry point (the CLI, the Python API, the
+    benchmark suites) gets the same defaults through this function."""
+    paper = METHODS[spec.method].train_defaults if spec.method in METHODS else {}  # an unknown one: `_run` says so
+    sources: dict[str, str] = {}
+    filled: dict[str, Any] = {}
+    for key, default in OPTIMIZER_DEFAULTS.items():
+        if getattr(spec.train, key) is not None:
+            sources[key] = "given"
+        elif resumed and resumed.get(key) is not None:
+            filled[key], sources[key] = resumed[key], "the resumed run's"
+        elif key in paper:
+            filled[key], sources[key] = paper[key], f"{spec.method}'s paper's (Method.train_defaults)"
+        else:
+            filled[key], sources[key] = default, "sparseft's default"
+    distinct = set(sources.values())
+    source = distinct.pop() if len(distinct) == 1 else "; ".join(f"{k}: {v}" for k, v in sources.items())
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, **filled)), source
 
 
 def _learning_rate(spec: RunSpec, model: nn.Module) -> tuple[TrainConfig, str]:
@@ -270,7 +306,8 @@ def _locked_run_dir(run_dir: Path) -> Iterator[None]:
                 run_dir.rmdir()
 
 
-def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) -> dict[str, Any]:
+def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool,
+         optimizer_source: str = "given") -> dict[str, Any]:
     if run_dir is not None:
         finished = distributed.run_on_main(lambda: _claim(run_dir, spec, resume=resume, overwrite=overwrite))
         if finished is not None:
@@ -287,7 +324,9 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     classes = len(names)
     torch.manual_seed(spec.train.seed)
     model = kind.build_model(spec.model, classes, img_size=spec.img_size, weights=spec.weights,
-                             pretrained=spec.pretrained, class_names=names).to(distributed.default_device())
+                             pretrained=spec.pretrained, class_names=names,
+                             **({"drop_path_rate": spec.train.drop_path} if spec.train.drop_path else {}))
+    model = model.to(distributed.default_device())
     method.check(model)
     train, lr_source = _learning_rate(spec, model)
     distributed.check_global_batch(spec.batch_size)  # before anything is written
@@ -313,7 +352,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     prepare_time = time.perf_counter() - t0
     task = kind.name
     info = {"spec": spec.to_dict(), "batchnorm": method.batchnorm_mode(), "num_classes": classes,
-            "data_config": data.config, "task": task, "lr_source": lr_source}
+            "data_config": data.config, "task": task, "lr_source": lr_source, "optimizer_source": optimizer_source}
     eval_loaders = {split.replace("800", "").replace("200", ""): data.loader("eval", split)
                     for split in spec.eval_splits}
     task_file = None
@@ -332,7 +371,9 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
                   resume=resume, save_task=save_task, run_info=info, hook=method.training_hook(model))
     summary.update({"method": spec.method, "model": spec.model, "data": spec.data, "task": task,
                     "metric": kind.metric_key, "num_classes": classes,
-                    "prepare_time_s": round(prepare_time, 2), "lr": train.lr, "lr_source": lr_source, **ctx.info})
+                    "prepare_time_s": round(prepare_time, 2), "lr": train.lr, "lr_source": lr_source,
+                    "optimizer": train.optimizer, "weight_decay": train.weight_decay,
+                    "optimizer_source": optimizer_source, **ctx.info})
     if task_file is not None:  # in the run folder: recorded relative to it, returned as a path to use
         summary["task_file"] = str(task_file)
         summary["task_file_bytes"] = Path(task_file).stat().st_size

@@ -22,7 +22,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from sparseft.errors import InputError, SparseftError, TrainingWarning
 from sparseft.fileutil import read_json, write_text_atomic
 from sparseft.kinds.base import Meter, TaskKind, kind_of, summary_keys
 from sparseft.progress import write_line
+from sparseft.regularize import WeightAverage, make_mixup, mix_batch
 
 NOT_REPORTED = ("n", "per_class", "confusion")  # evaluation results kept out of the epoch metrics
 
@@ -64,13 +65,22 @@ class TrainConfig:
         "help": "peak learning rate (default: the method's recommended rate for the backbone family, "
                 "docs/learning-rates.md; `sparseft train --lr auto` tunes it on val200)",
         "convert": float_or_auto})
-    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
-    optimizer: Literal["adamw", "adam"] = field(default="adamw", metadata={"help": "optimizer"})
+    weight_decay: float | None = field(default=None, metadata={
+        "help": "weight decay (default: the method's paper's, GPS 0; else 1e-4)"})
+    optimizer: Literal["adamw", "adam"] | None = field(default=None, metadata={
+        "help": "optimizer (default: the method's paper's, GPS adam; else adamw)"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length (epochs)"})
     warmup_lr: float = field(default=1e-7, metadata={"help": "learning rate at the start of the warm-up"})
     min_lr: float = field(default=1e-8, metadata={"help": "cosine schedule's final learning rate"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the loss"})
     grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this value"})
+    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth of the backbone (timm drop_path_rate)"})
+    ema_decay: float | None = field(default=None, metadata={
+        "help": "keep timm's model EMA with this decay and evaluate it too (official GPS FGVC: 0.9998)"})
+    mixup: float = field(default=0.0, metadata={"help": "timm Mixup alpha (0: off); soft targets, smoothing included"})
+    cutmix: float = field(default=0.0, metadata={"help": "timm CutMix alpha (0: off)"})
+    drop_last: bool = field(default=False, metadata={
+        "help": "drop the last partial training (and selection) batch, as the official GPS loaders do"})
     bf16: bool = field(default=False, metadata={
         "help": "bf16 autocast (pays off for ViT-S/B at 224 px on CPUs with AMX, and on GPUs)"})
     seed: int = field(default=0, metadata={"help": "seed for selection, shuffling and initialisation"})
@@ -81,19 +91,24 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuse settings that cannot train, naming the flag: before any data is read."""
         finite = {n: getattr(self, n) for n in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
-                                                "label_smoothing")}
+                                                "label_smoothing", "drop_path", "mixup", "cutmix")
+                  if getattr(self, n) is not None}
         checks = [
             ("epochs", self.epochs >= 1, ">= 1"),
             ("lr", self.lr is None or (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)
                                        and 0 < self.lr < 3.4e38), "> 0 (and a float32)"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("optimizer", self.optimizer in ("adamw", "adam"), "'adamw' or 'adam'"),
+            ("weight_decay", self.weight_decay is None or self.weight_decay >= 0, ">= 0"),
+            ("optimizer", self.optimizer in (None, "adamw", "adam"), "'adamw' or 'adam'"),
             ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
             ("warmup_lr", self.warmup_lr >= 0, ">= 0"),
             ("min_lr", 0 <= self.min_lr and (self.lr is None or self.min_lr <= self.lr), "between 0 and --lr"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 when given"),
             ("eval_every", self.eval_every >= 1, ">= 1"),
+            ("drop_path", 0 <= self.drop_path < 1, "in [0, 1)"),
+            ("ema_decay", self.ema_decay is None or 0 <= self.ema_decay <= 1, "in [0, 1] when given"),
+            ("mixup", self.mixup >= 0, ">= 0"),
+            ("cutmix", self.cutmix >= 0, ">= 0"),
         ]
         checks += [(n, math.isfinite(v), "a finite number") for n, v in finite.items()]
         for name, ok, rule in checks:
@@ -102,13 +117,25 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def with_defaults(self, defaults: dict[str, Any] | None = None) -> TrainConfig:
+        """These settings with the optimiser settings not given (None) filled in: from `defaults` (a method's
+        `train_defaults`), then `OPTIMIZER_DEFAULTS`. (`sparseft.run.run` fills them and records from where.)"""
+        fill = {**OPTIMIZER_DEFAULTS, **(defaults or {})}
+        filled = {k: fill[k] for k in OPTIMIZER_DEFAULTS if getattr(self, k) is None}
+        return replace(self, **filled) if filled else self
+
+
+#: the optimiser settings of a run whose caller and method set none (`Method.train_defaults` sets a paper's)
+OPTIMIZER_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "weight_decay": 1e-4}
+
 
 def changed_settings(stored: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two JSON trees ('progress' display settings aside)."""
+    """Dotted keys whose values differ between two JSON trees (display settings and notes aside: 'progress',
+    the workers, the world size, where the optimiser settings came from)."""
     if isinstance(stored, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(stored) | set(new)):
-            if key in ("progress", "workers", "eval_batch_size", "world_size"):
+            if key in ("progress", "workers", "eval_batch_size", "world_size", "optimizer_source"):
                 continue
             out += changed_settings(stored.get(key), new.get(key), f"{prefix}{key}.")
         return out
@@ -250,6 +277,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
     if config.lr is None:
         raise InputError("lr (--lr): fit needs a learning rate; `sparseft.run.run` fills in the method's recommended "
                          "one (sparseft.methods.rates.recommended_lr)")
+    config = config.with_defaults()  # a caller other than `run` may leave the optimiser to sparseft's defaults
     eval_loaders = eval_loaders or {}
     run_dir = Path(run_dir) if run_dir is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -273,7 +301,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
             _save_epoch(loop, run_dir, epoch, start.epoch, metrics, {"epoch": epoch, "step": step, "history": history,
                                                                     "train_time_s": train_time})
 
-    summary = _summary(model, history, train_time, loop.world, eval_loaders)
+    names = [*eval_loaders, *(f"ema_{n}" for n in eval_loaders if loop.ema is not None)]
+    summary = _summary(model, history, train_time, loop.world, names)
     if run_dir is not None and loop.main:
         if save_task is None:
             if is_applied(model):
@@ -301,6 +330,20 @@ class _Loop:
                                            warmup_lr_init=config.warmup_lr, t_in_epochs=False)
         self.stem = run_dir / "checkpoint" if run_dir else None
         self.forward: nn.Module = model  # the training forward: under a process group, `fit` wraps it in DDP
+        self.ema = WeightAverage(model, config.ema_decay) if config.ema_decay is not None else None
+        self.mixup = make_mixup(config.mixup, config.cutmix, config.label_smoothing, model)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor] | None:
+        """What the checkpoint keeps beside the model: the hook's state and the EMA."""
+        extra = {**(self.hook.state_tensors() if self.hook is not None else {}),
+                 **(self.ema.state_tensors() if self.ema is not None else {})}
+        return extra or None
+
+    def restore_extra(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.ema is not None:
+            self.ema.load_state_tensors(tensors)
+        if self.hook is not None:
+            self.hook.load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("ema/")})
 
 
 @dataclass
@@ -327,8 +370,8 @@ def _start_run(loop: _Loop, run_dir: Path | None, resume: bool, run_info: dict[s
     if resume:
         check_same_settings(run_dir, settings)
     if resume and stem.with_suffix(".json").exists():
-        record = load_checkpoint(stem, loop.model, loop.optimizer,
-                                 restore_extra=hook.load_state_tensors if hook is not None else None)
+        restore = loop.restore_extra if hook is not None or loop.ema is not None else None
+        record = load_checkpoint(stem, loop.model, loop.optimizer, restore_extra=restore)
         start = _Start(record["history"], record["epoch"] + 1, record["step"], record.get("train_time_s", 0.0))
         if start.epoch >= loop.config.epochs and summary_path.exists():
             return _Start(finished=json.loads(summary_path.read_text()))
@@ -350,6 +393,10 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
     train_batches, device, stem = loop.train_batches, loop.device, loop.stem
     forward = loop.forward
     torch.manual_seed(_epoch_seed(config.seed, epoch))
+    if loop.mixup is not None:  # timm's Mixup draws from numpy
+        import numpy as np
+
+        np.random.seed(_epoch_seed(config.seed, epoch) % 2**32)
     dataset = getattr(train_batches, "dataset", None)
     if hasattr(dataset, "set_epoch"):  # a data set that seeds each item's augmentation itself
         dataset.set_epoch(epoch)
@@ -359,12 +406,17 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
     bar = distributed.progress(train_batches, f"epoch {epoch + 1}/{config.epochs}", config.progress)
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device), y.to(device)
+        kind = kind_of(model, y)  # the model's task kind, or (a model naming none) its targets
+        if loop.mixup is not None:
+            if kind.name != "classification":
+                raise InputError(f"mixup/cutmix (--mixup, --cutmix) mix class labels; {kind.name} has none to mix")
+            x, y = mix_batch(loop.mixup, x, y)  # soft targets, label smoothing included
         if hook is not None:
             hook.before_step(step, loop.total_steps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             logits = forward(x)
-        kind = kind_of(model, y)  # the model's task kind, or (a model naming none) its targets
-        loss_sum_batch, terms = _loss_sum(kind, logits, y, config.label_smoothing)  # images, valid pixels, ...
+        smoothing = 0.0 if loop.mixup is not None else config.label_smoothing  # mixup's targets are smoothed
+        loss_sum_batch, terms = _loss_sum(kind, logits, y, smoothing)  # images, valid pixels, ...
         if world == 1:
             loss = mean_loss = loss_sum_batch / max(terms, 1)
             global_terms = terms
@@ -382,6 +434,8 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(loop.params, config.grad_clip)
         optimizer.step()
+        if loop.ema is not None:
+            loop.ema.update(model)
         step += 1
         loop.scheduler.step_update(step)
         if hook is not None:
@@ -410,6 +464,9 @@ def _evaluate_epoch(loop: _Loop, epoch: int, metrics: dict[str, Any], eval_loade
         if reason and loop.main:
             warnings.warn(reason, TrainingWarning, stacklevel=2)
         metrics.update({f"{name}_{key}": value for key, value in result.items() if key not in NOT_REPORTED})
+        if loop.ema is not None:  # the average too, as the official script does ("ema_test_acc", ...)
+            averaged = evaluate(loop.ema.module, loader, bf16=config.bf16)
+            metrics.update({f"ema_{name}_{key}": v for key, v in averaged.items() if key not in NOT_REPORTED})
 
 
 def _save_epoch(loop: _Loop, run_dir: Path, epoch: int, start_epoch: int, metrics: dict[str, Any],
@@ -423,14 +480,13 @@ def _save_epoch(loop: _Loop, run_dir: Path, epoch: int, start_epoch: int, metric
         raise TrainingDiverged(f"non-finite values in {', '.join(bad[:3])} after epoch {epoch + 1}; lower "
                                f"the learning rate{where}")
     if loop.main:
-        save_checkpoint(stem, loop.model, loop.optimizer, record,
-                        extra=loop.hook.state_tensors() if loop.hook is not None else None)
+        save_checkpoint(stem, loop.model, loop.optimizer, record, extra=loop.extra_tensors())
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
 
 def _summary(model: nn.Module, history: list[dict[str, Any]], train_time: float, world: int,
-             eval_loaders: dict[str, Iterable]) -> dict[str, Any]:
+             eval_loaders: Iterable[str]) -> dict[str, Any]:
     """The run's summary: history, final epoch, parameter counts, time and each eval split's best metrics."""
     summary = {"history": history, "final": history[-1] if history else {},
                "params": parameter_summary(model), "train_time_s": round(train_time, 2), "world_size": world}

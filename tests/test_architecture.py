@@ -31,7 +31,8 @@ LAYERS: list[tuple[str, list[str]]] = [
                 "sparseft.selection.selection"]),
     ("selection", ["sparseft.selection", "sparseft.regrow", "sparseft.seg.selection"]),
     ("methods", ["sparseft.methods"]),
-    ("tasks", ["sparseft.inference", "sparseft.seg", "sparseft.loaders", "sparseft.train", "sparseft.api",
+    ("tasks", ["sparseft.inference", "sparseft.seg", "sparseft.loaders", "sparseft.train", "sparseft.regularize",
+               "sparseft.api",
                "sparseft.taskbank", "sparseft.run", "sparseft.evalreport",
                # the built-in kinds: built on data, models, selection objectives, loaders and prediction
                "sparseft.kinds.classification", "sparseft.kinds.segmentation"]),

@@ -186,3 +186,24 @@ def test_a_diverging_setting_is_recorded_and_skipped(tmp_path, tasks):
         assert len(diverged) == 1 and diverged[0]["point"] == {"lr": 1e30}
         assert r["chosen"] == {"lr": 1e-3} and r["test_acc"] is not None
     write_report(tmp_path / "res")
+
+
+def test_shipped_suites_name_every_runs_optimizer_and_keep_the_one_they_ran_with(monkeypatch):
+    """A suite's runs name their optimiser (so records and run folders compare with earlier ones), and no
+    shipped suite's run changed when `--method gps` took the paper's optimiser: a row that sets none is of a
+    method without defaults of its own, whose runs keep sparseft's (AdamW, as before)."""
+    from sparseft.bench.cells import plan, run_spec
+    from sparseft.bench.suite import shipped_suites
+    from sparseft.methods import METHODS
+
+    monkeypatch.setenv("VTAB_ROOT", "/vtab")
+    monkeypatch.setenv("FGVC_ROOT", "/fgvc")
+    for name in shipped_suites():
+        suite = load_suite(name)
+        for cell in plan(suite):
+            spec = run_spec(suite, cell, cell.entry.paper_point(suite.grid), "final", False)
+            assert spec.train.optimizer in ("adam", "adamw") and spec.train.weight_decay is not None
+            settings = {**suite.train, **cell.backbone.train, **cell.entry.train}
+            if "optimizer" not in settings:
+                assert not METHODS[spec.method].train_defaults, (name, cell.entry.label)
+                assert spec.train.optimizer == "adamw"

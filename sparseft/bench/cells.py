@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseft.bench.suite import Backbone, MethodEntry, Suite, SuiteError, task_name
-from sparseft.run import RunSpec
+from sparseft.run import RunSpec, with_optimizer_defaults
 from sparseft.train import TrainConfig
 
 
@@ -54,9 +54,12 @@ def tunes(suite: Suite, cell: Cell) -> bool:
 
 def run_spec(suite: Suite, cell: Cell, point: dict[str, Any], stage: str, progress: bool) -> RunSpec:
     """The run of `cell` at grid `point` in `stage` (tune, final, paper): the suite's train settings, then the
-    backbone's, then the row's (each overrides the one before), the point's lr and weight decay; the options
-    are the suite's BatchNorm policy, the row's, the row's `per_task` ones for this task, the point's others."""
-    settings = {**suite.train, **cell.backbone.train, **cell.entry.train}
+    backbone's, then the row's, then the row's `per_task_train` ones for this task (each overrides the one
+    before), the point's lr and weight decay; the options
+    are the suite's BatchNorm policy, the row's, the row's `per_task` ones for this task, the point's others.
+    An optimiser or weight decay no level sets is the method's default (`sparseft.run.with_optimizer_defaults`)."""
+    settings = {**suite.train, **cell.backbone.train, **cell.entry.train,
+                **cell.entry.per_task_train.get(task_name(cell.task), {})}
     train_kwargs = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
     train_kwargs.update({k: point[k] for k in ("lr", "weight_decay") if k in point})
     epochs = int(train_kwargs.get("epochs", TrainConfig.epochs))
@@ -67,12 +70,15 @@ def run_spec(suite: Suite, cell: Cell, point: dict[str, Any], stage: str, progre
                **{k: v for k, v in point.items() if k not in ("lr", "weight_decay")}}
     splits = {"tune": ("train800", ("val200",)), "final": ("train800val200", ("test",)),
               "paper": ("train800val200", ("test",))}[stage]
-    return RunSpec(model=cell.backbone.name, data=cell.task, method=cell.entry.method, options=options,
+    spec = RunSpec(model=cell.backbone.name, data=cell.task, method=cell.entry.method, options=options,
                    weights=cell.backbone.weights, pretrained=cell.backbone.pretrained,
                    img_size=cell.backbone.img_size, batch_size=int(settings.get("batch_size", 32)),
                    eval_batch_size=int(settings.get("eval_batch_size", 128)),
                    preprocessing=settings.get("preprocessing", "vtab"), workers=int(settings.get("workers", 0)),
                    train_split=splits[0], eval_splits=splits[1], train=config)
+    # the optimiser a row leaves open is filled in here as `run` would (the method's paper's, else sparseft's),
+    # so that a record and a run folder's config name it, and compare with those of earlier runs
+    return with_optimizer_defaults(spec)[0]
 
 
 def runs_in_cell(suite: Suite, cell: Cell) -> int:

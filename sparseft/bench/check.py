@@ -105,9 +105,11 @@ def _settings(suite: Suite, cell: Cell, point: dict[str, Any], stage: str) -> tu
     train.update({k: _Set(v, f"train.{k}") for k, v in suite.train.items()})
     train.update({k: _Set(v, f"{backbone} train.{k}") for k, v in cell.backbone.train.items()})
     train.update({k: _Set(v, f"{row} train.{k}") for k, v in entry.train.items()})
+    task = task_name(cell.task)
+    train.update({k: _Set(v, f"{row} per_task_train.{task}.{k}")
+                  for k, v in entry.per_task_train.get(task, {}).items()})
     options: dict[str, _Set] = {"batchnorm": _Set(suite.batchnorm, "batchnorm")} if suite.batchnorm else {}
     options.update({k: _Set(v, f"{row} options.{k}") for k, v in entry.options.items()})
-    task = task_name(cell.task)
     options.update({k: _Set(v, f"{row} per_task.{task}.{k}") for k, v in entry.per_task.get(task, {}).items()})
     for k, v in point.items():
         where = (f"{row} paper.{k}" if stage == "paper" and k in entry.paper else
@@ -206,11 +208,12 @@ def _check_rows(suite: Suite) -> None:
         if missing:
             _refuse(suite, None, f"{row} backbones", f"{', '.join(missing)} is not a backbone of this suite, so the "
                                                      f"row would never run; backbones: {', '.join(backbones)}")
-        unknown = [name for name in m.per_task if name not in tasks]
+        unknown = [(key, name) for key in ("per_task", "per_task_train") for name in getattr(m, key)
+                   if name not in tasks]
         if unknown:
-            _refuse(suite, None, f"{row} per_task.{unknown[0]}", f"no task of this suite is named {unknown[0]!r}, so "
-                                                                 f"these settings would never be used; tasks: "
-                                                                 f"{', '.join(tasks)}")
+            key, name = unknown[0]
+            _refuse(suite, None, f"{row} {key}.{name}", f"no task of this suite is named {name!r}, so these settings "
+                                                        f"would never be used; tasks: {', '.join(tasks)}")
 
 
 def _check_task_names(suite: Suite) -> None:

@@ -24,7 +24,9 @@ A suite is a YAML file (the shipped ones live in `sparseft/bench/suites/`, usabl
     choices_from: other-suite     # honest: no grid here; each (backbone, task, row) takes the point the
                                   # finished suite `other-suite` chose (its results folder beside this one's)
 
-A method's `train:` overrides the suite's training settings (e.g. `optimizer: adam`). Grid keys
+A method's `train:` overrides the suite's training settings (e.g. `optimizer: adam`), and its
+`per_task_train: {task name: {setting: value}}` those of single tasks (the official per-task lr,
+batch size, drop-path of the paper suites, `sparseft.bench.official`). Grid keys
 `lr` and `weight_decay` set the optimiser; any other key is a method option (e.g.
 `k` for GPS). `per_task: {task name: {option: value}}` overrides options for single tasks (e.g.
 GPS's K=2 on Patch Camelyon); `${VAR}` in task specs is expanded from the environment. The
@@ -52,7 +54,7 @@ from sparseft.methods import METHODS
 PROTOCOLS = ("honest", "paper", "screen")
 TUNING = ("first_seed", "each_seed")
 TRAIN_KEYS = {"epochs", "lr", "weight_decay", "optimizer", "warmup_epochs", "warmup_lr", "min_lr",
-              "label_smoothing", "grad_clip", "bf16"}
+              "label_smoothing", "grad_clip", "bf16", "drop_path", "ema_decay", "mixup", "cutmix", "drop_last"}
 RUN_KEYS = {"batch_size", "eval_batch_size", "preprocessing", "workers"}
 
 
@@ -83,6 +85,7 @@ class MethodEntry:
     backbones: tuple[str, ...] = ()  # restrict to these backbone names (empty: all)
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> option overrides
     train: dict[str, Any] = field(default_factory=dict)  # this method's overrides of the train settings
+    per_task_train: dict[str, dict[str, Any]] = field(default_factory=dict)  # task name -> train overrides
 
     def grid_points(self, default_grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
         grid = {**default_grid, **self.grid}
@@ -163,6 +166,12 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SuiteError(f"{where}: not valid YAML ({err})") from err
+    return suite_from_mapping(data, where, protocol)
+
+
+def suite_from_mapping(data: Any, where: str, protocol: str | None = None) -> Suite:
+    """A suite from its mapping (a suite file's content; `where` names it in errors), validated as `load_suite`
+    validates a file: a suite built in code (`sparseft reproduce`) is held to the same rules."""
     if not isinstance(data, dict):
         raise SuiteError(f"{where}: expected a mapping at the top level")
     unknown = set(data) - {"name", "protocol", "tasks", "backbones", "methods", "train", "grid", "seeds",
@@ -211,7 +220,8 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
             raise SuiteError(f"{where}: methods[{i}]: label {label!r} must be a name (it names the row's results "
                              "folder: no '/', not empty)")
         row = f"{where}: methods[{i}] (label {label!r})"
-        extra = set(m) - {"label", "method", "options", "grid", "paper", "backbones", "per_task", "train"}
+        extra = set(m) - {"label", "method", "options", "grid", "paper", "backbones", "per_task", "train",
+                          "per_task_train"}
         if extra:
             raise SuiteError(f"{row} has unknown keys {sorted(extra)}")
         names = m.get("backbones") or []
@@ -222,9 +232,15 @@ def load_suite(name_or_path: str | Path, protocol: str | None = None) -> Suite:
             if other_label == label and (not restricted or not other or restricted & other):
                 raise SuiteError(f"{where}: methods[{i}]: label {label!r} used twice for the same backbone")
         labels.add((label, restricted))
-        parts = {key: _mapping(m.get(key), f"{row} {key}") for key in ("options", "grid", "paper", "per_task", "train")}
-        for task, overrides in parts["per_task"].items():
-            _mapping(overrides, f"{row} per_task.{task}")
+        parts = {key: _mapping(m.get(key), f"{row} {key}")
+                 for key in ("options", "grid", "paper", "per_task", "train", "per_task_train")}
+        for key in ("per_task", "per_task_train"):
+            for task, overrides in parts[key].items():
+                _mapping(overrides, f"{row} {key}.{task}")
+        for task, overrides in parts["per_task_train"].items():
+            bad = set(overrides) - TRAIN_KEYS - RUN_KEYS
+            if bad:
+                raise SuiteError(f"{row} per_task_train.{task} has unknown train settings {sorted(bad)}")
         methods.append(MethodEntry(label=label, method=m["method"], backbones=tuple(names), **parts))
         bad = set(methods[-1].train) - TRAIN_KEYS - RUN_KEYS
         if bad:

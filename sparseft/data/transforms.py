@@ -95,10 +95,10 @@ def build_transform(data_config: Mapping[str, Any], protocol: Protocol, train: b
 class TwoViews:
     """Two independent SimCLR-style augmentations of one image: `[view1, view2]`.
 
-    RandomResizedCrop (scale 0.2-1), horizontal flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with
-    p=0.8, RandomGrayscale p=0.2, then tensor + normalisation: what GPS scores weights on. A
-    DataLoader over a dataset with this transform yields `([v1, v2], labels)`, the multi-view
-    batch `sparseft.select` accepts.
+    RandomResizedCrop (scale 0.2-1 by default; the official code's 0.08-1 with GPS's `view_scale`),
+    horizontal flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale p=0.2, then tensor +
+    normalisation: what GPS scores weights on. A DataLoader over a dataset with this transform yields
+    `([v1, v2], labels)`, the multi-view batch `sparseft.select` accepts.
     """
 
     def __init__(self, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float], *,
@@ -115,9 +115,10 @@ class TwoViews:
         ])
 
     @classmethod
-    def from_config(cls, data_config: Mapping[str, Any], img_size: int | Sequence[int] | None = None) -> TwoViews:
-        """TwoViews at the config's input size (or `img_size`) with its mean/std."""
-        return cls(_size(data_config, img_size), data_config["mean"], data_config["std"],
+    def from_config(cls, data_config: Mapping[str, Any], img_size: int | Sequence[int] | None = None, *,
+                    scale: tuple[float, float] = (0.2, 1.0)) -> TwoViews:
+        """TwoViews at the config's input size (or `img_size`) with its mean/std; `scale`: the crops' range."""
+        return cls(_size(data_config, img_size), data_config["mean"], data_config["std"], scale=scale,
                    interpolation=str(data_config.get("interpolation") or "bicubic"))
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:

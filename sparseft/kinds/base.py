@@ -212,7 +212,8 @@ class TaskKind:
 
     # -- model -------------------------------------------------------------------------------
     def build_model(self, name: str, num_classes: int, *, img_size: int | None = None, weights: Any = None,
-                    pretrained: bool = False, class_names: list[str] | None = None) -> nn.Module:
+                    pretrained: bool = False, class_names: list[str] | None = None, **model_kwargs: Any) -> nn.Module:
+        """The kind's model; `model_kwargs` go to the architecture (e.g. `drop_path_rate`)."""
         raise NotImplementedError
 
     # -- training and evaluation ---------------------------------------------------------------

@@ -67,7 +67,7 @@ class ClassificationKind(TaskKind):
     def transforms(self, config: Mapping[str, Any], spec: Any) -> tuple[Any, Any, Any]:
         return (build_transform(config, spec.preprocessing, train=False, img_size=spec.img_size),
                 build_transform(config, spec.preprocessing, train=True, img_size=spec.img_size),
-                TwoViews.from_config(config, spec.img_size))
+                TwoViews.from_config(config, spec.img_size, scale=(getattr(spec, "view_scale", 0.2), 1.0)))
 
     def selection_dataset(self, task_data: Any) -> Any:
         s = task_data.spec
@@ -77,16 +77,20 @@ class ClassificationKind(TaskKind):
         return spec.preprocessing == "vtab"  # fgvc's training crops are random
 
     def build_model(self, name: str, num_classes: int, *, img_size: int | None = None, weights: Any = None,
-                    pretrained: bool = False, class_names: list[str] | None = None) -> nn.Module:
-        return create_model(name, num_classes, img_size=img_size, weights=weights, pretrained=pretrained)
+                    pretrained: bool = False, class_names: list[str] | None = None, **model_kwargs: Any) -> nn.Module:
+        return create_model(name, num_classes, img_size=img_size, weights=weights, pretrained=pretrained,
+                            **model_kwargs)
 
     def loss_sum(self, logits: torch.Tensor, y: torch.Tensor,
                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-        loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=label_smoothing)
+        # y: class indices, or (mixup) per-class probabilities
+        loss = F.cross_entropy(logits.float(), y.float() if y.dim() == 2 else y, reduction="sum",
+                               label_smoothing=label_smoothing)
         return loss, len(y)
 
     def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
-        return int((logits.argmax(1) == y).sum())
+        labels = y.argmax(1) if y.dim() == 2 else y  # mixup's soft targets: their largest share
+        return int((logits.argmax(1) == labels).sum())
 
     def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(1)

@@ -170,7 +170,9 @@ class SegmentationKind(TaskKind):
         return collate_pairs if loader == "eval" else None  # evaluation masks keep their own sizes
 
     def build_model(self, name: str, num_classes: int, *, img_size: int | None = None, weights: Any = None,
-                    pretrained: bool = False, class_names: list[str] | None = None) -> nn.Module:
+                    pretrained: bool = False, class_names: list[str] | None = None, **model_kwargs: Any) -> nn.Module:
+        if model_kwargs:
+            raise InputError(f"segmentation models take no {', '.join(sorted(model_kwargs))} (e.g. --drop-path)")
         model = create_segmentation_model(name, num_classes, img_size=img_size, weights=weights,
                                           pretrained=pretrained)
         if class_names:

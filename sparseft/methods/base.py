@@ -91,6 +91,9 @@ class Method:
     keep_base: ClassVar[bool] = True
 
     Options: ClassVar[type] = CommonOptions
+    #: the method's own defaults for training settings (`TrainConfig` fields) its paper uses, e.g. GPS's
+    #: Adam without weight decay; `sparseft train` applies them where the flag is not given
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

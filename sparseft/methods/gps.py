@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -17,8 +18,8 @@ from sparseft.selection.scores import check_count, check_temperature
 #: options a saved selection fixes (`--selection` takes them from the file)
 SELECTION_SETTINGS = ("k", "level", "criterion", "loss", "score", "score_norm", "temperature", "budget")
 #: every option a selection depends on (a cached selection is reused only when all of them agree)
-SELECTION_OPTIONS = (*SELECTION_SETTINGS, "select_batches", "train_norm", "train_embeddings", "select_patch_embed",
-                     "select_bias_tables", "train_bias")
+SELECTION_OPTIONS = (*SELECTION_SETTINGS, "view_scale", "select_batches", "train_norm", "train_embeddings",
+                     "select_patch_embed", "select_bias_tables", "train_bias")
 
 
 @register
@@ -28,6 +29,9 @@ class GPS(Method):
     #: "update" until 2026-12-01; on MobileNetV2 (mini-vtab-cpu, 3 tasks x 3 seeds) GPS with frozen statistics
     #: beat GPS updating them by 8.5 points on 9/9 pairs (docs/results.md)
     batchnorm = "frozen"
+
+    #: the paper's optimiser (official scripts: --opt adam --weight-decay 0)
+    train_defaults: ClassVar[dict[str, Any]] = {"optimizer": "adam", "weight_decay": 0.0}
 
     @dataclass
     class Options(CommonOptions):
@@ -51,6 +55,9 @@ class GPS(Method):
             "help": "experiment: 'column' divides each input's scores by their mean over the rows before top-K "
                     "(spreads top-1 choices over inputs); 'none' is the paper's rule", "choices": ["none", "column"]})
         temperature: float = field(default=0.07, metadata={"help": "SupCon temperature"})
+        view_scale: float = field(default=0.2, metadata={
+            "help": "smallest crop (fraction of the image) of the selection views; the official code passes "
+                    "timm's --scale, 0.08"})
         select_batches: int | None = field(default=None, metadata={"help": "limit the selection pass to N batches"})
         select_chunk: int | None = field(default=None, metadata={
             "help": "re-run the selection backward in chunks of N images (less memory, one extra forward; "
@@ -78,6 +85,7 @@ class GPS(Method):
                 raise InputError(f"gps: --budget fills top-K per neuron; --level {o.level} takes --k instead")
         if o.loss == "supcon" and o.criterion in ("gradient", "taylor"):
             check_temperature(o.temperature)
+        self.require(0 < o.view_scale <= 1, "view_scale", "in (0, 1]")
         for name in ("select_batches", "select_chunk"):
             if getattr(o, name) is not None:
                 check_count(getattr(o, name), name, flag_of(name), "when given")
