@@ -1,5 +1,5 @@
-"""`sparseft` command line: select, train, eval, predict, merge, info, methods, layers, bench, report, demo, data,
-weights.
+"""`sparseft` command line: select, train, eval, predict, merge, export, import-peft, info, methods, layers, bench,
+report, demo, data, weights.
 
 Exit status, for every command: 0 success; 1 a user error (bad file, bad value, a run that
 diverged), reported as one line `error: ...` on stderr; 2 a usage error (unknown flag, a
@@ -41,6 +41,7 @@ from sparseft.deltafile import TaskFile, read_delta, save_merged
 from sparseft.demo import main as demo_main
 from sparseft.errors import InputError, SparseftError, TrainingWarning
 from sparseft.evalreport import check_confusion_folder, per_class_table, write_confusion
+from sparseft.export.cli import register_cli as register_export_cli
 from sparseft.hub.cli import register_cli as register_weights_cli
 from sparseft.inference import UNKNOWN, check_min_confidence, find_images, predict, write_csv
 from sparseft.kinds.base import kind_named_in
@@ -465,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the demo's runs")
     d.set_defaults(func=cmd_demo)
 
+    register_export_cli(sub)
     register_data_cli(sub)
     register_weights_cli(sub)
     return p
