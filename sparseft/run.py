@@ -27,7 +27,9 @@ from sparseft.api import evaluate_task  # noqa: F401 - re-exported: tests import
 from sparseft.cliopts import require
 from sparseft.data import fingerprint
 from sparseft.data.images import DataError
+from sparseft.deltafile import read_delta
 from sparseft.errors import DataWarning, InputError
+from sparseft.export.hub import CARD_FILE, folder_config, model_card
 from sparseft.fileutil import LOCK_FILE, folder_lock, read_json, write_text_atomic
 from sparseft.kinds.base import TaskKind, kind_for_data
 from sparseft.loaders import DataSpec, TaskData
@@ -96,7 +98,8 @@ class RunSpec:
         return cls(**d)
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", TASK_FILE, PLAN_FILE, "checkpoint.json", DATA_FILE)
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", TASK_FILE, PLAN_FILE, "checkpoint.json", DATA_FILE,
+             CARD_FILE)
 
 
 def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool) -> None:
@@ -337,6 +340,9 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
         summary["task_file"] = str(task_file)
         summary["task_file_bytes"] = Path(task_file).stat().st_size
     if run_dir is not None and distributed.is_main():
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary_record(summary), indent=1, default=str))
+        record = summary_record(summary)
+        write_text_atomic(run_dir / "summary.json", json.dumps(record, indent=1, default=str))
+        if task_file is not None:  # the model card: what a Hub-style folder of this task shows (sparseft.export.hub)
+            write_text_atomic(run_dir / CARD_FILE, model_card(folder_config(read_delta(task_file)), record))
     return distributed.broadcast_object(summary)  # rank 0's (it saved the task file) on every rank
 
