@@ -4,8 +4,9 @@ to what."""
 
 from sparseft.export.common import ExportError
 from sparseft.export.hub import from_pretrained, push_to_hub, save_pretrained
+from sparseft.export.onnx import export_onnx
 from sparseft.export.peft import PeftExport, export_peft
 from sparseft.export.peftimport import import_peft
 
-__all__ = ["ExportError", "PeftExport", "export_peft", "from_pretrained", "import_peft", "push_to_hub",
+__all__ = ["ExportError", "PeftExport", "export_onnx", "export_peft", "from_pretrained", "import_peft", "push_to_hub",
            "save_pretrained"]
