@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -25,6 +26,7 @@ from torch import nn
 from sparseft import distributed
 from sparseft.api import evaluate_task  # noqa: F401 - re-exported: tests import it from here
 from sparseft.cliopts import require
+from sparseft.curves import TB_DIR
 from sparseft.data import fingerprint
 from sparseft.data.images import DataError
 from sparseft.deltafile import read_delta
@@ -130,6 +132,8 @@ def _clear_run_files(run_dir: Path) -> None:
         name = path.name
         if name in RUN_FILES or (name.startswith("checkpoint-e") and name.endswith(".safetensors")):
             path.unlink()
+        elif name == TB_DIR and path.is_dir():  # the old run's TensorBoard event files
+            shutil.rmtree(path)
 
 
 def _absolute_data(data: str) -> str:
@@ -230,13 +234,14 @@ def _claim(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool) -> di
 
 
 def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = False,
-        overwrite: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, log_dir: str | Path | None = None) -> dict[str, Any]:
     """Train `spec.method` on `spec.data`; returns the summary (also written to the run folder).
 
     The run folder must be empty or new (`overwrite=True` replaces sparseft's files in it);
     `resume=True` continues the run there, refusing changed settings. Under torchrun every rank
     calls `run` (see `sparseft.distributed`): rank 0 checks and writes the folder, every rank
-    returns rank 0's summary.
+    returns rank 0's summary. `log_dir`: TensorBoard event files there (default: the run folder's tb/ when the
+    tensorboard package is installed).
     """
     spec = dataclasses.replace(spec, data=_absolute_data(spec.data))
     if run_dir is not None and (not str(run_dir).strip() or str(run_dir) != str(run_dir).strip()):
@@ -247,7 +252,7 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
     with contextlib.ExitStack() as held:
         if run_dir is not None:  # one process per run folder: a second `train --out` on it is refused
             distributed.run_on_main(lambda: held.enter_context(_locked_run_dir(run_dir)))
-        return _run(spec, run_dir, resume=resume, overwrite=overwrite)
+        return _run(spec, run_dir, resume=resume, overwrite=overwrite, log_dir=log_dir)
 
 
 def _learning_rate(spec: RunSpec, model: nn.Module) -> tuple[TrainConfig, str]:
@@ -273,7 +278,8 @@ def _locked_run_dir(run_dir: Path) -> Iterator[None]:
                 run_dir.rmdir()
 
 
-def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) -> dict[str, Any]:
+def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool,
+         log_dir: str | Path | None = None) -> dict[str, Any]:
     if run_dir is not None:
         finished = distributed.run_on_main(lambda: _claim(run_dir, spec, resume=resume, overwrite=overwrite))
         if finished is not None:
@@ -332,7 +338,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool) 
     if started is not None:
         write_text_atomic(run_dir / DATA_FILE, json.dumps(started, separators=(",", ":")))
     summary = fit(model, data.loader("train"), train, eval_loaders=eval_loaders, run_dir=run_dir,
-                  resume=resume, save_task=save_task, run_info=info, hook=method.training_hook(model))
+                  resume=resume, save_task=save_task, run_info=info, hook=method.training_hook(model), log_dir=log_dir)
     summary.update({"method": spec.method, "model": spec.model, "data": spec.data, "task": task,
                     "metric": kind.metric_key, "num_classes": classes,
                     "prepare_time_s": round(prepare_time, 2), "lr": train.lr, "lr_source": lr_source, **ctx.info})

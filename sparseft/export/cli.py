@@ -1,8 +1,9 @@
-"""The `sparseft export` and `sparseft import-peft` commands.
+"""The `sparseft export`, `sparseft import-peft` and `sparseft plot` commands.
 
     sparseft export runs/pets/delta.safetensors --format peft --out pets-peft     # PeftModel.from_pretrained
     sparseft export runs/pets/delta.safetensors --format onnx --out pets.onnx     # the merged model
     sparseft import-peft pets-peft --out pets.safetensors                           # a peft adapter as a task
+    sparseft plot runs/pets-gps runs/pets-lora --out curves.png                     # training curves
 
 The options are declared once in `ExportOptions` / `ImportOptions` (flags via `sparseft.cliopts`).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseft.cliopts import add_arguments, from_args
+from sparseft.curves import plot
 from sparseft.errors import UsageError
 from sparseft.export.hub import save_pretrained
 from sparseft.export.onnx import export_onnx
@@ -84,8 +86,16 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or choose another path")
+    print(f"curves of {len(args.runs)} run(s) -> {plot(args.runs, out, labels=args.labels)}")
+    return 0
+
+
 def register_cli(subparsers: Any) -> None:
-    """Add `export` and `import-peft` to the main parser's subparsers."""
+    """Add `export`, `import-peft` and `plot` to the main parser's subparsers."""
     e = subparsers.add_parser("export", help="a task as a peft adapter, an ONNX model or a Hub-style folder",
                               description="Write a task file in a format the ecosystem reads: a peft adapter "
                                           "folder (plain PeftModel.from_pretrained loads it), the merged model as "
@@ -104,3 +114,13 @@ def register_cli(subparsers: Any) -> None:
     i.add_argument("--out", required=True, help="task file to write (.safetensors)")
     add_arguments(i, ImportOptions)
     i.set_defaults(func=cmd_import_peft)
+
+    p = subparsers.add_parser("plot", help="loss, accuracy and learning-rate curves of runs into a PNG",
+                              description="Draw the per-epoch loss, accuracy (mIoU for segmentation) and learning "
+                                          "rate of one or more run folders (their metrics.jsonl) into one PNG. "
+                                          "Per-step curves: TensorBoard on the runs' tb/ folders.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders of sparseft train (or metrics.jsonl files)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--labels", nargs="+", help="a legend name per run (default: the folder names)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_plot)
