@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import toy_base, toy_batches, write_task
+from helpers import random_selection, tiny_model, toy_base, toy_batches, write_task
 from safetensors.torch import load_file, save_file
 
 import sparseft
@@ -116,6 +116,15 @@ def test_conv_entries_are_refused_before_writing_or_carried_whole_with_dense(tmp
     model = PeftModel.from_pretrained(toy_base(), tmp_path / "out").eval()
     with torch.no_grad():
         assert (model(x) - _merged_logits(task, x)).abs().max() <= 1e-5
+
+
+def test_a_cnn_task_without_a_linear_entry_is_refused_even_with_dense(tmp_path):
+    model = tiny_model("resnet", num_classes=3)
+    sparseft.apply(model, random_selection(model, k=1))
+    task = sparseft.save_delta(model, tmp_path / "cnn.safetensors")
+    with pytest.raises(ExportError, match="no sparse entry lies in an nn.Linear weight.*--format onnx"):
+        export_peft(task, tmp_path / "out", model=tiny_model("resnet", num_classes=3), dense=True)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("method", ["adapter", "vpt-shallow", "full"])

@@ -34,6 +34,7 @@ CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 FORMAT = "sparseft.task-folder/1"
 HUB_PREFIX = "hf-hub:"
+NOT_METRICS = ("epoch", "step", "lr", "epoch_time_s")  # a run's final line: bookkeeping, not results
 
 
 def _run_summary(task_path: Path) -> dict[str, Any]:
@@ -80,13 +81,15 @@ def folder_config(task: TaskFile, model: nn.Module | None = None) -> dict[str, A
 def model_card(config: dict[str, Any], summary: dict[str, Any] | None = None, repo_id: str | None = None) -> str:
     """README.md of a task folder or run: the Hub's metadata header, what the task is, its metrics, how to load it."""
     summary = summary or {}
-    final = {k: v for k, v in (summary.get("final") or {}).items() if isinstance(v, (int, float))}
-    tags = ["sparseft", config.get("method") or "gps", "image-segmentation" if config.get("task") == "segmentation"
-            else "image-classification"]
+    final = {k: v for k, v in (summary.get("final") or {}).items() if isinstance(v, (int, float))
+             and not isinstance(v, bool) and k not in NOT_METRICS}
+    kind = "image-segmentation" if config.get("task") == "segmentation" else "image-classification"
     head = ["---", "library_name: sparseft", f"base_model: {config.get('architecture')}", "tags:",
-            *[f"- {t}" for t in tags]]
+            *[f"- {t}" for t in ("sparseft", config.get("method") or "gps", kind)]]
     if final:
-        head += ["model-index:", f"- name: {repo_id or config.get('method')}", "  results:", "  - metrics:",
+        data = json.dumps(str(summary.get("data") or "unknown"))
+        head += ["model-index:", f"- name: {repo_id or config.get('method')}", "  results:", "  - task:",
+                 f"      type: {kind}", "    dataset:", f"      name: {data}", f"      type: {data}", "    metrics:",
                  *[f"    - type: {k}\n      value: {v:.6g}" for k, v in sorted(final.items())]]
     head.append("---")
     params = summary.get("params") or {}

@@ -39,6 +39,7 @@ from sparseft import delta
 from sparseft.api import load, method_named_in, unmerge
 from sparseft.deltafile import TaskSource, read_task
 from sparseft.export.common import ExportError, atomic_folder, check_output_folder, task_summary
+from sparseft.hub.registry import REGISTRY
 from sparseft.methods.modules import Added, lora_layers
 from sparseft.version import __version__
 
@@ -239,6 +240,11 @@ def _write(model: nn.Module, task: Any, out: Path, *, dense: bool, overwrite: bo
         _check_whole(model, whole, dense, where, "shira")
         whole += smaller
         layers = sorted(shira)
+        if not layers:
+            carried = sum(by_base[n].numel() for n in whole)
+            raise ExportError(f"{where}: no sparse entry lies in an nn.Linear weight, the only layer peft's SHiRA "
+                              f"adapts; as a peft adapter the task would be {carried:,} values carried whole: export "
+                              "the merged model instead (--format onnx, or sparseft merge)")
         for layer, (index, values, shape) in shira.items():
             idx, weight = _shira_entries(index, values, shape, r * sum(shape))
             tensors[f"{PREFIX}{layer}.shira_indices"], tensors[f"{PREFIX}{layer}.shira_weight"] = idx, weight
@@ -274,8 +280,8 @@ def _write(model: nn.Module, task: Any, out: Path, *, dense: bool, overwrite: bo
     with atomic_folder(out, overwrite) as tmp:
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "sparseft": json.dumps(record)})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(_card(peft_type, extra, r, len(layers), entry_count, padding))
-    whole_values = sum(by_base[n].numel() for n in carried)
+        whole_values = sum(by_base[n].numel() for n in carried)
+        (tmp / "README.md").write_text(_card(peft_type, extra, r, len(layers), entry_count, padding, whole_values))
     return PeftExport(out, peft_type, int(r), len(layers), entry_count, padding, whole_values, head_values,
                       (out / ADAPTER_FILE).stat().st_size, Path(task.path).stat().st_size, sorted(whole))
 
@@ -292,7 +298,8 @@ def _config(peft_type: str, kwargs: dict[str, Any], head_modules: list[str], ext
     return json.loads(json.dumps(out, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
-def _card(peft_type: str, extra: dict[str, Any], r: int, layers: int, entries: int, padding: int) -> str:
+def _card(peft_type: str, extra: dict[str, Any], r: int, layers: int, entries: int, padding: int,
+          whole: int) -> str:
     facts = task_summary(extra)
     tuner = "SHiRA (sparse high-rank adapter)" if peft_type == "SHIRA" else "LoRA"
     padded = f" ({padding:,} zero-valued padding entries: peft's SHiRA holds r·(in+out) per layer)" if padding else ""
@@ -309,13 +316,25 @@ tags:
 
 Exported by sparseft {__version__} from a `{facts['method'] or 'gps'}` task on `{facts['base_model']}`
 ({facts['num_classes']} classes, {facts['img_size'] or 'default'} px): r = {r}, {layers} adapted layers,
-{entries:,} trained values{padded}. The head is in `modules_to_save`.
+{entries:,} adapter values{padded}, {whole:,} values of parameters trained or carried whole (biases, norms,
+weights SHiRA cannot index). The head is in `modules_to_save`.
 
 ```python
-import timm
 from peft import PeftModel
 
-base = timm.create_model("{facts['base_model']}", num_classes={facts['num_classes']})  # the task's base weights
+base = ...  # {_base_recipe(extra)}
 model = PeftModel.from_pretrained(base, "this folder")   # .merge_and_unload() for a plain model
 ```
 """
+
+
+def _base_recipe(extra: dict[str, Any]) -> str:
+    """How to build the task's base without sparseft, for the card."""
+    name, classes, size = extra.get("model"), extra.get("num_classes"), extra.get("img_size")
+    sized = f", img_size={size}" if size else ""
+    spec = REGISTRY.get(name) if isinstance(name, str) else None
+    if spec is not None:
+        return (f"{spec.library}'s {spec.architecture} with {classes} classes{sized} and the weights of "
+                f"`sparseft weights fetch {name}` (the head's values come from this adapter)")
+    weights = f" and the base weights {Path(extra['weights']).name}" if extra.get("weights") else ""
+    return f"timm.create_model({name!r}, num_classes={classes}{sized}){weights}"
