@@ -51,7 +51,7 @@ class CurveLog:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir), purge_step=start_step or None)
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
 
     def step(self, step: int, loss: float, lr: float) -> None:
         if self.writer is not None:

@@ -60,3 +60,21 @@ def test_plot_draws_loss_accuracy_and_lr_of_several_runs(tmp_path, capsys):
         curves.plot([tmp_path], tmp_path / "x.png")
     with pytest.raises(InputError, match=r"\.png"):
         curves.plot([a], tmp_path / "x.pdf")
+
+
+def test_a_resumed_run_purges_the_events_past_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = curves.CurveLog(tmp_path / "tb")
+    for step in range(1, 7):  # the run was interrupted at step 6; its checkpoint is at step 4
+        first.step(step, loss=1.0, lr=0.1)
+    first.close()
+    resumed = curves.CurveLog(tmp_path / "tb", start_step=4)
+    for step in range(5, 9):
+        resumed.step(step, loss=0.5, lr=0.1)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    points = [(e.step, e.value) for e in events.Scalars("step/loss")]
+    assert points == [(s, 1.0) for s in range(1, 5)] + [(s, 0.5) for s in range(5, 9)]
