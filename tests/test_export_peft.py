@@ -118,12 +118,13 @@ def test_conv_entries_are_refused_before_writing_or_carried_whole_with_dense(tmp
         assert (model(x) - _merged_logits(task, x)).abs().max() <= 1e-5
 
 
-def test_a_cnn_task_without_a_linear_entry_is_refused_even_with_dense(tmp_path):
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_cnn_task_without_a_linear_entry_is_refused_even_with_dense(tmp_path, dense):
     model = tiny_model("resnet", num_classes=3)
     sparseft.apply(model, random_selection(model, k=1))
     task = sparseft.save_delta(model, tmp_path / "cnn.safetensors")
     with pytest.raises(ExportError, match="no sparse entry lies in an nn.Linear weight.*--format onnx"):
-        export_peft(task, tmp_path / "out", model=tiny_model("resnet", num_classes=3), dense=True)
+        export_peft(task, tmp_path / "out", model=tiny_model("resnet", num_classes=3), dense=dense)
     assert not (tmp_path / "out").exists()
 
 

@@ -237,14 +237,14 @@ def _write(model: nn.Module, task: Any, out: Path, *, dense: bool, overwrite: bo
                               "parameters); peft needs target layers: export --format onnx, or sparseft merge")
         peft_type = "SHIRA"
         shira, whole, smaller, r = _shira_plan(model, entries)
-        _check_whole(model, whole, dense, where, "shira")
-        whole += smaller
         layers = sorted(shira)
         if not layers:
-            carried = sum(by_base[n].numel() for n in whole)
+            carried = sum(by_base[n].numel() for n in whole + smaller)
             raise ExportError(f"{where}: no sparse entry lies in an nn.Linear weight, the only layer peft's SHiRA "
                               f"adapts; as a peft adapter the task would be {carried:,} values carried whole: export "
                               "the merged model instead (--format onnx, or sparseft merge)")
+        _check_whole(model, whole, dense, where, "shira")
+        whole += smaller
         for layer, (index, values, shape) in shira.items():
             idx, weight = _shira_entries(index, values, shape, r * sum(shape))
             tensors[f"{PREFIX}{layer}.shira_indices"], tensors[f"{PREFIX}{layer}.shira_weight"] = idx, weight
