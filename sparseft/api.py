@@ -54,6 +54,12 @@ def _build(task: TaskFile, weights: str | Path | None) -> nn.Module:
                                 class_names=extra.get("class_names"))
 
 
+def base_from_record(extra: dict[str, Any], where: str | Path, weights: str | Path | None = None) -> nn.Module:
+    """The base a task record (a header's `extra`) names, as `base_model` builds it (for records kept outside a
+    task file: a peft export's, a Hub-style folder's config)."""
+    return _build(TaskFile({"extra": extra}, {}, where), weights)
+
+
 def base_model(task_file: TaskSource, *, weights: str | Path | None = None) -> nn.Module:
     """The base model a task file was trained on, built from its header: the model name, image size,
     a head of the task's classes, the base weights (the recorded file, `weights`, or the offline or

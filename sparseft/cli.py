@@ -1,5 +1,5 @@
-"""`sparseft` command line: select, train, eval, predict, merge, info, methods, layers, bench, report, demo, data,
-weights.
+"""`sparseft` command line: select, train, eval, predict, merge, export, import-peft, plot, info, methods, layers,
+bench, report, demo, data, weights.
 
 Exit status, for every command: 0 success; 1 a user error (bad file, bad value, a run that
 diverged), reported as one line `error: ...` on stderr; 2 a usage error (unknown flag, a
@@ -43,6 +43,7 @@ from sparseft.deltafile import TaskFile, read_delta, save_merged
 from sparseft.demo import main as demo_main
 from sparseft.errors import InputError, SparseftError, TrainingWarning
 from sparseft.evalreport import check_confusion_folder, per_class_table, write_confusion
+from sparseft.export.cli import register_cli as register_export_cli
 from sparseft.fileutil import check_output_file, check_output_folder
 from sparseft.hub.cli import register_cli as register_weights_cli
 from sparseft.inference import UNKNOWN, check_min_confidence, find_images, predict, write_csv
@@ -125,8 +126,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     auto = getattr(args, "lr", None) == "auto"
     if auto:
         del args.lr  # `sparseft.autolr` chooses it
+        if args.log_dir is not None:
+            raise UsageError("--log-dir: with --lr auto the event files go to each run's tb/ folder")
     spec = _spec(args, args.method, options)
-    summary = (run_auto_lr if auto else run)(spec, args.out, resume=args.resume, overwrite=args.overwrite)
+    extra = {} if auto else {"log_dir": args.log_dir}
+    summary = (run_auto_lr if auto else run)(spec, args.out, resume=args.resume, overwrite=args.overwrite, **extra)
     if distributed.is_main():
         _print_summary(summary)
     return 0
@@ -380,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(refused if a setting changed)")
     mode.add_argument("--overwrite", action="store_true", help="replace sparseft's files in a non-empty --out "
                       "(by default a run needs an empty or new folder)")
+    t.add_argument("--log-dir", help="TensorBoard event files here (default: the run folder's tb/ when the "
+                   "tensorboard extra is installed: pip install 'sparseft[tensorboard]')")
     _model_args(t)
     _data_args(t)
     _train_args(t)
@@ -512,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the demo's runs")
     d.set_defaults(func=cmd_demo)
 
+    register_export_cli(sub)
     register_data_cli(sub)
     register_weights_cli(sub)
     return p

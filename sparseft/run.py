@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -25,9 +26,12 @@ from torch import nn
 from sparseft import distributed
 from sparseft.api import evaluate_task  # noqa: F401 - re-exported: tests import it from here
 from sparseft.cliopts import require
+from sparseft.curves import TB_DIR
 from sparseft.data import fingerprint
 from sparseft.data.images import DataError
+from sparseft.deltafile import read_delta
 from sparseft.errors import DataWarning, InputError
+from sparseft.export.hub import CARD_FILE, folder_config, model_card
 from sparseft.fileutil import LOCK_FILE, check_output_folder, folder_lock, read_json, write_text_atomic
 from sparseft.kinds.base import TaskKind, kind_for_data
 from sparseft.loaders import DataSpec, TaskData
@@ -97,7 +101,8 @@ class RunSpec:
         return cls(**d)
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", TASK_FILE, PLAN_FILE, "checkpoint.json", DATA_FILE)
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", TASK_FILE, PLAN_FILE, "checkpoint.json", DATA_FILE,
+             CARD_FILE)
 
 
 def claim_run_dir(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool) -> None:
@@ -128,6 +133,8 @@ def _clear_run_files(run_dir: Path) -> None:
         name = path.name
         if name in RUN_FILES or (name.startswith("checkpoint-e") and name.endswith(".safetensors")):
             path.unlink()
+        elif name == TB_DIR and path.is_dir():  # the old run's TensorBoard event files
+            shutil.rmtree(path)
 
 
 def _absolute_data(data: str) -> str:
@@ -228,13 +235,14 @@ def _claim(run_dir: Path, spec: RunSpec, *, resume: bool, overwrite: bool) -> di
 
 
 def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = False,
-        overwrite: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, log_dir: str | Path | None = None) -> dict[str, Any]:
     """Train `spec.method` on `spec.data`; returns the summary (also written to the run folder).
 
     The run folder must be empty or new (`overwrite=True` replaces sparseft's files in it);
     `resume=True` continues the run there, refusing changed settings. Under torchrun every rank
     calls `run` (see `sparseft.distributed`): rank 0 checks and writes the folder, every rank
-    returns rank 0's summary.
+    returns rank 0's summary. `log_dir`: TensorBoard event files there (default: the run folder's tb/ when the
+    tensorboard package is installed).
     """
     spec = dataclasses.replace(spec, data=_absolute_data(spec.data))
     if run_dir is not None and (not str(run_dir).strip() or str(run_dir) != str(run_dir).strip()):
@@ -247,7 +255,8 @@ def run(spec: RunSpec, run_dir: str | Path | None = None, *, resume: bool = Fals
             distributed.run_on_main(lambda: held.enter_context(_locked_run_dir(run_dir)))
         resumed = distributed.run_on_main(lambda: _started_train(run_dir)) if resume and run_dir else None
         spec, optimizer_source = with_optimizer_defaults(spec, resumed)
-        return _run(spec, run_dir, resume=resume, overwrite=overwrite, optimizer_source=optimizer_source)
+        return _run(spec, run_dir, resume=resume, overwrite=overwrite, optimizer_source=optimizer_source,
+                    log_dir=log_dir)
 
 
 def _started_train(run_dir: Path) -> dict[str, Any]:
@@ -307,7 +316,7 @@ def _locked_run_dir(run_dir: Path) -> Iterator[None]:
 
 
 def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool,
-         optimizer_source: str = "given") -> dict[str, Any]:
+         optimizer_source: str = "given", log_dir: str | Path | None = None) -> dict[str, Any]:
     if run_dir is not None:
         finished = distributed.run_on_main(lambda: _claim(run_dir, spec, resume=resume, overwrite=overwrite))
         if finished is not None:
@@ -368,7 +377,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool,
     if started is not None:
         write_text_atomic(run_dir / DATA_FILE, json.dumps(started, separators=(",", ":")))
     summary = fit(model, data.loader("train"), train, eval_loaders=eval_loaders, run_dir=run_dir,
-                  resume=resume, save_task=save_task, run_info=info, hook=method.training_hook(model))
+                  resume=resume, save_task=save_task, run_info=info, hook=method.training_hook(model), log_dir=log_dir)
     summary.update({"method": spec.method, "model": spec.model, "data": spec.data, "task": task,
                     "metric": kind.metric_key, "num_classes": classes,
                     "prepare_time_s": round(prepare_time, 2), "lr": train.lr, "lr_source": lr_source,
@@ -378,6 +387,9 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool,
         summary["task_file"] = str(task_file)
         summary["task_file_bytes"] = Path(task_file).stat().st_size
     if run_dir is not None and distributed.is_main():
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary_record(summary), indent=1, default=str))
+        record = summary_record(summary)
+        write_text_atomic(run_dir / "summary.json", json.dumps(record, indent=1, default=str))
+        if task_file is not None:  # the model card: what a Hub-style folder of this task shows (sparseft.export.hub)
+            write_text_atomic(run_dir / CARD_FILE, model_card(folder_config(read_delta(task_file)), record))
     return distributed.broadcast_object(summary)  # rank 0's (it saved the task file) on every rank
 

@@ -9,6 +9,7 @@ a run folder, writes there:
     metrics.jsonl      one JSON line per epoch
     checkpoint.*       the last finished epoch (trainables, buffers, optimizer): resumes exactly
     summary.json       final metrics, parameter counts, timing
+    tb/                TensorBoard event files, when the tensorboard package is installed (`sparseft.curves`)
 
 Each epoch reseeds the global RNG from (seed, epoch), so shuffling, augmentation and drop-path
 after a resume are those of an uninterrupted run. A NaN or infinite loss stops the run with
@@ -33,6 +34,7 @@ from torch import nn
 from sparseft import distributed
 from sparseft.checkpoint import load_checkpoint, save_checkpoint
 from sparseft.cliopts import require
+from sparseft.curves import TB_DIR, CurveLog
 from sparseft.delta import is_applied, parameter_summary
 from sparseft.deltafile import save_delta
 from sparseft.errors import InputError, SparseftError, TrainingWarning
@@ -254,8 +256,11 @@ def _data_parallel(model: nn.Module) -> nn.Module:
 def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         eval_loaders: dict[str, Iterable] | None = None, run_dir: str | Path | None = None,
         resume: bool = False, save_task: Callable[[nn.Module, Path], Any] | None = None,
-        run_info: dict[str, Any] | None = None, hook: Any = None) -> dict[str, Any]:
+        run_info: dict[str, Any] | None = None, hook: Any = None, log_dir: str | Path | None = None) -> dict[str, Any]:
     """Train the model's trainable parameters; returns {"history", "final", "summary"}.
+
+    TensorBoard event files (per step loss and lr, per epoch every metric; `sparseft.curves`) go to
+    `log_dir`, by default to the run folder's `tb/` when the tensorboard package is installed.
 
     A loader whose `dataset` has `set_epoch` (segmentation data sets seeded per item) gets it
     called before each epoch; with `persistent_workers=True` the workers would keep epoch 0's copy.
@@ -288,7 +293,23 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
     history, step, train_time = start.history, start.step, start.train_time
     loop.scheduler.step_update(step)
     loop.forward = _data_parallel(model) if loop.world > 1 else model
+    if loop.main:
+        where = log_dir if log_dir is not None else run_dir / TB_DIR if run_dir is not None else None
+        loop.curves = CurveLog(where, explicit=log_dir is not None, start_step=step)
+    try:
+        history, step, train_time = _epochs(loop, start, eval_loaders, run_dir, history, step, train_time)
+    finally:
+        loop.curves.close()
 
+    names = [*eval_loaders, *(f"ema_{n}" for n in eval_loaders if loop.ema is not None)]
+    summary = _summary(model, history, train_time, loop.world, names)
+    return _finish(model, summary, loop, run_dir, save_task, run_info)
+
+
+def _epochs(loop: _Loop, start: _Start, eval_loaders: dict[str, Iterable], run_dir: Path | None,
+            history: list[dict[str, Any]], step: int, train_time: float) -> tuple[list[dict[str, Any]], int, float]:
+    """The epochs from `start`: train, evaluate, report, checkpoint, log the curves."""
+    config = loop.config
     for epoch in range(start.epoch, config.epochs):
         metrics, step, epoch_time = _train_epoch(loop, epoch, step)
         train_time += epoch_time
@@ -300,9 +321,13 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *,
         if run_dir is not None:
             _save_epoch(loop, run_dir, epoch, start.epoch, metrics, {"epoch": epoch, "step": step, "history": history,
                                                                     "train_time_s": train_time})
+        loop.curves.epoch(metrics)
+    return history, step, train_time
 
-    names = [*eval_loaders, *(f"ema_{n}" for n in eval_loaders if loop.ema is not None)]
-    summary = _summary(model, history, train_time, loop.world, names)
+
+def _finish(model: nn.Module, summary: dict[str, Any], loop: _Loop, run_dir: Path | None,
+            save_task: Callable[[nn.Module, Path], Any] | None, run_info: dict[str, Any] | None) -> dict[str, Any]:
+    """Rank 0 writes the task file and summary.json of a finished run; returns the summary."""
     if run_dir is not None and loop.main:
         if save_task is None:
             if is_applied(model):
@@ -330,6 +355,7 @@ class _Loop:
                                            warmup_lr_init=config.warmup_lr, t_in_epochs=False)
         self.stem = run_dir / "checkpoint" if run_dir else None
         self.forward: nn.Module = model  # the training forward: under a process group, `fit` wraps it in DDP
+        self.curves = CurveLog(None)  # rank 0's TensorBoard log (`fit` opens it)
         self.ema = WeightAverage(model, config.ema_decay) if config.ema_decay is not None else None
         self.mixup = make_mixup(config.mixup, config.cutmix, config.label_smoothing, model)
 
@@ -444,6 +470,7 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
         correct += kind.correct(logits, y)
         seen += terms
         bar.set_postfix(loss=f"{mean_loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        loop.curves.step(step, mean_loss.item(), optimizer.param_groups[0]["lr"])
     if world > 1:
         correct, seen = (int(v) for v in distributed.all_reduce_sum(torch.tensor([correct, seen])))
     epoch_time = time.perf_counter() - t0

@@ -35,9 +35,11 @@ LAYERS: list[tuple[str, list[str]]] = [
                "sparseft.api",
                "sparseft.taskbank", "sparseft.run", "sparseft.evalreport",
                # the built-in kinds: built on data, models, selection objectives, loaders and prediction
-               "sparseft.kinds.classification", "sparseft.kinds.segmentation"]),
+               "sparseft.kinds.classification", "sparseft.kinds.segmentation",
+               # the ecosystem's formats (peft adapters, Hub-style folders, ONNX): built on loading a task
+               "sparseft.export", "sparseft.curves"]),
     ("front", ["sparseft", "sparseft.__main__", "sparseft.cli", "sparseft.data.cli", "sparseft.hub.cli",
-               "sparseft.demo", "sparseft.bench", "sparseft.methods.report", "sparseft.layers"]),
+               "sparseft.export.cli", "sparseft.demo", "sparseft.bench", "sparseft.methods.report", "sparseft.layers"]),
 ]
 
 #: (importer, imported) pairs allowed to go from a lower layer to a higher one: at most 3

@@ -30,6 +30,7 @@ from sparseft.data.segmentation import (
     segmentation_root,
     split_of,
 )
+from sparseft.errors import InputError
 from sparseft.kinds.base import Meter, TaskKind, register
 from sparseft.seg.metrics import SegMetrics
 from sparseft.seg.model import create_segmentation_model
