@@ -27,7 +27,7 @@ from sparseft.api import base_from_record
 from sparseft.deltafile import save_delta
 from sparseft.export.common import ExportError
 from sparseft.export.peft import ADAPTER_FILE, CONFIG_FILE, PREFIX
-from sparseft.fileutil import read_json
+from sparseft.fileutil import check_output_file, read_json
 from sparseft.methods import get_method
 from sparseft.selection import Selection
 
@@ -78,9 +78,7 @@ def import_peft(folder: str | Path, out: str | Path, *, model: nn.Module | None 
     `model`: the plain base the adapter was trained on (default: the base a sparseft export records).
     A sparseft export made for another base than `model` is refused (the fingerprint differs).
     """
-    folder, out = Path(folder), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or choose another path")
+    folder, out = Path(folder), check_output_file(out, overwrite=overwrite, label="--out", what="task file")
     config, tensors, record = read_adapter(folder)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in ("SHIRA", "LORA"):
