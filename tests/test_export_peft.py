@@ -196,3 +196,19 @@ def test_import_peft_out_a_folder_is_refused_as_a_folder_before_any_work(tmp_pat
     with pytest.raises(sparseft.errors.SparseftError, match="is a folder"):
         import_peft(tmp_path / "p", folder, overwrite=True)
     assert list(folder.iterdir()) == []
+
+
+def test_a_truncated_adapter_file_is_refused_naming_it(tmp_path, capsys):
+    from sparseft.cli import main
+
+    task = _task("gps", tmp_path / "g.safetensors", k=1, select_patch_embed=False)
+    export_peft(task, tmp_path / "p")
+    adapter = tmp_path / "p" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:1000])
+    out = tmp_path / "back.safetensors"
+    capsys.readouterr()
+    assert main(["import-peft", str(tmp_path / "p"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {adapter}: not a readable safetensors file, truncated or corrupt")
+    assert "\n" not in err
+    assert not out.exists()

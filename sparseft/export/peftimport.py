@@ -43,10 +43,15 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
                                                              "not load (save the adapter with safetensors)"
                                                              if pickled else ""))
     config = read_json(folder / CONFIG_FILE, ExportError, "adapter config")
-    with safe_open(str(folder / ADAPTER_FILE), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}
-    return config, tensors, json.loads(meta.get("sparseft", "{}"))
+    try:
+        with safe_open(str(folder / ADAPTER_FILE), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}
+        record = json.loads(meta.get("sparseft", "{}"))
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type, OS errors, a damaged record
+        raise ExportError(f"{folder / ADAPTER_FILE}: not a readable safetensors file, truncated or corrupt "
+                          f"({err})") from err
+    return config, tensors, record
 
 
 def _base_from_record(record: dict[str, Any], weights: str | Path | None, where: Path) -> nn.Module:
