@@ -55,6 +55,15 @@ def run_auto_lr(spec: RunSpec, run_dir: str | Path | None, *, resume: bool = Fal
     if not resume and not overwrite and run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise FileExistsError(f"{run_dir} is not empty; pass --resume to continue an --lr auto run there, --overwrite "
                               "to replace it, or choose another folder")
+    if resume:  # before any tuning run writes into the folder
+        search, started = run_dir / SEARCH_DIR, (run_dir / "config.json").is_file()
+        if not started and not search.is_dir():
+            raise FileNotFoundError(f"{run_dir}: nothing to resume (no config.json, no {SEARCH_DIR}/); start the run "
+                                    "without --resume")
+        if started and not search.is_dir():
+            raise InputError(f"{run_dir}: --resume --lr auto, but this run was started without --lr auto (no "
+                             f"{SEARCH_DIR}/); resume it with the options it was started with, or start a new run "
+                             "folder")
     center, source = _center(spec)
     tuning: list[dict[str, Any]] = []
 

@@ -334,7 +334,12 @@ def load_delta(model: nn.Module, path: TaskSource, *, check_base: bool = True, m
             if mismatch is not None:
                 raise mismatch
         if missing_head:
-            raise DeltaFileError(f"{path}: the model has no head parameters {missing_head}")
+            extra = header.get("extra") or {}
+            kind = f"a {extra['task']} task" if isinstance(extra.get("task"), str) else "a task"
+            more = f", … ({len(missing_head)} tensors)" if len(missing_head) > 1 else ""
+            raise DeltaFileError(f"{path}: {kind} whose head ({missing_head[0]}{more}) this model does not have: "
+                                 f"it is not the base the task was trained on; sparseft.base_model({str(path)!r}) "
+                                 "builds that base")
         if actual != header["fingerprint"]:
             dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
             hint = (f" (this model's weights are {'/'.join(sorted(dtypes))}, and the fingerprint covers the dtype: "

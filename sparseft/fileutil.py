@@ -122,9 +122,10 @@ def _umask() -> int:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file atomically."""
+    """Write a text file atomically, as UTF-8. A file name that is not UTF-8 (Python holds its bytes as
+    surrogates, e.g. '\udcff') is written back as the bytes it has on disk, not refused mid-write."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 def cache_dir() -> Path:

@@ -41,6 +41,27 @@ def check_model_name(name: str) -> None:
                          f"({', '.join(sorted(REGISTRY))})")
 
 
+def check_img_size(name: str, img_size: int | None) -> None:
+    """Refuse (InputError, as `create_model` would) an `img_size` that is not a positive multiple of the
+    patch size of `name`'s architecture; the architecture is built on the meta device (no weights, no memory).
+    An architecture that cannot be built there, or has no patch embedding, is left to `create_model`."""
+    if img_size is None:
+        return
+    import timm
+    import torch
+
+    arch = REGISTRY[name].architecture if name in REGISTRY else name
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, num_classes=0)
+    except Exception:  # noqa: BLE001 - the run's own build names the problem
+        return
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch and (img_size < max(patch) or img_size % patch[0] or img_size % patch[-1]):
+        raise InputError(f"img_size (--img-size) {img_size} is not a positive multiple of {name}'s patch size "
+                         f"{patch[0]}")
+
+
 def create_model(name: str, num_classes: int = 1000, *, img_size: int | None = None,
                  weights: str | Path | None = None, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """The one model factory: an offline backbone or a timm model, with a new `num_classes` head.

@@ -189,3 +189,19 @@ def test_fit_warns_when_the_model_predicts_one_class(tmp_path):
                                                                   progress=False),
                       eval_loaders={"val": toy_loader(n=16, shuffle=False)})
     assert "val_confusion" not in summary["final"] and "val_acc" in summary["final"]
+
+
+def test_resume_lr_auto_of_a_run_without_it_or_of_nothing_is_refused_before_any_tuning_run(tmp_path, task, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--method", "linear", "--data", str(task), "--out", str(run), *MODEL, *FAST]) == 0
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    capsys.readouterr()
+    assert main(["train", "--method", "linear", "--lr", "auto", "--data", str(task), "--out", str(run), *MODEL, *FAST,
+                 "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert str(run) in err and "started without --lr auto" in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # no lr-search/ written into it
+    nothing = tmp_path / "typo"
+    assert main(["train", "--method", "linear", "--lr", "auto", "--data", str(task), "--out", str(nothing), *MODEL,
+                 *FAST, "--resume"]) == 1
+    assert "nothing to resume" in capsys.readouterr().err and not nothing.exists()

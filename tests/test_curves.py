@@ -78,3 +78,15 @@ def test_a_resumed_run_purges_the_events_past_its_checkpoint(tmp_path):
     events.Reload()
     points = [(e.step, e.value) for e in events.Scalars("step/loss")]
     assert points == [(s, 1.0) for s in range(1, 5)] + [(s, 0.5) for s in range(5, 9)]
+
+
+def test_plot_out_a_folder_is_refused_as_a_folder_with_or_without_overwrite(tmp_path, capsys):
+    a = _metrics(tmp_path / "run", [1e-3], [0.5])
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert main(["plot", str(a), "--out", str(folder), *extra]) == 1
+        err = capsys.readouterr().err
+        assert str(folder) in err and "is a folder" in err and "pass --overwrite" not in err
+    assert list(folder.iterdir()) == []

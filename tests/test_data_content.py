@@ -224,3 +224,19 @@ def test_pixel_identical_images_are_compared_across_splits_and_masks(tmp_path, c
     assert (f"{seg / 'train800val200.txt'}:13: image {seg / 'images' / 'copy.png'} has the same pixels as "
             f"{seg / 'images' / '000.png'} ({seg / 'train800val200.txt'}:1) but mask copy.png here and mask 000.png "
             "there; one image must have one mask") in line
+
+
+def test_an_undecodable_training_image_is_named_by_its_path_not_by_an_internal_buffer(tmp_path, capsys):
+    task = make_vtab(tmp_path / "t", n_train=6, n_val=2, n_test=3)
+    bad = task / "images" / "train800_3.png"
+    bad.write_bytes(b"garbage")
+    out = tmp_path / "run"
+    assert main(["train", "--method", "linear", "--data", str(task), "--out", str(out), "--model", "test_vit",
+                 "--img-size", "32", "--epochs", "1", "--batch-size", "4", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: cannot read image") and "\n" not in err
+    assert "BytesIO" not in err and repr(str(bad)) in err  # PIL's 'cannot identify image file' names the file
+    assert not out.exists()  # refused before the run folder is made
+    with pytest.raises(DataError, match="cannot identify image file") as info:
+        images.open_rgb(bad, data=bad.read_bytes())
+    assert "BytesIO" not in str(info.value)

@@ -179,3 +179,36 @@ def test_cli_export_and_import_peft(tmp_path, capsys):
     with torch.no_grad():
         back = sparseft.merge(sparseft.load(tmp_path / "back.safetensors")).eval()(x)
     assert (back - _merged_logits(task, x)).abs().max() <= 1e-6
+
+
+def test_import_peft_out_a_folder_is_refused_as_a_folder_before_any_work(tmp_path, capsys):
+    from sparseft.cli import main
+
+    task = _task("gps", tmp_path / "g.safetensors", k=1, select_patch_embed=False)
+    export_peft(task, tmp_path / "p")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert main(["import-peft", str(tmp_path / "p"), "--out", str(folder), *extra]) == 1
+        err = capsys.readouterr().err
+        assert str(folder) in err and "is a folder" in err and "pass --overwrite" not in err
+    with pytest.raises(sparseft.errors.SparseftError, match="is a folder"):
+        import_peft(tmp_path / "p", folder, overwrite=True)
+    assert list(folder.iterdir()) == []
+
+
+def test_a_truncated_adapter_file_is_refused_naming_it(tmp_path, capsys):
+    from sparseft.cli import main
+
+    task = _task("gps", tmp_path / "g.safetensors", k=1, select_patch_embed=False)
+    export_peft(task, tmp_path / "p")
+    adapter = tmp_path / "p" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:1000])
+    out = tmp_path / "back.safetensors"
+    capsys.readouterr()
+    assert main(["import-peft", str(tmp_path / "p"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {adapter}: not a readable safetensors file, truncated or corrupt")
+    assert "\n" not in err
+    assert not out.exists()

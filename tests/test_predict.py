@@ -307,3 +307,15 @@ def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.warns(DataWarning, match=f"{tmp_path / 'sub'}: cannot list this folder \\(Permission denied\\)"):
         assert find_images([tmp_path]) == [tmp_path / "a.png"]
+
+
+def test_a_file_name_that_is_not_utf8_goes_into_the_csv_as_its_bytes(task_files, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    write_png(folder / "a.png", value=1, size=20)
+    odd = os.fsencode(str(folder)) + b"/\xffb.png"  # a Latin-1 name on a UTF-8 system
+    write_png(Path(os.fsdecode(odd)), value=2, size=20)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(task_files["gps"]), str(folder), "--out", str(out), "--no-progress"]) == 0
+    lines = out.read_bytes().splitlines()
+    assert len(lines) == 3 and any(line.startswith(odd + b",") for line in lines)  # the name as it is on disk
+    assert not list(tmp_path.glob(".preds.csv.*"))  # no temporary file left

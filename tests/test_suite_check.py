@@ -193,3 +193,33 @@ def test_every_shipped_suite_passes_the_checks_without_its_data(name, tmp_path, 
     monkeypatch.setenv("SPARSEFT_CACHE", str(tmp_path / "empty-cache"))  # nothing here is read or fetched
     check_suite(load_suite(name), files=False)
     assert not (tmp_path / "empty-cache").exists()
+
+
+@pytest.mark.parametrize("key", ["methods", "tasks", "backbones"])
+def test_a_suite_that_would_run_nothing_is_refused(tmp_path, tasks, capsys, key):
+    data = suite_dict(tasks)
+    data[key] = {} if key == "tasks" else []
+    path, out = write(tmp_path, data), tmp_path / "res"
+    for extra in (["--dry-run"], []):
+        err = refused_by_cli(capsys, ["bench", str(path), "--out", str(out), *extra])
+        assert str(path) in err and f"'{key}' is empty, so the suite would run nothing" in err
+        assert not out.exists()
+
+
+def test_a_suite_file_that_is_not_utf8_text_is_refused_naming_it(tmp_path, capsys):
+    path, out = tmp_path / "suite.yaml", tmp_path / "res"
+    path.write_bytes(b"\xff\xfe\x00name: x\n")
+    err = refused_by_cli(capsys, ["bench", str(path), "--out", str(out), "--dry-run"])
+    assert str(path) in err and "not UTF-8 text" in err
+    assert not out.exists()
+
+
+def test_an_img_size_that_is_no_multiple_of_the_vit_patch_is_refused_up_front(tmp_path, tasks, capsys):
+    data = suite_dict(tasks)
+    data["backbones"][0]["img_size"] = 30  # test_vit's patches are 16 px: `sparseft train --img-size 30` refuses it
+    path, out = write(tmp_path, data), tmp_path / "res"
+    for extra in (["--dry-run"], []):
+        err = refused_by_cli(capsys, ["bench", str(path), "--out", str(out), *extra])
+        assert str(path) in err and "backbones[0] (test_vit@30) img_size" in err
+        assert "not a positive multiple of test_vit's patch size 16" in err
+        assert not out.exists()

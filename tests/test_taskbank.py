@@ -291,3 +291,23 @@ def test_a_forward_in_eval_mode_and_a_cast_are_not_changes(files):
     bank.use("gps-5")
     bank.use(None)
     assert_state(model, state_of(toy_base().double()))
+
+
+def test_a_segmentation_task_offered_to_a_classification_base_says_so(tmp_path):
+    from sparseft.seg import create_segmentation_model
+
+    seg = create_segmentation_model("test_vit", 3, img_size=32)
+    method = get_method("linear")
+    method.prepare(seg, MethodContext(loader=None, progress=False))
+    task = method.save(seg, tmp_path / "seg.safetensors",
+                       extra={"model": "test_vit", "num_classes": 3, "img_size": 32, "task": "segmentation"})
+    base = sparseft.create_model("test_vit", num_classes=3, img_size=32).eval()
+    before = state_of(base)
+    bank = sparseft.TaskBank(base)
+    with pytest.raises(DeltaFileError) as info:
+        bank.add("seg", task)
+    message = str(info.value)
+    assert str(task) in message and "a segmentation task whose head (decode_head." in message
+    assert "sparseft.base_model(" in message and "[" not in message  # one line, not the list of head tensors
+    assert len(bank) == 0 and "seg" not in bank
+    assert_state(base, before)

@@ -33,7 +33,7 @@ from sparseft.data.tasks import SUITES
 from sparseft.errors import InputError, SparseftError
 from sparseft.kinds.base import kind_for_data
 from sparseft.methods import METHODS, get_method
-from sparseft.models import check_model_name
+from sparseft.models import check_img_size, check_model_name
 from sparseft.run import RunSpec
 from sparseft.train import TrainConfig
 
@@ -194,6 +194,11 @@ def _check_backbones(suite: Suite, files: bool) -> None:
             check_model_name(b.name)
         except InputError as err:
             _refuse(suite, None, f"backbones[{j}] name", str(err))
+        try:  # a value below 1 gets the rule of img_size itself, with each run's values
+            if isinstance(b.img_size, int) and not isinstance(b.img_size, bool) and b.img_size >= 1:
+                check_img_size(b.name, b.img_size)
+        except InputError as err:
+            _refuse(suite, None, f"backbones[{j}] ({b.key}) img_size", str(err).replace(" (--img-size)", ""))
         if files and b.weights is not None and not Path(b.weights).expanduser().is_file():
             _refuse(suite, None, f"backbones[{j}] ({b.key}) weights", f"{b.weights} is not a file")
 

@@ -134,7 +134,10 @@ def shipped_suites() -> list[str]:
 def _resolve(name_or_path: str | Path) -> tuple[str, str]:
     path = Path(name_or_path)
     if path.is_file():
-        return path.read_text(), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as err:
+            raise SuiteError(f"{path}: not a suite file: not UTF-8 text ({err.reason} at byte {err.start})") from err
     shipped = resources.files("sparseft.bench") / "suites" / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped.read_text(), f"suites/{name_or_path}.yaml"
@@ -146,6 +149,8 @@ def _need(data: dict, key: str, kind: type | tuple, where: str) -> Any:
         raise SuiteError(f"{where}: missing key '{key}'")
     if not isinstance(data[key], kind):
         raise SuiteError(f"{where}: '{key}' must be {getattr(kind, '__name__', kind)}, got {data[key]!r}")
+    if key in ("tasks", "backbones", "methods") and not data[key]:
+        raise SuiteError(f"{where}: '{key}' is empty, so the suite would run nothing; name at least one")
     return data[key]
 
 

@@ -119,14 +119,16 @@ def open_rgb(path: str | Path, origin: str | None = None, data: bytes | None = N
     where = f" (listed at {origin})" if origin else ""
     if data is None:
         check_readable(path, "image", origin)
+    buffer = io.BytesIO(data) if data is not None else None
     try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as img:
+        with Image.open(buffer if buffer is not None else path) as img:
             img.load()
             return to_rgb(img)
     except FileNotFoundError as err:
         raise DataError(f"{path}: image file not found{where}") from err
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot read image{where}: {err}") from err
+        why = str(err).replace(repr(buffer), repr(str(path))) if buffer is not None else err  # not '<_io.BytesIO …>'
+        raise DataError(f"{path}: cannot read image{where}: {why}") from err
 
 
 # -- verifying files, remembered by their content ------------------------------------------

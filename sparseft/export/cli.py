@@ -23,6 +23,7 @@ from sparseft.export.hub import save_pretrained
 from sparseft.export.onnx import export_onnx
 from sparseft.export.peft import export_peft
 from sparseft.export.peftimport import import_peft
+from sparseft.fileutil import check_output_file
 from sparseft.models import create_model
 
 
@@ -74,6 +75,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import_peft(args: argparse.Namespace) -> int:
     o: ImportOptions = from_args(args, ImportOptions)
+    check_output_file(args.out, overwrite=o.overwrite, label="--out", what="task file")  # before building a model
     model = None
     if o.model is not None:
         if o.num_classes is None:
@@ -87,9 +89,7 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or choose another path")
+    out = check_output_file(args.out, overwrite=args.overwrite, label="--out", what=".png file")
     print(f"curves of {len(args.runs)} run(s) -> {plot(args.runs, out, labels=args.labels)}")
     return 0
 

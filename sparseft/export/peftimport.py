@@ -27,7 +27,7 @@ from sparseft.api import base_from_record
 from sparseft.deltafile import save_delta
 from sparseft.export.common import ExportError
 from sparseft.export.peft import ADAPTER_FILE, CONFIG_FILE, PREFIX
-from sparseft.fileutil import read_json
+from sparseft.fileutil import check_output_file, read_json
 from sparseft.methods import get_method
 from sparseft.selection import Selection
 
@@ -43,10 +43,15 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
                                                              "not load (save the adapter with safetensors)"
                                                              if pickled else ""))
     config = read_json(folder / CONFIG_FILE, ExportError, "adapter config")
-    with safe_open(str(folder / ADAPTER_FILE), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}
-    return config, tensors, json.loads(meta.get("sparseft", "{}"))
+    try:
+        with safe_open(str(folder / ADAPTER_FILE), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k.removeprefix(PREFIX): f.get_tensor(k) for k in f.keys()}
+        record = json.loads(meta.get("sparseft", "{}"))
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type, OS errors, a damaged record
+        raise ExportError(f"{folder / ADAPTER_FILE}: not a readable safetensors file, truncated or corrupt "
+                          f"({err})") from err
+    return config, tensors, record
 
 
 def _base_from_record(record: dict[str, Any], weights: str | Path | None, where: Path) -> nn.Module:
@@ -78,9 +83,7 @@ def import_peft(folder: str | Path, out: str | Path, *, model: nn.Module | None 
     `model`: the plain base the adapter was trained on (default: the base a sparseft export records).
     A sparseft export made for another base than `model` is refused (the fingerprint differs).
     """
-    folder, out = Path(folder), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or choose another path")
+    folder, out = Path(folder), check_output_file(out, overwrite=overwrite, label="--out", what="task file")
     config, tensors, record = read_adapter(folder)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in ("SHIRA", "LORA"):
