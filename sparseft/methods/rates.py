@@ -38,11 +38,11 @@ RECOMMENDED_LR: dict[str, dict[str, float]] = {
     "lora": {"transformer": 0.001, "cnn": 0.003},
     "rosa": {"transformer": 0.001},
     "sct": {"transformer": 0.003},
-    "spiel": {"transformer": 0.001},
+    "spiel": {"transformer": 0.003},
     "spt-adapter": {"transformer": 0.003},
     "spt-lora": {"transformer": 0.003},
     "ssf": {"transformer": 0.003},
-    "vpt-deep": {"transformer": 0.01},
+    "vpt-deep": {"transformer": 0.003},
     "vpt-shallow": {"transformer": 0.01},
 }
 
