@@ -271,17 +271,25 @@ class SparseDelta(nn.Module):
     def sync(self, param: torch.Tensor, force: bool = False) -> None:
         """Write base + values into `param` if `values` changed since the last write.
 
-        The version counter catches ordinary in-place updates; the comparison with the values
-        last written (O(selected entries)) catches the rest: fused optimizers, `.data` edits.
+        The version counter catches ordinary in-place updates; on the CPU the comparison with the
+        values last written (O(selected entries)) catches the rest: fused optimizers, `.data` edits.
+        On an accelerator that comparison would make the host wait for the device, so there (and in a
+        compiled graph, which takes no data-dependent branch) the entries are written instead,
+        O(selected entries) on the device: nothing in a training step synchronises with the host.
         """
         values = self.values.detach()
         if torch.compiler.is_compiling():  # no data-dependent test in a graph: write (O(selected entries))
             write_flat(param, self.index, _merged_values(self.base, values))
             return
-        if force or values._version != self._synced_version or not torch.equal(values, self.written):
-            write_flat(param, self.index, _merged_values(self.base, values))
-            self.written.copy_(values)
-            self._synced_version = self.values._version
+        if not (force or values._version != self._synced_version):
+            if not _compare_on_host(values):
+                write_flat(param, self.index, _merged_values(self.base, values))
+                return
+            if torch.equal(values, self.written):
+                return
+        write_flat(param, self.index, _merged_values(self.base, values))
+        self.written.copy_(values)
+        self._synced_version = self.values._version
 
     def mark_synced(self) -> None:
         """Take the parameter's current entries as written: the next forward leaves them alone."""
@@ -299,6 +307,12 @@ class SparseDelta(nn.Module):
 
     def extra_repr(self) -> str:
         return f"nnz={self.index.numel()}, shape={self.shape}, gathered={self.gathered}"
+
+
+def _compare_on_host(values: torch.Tensor) -> bool:
+    """Whether `SparseDelta.sync` may compare values with a result the host reads (CPU tensors only: on
+    an accelerator that read is a synchronisation)."""
+    return values.device.type == "cpu"
 
 
 def _no_grad_needed(delta: SparseDelta) -> bool:
