@@ -52,7 +52,10 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 def _start(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Cast the inputs as autocast would for this layer and remember the dtypes for backward."""
+    """Cast the inputs as autocast would for this layer and remember the dtypes for backward.
+
+    The layers save the weight as cast here (the weight itself when no cast is needed), so under
+    autocast the backward reuses the forward's cast, as autocast's own dense backward does."""
     compute = _autocast_dtype(x) or x.dtype
     ctx.compute, ctx.x_dtype, ctx.values_dtype = compute, x.dtype, values.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -75,7 +78,7 @@ class _SparseLinear(torch.autograd.Function):
             y = F.linear(xc, wc, bc)
         x2 = xc.reshape(-1, xc.shape[-1])
         saved_x = x2 if ucols is None else x2.index_select(1, ucols)
-        ctx.save_for_backward(saved_x, weight, rows, cpos)
+        ctx.save_for_backward(saved_x, wc, rows, cpos)
         ctx.x_shape = x.shape
         return y
 
@@ -102,7 +105,7 @@ class _SparsePointwiseConv(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             y = F.conv2d(xc, wc, bc)
         saved_x = xc if ucols is None else xc.index_select(1, ucols)
-        ctx.save_for_backward(saved_x, weight, rows, cpos)
+        ctx.save_for_backward(saved_x, wc, rows, cpos)
         return y
 
     @staticmethod
@@ -137,7 +140,7 @@ class _SparseConv(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             y = F.conv2d(xc, wc, bc, stride, padding, dilation, groups)
         saved_x = xc if ucols is None else xc.index_select(1, ucols)
-        ctx.save_for_backward(saved_x, weight, rows, cpos, ki, kj)
+        ctx.save_for_backward(saved_x, wc, rows, cpos, ki, kj)
         ctx.geometry, ctx.x_shape = geometry, x.shape
         return y
 
