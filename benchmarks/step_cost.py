@@ -78,11 +78,12 @@ def batch_of(n: int, img: int, classes: int, seed: int = 2) -> tuple[torch.Tenso
     return torch.randn(n, 3, img, img, generator=g).to(DEVICE), (torch.arange(n) % classes).to(DEVICE)
 
 
-def select(model: torch.nn.Module, img: int, k: int, classes: int, images: int, batch: int) -> sparseft.Selection:
+def select(model: torch.nn.Module, img: int, k: int, classes: int, images: int, batch: int,
+           precision: str = "fp32") -> sparseft.Selection:
     """GPS with default arguments on two views of random images (a realistic per-neuron pattern)."""
     x, y = batch_of(images, img, classes, seed=1)
     loader = [([x[i:i + batch], x[i:i + batch].flip(-1)], y[i:i + batch]) for i in range(0, images, batch)]
-    return sparseft.select(model, loader, k=k, progress=False)
+    return sparseft.select(model, loader, k=k, progress=False, precision=precision)
 
 
 def floor_parameters(model: torch.nn.Module) -> set[str]:
@@ -209,23 +210,37 @@ def time_variants(args: argparse.Namespace, base: torch.nn.Module, selection: sp
 
 
 def time_selection(args: argparse.Namespace, base: torch.nn.Module) -> dict:
-    """The default selection pass against one full fine-tuning epoch on the same images (min of 2 each)."""
+    """The default selection pass against one full fine-tuning epoch (fp32) on the same images, interleaved
+    (min of 2 each); with --bf16 also the pass with `precision="bf16"` and how many entries it changes."""
     x, y = batch_of(args.select_images, args.img, args.classes)
     full = Runner("full", base, sparseft.Selection(indices={}, shapes={}))
     full.step(x[:args.batch], y[:args.batch])  # warm-up
-    epochs, passes, meta = [], [], {}
+    precisions = ["fp32", "bf16"] if args.bf16 else ["fp32"]
+    epochs: list[float] = []
+    passes: dict[str, list[float]] = {p: [] for p in precisions}
+    chosen: dict[str, sparseft.Selection] = {}
     for _ in range(2):
         t0 = time.perf_counter()
         for i in range(0, args.select_images, args.batch):
             full.step(x[i:i + args.batch], y[i:i + args.batch])
         epochs.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        meta = select(base, args.img, args.k, args.classes, args.select_images, args.batch).meta
-        synchronize()
-        passes.append(time.perf_counter() - t0)
-    return {"images": args.select_images, "batch": args.batch, "chunk_size": meta.get("chunk_size"),
-            "selection_s": round(min(passes), 2), "full_epoch_s": round(min(epochs), 2),
-            "selection_per_epoch": round(min(passes) / min(epochs), 2)}
+        for precision in precisions:
+            t0 = time.perf_counter()
+            chosen[precision] = select(base, args.img, args.k, args.classes, args.select_images, args.batch,
+                                       precision)
+            synchronize()
+            passes[precision].append(time.perf_counter() - t0)
+    epoch = min(epochs)
+    out = {"images": args.select_images, "batch": args.batch, "chunk_size": chosen["fp32"].meta.get("chunk_size"),
+           "selection_s": round(min(passes["fp32"]), 2), "full_epoch_s": round(epoch, 2),
+           "selection_per_epoch": round(min(passes["fp32"]) / epoch, 2)}
+    if "bf16" in chosen:
+        a, b = chosen["fp32"].indices, chosen["bf16"].indices
+        changed = sum(v.numel() - len(set(v.tolist()) & set(b[n].tolist())) for n, v in a.items())
+        out.update({"selection_bf16_s": round(min(passes["bf16"]), 2),
+                    "selection_bf16_per_fp32_epoch": round(min(passes["bf16"]) / epoch, 2),
+                    "bf16_entries_changed": changed, "entries": sum(v.numel() for v in a.values())})
+    return out
 
 
 def rss_child(args: argparse.Namespace) -> None:
@@ -362,6 +377,10 @@ def main() -> None:
         print(f"selection pass (default arguments, chunk {result['chunk_size']}): {result['selection_s']} s; one "
               f"full fine-tuning epoch on the same {result['images']} images: {result['full_epoch_s']} s; "
               f"ratio {result['selection_per_epoch']}")
+        if "selection_bf16_s" in result:
+            print(f"  precision='bf16': {result['selection_bf16_s']} s, ratio to the fp32 epoch "
+                  f"{result['selection_bf16_per_fp32_epoch']}, {result['bf16_entries_changed']} of "
+                  f"{result['entries']} entries differ from fp32's")
         print(json.dumps({"selection": result}))
     if args.rss:
         result = rss_all(args, (*MODES, "selection") if args.selection else MODES)
