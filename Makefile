@@ -25,8 +25,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sparseft tests benchmarks
 
+# docs/performance.md's figures (hours on a 2-core CPU; BENCH_DEVICE=cuda runs the step and switch figures on a GPU)
+BENCH_DEVICE ?= cpu
 bench: $(STAMP)
-	$(PY) benchmarks/step_cost.py
+	$(PY) benchmarks/step_cost.py --device $(BENCH_DEVICE) --bf16 --selection
+	$(PY) benchmarks/step_cost.py --device $(BENCH_DEVICE) --model resnet50 --img 128 --batch 32
+	$(PY) benchmarks/step_cost.py --device $(BENCH_DEVICE) --model mobilenetv2_100 --img 128 --batch 32
+	$(PY) benchmarks/conv_kernel_cost.py
+	$(PY) benchmarks/switch_cost.py --device $(BENCH_DEVICE)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -24,6 +24,9 @@ Options add, in the same run:
                of loading a checkpoint is left out), `sparse` including a default-argument
                `sparseft.select` on two views of the batch (what a user who passes no options gets)
   --all        all of the above
+  --device     where the models and batches live (cpu, cuda, cuda:1, ...); on a GPU each timed step
+               ends with a device synchronisation, bf16 autocast runs on that device and `--rss`
+               reports each mode's peak allocated device memory instead of its RSS
   --variants   the frontier variants' steps against full, sparse (GPS) and floor: `column` (GPS
                --level column), `rosa` (LoRA r=1 on qkv + sparse entries at GPS K's budget) and
                `spiel-probe` (a GPS step with SpIEL's gradient probes on: what its 2 steps before
@@ -56,23 +59,31 @@ from sparseft.regrow import Regrower, RegrowSchedule
 from sparseft.selection import parameter_roles
 
 MODES = ("full", "official", "sparse", "floor")
+DEVICE = torch.device("cpu")  # --device
+
+
+def synchronize() -> None:
+    """Wait for the device (a GPU runs asynchronously: a step is timed when its work is done)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def build(name: str, img: int, classes: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    return sparseft.create_model(name, num_classes=classes, img_size=img)
+    return sparseft.create_model(name, num_classes=classes, img_size=img).to(DEVICE)
 
 
 def batch_of(n: int, img: int, classes: int, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, img, img, generator=g), torch.arange(n) % classes
+    return torch.randn(n, 3, img, img, generator=g).to(DEVICE), (torch.arange(n) % classes).to(DEVICE)
 
 
-def select(model: torch.nn.Module, img: int, k: int, classes: int, images: int, batch: int) -> sparseft.Selection:
+def select(model: torch.nn.Module, img: int, k: int, classes: int, images: int, batch: int,
+           precision: str = "fp32") -> sparseft.Selection:
     """GPS with default arguments on two views of random images (a realistic per-neuron pattern)."""
     x, y = batch_of(images, img, classes, seed=1)
     loader = [([x[i:i + batch], x[i:i + batch].flip(-1)], y[i:i + batch]) for i in range(0, images, batch)]
-    return sparseft.select(model, loader, k=k, progress=False)
+    return sparseft.select(model, loader, k=k, progress=False, precision=precision)
 
 
 def floor_parameters(model: torch.nn.Module) -> set[str]:
@@ -100,7 +111,7 @@ class Runner:
         elif mode == "official":
             for name, p in self.model.named_parameters():
                 if name in selection.indices:
-                    mask = torch.zeros(p.numel(), dtype=p.dtype)
+                    mask = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
                     mask[selection.indices[name]] = 1
                     self.masks[name] = mask.view_as(p)
                 elif roles[name] == "frozen":
@@ -112,12 +123,13 @@ class Runner:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.forward(x)
         F.cross_entropy(logits.float(), y).backward()
         for name, mask in self.masks.items():
             self.named[name].grad.mul_(mask)
         self.opt.step()
+        synchronize()
 
     def state_bytes(self) -> int:
         grads = sum(p.grad.numel() * p.grad.element_size() for p in self.model.parameters() if p.grad is not None)
@@ -198,22 +210,37 @@ def time_variants(args: argparse.Namespace, base: torch.nn.Module, selection: sp
 
 
 def time_selection(args: argparse.Namespace, base: torch.nn.Module) -> dict:
-    """The default selection pass against one full fine-tuning epoch on the same images (min of 2 each)."""
+    """The default selection pass against one full fine-tuning epoch (fp32) on the same images, interleaved
+    (min of 2 each); with --bf16 also the pass with `precision="bf16"` and how many entries it changes."""
     x, y = batch_of(args.select_images, args.img, args.classes)
     full = Runner("full", base, sparseft.Selection(indices={}, shapes={}))
     full.step(x[:args.batch], y[:args.batch])  # warm-up
-    epochs, passes, meta = [], [], {}
+    precisions = ["fp32", "bf16"] if args.bf16 else ["fp32"]
+    epochs: list[float] = []
+    passes: dict[str, list[float]] = {p: [] for p in precisions}
+    chosen: dict[str, sparseft.Selection] = {}
     for _ in range(2):
         t0 = time.perf_counter()
         for i in range(0, args.select_images, args.batch):
             full.step(x[i:i + args.batch], y[i:i + args.batch])
         epochs.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        meta = select(base, args.img, args.k, args.classes, args.select_images, args.batch).meta
-        passes.append(time.perf_counter() - t0)
-    return {"images": args.select_images, "batch": args.batch, "chunk_size": meta.get("chunk_size"),
-            "selection_s": round(min(passes), 2), "full_epoch_s": round(min(epochs), 2),
-            "selection_per_epoch": round(min(passes) / min(epochs), 2)}
+        for precision in precisions:
+            t0 = time.perf_counter()
+            chosen[precision] = select(base, args.img, args.k, args.classes, args.select_images, args.batch,
+                                       precision)
+            synchronize()
+            passes[precision].append(time.perf_counter() - t0)
+    epoch = min(epochs)
+    out = {"images": args.select_images, "batch": args.batch, "chunk_size": chosen["fp32"].meta.get("chunk_size"),
+           "selection_s": round(min(passes["fp32"]), 2), "full_epoch_s": round(epoch, 2),
+           "selection_per_epoch": round(min(passes["fp32"]) / epoch, 2)}
+    if "bf16" in chosen:
+        a, b = chosen["fp32"].indices, chosen["bf16"].indices
+        changed = sum(v.numel() - len(set(v.tolist()) & set(b[n].tolist())) for n, v in a.items())
+        out.update({"selection_bf16_s": round(min(passes["bf16"]), 2),
+                    "selection_bf16_per_fp32_epoch": round(min(passes["bf16"]) / epoch, 2),
+                    "bf16_entries_changed": changed, "entries": sum(v.numel() for v in a.values())})
+    return out
 
 
 def rss_child(args: argparse.Namespace) -> None:
@@ -223,6 +250,7 @@ def rss_child(args: argparse.Namespace) -> None:
     _reset_peak()  # what loading the weights needed (a converted checkpoint) is not what training needs
     if args.rss_child == "selection":  # the selection pass alone, as --selection times it
         select(base, args.img, args.k, args.classes, args.select_images, args.batch)
+        synchronize()
         print(json.dumps({"mode": "selection", "peak_rss_mib": round(_peak_mib(), 1)}))
         return
     if args.rss_child in ("sparse", "official"):
@@ -240,6 +268,10 @@ def rss_child(args: argparse.Namespace) -> None:
 
 def _reset_peak() -> None:
     """Start the peak-RSS count afresh from what is resident now (Linux: /proc/self/clear_refs)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        return
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -248,7 +280,10 @@ def _reset_peak() -> None:
 
 
 def _peak_mib() -> float:
-    """This process's peak RSS (VmHWM: getrusage would report the launching process's size, inherited at exec)."""
+    """This process's peak RSS (VmHWM: getrusage would report the launching process's size, inherited at exec);
+    on a GPU, the peak memory allocated on the device since `_reset_peak`."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated(DEVICE) / 2**20
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
@@ -263,12 +298,21 @@ def rss_all(args: argparse.Namespace, modes: tuple[str, ...]) -> dict:
         for mode in modes:
             cmd = [sys.executable, __file__, "--rss-child", mode, "--model", args.model, "--img", str(args.img),
                    "--batch", str(args.batch), "--k", str(args.k), "--classes", str(args.classes),
-                   "--select-images", str(args.select_images)]
+                   "--select-images", str(args.select_images), "--device", str(DEVICE)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             result[mode].append(json.loads(out.strip().splitlines()[-1])["peak_rss_mib"])
     best = {m: min(v) for m, v in result.items()}
     return {"repeats": args.rss_repeats, "peak_rss_mib": best,
             "peak_rss_ratio": {m: round(best[m] / best["full"], 3) for m in modes if "full" in best}}
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (every figure names its CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
 
 
 def show(title: str, result: dict) -> None:
@@ -296,9 +340,12 @@ def main() -> None:
         p.add_argument(f"--{flag}", action="store_true")
     p.add_argument("--no-fp32", action="store_true", help="skip the fp32 step timing")
     p.add_argument("--rss-repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (models, batches, autocast)")
     p.add_argument("--rss-child", choices=(*MODES, "selection"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.select_images = args.select_images or 2 * args.batch
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(int(os.environ.get("SPARSEFT_BENCH_THREADS", "2")))
     if args.rss_child:
         rss_child(args)
@@ -306,7 +353,8 @@ def main() -> None:
     if args.all:
         args.bf16 = args.compile = args.selection = args.rss = args.variants = True
     head = {"model": args.model, "img": args.img, "batch": args.batch, "k": args.k, "classes": args.classes,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(DEVICE),
+            "device_name": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else cpu_name()}
     print(json.dumps(head))
     base = build(args.model, args.img, args.classes)
     selection = select(base, args.img, args.k, args.classes, args.batch, args.batch)
@@ -329,6 +377,10 @@ def main() -> None:
         print(f"selection pass (default arguments, chunk {result['chunk_size']}): {result['selection_s']} s; one "
               f"full fine-tuning epoch on the same {result['images']} images: {result['full_epoch_s']} s; "
               f"ratio {result['selection_per_epoch']}")
+        if "selection_bf16_s" in result:
+            print(f"  precision='bf16': {result['selection_bf16_s']} s, ratio to the fp32 epoch "
+                  f"{result['selection_bf16_per_fp32_epoch']}, {result['bf16_entries_changed']} of "
+                  f"{result['entries']} entries differ from fp32's")
         print(json.dumps({"selection": result}))
     if args.rss:
         result = rss_all(args, (*MODES, "selection") if args.selection else MODES)

@@ -5,7 +5,9 @@ written as task files for the same base; the bank reads both and the benchmark t
 between them (median of `--switches`), a switch back to the base, and, for comparison, the
 route without a bank (unmerge the active task, `sparseft.load` the other file onto the base,
 merge it). It checks that the base is bit-identical after all switches and reports the bank's
-memory beside the task files' sizes.
+memory (`TaskBank.memory()`: storage bytes of what it holds besides the model) beside the task
+files' sizes. `--device cuda` runs the bank on a GPU (tasks are written on the CPU, the bank's
+model is moved before the tasks are added; each timed switch ends with a device synchronisation).
 
     python benchmarks/switch_cost.py                               # ViT-B/16 @224, K=1
     python benchmarks/switch_cost.py --model vit_small_patch16_224 --switches 100
@@ -63,14 +65,24 @@ def main() -> None:
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--switches", type=int, default=50)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="where the bank's model lives (cpu, cuda, cuda:1, ...)")
     args = p.parse_args()
+    device = torch.device(args.device)
+
+    def synced(fn):
+        def run() -> None:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return run
+
     if args.threads:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         files = [write_task(args.model, args.classes, args.k, seed, Path(tmp) / f"task{seed}.safetensors")
                  for seed in (1, 2)]
-        model = build(args.model, args.classes)
+        model = build(args.model, args.classes).to(device)
         base = {k: v.clone() for k, v in model.state_dict().items()}
         bank = sparseft.TaskBank(model)
         t0 = time.perf_counter()
@@ -78,12 +90,12 @@ def main() -> None:
         add_s = time.perf_counter() - t0
         bank.add("b", files[1])
         tasks = iter(["a", "b"] * args.switches)
-        switch = median_ms(lambda: bank.use(next(tasks)), args.switches)
-        to_base = median_ms(lambda: (bank.use("a"), bank.use(None)), 10) - switch / 2
+        switch = median_ms(synced(lambda: bank.use(next(tasks))), args.switches)
+        to_base = median_ms(synced(lambda: (bank.use("a"), bank.use(None))), 10) - switch / 2
         bank.use(None)
         exact = all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
 
-        plain = build(args.model, args.classes)
+        plain = build(args.model, args.classes).to(device)
         loaded = iter(files * 5)
         state = {"model": sparseft.merge(sparseft.load(files[1], model=plain))}
 
@@ -91,12 +103,14 @@ def main() -> None:
             sparseft.unmerge(state["model"])
             state["model"] = sparseft.merge(sparseft.load(next(loaded), model=state["model"]))
 
-        without_bank = median_ms(reload, 10)
+        without_bank = median_ms(synced(reload), 10)
         result = {
-            "model": args.model, "k": args.k, "classes": args.classes, "threads": torch.get_num_threads(),
+            "model": args.model, "device": str(device), "k": args.k,
+            "classes": args.classes, "threads": torch.get_num_threads(),
             "switch_ms_median": round(switch, 3), "to_base_ms": round(to_base, 3),
             "reload_merge_ms_median": round(without_bank, 1), "add_s": round(add_s, 2),
             "task_file_bytes": [f.stat().st_size for f in files], "bank_bytes": bank.nbytes(),
+            "bank_to_files": round(bank.memory()["ratio"], 3),
             "base_bit_exact_after_switches": exact,
         }
     print(json.dumps(result, indent=1))

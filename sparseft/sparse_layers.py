@@ -52,7 +52,10 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 def _start(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Cast the inputs as autocast would for this layer and remember the dtypes for backward."""
+    """Cast the inputs as autocast would for this layer and remember the dtypes for backward.
+
+    The layers save the weight as cast here (the weight itself when no cast is needed), so under
+    autocast the backward reuses the forward's cast, as autocast's own dense backward does."""
     compute = _autocast_dtype(x) or x.dtype
     ctx.compute, ctx.x_dtype, ctx.values_dtype = compute, x.dtype, values.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -75,7 +78,7 @@ class _SparseLinear(torch.autograd.Function):
             y = F.linear(xc, wc, bc)
         x2 = xc.reshape(-1, xc.shape[-1])
         saved_x = x2 if ucols is None else x2.index_select(1, ucols)
-        ctx.save_for_backward(saved_x, weight, rows, cpos)
+        ctx.save_for_backward(saved_x, wc, rows, cpos)
         ctx.x_shape = x.shape
         return y
 
@@ -102,7 +105,7 @@ class _SparsePointwiseConv(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             y = F.conv2d(xc, wc, bc)
         saved_x = xc if ucols is None else xc.index_select(1, ucols)
-        ctx.save_for_backward(saved_x, weight, rows, cpos)
+        ctx.save_for_backward(saved_x, wc, rows, cpos)
         return y
 
     @staticmethod
@@ -137,7 +140,7 @@ class _SparseConv(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             y = F.conv2d(xc, wc, bc, stride, padding, dilation, groups)
         saved_x = xc if ucols is None else xc.index_select(1, ucols)
-        ctx.save_for_backward(saved_x, weight, rows, cpos, ki, kj)
+        ctx.save_for_backward(saved_x, wc, rows, cpos, ki, kj)
         ctx.geometry, ctx.x_shape = geometry, x.shape
         return y
 
@@ -271,17 +274,25 @@ class SparseDelta(nn.Module):
     def sync(self, param: torch.Tensor, force: bool = False) -> None:
         """Write base + values into `param` if `values` changed since the last write.
 
-        The version counter catches ordinary in-place updates; the comparison with the values
-        last written (O(selected entries)) catches the rest: fused optimizers, `.data` edits.
+        The version counter catches ordinary in-place updates; on the CPU the comparison with the
+        values last written (O(selected entries)) catches the rest: fused optimizers, `.data` edits.
+        On an accelerator that comparison would make the host wait for the device, so there (and in a
+        compiled graph, which takes no data-dependent branch) the entries are written instead,
+        O(selected entries) on the device: nothing in a training step synchronises with the host.
         """
         values = self.values.detach()
         if torch.compiler.is_compiling():  # no data-dependent test in a graph: write (O(selected entries))
             write_flat(param, self.index, _merged_values(self.base, values))
             return
-        if force or values._version != self._synced_version or not torch.equal(values, self.written):
-            write_flat(param, self.index, _merged_values(self.base, values))
-            self.written.copy_(values)
-            self._synced_version = self.values._version
+        if not (force or values._version != self._synced_version):
+            if not _compare_on_host(values):
+                write_flat(param, self.index, _merged_values(self.base, values))
+                return
+            if torch.equal(values, self.written):
+                return
+        write_flat(param, self.index, _merged_values(self.base, values))
+        self.written.copy_(values)
+        self._synced_version = self.values._version
 
     def mark_synced(self) -> None:
         """Take the parameter's current entries as written: the next forward leaves them alone."""
@@ -299,6 +310,12 @@ class SparseDelta(nn.Module):
 
     def extra_repr(self) -> str:
         return f"nnz={self.index.numel()}, shape={self.shape}, gathered={self.gathered}"
+
+
+def _compare_on_host(values: torch.Tensor) -> bool:
+    """Whether `SparseDelta.sync` may compare values with a result the host reads (CPU tensors only: on
+    an accelerator that read is a synchronisation)."""
+    return values.device.type == "cpu"
 
 
 def _no_grad_needed(delta: SparseDelta) -> bool:

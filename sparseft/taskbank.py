@@ -10,11 +10,14 @@
     outputs = bank.predict(images, ["pets", "flowers", "pets"])  # one batch, mixed tasks
 
 Each task is read once: loaded onto the model, merged, and what the merge changed is kept
-(flat indices and values of the entries a sparse task changed; whole tensors for parameters
-trained in full, folded modules and BatchNorm statistics), then the model is unmerged. Switching
-writes those values into the model's own weight tensors and writes the base values back: no
-weight tensor is re-allocated, so a `torch.compile`d model does not recompile. A head with
-another number of classes than the base's is swapped as a tensor (one recompilation per shape).
+(flat indices, as int32, and values of the entries a sparse task changed; whole tensors for
+parameters trained in full, folded modules and BatchNorm statistics), then the model is unmerged.
+Switching *exchanges* those values with the model's own: the task's values go into the model's
+weight tensors and the values they replace (the base's) take their place in the bank, so the bank
+never holds a second copy of what the model holds, and switching back exchanges them again
+(bit-exact both ways). No weight tensor is re-allocated, so a `torch.compile`d model does not
+recompile. A head with another number of classes than the base's is swapped as a tensor (one
+recompilation per shape).
 
 The base is the model the tasks were trained on: `sparseft.base_model(task_file)` builds it from a
 task file's header (model name, image size, weights, and a head; tasks of another class count swap
@@ -30,8 +33,9 @@ keeps only what its tasks change). Writes that bypass the version counter are no
 edits through `.data` and fused optimizers (`fused=True`).
 
 Methods whose task merges into the weights are served: gps, bitfit, linear, full, lora,
-spt-lora, ssf. Memory: the base + what each task changes; a sparse task (GPS, BitFit) holds about
-its file's size, while a merged LoRA or SSF task changes its target weights whole. Methods that
+spt-lora, ssf. Memory: the base + what each task changes; a sparse task (GPS, BitFit) holds its
+file's tensors (`memory()`: bytes held against the files' sizes), while a merged LoRA or SSF task
+changes its target weights whole. Methods that
 add modules which cannot be merged (adapter, vpt-*, sct, spt-adapter) are refused: load those
 one at a time with `sparseft.load`.
 """
@@ -41,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,13 +62,15 @@ from sparseft.sparse_layers import write_flat
 
 @dataclass
 class _Change:
-    """One tensor a task changes: `value` at the flat `index` (None: the whole tensor)."""
+    """One tensor a task changes: `value` at the flat `index` (int32; None: the whole tensor).
+
+    `value` holds the task's values while the task is inactive and, while it is active, the values the
+    task displaced from the model (the base's): a switch exchanges them, so nothing is kept twice.
+    """
 
     index: torch.Tensor | None
     value: torch.Tensor
-    base: torch.Tensor  # the base values at `index`, or the whole base tensor (shared between tasks)
-    # another shape than the base's (a head): the tensor is swapped, not written, and `base` is the base's
-    # own tensor, taken from the model each time the task becomes active
+    # another shape than the base's (a head): the tensor objects are exchanged, not their contents
     swap: bool = False
 
 
@@ -90,7 +97,7 @@ class TaskBank:
         self.active: str | None = None
         self._tasks: dict[str, dict[str, _Change]] = {}
         self._headers: dict[str, dict[str, Any]] = {}
-        self._bases: dict[str, torch.Tensor] = {}  # whole base tensors, kept once for every task
+        self._file_bytes: dict[str, int] = {}  # each task's file size (its tensors' bytes when not a file)
         # where each parameter and buffer lives: `.to()`/`.cuda()` replace buffers (and may replace parameters)
         self._slots: dict[str, tuple[dict[str, Any], str]] = {}
         for prefix, module in model.named_modules(remove_duplicate=False):
@@ -149,33 +156,40 @@ class TaskBank:
                     raise err.reworded(f"task {name!r} ({path})", "this bank's base") from None
                 owner = method_for(model)
                 owner.merge(model)
-                changes = {n: self._keep(n, idx, base, originals.get(n))
-                           for n, (idx, base) in delta.merged_changes(model).items()}
+                changes = {n: self._keep(n, idx, n in originals)
+                           for n, (idx, _) in delta.merged_changes(model).items()}
                 owner.unmerge(model)
         finally:
             self._seal()  # the load, merge and unmerge above were the bank's own writes
             self._switch(previous)
         self._tasks[name] = changes
         self._headers[name] = dict(header.get("extra", {}))
+        self._file_bytes[name] = _file_size(path, tensors)
 
     def remove(self, name: str) -> None:
         """Take a task out of the bank (the base is restored first if it is active)."""
         self._require(name)
         if self.active == name:
             self._switch(None)
-        del self._tasks[name], self._headers[name]
-        used = {n for changes in self._tasks.values() for n, c in changes.items() if c.index is None}
-        self._bases = {n: t for n, t in self._bases.items() if n in used}
+        del self._tasks[name], self._headers[name], self._file_bytes[name]
 
     def nbytes(self) -> int:
-        """Memory the bank holds besides the model: every task's values and the shared base copies."""
-        held = {id(t): t for t in self._bases.values()}
+        """Memory the bank holds besides the model: the storage bytes of every task's indices and values
+        (each storage once; the model's own tensors are not counted)."""
+        storages: dict[tuple[str, int], int] = {}
         for changes in self._tasks.values():
             for c in changes.values():
-                for t in (c.index, c.value, c.base):
+                for t in (c.index, c.value):
                     if t is not None:
-                        held.setdefault(id(t), t)
-        return sum(t.numel() * t.element_size() for t in held.values())
+                        st = t.untyped_storage()
+                        storages[(str(t.device), st.data_ptr())] = st.nbytes()
+        return sum(storages.values())
+
+    def memory(self) -> dict[str, float]:
+        """`held`: bytes the bank holds besides the model (`nbytes`); `files`: the sizes of the task files it
+        holds; `ratio`: held / files (a sparse task holds its file's tensors: at most about 1.0)."""
+        held, files = self.nbytes(), sum(self._file_bytes.values())
+        return {"held": held, "files": files, "ratio": held / files if files else 0.0}
 
     # -- switching -----------------------------------------------------------------------
     def use(self, name: str | None) -> _Active:
@@ -217,19 +231,14 @@ class TaskBank:
         if name not in self._tasks:
             raise KeyError(f"no task {name!r} in the bank (it holds {', '.join(map(repr, self._tasks)) or 'none'})")
 
-    def _keep(self, name: str, index: torch.Tensor | None, base: torch.Tensor,
-              original: torch.Tensor | None) -> _Change:
-        """The merged model's values of one changed tensor, and where its base values are kept.
-
-        `original`: the base's own tensor of a head that has another shape in this task.
-        """
+    def _keep(self, name: str, index: torch.Tensor | None, reshaped: bool) -> _Change:
+        """The merged model's values of one changed tensor (`reshaped`: a head of another shape than the
+        base's, swapped as a tensor)."""
         current = self._tensor(name).detach()
         if index is not None:
-            return _Change(index.clone(), current.reshape(-1)[index].clone(), base.clone())
-        if original is not None:
-            return _Change(None, current.clone(), original, swap=True)
-        kept = self._bases.setdefault(name, base.detach().clone())
-        return _Change(None, current.clone(), kept)
+            flat = current.reshape(-1).index_select(0, index.long())
+            return _Change(index.to(torch.int32 if current.numel() < 2**31 else torch.int64), flat)
+        return _Change(None, current.clone(), swap=reshaped)
 
     def _seal(self) -> None:
         """Note each tensor of the model and its version counter: what the bank wrote last."""
@@ -274,46 +283,52 @@ class TaskBank:
         torch.set_num_threads(1)  # many small writes: thread hand-offs would cost more than the copies
         try:
             if self.active is not None:
-                self._write(self._tasks[self.active], restore=True)
+                self._exchange(self._tasks[self.active])  # the base's values back, the task's into the bank
             self.active = None
             if name is not None:
-                self._write(self._tasks[name], restore=False)
+                self._exchange(self._tasks[name])
                 self.active = name
         finally:
             torch.set_num_threads(threads)
         self._seal()
 
-    def _write(self, changes: dict[str, _Change], restore: bool) -> None:
+    def _exchange(self, changes: dict[str, _Change]) -> None:
+        """Exchange each change's kept values with the model's at the same places (an exact copy both ways)."""
         for name, c in changes.items():
             tensor = self._tensor(name)
             if c.value.device != tensor.device or c.value.dtype != tensor.dtype:
-                self._move(name, c, tensor)
-            new = c.base if restore else c.value
+                self._move(c, tensor)
             if c.swap:
-                if not restore:  # the base's head is what the model holds now (after any cast or move since `add`)
-                    c.base = tensor.data
-                tensor.data = new
+                c.value, tensor.data = tensor.data, c.value
             elif c.index is None:
-                tensor.copy_(new)
+                displaced = tensor.detach().clone()
+                tensor.copy_(c.value)
+                c.value = displaced
             else:
-                write_flat(tensor, c.index, new)
+                index = c.index.long()  # index_select / index_copy_ take int64 (a transient copy)
+                displaced = tensor.detach().reshape(-1).index_select(0, index)
+                write_flat(tensor, index, c.value)
+                c.value = displaced
 
     def _tensor(self, name: str) -> torch.Tensor:
         table, key = self._slots[name]
         return table[key]
 
-    def _move(self, name: str, c: _Change, tensor: torch.Tensor) -> None:
+    @staticmethod
+    def _move(c: _Change, tensor: torch.Tensor) -> None:
         """The model was moved or cast (`.to`, `.cuda()`, `.half()`) after the task was read: its kept
-        values follow, once (the whole base copies shared between tasks too)."""
-        to = {"device": tensor.device, "dtype": tensor.dtype}
+        values follow, once."""
         if c.index is not None:
             c.index = c.index.to(tensor.device)
-        c.value = c.value.to(**to)
-        if c.index is None and not c.swap:  # the base copy every task shares: moved once
-            self._bases[name] = self._bases[name].to(**to)
-            c.base = self._bases[name]
-        else:
-            c.base = c.base.to(**to)
+        c.value = c.value.to(device=tensor.device, dtype=tensor.dtype)
+
+
+def _file_size(path: TaskSource, tensors: dict[str, torch.Tensor]) -> int:
+    """A task file's size in bytes; for a task read from elsewhere, its tensors' bytes."""
+    try:
+        return Path(path).stat().st_size
+    except (OSError, TypeError):
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @contextmanager

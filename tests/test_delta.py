@@ -257,3 +257,41 @@ def test_a_state_dict_from_another_selection_is_refused():
     sparseft.apply(b, random_selection(b, seed=2))
     with pytest.raises(RuntimeError, match="another selection"):
         b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet", "mobilenetv2"])
+def test_bf16_autocast_matches_autocast_dense(family):
+    """Under bf16 autocast the sparse layers give what autocast's dense layers give: the same bf16
+    outputs, the dense weight gradient's selected entries and the input gradients, to bf16 rounding."""
+    model = tiny_model(family).train()
+    for m in model.modules():  # BatchNorm statistics frozen in both (GPS trains with them frozen)
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    x, y = toy_batches(1, batch=4)[0]
+    sel = random_selection(model)
+    dense = copy.deepcopy(model)
+    for p in dense.parameters():
+        p.requires_grad_(True)
+    sparseft.apply(model, sel)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    xs, xd = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_sparse, out_dense = model(xs), dense(xd)
+    assert out_sparse.dtype == out_dense.dtype == torch.bfloat16
+    torch.testing.assert_close(out_sparse.float(), out_dense.float(), rtol=2e-2, atol=2e-2)
+    F.cross_entropy(out_sparse.float(), y).backward()
+    F.cross_entropy(out_dense.float(), y).backward()
+    grads = dict(dense.named_parameters())
+    for name, d in deltas(model).items():
+        expected = grads[name].grad.reshape(-1)[d.index]
+        got = d.values.grad
+        assert got.dtype == torch.float32
+        scale = expected.abs().max().clamp_min(1e-6)
+        assert ((got - expected).abs().max() / scale) < 5e-2, name
+        if expected.abs().max() > 0:  # (a layer behind a dead ReLU on this toy batch has none)
+            assert torch.nn.functional.cosine_similarity(got, expected, dim=0) > 0.995, name
+        else:
+            assert not got.any(), name
+    assert torch.nn.functional.cosine_similarity(xs.grad.flatten(), xd.grad.flatten(), dim=0) > 0.995

@@ -110,3 +110,110 @@ def test_conv_kernel_matches_dense(stride, padding, dilation, kernel):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
         got32 = sampled_conv_weight_grad(grad_y.float(), x.float(), rows, cols, ki, kj, *args, backend="c")
         torch.testing.assert_close(got32.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+# -- the blocked conv kernels, through the sparse layers, against dense autograd -------------------
+
+@st.composite
+def conv_cases(draw):
+    """A Conv2d geometry: 1x1 or kxk, strided, dilated, padded, grouped or depthwise; entries that share input
+    channels (the blocked kernels' case: many per channel) or spread over them."""
+    if draw(st.booleans()):  # the pointwise path (1x1, stride 1, ungrouped): its own kernel
+        groups, cin, cout = 1, draw(st.integers(1, 6)), draw(st.integers(1, 40))
+        kernel, stride, dilation, padding = (1, 1), (1, 1), (1, 1), (0, 0)
+    else:
+        groups = draw(st.sampled_from([1, 1, 2, 3, "depthwise"]))
+        if groups == "depthwise":
+            groups = cin = cout = draw(st.integers(1, 12))
+        else:
+            cin = groups * draw(st.integers(1, 5))
+            cout = groups * draw(st.integers(1, 12))
+        kernel = draw(st.sampled_from([(1, 1), (3, 3), (2, 3), (5, 5)]))
+        stride = draw(st.sampled_from([(1, 1), (2, 2), (1, 2)]))
+        dilation = draw(st.sampled_from([(1, 1), (1, 1), (2, 1)]))
+        padding = (draw(st.integers(0, kernel[0])), draw(st.integers(0, kernel[1])))
+    height = draw(st.integers(max(1, (kernel[0] - 1) * dilation[0] + 1 - 2 * padding[0]), 11))
+    width = draw(st.integers(max(1, (kernel[1] - 1) * dilation[1] + 1 - 2 * padding[1]), 13))
+    numel = cout * (cin // groups) * kernel[0] * kernel[1]
+    nnz = draw(st.integers(1, numel))
+    concentrated = draw(st.booleans())  # all entries on one input channel where the shape allows
+    return dict(cin=cin, cout=cout, kernel=kernel, stride=stride, dilation=dilation, padding=padding,
+                groups=groups, size=(height, width), nnz=nnz, batch=draw(st.integers(1, 3)),
+                concentrated=concentrated, seed=draw(st.integers(0, 2**16)))
+
+
+@given(case=conv_cases())
+@settings(max_examples=150, deadline=None)
+def test_blocked_conv_kernels_match_dense_autograd(case):
+    from sparseft import sparse_layers
+
+    g = torch.Generator().manual_seed(case["seed"])
+    conv = torch.nn.Conv2d(case["cin"], case["cout"], case["kernel"], case["stride"], case["padding"],
+                           case["dilation"], case["groups"], bias=True).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+    numel = conv.weight.numel()
+    if case["concentrated"]:  # every entry of input channel 0 (of each group): shared planes
+        shape = conv.weight.shape
+        flat = torch.arange(numel).reshape(shape)[:, 0].reshape(-1)
+        index = flat[torch.randperm(flat.numel(), generator=g)[:case["nnz"]]].sort().values
+    else:
+        index = torch.randperm(numel, generator=g)[:case["nnz"]].sort().values
+    x = torch.randn(case["batch"], case["cin"], *case["size"], generator=g, dtype=torch.float64)
+
+    dense_x = x.clone().requires_grad_(True)
+    weight = conv.weight.detach().clone().requires_grad_(True)
+    y = torch.nn.functional.conv2d(dense_x, weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                   conv.groups)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad_y)
+
+    sparse_layers.install(conv, [("weight", index)])
+    delta = conv.sparse_delta["weight"]
+    assert delta.gathered  # the kernels' path, not the generic one
+    sparse_x = x.clone().requires_grad_(True)
+    y2 = conv(sparse_x)
+    torch.testing.assert_close(y2, y.detach(), rtol=1e-12, atol=1e-12)
+    y2.backward(grad_y)
+    expected = weight.grad.reshape(-1)[index]
+    torch.testing.assert_close(delta.values.grad, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sparse_x.grad, dense_x.grad, rtol=1e-10, atol=1e-10)
+    if compiled_library() is not None:  # float32 and bf16 through the same kernels
+        from sparseft.kernels import sampled_conv_weight_grad, sampled_dot_channels_first
+
+        args = (delta.rows, delta.cpos)
+        saved = x if delta.ucols is None else x.index_select(1, delta.ucols)
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+            gy, sx = grad_y.to(dtype), saved.to(dtype)
+            if conv.forward.__func__ is sparse_layers._sparse_pointwise_forward:
+                got = sampled_dot_channels_first(gy, sx, *args, backend="c")
+            else:
+                got = sampled_conv_weight_grad(gy, sx, *args, delta.ki, delta.kj, conv.kernel_size, conv.stride,
+                                               conv.padding, conv.dilation, backend="c")
+            ref = sampled_conv_weight_grad(gy.double(), sx.double(), *args, delta.ki, delta.kj, conv.kernel_size,
+                                           conv.stride, conv.padding, conv.dilation, backend="torch")
+            scale = ref.abs().max().clamp_min(1.0)
+            assert ((got.double() - ref).abs().max() / scale) < tol, dtype
+
+
+def test_blocked_kernels_do_not_depend_on_the_number_of_threads():
+    from sparseft.kernels import sampled_conv_weight_grad, sampled_dot_channels_first
+
+    if compiled_library() is None:
+        pytest.skip("no compiled kernel")
+    g = torch.Generator().manual_seed(0)
+    grad, x = torch.randn(4, 40, 9, 9, generator=g), torch.randn(4, 12, 9, 9, generator=g)
+    rows, cols = torch.randint(0, 40, (300,), generator=g), torch.randint(0, 3, (300,), generator=g)
+    ki, kj = torch.randint(0, 3, (300,), generator=g), torch.randint(0, 3, (300,), generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append((sampled_dot_channels_first(grad, x, rows, cols, backend="c"),
+                            sampled_conv_weight_grad(grad, x, rows, cols, ki, kj, (3, 3), (1, 1), (1, 1), (1, 1),
+                                                     backend="c")))
+    finally:
+        torch.set_num_threads(threads)
+    for pw, kxk in results[1:]:
+        assert torch.equal(pw, results[0][0]) and torch.equal(kxk, results[0][1])

@@ -127,11 +127,28 @@ def test_refusals_leave_the_bank_and_the_base_as_they_were(files, tmp_path):
 
 
 def test_memory_follows_the_task_files(files):
-    bank = sparseft.TaskBank(toy_base())
+    from safetensors.torch import load_file
+
+    model = toy_base()
+    bank = sparseft.TaskBank(model)
     bank.add("gps", files["gps"])
     bank.add("gps-2", files["gps-2"])
     size = files["gps"].stat().st_size + files["gps-2"].stat().st_size
-    assert bank.nbytes() < 3 * size  # indices, task values and base values of the entries; no model copy
+    payload = sum(t.numel() * t.element_size() for f in ("gps", "gps-2") for t in load_file(files[f]).values())
+    for active in (None, "gps", "gps-2", None):  # an active task's place in the bank holds the base's values
+        bank.use(active)
+        mem = bank.memory()
+        assert mem["files"] == size and mem["held"] == bank.nbytes()
+        assert mem["ratio"] <= 1.1  # the goal: at most 1.1x the task files
+        # int32 indices and one value per entry, the task's (or, while it is active, the base's), nothing else:
+        # exactly the tensors the files hold
+        assert mem["held"] == payload
+    model_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    held = {t.untyped_storage().data_ptr() for changes in bank._tasks.values() for c in changes.values()
+            for t in (c.index, c.value) if t is not None}
+    assert not held & model_storages  # no storage shared with the model: nothing counted twice, or lost
+    bank.remove("gps")
+    assert bank.memory()["files"] == files["gps-2"].stat().st_size
 
 
 def test_a_compiled_model_does_not_recompile_when_tasks_switch(files):

@@ -216,13 +216,21 @@ def check_scores(scores: dict[str, torch.Tensor], criterion: str = "gradient", l
                              f"reached them; {advice}")
 
 
+def _autocast_dtype(model: nn.Module, precision: str) -> torch.dtype | bool:
+    """What `gradient_scores` runs under for `precision`: False (fp32), or the autocast dtype."""
+    if precision == "fp32":
+        return False
+    device = next(model.parameters()).device
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Eligibility | None = None,
            score: ScoreReduction = "abs_of_sum", temperature: float = 0.07, augment: Callable | None = None,
            max_batches: int | None = None, chunk_size: ChunkSize = "auto", autocast: bool = False,
            seed: int = 0, head: str | None = None, progress: bool | None = None, level: str = "neuron",
            criterion: str = "gradient", loss: Literal["supcon", "ce"] = "supcon",
            score_norm: Literal["none", "column"] = "none", budget: int | None = None,
-           reserved: int = 0) -> Selection:
+           reserved: int = 0, precision: Literal["fp32", "bf16"] = "fp32") -> Selection:
     """Run GPS on `model` with the task data in `loader` and return the `Selection`.
 
     The loader yields `(images, labels)` (two geometric views are made per image) or
@@ -232,6 +240,11 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
     `chunk_size`: images per re-run chunk of the scoring pass (less memory, one extra forward);
     "auto" picks it so the pass stays below a training step of the same batch (see
     `sparseft.selection.scores.auto_chunk`), None scores each batch at once.
+
+    `precision`: "fp32" (the default) or "bf16": the scoring pass's forwards and backwards under
+    autocast (bfloat16 on the CPU; float16 on CUDA, as the official code runs it), scores still
+    accumulated in float32; faster where the CPU has bf16 instructions, and a few selected entries
+    may change against fp32 (`autocast=True` is the same as "bf16" but bfloat16 on every device).
 
     Ablations of the paper: `level` neuron (top-K per row) | layer (rows×K per weight) | net
     (the same total over the network); `criterion` gradient | magnitude | random; `loss`
@@ -256,6 +269,8 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
     if criterion not in CRITERIA:
         raise SelectionError(f"criterion must be one of {CRITERIA} (--criterion), not {criterion!r}")
     check_count(k, "k", "--k", "input connections kept per neuron")
+    if precision not in ("fp32", "bf16"):
+        raise SelectionError(f"precision must be 'fp32' or 'bf16' (select's `precision`), not {precision!r}")
     if score_norm not in ("none", "column"):
         raise SelectionError(f"score_norm must be 'none' or 'column' (--score-norm), not {score_norm!r}")
     roles = parameter_roles(model, rules, head)
@@ -272,7 +287,9 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
             raise SelectionError(f"{criterion} selection needs a data loader")
         scores, stats = gradient_scores(model, loader, selectable, loss=loss, temperature=temperature,
                                         reduction=score, augment=augment, max_batches=max_batches,
-                                        chunk_size=chunk_size, autocast=autocast, seed=seed, head=head,
+                                        chunk_size=chunk_size,
+                                        autocast=_autocast_dtype(model, precision) if not autocast else True,
+                                        seed=seed, head=head,
                                         progress=progress)
         if criterion == "taylor":
             scores = {n: s.mul_(params[n].detach().abs().float()) for n, s in scores.items()}
@@ -292,7 +309,8 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
         shapes=shapes,
         full=full,
         meta={"method": "gps", "k": k, "level": level, "criterion": criterion, "loss": loss, "score": score,
-              "score_norm": score_norm, "temperature": temperature, "seed": seed, "chunk_size": None, **stats,
+              "score_norm": score_norm, "temperature": temperature, "seed": seed, "chunk_size": None,
+              "precision": "bf16" if autocast else precision, **stats,
               **budget_meta, "world_size": distributed.world_size(),
               "rules": (rules or Eligibility()).to_dict()},
     )

@@ -153,7 +153,7 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
                     loss: Literal["supcon", "ce"] = "supcon", temperature: float = 0.07,
                     reduction: ScoreReduction = "abs_of_sum", augment: Callable | None = None,
                     max_batches: int | None = None, chunk_size: ChunkSize = "auto",
-                    autocast: bool = False, seed: int = 0, head: str | None = None,
+                    autocast: bool | torch.dtype = False, seed: int = 0, head: str | None = None,
                     progress: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Accumulated gradient magnitudes for the named parameters over one pass of `loader`.
 
@@ -185,8 +185,10 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
     contrast: list[torch.Tensor] = []  # per batch (SupCon): whether it holds two classes, i.e. negatives
     sizes: list[int] = []
 
+    autocast_dtype = autocast if isinstance(autocast, torch.dtype) else torch.bfloat16  # True: bfloat16
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=bool(autocast)):
             return features(x) if loss == "supcon" else model(x)
 
     def objective(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
