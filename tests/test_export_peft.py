@@ -103,19 +103,39 @@ def test_plain_peft_loads_gps_and_lora_exports_with_sparseft_logits(tmp_path):
         assert torch.equal(original[name], back[name].to(original[name].dtype)), name
 
 
-def test_conv_entries_are_refused_before_writing_or_carried_whole_with_dense(tmp_path):
+def test_conv_entries_are_carried_whole_by_default_while_small_and_refused_otherwise(tmp_path, monkeypatch):
     task = write_task("gps", tmp_path / "gps.safetensors")  # GPS selects in the patch-embedding conv too
-    with pytest.raises(ExportError, match=r"patch_embed\.proj\.weight.*SHiRA adapts only nn\.Linear.*--dense"):
+    # the toy ViT's patch embedding is 16 % of its values (a ViT-S/16's is 1.3 %): over the default share
+    with pytest.raises(ExportError, match=r"patch_embed\.proj\.weight.*SHiRA adapts only nn\.Linear.*16% of the "
+                                          r"base model.*--dense"):
         export_peft(task, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    done = export_peft(task, tmp_path / "out", dense=True)
-    assert "patch_embed.proj.weight" in done.whole
+    with pytest.raises(ExportError, match=r"--no-dense was given"):
+        export_peft(task, tmp_path / "out", dense=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr("sparseft.export.peft.AUTO_DENSE_SHARE", 0.2)
+    for dense, out in ((None, tmp_path / "auto"), (True, tmp_path / "out")):
+        done = export_peft(task, out, dense=dense)
+        assert "patch_embed.proj.weight" in done.whole
     from peft import PeftModel
 
     x = torch.randn(2, 3, 32, 32)
-    model = PeftModel.from_pretrained(toy_base(), tmp_path / "out").eval()
-    with torch.no_grad():
-        assert (model(x) - _merged_logits(task, x)).abs().max() <= 1e-5
+    for out in (tmp_path / "auto", tmp_path / "out"):
+        model = PeftModel.from_pretrained(toy_base(), out).eval()
+        with torch.no_grad():
+            assert (model(x) - _merged_logits(task, x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "vit_base_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_a_real_vit_patch_embedding_is_within_the_default_dense_share(name):
+    import timm
+
+    from sparseft.export.peft import AUTO_DENSE_SHARE
+
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    total = sum(p.numel() for p in model.parameters())
+    assert model.patch_embed.proj.weight.numel() / total <= AUTO_DENSE_SHARE
 
 
 @pytest.mark.parametrize("dense", [False, True])

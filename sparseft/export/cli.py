@@ -36,9 +36,10 @@ class ExportOptions:
                 "merged model as one .onnx file (dynamic batch, preprocessing in its metadata); hub: a "
                 "Hub-style task folder: task file, config.json and model card (sparseft.from_pretrained)",
         "choices": ["peft", "onnx", "hub"]})
-    dense: bool = field(default=False, metadata={
-        "help": "peft: carry sparse entries peft cannot index (convolutions, tables) as whole weights instead of "
-                "refusing the task"})
+    dense: bool | None = field(default=None, metadata={
+        "help": "peft: carry the weights holding sparse entries peft cannot index (convolutions, tables) whole; "
+                "default: only while they are at most 5% of the base model (a ViT's patch embedding); "
+                "--no-dense refuses any"})
     opset: int = field(default=17, metadata={"help": "onnx: the ONNX opset"})
     weights: str | None = field(default=None, metadata={
         "help": "local base weights, if the base is not an offline backbone"})
@@ -59,8 +60,8 @@ class ImportOptions:
 
 def cmd_export(args: argparse.Namespace) -> int:
     o: ExportOptions = from_args(args, ExportOptions)
-    if o.dense and o.format != "peft":
-        raise UsageError("--dense applies to --format peft")
+    if o.dense is not None and o.format != "peft":
+        raise UsageError("--dense / --no-dense apply to --format peft")
     if o.format == "peft":
         done = export_peft(args.task_file, args.out, weights=o.weights, dense=o.dense, overwrite=o.overwrite)
         print(json.dumps(done.as_dict()))

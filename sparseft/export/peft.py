@@ -15,8 +15,9 @@ What maps to what (docs/ecosystem.md has the reasons and the measured costs):
   statistics -> extra checkpoint entries under their model names (`<layer>.base_layer.bias` for an adapted
   layer), the layout of peft's LoRA `bias="all"/"lora_only"`; peft loads them into the model as they are.
 - sparse entries peft cannot index (convolutions, bias tables, position embeddings; any entry of a LoRA
-  task): a vector is carried whole; a weight of 2 or more dimensions only with `dense=True` (its cost is in
-  the refusal), else the task is refused.
+  task): a vector is carried whole; weights of 2 or more dimensions are carried whole by default when they
+  hold at most 5 % of the base model's values (a ViT's patch embedding, which GPS selects from), always with
+  `dense=True`, never with `dense=False`; otherwise the task is refused, the cost named in the refusal.
 
 Refused before anything is written: methods whose modules no peft tuner has (adapter, spt-adapter, VPT, SCT,
 SSF) and tasks that train only whole parameters (full, linear, bitfit: a plain model, see `--format onnx`).
@@ -162,27 +163,43 @@ def _shira_plan(model: nn.Module, entries: dict[str, tuple[torch.Tensor, torch.T
     return layers, whole, smaller, r
 
 
-def _check_whole(model: nn.Module, whole: list[str], dense: bool, where: str, why: str) -> None:
-    """Refuse weights of 2+ dimensions that would be carried whole unless `dense` (vectors always are)."""
+AUTO_DENSE_SHARE = 0.05  # dense=None carries 2+-dim weights whole up to this share of the base's values
+
+
+def _check_whole(model: nn.Module, whole: list[str], dense: bool | None, where: str, why: str) -> None:
+    """Refuse weights of 2+ dimensions that would be carried whole (vectors always are).
+
+    `dense` True carries them, False refuses them, None carries them while they hold at most
+    `AUTO_DENSE_SHARE` of the base model's values (a ViT's patch embedding: about 1 %).
+    """
     params = delta.params_by_name(model)
     big = [n for n in whole if params[n].dim() > 1]
-    if big and not dense:
-        values = sum(params[n].numel() for n in big)
-        reason = ("a LoRA adapter holds no sparse entries" if why == "lora" else
-                  "SHiRA adapts only nn.Linear weights (peft's SHiRA has no convolution or other layer)")
-        raise ExportError(f"{where}: sparse entries in {', '.join(big[:4])}{'…' if len(big) > 4 else ''} cannot "
-                          f"be carried: {reason}; pass --dense (dense=True) to carry these weights whole "
-                          f"({values:,} values, {values * params[big[0]].element_size() / 1e6:.2f} MB) as "
-                          "checkpoint entries peft loads into the model")
+    if not big or dense:
+        return
+    values = sum(params[n].numel() for n in big)
+    share = values / sum(p.numel() for p in params.values())
+    if dense is None and share <= AUTO_DENSE_SHARE:
+        return
+    reason = ("a LoRA adapter holds no sparse entries" if why == "lora" else
+              "SHiRA adapts only nn.Linear weights (peft's SHiRA has no convolution or other layer)")
+    limit = ("--no-dense was given" if dense is False else
+             f"carried whole they would be {share:.0%} of the base model (more than the "
+             f"{AUTO_DENSE_SHARE:.0%} carried by default)")
+    raise ExportError(f"{where}: sparse entries in {', '.join(big[:4])}{'…' if len(big) > 4 else ''} cannot "
+                      f"be carried: {reason}, and {limit}; pass --dense (dense=True) to carry these weights whole "
+                      f"({values:,} values, {values * params[big[0]].element_size() / 1e6:.2f} MB) as "
+                      "checkpoint entries peft loads into the model, or export the merged model (--format onnx)")
 
 
 def export_peft(task_file: TaskSource, out: str | Path, *, model: nn.Module | None = None,
-                weights: str | Path | None = None, dense: bool = False, overwrite: bool = False) -> PeftExport:
+                weights: str | Path | None = None, dense: bool | None = None,
+                overwrite: bool = False) -> PeftExport:
     """Write the task as a peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`, README.md).
 
     `model`: the plain base to load the task onto (default: built from the task file's header, `weights`
-    overriding its base weights). `dense`: carry sparse entries peft cannot index (convolutions, ...) as
-    whole weights instead of refusing. Refusals come before anything is written (module docstring).
+    overriding its base weights). `dense`: whether sparse entries peft cannot index (convolutions, ...) are
+    carried as whole weights: True always, False never (refuse), None (default) while they hold at most 5 % of
+    the base's values. Refusals come before anything is written (module docstring).
     """
     task = read_task(task_file)
     where = str(task.path)
@@ -199,7 +216,7 @@ def export_peft(task_file: TaskSource, out: str | Path, *, model: nn.Module | No
             unmerge(model)  # the base model again (the export loaded the task onto it)
 
 
-def _write(model: nn.Module, task: Any, out: Path, *, dense: bool, overwrite: bool) -> PeftExport:
+def _write(model: nn.Module, task: Any, out: Path, *, dense: bool | None, overwrite: bool) -> PeftExport:
     header, where = task.header, str(task.path)
     extra = header.get("extra", {})
     added = [n for n, m in model.named_modules() if isinstance(m, Added)]
