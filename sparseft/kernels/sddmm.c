@@ -113,6 +113,27 @@ static int channel_blocks(const int32_t *cols, int64_t nnz, int32_t **order, int
     return 0;
 }
 
+/* The frame of both blocked kernels: blocks of entries by input channel (channel_blocks), one
+ * block per OpenMP work item with `lo`, `hi` (its slice of `order`) and `c` (its channel) in
+ * scope; the body fills `acc[0 .. hi - lo)`, which END_CHANNEL_BLOCKS writes to `out`. */
+#define FOR_EACH_CHANNEL_BLOCK                                                                  \
+    if (threads < 1) threads = 1;                                                               \
+    int32_t *order; int64_t *start; int64_t nblocks;                                            \
+    if (channel_blocks(cols, nnz, &order, &start, &nblocks)) {                                  \
+        free(order); free(start);                                                               \
+        return 1;                                                                               \
+    }                                                                                           \
+    _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1)")                       \
+    for (int64_t blk = 0; blk < nblocks; ++blk) {                                               \
+        const int64_t lo = start[blk], hi = start[blk + 1];                                     \
+        const int64_t c = cols[order[lo]];
+
+#define END_CHANNEL_BLOCKS                                                                      \
+        for (int64_t j = lo; j < hi; ++j) out[order[j]] = acc[j - lo];                          \
+    }                                                                                           \
+    free(order); free(start);                                                                   \
+    return 0;
+
 /* Channel-first variant for pointwise (1x1) convolutions on NCHW tensors:
  *
  *   out[i] = sum_b sum_s g[b * gsb + rows[i] * hw + s] * x[b * xsb + cols[i] * hw + s]
@@ -126,16 +147,7 @@ static int channel_blocks(const int32_t *cols, int64_t nnz, int32_t **order, int
 #define DEFINE_SDDMM_CF(NAME, IN_T, ACC_T, LOAD)                                                \
 int NAME(const IN_T *g, int64_t gsb, const IN_T *x, int64_t xsb, int64_t batch, int64_t hw,    \
          const int32_t *rows, const int32_t *cols, int64_t nnz, ACC_T *out, int threads) {      \
-    if (threads < 1) threads = 1;                                                               \
-    int32_t *order; int64_t *start; int64_t nblocks;                                            \
-    if (channel_blocks(cols, nnz, &order, &start, &nblocks)) {                                  \
-        free(order); free(start);                                                               \
-        return 1;                                                                               \
-    }                                                                                           \
-    _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1)")                       \
-    for (int64_t blk = 0; blk < nblocks; ++blk) {                                               \
-        const int64_t lo = start[blk], hi = start[blk + 1];                                     \
-        const int64_t c = cols[order[lo]];                                                      \
+    FOR_EACH_CHANNEL_BLOCK                                                                      \
         ACC_T acc[CONV_BLOCK] = {0};                                                            \
         for (int64_t b = 0; b < batch; ++b) {                                                   \
             const IN_T *xr = x + b * xsb + c * hw;                                              \
@@ -166,10 +178,7 @@ int NAME(const IN_T *g, int64_t gsb, const IN_T *x, int64_t xsb, int64_t batch, 
                 acc[j - lo] += part;                                                            \
             }                                                                                   \
         }                                                                                       \
-        for (int64_t j = lo; j < hi; ++j) out[order[j]] = acc[j - lo];                          \
-    }                                                                                           \
-    free(order); free(start);                                                                   \
-    return 0;                                                                                   \
+    END_CHANNEL_BLOCKS                                                                          \
 }
 
 DEFINE_SDDMM_CF(sddmm_cf_f32, float, float, IDENTITY)
@@ -192,16 +201,7 @@ int NAME(const IN_T *g, const IN_T *x, int64_t batch, int64_t cout, int64_t cx, 
          int64_t w, int64_t ho, int64_t wo, int64_t sh, int64_t sw, int64_t ph, int64_t pw,      \
          int64_t dh, int64_t dw, const int32_t *ki, const int32_t *kj, const int32_t *rows,      \
          const int32_t *cols, int64_t nnz, ACC_T *out, int threads) {                           \
-    if (threads < 1) threads = 1;                                                               \
-    int32_t *order; int64_t *start; int64_t nblocks;                                            \
-    if (channel_blocks(cols, nnz, &order, &start, &nblocks)) {                                  \
-        free(order); free(start);                                                               \
-        return 1;                                                                               \
-    }                                                                                           \
-    _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 1)")                       \
-    for (int64_t blk = 0; blk < nblocks; ++blk) {                                               \
-        const int64_t lo = start[blk], hi = start[blk + 1];                                     \
-        const int64_t c = cols[order[lo]];                                                      \
+    FOR_EACH_CHANNEL_BLOCK                                                                      \
         int64_t ylo[CONV_BLOCK], yhi[CONV_BLOCK], xlo[CONV_BLOCK], xhi[CONV_BLOCK];             \
         int64_t off[CONV_BLOCK];                                                                \
         ACC_T acc[CONV_BLOCK] = {0};                                                            \
@@ -239,10 +239,7 @@ int NAME(const IN_T *g, const IN_T *x, int64_t batch, int64_t cout, int64_t cx, 
                 acc[e] = a;                                                                     \
             }                                                                                   \
         }                                                                                       \
-        for (int64_t j = lo; j < hi; ++j) out[order[j]] = acc[j - lo];                          \
-    }                                                                                           \
-    free(order); free(start);                                                                   \
-    return 0;                                                                                   \
+    END_CHANNEL_BLOCKS                                                                          \
 }
 
 DEFINE_SDDMM_CONV(sddmm_conv_f32, float, float, IDENTITY)

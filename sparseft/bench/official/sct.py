@@ -11,7 +11,7 @@ batch and normalises with the ImageNet mean/std. It evaluates every 10th epoch a
 
 from __future__ import annotations
 
-from sparseft.bench.official.table import Row, Table
+from sparseft.bench.official.table import GOOGLE_VIT_B16_IN21K, Row, Table
 
 # task folder: (lr, weight decay, label smoothing, RandAugment, SCT scale, scale on x)
 _TASKS = {
@@ -46,7 +46,7 @@ _COMMON = {"drop_path": 0.1, "channels": 96, "batch_size": 64, "epochs": 100, "w
 VTAB = Table(
     name="sct-vtab", paper="sct", benchmark="vtab-1k", repository="github.com/zhaohengyuan1/SCT",
     commit="01e8f1e39f2e2a486b2dfaca97acbb382eeedb9a",
-    backbone="vit_base_patch16_224.orig_in21k", backbone_file="ViT-B_16.npz (Google's ImageNet-21k ViT-B/16)",
+    **GOOGLE_VIT_B16_IN21K,
     protocol="train800val200 -> test, best of the evaluations at epochs 10, 20, ..., 100",
     rows=tuple(Row(task=t, method="sct", source=f"run_model_sct.sh; configs/model_sct/vtab/{_CONFIG.get(t, t)}.yaml",
                    values={**_COMMON, "lr": lr, "weight_decay": wd, "smoothing": ls,

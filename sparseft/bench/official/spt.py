@@ -11,7 +11,7 @@ epochs 0, 10, 20, ... and every one of the last ten, and reports the best of tho
 
 from __future__ import annotations
 
-from sparseft.bench.official.table import Row, Table
+from sparseft.bench.official.table import GOOGLE_VIT_B16_IN21K, Row, Table
 
 TASKS = ("cifar", "caltech101", "dtd", "oxford_flowers102", "svhn", "sun397", "oxford_iiit_pet", "patch_camelyon",
          "eurosat", "resisc45", "diabetic_retinopathy", "clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc",
@@ -26,7 +26,7 @@ _COMMON = {"lr": 1e-3, "batch_size": 64, "epochs": 100, "warmup_epochs": 10, "wa
 VTAB = Table(
     name="spt-vtab", paper="spt", benchmark="vtab-1k", repository="github.com/ziplab/SPT",
     commit="e385f67ef0cba524b44072d52ec0650a7022f4e2",
-    backbone="vit_base_patch16_224.orig_in21k", backbone_file="ViT-B_16.npz (Google's ImageNet-21k ViT-B/16)",
+    **GOOGLE_VIT_B16_IN21K,
     protocol="train800val200 -> test, best of the evaluated epochs, best over the budget sweep",
     rows=tuple(Row(task=t, method=f"spt-{kind}", source=f"configs/vtab_supervised_spt_{kind}.sh",
                    values={**_COMMON, "backbone": "vit_base_patch16_224_in21k_spt"})

@@ -12,6 +12,10 @@ from sparseft.errors import InputError
 KEYS = ("lr", "batch_size", "epochs", "warmup_epochs", "warmup_lr", "min_lr", "optimizer", "weight_decay",
         "drop_path", "augmentation", "ema_decay", "mixup", "cutmix", "smoothing", "amp", "drop_last")
 
+#: the backbone SPT's and SCT's code load: Google's original ImageNet-21k ViT-B/16 checkpoint (`Table` fields)
+GOOGLE_VIT_B16_IN21K = {"backbone": "vit_base_patch16_224.orig_in21k",
+                        "backbone_file": "ViT-B_16.npz (Google's ImageNet-21k ViT-B/16)"}
+
 
 @dataclass(frozen=True)
 class Row:
