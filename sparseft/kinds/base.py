@@ -81,7 +81,7 @@ class Meter:
         for out, target in self.kind.pairs(logits, y, device):
             loss, n = self.kind.loss_sum(out, target)
             self.loss_sum += loss.item()
-            self.correct += self.kind.correct(out, target)
+            self.correct += int(self.kind.correct(out, target))
             self.total += n
             self.add(out, target)
             if self.counting:
@@ -222,9 +222,10 @@ class TaskKind:
         """The summed training loss of a batch and its number of terms."""
         raise NotImplementedError
 
-    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
-        """The terms of a batch predicted right (the `acc` bookkeeping)."""
-        return 0
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The terms of a batch predicted right (the `acc` bookkeeping): a 0-d tensor where the logits are, so
+        that the training loop need not wait for the device to read it."""
+        return torch.zeros((), dtype=torch.int64, device=logits.device)
 
     def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor | None:
         """The predicted class of each term (image, pixel) of a batch's logits, shaped as its targets;

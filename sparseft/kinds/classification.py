@@ -88,9 +88,9 @@ class ClassificationKind(TaskKind):
                                label_smoothing=label_smoothing)
         return loss, len(y)
 
-    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         labels = y.argmax(1) if y.dim() == 2 else y  # mixup's soft targets: their largest share
-        return int((logits.argmax(1) == labels).sum())
+        return (logits.argmax(1) == labels).sum()
 
     def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(1)

@@ -187,8 +187,8 @@ class SegmentationKind(TaskKind):
                                label_smoothing=label_smoothing)
         return loss, int(valid.sum())
 
-    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
-        return int(((logits.argmax(1) == y) & (y != IGNORE_INDEX)).sum())
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((logits.argmax(1) == y) & (y != IGNORE_INDEX)).sum()
 
     def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(1)
