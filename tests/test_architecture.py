@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                # the built-in kinds: built on data, models, selection objectives, loaders and prediction
                "sparseft.kinds.classification", "sparseft.kinds.segmentation",
                # the ecosystem's formats (peft adapters, Hub-style folders, ONNX): built on loading a task
-               "sparseft.export", "sparseft.curves"]),
+               "sparseft.export", "sparseft.curves", "sparseft.steplog"]),
     ("front", ["sparseft", "sparseft.__main__", "sparseft.cli", "sparseft.data.cli", "sparseft.hub.cli",
                "sparseft.export.cli", "sparseft.demo", "sparseft.bench", "sparseft.methods.report", "sparseft.layers"]),
 ]
