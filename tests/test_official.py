@@ -3,6 +3,7 @@ generated from them, and every run of those suites against the parsed values."""
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from sparseft.bench import check_suite, load_suite
 from sparseft.bench.cells import plan, run_spec
 from sparseft.bench.official import TABLES, compare
-from sparseft.bench.official.published import PUBLISHED
+from sparseft.bench.official.published import PUBLISHED, mean_tolerance, recomputed_means
 from sparseft.bench.official.suites import SUITES, TARGETS, paper_labels, render, suite_path
 from sparseft.bench.suite import task_name
 
@@ -106,12 +107,68 @@ def test_gps_suites_keep_their_baselines_and_targets_name_their_rows():
     assert labels == ["full", "linear", "lora", "gps"]
 
 
+def _methods(name):
+    return {r.method or TABLES[name].paper for r in TABLES[name].rows}
+
+
 def test_published_numbers_name_their_source():
     for name, published in PUBLISHED.items():
         assert name in TABLES and published.source
-        assert set(published.per_task) <= set(TABLES[name].tasks())
-        assert published.mean is None or published.mean_source
+        assert set(published.per_task) <= set(TABLES[name].tasks())  # every task name is the official table's
+        assert (published.mean is None and not published.method_means) or published.mean_source
         assert published.mean_of in ("", "tasks", "groups")
         for method, numbers in published.per_method.items():
-            assert method in {r.method or TABLES[name].paper for r in TABLES[name].rows}
+            assert method in _methods(name)
             assert set(numbers) <= set(TABLES[name].tasks())
+        assert set(published.method_means) <= _methods(name)
+        if published.per_task or published.per_method:  # a recorded number names the table it was read from
+            assert re.search(r"\btable\b", published.source, re.IGNORECASE), name
+            assert "row" in published.source, name
+        if "secondary" not in published.source:  # a number not from the paper itself says so
+            assert not published.per_task and not published.per_method, name
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_means_agree_with_the_published_per_task_numbers(name):
+    """A recorded mean is recomputed from the per-task numbers recorded with it, as the average it says it is.
+
+    Rule (`mean_tolerance`): the per-task numbers are printed to 0.1, so any mean of them (over the tasks, or of
+    VTAB's three group means) is within 0.05 of the mean of the unrounded numbers, and the printed mean is within
+    half a unit of its last digit of that; a larger gap means a number was misread (or the wrong average named).
+    """
+    published = PUBLISHED[name]
+    tasks = TABLES[name].tasks()
+    methods = list(published.per_method) or ([""] if published.per_task else [])
+    for method in methods:
+        mean = published.mean_for(method)
+        numbers = published.numbers(method)
+        if mean is None or len(numbers) < len(tasks):
+            continue
+        assert published.mean_of in ("tasks", "groups"), f"{name}: which average {mean} is must be recorded"
+        again = recomputed_means(numbers, tasks)[published.mean_of]
+        assert again is not None, name
+        assert abs(again - mean) <= mean_tolerance(mean), (name, method, again, mean)
+        other = recomputed_means(numbers, tasks)["groups" if published.mean_of == "tasks" else "tasks"]
+        assert other is None or abs(other - mean) > mean_tolerance(mean)  # the numbers tell which average it is
+
+
+def test_mean_tolerance_follows_the_printed_digits():
+    assert mean_tolerance(91.78) == pytest.approx(0.055)
+    assert mean_tolerance(76.4) == pytest.approx(0.1)
+    numbers = {t: 50.0 for t in TABLES["gps-vtab"].tasks()} | {"cifar": 69.0}
+    means = recomputed_means(numbers, TABLES["gps-vtab"].tasks())
+    assert means["tasks"] == pytest.approx(51.0) and means["groups"] == pytest.approx(50.0 + 19 / 7 / 3)
+    assert recomputed_means({"dtd": 1.0}, TABLES["gps-vtab"].tasks()) == {"tasks": None, "groups": None}
+    fgvc = recomputed_means({t: 90.0 for t in TABLES["gps-fgvc"].tasks()}, TABLES["gps-fgvc"].tasks())
+    assert fgvc == {"tasks": pytest.approx(90.0), "groups": None}
+
+
+@pytest.mark.parametrize("name, task, misread", [("gps-vtab", "dsprites_ori", 58.4), ("gps-vtab", "dtd", 57.8),
+                                                  ("gps-fgvc", "nabirds", 87.6), ("sct-vtab", "sun397", 50.0)])
+def test_a_misread_number_fails_the_mean_check(name, task, misread):
+    """What the mean check catches: one number misread by more than about 2 points among VTAB's 19 tasks (0.105 x
+    19), or 0.3 among FGVC's 5. It cannot catch two numbers swapped between columns (the mean is unchanged)."""
+    published = PUBLISHED[name]
+    wrong = published.per_task | {task: misread}
+    again = recomputed_means(wrong, TABLES[name].tasks())[published.mean_of]
+    assert abs(again - published.mean) > mean_tolerance(published.mean)

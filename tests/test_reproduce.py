@@ -113,26 +113,37 @@ def test_one_tiny_task_end_to_end_writes_the_report_with_the_papers_column(vtab_
     assert "not compared (a subset of the tasks ran)" in text
 
 
-@pytest.mark.parametrize("target, compared", [("gps-vtab", False), ("gps-fgvc", True)])
-def test_the_papers_mean_is_compared_only_as_the_average_it_is(vtab_root, tmp_path, monkeypatch, target, compared):
-    """GPS's abstract gives its VTAB mean without saying which average it is: no difference is computed for it;
-    FGVC's mean (no groups) is compared with our mean over its tasks."""
+@pytest.mark.parametrize("target, against", [("gps-vtab", "tasks"), ("gps-fgvc", "tasks"), ("sct-vtab", "tasks"),
+                                             ("spt-vtab", "groups")])
+def test_the_papers_mean_is_compared_as_the_average_it_is(vtab_root, tmp_path, monkeypatch, target, against):
+    """Each paper's mean is differenced against our average of the same kind: over the tasks (GPS, SCT; FGVC has no
+    groups) or of VTAB's three group means (SPT, one mean per variant)."""
     root = vtab_root
     if target == "gps-fgvc":
         root = tmp_path / "fgvc"
         for task in TABLES[target].tasks():
             make_fgvc(root / task)
     rep = reproduction.prepare(target, root, model="test_vit", img_size=32)
-    scores = {(task, "gps"): (80.0 + i, "gps") for i, task in enumerate(rep.tasks)}
+    methods = list(dict.fromkeys(m.method for s in rep.suites.values() for m in s.methods))
+    scores = {(task, m): (80.0 + i, m) for i, task in enumerate(rep.tasks) for m in methods}
     monkeypatch.setattr(reproduction, "_scores", lambda folder: scores)
     text = reproduction.write_reproduce_report(rep, tmp_path / "out").read_text()
-    mean = sum(80.0 + i for i in range(len(rep.tasks))) / len(rep.tasks)
-    line = next(line for line in text.splitlines() if line.startswith("- gps, paper:"))
-    assert f"mean over tasks {mean:.2f}" in line and f"the paper's mean {rep.published.mean:.2f}" in line
-    if compared:
-        assert f"difference {mean - rep.published.mean:+.2f} (against our mean over tasks)" in line
-    else:
-        assert "mean of the group means" in line and "no difference is computed" in line
+    by_group = {}
+    for i, task in enumerate(rep.tasks):
+        by_group.setdefault(rep.groups[task], []).append(80.0 + i)
+    ours = {"tasks": sum(80.0 + i for i in range(len(rep.tasks))) / len(rep.tasks),
+            "groups": sum(sum(v) / len(v) for v in by_group.values()) / len(by_group)}
+    for method in methods:
+        paper = rep.published.mean_for(method)
+        line = next(line for line in text.splitlines() if line.startswith(f"- {method}, paper:"))
+        assert f"mean over tasks {ours['tasks']:.2f}" in line and f"the paper's mean {paper:.2f}" in line
+        label = "mean over tasks" if against == "tasks" else "mean of the group means"
+        assert f"difference {ours[against] - paper:+.2f} (against our {label})" in line
+    for task in rep.tasks:  # the published per-task numbers are in the paper's column
+        paper = rep.published.number(methods[0], task)
+        row = next(line for line in text.splitlines() if f"| {task} | {methods[0]} |" in line)
+        assert (f"| {paper:.2f} |" if paper is not None else "| not recorded |") in row
+    assert all(f"- Published numbers, note: {note}." in text for note in rep.published.notes)
 
 
 @pytest.mark.parametrize("target, rows", [("spt-vtab", 10), ("sct-vtab", 1)])

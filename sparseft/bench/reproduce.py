@@ -392,8 +392,9 @@ def write_reproduce_report(rep: Reproduction, out: Path) -> Path:
     protocols = list(rep.suites)
     lines = [f"# Reproducing {t.paper.upper()} on {t.benchmark} (`sparseft reproduce {rep.target}`)", ""]
     lines += [f"- {_protocol_label(p, t)}." for p in protocols]
-    lines += [f"- Paper: {pub.paper}. Published per-task numbers: {pub.source}.",
-              f"- Settings: the official code, {t.repository} @ {t.commit[:10]}, per task as "
+    lines += [f"- Paper: {pub.paper}. Published per-task numbers: {pub.source}."]
+    lines += [f"- Published numbers, note: {note}." for note in pub.notes]
+    lines += [f"- Settings: the official code, {t.repository} @ {t.commit[:10]}, per task as "
               f"`sparseft/bench/official/{t.paper}.py` holds them; what sparseft still does differently: "
               "docs/reproduce.md.",
               f"- Backbone: {rep.backbone}; weights: {rep.weights_note}."]
@@ -424,13 +425,15 @@ def write_reproduce_report(rep: Reproduction, out: Path) -> Path:
             ours = f"mean over tasks {means['tasks']:.2f}"
             if t.benchmark == "vtab-1k":
                 ours += f", mean of the group means {means['groups']:.2f}"
-            paper = pub.mean if len(rep.tasks) == len(t.tasks()) else None
+            published = pub.mean_for(method)
+            paper = published if len(rep.tasks) == len(t.tasks()) else None
             if paper is None:
                 lines.append(f"- {method}, {p}: {ours}; the paper's mean: "
-                             + ("not recorded." if pub.mean is None else "not compared (a subset of the tasks ran)."))
+                             + ("not recorded." if published is None else "not compared (a subset of the tasks ran)."))
             elif pub.mean_of in means:
                 lines.append(f"- {method}, {p}: {ours}; the paper's mean {paper:.2f} ({pub.mean_source}); "
-                             f"difference {means[pub.mean_of] - paper:+.2f} (against our mean over {pub.mean_of}).")
+                             f"difference {means[pub.mean_of] - paper:+.2f} (against our "
+                             + ("mean over tasks)." if pub.mean_of == "tasks" else "mean of the group means)."))
             else:
                 lines.append(f"- {method}, {p}: {ours}; the paper's mean {paper:.2f} ({pub.mean_source}); which "
                              "average the paper reports is not recorded, so no difference is computed.")
