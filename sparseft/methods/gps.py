@@ -19,7 +19,7 @@ from sparseft.selection.scores import check_count, check_temperature
 SELECTION_SETTINGS = ("k", "level", "criterion", "loss", "score", "score_norm", "temperature", "budget")
 #: every option a selection depends on (a cached selection is reused only when all of them agree)
 SELECTION_OPTIONS = (*SELECTION_SETTINGS, "view_scale", "select_batches", "train_norm", "train_embeddings",
-                     "select_patch_embed", "select_bias_tables", "train_bias")
+                     "select_patch_embed", "select_bias_tables", "train_bias", "select_precision")
 
 
 @register
@@ -73,6 +73,9 @@ class GPS(Method):
         select_bias_tables: bool = field(default=False, metadata={
             "help": "select per row from 2-D bias tables (Swin's relative_position_bias_table) instead of training "
                     "them in full as the official code does"})
+        select_precision: str | None = field(default=None, metadata={
+            "help": "the scoring pass's precision: fp32, or bf16 autocast (fp16 on CUDA, as the official code); "
+                    "default: bf16 autocast when training runs under --bf16, else fp32", "choices": ["fp32", "bf16"]})
         selection: str | None = field(default=None, metadata={"help": "use this saved selection file instead"})
 
     def validate(self) -> None:
@@ -114,7 +117,9 @@ class GPS(Method):
         loader = ctx.loader("select") if o.criterion in ("gradient", "taylor") else None
         return select(model, loader, k=o.k, rules=self.rules(), score=o.score,
                                temperature=o.temperature, max_batches=o.select_batches,
-                               chunk_size=o.select_chunk or "auto", autocast=ctx.bf16, seed=ctx.seed,
+                               chunk_size=o.select_chunk or "auto", seed=ctx.seed,
+                               autocast=ctx.bf16 and o.select_precision is None,
+                               precision=o.select_precision or "fp32",
                                progress=ctx.progress, level=o.level,
                                criterion=o.criterion, loss=o.loss, score_norm=o.score_norm,
                                budget=o.budget if budget is None else budget, reserved=reserved)
