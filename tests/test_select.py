@@ -427,3 +427,15 @@ def test_bf16_selection_runs_and_reports_how_many_entries_change(record_property
     assert changed < total  # the same scores up to bf16 rounding: most choices agree
     with pytest.raises(sparseft.SelectionError, match="precision must be"):
         sparseft.select(model, batches, k=1, progress=False, precision="fp16")
+
+
+@pytest.mark.parametrize("option, bf16, want", [(None, False, "fp32"), ("bf16", False, "bf16"),
+                                                (None, True, "bf16"), ("fp32", True, "fp32")])
+def test_gps_select_precision_reaches_the_scoring_pass(option, bf16, want):
+    from sparseft.methods import MethodContext, get_method
+
+    x, y = toy_batches(1, batch=6)[0]
+    ctx = MethodContext(loader={"select": [([x, x.flip(-1)], y)]}.__getitem__, progress=False, bf16=bf16)
+    options = {} if option is None else {"select_precision": option}
+    selection = get_method("gps", **options).select(tiny_model("vit"), ctx)
+    assert selection.meta["precision"] == want
