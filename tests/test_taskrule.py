@@ -66,3 +66,28 @@ def test_the_variant_choice_takes_the_two_best_complete_variants():
     assert choose_variants(rows, tasks, seeds) == [("rosa", 66.5), ("gps-col", 65.5)]
     with pytest.raises(InputError, match="gps-row: a/seed2"):
         choose_variants(rows, tasks, seeds, variants=["gps-row", "rosa"])
+
+
+def _regime(gaps: dict[str, float], tasks=("t1", "t2", "t3", "t4", "t5"), seeds=3):
+    """Rows whose per-(task, seed) accuracy is lora-qkv-r5's plus `gaps[label]` with a little spread by task."""
+    base = {(t, s): 70.0 + i + 0.1 * s for i, t in enumerate(tasks) for s in range(seeds)}
+    jitter = dict(zip(tasks, (-0.3, 0.2, -0.1, 0.3, -0.1)))  # mean 0: a row at gap 0 is level, not better
+    return {label: {(t, s): v + gap + jitter[t] * (label != "lora-qkv-r5") for (t, s), v in base.items()}
+            for label, gap in gaps.items()}
+
+
+def test_confirmation_families_and_the_product_outcome():
+    from sparseft.bench.taskrule import confirmation_families, product_outcome
+
+    rows = {"lora-qkv-r5": 0.0, "gps": -1.5, "full": 0.2, "gps-col": 2.0, "rosa": 0.01}
+    regimes = {"S56": _regime(rows), "L56": _regime({**rows, "gps-col": 0.03})}
+    families = confirmation_families(regimes, ["gps-col", "rosa"], seeds=[0, 1, 2])
+    primary = {(c["a"], c["b"]): c["verdict"] for c in families["primary"]}
+    assert primary == {("gps-col@S56", "lora-qkv-r5@S56"): "better", ("gps-col@L56", "lora-qkv-r5@L56"): "level",
+                       ("rosa@S56", "lora-qkv-r5@S56"): "level", ("rosa@L56", "lora-qkv-r5@L56"): "level"}
+    assert len(families["secondary"]) == 2 * (2 + 2 + 2)
+    assert product_outcome(families["primary"], ["gps-col", "rosa"])[0] == "gps-col"
+    worse = confirmation_families({"S56": _regime(rows), "L56": _regime({**rows, "gps-col": -2.0})},
+                                  ["gps-col", "rosa"], seeds=[0, 1, 2])
+    best, why = product_outcome(worse["primary"], ["gps-col", "rosa"])
+    assert best is None and "no sparse method here beat LoRA" in why

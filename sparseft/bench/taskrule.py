@@ -167,3 +167,40 @@ def markdown(family: list[dict[str, Any]], title: str) -> list[str]:
                      f"{_p(c['p_better_holm'])} | {_p(c['p_worse_holm'])} | {_p(c['p_level_holm'])} | "
                      f"**{c['verdict']}** | {per_task} |")
     return lines + [""]
+
+
+def confirmation_families(regimes: dict[str, dict[str, dict[tuple[str, int], float]]], variants: list[str],
+                          seeds: Iterable[int] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Evidence plan v2's confirmation families: `regimes` maps a regime (S56, L56) to its rows.
+
+    primary: each chosen variant V vs `lora-qkv-r5` in every regime (one Holm family); secondary: V vs
+    `gps`, V vs `full`, `gps` vs `lora-qkv-r5`, `gps` vs `full` in every regime (another). A comparison's
+    rows are labelled `<row>@<regime>`.
+    """
+    rows = {f"{label}@{regime}": cells for regime, by_label in regimes.items() for label, cells in by_label.items()}
+    primary = [(f"{v}@{r}", f"lora-qkv-r5@{r}") for v in variants for r in regimes]
+    secondary = [(f"{a}@{r}", f"{b}@{r}") for r in regimes
+                 for a, b in [*((v, "gps") for v in variants), *((v, "full") for v in variants),
+                              ("gps", "lora-qkv-r5"), ("gps", "full")]]
+    return {"primary": compare_family(rows, primary, seeds), "secondary": compare_family(rows, secondary, seeds)}
+
+
+def product_outcome(primary: list[dict[str, Any]], variants: list[str]) -> tuple[str | None, str]:
+    """The plan's product outcome from the primary family: (the recommended variant or None, why).
+
+    A variant qualifies when it is **better** than `lora-qkv-r5` in one regime and not **worse** in any;
+    of two that qualify, the one with the larger mean d̄ over its primary comparisons (a tie-break the plan
+    leaves open, fixed here before any confirmation result was read).
+    """
+    qualifying = []
+    for v in variants:
+        mine = [c for c in primary if c["a"].split("@")[0] == v]
+        verdicts = [c["verdict"] for c in mine]
+        if "better" in verdicts and "worse" not in verdicts:
+            qualifying.append((sum(c["mean"] for c in mine) / len(mine), v))
+    if not qualifying:
+        return None, ("no chosen variant is better than lora-qkv-r5 in one regime without being worse in the other "
+                      "(primary family, Holm): no sparse method here beat LoRA at equal budget")
+    mean, best = max(qualifying)
+    return best, (f"{best} is better than lora-qkv-r5 in at least one regime and worse in none (mean d̄ {mean:+.2f} "
+                  "points over its primary comparisons)")
