@@ -91,3 +91,6 @@ def test_confirmation_families_and_the_product_outcome():
                                   ["gps-col", "rosa"], seeds=[0, 1, 2])
     best, why = product_outcome(worse["primary"], ["gps-col", "rosa"])
     assert best is None and "no sparse method here beat LoRA" in why
+    partial = confirmation_families({"S56": _regime(rows)}, ["gps-col", "rosa"], seeds=[0, 1, 2])
+    assert product_outcome(partial["primary"], ["gps-col", "rosa"]) == (None, "not decided yet: the primary family "
+                                                                         "is incomplete")

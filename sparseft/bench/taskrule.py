@@ -192,6 +192,10 @@ def product_outcome(primary: list[dict[str, Any]], variants: list[str]) -> tuple
     of two that qualify, the one with the larger mean d̄ over its primary comparisons (a tie-break the plan
     leaves open, fixed here before any confirmation result was read).
     """
+    incomplete = [f"{c['a']} vs {c['b']}" for c in primary if c["missing"] or not c["n"]]
+    if not primary or len(primary) < len(variants) * 2 or incomplete:
+        return None, ("not decided yet: the primary family is incomplete"
+                      + (f" ({', '.join(incomplete[:4])} miss cells)" if incomplete else ""))
     qualifying = []
     for v in variants:
         mine = [c for c in primary if c["a"].split("@")[0] == v]
