@@ -36,6 +36,26 @@ def test_c_kernel_matches_dense_float64(t, r, c, nnz, seed, one_per_row):
 
 
 @needs_c
+@settings(max_examples=25, deadline=None)
+@given(t=st.integers(1, 300), r=st.integers(1, 40), c=st.integers(1, 40), nnz=st.integers(0, 60),
+       seed=st.integers(0, 1000), one_per_row=st.booleans(), pad=st.integers(0, 5))
+def test_bf16_kernel_equals_the_exact_products_of_its_inputs(t, r, c, nnz, seed, one_per_row, pad):
+    """bfloat16 inputs are widened exactly (x a tile at a time into a buffer); only the float32 sums round."""
+    grad, x, rows, cols = _case(t, r, c, nnz, torch.bfloat16, seed)
+    if one_per_row:
+        rows, cols = torch.arange(min(nnz, r), dtype=torch.int32), cols[:r]
+    wide = torch.zeros(t, c + pad, dtype=torch.bfloat16)
+    wide[:, :c] = x
+    x_view = wide[:, :c]  # row stride c + pad: read in place
+    expected = (grad.double().t() @ x.double())[rows.long(), cols.long()]
+    got = sampled_dot(grad, x_view, rows, cols, backend="c")
+    assert got.dtype == torch.float32
+    scale = grad.double().abs().t() @ x.double().abs()  # the sum of |terms| bounds float32's rounding
+    bound = scale[rows.long(), cols.long()] * t * 2 ** -23 + 1e-30
+    assert ((got.double() - expected).abs() <= bound).all()
+
+
+@needs_c
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_c_kernel_matches_torch_path(dtype, tol):
     grad, x, rows, cols = _case(777, 50, 70, 500, dtype)

@@ -26,7 +26,33 @@ static inline float bf16_to_float(uint16_t v) {
  * order of addition are those of one token at a time) */
 #define SDDMM_TOKENS 16
 
-#define DEFINE_SDDMM(NAME, IN_T, ACC_T, LOAD)                                                   \
+/* How a tile of x reaches the products. Float and double are read in place. bfloat16 x is first
+ * widened to float, a tile at a time, into a per-thread buffer of the columns the entries use (an
+ * exact conversion): the entries gather from that buffer with float loads instead of widening
+ * every gathered 16-bit value (AVX-512 has no 16-bit gather, and a layer's entries outnumber the
+ * columns they read). g is read where it lies (rows in order: contiguous, or nearly). */
+#define STAGE_NONE_DECL(T)
+#define STAGE_NONE_TILE(IT, T)                                                                    \
+    const T *gt = g0, *xt = x0;                                                                 \
+    const int64_t lg = ldg, lx = ldx;
+#define STAGE_NONE_FREE
+#define STAGE_NONE_LOAD(v) (v)
+#define STAGE_BF16_LOAD(v) bf16_to_float(v)
+
+#define STAGE_BF16_DECL(T)                                                                      \
+    T *xs = (T *)malloc((size_t)SDDMM_TOKENS * (size_t)wx * sizeof(T));                         \
+    if (xs == NULL) failed = 1;
+#define STAGE_BF16_TILE(IT, T)                                                                    \
+    if (xs == NULL) break;                                                                      \
+    for (int64_t u = 0; u < tn; ++u) {                                                          \
+        _Pragma("omp simd")                                                                     \
+        for (int64_t c = 0; c < wx; ++c) xs[u * wx + c] = bf16_to_float(x0[u * ldx + c]);      \
+    }                                                                                           \
+    const IT *gt = g0; const T *xt = xs;                                                        \
+    const int64_t lg = ldg, lx = wx;
+#define STAGE_BF16_FREE free(xs);
+
+#define DEFINE_SDDMM(NAME, IN_T, ACC_T, STAGE)                                                  \
 int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,                    \
          const int32_t *rows, const int32_t *cols, int64_t nnz, ACC_T *out, int threads) {      \
     if (threads < 1) threads = 1;                                                               \
@@ -34,24 +60,32 @@ int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,     
     ACC_T *partial = (ACC_T *)calloc((size_t)threads * (size_t)nnz, sizeof(ACC_T));             \
     if (partial == NULL) return 1;                                                              \
     int one_per_row = 1; /* entry i in row i (GPS with K=1): g is read contiguously */          \
-    for (int64_t i = 0; i < nnz && one_per_row; ++i) one_per_row = rows[i] == i;                \
-    _Pragma("omp parallel num_threads(threads)")                                                \
+    int64_t wg = 0, wx = 0; /* the columns of g and x the entries read: [0, wg), [0, wx) */     \
+    for (int64_t i = 0; i < nnz; ++i) {                                                         \
+        one_per_row = one_per_row && rows[i] == i;                                              \
+        if (rows[i] + 1 > wg) wg = rows[i] + 1;                                                 \
+        if (cols[i] + 1 > wx) wx = cols[i] + 1;                                                 \
+    }                                                                                           \
+    int failed = 0;                                                                             \
+    _Pragma("omp parallel num_threads(threads) reduction(|:failed)")                            \
     {                                                                                           \
         int tid = omp_get_thread_num();                                                         \
         int nth = omp_get_num_threads();                                                        \
         int64_t lo = n * tid / nth, hi = n * (tid + 1) / nth;                                   \
         ACC_T *acc = partial + (size_t)tid * (size_t)nnz;                                       \
+        STAGE##_DECL(ACC_T)                                                                     \
         for (int64_t t0 = lo; t0 < hi; t0 += SDDMM_TOKENS) {                                    \
             const int64_t tn = hi - t0 < SDDMM_TOKENS ? hi - t0 : SDDMM_TOKENS;                 \
             const IN_T *g0 = g + t0 * ldg;                                                      \
             const IN_T *x0 = x + t0 * ldx;                                                      \
+            STAGE##_TILE(IN_T, ACC_T)                                                           \
             if (one_per_row) {                                                                  \
                 _Pragma("omp simd")                                                             \
                 for (int64_t i = 0; i < nnz; ++i) {                                             \
                     ACC_T s = acc[i];                                                           \
                     const int64_t c = cols[i];                                                  \
                     for (int64_t u = 0; u < tn; ++u)                                            \
-                        s += LOAD(g0[u * ldg + i]) * LOAD(x0[u * ldx + c]);                     \
+                        s += STAGE##_LOAD(gt[u * lg + i]) * (ACC_T)xt[u * lx + c];                     \
                     acc[i] = s;                                                                 \
                 }                                                                               \
             } else {                                                                            \
@@ -60,11 +94,16 @@ int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,     
                     ACC_T s = acc[i];                                                           \
                     const int64_t r = rows[i], c = cols[i];                                     \
                     for (int64_t u = 0; u < tn; ++u)                                            \
-                        s += LOAD(g0[u * ldg + r]) * LOAD(x0[u * ldx + c]);                     \
+                        s += STAGE##_LOAD(gt[u * lg + r]) * (ACC_T)xt[u * lx + c];                     \
                     acc[i] = s;                                                                 \
                 }                                                                               \
             }                                                                                   \
         }                                                                                       \
+        STAGE##_FREE                                                                            \
+    }                                                                                           \
+    if (failed) {                                                                               \
+        free(partial);                                                                          \
+        return 1;                                                                               \
     }                                                                                           \
     for (int64_t i = 0; i < nnz; ++i) {                                                         \
         ACC_T s = 0;                                                                            \
@@ -75,10 +114,11 @@ int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,     
     return 0;                                                                                   \
 }
 
+DEFINE_SDDMM(sddmm_f32, float, float, STAGE_NONE)
+DEFINE_SDDMM(sddmm_f64, double, double, STAGE_NONE)
+DEFINE_SDDMM(sddmm_bf16, uint16_t, float, STAGE_BF16)
+
 #define IDENTITY(v) (v)
-DEFINE_SDDMM(sddmm_f32, float, float, IDENTITY)
-DEFINE_SDDMM(sddmm_f64, double, double, IDENTITY)
-DEFINE_SDDMM(sddmm_bf16, uint16_t, float, bf16_to_float)
 
 /* Entries grouped by input channel (the blocked conv kernels below).
  *
