@@ -68,23 +68,47 @@ def _bias_grad(ctx, grad: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return grad.sum(dim=dims, dtype=acc).to(ctx.bias_dtype)
 
 
+def _gelu_input(x: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    """(z, approximate) when autograd computed x = gelu(z) and holds z for GELU's own backward (a ViT's fc2
+    input); None otherwise. The layer then keeps no copy of x's columns: it recomputes them from z."""
+    if torch.compiler.is_compiling():  # a compiled graph has no grad_fn to look at
+        return None
+    node = x.grad_fn
+    if node is None or type(node).__name__ != "GeluBackward0":
+        return None
+    z = node._saved_self
+    return (z, node._saved_approximate) if z.shape == x.shape and z.dtype == x.dtype else None
+
+
 class _SparseLinear(torch.autograd.Function):
-    """y = x Wᵀ + b with the gradient of W taken at the selected entries only."""
+    """y = x Wᵀ + b with the gradient of W taken at the selected entries only.
+
+    Backward needs the input columns the selected entries read: a copy of them is kept, unless x is a
+    GELU's output, whose input autograd keeps anyway; then those columns are recomputed (bit for bit)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, rows, cpos, ucols):  # noqa: ARG004 - values ties the graph
         xc, wc, bc = _start(ctx, x, weight, bias, values)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xc, wc, bc)
-        x2 = xc.reshape(-1, xc.shape[-1])
-        saved_x = x2 if ucols is None else x2.index_select(1, ucols)
-        ctx.save_for_backward(saved_x, wc, rows, cpos)
+        gelu = _gelu_input(x) if xc is x else None
+        ctx.gelu = None if gelu is None else gelu[1]
+        if gelu is None:
+            x2 = xc.reshape(-1, xc.shape[-1])
+            held = x2 if ucols is None else x2.index_select(1, ucols)
+        else:
+            held = gelu[0]
+        ctx.save_for_backward(held, wc, rows, cpos, ucols)
         ctx.x_shape = x.shape
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        saved_x, weight, rows, cpos = ctx.saved_tensors
+        held, weight, rows, cpos, ucols = ctx.saved_tensors
+        saved_x = held
+        if ctx.gelu is not None:
+            z = held.reshape(-1, held.shape[-1])
+            saved_x = F.gelu(z if ucols is None else z.index_select(1, ucols), approximate=ctx.gelu)
         g2 = grad_y.contiguous().reshape(-1, grad_y.shape[-1]).to(ctx.compute)
         grad_x = grad_b = grad_values = None
         if ctx.needs_input_grad[0]:

@@ -295,3 +295,32 @@ def test_bf16_autocast_matches_autocast_dense(family):
         else:
             assert not got.any(), name
     assert torch.nn.functional.cosine_similarity(xs.grad.flatten(), xd.grad.flatten(), dim=0) > 0.995
+
+
+def test_a_gelu_output_is_not_copied_and_its_gradients_are_bit_identical(monkeypatch):
+    """fc2's input is GELU(fc1's output), which autograd keeps for GELU's backward: the sparse layer holds that
+    tensor instead of a copy of its input's columns and recomputes them, with the same gradients to the bit."""
+    from sparseft import sparse_layers
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def grads(recompute: bool):
+        model = tiny_model("vit")
+        sparseft.apply(model, random_selection(model, k=3))
+        seen = {}
+        mlp = model.blocks[0].mlp
+        mlp.fc1.register_forward_hook(lambda m, i, o: seen.update(fc1=o))
+        mlp.fc2.register_forward_hook(lambda m, i, o: seen.update(fc2=o.grad_fn))
+        if not recompute:
+            monkeypatch.setattr(sparse_layers, "_gelu_input", lambda x: None)
+        loss = model(x).square().sum()
+        shares = seen["fc2"].saved_tensors[0].data_ptr() == seen["fc1"].data_ptr()
+        loss.backward()
+        monkeypatch.undo()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, shares
+
+    held, shares = grads(True)
+    assert shares  # fc2 holds GELU's input (fc1's output), not a copy of its own input's columns
+    copied, shares = grads(False)
+    assert not shares
+    assert held.keys() == copied.keys() and all(torch.equal(held[n], copied[n]) for n in held)
