@@ -68,47 +68,74 @@ def _bias_grad(ctx, grad: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return grad.sum(dim=dims, dtype=acc).to(ctx.bias_dtype)
 
 
-def _gelu_input(x: torch.Tensor) -> tuple[torch.Tensor, str] | None:
-    """(z, approximate) when autograd computed x = gelu(z) and holds z for GELU's own backward (a ViT's fc2
-    input); None otherwise. The layer then keeps no copy of x's columns: it recomputes them from z."""
+def _producer(x: torch.Tensor) -> tuple[str, list[torch.Tensor | None], Any] | None:
+    """How to recompute x from tensors autograd keeps anyway for the backward of the op that made it:
+    ("gelu", [z], approximate) for x = gelu(z) (a ViT's fc2 input), ("layer_norm", [input, mean, rstd,
+    weight, bias], None) for a layer norm over the last dim (qkv's and fc1's input); None otherwise."""
     if torch.compiler.is_compiling():  # a compiled graph has no grad_fn to look at
         return None
     node = x.grad_fn
-    if node is None or type(node).__name__ != "GeluBackward0":
-        return None
-    z = node._saved_self
-    return (z, node._saved_approximate) if z.shape == x.shape and z.dtype == x.dtype else None
+    kind = type(node).__name__ if node is not None else ""
+    if kind == "GeluBackward0":
+        z = node._saved_self
+        if z.shape == x.shape and z.dtype == x.dtype:
+            return "gelu", [z], node._saved_approximate
+    elif kind == "NativeLayerNormBackward0" and tuple(node._saved_normalized_shape) == (x.shape[-1],):
+        source = node._saved_input
+        if source.shape == x.shape and source.dtype == x.dtype:
+            return "layer_norm", [source, node._saved_result1, node._saved_result2, node._saved_weight,
+                                  node._saved_bias], None
+    return None
+
+
+def _recompute_columns(kind: str, held: list[torch.Tensor | None], extra: Any,
+                       ucols: torch.Tensor | None) -> torch.Tensor:
+    """The input columns `ucols` (all when None) as [tokens, columns], recomputed as `_producer` said."""
+    def columns(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1, t.shape[-1])
+        return t if ucols is None else t.index_select(1, ucols)
+
+    if kind == "gelu":
+        return F.gelu(columns(held[0]), approximate=extra)
+    source, mean, rstd, weight, bias = held
+    normed = (columns(source) - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
+    if weight is not None:
+        w = weight if ucols is None else weight.index_select(0, ucols)
+        normed = normed * w if bias is None else torch.addcmul(bias if ucols is None else
+                                                               bias.index_select(0, ucols), normed, w)
+    elif bias is not None:
+        normed = normed + (bias if ucols is None else bias.index_select(0, ucols))
+    return normed
 
 
 class _SparseLinear(torch.autograd.Function):
     """y = x Wᵀ + b with the gradient of W taken at the selected entries only.
 
-    Backward needs the input columns the selected entries read: a copy of them is kept, unless x is a
-    GELU's output, whose input autograd keeps anyway; then those columns are recomputed (bit for bit)."""
+    Backward needs the input columns the selected entries read. A copy of them is kept, unless x is a
+    GELU's or a layer norm's output, whose inputs autograd keeps anyway for their own backward: then the
+    columns are recomputed from those (`_producer`; equal to float rounding, bit for bit on the CPUs tested)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, rows, cpos, ucols):  # noqa: ARG004 - values ties the graph
         xc, wc, bc = _start(ctx, x, weight, bias, values)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xc, wc, bc)
-        gelu = _gelu_input(x) if xc is x else None
-        ctx.gelu = None if gelu is None else gelu[1]
-        if gelu is None:
+        recipe = _producer(x) if xc is x else None
+        if recipe is None:
             x2 = xc.reshape(-1, xc.shape[-1])
-            held = x2 if ucols is None else x2.index_select(1, ucols)
+            held = [x2 if ucols is None else x2.index_select(1, ucols)]
+            ctx.recipe = None
         else:
-            held = gelu[0]
-        ctx.save_for_backward(held, wc, rows, cpos, ucols)
+            held = recipe[1]
+            ctx.recipe = (recipe[0], recipe[2], len(held))
+        ctx.save_for_backward(wc, rows, cpos, ucols, *held)
         ctx.x_shape = x.shape
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        held, weight, rows, cpos, ucols = ctx.saved_tensors
-        saved_x = held
-        if ctx.gelu is not None:
-            z = held.reshape(-1, held.shape[-1])
-            saved_x = F.gelu(z if ucols is None else z.index_select(1, ucols), approximate=ctx.gelu)
+        weight, rows, cpos, ucols, *held = ctx.saved_tensors
+        saved_x = held[0] if ctx.recipe is None else _recompute_columns(ctx.recipe[0], held, ctx.recipe[1], ucols)
         g2 = grad_y.contiguous().reshape(-1, grad_y.shape[-1]).to(ctx.compute)
         grad_x = grad_b = grad_values = None
         if ctx.needs_input_grad[0]:

@@ -297,9 +297,10 @@ def test_bf16_autocast_matches_autocast_dense(family):
     assert torch.nn.functional.cosine_similarity(xs.grad.flatten(), xd.grad.flatten(), dim=0) > 0.995
 
 
-def test_a_gelu_output_is_not_copied_and_its_gradients_are_bit_identical(monkeypatch):
-    """fc2's input is GELU(fc1's output), which autograd keeps for GELU's backward: the sparse layer holds that
-    tensor instead of a copy of its input's columns and recomputes them, with the same gradients to the bit."""
+def test_gelu_and_layer_norm_outputs_are_not_copied_and_the_gradients_are_the_same(monkeypatch):
+    """fc2's input is GELU(fc1's output), qkv's and fc1's a layer norm's output; autograd keeps the inputs of
+    both for their own backward, so the sparse layers hold those instead of copies of their own input's
+    columns and recompute the columns: the same gradients (to float rounding; bit for bit here)."""
     from sparseft import sparse_layers
 
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -311,16 +312,21 @@ def test_a_gelu_output_is_not_copied_and_its_gradients_are_bit_identical(monkeyp
         mlp = model.blocks[0].mlp
         mlp.fc1.register_forward_hook(lambda m, i, o: seen.update(fc1=o))
         mlp.fc2.register_forward_hook(lambda m, i, o: seen.update(fc2=o.grad_fn))
+        model.blocks[0].norm1.register_forward_hook(lambda m, i, o: seen.update(norm1=i[0]))
+        model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.update(qkv=o.grad_fn))
         if not recompute:
-            monkeypatch.setattr(sparse_layers, "_gelu_input", lambda x: None)
+            monkeypatch.setattr(sparse_layers, "_producer", lambda x: None)
         loss = model(x).square().sum()
-        shares = seen["fc2"].saved_tensors[0].data_ptr() == seen["fc1"].data_ptr()
+        held_by = {n: {t.data_ptr() for t in seen[n].saved_tensors if t is not None} for n in ("fc2", "qkv")}
+        shares = seen["fc1"].data_ptr() in held_by["fc2"] and seen["norm1"].data_ptr() in held_by["qkv"]
         loss.backward()
         monkeypatch.undo()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, shares
 
     held, shares = grads(True)
-    assert shares  # fc2 holds GELU's input (fc1's output), not a copy of its own input's columns
+    assert shares  # fc2 holds GELU's input (fc1's output), qkv the layer norm's input: no copies
     copied, shares = grads(False)
     assert not shares
-    assert held.keys() == copied.keys() and all(torch.equal(held[n], copied[n]) for n in held)
+    assert held.keys() == copied.keys()
+    for name in held:
+        torch.testing.assert_close(held[name], copied[name], rtol=1e-6, atol=1e-7)
