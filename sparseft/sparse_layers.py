@@ -74,6 +74,8 @@ def _producer(x: torch.Tensor) -> tuple[str, list[torch.Tensor | None], Any] | N
     weight, bias], None) for a layer norm over the last dim (qkv's and fc1's input); None otherwise."""
     if torch.compiler.is_compiling():  # a compiled graph has no grad_fn to look at
         return None
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return None  # saved-tensor hooks (checkpointing, offloading): what a node holds is not a plain tensor
     node = x.grad_fn
     kind = type(node).__name__ if node is not None else ""
     if kind == "GeluBackward0":

@@ -330,3 +330,35 @@ def test_gelu_and_layer_norm_outputs_are_not_copied_and_the_gradients_are_the_sa
     assert held.keys() == copied.keys()
     for name in held:
         torch.testing.assert_close(held[name], copied[name], rtol=1e-6, atol=1e-7)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Under saved-tensor hooks (torch.utils.checkpoint) the layers keep their own copies (sparse_layers._producer
+    reuses nothing a hook may have packed away); the gradients are those of the plain model."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for mode in ("plain", "checkpointed"):
+        model = tiny_model("vit")
+        sparseft.apply(model, random_selection(model, k=3))
+        if mode == "checkpointed":
+            blocks = model.blocks
+            model.blocks = nn.Sequential(*[_Checkpointed(b, checkpoint) for b in blocks])
+        model(x).square().sum().backward()
+        out[mode] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    import re
+
+    assert len(out["plain"]) == len(out["checkpointed"])
+    for name, grad in out["plain"].items():
+        wrapped = re.sub(r"^blocks\.(\d+)\.", r"blocks.\1.block.", name)
+        torch.testing.assert_close(out["checkpointed"][wrapped], grad, rtol=1e-5, atol=1e-6)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, block: nn.Module, checkpoint) -> None:
+        super().__init__()
+        self.block, self.checkpoint = block, checkpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint(self.block, x, use_reentrant=False)
