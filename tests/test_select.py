@@ -296,7 +296,8 @@ def test_batches_without_negatives_are_kept_and_counted(vit):
     alone, stats = gradient_scores(vit, batches, names, progress=False)
     assert stats["single_class_batches"] == 0
     padded, stats = gradient_scores(vit, batches + [(x[:1], y[:1])], names, progress=False)
-    assert stats == {"batches": 2, "images": 9, "single_class_batches": 1, "chunk_size": None}
+    assert stats == {"batches": 2, "images": 9, "single_class_batches": 1, "chunk_size": None,
+                     "precision": "fp32"}
     assert all(torch.equal(alone[n], padded[n]) for n in names)
     sel = sparseft.select(vit, batches + [(x[:3], torch.zeros(3, dtype=torch.long))], progress=False)
     assert sel.meta["single_class_batches"] == 1
@@ -425,8 +426,25 @@ def test_bf16_selection_runs_and_reports_how_many_entries_change(record_property
         print(f"\nbf16 selection vs fp32 on a tiny ViT (K=1): {changed} of {total} entries differ "
               f"({changed / total:.1%})")
     assert changed < total  # the same scores up to bf16 rounding: most choices agree
-    with pytest.raises(sparseft.SelectionError, match="precision must be"):
+    with pytest.raises(sparseft.SelectionError, match="precision must be 'auto', 'fp32' or 'bf16'"):
         sparseft.select(model, batches, k=1, progress=False, precision="fp16")
+
+
+@pytest.mark.parametrize("device, native, side, want", [
+    ("cpu", True, 56, torch.bfloat16), ("cpu", True, 28, None), ("cpu", False, 224, None), ("cuda", False, 28,
+                                                                                             torch.float16)])
+def test_auto_precision_is_low_only_where_it_is_native_and_faster(monkeypatch, device, native, side, want):
+    from sparseft.selection.scores import native_low_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    assert native_low_precision(torch.device(device), torch.zeros(2, 3, side, side)) is want
+
+
+@pytest.mark.parametrize("native, side, want", [(True, 56, "bf16"), (True, 32, "fp32"), (False, 56, "fp32")])
+def test_select_defaults_to_auto_precision_and_records_what_it_ran(monkeypatch, native, side, want):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    selection = sparseft.select(tiny_model("resnet"), toy_batches(1, batch=4, size=side), k=1, progress=False)
+    assert selection.meta["precision"] == want
 
 
 @pytest.mark.parametrize("option, bf16, want", [(None, False, "fp32"), ("bf16", False, "bf16"),

@@ -74,8 +74,9 @@ class GPS(Method):
             "help": "select per row from 2-D bias tables (Swin's relative_position_bias_table) instead of training "
                     "them in full as the official code does"})
         select_precision: str | None = field(default=None, metadata={
-            "help": "the scoring pass's precision: fp32, or bf16 autocast (fp16 on CUDA, as the official code); "
-                    "default: bf16 autocast when training runs under --bf16, else fp32", "choices": ["fp32", "bf16"]})
+            "help": "the scoring pass's precision: fp32, bf16 autocast (fp16 on CUDA, as the official code), or "
+                    "auto: bf16 where the device runs it natively and faster (CUDA; a CPU with bf16 instructions, "
+                    "images >= 56 px); default: bf16 under --bf16, else auto", "choices": ["auto", "fp32", "bf16"]})
         selection: str | None = field(default=None, metadata={"help": "use this saved selection file instead"})
 
     def validate(self) -> None:
@@ -119,7 +120,7 @@ class GPS(Method):
                                temperature=o.temperature, max_batches=o.select_batches,
                                chunk_size=o.select_chunk or "auto", seed=ctx.seed,
                                autocast=ctx.bf16 and o.select_precision is None,
-                               precision=o.select_precision or "fp32",
+                               precision=o.select_precision or "auto",
                                progress=ctx.progress, level=o.level,
                                criterion=o.criterion, loss=o.loss, score_norm=o.score_norm,
                                budget=o.budget if budget is None else budget, reserved=reserved)

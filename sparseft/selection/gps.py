@@ -216,10 +216,10 @@ def check_scores(scores: dict[str, torch.Tensor], criterion: str = "gradient", l
                              f"reached them; {advice}")
 
 
-def _autocast_dtype(model: nn.Module, precision: str) -> torch.dtype | bool:
-    """What `gradient_scores` runs under for `precision`: False (fp32), or the autocast dtype."""
-    if precision == "fp32":
-        return False
+def _autocast_dtype(model: nn.Module, precision: str) -> torch.dtype | bool | str:
+    """What `gradient_scores` runs under for `precision`: False (fp32), the autocast dtype, or "auto"."""
+    if precision in ("fp32", "auto"):
+        return precision == "auto" and "auto"
     device = next(model.parameters()).device
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
@@ -230,7 +230,7 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
            seed: int = 0, head: str | None = None, progress: bool | None = None, level: str = "neuron",
            criterion: str = "gradient", loss: Literal["supcon", "ce"] = "supcon",
            score_norm: Literal["none", "column"] = "none", budget: int | None = None,
-           reserved: int = 0, precision: Literal["fp32", "bf16"] = "fp32") -> Selection:
+           reserved: int = 0, precision: Literal["auto", "fp32", "bf16"] = "auto") -> Selection:
     """Run GPS on `model` with the task data in `loader` and return the `Selection`.
 
     The loader yields `(images, labels)` (two geometric views are made per image) or
@@ -241,10 +241,13 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
     "auto" picks it so the pass stays below a training step of the same batch (see
     `sparseft.selection.scores.auto_chunk`), None scores each batch at once.
 
-    `precision`: "fp32" (the default) or "bf16": the scoring pass's forwards and backwards under
-    autocast (bfloat16 on the CPU; float16 on CUDA, as the official code runs it), scores still
-    accumulated in float32; faster where the CPU has bf16 instructions, and a few selected entries
-    may change against fp32 (`autocast=True` is the same as "bf16" but bfloat16 on every device).
+    `precision`: "bf16" runs the scoring pass's forwards and backwards under autocast (bfloat16 on
+    the CPU; float16 on CUDA, as the official code runs it), scores still accumulated in float32;
+    "fp32" does not; "auto" (the default) is "bf16" where the device runs it natively and faster: on
+    CUDA, and on a CPU with bf16 instructions for images of at least 56 px
+    (`scores.native_low_precision`). Measured: bf16 selection level with fp32 in accuracy (rule v2,
+    4 tasks x 3 seeds, docs/performance.md), 2-3 % of K=1 entries differ. `autocast=True` is "bf16"
+    with bfloat16 on every device.
 
     Ablations of the paper: `level` neuron (top-K per row) | layer (rows×K per weight) | net
     (the same total over the network); `criterion` gradient | magnitude | random; `loss`
@@ -269,8 +272,8 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
     if criterion not in CRITERIA:
         raise SelectionError(f"criterion must be one of {CRITERIA} (--criterion), not {criterion!r}")
     check_count(k, "k", "--k", "input connections kept per neuron")
-    if precision not in ("fp32", "bf16"):
-        raise SelectionError(f"precision must be 'fp32' or 'bf16' (select's `precision`), not {precision!r}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise SelectionError(f"precision must be 'auto', 'fp32' or 'bf16' (select's `precision`), not {precision!r}")
     if score_norm not in ("none", "column"):
         raise SelectionError(f"score_norm must be 'none' or 'column' (--score-norm), not {score_norm!r}")
     roles = parameter_roles(model, rules, head)
@@ -310,7 +313,7 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
         full=full,
         meta={"method": "gps", "k": k, "level": level, "criterion": criterion, "loss": loss, "score": score,
               "score_norm": score_norm, "temperature": temperature, "seed": seed, "chunk_size": None,
-              "precision": "bf16" if autocast else precision, **stats,
+              **stats, "precision": stats.get("precision", "fp32" if precision == "auto" else precision),
               **budget_meta, "world_size": distributed.world_size(),
               "rules": (rules or Eligibility()).to_dict()},
     )
