@@ -76,18 +76,25 @@ def _producer(x: torch.Tensor) -> tuple[str, list[torch.Tensor | None], Any] | N
         return None
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         return None  # saved-tensor hooks (checkpointing, offloading): what a node holds is not a plain tensor
-    node = x.grad_fn
+    node = x.grad_fn  # held while its saved tensors are looked at
     kind = type(node).__name__ if node is not None else ""
-    if kind == "GeluBackward0":
+    if kind == "GeluBackward0" and not _hooked(node, "self"):
         z = node._saved_self
         if z.shape == x.shape and z.dtype == x.dtype:
             return "gelu", [z], node._saved_approximate
-    elif kind == "NativeLayerNormBackward0" and tuple(node._saved_normalized_shape) == (x.shape[-1],):
-        source = node._saved_input
-        if source.shape == x.shape and source.dtype == x.dtype:
-            return "layer_norm", [source, node._saved_result1, node._saved_result2, node._saved_weight,
-                                  node._saved_bias], None
+    elif (kind == "NativeLayerNormBackward0" and tuple(node._saved_normalized_shape) == (x.shape[-1],)
+          and not _hooked(node, "input", "result1", "result2")):
+        source, mean, rstd = node._saved_input, node._saved_result1, node._saved_result2
+        exact = (torch.float32, torch.float64)  # a bf16/fp16 norm's statistics are rounded: no exact recompute
+        if source.shape == x.shape and source.dtype == x.dtype and {source.dtype, mean.dtype, rstd.dtype} <= set(exact):
+            return "layer_norm", [source, mean, rstd, node._saved_weight, node._saved_bias], None
     return None
+
+
+def _hooked(node: Any, *names: str) -> bool:
+    """Whether the op kept these tensors through saved-tensor hooks (checkpointing, offloading) when it ran:
+    then they are not plain tensors to hold (reading them would unpack: recompute or copy)."""
+    return any(getattr(node, f"_raw_saved_{n}").unpack_hook is not None for n in names)
 
 
 def _recompute_columns(kind: str, held: list[torch.Tensor | None], extra: Any,

@@ -362,3 +362,24 @@ class _Checkpointed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.checkpoint(self.block, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("case", ["bf16 norm", "norm under offloading, layer outside"])
+def test_columns_are_copied_where_recomputing_them_would_not_be_exact_or_free(case):
+    """A bf16 layer norm's statistics are rounded (and fp32 beside bf16 inputs would mix dtypes); tensors a norm
+    kept through saved-tensor hooks would be unpacked (copied back, or recomputed) by reading them. Both: copy."""
+    from sparseft import sparse_layers
+
+    torch.manual_seed(0)
+    norm, linear = nn.LayerNorm(16), nn.Linear(16, 8)
+    x = torch.randn(5, 16, requires_grad=True)
+    if case == "bf16 norm":
+        norm, linear, x = norm.bfloat16(), linear.bfloat16(), x.detach().bfloat16().requires_grad_()
+        h = norm(x)
+    else:
+        with torch.autograd.graph.save_on_cpu():
+            h = norm(x)
+    assert sparse_layers._producer(h) is None
+    sparseft.apply(linear, sparseft.Selection(indices={"weight": torch.arange(0, 128, 9)}, shapes={"weight": (8, 16)}))
+    linear(h).float().square().sum().backward()  # and the layer trains on the copy
+    assert linear.sparse_delta["weight"].values.grad is not None

@@ -431,12 +431,13 @@ def test_bf16_selection_runs_and_reports_how_many_entries_change(record_property
 
 
 @pytest.mark.parametrize("device, native, side, want", [
-    ("cpu", True, 56, torch.bfloat16), ("cpu", True, 28, None), ("cpu", False, 224, None), ("cuda", False, 28,
-                                                                                             torch.float16)])
+    ("cpu", True, 56, torch.bfloat16), ("cpu", True, 28, None), ("cpu", False, 224, None),
+    ("cuda", True, 28, torch.bfloat16), ("cuda", False, 224, None)])
 def test_auto_precision_is_low_only_where_it_is_native_and_faster(monkeypatch, device, native, side, want):
     from sparseft.selection.scores import native_low_precision
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: native)
     assert native_low_precision(torch.device(device), torch.zeros(2, 3, side, side)) is want
 
 

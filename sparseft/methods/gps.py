@@ -75,8 +75,9 @@ class GPS(Method):
                     "them in full as the official code does"})
         select_precision: str | None = field(default=None, metadata={
             "help": "the scoring pass's precision: fp32, bf16 autocast (fp16 on CUDA, as the official code), or "
-                    "auto: bf16 where the device runs it natively and faster (CUDA; a CPU with bf16 instructions, "
-                    "images >= 56 px); default: bf16 under --bf16, else auto", "choices": ["auto", "fp32", "bf16"]})
+                    "auto: bf16 where the device runs it natively and faster (a GPU with bf16; a CPU with bf16 "
+                    "instructions, images >= 56 px); default: bf16 under --bf16, else auto",
+            "choices": ["auto", "fp32", "bf16"]})
         selection: str | None = field(default=None, metadata={"help": "use this saved selection file instead"})
 
     def validate(self) -> None:

@@ -243,8 +243,8 @@ def select(model: nn.Module, loader: Iterable | None, k: int = 1, *, rules: Elig
 
     `precision`: "bf16" runs the scoring pass's forwards and backwards under autocast (bfloat16 on
     the CPU; float16 on CUDA, as the official code runs it), scores still accumulated in float32;
-    "fp32" does not; "auto" (the default) is "bf16" where the device runs it natively and faster: on
-    CUDA, and on a CPU with bf16 instructions for images of at least 56 px
+    "fp32" does not; "auto" (the default) is bfloat16 autocast where the device runs it natively and
+    faster: a GPU with bf16, a CPU with bf16 instructions for images of at least 56 px
     (`scores.native_low_precision`). Measured: bf16 selection level with fp32 in accuracy (rule v2,
     4 tasks x 3 seeds, docs/performance.md), 2-3 % of K=1 entries differ. `autocast=True` is "bf16"
     with bfloat16 on every device.

@@ -224,7 +224,8 @@ def gradient_scores(model: nn.Module, loader: Iterable, names: Iterable[str], *,
         acc = _reduce_over_ranks(acc, params, names)
     table = _batch_table(steps, losses, contrast, sizes)
     stats = _check_pass(table, acc, loss, chunk_size)
-    stats["precision"] = {torch.float16: "fp16", torch.bfloat16: "bf16"}[autocast_dtype] if autocast else "fp32"
+    low = autocast not in (False, "auto")  # "auto" with no batch scored ran nothing
+    stats["precision"] = {torch.float16: "fp16", torch.bfloat16: "bf16"}[autocast_dtype] if low else "fp32"
     return acc, stats
 
 
@@ -234,10 +235,11 @@ LOW_PRECISION_MIN_SIDE = 56
 
 
 def native_low_precision(device: torch.device, x: torch.Tensor) -> torch.dtype | None:
-    """The autocast dtype `precision="auto"` scores under: float16 on CUDA (as the official code), bfloat16 on a
-    CPU with bf16 instructions for images of at least `LOW_PRECISION_MIN_SIDE` px; None (float32) otherwise."""
+    """The autocast dtype `precision="auto"` scores under: bfloat16 on a GPU that has it, and on a CPU with bf16
+    instructions for images of at least `LOW_PRECISION_MIN_SIDE` px; None (float32) otherwise. bfloat16, the
+    precision whose accuracy was measured (float16, the official code's, can underflow without loss scaling)."""
     if device.type == "cuda":
-        return torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     if device.type == "cpu" and native() and x.dim() == 4 and min(x.shape[-2:]) >= LOW_PRECISION_MIN_SIDE:
         return torch.bfloat16
