@@ -64,7 +64,7 @@ def test_spt_sensitivity_is_the_sum_of_squared_ce_gradients():
     batches = toy_batches(3, batch=8)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     scores, stats = spt_plan.sensitivity(model, batches, max_batches=2)
-    assert stats == {"batches": 2, "images": 16, "chunk_size": None}
+    assert stats == {"batches": 2, "images": 16, "chunk_size": None, "precision": "fp32"}
     assert not any(w in n for n in scores for w in ("head", "cls_token", "pos_embed", "patch_embed"))
     assert {n for n, _ in model.named_parameters()} - set(scores) == {
         "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "head.weight", "head.bias"}
