@@ -45,10 +45,11 @@ class StepLog:
         if not self._pending:
             return None
         pending, self._pending = self._pending, []
-        losses = torch.stack([p[1].float().reshape(()) for p in pending]).tolist()
         device = pending[0][1].device
-        corrects = torch.stack([p[3].to(device).reshape(()) for p in pending]).tolist()
-        for (step, _, terms, _, lr), loss, right in zip(pending, losses, corrects):
+        # losses and counts in one tensor, one read (float64 holds both exactly: a float32 loss, a count < 2**53)
+        figures = torch.stack([torch.stack([p[1].reshape(()).double(), p[3].to(device).reshape(()).double()])
+                               for p in pending]).tolist()
+        for (step, _, terms, _, lr), (loss, right) in zip(pending, figures):
             if not math.isfinite(loss):
                 return step, loss
             self.loss_sum += loss * terms
