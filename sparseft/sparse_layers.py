@@ -100,21 +100,16 @@ def _hooked(node: Any, *names: str) -> bool:
 def _recompute_columns(kind: str, held: list[torch.Tensor | None], extra: Any,
                        ucols: torch.Tensor | None) -> torch.Tensor:
     """The input columns `ucols` (all when None) as [tokens, columns], recomputed as `_producer` said."""
-    def columns(t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(-1, t.shape[-1])
-        return t if ucols is None else t.index_select(1, ucols)
+    def pick(t: torch.Tensor) -> torch.Tensor:  # the used columns of the last dim
+        return t if ucols is None else t.index_select(-1, ucols)
 
     if kind == "gelu":
-        return F.gelu(columns(held[0]), approximate=extra)
+        return F.gelu(pick(held[0].reshape(-1, held[0].shape[-1])), approximate=extra)
     source, mean, rstd, weight, bias = held
-    normed = (columns(source) - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
+    normed = (pick(source.reshape(-1, source.shape[-1])) - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
     if weight is not None:
-        w = weight if ucols is None else weight.index_select(0, ucols)
-        normed = normed * w if bias is None else torch.addcmul(bias if ucols is None else
-                                                               bias.index_select(0, ucols), normed, w)
-    elif bias is not None:
-        normed = normed + (bias if ucols is None else bias.index_select(0, ucols))
-    return normed
+        return normed * pick(weight) if bias is None else torch.addcmul(pick(bias), normed, pick(weight))
+    return normed if bias is None else normed + pick(bias)
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -136,7 +131,7 @@ class _SparseLinear(torch.autograd.Function):
             ctx.recipe = None
         else:
             held = recipe[1]
-            ctx.recipe = (recipe[0], recipe[2], len(held))
+            ctx.recipe = (recipe[0], recipe[2])
         ctx.save_for_backward(wc, rows, cpos, ucols, *held)
         ctx.x_shape = x.shape
         return y

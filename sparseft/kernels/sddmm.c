@@ -60,10 +60,9 @@ int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,     
     ACC_T *partial = (ACC_T *)calloc((size_t)threads * (size_t)nnz, sizeof(ACC_T));             \
     if (partial == NULL) return 1;                                                              \
     int one_per_row = 1; /* entry i in row i (GPS with K=1): g is read contiguously */          \
-    int64_t wg = 0, wx = 0; /* the columns of g and x the entries read: [0, wg), [0, wx) */     \
+    int64_t wx = 0; /* the columns of x the entries read: [0, wx) */                           \
     for (int64_t i = 0; i < nnz; ++i) {                                                         \
         one_per_row = one_per_row && rows[i] == i;                                              \
-        if (rows[i] + 1 > wg) wg = rows[i] + 1;                                                 \
         if (cols[i] + 1 > wx) wx = cols[i] + 1;                                                 \
     }                                                                                           \
     int failed = 0;                                                                             \

@@ -218,8 +218,10 @@ def check_scores(scores: dict[str, torch.Tensor], criterion: str = "gradient", l
 
 def _autocast_dtype(model: nn.Module, precision: str) -> torch.dtype | bool | str:
     """What `gradient_scores` runs under for `precision`: False (fp32), the autocast dtype, or "auto"."""
-    if precision in ("fp32", "auto"):
-        return precision == "auto" and "auto"
+    if precision == "fp32":
+        return False
+    if precision == "auto":
+        return "auto"  # gradient_scores decides on the first batch (scores.native_low_precision)
     device = next(model.parameters()).device
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
