@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from sparseft.bench import load_records
-from sparseft.bench.taskrule import VARIANTS, choose_variants
+from sparseft.bench.taskrule import VARIANTS, choose_variants, rows_of
 from sparseft.errors import InputError
 
 SCREENS_MIN = 94  # measured (amendment 5)
@@ -58,10 +58,7 @@ def main(results: str) -> None:
     records = load_records(results)
     suite = json.loads((Path(results) / "suite.json").read_text())
     tasks = sorted({r["task"] for r in records})
-    rows: dict[str, dict[tuple[str, int], float]] = {}
-    for r in records:
-        if r.get("test_acc") is not None:
-            rows.setdefault(r["label"], {})[(r["task"], r["seed"])] = 100 * r["test_acc"]
+    rows = rows_of(records)
     for variant in VARIANTS:
         try:
             (_, mean), = choose_variants(rows, tasks, suite["seeds"], variants=[variant], count=1)

@@ -23,18 +23,10 @@ from sparseft.bench.taskrule import (
     markdown,
     plan_pairs,
     product_outcome,
+    rows_of,
 )
 
 REGIMES = {"S56": "frontier-confirm-short", "L56": "frontier-confirm-long"}
-
-
-def rows_of(folder: Path) -> dict[str, dict[tuple[str, int], float]]:
-    """label -> {(task, seed): test top-1 %} of a suite's finished cells."""
-    rows: dict[str, dict[tuple[str, int], float]] = {}
-    for r in load_records(folder):
-        if r.get("test_acc") is not None:
-            rows.setdefault(r["label"], {})[(r["task"], r["seed"])] = 100 * r["test_acc"]
-    return rows
 
 
 def main() -> None:
@@ -44,7 +36,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    regimes = {regime: rows_of(args.results / suite) for regime, suite in REGIMES.items()
+    regimes = {regime: rows_of(load_records(args.results / suite)) for regime, suite in REGIMES.items()
                if (args.results / suite).is_dir()}
     variants = ([v for v in args.variants.split(",") if v] or
                 [v for v in VARIANTS if v in regimes.get("S56", {})])
@@ -54,7 +46,7 @@ def main() -> None:
     print("\n".join(markdown(families["secondary"], "Secondary (confirmation tasks)")))
     dev = args.results / "frontier-dev"
     if dev.is_dir():
-        rows = rows_of(dev)
+        rows = rows_of(load_records(dev))
         print("\n".join(markdown(compare_family(rows, plan_pairs(rows), seeds),
                                  "Development (D28; descriptive: these tasks chose the variants)")))
     best, why = product_outcome(families["primary"], variants)

@@ -30,6 +30,15 @@ RULE_V2 = (
     "missing (task, seed): inconclusive.")
 
 
+def rows_of(records: Iterable[dict[str, Any]]) -> dict[str, dict[tuple[str, int], float]]:
+    """label -> {(task, seed): test top-1 %} of a suite's finished records (`sparseft.bench.load_records`)."""
+    rows: dict[str, dict[tuple[str, int], float]] = {}
+    for r in records:
+        if r.get("test_acc") is not None:
+            rows.setdefault(r["label"], {})[(r["task"], r["seed"])] = 100 * r["test_acc"]
+    return rows
+
+
 def task_differences(a: dict[tuple[str, int], float], b: dict[tuple[str, int], float],
                      seeds: Iterable[int] | None = None) -> tuple[dict[str, float], list[str]]:
     """Per task, mean over seeds of A minus that of B (points); and what is missing for a complete pairing.
