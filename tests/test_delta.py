@@ -383,3 +383,34 @@ def test_columns_are_copied_where_recomputing_them_would_not_be_exact_or_free(ca
     sparseft.apply(linear, sparseft.Selection(indices={"weight": torch.arange(0, 128, 9)}, shapes={"weight": (8, 16)}))
     linear(h).float().square().sum().backward()  # and the layer trains on the copy
     assert linear.sparse_delta["weight"].values.grad is not None
+
+
+@pytest.mark.parametrize("used", [3, 30, 32])
+@pytest.mark.parametrize(("kind", "affine"), [("layer_norm", "both"), ("layer_norm", "weight"), ("layer_norm", "bias"),
+                                              ("layer_norm", "none"), ("gelu", "both")])
+def test_recomputed_columns_are_the_producers_output_at_each_entrys_column(kind, affine, used):
+    """Few used columns are gathered before recomputing, many are recomputed whole: either way the column each
+    entry reads holds what the layer norm / GELU gave in the forward."""
+    from sparseft import sparse_layers
+
+    gen = torch.Generator().manual_seed(used)
+    source = torch.randn(2, 7, 32, generator=gen) * 3 + 1
+    if kind == "gelu":
+        source.requires_grad_()
+        out = torch.nn.functional.gelu(source, approximate="tanh")
+    else:
+        norm = nn.LayerNorm(32, elementwise_affine=affine != "none", bias=affine in ("both", "bias"))
+        with torch.no_grad():
+            for p in norm.parameters():
+                p.normal_(generator=gen)
+        if affine == "bias":  # LayerNorm has no bias-only form: drop the weight by hand
+            norm.weight = None
+        out = norm(source.requires_grad_())
+    kind_, held, extra = sparse_layers._producer(out)
+    assert kind_ == kind
+    ucols = torch.randperm(32, generator=gen)[:used].sort().values
+    cpos = torch.randint(0, used, (40,), generator=gen, dtype=torch.int32)
+    x, cols = sparse_layers._recompute_columns(kind, held, extra, None if used == 32 else ucols, cpos)
+    expected = out.detach().reshape(-1, 32).index_select(1, ucols.index_select(0, cpos.long()))
+    torch.testing.assert_close(x.index_select(1, cols.long()), expected, rtol=1e-6, atol=1e-6)
+    assert x.shape[1] == (used if used < 0.5 * 32 else 32)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparseft.kernels import compiled_library, sampled_dot, sampled_dot_torch
+from sparseft.kernels import compiled_library, sampled_dot, sampled_dot_and_colsum, sampled_dot_torch
 
 needs_c = pytest.mark.skipif(compiled_library() is None, reason="no C compiler for the fast kernel")
 
@@ -64,6 +64,29 @@ def test_c_kernel_matches_torch_path(dtype, tol):
     assert c.dtype == torch.float32 and ref.dtype == torch.float32
     scale = ref.abs().max()
     assert ((c - ref).abs().max() / scale) < tol
+
+
+@needs_c
+@settings(max_examples=25, deadline=None)
+@given(t=st.integers(1, 300), r=st.integers(1, 40), c=st.integers(1, 40), nnz=st.integers(0, 60),
+       seed=st.integers(0, 1000), dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+       pad=st.integers(0, 3))
+def test_column_sums_come_with_the_products_from_one_read(t, r, c, nnz, seed, dtype, pad):
+    """The bias gradient summed alongside the sampled products: Σ_t g[t, :] for every column of g (also those
+    no entry reads), the products unchanged, on both backends; g read in place at any row stride."""
+    grad, x, rows, cols = _case(t, r, c, nnz, dtype, seed)
+    wide = torch.zeros(t, r + pad, dtype=dtype)
+    wide[:, :r] = grad
+    expected = grad.double().sum(0)
+    bound = grad.double().abs().sum(0) * t * 2 ** -23 + 1e-30  # float32 sums of |terms| bound the rounding
+    for backend in ("c", "torch"):
+        products, sums = sampled_dot_and_colsum(wide[:, :r], x, rows, cols, backend=backend)
+        assert sums.shape == (r,) and sums.dtype == products.dtype
+        torch.testing.assert_close(products, sampled_dot(grad, x, rows, cols, backend=backend), rtol=0, atol=0)
+        if dtype == torch.float64:
+            torch.testing.assert_close(sums, expected, rtol=1e-12, atol=1e-12)
+        else:
+            assert ((sums.double() - expected).abs() <= bound).all()
 
 
 @needs_c

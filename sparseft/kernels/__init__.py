@@ -3,7 +3,8 @@
 `sampled_dot(g, x, rows, cols)` returns ``out[i] = Σ_t g[t, rows[i]] · x[t, cols[i]]`` for 2-D
 ``g`` ([T, R]) and ``x`` ([T, C]). It is the only new work a sparse-delta backward does: the
 gradient of a selected weight entry (row r, column c) of a Linear layer is the dot product, over
-all tokens, of the output gradient of neuron r with input feature c.
+all tokens, of the output gradient of neuron r with input feature c. `sampled_dot_and_colsum` adds the
+layer's bias gradient (g summed over tokens) from the same read of g.
 
 On CPU a small C loop (``sddmm.c``) is compiled with the system C compiler at first use and
 cached under ``$SPARSEFT_CACHE`` (default ``~/.cache/sparseft``); elsewhere, or when no compiler
@@ -65,8 +66,8 @@ def _build() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     for name in ("sddmm_f32", "sddmm_f64", "sddmm_bf16"):
         fn = getattr(lib, name)
         fn.argtypes = args
@@ -140,8 +141,9 @@ def _library(name: str, g: torch.Tensor, x: torch.Tensor, backend: str | None) -
 
 
 def _call_c(lib: ctypes.CDLL, family: str, g: torch.Tensor, args: tuple, rows: torch.Tensor,
-            cols: torch.Tensor) -> torch.Tensor:
-    """Run `<family>_{f32,f64,bf16}` on g's dtype; float32 output except for float64 inputs."""
+            cols: torch.Tensor, always: bool = False) -> torch.Tensor:
+    """Run `<family>_{f32,f64,bf16}` on g's dtype (with no entries only when `always`: it has other output);
+    float32 output except for float64 inputs."""
     rows = rows.to(torch.int32).contiguous()
     cols = cols.to(torch.int32).contiguous()
     n = rows.numel()
@@ -150,7 +152,7 @@ def _call_c(lib: ctypes.CDLL, family: str, g: torch.Tensor, args: tuple, rows: t
     else:
         out = torch.empty(n, dtype=torch.float32)
         fn = getattr(lib, f"{family}_bf16" if g.dtype == torch.bfloat16 else f"{family}_f32")
-    if n and fn(*args, rows.data_ptr(), cols.data_ptr(), n, out.data_ptr(), torch.get_num_threads()) != 0:
+    if (n or always) and fn(*args, rows.data_ptr(), cols.data_ptr(), n, out.data_ptr(), torch.get_num_threads()) != 0:
         raise MemoryError("sparseft kernel could not allocate its partial sums")
     return out
 
@@ -158,16 +160,33 @@ def _call_c(lib: ctypes.CDLL, family: str, g: torch.Tensor, args: tuple, rows: t
 def sampled_dot(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                 backend: str | None = None) -> torch.Tensor:
     """``out[i] = Σ_t g[t, rows[i]] · x[t, cols[i]]``; float32 output for bf16/fp16 inputs."""
+    return _sampled_dot(g, x, rows, cols, backend, colsum=False)[0]
+
+
+def sampled_dot_and_colsum(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                           backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampled_dot` and ``Σ_t g[t, :]`` (a Linear layer's bias gradient) from one read of g."""
+    out, colsum = _sampled_dot(g, x, rows, cols, backend, colsum=True)
+    assert colsum is not None
+    return out, colsum
+
+
+def _sampled_dot(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, backend: str | None,
+                 colsum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if g.dim() != 2 or x.dim() != 2 or g.shape[0] != x.shape[0]:
         raise ValueError(f"sampled_dot needs [T, R] and [T, C] tensors, got {tuple(g.shape)} and {tuple(x.shape)}")
     if rows.shape != cols.shape:
         raise ValueError(f"rows {tuple(rows.shape)} and cols {tuple(cols.shape)} differ in shape")
     lib = _library("sampled_dot", g, x, backend)
     if lib is None:
-        return sampled_dot_torch(g, x, rows, cols)
+        out = sampled_dot_torch(g, x, rows, cols)
+        return out, (g.sum(0, dtype=out.dtype) if colsum else None)
     g = g if g.stride(1) == 1 else g.contiguous()
     x = x if x.stride(1) == 1 else x.contiguous()
-    return _call_c(lib, "sddmm", g, (g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0]), rows, cols)
+    sums = torch.empty(g.shape[1] if colsum else 0, dtype=_out_dtype(g))
+    out = _call_c(lib, "sddmm", g, (g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), g.shape[0], sums.numel(),
+                                    sums.data_ptr()), rows, cols, always=colsum)
+    return out, (sums if colsum else None)
 
 
 def sampled_dot_channels_first(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -233,6 +252,20 @@ def _out_dtype(g: torch.Tensor) -> torch.dtype:
 def sampled_dot_op(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """`sampled_dot` as an operator (what the sparse layers' backward calls)."""
     return sampled_dot(g, x, rows, cols).to(_out_dtype(g))
+
+
+@torch.library.custom_op("sparseft::sampled_dot_and_colsum", mutates_args=())
+def sampled_dot_and_colsum_op(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
+                              cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampled_dot_and_colsum` as an operator."""
+    out, colsum = sampled_dot_and_colsum(g, x, rows, cols)
+    return out.to(_out_dtype(g)), colsum.to(_out_dtype(g))
+
+
+@sampled_dot_and_colsum_op.register_fake
+def _sampled_colsum_fake(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,  # noqa: ARG001
+                         cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return g.new_empty(rows.shape[0], dtype=_out_dtype(g)), g.new_empty(g.shape[1], dtype=_out_dtype(g))
 
 
 @torch.library.custom_op("sparseft::sampled_dot_channels_first", mutates_args=())

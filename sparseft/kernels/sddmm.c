@@ -1,7 +1,10 @@
 /* Sampled dense-dense products for sparse-delta weight gradients.
  *
  *   out[i] = sum_t g[t * ldg + rows[i]] * x[t * ldx + cols[i]]      for t in [0, n)
+ *   colsum[r] = sum_t g[t * ldg + r]                                  for r in [0, wsum), when wsum > 0
  *
+ * colsum is the layer's bias gradient: summed while g's tile is in cache, it costs no second
+ * read of g (a tile's sum first, then added to the running sum: a two-level cascade).
  * g is the output gradient [n tokens, out features], x the layer input [n, in features], both
  * row-major as autograd hands them over, so nothing is transposed or copied. Each thread takes a
  * contiguous range of tokens and accumulates all selected entries (a few thousand: they stay in
@@ -53,11 +56,13 @@ static inline float bf16_to_float(uint16_t v) {
 #define STAGE_BF16_FREE free(xs);
 
 #define DEFINE_SDDMM(NAME, IN_T, ACC_T, STAGE)                                                  \
-int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,                    \
-         const int32_t *rows, const int32_t *cols, int64_t nnz, ACC_T *out, int threads) {      \
+int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n, int64_t wsum,      \
+         ACC_T *colsum, const int32_t *rows, const int32_t *cols, int64_t nnz, ACC_T *out,      \
+         int threads) {                                                                         \
     if (threads < 1) threads = 1;                                                               \
     if (threads > n) threads = n > 0 ? (int)n : 1;                                              \
-    ACC_T *partial = (ACC_T *)calloc((size_t)threads * (size_t)nnz, sizeof(ACC_T));             \
+    const int64_t width = nnz + 2 * wsum; /* per thread: entries, column sums, a tile's sums */ \
+    ACC_T *partial = (ACC_T *)calloc((size_t)threads * (size_t)width, sizeof(ACC_T));           \
     if (partial == NULL) return 1;                                                              \
     int one_per_row = 1; /* entry i in row i (GPS with K=1): g is read contiguously */          \
     int64_t wx = 0; /* the columns of x the entries read: [0, wx) */                           \
@@ -71,7 +76,8 @@ int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,     
         int tid = omp_get_thread_num();                                                         \
         int nth = omp_get_num_threads();                                                        \
         int64_t lo = n * tid / nth, hi = n * (tid + 1) / nth;                                   \
-        ACC_T *acc = partial + (size_t)tid * (size_t)nnz;                                       \
+        ACC_T *acc = partial + (size_t)tid * (size_t)width;                                     \
+        ACC_T *csum = acc + nnz, *tsum = csum + wsum;                                           \
         STAGE##_DECL(ACC_T)                                                                     \
         for (int64_t t0 = lo; t0 < hi; t0 += SDDMM_TOKENS) {                                    \
             const int64_t tn = hi - t0 < SDDMM_TOKENS ? hi - t0 : SDDMM_TOKENS;                 \
@@ -97,6 +103,15 @@ int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,     
                     acc[i] = s;                                                                 \
                 }                                                                               \
             }                                                                                   \
+            if (wsum > 0) {                                                                     \
+                for (int64_t r = 0; r < wsum; ++r) tsum[r] = 0;                                 \
+                for (int64_t u = 0; u < tn; ++u) {                                              \
+                    _Pragma("omp simd")                                                         \
+                    for (int64_t r = 0; r < wsum; ++r) tsum[r] += STAGE##_LOAD(gt[u * lg + r]); \
+                }                                                                               \
+                _Pragma("omp simd")                                                             \
+                for (int64_t r = 0; r < wsum; ++r) csum[r] += tsum[r];                          \
+            }                                                                                   \
         }                                                                                       \
         STAGE##_FREE                                                                            \
     }                                                                                           \
@@ -106,8 +121,13 @@ int NAME(const IN_T *g, int64_t ldg, const IN_T *x, int64_t ldx, int64_t n,     
     }                                                                                           \
     for (int64_t i = 0; i < nnz; ++i) {                                                         \
         ACC_T s = 0;                                                                            \
-        for (int k = 0; k < threads; ++k) s += partial[(size_t)k * (size_t)nnz + i];           \
+        for (int k = 0; k < threads; ++k) s += partial[(size_t)k * (size_t)width + i];         \
         out[i] = s;                                                                             \
+    }                                                                                           \
+    for (int64_t r = 0; r < wsum; ++r) {                                                        \
+        ACC_T s = 0;                                                                            \
+        for (int k = 0; k < threads; ++k) s += partial[(size_t)k * (size_t)width + nnz + r];   \
+        colsum[r] = s;                                                                          \
     }                                                                                           \
     free(partial);                                                                              \
     return 0;                                                                                   \
