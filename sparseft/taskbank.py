@@ -57,6 +57,7 @@ from sparseft.deltafile import BaseMismatch, TaskSource, read_task
 from sparseft.errors import InputError
 from sparseft.inference import eval_mode
 from sparseft.methods import METHODS
+from sparseft.mixed import NotServed, mixed_forward
 from sparseft.sparse_layers import write_flat
 
 
@@ -108,6 +109,9 @@ class TaskBank:
         self._buffer_names = {n for n, _ in model.named_buffers(remove_duplicate=False)}
         self._sealed: list[tuple[torch.Tensor, int]] = []
         self._seal()
+        self._one_forward_checked: dict[str, str | None] = {}  # task -> None (served) or why not
+        #: tasks `predict` ran grouped although one forward was asked for, and why
+        self.one_forward_refused: dict[str, str] = {}
 
     # -- tasks ---------------------------------------------------------------------------
     @property
@@ -172,6 +176,8 @@ class TaskBank:
         if self.active == name:
             self._switch(None)
         del self._tasks[name], self._headers[name], self._file_bytes[name]
+        self._one_forward_checked.pop(name, None)
+        self.one_forward_refused.pop(name, None)
 
     def nbytes(self) -> int:
         """Memory the bank holds besides the model: the storage bytes of every task's indices and values
@@ -201,30 +207,65 @@ class TaskBank:
         return _Active(self, previous)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, tasks: Sequence[str | None]) -> list[torch.Tensor]:
-        """Outputs for a batch whose items name different tasks (None: the base), run grouped by task.
+    def predict(self, images: torch.Tensor, tasks: Sequence[str | None], mode: str = "grouped") -> list[torch.Tensor]:
+        """Outputs for a batch whose items name different tasks (None: the base).
 
-        Returns one output row per image, in input order (tasks may differ in their number of
-        classes). The model runs in eval mode; the active task and every module's mode are restored after.
+        Returns one output row per image, in input order (tasks may differ in their number of classes).
+        `mode`: "grouped" (the default) runs the model once per task on its items, each task switched in;
+        "one-forward" runs the base once on the whole batch and corrects each task's items layer by layer
+        (`sparseft.mixed`; outputs equal to float rounding). On the CPUs measured, one forward costs more
+        than grouping at every mix (docs/performance.md); it is there for devices where many small forwards
+        cost more. A task's first one-forward use is checked against its own forward on one image; a model
+        or task one forward cannot serve runs grouped (`one_forward_refused` says why). The model runs in
+        eval mode; the active task and every module's mode are restored after.
         """
         if len(tasks) != len(images):
             raise InputError(f"predict: {len(images)} images but {len(tasks)} task names")
+        if mode not in ("grouped", "one-forward"):
+            raise InputError(f"predict: mode must be 'grouped' or 'one-forward', got {mode!r}")
         for task in dict.fromkeys(tasks):
             if task is not None:
                 self._require(task)
-
-        out: list[torch.Tensor | None] = [None] * len(tasks)
         previous = self.active
         with eval_mode(self.model):  # every module's own train/eval mode back afterwards
             try:
-                for task in dict.fromkeys(tasks):
-                    rows = [i for i, t in enumerate(tasks) if t == task]
-                    self._switch(task)
-                    for i, row in zip(rows, self.model(images[rows])):
-                        out[i] = row
+                if mode == "one-forward" and self._one_forward_serves(images, tasks):
+                    self._switch(None)
+                    return mixed_forward(self.model, images, tasks, self._tasks)
+                return self._grouped(images, tasks)
             finally:
                 self._switch(previous)
+
+    def _grouped(self, images: torch.Tensor, tasks: Sequence[str | None]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(tasks)
+        for task in dict.fromkeys(tasks):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            self._switch(task)
+            for i, row in zip(rows, self.model(images[rows])):
+                out[i] = row
         return out  # type: ignore[return-value]
+
+    def _one_forward_serves(self, images: torch.Tensor, tasks: Sequence[str | None]) -> bool:
+        """Whether every task of the batch passed (now, or at its first use) the one-forward check: its item
+        beside a base item in one forward equals its own forward and the base's (to float rounding)."""
+        for task in dict.fromkeys(t for t in tasks if t is not None):
+            if task not in self._one_forward_checked:
+                first = tasks.index(task)
+                probe, names = images[[first, first]], [task, None]
+                self._switch(None)
+                try:
+                    got = mixed_forward(self.model, probe, names, self._tasks)
+                    want = self._grouped(probe, names)
+                    same = all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+                               for a, b in zip(got, want))
+                    reason = None if same else "its one-forward outputs differ from its own forward's"
+                except NotServed as err:
+                    reason = str(err)
+                self._one_forward_checked[task] = reason
+            if self._one_forward_checked[task] is not None:
+                self.one_forward_refused[task] = self._one_forward_checked[task]
+                return False
+        return True
 
     # -- internals -----------------------------------------------------------------------
     def _require(self, name: str) -> None:
