@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["sparseft.methods"]),
     ("tasks", ["sparseft.inference", "sparseft.seg", "sparseft.loaders", "sparseft.train", "sparseft.regularize",
                "sparseft.api",
-               "sparseft.taskbank", "sparseft.run", "sparseft.evalreport",
+               "sparseft.taskbank", "sparseft.mixed", "sparseft.run", "sparseft.evalreport",
                # the built-in kinds: built on data, models, selection objectives, loaders and prediction
                "sparseft.kinds.classification", "sparseft.kinds.segmentation",
                # the ecosystem's formats (peft adapters, Hub-style folders, ONNX): built on loading a task
