@@ -415,33 +415,29 @@ def _no_grad_needed(delta: SparseDelta) -> bool:
     return not (torch.is_grad_enabled() and delta.values.requires_grad)
 
 
+def _weight_delta(module: nn.Module) -> SparseDelta | None:
+    """The layer's weight delta, written into the weight if it changed; None when this forward needs no
+    gradient for it (the layer's plain forward serves)."""
+    delta: SparseDelta = module.sparse_delta["weight"]
+    delta.sync(module.weight)
+    return None if _no_grad_needed(delta) else delta
+
+
 def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    delta: SparseDelta = self.sparse_delta["weight"]
-    delta.sync(self.weight)
-    if _no_grad_needed(delta):
-        return F.linear(x, self.weight, self.bias)
-    if delta.probe is not None:
-        return F.linear(x, _injected(self.weight, delta), self.bias)
+    if (delta := _weight_delta(self)) is None or delta.probe is not None:  # a probe needs the dense gradient
+        return F.linear(x, self.weight if delta is None else _injected(self.weight, delta), self.bias)
     return _SparseLinear.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
 
 
 def _sparse_pointwise_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    delta: SparseDelta = self.sparse_delta["weight"]
-    delta.sync(self.weight)
-    if _no_grad_needed(delta):
-        return nn.Conv2d.forward(self, x)
-    if delta.probe is not None:
-        return self._conv_forward(x, _injected(self.weight, delta), self.bias)
+    if (delta := _weight_delta(self)) is None or delta.probe is not None:
+        return self._conv_forward(x, self.weight if delta is None else _injected(self.weight, delta), self.bias)
     return _SparsePointwiseConv.apply(x, self.weight, self.bias, delta.values, delta.rows, delta.cpos, delta.ucols)
 
 
 def _sparse_conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    delta: SparseDelta = self.sparse_delta["weight"]
-    delta.sync(self.weight)
-    if _no_grad_needed(delta):
-        return nn.Conv2d.forward(self, x)
-    if delta.probe is not None:
-        return self._conv_forward(x, _injected(self.weight, delta), self.bias)
+    if (delta := _weight_delta(self)) is None or delta.probe is not None:
+        return self._conv_forward(x, self.weight if delta is None else _injected(self.weight, delta), self.bias)
     geometry = (self.stride, self.padding, self.dilation, self.groups)
     return _SparseConv.apply(x, self.weight, self.bias, delta.values, geometry, delta.rows, delta.cpos, delta.ki,
                              delta.kj, delta.ucols)
