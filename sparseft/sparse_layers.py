@@ -156,7 +156,8 @@ class _SparseLinear(torch.autograd.Function):
         xc, wc, bc = _start(ctx, x, weight, bias, values)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xc, wc, bc)
-        recipe = _producer(x) if xc is x else None
+        # under autocast x is cast: the recomputed columns are cast the same way in backward (an exact rounding)
+        recipe = _producer(x)
         if recipe is None:
             x2 = xc.reshape(-1, xc.shape[-1])
             held = [x2 if ucols is None else columns(x2, ucols)]
@@ -175,6 +176,7 @@ class _SparseLinear(torch.autograd.Function):
             saved_x, cols = held[0], cpos
         else:
             saved_x, cols = _recompute_columns(ctx.recipe[0], held, ctx.recipe[1], ucols, cpos)
+            saved_x = saved_x.to(ctx.compute)
         g2 = grad_y.contiguous().reshape(-1, grad_y.shape[-1]).to(ctx.compute)
         grad_x = grad_b = grad_values = None
         if ctx.needs_input_grad[0]:

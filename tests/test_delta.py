@@ -297,10 +297,12 @@ def test_bf16_autocast_matches_autocast_dense(family):
     assert torch.nn.functional.cosine_similarity(xs.grad.flatten(), xd.grad.flatten(), dim=0) > 0.995
 
 
-def test_gelu_and_layer_norm_outputs_are_not_copied_and_the_gradients_are_the_same(monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gelu_and_layer_norm_outputs_are_not_copied_and_the_gradients_are_the_same(monkeypatch, autocast):
     """fc2's input is GELU(fc1's output), qkv's and fc1's a layer norm's output; autograd keeps the inputs of
     both for their own backward, so the sparse layers hold those instead of copies of their own input's
-    columns and recompute the columns: the same gradients (to float rounding; bit for bit here)."""
+    columns and recompute the columns: the same gradients (to float rounding; bit for bit here). Under bf16
+    autocast the float32 norm's columns are recomputed and cast as the forward cast them."""
     from sparseft import sparse_layers
 
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -316,7 +318,8 @@ def test_gelu_and_layer_norm_outputs_are_not_copied_and_the_gradients_are_the_sa
         model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.update(qkv=o.grad_fn))
         if not recompute:
             monkeypatch.setattr(sparse_layers, "_producer", lambda x: None)
-        loss = model(x).square().sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x).float().square().sum()
         held_by = {n: {t.data_ptr() for t in seen[n].saved_tensors if t is not None} for n in ("fc2", "qkv")}
         shares = seen["fc1"].data_ptr() in held_by["fc2"] and seen["norm1"].data_ptr() in held_by["qkv"]
         loss.backward()
