@@ -249,6 +249,10 @@ class TaskBank:
         """Whether every task of the batch passed (now, or at its first use) the one-forward check: its item
         beside a base item in one forward equals its own forward and the base's (to float rounding)."""
         for task in dict.fromkeys(t for t in tasks if t is not None):
+            for name, c in self._tasks[task].items():  # the model was moved or cast since the task was read
+                tensor = self._tensor(name)
+                if c.value.device != tensor.device or c.value.dtype != tensor.dtype:
+                    self._move(c, tensor)
             if task not in self._one_forward_checked:
                 first = tasks.index(task)
                 probe, names = images[[first, first]], [task, None]

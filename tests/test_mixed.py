@@ -149,3 +149,14 @@ def test_grouped_is_the_default_and_one_forward_is_asked_for(bank, monkeypatch):
     assert calls
     with pytest.raises(InputError, match="mode must be"):
         bank.predict(x, tasks, mode="auto")
+
+
+def test_one_forward_follows_a_model_cast_after_the_tasks_were_read(tmp_path):
+    bank = sparseft.TaskBank(toy_base())
+    bank.add("gps", write_task("gps", tmp_path / "gps.safetensors"))
+    bank.model.double()
+    x = toy_batches(1, batch=3, classes=3)[0][0].double()
+    one = bank.predict(x, ["gps", None, "gps"], mode="one-forward")
+    assert bank.one_forward_refused == {} and one[0].dtype == torch.float64
+    for a, b in zip(one, bank.predict(x, ["gps", None, "gps"])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
