@@ -29,6 +29,8 @@ lint: $(STAMP)
 BENCH_DEVICE ?= cpu
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py --device $(BENCH_DEVICE) --bf16 --selection
+	$(PY) benchmarks/step_cost.py --device $(BENCH_DEVICE) --model dinov2_vits14_offline --img 224
+	$(PY) benchmarks/step_cost.py --device $(BENCH_DEVICE) --rss --model vit_base_patch16_224 --batch 8 --no-fp32 --rss-repeats 1
 	$(PY) benchmarks/step_cost.py --device $(BENCH_DEVICE) --model resnet50 --img 128 --batch 32
 	$(PY) benchmarks/step_cost.py --device $(BENCH_DEVICE) --model mobilenetv2_100 --img 128 --batch 32
 	$(PY) benchmarks/conv_kernel_cost.py
