@@ -21,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from sparseft.autolr import run_auto_lr
+from sparseft.autolr import one_se_choice, run_auto_lr
 from sparseft.methods.rates import backbone_family, ladder, recommended_lr
 from sparseft.models import create_model
 from sparseft.run import RunSpec, run
@@ -60,6 +60,27 @@ def run_all(args: argparse.Namespace) -> None:
                     _finished_or_run(run, _spec(args, task, method, seed, lr), cell / "grid" / f"lr={lr:g}")
 
 
+VAL_IMAGES = 200  # val200
+
+
+def _one_se_accuracies(cell: Path, seeds: list[int], center: float) -> tuple[list[float], list[float]] | None:
+    """Per seed, the rate `autolr.one_se_choice` picks from `--lr auto`'s recorded validation scores, and that
+    seed's grid test accuracy at it (None while a seed's choice or grid run is missing)."""
+    lrs, accs = [], []
+    for seed in seeds:
+        choice = cell / f"seed{seed}" / "auto" / "lr-search" / "choice.json"
+        if not choice.is_file():
+            return None
+        c = json.loads(choice.read_text())
+        lr = one_se_choice({t["lr"]: t[c["score"]] for t in c["tried"]}, center, VAL_IMAGES)
+        summary = cell / f"seed{seed}" / "grid" / f"lr={lr:g}" / "summary.json"
+        if not summary.is_file():
+            return None
+        lrs.append(lr)
+        accs.append(100 * json.loads(summary.read_text())["final"]["test_acc"])
+    return lrs, accs
+
+
 def report(args: argparse.Namespace) -> dict:
     family = backbone_family(create_model(args.model, num_classes=0, img_size=args.img_size))
     rows = []
@@ -82,6 +103,7 @@ def report(args: argparse.Namespace) -> dict:
             if len(auto) < len(args.seeds) or center not in complete:
                 rows.append({"task": name, "method": method, "complete": False})
                 continue
+            candidate = _one_se_accuracies(args.out / name / method, args.seeds, center)
             means = {lr: statistics.mean(v) for lr, v in complete.items()}
             best = max(means, key=means.get)
             row = {"task": name, "method": method, "complete": True, "best_lr": best, "best": means[best],
@@ -89,22 +111,33 @@ def report(args: argparse.Namespace) -> dict:
                    "auto_lrs": chosen, "grid": {f"{lr:g}": round(m, 2) for lr, m in sorted(means.items())}}
             row["auto_gap"], row["default_gap"] = row["best"] - row["auto"], row["best"] - row["default"]
             row["auto_pass"], row["default_pass"] = row["auto_gap"] <= AUTO_MARGIN, row["default_gap"] <= DEFAULT_MARGIN
+            if candidate is not None:  # the next measurement's candidate rule, replayed on the same tuning runs
+                row["one_se"], row["one_se_lrs"] = statistics.mean(candidate[1]), candidate[0]
+                row["one_se_gap"] = row["best"] - row["one_se"]
+                row["one_se_pass"] = row["one_se_gap"] <= AUTO_MARGIN
             rows.append(row)
-    lines = ["| task | method | best rate (grid, oracle) | default | `--lr auto` (rates chosen) |",
-             "|---|---|---|---|---|"]
+    lines = ["| task | method | best rate (grid, oracle) | default | `--lr auto` (rates chosen) | one-SE candidate |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if not r["complete"]:
-            lines.append(f"| {r['task']} | {r['method']} | incomplete | | |")
+            lines.append(f"| {r['task']} | {r['method']} | incomplete | | | |")
             continue
         lines.append(f"| {r['task']} | {r['method']} | {r['best']:.1f} ({r['best_lr']:g}) | {r['default']:.1f} "
                      f"({r['default_lr']:g}; {-r['default_gap']:+.1f}{'' if r['default_pass'] else ' FAIL'}) | "
                      f"{r['auto']:.1f} ({', '.join(f'{x:g}' for x in r['auto_lrs'])}; {-r['auto_gap']:+.1f}"
-                     f"{'' if r['auto_pass'] else ' FAIL'}) |")
+                     f"{'' if r['auto_pass'] else ' FAIL'}) | {_candidate_cell(r)} |")
     table = "\n".join(lines)
     print(table)
     result = {"rows": rows, "table": table, "settings": {k: str(v) for k, v in vars(args).items()}}
     (args.out / "lr_check.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _candidate_cell(r: dict) -> str:
+    if "one_se" not in r:
+        return ""
+    return (f"{r['one_se']:.1f} ({', '.join(f'{x:g}' for x in r['one_se_lrs'])}; {-r['one_se_gap']:+.1f}"
+            f"{'' if r['one_se_pass'] else ' FAIL'})")
 
 
 def main() -> None:

@@ -29,6 +29,18 @@ from sparseft.run import SEARCH_DIR, RunSpec, run
 EXTEND = 2  # rungs tried beyond the grid's edge at most
 
 
+def one_se_choice(tried: dict[float, float], center: float, n: int) -> float:
+    """The candidate rule of docs/learning-rates.md's next measurement (not `--lr auto`'s rule yet): the rate with
+    the best validation accuracy in `tried` ({rate: accuracy in [0, 1]}) when it beats the recommended rate
+    `center` by more than the standard error of a difference of two accuracies on `n` images; else `center`."""
+    if center not in tried:
+        raise ValueError(f"the recommended rate {center:g} is not among the rates tried ({sorted(tried)})")
+    best = max(tried, key=lambda lr: (tried[lr], lr == center))  # a tie keeps the recommended rate
+    p1, p2 = tried[best], tried[center]
+    se = ((p1 * (1 - p1) + p2 * (1 - p2)) / n) ** 0.5
+    return best if p1 - p2 > se else center
+
+
 def _center(spec: RunSpec) -> tuple[float, str]:
     """The recommended rate of the run's method on its backbone (a throwaway build tells the family)."""
     model = create_model(spec.model, num_classes=0, img_size=spec.img_size, weights=spec.weights,

@@ -205,3 +205,15 @@ def test_resume_lr_auto_of_a_run_without_it_or_of_nothing_is_refused_before_any_
     assert main(["train", "--method", "linear", "--lr", "auto", "--data", str(task), "--out", str(nothing), *MODEL,
                  *FAST, "--resume"]) == 1
     assert "nothing to resume" in capsys.readouterr().err and not nothing.exists()
+
+
+def test_the_one_se_candidate_keeps_the_recommended_rate_unless_clearly_beaten():
+    from sparseft.autolr import one_se_choice
+
+    # 200 images at about 40 %: one standard error of a difference is about 4.9 points
+    assert one_se_choice({1e-3: 0.44, 3e-3: 0.40, 1e-2: 0.30}, 3e-3, 200) == 3e-3  # +4 points: within noise
+    assert one_se_choice({1e-3: 0.46, 3e-3: 0.40, 1e-2: 0.30}, 3e-3, 200) == 1e-3  # +6 points: beaten
+    assert one_se_choice({1e-3: 0.405, 3e-3: 0.40}, 3e-3, 200_000) == 1e-3  # a large split resolves +0.5 points
+    assert one_se_choice({1e-3: 0.40, 3e-3: 0.40}, 3e-3, 10**9) == 3e-3  # a tie keeps it
+    with pytest.raises(ValueError, match="not among the rates tried"):
+        one_se_choice({1e-3: 0.4}, 3e-3, 200)
