@@ -57,7 +57,7 @@ def mixed_forward(model: nn.Module, images: torch.Tensor, tasks: Sequence[str | 
             owner, _, leaf = name.rpartition(".")
             module = modules.get(owner)
             if module is None or name not in tensors or next(module.children(), None) is not None:
-                raise NotServed(f"{name} belongs to a module with submodules")
+                raise NotServed(f"{name} is not a tensor of a leaf module (one forward corrects leaf modules' outputs)")
             by_module.setdefault(owner, {})[leaf] = change
         for owner, leaves in by_module.items():
             plans.setdefault(owner, []).append((task, items, leaves))
