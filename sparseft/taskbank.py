@@ -215,9 +215,9 @@ class TaskBank:
         "one-forward" runs the base once on the whole batch and corrects each task's items layer by layer
         (`sparseft.mixed`; outputs equal to float rounding). Measured on a CPU (docs/performance.md), one
         forward loses at 224 px and wins at small inputs with many tasks per batch (28 px, 16 tasks: 3.1×
-        a base forward against grouping's 5.4×). A task's first one-forward use is checked against its own forward on one image; a model
-        or task one forward cannot serve runs grouped (`one_forward_refused` says why). The model runs in
-        eval mode; the active task and every module's mode are restored after.
+        a base forward against grouping's 5.4×). A task's first one-forward use is checked against its own
+        forward on one image; a model or task one forward cannot serve runs grouped (`one_forward_refused`
+        says why). The model runs in eval mode; the active task and every module's mode are restored after.
         """
         if len(tasks) != len(images):
             raise InputError(f"predict: {len(images)} images but {len(tasks)} task names")
