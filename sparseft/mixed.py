@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from sparseft.sparse_layers import read_flat, write_flat
+
 
 class NotServed(Exception):
     """The model or the tasks are outside what one forward serves (the caller runs task by task)."""
@@ -156,7 +158,7 @@ def _linear_corrections(module: nn.Linear, x: torch.Tensor, group: Group) -> tor
             index = leaves["weight"].index.long()
             n = index.numel()
             rows[k, :n], cols[k, :n] = index // in_features, index % in_features
-            delta[k, :n] = leaves["weight"].value - weight.reshape(-1).index_select(0, index)
+            delta[k, :n] = leaves["weight"].value - read_flat(weight, index)
         if "bias" in leaves:
             bias[k] = _full(module.bias, leaves["bias"]) - module.bias.detach()
     task = _task_of_item(group)
@@ -207,5 +209,5 @@ def _full(base: torch.Tensor, change: TaskTensors) -> torch.Tensor:
     if change.index is None:
         return change.value
     out = base.detach().clone()
-    out.view(-1).index_copy_(0, change.index.long(), change.value.to(out.dtype))
+    write_flat(out, change.index.long(), change.value)
     return out

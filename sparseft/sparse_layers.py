@@ -127,15 +127,15 @@ def _recompute_columns(kind: str, held: list[torch.Tensor | None], extra: Any, u
     with torch.no_grad():  # the columns feed the weight gradient only, never a graph
         if kind == "gelu":
             return F.gelu(pick(held[0].reshape(-1, width)), approximate=extra), cols
-        return _layer_norm_columns(held, pick, ucols if picking else None), cols
+        return _layer_norm_columns(held, pick), cols
 
 
-def _layer_norm_columns(held: list[torch.Tensor | None], pick: Callable[[torch.Tensor], torch.Tensor],
-                        ucols: torch.Tensor | None) -> torch.Tensor:
+def _layer_norm_columns(held: list[torch.Tensor | None], pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     source, mean, rstd, weight, bias = held
     rows = source.reshape(-1, source.shape[-1])
+    picked = pick(rows)
     # in place after the first op: one [tokens, columns] buffer (the same arithmetic as the layer norm kernel)
-    normed = rows.sub(mean.reshape(-1, 1)) if ucols is None else columns(rows, ucols).sub_(mean.reshape(-1, 1))
+    normed = rows.sub(mean.reshape(-1, 1)) if picked is rows else picked.sub_(mean.reshape(-1, 1))
     normed.mul_(rstd.reshape(-1, 1))
     if weight is not None and bias is not None:
         return torch.addcmul(pick(bias), normed, pick(weight), out=normed)

@@ -249,10 +249,8 @@ class TaskBank:
         """Whether every task of the batch passed (now, or at its first use) the one-forward check: its item
         beside a base item in one forward equals its own forward and the base's (to float rounding)."""
         for task in dict.fromkeys(t for t in tasks if t is not None):
-            for name, c in self._tasks[task].items():  # the model was moved or cast since the task was read
-                tensor = self._tensor(name)
-                if c.value.device != tensor.device or c.value.dtype != tensor.dtype:
-                    self._move(c, tensor)
+            for name, c in self._tasks[task].items():
+                self._follow(c, self._tensor(name))
             if task not in self._one_forward_checked:
                 first = tasks.index(task)
                 probe, names = images[[first, first]], [task, None]
@@ -294,7 +292,7 @@ class TaskBank:
 
         A tensor counts as written when its version counter moved, or when it was replaced by another
         tensor of the same dtype and device (`.to()`, `.cuda()`, `.half()` replace tensors: a move or a
-        cast is not a change; the bank follows it in `_move`).
+        cast is not a change; the bank follows it in `_follow`).
         """
         changed = []
         for name, (table, key), (sealed, version) in zip(self._slots, self._slots.values(), self._sealed):
@@ -341,8 +339,7 @@ class TaskBank:
         """Exchange each change's kept values with the model's at the same places (an exact copy both ways)."""
         for name, c in changes.items():
             tensor = self._tensor(name)
-            if c.value.device != tensor.device or c.value.dtype != tensor.dtype:
-                self._move(c, tensor)
+            self._follow(c, tensor)
             if c.swap:
                 c.value, tensor.data = tensor.data, c.value
             elif c.index is None:
@@ -360,9 +357,11 @@ class TaskBank:
         return table[key]
 
     @staticmethod
-    def _move(c: _Change, tensor: torch.Tensor) -> None:
-        """The model was moved or cast (`.to`, `.cuda()`, `.half()`) after the task was read: its kept
+    def _follow(c: _Change, tensor: torch.Tensor) -> None:
+        """If the model was moved or cast (`.to`, `.cuda()`, `.half()`) after the task was read, its kept
         values follow, once."""
+        if c.value.device == tensor.device and c.value.dtype == tensor.dtype:
+            return
         if c.index is not None:
             c.index = c.index.to(tensor.device)
         c.value = c.value.to(device=tensor.device, dtype=tensor.dtype)
