@@ -2,12 +2,12 @@
 
 The base model runs once on the whole batch. A forward hook on every module a task changes then
 corrects the rows of that task's items: a Linear layer whose weight a task changed at entries adds the
-task's sparse products, `Σ_entries Δw · x[..., col]`, and its bias change to the base output, for the
-items of all tasks in one gather and one scatter (no task's weight is formed); a LayerNorm applies each
-item's task's weight and bias to one normalisation of all of them; any other changed module (a
-convolution, a layer scale, BatchNorm statistics, a layer merged whole, the head) runs again on each
-task's items with the task's tensors and replaces their rows. A head with another number of classes than
-the base's gives those items their own output rows.
+task's sparse products, `Σ_entries Δw · x[..., col]`, and its bias change to the base output in place,
+for the items of all tasks in one pass over their rows (`sparseft.kernels.correct_rows`; no task's weight
+is formed); a LayerNorm applies each item's task's weight and bias to one normalisation of the batch;
+any other changed module (a convolution, a layer scale, BatchNorm statistics, a layer merged whole, the
+head) runs again on each task's items with the task's tensors and replaces their rows. A head with another
+number of classes than the base's gives those items their own output rows.
 
 It serves models whose changed modules are leaves that see the batch as dim 0 (timm's ViTs, CNNs,
 ConvNeXt); `TaskBank.predict` checks each task once, on one image, against its own forward, and runs
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from sparseft.kernels import correct_rows
 from sparseft.sparse_layers import read_flat, write_flat
 
 
@@ -98,9 +99,9 @@ def _corrector(plan: list[tuple[str, torch.Tensor, dict[str, TaskTensors]]], bat
         linear = [(items, leaves) for _, items, leaves in plan if _sparse_linear(module, leaves)]
         norm = [(items, leaves) for _, items, leaves in plan if _affine_layer_norm(module, leaves)]
         if linear:
-            output[_items(linear)] += _linear_corrections(module, x, linear)
+            output = _correct_linear(module, x, output, linear)
         if norm:
-            output[_items(norm)] = _layer_norms(module, x, norm)
+            output = _layer_norms(module, x, output, norm)
         done = {id(items) for items, _ in linear + norm}
         for task, items, leaves in plan:
             if id(items) in done:
@@ -119,14 +120,12 @@ def _corrector(plan: list[tuple[str, torch.Tensor, dict[str, TaskTensors]]], bat
     return hook
 
 
-def _items(group: Group) -> torch.Tensor:
-    return torch.cat([items for items, _ in group])
-
-
-def _task_of_item(group: Group) -> torch.Tensor:
-    """For the items of `_items(group)` in order, the position of their task in `group`."""
-    counts = torch.tensor([len(items) for items, _ in group], device=group[0][0].device)
-    return torch.repeat_interleave(torch.arange(len(group), device=counts.device), counts)
+def _task_ids(group: Group, batch: int, device: torch.device) -> torch.Tensor:
+    """For each item of the batch, the position of its task in `group`; -1 for items of no task in it."""
+    ids = torch.full((batch,), -1, dtype=torch.int32, device=device)
+    for k, (items, _) in enumerate(group):
+        ids[items] = k
+    return ids
 
 
 def _sparse_linear(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
@@ -139,40 +138,30 @@ def _sparse_linear(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
         "weight" not in leaves or leaves["weight"].index is not None)
 
 
-#: elements of one gathered block of input columns (items × tokens × entries) in `_linear_corrections`
-_BLOCK = 1 << 24
-
-
-def _linear_corrections(module: nn.Linear, x: torch.Tensor, group: Group) -> torch.Tensor:
-    """What each task adds to the base layer's output on its items: `Σ_entries Δw · x[..., col]` into the entry's
-    row (no task weight is formed), plus its bias change. All tasks' items at once: their entries padded to one
-    count (padding: Δw = 0)."""
+def _correct_linear(module: nn.Linear, x: torch.Tensor, output: torch.Tensor, group: Group) -> torch.Tensor:
+    """The base layer's `output` with what each task adds on its items (`sparseft.kernels.correct_rows`, in
+    place): `Σ_entries Δw · x[..., col]` into the entry's row (no task weight is formed), and its bias change."""
     weight = module.weight.detach()
     out_features, in_features = weight.shape
     nnz = max((leaves["weight"].index.numel() for _, leaves in group if "weight" in leaves), default=0)
-    rows = torch.zeros(len(group), nnz, dtype=torch.long, device=weight.device)
+    rows = torch.zeros(len(group), nnz, dtype=torch.int32, device=weight.device)
     cols, delta = torch.zeros_like(rows), torch.zeros(len(group), nnz, dtype=weight.dtype, device=weight.device)
-    bias = torch.zeros(len(group), out_features, dtype=weight.dtype, device=weight.device)
+    count = torch.zeros(len(group), dtype=torch.int64)
+    changes_bias = any("bias" in leaves for _, leaves in group)
+    bias = torch.zeros(len(group), out_features, dtype=weight.dtype, device=weight.device) if changes_bias else None
     for k, (_, leaves) in enumerate(group):
         if "weight" in leaves:
             index = leaves["weight"].index.long()
-            n = index.numel()
+            count[k] = n = index.numel()
             rows[k, :n], cols[k, :n] = index // in_features, index % in_features
             delta[k, :n] = leaves["weight"].value - read_flat(weight, index)
-        if "bias" in leaves:
+        if bias is not None and "bias" in leaves:
             bias[k] = _full(module.bias, leaves["bias"]) - module.bias.detach()
-    task = _task_of_item(group)
-    xs = x[_items(group)]
-    xs = xs.reshape(xs.shape[0], -1, in_features)
-    items, tokens = xs.shape[:2]
-    out = bias[task][:, None, :].expand(items, tokens, out_features).clone()
-    step = max(1, _BLOCK // max(1, tokens * nnz))
-    for lo in range(0, items if nnz else 0, step):  # blocks of items bound the gathered columns' memory
-        t = task[lo:lo + step]
-        shape = (t.numel(), tokens, nnz)
-        picked = torch.gather(xs[lo:lo + step], 2, cols[t][:, None, :].expand(shape)) * delta[t][:, None, :]
-        out[lo:lo + step].scatter_add_(2, rows[t][:, None, :].expand(shape), picked)
-    return out.reshape(items, *x.shape[1:-1], out_features)
+    batch = output.shape[0]
+    y = output.contiguous()
+    correct_rows(y.view(batch, -1, out_features), x.reshape(batch, -1, in_features), _task_ids(group, batch, y.device),
+                 rows, cols, delta, count, bias)
+    return y
 
 
 def _affine_layer_norm(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
@@ -187,16 +176,20 @@ def _affine_layer_norm(module: nn.Module, leaves: dict[str, TaskTensors]) -> boo
             and module.weight is not None and module.bias is not None)
 
 
-def _layer_norms(module: nn.LayerNorm, x: torch.Tensor, group: Group) -> torch.Tensor:
-    """The layer norm of each task's items with the task's weight and bias, all tasks' items at once."""
+def _layer_norms(module: nn.LayerNorm, x: torch.Tensor, output: torch.Tensor, group: Group) -> torch.Tensor:
+    """The base layer's `output` with each task's items normalised with the task's weight and bias: one
+    normalisation of the whole batch, an affine per item."""
     weight = torch.stack([_full(module.weight, leaves["weight"]) if "weight" in leaves else module.weight.detach()
                           for _, leaves in group])
     bias = torch.stack([_full(module.bias, leaves["bias"]) if "bias" in leaves else module.bias.detach()
                         for _, leaves in group])
-    task = _task_of_item(group)
-    normed = F.layer_norm(x[_items(group)], module.normalized_shape, None, None, module.eps)
+    task = _task_ids(group, output.shape[0], output.device).long()
+    changed = task >= 0
+    task = task.clamp(min=0)
+    normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     view = (task.numel(), *[1] * (normed.dim() - 2), -1)
-    return torch.addcmul(bias[task].view(view), normed, weight[task].view(view))
+    ours = torch.addcmul(bias[task].view(view), normed, weight[task].view(view))
+    return torch.where(changed.view(view[:-1] + (1,)), ours, output)
 
 
 def _task_tensors(module: nn.Module, leaves: dict[str, TaskTensors]) -> dict[str, torch.Tensor]:

@@ -260,3 +260,56 @@ def test_blocked_kernels_do_not_depend_on_the_number_of_threads():
         torch.set_num_threads(threads)
     for pw, kxk in results[1:]:
         assert torch.equal(pw, results[0][0]) and torch.equal(kxk, results[0][1])
+
+
+def _dense_corrected(y, x, task, rows, cols, delta, count, bias):
+    """Each task's Δ formed as a dense matrix and applied to its items: the definition of `correct_rows`."""
+    want = y.clone()
+    for i, k in enumerate(task.tolist()):
+        if k < 0:
+            continue
+        d = torch.zeros(y.shape[2], x.shape[2], dtype=y.dtype)
+        n = int(count[k])
+        d.index_put_((rows[k, :n].long(), cols[k, :n].long()), delta[k, :n].to(y.dtype), accumulate=True)
+        want[i] += x[i] @ d.t() + (0 if bias is None else bias[k])
+    return want
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 6), tokens=st.integers(1, 9), i=st.integers(1, 12), o=st.integers(1, 12),
+       tasks=st.integers(1, 4), nnz=st.integers(0, 30), seed=st.integers(0, 1000), with_bias=st.booleans(),
+       backend=st.sampled_from(["c", "torch"]), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_correct_rows_equals_each_tasks_dense_delta(batch, tokens, i, o, tasks, nnz, seed, with_bias, backend, dtype):
+    """Repeated entries add up, items of no task (-1) stay bit-identical, a task's entries past its count are
+    never read (they hold NaN here)."""
+    from sparseft.kernels import correct_rows
+
+    if backend == "c" and compiled_library() is None:
+        pytest.skip("no C compiler for the fast kernel")
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(batch, tokens, o, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(batch, tokens, i, generator=g, dtype=torch.float64).to(dtype)
+    task = torch.randint(-1, tasks, (batch,), generator=g)
+    rows = torch.randint(0, o, (tasks, nnz), generator=g, dtype=torch.int32)
+    cols = torch.randint(0, i, (tasks, nnz), generator=g, dtype=torch.int32)
+    delta = torch.randn(tasks, nnz, generator=g, dtype=torch.float64).to(dtype)
+    count = torch.randint(0, nnz + 1, (tasks,), generator=g)
+    for k, n in enumerate(count.tolist()):
+        delta[k, n:] = float("nan")
+    bias = torch.randn(tasks, o, generator=g, dtype=torch.float64).to(dtype) if with_bias else None
+    want = _dense_corrected(y, x, task, rows, cols, delta, count, bias)
+    got = y.clone()
+    correct_rows(got, x, task, rows, cols, delta, count, bias, backend=backend)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    base = task < 0
+    assert torch.equal(got[base], y[base])
+
+
+def test_correct_rows_refuses_mismatched_shapes():
+    from sparseft.kernels import correct_rows
+
+    y, x = torch.zeros(2, 3, 4), torch.zeros(2, 5, 4)
+    with pytest.raises(ValueError, match=r"correct_rows needs \[B, T, O\] and \[B, T, I\]"):
+        correct_rows(y, x, torch.zeros(2, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
+                     torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1), torch.ones(1, dtype=torch.long))

@@ -7,7 +7,7 @@ from helpers import toy_base, toy_batches, write_task
 from torch import nn
 
 import sparseft
-from sparseft import mixed, taskbank
+from sparseft import kernels, mixed, taskbank
 from sparseft.errors import InputError
 from sparseft.methods import METHODS
 from sparseft.mixed import NotServed, TaskTensors, mixed_forward
@@ -90,9 +90,11 @@ def _own_forward(change: dict[str, TaskTensors], x: torch.Tensor) -> torch.Tenso
     return model(x)
 
 
-@pytest.mark.parametrize("block", [1 << 24, 7])
-def test_a_cnn_with_sparse_convolutions_and_batchnorm_statistics(block, monkeypatch):
-    monkeypatch.setattr(mixed, "_BLOCK", block)  # 7: the Linear's corrections in blocks of one item
+@pytest.mark.parametrize("kernel", ["auto", "torch-blocked"])
+def test_a_cnn_with_sparse_convolutions_and_batchnorm_statistics(kernel, monkeypatch):
+    if kernel == "torch-blocked":  # the torch path, its gathered columns in blocks of one item
+        monkeypatch.setenv("SPARSEFT_KERNEL", "torch")
+        monkeypatch.setattr(kernels, "_CORRECT_BLOCK", 7)
     changes = {"a": _cnn_task(1), "b": _cnn_task(2)}
     x = torch.randn(5, 3, 12, 12)
     tasks = ["a", None, "b", "a", "b"]

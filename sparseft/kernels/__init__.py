@@ -9,6 +9,9 @@ layer's bias gradient (g summed over tokens) from the same read of g.
 On CPU a small C loop (``sddmm.c``) is compiled with the system C compiler at first use and
 cached under ``$SPARSEFT_CACHE`` (default ``~/.cache/sparseft``); elsewhere, or when no compiler
 is found, or with ``SPARSEFT_KERNEL=torch``, a pure-torch path computes the same numbers.
+
+`correct_rows` (``correct.c``) serves inference instead: a batch whose items use different tasks of
+one base adds each item's sparse entries to a Linear layer's base output (`sparseft.mixed`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from sparseft.fileutil import cache_dir
 
-_SOURCE = Path(__file__).with_name("sddmm.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("sddmm.c", "correct.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -49,7 +52,7 @@ def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"sddmm-{key}.so"
     if not target.exists():
@@ -57,10 +60,10 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp]
+            cmd = [compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{done.stderr.strip()}")
+                raise RuntimeError(f"compiling {' and '.join(p.name for p in _SOURCES)} failed:\n{done.stderr.strip()}")
             os.replace(tmp, target)  # atomic: concurrent builders never see half a library
         finally:
             if os.path.exists(tmp):
@@ -83,6 +86,12 @@ def _build() -> ctypes.CDLL:
     for name in ("sddmm_conv_f32", "sddmm_conv_f64", "sddmm_conv_bf16"):
         fn = getattr(lib, name)
         fn.argtypes = conv_args
+        fn.restype = ctypes.c_int
+    correct_args = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4, *[ctypes.c_void_p] * 5,
+                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    for name in ("correct_rows_f32", "correct_rows_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = correct_args
         fn.restype = ctypes.c_int
     return lib
 
@@ -240,6 +249,59 @@ def sampled_conv_weight_grad(g: torch.Tensor, x: torch.Tensor, rows: torch.Tenso
             g.shape[3], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], ki.data_ptr(),
             kj.data_ptr())
     return _call_c(lib, "sddmm_conv", g, args, rows, cols)
+
+
+def correct_rows(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 delta: torch.Tensor, count: torch.Tensor, bias: torch.Tensor | None = None,
+                 backend: str | None = None) -> None:
+    """Add each item's task's changes to a Linear layer's base output, in place (mixed-task inference).
+
+    `y` [B, T, O] is the base output and `x` [B, T, I] the layer's input. Item i uses task k = `task[i]`
+    (-1: the base, untouched): its rows get `bias[k]` ([K, O], optional) and, for each entry e < `count[k]`,
+    ``delta[k, e] * x[i, :, cols[k, e]]`` added to column ``rows[k, e]``. `rows`, `cols`, `delta`: [K, E].
+    """
+    if y.dim() != 3 or x.dim() != 3 or y.shape[:2] != x.shape[:2] or task.shape != (y.shape[0],):
+        raise ValueError(f"correct_rows needs [B, T, O] and [B, T, I] tensors and B task ids, got {tuple(y.shape)}, "
+                         f"{tuple(x.shape)} and {tuple(task.shape)}")
+    c_path = (y.dtype in (torch.float32, torch.float64) and y.is_contiguous()
+              and (backend or backend_for(y)) == "c")
+    if not c_path:
+        correct_rows_torch(y, x, task, rows, cols, delta, count, bias)
+        return
+    lib = compiled_library()
+    assert lib is not None
+    x = x.to(y.dtype).contiguous()
+    task, rows, cols = (t.to(torch.int32).contiguous() for t in (task, rows, cols))
+    delta, count = delta.to(y.dtype).contiguous(), count.to(torch.int64).contiguous()
+    bias = None if bias is None else bias.to(y.dtype).contiguous()
+    fn = lib.correct_rows_f64 if y.dtype == torch.float64 else lib.correct_rows_f32
+    fn(y.data_ptr(), x.data_ptr(), y.shape[0], y.shape[1], x.shape[2], y.shape[2], task.data_ptr(), rows.data_ptr(),
+       cols.data_ptr(), delta.data_ptr(), count.data_ptr(), rows.shape[1], 0 if bias is None else bias.data_ptr(),
+       torch.get_num_threads())
+
+
+#: elements of one gathered block (items × tokens × entries) in `correct_rows_torch`
+_CORRECT_BLOCK = 1 << 24
+
+
+def correct_rows_torch(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       delta: torch.Tensor, count: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Reference path of `correct_rows` (any device and dtype): per task, its items' columns gathered in blocks."""
+    tokens = y.shape[1]
+    for k in range(len(count)):
+        items = (task == k).nonzero().flatten()
+        n = int(count[k])
+        if bias is not None and items.numel():
+            y[items] += bias[k].to(y.dtype)
+        if not n:
+            continue
+        r, c, d = rows[k, :n].long(), cols[k, :n].long(), delta[k, :n].to(y.dtype)
+        step = max(1, _CORRECT_BLOCK // max(1, tokens * n))
+        for lo in range(0, items.numel(), step):
+            block = items[lo:lo + step]
+            part = torch.zeros(block.numel(), tokens, y.shape[2], dtype=y.dtype, device=y.device)
+            part.index_add_(2, r, x[block][..., c].to(y.dtype) * d)
+            y[block] += part
 
 
 # -- the same three products as torch operators: torch.compile keeps them in its graph -----------
