@@ -10,7 +10,8 @@ Specs: a VTAB-1k task folder, `fgvc:<dir>`, `folder:<dir>`, or a provisioned tas
 masks/) and `mini-seg/clipart-scenes` are read by `sparseft.data.segmentation`. See docs/data.md.
 """
 
-from sparseft.data import miniseg, minivtab, minivtab_extra, minivtab_more  # noqa: F401 - importing them registers mini-seg and mini-vtab
+# importing them registers mini-seg and mini-vtab
+from sparseft.data import miniseg, minivtab, minivtab_extra, minivtab_freedroid, minivtab_more  # noqa: F401
 from sparseft.data.images import DataError, DataWarning, ImageDataset, Sample, open_rgb, to_rgb, verify_samples
 from sparseft.data.layouts import SPLITS
 from sparseft.data.spec import class_names, load_split, num_classes, resolve_spec

@@ -44,14 +44,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{args.suite} under {suite_dir(args.suite, args.cache)}")
-    header = f"{'task':<14} {'classes':>7} {'train':>5} {'val':>4} {'test':>5}  {'status':<13} {'MB':>6}  licence"
+    w = max([14, *(len(r["task"]) for r in rows)])  # the longest task name (crossfire_objects, freedroid_facing)
+    header = f"{'task':<{w}} {'classes':>7} {'train':>5} {'val':>4} {'test':>5}  {'status':<13} {'MB':>6}  licence"
     print(header)
     print("-" * len(header))
     for r in rows:
         s = r["splits"]
         status = "provisioned" if r["provisioned"] else ("stale" if r["stale"] else "not fetched")
         size = f"{r['bytes'] / 1e6:6.1f}" if "bytes" in r else f"{'-':>6}"
-        print(f"{r['task']:<14} {r['num_classes']:>7} {s['train800']:>5} {s['val200']:>4} {s['test']:>5}  "
+        print(f"{r['task']:<{w}} {r['num_classes']:>7} {s['train800']:>5} {s['val200']:>4} {s['test']:>5}  "
               f"{status:<13} {size}  {r['licence']}")
     return 0
 

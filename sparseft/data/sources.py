@@ -56,6 +56,11 @@ SOURCES: dict[str, Source] = {
         "crossfire-client-images", "1.70.0-2", "deb", "GPL (Debian copyright: /usr/share/common-licenses/GPL)",
         sha256="f75fe31f0b3c3ca733d7663874b14ab18927df629dcfb77906184ba0864ea57f",
         pool_path="pool/main/c/crossfire-client-images/crossfire-client-images_1.70.0-2_all.deb"),
+    # minivtab_freedroid: 3D-rendered droids, people and items (Debian bookworm, architecture all)
+    "freedroid": Source(
+        "freedroidrpg-data", "1.0-1", "deb", "GPL-2.0-or-later",
+        sha256="16c3cfeb82b1ec20c98493bbe1de2e356bd1aec832845630a5a7f12e303baa2b",
+        pool_path="pool/main/f/freedroidrpg/freedroidrpg-data_1.0-1_all.deb"),
     "elpv": Source("elpv-dataset", "1.0.0.post1", "pypi", "CC-BY-NC-SA-4.0 (data), Apache-2.0 (code)",
                    sha256="85e31c1126ee9b48e62d3a0232c58f58b2d189b0814a45c13642fa0415af4a4c"),
     "animal": Source("animal-mnist", "0.4", "pypi", "MIT",
