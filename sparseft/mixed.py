@@ -4,10 +4,12 @@ The base model runs once on the whole batch. A forward hook on every module a ta
 corrects the rows of that task's items: a Linear layer whose weight a task changed at entries adds the
 task's sparse products, `Σ_entries Δw · x[..., col]`, and its bias change to the base output in place,
 for the items of all tasks in one pass over their rows (`sparseft.kernels.correct_rows`; no task's weight
-is formed); a LayerNorm applies each item's task's weight and bias to one normalisation of the batch;
-any other changed module (a convolution, a layer scale, BatchNorm statistics, a layer merged whole, the
-head) runs again on each task's items with the task's tensors and replaces their rows. A head with another
-number of classes than the base's gives those items their own output rows.
+is formed); a plain convolution changed at entries does the same with shifted input planes
+(`correct_conv`, where the compiled kernel serves); a LayerNorm applies each item's task's weight and bias
+to one normalisation of the batch; any other changed module (a convolution elsewhere, a layer scale,
+BatchNorm statistics, a layer merged whole, the head) runs again on each task's items with the task's
+tensors and replaces their rows. A head with another number of classes than the base's gives those items
+their own output rows.
 
 It serves models whose changed modules are leaves that see the batch as dim 0 (timm's ViTs, CNNs,
 ConvNeXt); `TaskBank.predict` checks each task once, on one image, against its own forward, and runs
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from sparseft.kernels import correct_rows
+from sparseft.kernels import backend_for, correct_conv, correct_rows
 from sparseft.sparse_layers import read_flat, write_flat
 
 
@@ -97,12 +99,15 @@ def _corrector(plan: list[tuple[str, torch.Tensor, dict[str, TaskTensors]]], bat
                 and x.shape[0] == batch and output.shape[0] == batch):
             raise NotServed(f"{type(module).__name__} does not see the batch as dim 0")
         linear = [(items, leaves) for _, items, leaves in plan if _sparse_linear(module, leaves)]
+        conv = [(items, leaves) for _, items, leaves in plan if _sparse_conv(module, leaves, output)]
         norm = [(items, leaves) for _, items, leaves in plan if _affine_layer_norm(module, leaves)]
         if linear:
             output = _correct_linear(module, x, output, linear)
+        if conv:
+            output = _correct_conv(module, x, output, conv)
         if norm:
             output = _layer_norms(module, x, output, norm)
-        done = {id(items) for items, _ in linear + norm}
+        done = {id(items) for items, _ in linear + conv + norm}
         for task, items, leaves in plan:
             if id(items) in done:
                 continue
@@ -161,6 +166,45 @@ def _correct_linear(module: nn.Linear, x: torch.Tensor, output: torch.Tensor, gr
     y = output.contiguous()
     correct_rows(y.view(batch, -1, out_features), x.reshape(batch, -1, in_features), _task_ids(group, batch, y.device),
                  rows, cols, delta, count, bias)
+    return y
+
+
+def _sparse_conv(module: nn.Module, leaves: dict[str, TaskTensors], output: torch.Tensor) -> bool:
+    """A plain zero-padded Conv2d whose weight the task changed at entries (or not at all) and whose bias it may
+    change, where the compiled correction serves (elsewhere the module runs again on the task's items)."""
+    if not leaves or set(leaves) - {"weight", "bias"} or "forward" in vars(module):
+        return False
+    if type(module) is not nn.Conv2d or module.padding_mode != "zeros" or not isinstance(module.padding, tuple):
+        return False
+    return ("weight" not in leaves or leaves["weight"].index is not None) and backend_for(output) == "c"
+
+
+def _correct_conv(module: nn.Conv2d, x: torch.Tensor, output: torch.Tensor, group: Group) -> torch.Tensor:
+    """The base convolution's `output` with what each task adds on its items (`sparseft.kernels.correct_conv`,
+    in place): each changed weight entry's product with its input channel's shifted plane, and the bias change."""
+    weight = module.weight.detach()
+    out_ch, in_per_group, kh, kw = weight.shape
+    per_entry = in_per_group * kh * kw
+    nnz = max((leaves["weight"].index.numel() for _, leaves in group if "weight" in leaves), default=0)
+    rows, cols, ki, kj = (torch.zeros(len(group), nnz, dtype=torch.int64) for _ in range(4))
+    delta = torch.zeros(len(group), nnz, dtype=weight.dtype)
+    count = torch.zeros(len(group), dtype=torch.int64)
+    bias = (torch.zeros(len(group), out_ch, dtype=weight.dtype) if any("bias" in leaves for _, leaves in group)
+            else None)
+    for k, (_, leaves) in enumerate(group):
+        if "weight" in leaves:
+            index = leaves["weight"].index.long()
+            count[k] = n = index.numel()
+            row, rest = index // per_entry, index % per_entry
+            rows[k, :n] = row
+            cols[k, :n] = row // (out_ch // module.groups) * in_per_group + rest // (kh * kw)
+            ki[k, :n], kj[k, :n] = rest // kw % kh, rest % kw
+            delta[k, :n] = leaves["weight"].value - read_flat(weight, index)
+        if bias is not None and "bias" in leaves:
+            bias[k] = _full(module.bias, leaves["bias"]) - module.bias.detach()
+    y = output.contiguous()
+    correct_conv(y, x, _task_ids(group, y.shape[0], y.device), rows, cols, ki, kj, delta, count, bias, (kh, kw),
+                 module.stride, module.padding, module.dilation)
     return y
 
 

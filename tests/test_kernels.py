@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sparseft.kernels import compiled_library, sampled_dot, sampled_dot_and_colsum, sampled_dot_torch
@@ -313,3 +313,48 @@ def test_correct_rows_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match=r"correct_rows needs \[B, T, O\] and \[B, T, I\]"):
         correct_rows(y, x, torch.zeros(2, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
                      torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1), torch.ones(1, dtype=torch.long))
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 4), cx=st.integers(1, 6), size=st.integers(3, 9), groups=st.sampled_from([1, 2, 3]),
+       kernel=st.sampled_from([(1, 1), (3, 3), (2, 3), (4, 4)]),
+       stride=st.sampled_from([(1, 1), (2, 2), (4, 4), (1, 2)]),
+       padding=st.sampled_from([(0, 0), (1, 1), (2, 0)]), dilation=st.sampled_from([(1, 1), (2, 1)]),
+       tasks=st.integers(1, 3), nnz=st.integers(0, 20), seed=st.integers(0, 1000), with_bias=st.booleans(),
+       backend=st.sampled_from(["c", "torch"]))
+def test_correct_conv_equals_each_tasks_dense_delta(batch, cx, size, groups, kernel, stride, padding, dilation, tasks,
+                                                    nnz, seed, with_bias, backend):
+    """Against each task's weight formed whole and run as a grouped convolution on its items; items of no task
+    stay bit-identical."""
+    from sparseft.kernels import correct_conv
+
+    if backend == "c" and compiled_library() is None:
+        pytest.skip("no C compiler for the fast kernel")
+    assume(all(size + 2 * p - d * (k - 1) - 1 >= 0 for p, d, k in zip(padding, dilation, kernel)))
+    g = torch.Generator().manual_seed(seed)
+    cin, cout = cx * groups, 2 * groups
+    weight = torch.randn(cout, cx, *kernel, generator=g, dtype=torch.float64)
+    x = torch.randn(batch, cin, size, size, generator=g, dtype=torch.float64)
+    y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+    task = torch.randint(-1, tasks, (batch,), generator=g)
+    flat = torch.randint(0, weight.numel(), (tasks, nnz), generator=g)
+    delta = torch.randn(tasks, nnz, generator=g, dtype=torch.float64)
+    count = torch.randint(0, nnz + 1, (tasks,), generator=g)
+    bias = torch.randn(tasks, cout, generator=g, dtype=torch.float64) if with_bias else None
+    per = cx * kernel[0] * kernel[1]
+    rows, rest = flat // per, flat % per
+    cols = rows // (cout // groups) * cx + rest // (kernel[0] * kernel[1])
+    ki, kj = rest // kernel[1] % kernel[0], rest % kernel[1]
+    want = y.clone()
+    for i, k in enumerate(task.tolist()):
+        if k >= 0:
+            w = weight.clone().view(-1)
+            w.index_add_(0, flat[k, :int(count[k])], delta[k, :int(count[k])])
+            own = torch.nn.functional.conv2d(x[i:i + 1], w.view_as(weight), None if bias is None else bias[k],
+                                             stride, padding, dilation, groups)
+            want[i] = own[0]
+    got = y.clone()
+    correct_conv(got, x, task, rows, cols, ki, kj, delta, count, bias, kernel, stride, padding, dilation,
+                 backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(got[task < 0], y[task < 0])

@@ -11,7 +11,8 @@ cached under ``$SPARSEFT_CACHE`` (default ``~/.cache/sparseft``); elsewhere, or 
 is found, or with ``SPARSEFT_KERNEL=torch``, a pure-torch path computes the same numbers.
 
 `correct_rows` (``correct.c``) serves inference instead: a batch whose items use different tasks of
-one base adds each item's sparse entries to a Linear layer's base output (`sparseft.mixed`).
+one base adds each item's sparse entries to a Linear layer's base output (`correct_conv`: a
+convolution's) in place (`sparseft.mixed`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ def _build() -> ctypes.CDLL:
     for name in ("correct_rows_f32", "correct_rows_f64"):
         fn = getattr(lib, name)
         fn.argtypes = correct_args
+        fn.restype = ctypes.c_int
+    conv_correct_args = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 13, *[ctypes.c_void_p] * 7,
+                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    for name in ("correct_conv_f32", "correct_conv_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = conv_correct_args
         fn.restype = ctypes.c_int
     return lib
 
@@ -302,6 +309,50 @@ def correct_rows_torch(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, row
             part = torch.zeros(block.numel(), tokens, y.shape[2], dtype=y.dtype, device=y.device)
             part.index_add_(2, r, x[block][..., c].to(y.dtype) * d)
             y[block] += part
+
+
+def correct_conv(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 ki: torch.Tensor, kj: torch.Tensor, delta: torch.Tensor, count: torch.Tensor,
+                 bias: torch.Tensor | None, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], backend: str | None = None) -> None:
+    """`correct_rows` for a 2-D convolution's base output `y` [B, O, Ho, Wo] and input `x` [B, C, H, W] (zero
+    padding): entry e of task k is the weight at (`rows` output channel, `cols` input channel of x, `ki`, `kj`);
+    `rows`, `cols`, `ki`, `kj`, `delta`: [K, E]. In place."""
+    if y.dim() != 4 or x.dim() != 4 or y.shape[0] != x.shape[0] or task.shape != (y.shape[0],):
+        raise ValueError(f"correct_conv needs [B, O, Ho, Wo] and [B, C, H, W] tensors and B task ids, got "
+                         f"{tuple(y.shape)}, {tuple(x.shape)} and {tuple(task.shape)}")
+    c_path = (y.dtype in (torch.float32, torch.float64) and y.is_contiguous()
+              and (backend or backend_for(y)) == "c")
+    if not c_path:
+        correct_conv_torch(y, x, task, rows, cols, ki, kj, delta, count, bias, kernel, stride, padding, dilation)
+        return
+    lib = compiled_library()
+    assert lib is not None
+    x = x.to(y.dtype).contiguous()
+    task, rows, cols, ki, kj = (t.to(torch.int32).contiguous() for t in (task, rows, cols, ki, kj))
+    delta, count = delta.to(y.dtype).contiguous(), count.to(torch.int64).contiguous()
+    bias = None if bias is None else bias.to(y.dtype).contiguous()
+    fn = lib.correct_conv_f64 if y.dtype == torch.float64 else lib.correct_conv_f32
+    fn(y.data_ptr(), x.data_ptr(), *x.shape, y.shape[1], y.shape[2], y.shape[3], *stride, *padding, *dilation,
+       task.data_ptr(), rows.data_ptr(), cols.data_ptr(), ki.data_ptr(), kj.data_ptr(), delta.data_ptr(),
+       count.data_ptr(), rows.shape[1], 0 if bias is None else bias.data_ptr(), torch.get_num_threads())
+
+
+def correct_conv_torch(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       ki: torch.Tensor, kj: torch.Tensor, delta: torch.Tensor, count: torch.Tensor,
+                       bias: torch.Tensor | None, kernel: tuple[int, int], stride: tuple[int, int],
+                       padding: tuple[int, int], dilation: tuple[int, int]) -> None:
+    """Reference path of `correct_conv` (any device and dtype): each task's change as a dense ungrouped weight."""
+    for k in range(len(count)):
+        items = (task == k).nonzero().flatten()
+        if not items.numel():
+            continue
+        n = int(count[k])
+        d = torch.zeros(y.shape[1], x.shape[1], *kernel, dtype=y.dtype, device=y.device)
+        d.index_put_((rows[k, :n].long(), cols[k, :n].long(), ki[k, :n].long(), kj[k, :n].long()),
+                     delta[k, :n].to(y.dtype), accumulate=True)
+        y[items] += torch.nn.functional.conv2d(x[items].to(y.dtype), d, None if bias is None else bias[k].to(y.dtype),
+                                               stride, padding, dilation)
 
 
 # -- the same three products as torch operators: torch.compile keeps them in its graph -----------
