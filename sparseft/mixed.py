@@ -4,12 +4,11 @@ The base model runs once on the whole batch. A forward hook on every module a ta
 corrects the rows of that task's items: a Linear layer whose weight a task changed at entries adds the
 task's sparse products, `Σ_entries Δw · x[..., col]`, and its bias change to the base output in place,
 for the items of all tasks in one pass over their rows (`sparseft.kernels.correct_rows`; no task's weight
-is formed); a plain convolution changed at entries does the same with shifted input planes
-(`correct_conv`, where the compiled kernel serves); a LayerNorm applies each item's task's weight and bias
-to one normalisation of the batch; any other changed module (a convolution elsewhere, a layer scale,
-BatchNorm statistics, a layer merged whole, the head) runs again on each task's items with the task's
-tensors and replaces their rows. A head with another number of classes than the base's gives those items
-their own output rows.
+is formed); a zero-padded convolution changed at entries does the same with shifted input planes
+(`correct_conv`); a LayerNorm applies each item's task's weight and bias to one normalisation of the
+batch, and timm's LayerScale each item's gamma; any other changed module (BatchNorm statistics, a layer
+merged whole, the head) runs again on each task's items with the task's tensors and replaces their rows.
+A head with another number of classes than the base's gives those items their own output rows.
 
 It serves models whose changed modules are leaves that see the batch as dim 0 (timm's ViTs, CNNs,
 ConvNeXt); `TaskBank.predict` checks each task once, on one image, against its own forward, and runs
@@ -27,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from sparseft.kernels import backend_for, correct_conv, correct_rows
-from sparseft.sparse_layers import read_flat, write_flat
+from sparseft.kernels import TaskChange, correct_conv, correct_rows
+from sparseft.sparse_layers import write_flat
 
 
 class NotServed(Exception):
@@ -99,15 +98,18 @@ def _corrector(plan: list[tuple[str, torch.Tensor, dict[str, TaskTensors]]], bat
                 and x.shape[0] == batch and output.shape[0] == batch):
             raise NotServed(f"{type(module).__name__} does not see the batch as dim 0")
         linear = [(items, leaves) for _, items, leaves in plan if _sparse_linear(module, leaves)]
-        conv = [(items, leaves) for _, items, leaves in plan if _sparse_conv(module, leaves, output)]
+        conv = [(items, leaves) for _, items, leaves in plan if _sparse_conv(module, leaves)]
         norm = [(items, leaves) for _, items, leaves in plan if _affine_layer_norm(module, leaves)]
+        scale = [(items, leaves) for _, items, leaves in plan if _layer_scale(module, leaves)]
         if linear:
             output = _correct_linear(module, x, output, linear)
         if conv:
             output = _correct_conv(module, x, output, conv)
         if norm:
             output = _layer_norms(module, x, output, norm)
-        done = {id(items) for items, _ in linear + conv + norm}
+        if scale:
+            output = _layer_scales(module, x, output, scale)
+        done = {id(items) for items, _ in linear + conv + norm + scale}
         for task, items, leaves in plan:
             if id(items) in done:
                 continue
@@ -146,65 +148,44 @@ def _sparse_linear(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
 def _correct_linear(module: nn.Linear, x: torch.Tensor, output: torch.Tensor, group: Group) -> torch.Tensor:
     """The base layer's `output` with what each task adds on its items (`sparseft.kernels.correct_rows`, in
     place): `Σ_entries Δw · x[..., col]` into the entry's row (no task weight is formed), and its bias change."""
-    weight = module.weight.detach()
-    out_features, in_features = weight.shape
-    nnz = max((leaves["weight"].index.numel() for _, leaves in group if "weight" in leaves), default=0)
-    rows = torch.zeros(len(group), nnz, dtype=torch.int32, device=weight.device)
-    cols, delta = torch.zeros_like(rows), torch.zeros(len(group), nnz, dtype=weight.dtype, device=weight.device)
-    count = torch.zeros(len(group), dtype=torch.int64)
-    changes_bias = any("bias" in leaves for _, leaves in group)
-    bias = torch.zeros(len(group), out_features, dtype=weight.dtype, device=weight.device) if changes_bias else None
-    for k, (_, leaves) in enumerate(group):
-        if "weight" in leaves:
-            index = leaves["weight"].index.long()
-            count[k] = n = index.numel()
-            rows[k, :n], cols[k, :n] = index // in_features, index % in_features
-            delta[k, :n] = leaves["weight"].value - read_flat(weight, index)
-        if bias is not None and "bias" in leaves:
-            bias[k] = _full(module.bias, leaves["bias"]) - module.bias.detach()
-    batch = output.shape[0]
     y = output.contiguous()
-    correct_rows(y.view(batch, -1, out_features), x.reshape(batch, -1, in_features), _task_ids(group, batch, y.device),
-                 rows, cols, delta, count, bias)
+    out_features, in_features = module.weight.shape
+    correct_rows(y.view(y.shape[0], -1, out_features), x.reshape(y.shape[0], -1, in_features),
+                 _task_ids(group, y.shape[0], y.device), module.weight.detach(), _bias(module),
+                 _changes(module, group))
     return y
 
 
-def _sparse_conv(module: nn.Module, leaves: dict[str, TaskTensors], output: torch.Tensor) -> bool:
-    """A plain zero-padded Conv2d whose weight the task changed at entries (or not at all) and whose bias it may
-    change, where the compiled correction serves (elsewhere the module runs again on the task's items)."""
+def _changes(module: nn.Module, group: Group) -> list[TaskChange]:
+    """Each task's (entry indices, values, whole bias) of one layer, from its record."""
+    out = []
+    for _, leaves in group:
+        weight, bias = leaves.get("weight"), leaves.get("bias")
+        out.append((None if weight is None else weight.index, None if weight is None else weight.value,
+                    None if bias is None else _full(module.bias, bias)))
+    return out
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach()
+
+
+def _sparse_conv(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
+    """A plain zero-padded Conv2d whose weight the task changed at entries (or not at all) and whose bias it
+    may change."""
     if not leaves or set(leaves) - {"weight", "bias"} or "forward" in vars(module):
         return False
     if type(module) is not nn.Conv2d or module.padding_mode != "zeros" or not isinstance(module.padding, tuple):
         return False
-    return ("weight" not in leaves or leaves["weight"].index is not None) and backend_for(output) == "c"
+    return "weight" not in leaves or leaves["weight"].index is not None
 
 
 def _correct_conv(module: nn.Conv2d, x: torch.Tensor, output: torch.Tensor, group: Group) -> torch.Tensor:
     """The base convolution's `output` with what each task adds on its items (`sparseft.kernels.correct_conv`,
     in place): each changed weight entry's product with its input channel's shifted plane, and the bias change."""
-    weight = module.weight.detach()
-    out_ch, in_per_group, kh, kw = weight.shape
-    per_entry = in_per_group * kh * kw
-    nnz = max((leaves["weight"].index.numel() for _, leaves in group if "weight" in leaves), default=0)
-    rows, cols, ki, kj = (torch.zeros(len(group), nnz, dtype=torch.int64) for _ in range(4))
-    delta = torch.zeros(len(group), nnz, dtype=weight.dtype)
-    count = torch.zeros(len(group), dtype=torch.int64)
-    bias = (torch.zeros(len(group), out_ch, dtype=weight.dtype) if any("bias" in leaves for _, leaves in group)
-            else None)
-    for k, (_, leaves) in enumerate(group):
-        if "weight" in leaves:
-            index = leaves["weight"].index.long()
-            count[k] = n = index.numel()
-            row, rest = index // per_entry, index % per_entry
-            rows[k, :n] = row
-            cols[k, :n] = row // (out_ch // module.groups) * in_per_group + rest // (kh * kw)
-            ki[k, :n], kj[k, :n] = rest // kw % kh, rest % kw
-            delta[k, :n] = leaves["weight"].value - read_flat(weight, index)
-        if bias is not None and "bias" in leaves:
-            bias[k] = _full(module.bias, leaves["bias"]) - module.bias.detach()
     y = output.contiguous()
-    correct_conv(y, x, _task_ids(group, y.shape[0], y.device), rows, cols, ki, kj, delta, count, bias, (kh, kw),
-                 module.stride, module.padding, module.dilation)
+    correct_conv(y, x, _task_ids(group, y.shape[0], y.device), module.weight.detach(), _bias(module),
+                 _changes(module, group), module.stride, module.padding, module.dilation, module.groups)
     return y
 
 
@@ -227,13 +208,31 @@ def _layer_norms(module: nn.LayerNorm, x: torch.Tensor, output: torch.Tensor, gr
                           for _, leaves in group])
     bias = torch.stack([_full(module.bias, leaves["bias"]) if "bias" in leaves else module.bias.detach()
                         for _, leaves in group])
-    task = _task_ids(group, output.shape[0], output.device).long()
-    changed = task >= 0
-    task = task.clamp(min=0)
     normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    view = (task.numel(), *[1] * (normed.dim() - 2), -1)
-    ours = torch.addcmul(bias[task].view(view), normed, weight[task].view(view))
-    return torch.where(changed.view(view[:-1] + (1,)), ours, output)
+    return _per_item(output, group, lambda task, view: torch.addcmul(bias[task].view(view), normed,
+                                                                      weight[task].view(view)))
+
+
+def _layer_scale(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
+    """timm's LayerScale (not in place) whose gamma the task changed."""
+    from timm.layers import LayerScale
+
+    return (set(leaves) == {"gamma"} and type(module) is LayerScale and "forward" not in vars(module)
+            and not module.inplace)
+
+
+def _layer_scales(module: nn.Module, x: torch.Tensor, output: torch.Tensor, group: Group) -> torch.Tensor:
+    """The base layer scale's `output` with each task's items scaled by the task's gamma."""
+    gamma = torch.stack([_full(module.gamma, leaves["gamma"]) for _, leaves in group])
+    return _per_item(output, group, lambda task, view: x * gamma[task].view(view))
+
+
+def _per_item(output: torch.Tensor, group: Group, ours: Any) -> torch.Tensor:
+    """`output` with the rows of the group's items replaced by `ours(task position per item, view)`, computed
+    for the whole batch at once (items of no task in the group keep the base's rows)."""
+    task = _task_ids(group, output.shape[0], output.device).long()
+    view = (task.numel(), *[1] * (output.dim() - 2), -1)
+    return torch.where((task >= 0).view(view[:-1] + (1,)), ours(task.clamp(min=0), view), output)
 
 
 def _task_tensors(module: nn.Module, leaves: dict[str, TaskTensors]) -> dict[str, torch.Tensor]:

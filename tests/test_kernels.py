@@ -262,48 +262,60 @@ def test_blocked_kernels_do_not_depend_on_the_number_of_threads():
         assert torch.equal(pw, results[0][0]) and torch.equal(kxk, results[0][1])
 
 
-def _dense_corrected(y, x, task, rows, cols, delta, count, bias):
-    """Each task's Δ formed as a dense matrix and applied to its items: the definition of `correct_rows`."""
-    want = y.clone()
-    for i, k in enumerate(task.tolist()):
-        if k < 0:
-            continue
-        d = torch.zeros(y.shape[2], x.shape[2], dtype=y.dtype)
-        n = int(count[k])
-        d.index_put_((rows[k, :n].long(), cols[k, :n].long()), delta[k, :n].to(y.dtype), accumulate=True)
-        want[i] += x[i] @ d.t() + (0 if bias is None else bias[k])
-    return want
+def _task_changes(weight, bias, tasks, nnz, g):
+    """Random changes of `tasks` tasks: distinct entries (a count from 0 to nnz), values, a whole bias or none."""
+    changes = []
+    for _ in range(tasks):
+        n = min(int(torch.randint(0, nnz + 1, (1,), generator=g)), weight.numel())
+        index = torch.randperm(weight.numel(), generator=g)[:n].to(torch.int32)
+        value = weight.reshape(-1)[index.long()] + torch.randn(n, generator=g, dtype=torch.float64).to(weight.dtype)
+        b = None if bias is None or torch.rand(1, generator=g) < 0.3 else \
+            bias + torch.randn(bias.shape, generator=g, dtype=torch.float64).to(bias.dtype)
+        changes.append((index if n or torch.rand(1, generator=g) < 0.5 else None, value, b))
+    return changes
+
+
+def _task_weight(weight, bias, change):
+    index, value, b = change
+    w = weight.clone()
+    if index is not None:
+        w.view(-1)[index.long()] = value
+    return w, (bias if b is None else b)
 
 
 @settings(max_examples=30, deadline=None)
 @given(batch=st.integers(1, 6), tokens=st.integers(1, 9), i=st.integers(1, 12), o=st.integers(1, 12),
        tasks=st.integers(1, 4), nnz=st.integers(0, 30), seed=st.integers(0, 1000), with_bias=st.booleans(),
-       backend=st.sampled_from(["c", "torch"]), dtype=st.sampled_from([torch.float64, torch.float32]))
-def test_correct_rows_equals_each_tasks_dense_delta(batch, tokens, i, o, tasks, nnz, seed, with_bias, backend, dtype):
-    """Repeated entries add up, items of no task (-1) stay bit-identical, a task's entries past its count are
-    never read (they hold NaN here)."""
+       in_order=st.booleans(), backend=st.sampled_from(["c", "torch"]),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_correct_rows_equals_each_tasks_own_layer(batch, tokens, i, o, tasks, nnz, seed, with_bias, in_order,
+                                                  backend, dtype):
+    """Against each task's weight formed whole; items of no task (-1) stay bit-identical; GPS K=1's layout (one
+    entry per row, in order) too."""
     from sparseft.kernels import correct_rows
 
     if backend == "c" and compiled_library() is None:
         pytest.skip("no C compiler for the fast kernel")
     g = torch.Generator().manual_seed(seed)
-    y = torch.randn(batch, tokens, o, generator=g, dtype=torch.float64).to(dtype)
+    weight = torch.randn(o, i, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(o, generator=g, dtype=torch.float64).to(dtype) if with_bias else None
     x = torch.randn(batch, tokens, i, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.nn.functional.linear(x, weight, bias)
     task = torch.randint(-1, tasks, (batch,), generator=g)
-    rows = torch.randint(0, o, (tasks, nnz), generator=g, dtype=torch.int32)
-    cols = torch.randint(0, i, (tasks, nnz), generator=g, dtype=torch.int32)
-    delta = torch.randn(tasks, nnz, generator=g, dtype=torch.float64).to(dtype)
-    count = torch.randint(0, nnz + 1, (tasks,), generator=g)
-    for k, n in enumerate(count.tolist()):
-        delta[k, n:] = float("nan")
-    bias = torch.randn(tasks, o, generator=g, dtype=torch.float64).to(dtype) if with_bias else None
-    want = _dense_corrected(y, x, task, rows, cols, delta, count, bias)
+    changes = _task_changes(weight, bias, tasks, nnz, g)
+    if in_order:  # entry e in row e, one column each
+        cols = torch.randint(0, i, (o,), generator=g)
+        index = (torch.arange(o) * i + cols).to(torch.int32)
+        changes[0] = (index, weight.reshape(-1)[index.long()] + 1.0, changes[0][2])
+    want = y.clone()
+    for n, k in enumerate(task.tolist()):
+        if k >= 0:
+            want[n] = torch.nn.functional.linear(x[n], *_task_weight(weight, bias, changes[k]))
     got = y.clone()
-    correct_rows(got, x, task, rows, cols, delta, count, bias, backend=backend)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    correct_rows(got, x, task, weight, bias, changes, backend=backend)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    base = task < 0
-    assert torch.equal(got[base], y[base])
+    assert torch.equal(got[task < 0], y[task < 0])
 
 
 def test_correct_rows_refuses_mismatched_shapes():
@@ -311,8 +323,7 @@ def test_correct_rows_refuses_mismatched_shapes():
 
     y, x = torch.zeros(2, 3, 4), torch.zeros(2, 5, 4)
     with pytest.raises(ValueError, match=r"correct_rows needs \[B, T, O\] and \[B, T, I\]"):
-        correct_rows(y, x, torch.zeros(2, dtype=torch.long), torch.zeros(1, 1, dtype=torch.int32),
-                     torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1), torch.ones(1, dtype=torch.long))
+        correct_rows(y, x, torch.zeros(2, dtype=torch.long), torch.zeros(4, 4), None, [(None, None, None)])
 
 
 @settings(max_examples=30, deadline=None)
@@ -322,9 +333,9 @@ def test_correct_rows_refuses_mismatched_shapes():
        padding=st.sampled_from([(0, 0), (1, 1), (2, 0)]), dilation=st.sampled_from([(1, 1), (2, 1)]),
        tasks=st.integers(1, 3), nnz=st.integers(0, 20), seed=st.integers(0, 1000), with_bias=st.booleans(),
        backend=st.sampled_from(["c", "torch"]))
-def test_correct_conv_equals_each_tasks_dense_delta(batch, cx, size, groups, kernel, stride, padding, dilation, tasks,
-                                                    nnz, seed, with_bias, backend):
-    """Against each task's weight formed whole and run as a grouped convolution on its items; items of no task
+def test_correct_conv_equals_each_tasks_own_convolution(batch, cx, size, groups, kernel, stride, padding, dilation,
+                                                        tasks, nnz, seed, with_bias, backend):
+    """Against each task's weight formed whole and run as a (grouped) convolution on its items; items of no task
     stay bit-identical."""
     from sparseft.kernels import correct_conv
 
@@ -332,29 +343,18 @@ def test_correct_conv_equals_each_tasks_dense_delta(batch, cx, size, groups, ker
         pytest.skip("no C compiler for the fast kernel")
     assume(all(size + 2 * p - d * (k - 1) - 1 >= 0 for p, d, k in zip(padding, dilation, kernel)))
     g = torch.Generator().manual_seed(seed)
-    cin, cout = cx * groups, 2 * groups
-    weight = torch.randn(cout, cx, *kernel, generator=g, dtype=torch.float64)
-    x = torch.randn(batch, cin, size, size, generator=g, dtype=torch.float64)
-    y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+    weight = torch.randn(2 * groups, cx, *kernel, generator=g, dtype=torch.float64)
+    bias = torch.randn(2 * groups, generator=g, dtype=torch.float64) if with_bias else None
+    x = torch.randn(batch, cx * groups, size, size, generator=g, dtype=torch.float64)
+    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
     task = torch.randint(-1, tasks, (batch,), generator=g)
-    flat = torch.randint(0, weight.numel(), (tasks, nnz), generator=g)
-    delta = torch.randn(tasks, nnz, generator=g, dtype=torch.float64)
-    count = torch.randint(0, nnz + 1, (tasks,), generator=g)
-    bias = torch.randn(tasks, cout, generator=g, dtype=torch.float64) if with_bias else None
-    per = cx * kernel[0] * kernel[1]
-    rows, rest = flat // per, flat % per
-    cols = rows // (cout // groups) * cx + rest // (kernel[0] * kernel[1])
-    ki, kj = rest // kernel[1] % kernel[0], rest % kernel[1]
+    changes = _task_changes(weight, bias, tasks, nnz, g)
     want = y.clone()
-    for i, k in enumerate(task.tolist()):
+    for n, k in enumerate(task.tolist()):
         if k >= 0:
-            w = weight.clone().view(-1)
-            w.index_add_(0, flat[k, :int(count[k])], delta[k, :int(count[k])])
-            own = torch.nn.functional.conv2d(x[i:i + 1], w.view_as(weight), None if bias is None else bias[k],
-                                             stride, padding, dilation, groups)
-            want[i] = own[0]
+            w, b = _task_weight(weight, bias, changes[k])
+            want[n] = torch.nn.functional.conv2d(x[n:n + 1], w, b, stride, padding, dilation, groups)[0]
     got = y.clone()
-    correct_conv(got, x, task, rows, cols, ki, kj, delta, count, bias, kernel, stride, padding, dilation,
-                 backend=backend)
+    correct_conv(got, x, task, weight, bias, changes, stride, padding, dilation, groups, backend=backend)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert torch.equal(got[task < 0], y[task < 0])

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,17 +89,15 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = conv_args
         fn.restype = ctypes.c_int
-    correct_args = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4, *[ctypes.c_void_p] * 5,
-                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    per_task = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # task ids, tasks, index, value, count, W, bias, b
     for name in ("correct_rows_f32", "correct_rows_f64"):
         fn = getattr(lib, name)
-        fn.argtypes = correct_args
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4, *per_task]
         fn.restype = ctypes.c_int
-    conv_correct_args = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 13, *[ctypes.c_void_p] * 7,
-                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     for name in ("correct_conv_f32", "correct_conv_f64"):
         fn = getattr(lib, name)
-        fn.argtypes = conv_correct_args
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 16, *per_task]
         fn.restype = ctypes.c_int
     return lib
 
@@ -258,52 +257,101 @@ def sampled_conv_weight_grad(g: torch.Tensor, x: torch.Tensor, rows: torch.Tenso
     return _call_c(lib, "sddmm_conv", g, args, rows, cols)
 
 
-def correct_rows(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                 delta: torch.Tensor, count: torch.Tensor, bias: torch.Tensor | None = None,
-                 backend: str | None = None) -> None:
-    """Add each item's task's changes to a Linear layer's base output, in place (mixed-task inference).
+TaskChange = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+"""One task's change of a layer: the flat indices of the weight entries it changed and their values (None,
+None: no entry), and its whole bias (None: unchanged)."""
 
-    `y` [B, T, O] is the base output and `x` [B, T, I] the layer's input. Item i uses task k = `task[i]`
-    (-1: the base, untouched): its rows get `bias[k]` ([K, O], optional) and, for each entry e < `count[k]`,
-    ``delta[k, e] * x[i, :, cols[k, e]]`` added to column ``rows[k, e]``. `rows`, `cols`, `delta`: [K, E].
+
+def correct_rows(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, changes: list[TaskChange], backend: str | None = None) -> None:
+    """Add each item's task's change to a Linear layer's base output, in place (mixed-task inference).
+
+    `y` [B, T, O] is the base output of `x` [B, T, I] through `weight` [O, I] and `bias`. Item i uses task
+    k = `task[i]` (-1: the base, untouched): its rows get ``(value - weight[o, c]) * x[i, :, c]`` added at
+    column o for each entry (o, c) task k changed (`changes[k]`), and its bias change.
     """
     if y.dim() != 3 or x.dim() != 3 or y.shape[:2] != x.shape[:2] or task.shape != (y.shape[0],):
         raise ValueError(f"correct_rows needs [B, T, O] and [B, T, I] tensors and B task ids, got {tuple(y.shape)}, "
                          f"{tuple(x.shape)} and {tuple(task.shape)}")
-    c_path = (y.dtype in (torch.float32, torch.float64) and y.is_contiguous()
-              and (backend or backend_for(y)) == "c")
-    if not c_path:
-        correct_rows_torch(y, x, task, rows, cols, delta, count, bias)
+    if not _correct_in_c(y, weight, changes, backend):
+        correct_rows_torch(y, x, task, weight, bias, changes)
         return
+    x = x.contiguous()
     lib = compiled_library()
-    assert lib is not None
-    x = x.to(y.dtype).contiguous()
-    task, rows, cols = (t.to(torch.int32).contiguous() for t in (task, rows, cols))
-    delta, count = delta.to(y.dtype).contiguous(), count.to(torch.int64).contiguous()
-    bias = None if bias is None else bias.to(y.dtype).contiguous()
-    fn = lib.correct_rows_f64 if y.dtype == torch.float64 else lib.correct_rows_f32
-    fn(y.data_ptr(), x.data_ptr(), y.shape[0], y.shape[1], x.shape[2], y.shape[2], task.data_ptr(), rows.data_ptr(),
-       cols.data_ptr(), delta.data_ptr(), count.data_ptr(), rows.shape[1], 0 if bias is None else bias.data_ptr(),
-       torch.get_num_threads())
+    fn = lib.correct_rows_f64 if y.dtype == torch.float64 else lib.correct_rows_f32  # type: ignore[union-attr]
+    _call_correct(fn, (y.data_ptr(), x.data_ptr(), *y.shape[:2], x.shape[2], y.shape[2]), task, weight, bias,
+                  changes)
+
+
+def correct_conv(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, changes: list[TaskChange], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+                 backend: str | None = None) -> None:
+    """`correct_rows` for a zero-padded 2-D convolution: `y` [B, O, Ho, Wo] the base output of `x` [B, C, H, W]
+    through `weight` [O, C / groups, kh, kw] and `bias`. In place."""
+    if y.dim() != 4 or x.dim() != 4 or y.shape[0] != x.shape[0] or task.shape != (y.shape[0],):
+        raise ValueError(f"correct_conv needs [B, O, Ho, Wo] and [B, C, H, W] tensors and B task ids, got "
+                         f"{tuple(y.shape)}, {tuple(x.shape)} and {tuple(task.shape)}")
+    if not _correct_in_c(y, weight, changes, backend):
+        correct_conv_torch(y, x, task, weight, bias, changes, stride, padding, dilation, groups)
+        return
+    x = x.contiguous()
+    lib = compiled_library()
+    fn = lib.correct_conv_f64 if y.dtype == torch.float64 else lib.correct_conv_f32  # type: ignore[union-attr]
+    _call_correct(fn, (y.data_ptr(), x.data_ptr(), *x.shape, *y.shape[1:], *weight.shape[2:], groups, *stride,
+                       *padding, *dilation), task, weight, bias, changes)
+
+
+def _correct_in_c(y: torch.Tensor, weight: torch.Tensor, changes: list[TaskChange], backend: str | None) -> bool:
+    same = all(t is None or t.dtype == y.dtype for index, value, b in changes for t in (value, b))
+    return (y.dtype in (torch.float32, torch.float64) and weight.dtype == y.dtype and same and y.is_contiguous()
+            and weight.is_contiguous() and (backend or backend_for(y)) == "c")
+
+
+def _call_correct(fn: Any, shape_args: tuple, task: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  changes: list[TaskChange]) -> None:
+    """Pass each task's own tensors by pointer (the kernel decodes the entries and forms the changes)."""
+    held = [task.to(torch.int32).contiguous()]  # alive until the call returns
+    pointers: dict[str, list[int | None]] = {"index": [], "value": [], "bias": []}
+    count = torch.tensor([0 if index is None else index.numel() for index, _, _ in changes], dtype=torch.int64)
+    for index, value, b in changes:
+        index = None if index is None else index.to(torch.int32).contiguous()
+        value = None if value is None else value.contiguous()
+        b = None if b is None else b.contiguous()
+        held += [t for t in (index, value, b) if t is not None]
+        for key, t in (("index", index), ("value", value), ("bias", b)):
+            pointers[key].append(None if t is None else t.data_ptr())
+    arrays = {key: (ctypes.c_void_p * len(changes))(*ptrs) for key, ptrs in pointers.items()}
+    base_bias = None if bias is None else bias.detach().contiguous()
+    if fn(*shape_args, held[0].data_ptr(), len(changes), arrays["index"], arrays["value"], count.data_ptr(),
+          weight.data_ptr(), arrays["bias"], None if base_bias is None else base_bias.data_ptr(),
+          torch.get_num_threads()) != 0:
+        raise MemoryError("sparseft correction kernel could not allocate its entries")
 
 
 #: elements of one gathered block (items × tokens × entries) in `correct_rows_torch`
 _CORRECT_BLOCK = 1 << 24
 
 
-def correct_rows_torch(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                       delta: torch.Tensor, count: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+def _entry_change(weight: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return value.to(weight.dtype) - weight.reshape(-1)[index.long()]
+
+
+def correct_rows_torch(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None, changes: list[TaskChange]) -> None:
     """Reference path of `correct_rows` (any device and dtype): per task, its items' columns gathered in blocks."""
-    tokens = y.shape[1]
-    for k in range(len(count)):
+    tokens, in_features = y.shape[1], weight.shape[1]
+    for k, (index, value, b) in enumerate(changes):
         items = (task == k).nonzero().flatten()
-        n = int(count[k])
-        if bias is not None and items.numel():
-            y[items] += bias[k].to(y.dtype)
-        if not n:
+        if not items.numel():
             continue
-        r, c, d = rows[k, :n].long(), cols[k, :n].long(), delta[k, :n].to(y.dtype)
-        step = max(1, _CORRECT_BLOCK // max(1, tokens * n))
+        if b is not None:
+            y[items] += (b - bias).to(y.dtype)
+        if index is None or not index.numel():
+            continue
+        r, c = index.long() // in_features, index.long() % in_features
+        d = _entry_change(weight, index, value).to(y.dtype)
+        step = max(1, _CORRECT_BLOCK // max(1, tokens * index.numel()))
         for lo in range(0, items.numel(), step):
             block = items[lo:lo + step]
             part = torch.zeros(block.numel(), tokens, y.shape[2], dtype=y.dtype, device=y.device)
@@ -311,48 +359,19 @@ def correct_rows_torch(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, row
             y[block] += part
 
 
-def correct_conv(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                 ki: torch.Tensor, kj: torch.Tensor, delta: torch.Tensor, count: torch.Tensor,
-                 bias: torch.Tensor | None, kernel: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], backend: str | None = None) -> None:
-    """`correct_rows` for a 2-D convolution's base output `y` [B, O, Ho, Wo] and input `x` [B, C, H, W] (zero
-    padding): entry e of task k is the weight at (`rows` output channel, `cols` input channel of x, `ki`, `kj`);
-    `rows`, `cols`, `ki`, `kj`, `delta`: [K, E]. In place."""
-    if y.dim() != 4 or x.dim() != 4 or y.shape[0] != x.shape[0] or task.shape != (y.shape[0],):
-        raise ValueError(f"correct_conv needs [B, O, Ho, Wo] and [B, C, H, W] tensors and B task ids, got "
-                         f"{tuple(y.shape)}, {tuple(x.shape)} and {tuple(task.shape)}")
-    c_path = (y.dtype in (torch.float32, torch.float64) and y.is_contiguous()
-              and (backend or backend_for(y)) == "c")
-    if not c_path:
-        correct_conv_torch(y, x, task, rows, cols, ki, kj, delta, count, bias, kernel, stride, padding, dilation)
-        return
-    lib = compiled_library()
-    assert lib is not None
-    x = x.to(y.dtype).contiguous()
-    task, rows, cols, ki, kj = (t.to(torch.int32).contiguous() for t in (task, rows, cols, ki, kj))
-    delta, count = delta.to(y.dtype).contiguous(), count.to(torch.int64).contiguous()
-    bias = None if bias is None else bias.to(y.dtype).contiguous()
-    fn = lib.correct_conv_f64 if y.dtype == torch.float64 else lib.correct_conv_f32
-    fn(y.data_ptr(), x.data_ptr(), *x.shape, y.shape[1], y.shape[2], y.shape[3], *stride, *padding, *dilation,
-       task.data_ptr(), rows.data_ptr(), cols.data_ptr(), ki.data_ptr(), kj.data_ptr(), delta.data_ptr(),
-       count.data_ptr(), rows.shape[1], 0 if bias is None else bias.data_ptr(), torch.get_num_threads())
-
-
-def correct_conv_torch(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                       ki: torch.Tensor, kj: torch.Tensor, delta: torch.Tensor, count: torch.Tensor,
-                       bias: torch.Tensor | None, kernel: tuple[int, int], stride: tuple[int, int],
-                       padding: tuple[int, int], dilation: tuple[int, int]) -> None:
-    """Reference path of `correct_conv` (any device and dtype): each task's change as a dense ungrouped weight."""
-    for k in range(len(count)):
+def correct_conv_torch(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None, changes: list[TaskChange], stride: tuple[int, int],
+                       padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> None:
+    """Reference path of `correct_conv` (any device and dtype): each task's change as a weight-shaped tensor."""
+    for k, (index, value, b) in enumerate(changes):
         items = (task == k).nonzero().flatten()
         if not items.numel():
             continue
-        n = int(count[k])
-        d = torch.zeros(y.shape[1], x.shape[1], *kernel, dtype=y.dtype, device=y.device)
-        d.index_put_((rows[k, :n].long(), cols[k, :n].long(), ki[k, :n].long(), kj[k, :n].long()),
-                     delta[k, :n].to(y.dtype), accumulate=True)
-        y[items] += torch.nn.functional.conv2d(x[items].to(y.dtype), d, None if bias is None else bias[k].to(y.dtype),
-                                               stride, padding, dilation)
+        d = torch.zeros_like(weight, dtype=y.dtype)
+        if index is not None and index.numel():
+            d.view(-1).index_put_((index.long(),), _entry_change(weight, index, value).to(y.dtype), accumulate=True)
+        y[items] += torch.nn.functional.conv2d(x[items].to(y.dtype), d, None if b is None else (b - bias).to(y.dtype),
+                                               stride, padding, dilation, groups)
 
 
 # -- the same three products as torch operators: torch.compile keeps them in its graph -----------
