@@ -67,7 +67,8 @@ def mixed_forward(model: nn.Module, images: torch.Tensor, tasks: Sequence[str | 
             plans.setdefault(owner, []).append((task, items, leaves))
 
     widened: dict[str, torch.Tensor] = {}  # heads of another width than the base's: their own rows
-    handles = [modules[owner].register_forward_hook(_corrector(plan, batch, widened))
+    known: dict[tuple[int, ...], torch.Tensor] = {}  # task ids per item, formed once per group of tasks
+    handles = [modules[owner].register_forward_hook(_corrector(plan, batch, widened, known))
                for owner, plan in plans.items()]
     try:
         out = model(images)
@@ -87,7 +88,7 @@ Group = list[tuple[torch.Tensor, dict[str, TaskTensors]]]  # (items, changed ten
 
 
 def _corrector(plan: list[tuple[str, torch.Tensor, dict[str, TaskTensors]]], batch: int,
-               widened: dict[str, torch.Tensor]) -> Any:
+               widened: dict[str, torch.Tensor], known: dict[tuple[int, ...], torch.Tensor]) -> Any:
     rerunning = []  # the task's own run of the module below calls this hook too: leave that output alone
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
@@ -101,14 +102,10 @@ def _corrector(plan: list[tuple[str, torch.Tensor, dict[str, TaskTensors]]], bat
         conv = [(items, leaves) for _, items, leaves in plan if _sparse_conv(module, leaves)]
         norm = [(items, leaves) for _, items, leaves in plan if _affine_layer_norm(module, leaves)]
         scale = [(items, leaves) for _, items, leaves in plan if _layer_scale(module, leaves)]
-        if linear:
-            output = _correct_linear(module, x, output, linear)
-        if conv:
-            output = _correct_conv(module, x, output, conv)
-        if norm:
-            output = _layer_norms(module, x, output, norm)
-        if scale:
-            output = _layer_scales(module, x, output, scale)
+        for group, correct in ((linear, _correct_linear), (conv, _correct_conv), (norm, _layer_norms),
+                               (scale, _layer_scales)):
+            if group:
+                output = correct(module, x, output, group, _task_ids(group, batch, output.device, known))
         done = {id(items) for items, _ in linear + conv + norm + scale}
         for task, items, leaves in plan:
             if id(items) in done:
@@ -127,12 +124,17 @@ def _corrector(plan: list[tuple[str, torch.Tensor, dict[str, TaskTensors]]], bat
     return hook
 
 
-def _task_ids(group: Group, batch: int, device: torch.device) -> torch.Tensor:
-    """For each item of the batch, the position of its task in `group`; -1 for items of no task in it."""
-    ids = torch.full((batch,), -1, dtype=torch.int32, device=device)
-    for k, (items, _) in enumerate(group):
-        ids[items] = k
-    return ids
+def _task_ids(group: Group, batch: int, device: torch.device,
+              known: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
+    """For each item of the batch, the position of its task in `group`; -1 for items of no task in it. `known`:
+    those already formed in this forward (most layers' groups hold the same tasks)."""
+    key = tuple(id(items) for items, _ in group)
+    if key not in known:
+        ids = torch.full((batch,), -1, dtype=torch.int32, device=device)
+        for k, (items, _) in enumerate(group):
+            ids[items] = k
+        known[key] = ids
+    return known[key]
 
 
 def _sparse_linear(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
@@ -145,13 +147,14 @@ def _sparse_linear(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
         "weight" not in leaves or leaves["weight"].index is not None)
 
 
-def _correct_linear(module: nn.Linear, x: torch.Tensor, output: torch.Tensor, group: Group) -> torch.Tensor:
+def _correct_linear(module: nn.Linear, x: torch.Tensor, output: torch.Tensor, group: Group,
+                    task: torch.Tensor) -> torch.Tensor:
     """The base layer's `output` with what each task adds on its items (`sparseft.kernels.correct_rows`, in
     place): `Σ_entries Δw · x[..., col]` into the entry's row (no task weight is formed), and its bias change."""
     y = output.contiguous()
     out_features, in_features = module.weight.shape
     correct_rows(y.view(y.shape[0], -1, out_features), x.reshape(y.shape[0], -1, in_features),
-                 _task_ids(group, y.shape[0], y.device), module.weight.detach(), _bias(module),
+                 task, module.weight.detach(), _bias(module),
                  _changes(module, group))
     return y
 
@@ -180,11 +183,12 @@ def _sparse_conv(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
     return "weight" not in leaves or leaves["weight"].index is not None
 
 
-def _correct_conv(module: nn.Conv2d, x: torch.Tensor, output: torch.Tensor, group: Group) -> torch.Tensor:
+def _correct_conv(module: nn.Conv2d, x: torch.Tensor, output: torch.Tensor, group: Group,
+                  task: torch.Tensor) -> torch.Tensor:
     """The base convolution's `output` with what each task adds on its items (`sparseft.kernels.correct_conv`,
     in place): each changed weight entry's product with its input channel's shifted plane, and the bias change."""
     y = output.contiguous()
-    correct_conv(y, x, _task_ids(group, y.shape[0], y.device), module.weight.detach(), _bias(module),
+    correct_conv(y, x, task, module.weight.detach(), _bias(module),
                  _changes(module, group), module.stride, module.padding, module.dilation, module.groups)
     return y
 
@@ -201,7 +205,8 @@ def _affine_layer_norm(module: nn.Module, leaves: dict[str, TaskTensors]) -> boo
             and module.weight is not None and module.bias is not None)
 
 
-def _layer_norms(module: nn.LayerNorm, x: torch.Tensor, output: torch.Tensor, group: Group) -> torch.Tensor:
+def _layer_norms(module: nn.LayerNorm, x: torch.Tensor, output: torch.Tensor, group: Group,
+                 task: torch.Tensor) -> torch.Tensor:
     """The base layer's `output` with each task's items normalised with the task's weight and bias: one
     normalisation of the whole batch, an affine per item."""
     weight = torch.stack([_full(module.weight, leaves["weight"]) if "weight" in leaves else module.weight.detach()
@@ -209,7 +214,7 @@ def _layer_norms(module: nn.LayerNorm, x: torch.Tensor, output: torch.Tensor, gr
     bias = torch.stack([_full(module.bias, leaves["bias"]) if "bias" in leaves else module.bias.detach()
                         for _, leaves in group])
     normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    return _per_item(output, group, lambda task, view: torch.addcmul(bias[task].view(view), normed,
+    return _per_item(output, task, lambda task, view: torch.addcmul(bias[task].view(view), normed,
                                                                       weight[task].view(view)))
 
 
@@ -221,16 +226,17 @@ def _layer_scale(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
             and not module.inplace)
 
 
-def _layer_scales(module: nn.Module, x: torch.Tensor, output: torch.Tensor, group: Group) -> torch.Tensor:
+def _layer_scales(module: nn.Module, x: torch.Tensor, output: torch.Tensor, group: Group,
+                  task: torch.Tensor) -> torch.Tensor:
     """The base layer scale's `output` with each task's items scaled by the task's gamma."""
     gamma = torch.stack([_full(module.gamma, leaves["gamma"]) for _, leaves in group])
-    return _per_item(output, group, lambda task, view: x * gamma[task].view(view))
+    return _per_item(output, task, lambda task, view: x * gamma[task].view(view))
 
 
-def _per_item(output: torch.Tensor, group: Group, ours: Any) -> torch.Tensor:
-    """`output` with the rows of the group's items replaced by `ours(task position per item, view)`, computed
-    for the whole batch at once (items of no task in the group keep the base's rows)."""
-    task = _task_ids(group, output.shape[0], output.device).long()
+def _per_item(output: torch.Tensor, task: torch.Tensor, ours: Any) -> torch.Tensor:
+    """`output` with the rows of the items of a task (`task` >= 0) replaced by `ours(task per item, view)`,
+    computed for the whole batch at once (the other items keep the base's rows)."""
+    task = task.long()
     view = (task.numel(), *[1] * (output.dim() - 2), -1)
     return torch.where((task >= 0).view(view[:-1] + (1,)), ours(task.clamp(min=0), view), output)
 
