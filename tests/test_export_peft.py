@@ -232,3 +232,29 @@ def test_a_truncated_adapter_file_is_refused_naming_it(tmp_path, capsys):
     assert err.startswith(f"error: {adapter}: not a readable safetensors file, truncated or corrupt")
     assert "\n" not in err
     assert not out.exists()
+
+
+def test_the_cards_recipe_for_an_offline_vit_builds_the_same_base():
+    """The card tells a user without sparseft to resample the stored position grid bicubic without
+    antialiasing; that base gives sparseft's logits (timm's antialiased default would not)."""
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    from sparseft.export.peft import _base_recipe
+    from sparseft.hub import cached_weights
+
+    name = "dinov2_vits14_offline"
+    path = cached_weights(name)
+    if path is None:
+        pytest.skip(f"{name} is not cached; run `sparseft weights fetch {name}`")
+    recipe = _base_recipe({"model": name, "num_classes": 0, "img_size": 56})
+    assert "antialias=False" in recipe and "resample_abs_pos_embed" in recipe
+    state = load_file(path)
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (4, 4), num_prefix_tokens=1,
+                                                interpolation="bicubic", antialias=False)
+    plain = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=56).eval()
+    plain.load_state_dict(state)
+    ours = sparseft.create_model(name, num_classes=0, img_size=56).eval()
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), ours(x), rtol=1e-5, atol=1e-5)

@@ -351,7 +351,13 @@ def _base_recipe(extra: dict[str, Any]) -> str:
     sized = f", img_size={size}" if size else ""
     spec = REGISTRY.get(name) if isinstance(name, str) else None
     if spec is not None:
-        return (f"{spec.library}'s {spec.architecture} with {classes} classes{sized} and the weights of "
-                f"`sparseft weights fetch {name}` (the head's values come from this adapter)")
+        recipe = (f"{spec.library}'s {spec.architecture} with {classes} classes{sized} and the weights of "
+                  f"`sparseft weights fetch {name}` (the head's values come from this adapter)")
+        if size and "vit" in spec.architecture:  # the stored position grid is another size's
+            recipe += ("; first resize the weights' `pos_embed` to this size's grid with "
+                       "`timm.layers.resample_abs_pos_embed(pos_embed, new_size, num_prefix_tokens=1, "
+                       "interpolation='bicubic', antialias=False)`: timm's default (antialiased) resampling "
+                       "changes the logits (docs/weights.md)")
+        return recipe
     weights = f" and the base weights {Path(extra['weights']).name}" if extra.get("weights") else ""
     return f"timm.create_model({name!r}, num_classes={classes}{sized}){weights}"
