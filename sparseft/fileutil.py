@@ -104,7 +104,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the permissions open() would
+        give_umask_permissions(tmp)  # mkstemp (and safetensors' writer) make 0600: what open() would give
         os.replace(tmp, path)
     except OSError as err:
         if tmp not in (err.filename, err.filename2):
@@ -119,6 +119,32 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def give_umask_permissions(path: str | Path) -> None:
+    """Give `path` the permissions the umask gives a new file (0666 & ~umask) or folder (0777 & ~umask), and so
+    everything inside a folder: what `open()` and `mkdir()` would give, whoever wrote it. Every atomic write
+    runs it before its rename: `tempfile.mkstemp` and `mkdtemp` make 0600 and 0700, and some writers
+    (safetensors' `save_file`) make their files 0600 whatever the umask. A file with an execute bit keeps
+    execute bits (0777 & ~umask); links are left as they are."""
+    mask = _umask()
+    path = Path(path)
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        executable = path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            item = os.path.join(root, name)
+            if not os.path.islink(item):
+                executable = os.stat(item).st_mode & 0o111
+                os.chmod(item, (0o777 if executable else 0o666) & ~mask)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
