@@ -166,13 +166,15 @@ def cache_dir() -> Path:
 
 def read_tagged_safetensors(
         path: str | Path, fmt: str | tuple[str, ...], header_key: str, error: type[Exception], what: str, *,
-        untagged: Callable[[dict[str, str], dict[str, torch.Tensor]], str] | None = None,
+        untagged: Callable[[Path, dict[str, str], dict[str, torch.Tensor]], str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a safetensors file whose metadata holds `format` (`fmt`, or one of several) and a JSON `header_key`.
 
     Any problem (missing, truncated, corrupt, another kind of file, bad header) raises `error`
-    with a message that names the file. A file with no `format` at all (a plain state dict) is
-    described by `untagged(metadata, tensors)` when given. Returns (header, tensors).
+    with a message that names the file. A file that is none of sparseft's (no `format`, or one
+    not `sparseft.*`: `"pt"` is what timm, Hugging Face, peft and `sparseft weights convert`
+    write for a plain state dict) is described by `untagged(path, metadata, tensors)` when given.
+    Returns (header, tensors).
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -189,8 +191,8 @@ def read_tagged_safetensors(
     except (SafetensorError, OSError, RuntimeError) as err:
         raise error(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from err
     formats = (fmt,) if isinstance(fmt, str) else fmt
-    if "format" not in metadata:
-        raise error(f"{path}: {untagged(metadata, tensors)}" if untagged is not None else
+    if not str(metadata.get("format", "")).startswith("sparseft."):  # none of sparseft's files
+        raise error(f"{path}: {untagged(path, metadata, tensors)}" if untagged is not None else
                     f"{path}: not a sparseft {what}: a safetensors file without sparseft's header ({len(tensors)} "
                     "tensors)")
     if metadata["format"] not in formats:
