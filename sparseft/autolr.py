@@ -13,9 +13,11 @@ with every rate's validation score, in `lr-search/choice.json` and the final sum
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,29 @@ from sparseft.errors import InputError
 from sparseft.fileutil import LOCK_FILE, write_text_atomic
 from sparseft.methods.rates import backbone_family, ladder, recommended_lr, search_grid
 from sparseft.models import create_model
+from sparseft.progress import labelled
 from sparseft.run import SEARCH_DIR, RunSpec, run
+from sparseft.train import NOT_LEARNING_STEP
 
 EXTEND = 2  # rungs tried beyond the grid's edge at most
+
+
+#: what a run of `--lr auto` that learns nothing is told to try (the default advice is `--lr auto` itself)
+TUNING_STEP = ("--lr auto's tuning run at lr {lr:g} scores this rate against the others; if every rate does this, "
+               "try more epochs (a longer schedule), another method, or check the labels")
+CHOSEN_STEP = ("--lr auto chose this rate on val200 already: try more epochs (a longer schedule), another method, "
+               "or check the labels")
+
+
+@contextlib.contextmanager
+def _one_run(label: str, step: str) -> Iterator[None]:
+    """Inside one of `--lr auto`'s runs: its epoch lines start with `label`, a "not learning" warning says `step`."""
+    token = NOT_LEARNING_STEP.set(step)
+    try:
+        with labelled(label):
+            yield
+    finally:
+        NOT_LEARNING_STEP.reset(token)
 
 
 def one_se_choice(tried: dict[float, float], center: float, n: int) -> float:
@@ -84,9 +106,10 @@ def run_auto_lr(spec: RunSpec, run_dir: str | Path | None, *, resume: bool = Fal
                                         train=dataclasses.replace(spec.train, lr=lr))
         folder = run_dir / SEARCH_DIR / f"lr={lr:g}"
         started = (folder / "config.json").is_file()
-        if spec.train.progress and distributed.is_main():
+        if spec.train.progress is not False and distributed.is_main():  # as the epoch lines are shown
             print(f"[sparseft] --lr auto: lr {lr:g} on train800 -> val200 ({folder})", file=sys.stderr)
-        s = run(tune_spec, folder, resume=started and not overwrite, overwrite=overwrite or not started)
+        with _one_run(f"[--lr auto: lr {lr:g}]", TUNING_STEP.format(lr=lr)):
+            s = run(tune_spec, folder, resume=started and not overwrite, overwrite=overwrite or not started)
         metric = s.get("metric", "acc")
         tuning.append({"lr": lr, f"val_{metric}": s["final"].get(f"val_{metric}"),
                        "folder": str(folder.relative_to(run_dir))})
@@ -108,13 +131,14 @@ def run_auto_lr(spec: RunSpec, run_dir: str | Path | None, *, resume: bool = Fal
               "on_edge": edge, "rule": rule}
     if distributed.is_main():
         write_text_atomic(run_dir / SEARCH_DIR / "choice.json", json.dumps(choice, indent=1))
-    if spec.train.progress and distributed.is_main():
+    if spec.train.progress is not False and distributed.is_main():
         scores = ", ".join(f"{t['lr']:g}: {t[key]}" for t in tuning)
         print(f"[sparseft] --lr auto chose lr {best['lr']:g} ({key} {scores})"
               + ("; it is on the edge of the rates tried" if edge else ""), file=sys.stderr)
     final = dataclasses.replace(spec, train=dataclasses.replace(spec.train, lr=best["lr"]))
     started = (run_dir / "config.json").is_file()
-    summary = run(final, run_dir, resume=resume and started, overwrite=overwrite)
+    with _one_run(f"[--lr auto: chosen lr {best['lr']:g}]", CHOSEN_STEP):
+        summary = run(final, run_dir, resume=resume and started, overwrite=overwrite)
     summary.update(lr_search=choice, lr_source="--lr auto (lr-search/choice.json)")
     if distributed.is_main():
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))

@@ -3,7 +3,8 @@ bench, report, demo, data, weights.
 
 Exit status, for every command: 0 success; 1 a user error (bad file, bad value, a run that
 diverged), reported as one line `error: ...` on stderr; 2 a usage error (unknown flag, a
-method option given to another method); 130 interrupted (Ctrl-C). Anything else is a bug and
+method option given to another method); 130 interrupted (Ctrl-C). A reader of stdout that went
+away (`sparseft info F | head -1`) ends the command quietly, status 1 (Python's recipe). Anything else is a bug and
 keeps its traceback. The training and method flags are generated from `TrainConfig` and the
 methods' `Options` dataclasses (`sparseft.cliopts`).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -557,6 +559,17 @@ def _exit_status(exit_: SystemExit) -> int:
     return 1
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`| head`): exit quietly, as Python's documentation advises ("Note on
+    SIGPIPE", the signal module): stdout goes to /dev/null, so that the flush at exit finds no closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file descriptor (captured): nothing is flushed at exit
+        pass
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (see the module docstring)."""
     try:
@@ -570,7 +583,11 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.active() and args.command not in ("train", "select"):
             raise UsageError(f"sparseft {args.command} runs in one process; under torchrun only train and select "
                              "run (launch it without torchrun)")
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not in the flush at exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         resumable = args.command == "train" and (Path(args.out) / "config.json").exists()
         again = args.command in ("bench", "reproduce")

@@ -184,8 +184,43 @@ def source_path(source: TaskSource) -> str | Path:
     return source.path if isinstance(source, TaskFile) else source
 
 
-def _untagged(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+#: a peft adapter folder's files and the prefix of its tensors' names (`sparseft.export.peft` writes them)
+PEFT_ADAPTER_FILE = "adapter_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+#: a Hub-style task folder's files (`sparseft.export.hub`)
+FOLDER_TASK_FILE = "task.safetensors"
+FOLDER_CONFIG_FILE = "config.json"
+
+
+def _peft_adapter(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a safetensors file looks like a peft adapter: its file name, or peft's names for its tensors."""
+    return path.name == PEFT_ADAPTER_FILE or bool(tensors) and all(k.startswith(PEFT_PREFIX) for k in tensors) or any(
+        part in k for k in tensors for part in (".lora_A.", ".lora_B.", ".shira_indices", ".shira_weight"))
+
+
+def _import_peft_hint(what: str, folder: Path, ours: bool) -> str:
+    """The refusal of a peft adapter (`ours`: exported by sparseft, so its metadata names the base)."""
+    base = "" if ours else " --model NAME --num-classes N"
+    return (f"{what}, not a sparseft task file; `sparseft import-peft {folder} --out TASK.safetensors{base}` "
+            "(sparseft.export.import_peft) turns it into one, or load it with peft's PeftModel.from_pretrained")
+
+
+def _exported_by_sparseft(adapter: Path) -> bool:
+    """Whether a peft adapter file carries sparseft's record of its base (`sparseft export --format peft`)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(adapter), "pt") as f:
+            return "sparseft" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable: import-peft names the problem
+        return False
+
+
+def _untagged(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     """What a safetensors file without sparseft's header is, for the refusal."""
+    if _peft_adapter(path, tensors):
+        return _import_peft_hint("a peft adapter", path.parent, "sparseft" in metadata)
     if "merged_from" in metadata:
         return (f"a merged model written by an earlier sparseft (merged from {metadata['merged_from']}), without the "
                 "task's header (image size, classes, preprocessing); merge the task file again with this version, "
@@ -200,6 +235,12 @@ def read_delta(path: str | Path) -> TaskFile:
     """Read and verify a task file on its own (no model): a task delta, or a merged model
     (`TaskFile.merged`); returns a `TaskFile`, which unpacks as (header, tensors)."""
     given, path = path, Path(path)
+    if path.is_dir() and (path / PEFT_CONFIG_FILE).is_file():
+        ours = _exported_by_sparseft(path / PEFT_ADAPTER_FILE)
+        raise DeltaFileError(f"{path}: {_import_peft_hint('a peft adapter folder', path, ours)}")
+    if path.is_dir() and (path / FOLDER_CONFIG_FILE).is_file() and (path / FOLDER_TASK_FILE).is_file():
+        raise DeltaFileError(f"{path}: a task folder (sparseft.save_pretrained), not a task file; give its "
+                             f"{path / FOLDER_TASK_FILE}, or load it with sparseft.from_pretrained({str(path)!r})")
     header, tensors = read_tagged_safetensors(path, (FORMAT, MERGED_FORMAT), "header", DeltaFileError, "delta",
                                               untagged=_untagged)
     manifest = header.get("manifest", {})

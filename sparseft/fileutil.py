@@ -104,7 +104,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the permissions open() would
+        give_umask_permissions(tmp)  # mkstemp (and safetensors' writer) make 0600: what open() would give
         os.replace(tmp, path)
     except OSError as err:
         if tmp not in (err.filename, err.filename2):
@@ -119,6 +119,32 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def give_umask_permissions(path: str | Path) -> None:
+    """Give `path` the permissions the umask gives a new file (0666 & ~umask) or folder (0777 & ~umask), and so
+    everything inside a folder: what `open()` and `mkdir()` would give, whoever wrote it. Every atomic write
+    runs it before its rename: `tempfile.mkstemp` and `mkdtemp` make 0600 and 0700, and some writers
+    (safetensors' `save_file`) make their files 0600 whatever the umask. A file with an execute bit keeps
+    execute bits (0777 & ~umask); links are left as they are."""
+    mask = _umask()
+    path = Path(path)
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        executable = path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            item = os.path.join(root, name)
+            if not os.path.islink(item):
+                executable = os.stat(item).st_mode & 0o111
+                os.chmod(item, (0o777 if executable else 0o666) & ~mask)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -140,13 +166,15 @@ def cache_dir() -> Path:
 
 def read_tagged_safetensors(
         path: str | Path, fmt: str | tuple[str, ...], header_key: str, error: type[Exception], what: str, *,
-        untagged: Callable[[dict[str, str], dict[str, torch.Tensor]], str] | None = None,
+        untagged: Callable[[Path, dict[str, str], dict[str, torch.Tensor]], str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a safetensors file whose metadata holds `format` (`fmt`, or one of several) and a JSON `header_key`.
 
     Any problem (missing, truncated, corrupt, another kind of file, bad header) raises `error`
-    with a message that names the file. A file with no `format` at all (a plain state dict) is
-    described by `untagged(metadata, tensors)` when given. Returns (header, tensors).
+    with a message that names the file. A file that is none of sparseft's (no `format`, or one
+    not `sparseft.*`: `"pt"` is what timm, Hugging Face, peft and `sparseft weights convert`
+    write for a plain state dict) is described by `untagged(path, metadata, tensors)` when given.
+    Returns (header, tensors).
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -163,8 +191,8 @@ def read_tagged_safetensors(
     except (SafetensorError, OSError, RuntimeError) as err:
         raise error(f"{path}: not a readable safetensors file, truncated or corrupt ({err})") from err
     formats = (fmt,) if isinstance(fmt, str) else fmt
-    if "format" not in metadata:
-        raise error(f"{path}: {untagged(metadata, tensors)}" if untagged is not None else
+    if not str(metadata.get("format", "")).startswith("sparseft."):  # none of sparseft's files
+        raise error(f"{path}: {untagged(path, metadata, tensors)}" if untagged is not None else
                     f"{path}: not a sparseft {what}: a safetensors file without sparseft's header ({len(tensors)} "
                     "tensors)")
     if metadata["format"] not in formats:

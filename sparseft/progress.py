@@ -11,11 +11,15 @@ stdout start on their own line.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["draw_progress", "progress_bar", "write_line"]
+__all__ = ["draw_progress", "labelled", "progress_bar", "write_line"]
+
+_LABEL: ContextVar[str] = ContextVar("sparseft_line_label", default="")
 
 
 def _in_notebook() -> bool:
@@ -49,7 +53,20 @@ def progress_bar(iterable: Iterable | None = None, *, enabled: bool | None = Non
 
 
 def write_line(text: str) -> None:
-    """Print a result line on stdout without breaking a bar that is being drawn (tqdm.write)."""
+    """Print a result line on stdout without breaking a bar that is being drawn (tqdm.write), after the label of
+    the run it belongs to where one is set (`labelled`)."""
     from tqdm.auto import tqdm
 
-    tqdm.write(text)
+    label = _LABEL.get()
+    tqdm.write(f"{label} {text}" if label else text)
+
+
+@contextlib.contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """Start every `write_line` inside the block with `label`: which of several runs of one command a line is
+    about (`--lr auto`'s tuning runs: `[--lr auto: lr 0.003] epoch=1 ...`)."""
+    token = _LABEL.set(label)
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from sparseft import delta
+from sparseft.anatomy import built_as
 from sparseft.api import load, method_for, method_named_in
 from sparseft.deltafile import BaseMismatch, TaskSource, read_task
 from sparseft.errors import InputError
@@ -86,6 +87,12 @@ class _Active:
 
     def __exit__(self, *exc: object) -> None:
         self.bank._switch(self.previous if self.previous in self.bank else None)  # it may have been removed
+
+
+class UnknownTask(InputError, KeyError):
+    """A task name the bank does not hold; a KeyError too (a missing key of a mapping, as it always was)."""
+
+    __str__ = InputError.__str__  # the message as it is (KeyError's own quotes it)
 
 
 class TaskBank:
@@ -220,6 +227,10 @@ class TaskBank:
         forward on one image; a model or task one forward cannot serve runs grouped (`one_forward_refused`
         says why). The model runs in eval mode; the active task and every module's mode are restored after.
         """
+        self._check_images(images)
+        if isinstance(tasks, str):
+            raise InputError(f"predict: tasks must name one task per image, got the string {tasks!r} (for one task "
+                             f"for every image: [{tasks!r}] * len(images))")
         if len(tasks) != len(images):
             raise InputError(f"predict: {len(images)} images but {len(tasks)} task names")
         if mode not in ("grouped", "one-forward"):
@@ -273,7 +284,34 @@ class TaskBank:
     # -- internals -----------------------------------------------------------------------
     def _require(self, name: str) -> None:
         if name not in self._tasks:
-            raise KeyError(f"no task {name!r} in the bank (it holds {', '.join(map(repr, self._tasks)) or 'none'})")
+            raise UnknownTask(f"no task {name!r} in the bank (it holds {', '.join(map(repr, self._tasks)) or 'none'})")
+
+    def _check_images(self, images: Any) -> None:
+        """Refuse a batch the base cannot take, naming the shape it takes: not a tensor, not [N, C, H, W] (one image
+        [C, H, W] among them), other channels than its first convolution's, another size than a ViT built for a
+        fixed size takes (timm's `strict_img_size`), or for one built with `dynamic_img_size` a size that is no
+        multiple of its patch. A CNN takes other sizes (its tasks were trained at one)."""
+        first = next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = first.in_channels if first is not None else None
+        size = built_as(self.model)["img_size"]
+        embed = next((m for m in self.model.modules() if hasattr(m, "patch_size") and hasattr(m, "img_size")), None)
+        fixed = size is not None and embed is not None and bool(getattr(embed, "strict_img_size", False))
+        patch = getattr(embed, "patch_size", None) if embed is not None and not fixed else None
+        patch = patch if isinstance(patch, (tuple, list)) and not getattr(embed, "dynamic_img_pad", False) else None
+        side = str(size) if size is not None else "H"
+        want = f"a [N, {channels or 'C'}, {side}, {side if size is not None else 'W'}] batch for this bank's base"
+        if patch is not None:
+            want += f" (or another size that is a multiple of its patch, {patch[0]}x{patch[-1]} px)"
+        if not isinstance(images, torch.Tensor):
+            raise InputError(f"predict: images must be a tensor, {want}, got a {type(images).__name__}")
+        shape = list(images.shape)
+        if images.dim() == 3:
+            raise InputError(f"predict: images must be {want}, got one image {shape}: images.unsqueeze(0) makes it "
+                             "a batch of one")
+        if (images.dim() != 4 or (channels is not None and shape[1] != channels)
+                or (fixed and shape[2:] != [size, size])
+                or (patch is not None and (shape[2] % patch[0] or shape[3] % patch[-1]))):
+            raise InputError(f"predict: images must be {want}, got {shape}")
 
     def _keep(self, name: str, index: torch.Tensor | None, reshaped: bool) -> _Change:
         """The merged model's values of one changed tensor (`reshaped`: a head of another shape than the

@@ -26,6 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -493,6 +494,11 @@ def _train_epoch(loop: _Loop, epoch: int, step: int) -> tuple[dict[str, Any], in
     return metrics, step, epoch_time
 
 
+#: the next step a run that learns nothing is told to try, where its caller knows better than the default
+#: (`sparseft.kinds.base.NEXT_STEP`: "try `--lr auto` ..."): `--lr auto` sets it around its own runs
+NOT_LEARNING_STEP: ContextVar[str | None] = ContextVar("sparseft_not_learning_step", default=None)
+
+
 def _evaluate_epoch(loop: _Loop, epoch: int, metrics: dict[str, Any], eval_loaders: dict[str, Iterable]) -> None:
     """Every `eval_every` epochs and after the last: each eval loader's metrics into `metrics`."""
     config = loop.config
@@ -500,7 +506,7 @@ def _evaluate_epoch(loop: _Loop, epoch: int, metrics: dict[str, Any], eval_loade
     for name, loader in (eval_loaders.items() if due else ()):
         last = epoch + 1 == config.epochs  # the last evaluation also says whether the model learnt anything
         result = evaluate(loop.model, loader, bf16=config.bf16, details=last)
-        reason = kind_of(loop.model).not_learning(result, name) if last else None
+        reason = kind_of(loop.model).not_learning(result, name, NOT_LEARNING_STEP.get()) if last else None
         if reason and loop.main:
             warnings.warn(reason, TrainingWarning, stacklevel=2)
         metrics.update({f"{name}_{key}": value for key, value in result.items() if key not in NOT_REPORTED})

@@ -128,6 +128,28 @@ def test_lr_auto_tunes_on_val200_then_trains_on_everything(tmp_path, task, capsy
     assert "not empty" in capsys.readouterr().err
 
 
+def test_lr_auto_labels_its_runs_and_advises_what_fits_when_a_run_learns_nothing(tmp_path, task, capsys, monkeypatch):
+    """Each tuning run's epoch lines say its rate, and a run that learns nothing is not told to try `--lr auto`."""
+    from sparseft.kinds.base import NEXT_STEP, TaskKind
+
+    monkeypatch.setattr(TaskKind, "not_learning", lambda self, result, split, step=None:
+                        f"the model predicts one class for every image of {split}; {step or NEXT_STEP}")
+    run = tmp_path / "run"
+    assert main(["train", "--method", "linear", "--lr", "auto", "--data", str(task), "--out", str(run), *MODEL,
+                 *[f for f in FAST if f != "--no-progress"]]) == 0
+    out, err = capsys.readouterr()
+    choice = json.loads((run / "lr-search" / "choice.json").read_text())
+    epochs = [line for line in out.splitlines() if "epoch=1 " in line]
+    assert [line.split("]")[0] + "]" for line in epochs] == [
+        *(f"[--lr auto: lr {t['lr']:g}]" for t in choice["tried"]), f"[--lr auto: chosen lr {choice['chosen_lr']:g}]"]
+    warned = [line for line in err.splitlines() if line.startswith("warning: the model predicts one class")]
+    assert len(warned) == len(choice["tried"]) + 1 and not any("try `--lr auto`" in line for line in warned)
+    for t in choice["tried"]:  # one warning each (the same text twice would be shown once)
+        assert sum(f"--lr auto's tuning run at lr {t['lr']:g} scores this rate" in line for line in warned) == 1
+    assert "--lr auto chose this rate on val200 already: try more epochs (a longer schedule), another method" in err
+    assert f"[sparseft] --lr auto chose lr {choice['chosen_lr']:g}" in err  # shown with the epoch lines
+
+
 def test_lr_auto_refuses_to_tune_on_the_split_it_reports(tmp_path, task, capsys):
     run = tmp_path / "run"
     assert main(["train", "--method", "full", "--lr", "auto", "--protocol", "tune", "--data", str(task),
@@ -184,7 +206,7 @@ def test_fit_warns_when_the_model_predicts_one_class(tmp_path):
     torch.nn.init.zeros_(model[1].weight)
     torch.nn.init.zeros_(model[1].bias)
     model[1].weight.requires_grad_(False)
-    with pytest.warns(TrainingWarning, match="one class for every image of val; try `--lr auto`"):
+    with pytest.warns(TrainingWarning, match="one class for every image of val; try `--lr auto`"):  # not in lr auto
         summary = fit(model, toy_loader(n=16), TrainConfig(epochs=1, lr=1e-12, min_lr=0, warmup_lr=0, warmup_epochs=0,
                                                                   progress=False),
                       eval_loaders={"val": toy_loader(n=16, shuffle=False)})

@@ -230,6 +230,36 @@ def test_exit_status_of_each_kind_of_failure(monkeypatch, capsys, raised, status
     assert "Traceback" not in err and len(err.strip().splitlines()) == (0 if status == 3 else 1)  # 3: as asked
 
 
+def test_a_reader_of_stdout_that_went_away_ends_the_command_quietly(monkeypatch, capsys):
+    """`sparseft info FILE | head -1`: no "error: [Errno 32] Broken pipe", status 1 (Python's recipe)."""
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise OSError("no file descriptor")
+
+    monkeypatch.setattr(cli, "cmd_info", lambda args: print("{" + "\n" * 10000 + "}"))
+    monkeypatch.setattr("sys.stdout", Closed())
+    assert main(["info", "x"]) == 1
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and timm
+def test_a_closed_pipe_on_stdout_leaves_stderr_empty(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "sparseft", "methods"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written (as `| head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and err == "", err
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     def fail(args):
         raise KeyError("bug")

@@ -201,6 +201,21 @@ def test_cli_export_and_import_peft(tmp_path, capsys):
     assert (back - _merged_logits(task, x)).abs().max() <= 1e-6
 
 
+def test_a_peft_export_gets_the_permissions_of_the_umask(tmp_path):
+    """Every file of the folder as open() makes it: safetensors' writer alone makes adapter_model.safetensors 0600."""
+    import os
+
+    task = _task("gps", tmp_path / "g.safetensors", k=1, select_patch_embed=False)
+    old = os.umask(0o022)
+    try:
+        export_peft(task, tmp_path / "p")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "p").iterdir()}
+    assert modes == {"adapter_model.safetensors": 0o644, "adapter_config.json": 0o644, "README.md": 0o644}
+    assert (tmp_path / "p").stat().st_mode & 0o777 == 0o755
+
+
 def test_import_peft_out_a_folder_is_refused_as_a_folder_before_any_work(tmp_path, capsys):
     from sparseft.cli import main
 

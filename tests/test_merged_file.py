@@ -171,6 +171,40 @@ def test_a_plain_safetensors_file_is_refused_naming_it(tmp_path, capsys):
         sparseft.load(plain)
 
 
+def test_a_state_dict_with_format_pt_is_a_plain_file_and_a_peft_adapter_is_named_as_one(tmp_path, capsys):
+    """timm, Hugging Face, peft and `sparseft weights convert` write metadata {"format": "pt"}: still a plain
+    state dict (not "not a sparseft delta (format 'pt', ...)"); a peft adapter (file or folder) and a task folder
+    are named as what they are, with the way to load them."""
+    plain = tmp_path / "timm.safetensors"
+    save_file({"x": torch.zeros(2), "y": torch.zeros(1)}, str(plain), metadata={"format": "pt"})
+    for argv in (["info"], ["predict", str(tmp_path), "--out", str(tmp_path / "p.csv")]):
+        assert main([argv[0], str(plain), *argv[1:]]) == 1
+        line = one_line(capsys.readouterr().err)
+        assert line.startswith(f"error: {plain}: a plain safetensors file (2 tensors, no sparseft header)")
+        assert "model.load_state_dict(" in line and "format 'pt'" not in line
+    with pytest.raises(DeltaFileError, match="plain safetensors file"):
+        sparseft.load(plain)
+    task = write_task("gps", tmp_path / "g.safetensors")
+    ours = sparseft.export.export_peft(task, tmp_path / "ours-peft", dense=True)
+    theirs = tmp_path / "their-lora"  # peft's own names and metadata, no sparseft record, another file name
+    theirs.mkdir()
+    save_file({"base_model.model.blocks.0.attn.qkv.lora_A.weight": torch.zeros(2, 8)}, str(theirs / "lora.safetensors"),
+              metadata={"format": "pt"})
+    for path, folder, base in [(ours.folder / "adapter_model.safetensors", ours.folder, False),
+                               (ours.folder, ours.folder, False), (theirs / "lora.safetensors", theirs, True)]:
+        assert main(["info", str(path)]) == 1
+        line = one_line(capsys.readouterr().err)
+        assert line.startswith(f"error: {path}: a peft adapter"), line
+        assert f"`sparseft import-peft {folder} --out TASK.safetensors" in line
+        assert ("--model NAME --num-classes N" in line) == base
+        with pytest.raises(DeltaFileError, match="a peft adapter"):
+            sparseft.load(path)
+    hub = sparseft.save_pretrained(tmp_path / "g.safetensors", tmp_path / "hub")
+    with pytest.raises(DeltaFileError, match=r"a task folder \(sparseft.save_pretrained\), not a task file; give its "
+                                             ".*task.safetensors, or load it with sparseft.from_pretrained"):
+        sparseft.load(hub)
+
+
 def test_a_merged_file_is_refused_where_a_task_delta_is_needed(files, tmp_path, capsys):
     task, merged = files["gps"]
     out = tmp_path / "again.safetensors"

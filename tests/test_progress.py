@@ -38,7 +38,19 @@ def test_every_bar_goes_through_the_one_helper():
     users = [p.relative_to(ROOT) for p in (ROOT / "sparseft").rglob("*.py")
              if re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(), re.M)]
     assert users == [Path("sparseft/progress.py")]
-    assert progress.__all__ == ["draw_progress", "progress_bar", "write_line"]
+    assert progress.__all__ == ["draw_progress", "labelled", "progress_bar", "write_line"]
+
+
+def test_a_label_starts_every_result_line_of_its_block(capsys):
+    """Which of several runs of one command a line is about (`--lr auto`'s tuning runs)."""
+    with progress.labelled("[--lr auto: lr 0.003]"):
+        progress.write_line("epoch=1 val_acc=0.5")
+        with progress.labelled("[inner]"):
+            progress.write_line("epoch=1")
+        progress.write_line("epoch=2")
+    progress.write_line("epoch=3")
+    assert capsys.readouterr().out.splitlines() == [
+        "[--lr auto: lr 0.003] epoch=1 val_acc=0.5", "[inner] epoch=1", "[--lr auto: lr 0.003] epoch=2", "epoch=3"]
 
 
 @pytest.fixture(scope="module")

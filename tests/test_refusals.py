@@ -166,6 +166,38 @@ def test_files_are_written_with_the_users_umask(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_atomic_write_honours_the_umask_whoever_writes_the_file(tmp_path, umask):
+    """safetensors' `save_file` makes its files 0600 and mkdtemp its folders 0700: an atomic write (a file, or a
+    folder such as a peft export's) gives them what open() and mkdir() give under the umask."""
+    from safetensors.torch import save_file
+
+    from sparseft.data.tasks import building
+    from sparseft.export.common import atomic_folder
+    from sparseft.fileutil import atomic_path
+
+    old = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "a.safetensors") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp))
+        with atomic_folder(tmp_path / "export") as tmp:
+            save_file({"x": torch.zeros(2)}, str(tmp / "adapter_model.safetensors"))
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "notes.txt").write_text("x")
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+        with building(tmp_path / "task") as tmp:  # a fetched data set's task folder
+            (tmp / "info.json").write_text("{}")
+    finally:
+        os.umask(old)
+    written = [tmp_path / "a.safetensors", tmp_path / "export", *(tmp_path / "export").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in written}
+    assert modes == {"a.safetensors": 0o666 & ~umask, "export": 0o777 & ~umask,
+                     "export/adapter_model.safetensors": 0o666 & ~umask, "export/sub": 0o777 & ~umask,
+                     "export/sub/notes.txt": 0o666 & ~umask, "export/run.sh": 0o777 & ~umask}
+    assert (tmp_path / "task").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_eval_refuses_data_with_another_class_count(tmp_path, task, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", str(task), "--out", str(out), *MODEL, *FAST]) == 0

@@ -126,6 +126,41 @@ def test_refusals_leave_the_bank_and_the_base_as_they_were(files, tmp_path):
         sparseft.TaskBank(sparseft.load(files["gps"]))
 
 
+def test_predict_refuses_a_batch_the_base_cannot_take_naming_the_shape_it_takes(files):
+    """timm's "Input height (16) doesn't match model (32)" and "3 images but 1 task names" (a [C, H, W] image read as
+    three) become one line naming the [N, C, H, W] batch the base takes; an unknown task is an InputError and still
+    a KeyError."""
+    from sparseft.errors import InputError
+    from sparseft.taskbank import UnknownTask
+
+    model = toy_base()
+    bank = sparseft.TaskBank(model)
+    bank.add("gps", files["gps"])
+    want = (r"predict: images must be a \[N, 3, 32, 32\] batch for this bank's base \(or another size that is a "
+            r"multiple of its patch, 16x16 px\), got ")  # test_vit is built with dynamic_img_size
+    for mode in ("grouped", "one-forward"):
+        with pytest.raises(InputError, match=want + r"\[2, 3, 24, 24\]$"):
+            bank.predict(torch.randn(2, 3, 24, 24), ["gps", None], mode=mode)
+        with pytest.raises(InputError, match=want + r"one image \[3, 32, 32\]: images.unsqueeze\(0\)"):
+            bank.predict(torch.randn(3, 32, 32), ["gps"], mode=mode)
+        with pytest.raises(InputError, match=want + r"\[2, 1, 32, 32\]$"):
+            bank.predict(torch.randn(2, 1, 32, 32), ["gps", None], mode=mode)
+        with pytest.raises(UnknownTask, match=r"^no task 'nope' in the bank \(it holds 'gps'\)$"):
+            bank.predict(torch.randn(2, 3, 32, 32), ["gps", "nope"], mode=mode)
+    with pytest.raises(InputError, match=r"images must be a tensor, a \[N, 3, 32, 32\] batch .*, got a list$"):
+        bank.predict([torch.randn(3, 32, 32)], ["gps"])
+    with pytest.raises(InputError, match=r"tasks must name one task per image, got the string 'gps'"):
+        bank.predict(torch.randn(3, 3, 32, 32), "gps")
+    err = UnknownTask("no task 'x' in the bank (it holds none)")
+    assert isinstance(err, KeyError) and isinstance(err, sparseft.errors.SparseftError)
+    assert str(err) == "no task 'x' in the bank (it holds none)"  # not quoted as a KeyError's
+    assert bank.active is None and len(bank.predict(torch.randn(2, 3, 32, 32), ["gps", None])) == 2
+    assert len(bank.predict(torch.randn(2, 3, 16, 16), ["gps", None])) == 2  # a size it takes
+    fixed = sparseft.create_model("test_vit", num_classes=3, img_size=32, dynamic_img_size=False).eval()
+    with pytest.raises(InputError, match=r"must be a \[N, 3, 32, 32\] batch for this bank's base, got \[2, 3, 16, 16"):
+        sparseft.TaskBank(fixed).predict(torch.randn(2, 3, 16, 16), [None, None])  # timm: "Input height (16) ..."
+
+
 def test_memory_follows_the_task_files(files):
     from safetensors.torch import load_file
 

@@ -139,6 +139,24 @@ def test_by_order_a_count_that_fits_neither_head(tmp_path: Path, source) -> None
     _folder_is(tmp_path, {"ckpt.pth"})
 
 
+def test_a_sparseft_task_or_selection_file_is_named_as_one(tmp_path: Path) -> None:
+    """Not "does not map one-to-one": a task file holds a task's changes, a selection file no weights at all."""
+    from helpers import random_selection, tiny_model
+
+    import sparseft
+
+    model = tiny_model("vit")
+    selection = random_selection(model, k=1)
+    selection.save(tmp_path / "selection.safetensors")
+    sparseft.apply(model, selection)
+    task = sparseft.save_delta(model, tmp_path / "delta.safetensors")
+    with pytest.raises(WeightsError, match=rf"delta.safetensors: a sparseft task file \(a task's changes to its base "
+                                           rf"model, not a checkpoint of full weights\).*`sparseft merge {task} --out"):
+        convert_checkpoint(task, ARCH)
+    with pytest.raises(WeightsError, match="selection.safetensors: a sparseft selection file"):
+        convert_checkpoint(tmp_path / "selection.safetensors", ARCH)
+
+
 def test_safetensors_are_never_paired_by_position(tmp_path: Path, source) -> None:
     save_file({k: v.contiguous() for k, v in _anonymous(source).items()}, str(tmp_path / "anon.safetensors"))
     with pytest.raises(WeightsError, match="keeps its tensors sorted by name"):

@@ -32,7 +32,7 @@ from sparseft.data._random import stable_permutation
 from sparseft.data.images import DataError, to_rgb
 from sparseft.data.sources import SOURCES, progress_log, source_file
 from sparseft.errors import InputError
-from sparseft.fileutil import cache_dir, process_alive, sha256_file
+from sparseft.fileutil import cache_dir, give_umask_permissions, process_alive, sha256_file
 from sparseft.progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -150,6 +150,7 @@ def building(dest: Path) -> Iterator[Path]:
     tmp = _claim_partial(dest)
     try:
         yield tmp
+        give_umask_permissions(tmp)  # mkdtemp makes 0700: the task folder gets what mkdir would give
         if dest.exists():
             shutil.rmtree(dest)
         try:

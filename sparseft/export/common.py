@@ -14,6 +14,7 @@ from torch import nn
 
 from sparseft.data.transforms import data_config
 from sparseft.errors import InputError
+from sparseft.fileutil import give_umask_permissions
 
 
 class ExportError(InputError):
@@ -59,7 +60,7 @@ def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        give_umask_permissions(tmp)  # mkdtemp makes 0700 and safetensors' writer 0600: what mkdir/open give
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -69,9 +70,3 @@ def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -24,13 +24,21 @@ from torch import nn
 
 from sparseft import delta
 from sparseft.api import describe_task, load, method_for
-from sparseft.deltafile import BaseMismatch, TaskFile, TaskSource, read_delta, read_task
+from sparseft.deltafile import (
+    FOLDER_CONFIG_FILE,
+    FOLDER_TASK_FILE,
+    BaseMismatch,
+    TaskFile,
+    TaskSource,
+    read_delta,
+    read_task,
+)
 from sparseft.export.common import ExportError, atomic_folder, preprocessing_record, task_summary
 from sparseft.fileutil import read_json
 from sparseft.version import __version__
 
-TASK_FILE = "task.safetensors"
-CONFIG_FILE = "config.json"
+TASK_FILE = FOLDER_TASK_FILE  # (defined with the task file's reader, which tells such a folder from a task file)
+CONFIG_FILE = FOLDER_CONFIG_FILE
 CARD_FILE = "README.md"
 FORMAT = "sparseft.task-folder/1"
 HUB_PREFIX = "hf-hub:"

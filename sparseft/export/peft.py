@@ -38,15 +38,15 @@ from torch import nn
 
 from sparseft import delta
 from sparseft.api import load, method_named_in, unmerge
-from sparseft.deltafile import TaskSource, read_task
+from sparseft.deltafile import PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE, PEFT_PREFIX, TaskSource, read_task
 from sparseft.export.common import ExportError, atomic_folder, check_output_folder, task_summary
 from sparseft.hub.registry import REGISTRY
 from sparseft.methods.modules import Added, lora_layers
 from sparseft.version import __version__
 
-PREFIX = "base_model.model."  # where peft's checkpoints keep the base model's names
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
+PREFIX = PEFT_PREFIX  # where peft's checkpoints keep the base model's names
+ADAPTER_FILE = PEFT_ADAPTER_FILE  # (defined with the task file's reader, which tells an adapter from a task file)
+CONFIG_FILE = PEFT_CONFIG_FILE
 MASK_TYPE = "sparseft"  # any value but "random": peft then takes the stored indices as the mask
 
 #: why a method's task has no peft form

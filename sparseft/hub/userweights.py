@@ -35,6 +35,13 @@ from sparseft.weights import RECORD_KEY, Checkpoint, WeightsError, read_checkpoi
 PREFIXES = ("module.", "model.", "_orig_mod.", "backbone.", "encoder.", "net.", "base_model.")
 """Prefixes stripped when every source name has one (DataParallel, Lightning, torch.compile, ...)."""
 _COUNTER = "num_batches_tracked"
+#: sparseft's own files that hold no full weights, by their metadata's format (refused naming what they are)
+NOT_WEIGHTS = {
+    "sparseft.delta/": "a sparseft task file (a task's changes to its base model, not a checkpoint of full weights); "
+                       "predict, eval and sparseft.load take it as it is, and `sparseft merge {src} --out FILE` "
+                       "writes the fine-tuned model's full weights",
+    "sparseft.selection/": "a sparseft selection file (which entries a task trains; it holds no weights)",
+}
 _SHOW = 5
 
 
@@ -265,6 +272,9 @@ def convert_checkpoint(src: str | Path, model: str, *, data_config: Mapping[str,
         raise InputError(f"unknown data-config keys {unknown}; known: {', '.join(DATA_KEYS)}")
     net = build_architecture(model)
     ckpt = read_checkpoint(src)
+    kind = next((what for fmt, what in NOT_WEIGHTS.items() if str(ckpt.meta.get("format", "")).startswith(fmt)), None)
+    if kind is not None:
+        raise WeightsError(f"{src}: {kind.format(src=src)}")
     bad = [k for k, v in ckpt.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise WeightsError(f"{src}: {len(bad)} tensor(s) hold NaN or infinite values: {_names(bad)}")

@@ -142,6 +142,11 @@ class Meter:
                 "confusion": {"classes": names, "unit": self.unit, "matrix": self.confusion.tolist()}}
 
 
+#: what a run that learnt nothing is told to try next (`TaskKind.not_learning`), unless its caller knows better
+NEXT_STEP = ("try `--lr auto` (or a rate 3-10x lower if the loss grew, higher if it barely moved), more epochs, "
+             "or check the labels")
+
+
 class TaskKind:
     """One kind of task. Subclasses set `name`, `primary_metric`, `metric_key` and override what differs."""
 
@@ -248,20 +253,20 @@ class TaskKind:
     #: whether scoring no better than the most common class means nothing was learnt (not for pixel accuracy)
     chance_check: ClassVar[bool] = True
 
-    def not_learning(self, result: dict[str, Any], split: str) -> str | None:
+    def not_learning(self, result: dict[str, Any], split: str, step: str | None = None) -> str | None:
         """Why an evaluation result with its confusion matrix (`evaluate(..., details=True)`) says the model
         learnt nothing usable, with a next step; None when it did.
 
         One class predicted for every image (pixel), or an accuracy no better than always answering
-        the most common class of the split (`chance_check`).
+        the most common class of the split (`chance_check`). `step`: the next step to suggest (default
+        `NEXT_STEP`; the runs of `--lr auto`, whose rate is tuned, suggest others).
         """
         matrix = torch.tensor(result.get("confusion", {}).get("matrix") or [], dtype=torch.float64)
         if matrix.dim() != 2 or matrix.sum() == 0:
             return None
         total = matrix.sum()
         predicted, true = matrix.sum(0), matrix.sum(1)
-        step = ("try `--lr auto` (or a rate 3-10x lower if the loss grew, higher if it barely moved), more epochs, "
-                "or check the labels")
+        step = step or NEXT_STEP
         if int((predicted > 0).sum()) == 1 and int((true > 0).sum()) > 1:
             return f"the model predicts one class for every {self.unit} of {split}; {step}"
         majority = float(true.max() / total)
