@@ -274,14 +274,6 @@ class TaskKind:
             return (f"{split} accuracy {result['acc']:.3f} is no better than always answering its most common class "
                     f"({majority:.3f}); {step}")
         return None
-        step = ("try `--lr auto` (or a rate 3-10x lower if the loss grew, higher if it barely moved), more epochs, "
-                "or check the labels")
-        if result["top_pred_share"] >= 1.0:
-            return f"the model predicts one class for every {self.unit} of {split}; {step}"
-        if self.chance_check and result["top_true_share"] < 1.0 and result["acc"] <= result["top_true_share"]:
-            return (f"{split} accuracy {result['acc']:.3f} is no better than always answering its most common class "
-                    f"({result['top_true_share']:.3f}); {step}")
-        return None
 
     def eval_dataset(self, model: nn.Module, data: str, split: str, extra: Mapping[str, Any],
                      preprocessing: str | None) -> Any:
