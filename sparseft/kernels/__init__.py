@@ -276,7 +276,7 @@ def correct_rows(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, weight: t
     if not _correct_in_c(y, weight, changes, backend):
         correct_rows_torch(y, x, task, weight, bias, changes)
         return
-    x = x.contiguous()
+    x = x.to(y.dtype).contiguous()
     lib = compiled_library()
     fn = lib.correct_rows_f64 if y.dtype == torch.float64 else lib.correct_rows_f32  # type: ignore[union-attr]
     _call_correct(fn, (y.data_ptr(), x.data_ptr(), *y.shape[:2], x.shape[2], y.shape[2]), task, weight, bias,
@@ -295,7 +295,7 @@ def correct_conv(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, weight: t
     if not _correct_in_c(y, weight, changes, backend):
         correct_conv_torch(y, x, task, weight, bias, changes, stride, padding, dilation, groups)
         return
-    x = x.contiguous()
+    x = x.to(y.dtype).contiguous()
     lib = compiled_library()
     fn = lib.correct_conv_f64 if y.dtype == torch.float64 else lib.correct_conv_f32  # type: ignore[union-attr]
     _call_correct(fn, (y.data_ptr(), x.data_ptr(), *x.shape, *y.shape[1:], *weight.shape[2:], groups, *stride,
