@@ -145,9 +145,30 @@ def describe_task(task_file: TaskSource) -> dict[str, Any]:
                                           if k.startswith("sparse/") and k.endswith("/values")),
                     "full_values": sum(t.numel() for k, t in tensors.items() if k.startswith("full/")),
                     "buffers": sum(1 for k in tensors if k.startswith("buffer/"))})
-    out.update({"base_fingerprint": header["fingerprint"], "selection": header.get("selection"),
+    out.update({"base": None if task.merged else base_description(header.get("extra") or {}),
+                "base_fingerprint": header["fingerprint"], "selection": header.get("selection"),
                 "extra": header.get("extra"), "created": header.get("created")})
     return out
+
+
+def base_description(extra: dict[str, Any]) -> str | None:
+    """In words, the base model a task record names and where its weights come from (the record's `pretrained`
+    is timm's download flag only: an offline backbone's weights come with its name)."""
+    from sparseft.hub.registry import REGISTRY
+
+    name = extra.get("model")
+    if not isinstance(name, str):
+        return None
+    size = f" at {extra['img_size']} px" if extra.get("img_size") else ""
+    if extra.get("weights"):
+        source = f"the weights of {extra['weights']}"
+    elif name in REGISTRY:
+        source = f"the offline pretrained weights (`sparseft weights fetch {name}`)"
+    elif extra.get("pretrained"):
+        source = "timm's pretrained weights"
+    else:
+        source = f"random initialisation (seed {extra.get('init_seed', 0)})"
+    return f"{name}{size}, {extra.get('num_classes')} classes, from {source}"
 
 
 def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batch_size: int = 128,

@@ -37,6 +37,7 @@ def test_train_eval_info_merge(tmp_path, task, method, capsys):
     assert main(["info", str(task_file)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == method
+    assert info["base"].startswith("test_vit") and "random initialisation (seed" in info["base"]
     assert main(["eval", str(task_file), "--data", str(task), "--json"]) == 0  # the task's own preprocessing and size
     result = json.loads(capsys.readouterr().out)
     assert result["acc"] == pytest.approx(summary["final"]["test_acc"])  # the merged reload reproduces the run

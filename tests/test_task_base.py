@@ -123,3 +123,21 @@ def test_a_mobilenet_task_on_a_dinov2_bank_names_the_models_and_sizes(tmp_path):
                                              r"56 px; this bank's base is dinov2_vits14_offline at 28 px;"):
         bank.add("icons", task)
     assert bank.tasks == []
+
+
+def test_info_names_where_an_offline_backbones_weights_come_from():
+    """A task on an offline backbone records `pretrained: false` (timm's download flag); `info` says the
+    weights are the offline pretrained ones, a given file's, timm's, or a seeded random init."""
+    from sparseft.api import base_description
+
+    offline = base_description({"model": "dinov2_vits14_offline", "img_size": 56, "num_classes": 5,
+                                "pretrained": False, "weights": None})
+    assert offline == ("dinov2_vits14_offline at 56 px, 5 classes, from the offline pretrained weights "
+                       "(`sparseft weights fetch dinov2_vits14_offline`)")
+    assert base_description({"model": "resnet50", "num_classes": 3, "weights": "/w/r50.safetensors"}).endswith(
+        "from the weights of /w/r50.safetensors")
+    assert base_description({"model": "resnet50", "num_classes": 3, "pretrained": True}).endswith(
+        "timm's pretrained weights")
+    assert base_description({"model": "resnet50", "num_classes": 3, "init_seed": 4}).endswith(
+        "random initialisation (seed 4)")
+    assert base_description({}) is None
