@@ -3,7 +3,7 @@
 The base model runs once on the whole batch. A forward hook on every module a task changes then
 corrects the rows of that task's items: a Linear layer whose weight a task changed at entries adds the
 task's sparse products, `Σ_entries Δw · x[..., col]`, and its bias change to the base output in place,
-for the items of all tasks in one pass over their rows (`sparseft.kernels.correct_rows`; no task's weight
+for the items of all tasks in one pass over their rows (`sparseft.kernels.correct.correct_rows`; no task's weight
 is formed); a zero-padded convolution changed at entries does the same with shifted input planes
 (`correct_conv`); a LayerNorm applies each item's task's weight and bias to one normalisation of the
 batch, and timm's LayerScale each item's gamma; any other changed module (BatchNorm statistics, a layer
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from sparseft.kernels import TaskChange, correct_conv, correct_rows
+from sparseft.kernels.correct import TaskChange, correct_conv, correct_rows
 from sparseft.sparse_layers import write_flat
 
 
@@ -149,7 +149,7 @@ def _sparse_linear(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
 
 def _correct_linear(module: nn.Linear, x: torch.Tensor, output: torch.Tensor, group: Group,
                     task: torch.Tensor) -> torch.Tensor:
-    """The base layer's `output` with what each task adds on its items (`sparseft.kernels.correct_rows`, in
+    """The base layer's `output` with what each task adds on its items (`sparseft.kernels.correct.correct_rows`, in
     place): `Σ_entries Δw · x[..., col]` into the entry's row (no task weight is formed), and its bias change."""
     y = output.contiguous()
     out_features, in_features = module.weight.shape
@@ -185,7 +185,7 @@ def _sparse_conv(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
 
 def _correct_conv(module: nn.Conv2d, x: torch.Tensor, output: torch.Tensor, group: Group,
                   task: torch.Tensor) -> torch.Tensor:
-    """The base convolution's `output` with what each task adds on its items (`sparseft.kernels.correct_conv`,
+    """The base convolution's `output` with what each task adds on its items (`sparseft.kernels.correct.correct_conv`,
     in place): each changed weight entry's product with its input channel's shifted plane, and the bias change."""
     y = output.contiguous()
     correct_conv(y, x, task, module.weight.detach(), _bias(module),

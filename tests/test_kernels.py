@@ -292,7 +292,7 @@ def test_correct_rows_equals_each_tasks_own_layer(batch, tokens, i, o, tasks, nn
                                                   backend, dtype):
     """Against each task's weight formed whole; items of no task (-1) stay bit-identical; GPS K=1's layout (one
     entry per row, in order) too."""
-    from sparseft.kernels import correct_rows
+    from sparseft.kernels.correct import correct_rows
 
     if backend == "c" and compiled_library() is None:
         pytest.skip("no C compiler for the fast kernel")
@@ -319,7 +319,7 @@ def test_correct_rows_equals_each_tasks_own_layer(batch, tokens, i, o, tasks, nn
 
 
 def test_correct_rows_refuses_mismatched_shapes():
-    from sparseft.kernels import correct_rows
+    from sparseft.kernels.correct import correct_rows
 
     y, x = torch.zeros(2, 3, 4), torch.zeros(2, 5, 4)
     with pytest.raises(ValueError, match=r"correct_rows needs \[B, T, O\] and \[B, T, I\]"):
@@ -337,7 +337,7 @@ def test_correct_conv_equals_each_tasks_own_convolution(batch, cx, size, groups,
                                                         tasks, nnz, seed, with_bias, backend):
     """Against each task's weight formed whole and run as a (grouped) convolution on its items; items of no task
     stay bit-identical."""
-    from sparseft.kernels import correct_conv
+    from sparseft.kernels.correct import correct_conv
 
     if backend == "c" and compiled_library() is None:
         pytest.skip("no C compiler for the fast kernel")

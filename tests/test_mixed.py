@@ -7,8 +7,9 @@ from helpers import toy_base, toy_batches, write_task
 from torch import nn
 
 import sparseft
-from sparseft import kernels, mixed, taskbank
+from sparseft import mixed, taskbank
 from sparseft.errors import InputError
+from sparseft.kernels import correct
 from sparseft.methods import METHODS
 from sparseft.mixed import NotServed, TaskTensors, mixed_forward
 
@@ -94,7 +95,7 @@ def _own_forward(change: dict[str, TaskTensors], x: torch.Tensor) -> torch.Tenso
 def test_a_cnn_with_sparse_convolutions_and_batchnorm_statistics(kernel, monkeypatch):
     if kernel == "torch-blocked":  # the torch path, its gathered columns in blocks of one item
         monkeypatch.setenv("SPARSEFT_KERNEL", "torch")
-        monkeypatch.setattr(kernels, "_CORRECT_BLOCK", 7)
+        monkeypatch.setattr(correct, "_CORRECT_BLOCK", 7)
     rerun = []
     real = mixed.functional_call
     monkeypatch.setattr(mixed, "functional_call", lambda m, *a: rerun.append(m) or real(m, *a))
