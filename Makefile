@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py --device $(BENCH_DEVICE) --model mobilenetv2_100 --img 128 --batch 32
 	$(PY) benchmarks/conv_kernel_cost.py
 	$(PY) benchmarks/switch_cost.py --device $(BENCH_DEVICE)
+	$(PY) benchmarks/switch_cost.py --device $(BENCH_DEVICE) --model vit_small_patch16_224 --mixed 1,4,16,64 --batch 64 --repeats 3
 	$(PY) benchmarks/switch_cost.py --device $(BENCH_DEVICE) --model vit_small_patch16_224 --mixed 1,4,16,64 --batch 64
 
 clean-venv:
