@@ -36,7 +36,6 @@ bench: $(STAMP)
 	$(PY) benchmarks/conv_kernel_cost.py
 	$(PY) benchmarks/switch_cost.py --device $(BENCH_DEVICE)
 	$(PY) benchmarks/switch_cost.py --device $(BENCH_DEVICE) --model vit_small_patch16_224 --mixed 1,4,16,64 --batch 64 --repeats 3
-	$(PY) benchmarks/switch_cost.py --device $(BENCH_DEVICE) --model vit_small_patch16_224 --mixed 1,4,16,64 --batch 64
 
 clean-venv:
 	rm -rf $(VENV)
