@@ -112,7 +112,7 @@ def _corrector(plan: list[tuple[str, torch.Tensor, dict[str, TaskTensors]]], bat
                 continue
             rerunning.append(module)
             try:
-                own = functional_call(module, _task_tensors(module, leaves), (x[items],))
+                own = _run_again(module, _task_tensors(module, leaves), x[items])
             finally:
                 rerunning.pop()
             if own.shape[1:] == output.shape[1:]:
@@ -139,12 +139,18 @@ def _task_ids(group: Group, batch: int, device: torch.device,
 
 def _sparse_linear(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
     """A plain Linear whose weight the task changed at entries (or not at all) and whose bias it may change."""
-    if not leaves or set(leaves) - {"weight", "bias"} or "forward" in vars(module) or not isinstance(module, nn.Linear):
+    if not leaves or set(leaves) - {"weight", "bias"} or not _plain_linear(module):
+        return False
+    return "weight" not in leaves or leaves["weight"].index is not None
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """torch's or timm's Linear with its own forward (y = x Wᵀ + b, nothing wrapped around it)."""
+    if "forward" in vars(module) or not isinstance(module, nn.Linear):
         return False
     from timm.layers import Linear as TimmLinear
 
-    return type(module).forward in (nn.Linear.forward, TimmLinear.forward) and (
-        "weight" not in leaves or leaves["weight"].index is not None)
+    return type(module).forward in (nn.Linear.forward, TimmLinear.forward)
 
 
 def _correct_linear(module: nn.Linear, x: torch.Tensor, output: torch.Tensor, group: Group,
@@ -239,6 +245,14 @@ def _per_item(output: torch.Tensor, task: torch.Tensor, ours: Any) -> torch.Tens
     task = task.long()
     view = (task.numel(), *[1] * (output.dim() - 2), -1)
     return torch.where((task >= 0).view(view[:-1] + (1,)), ours(task.clamp(min=0), view), output)
+
+
+def _run_again(module: nn.Module, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`module` on `x` with `tensors` in place of its own: a plain Linear directly, any other through
+    `functional_call` (a head of every task, a LoRA task's merged layers: dozens of calls a forward)."""
+    if _plain_linear(module) and set(tensors) <= {"weight", "bias"}:
+        return F.linear(x, tensors.get("weight", module.weight), tensors.get("bias", module.bias))
+    return functional_call(module, tensors, (x,))
 
 
 def _task_tensors(module: nn.Module, leaves: dict[str, TaskTensors]) -> dict[str, torch.Tensor]:

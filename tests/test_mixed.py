@@ -52,8 +52,8 @@ def test_gps_layers_are_corrected_by_their_entries_not_run_again(bank, monkeypat
     """A GPS task's Linear layers add their sparse products to the base output, its layer norms take their
     weights per item; only the other modules it changes (the patch embedding, the head) run again."""
     rerun = []
-    real = mixed.functional_call
-    monkeypatch.setattr(mixed, "functional_call", lambda m, *a: rerun.append(m) or real(m, *a))
+    real = mixed._run_again
+    monkeypatch.setattr(mixed, "_run_again", lambda m, *a: rerun.append(m) or real(m, *a))
     x = toy_batches(1, batch=4, classes=3)[0][0]
     bank.predict(x, ["gps", None, "gps", "bitfit"], mode="one-forward")
     head = bank.model.get_classifier()
@@ -97,8 +97,8 @@ def test_a_cnn_with_sparse_convolutions_and_batchnorm_statistics(kernel, monkeyp
         monkeypatch.setenv("SPARSEFT_KERNEL", "torch")
         monkeypatch.setattr(correct, "_CORRECT_BLOCK", 7)
     rerun = []
-    real = mixed.functional_call
-    monkeypatch.setattr(mixed, "functional_call", lambda m, *a: rerun.append(m) or real(m, *a))
+    real = mixed._run_again
+    monkeypatch.setattr(mixed, "_run_again", lambda m, *a: rerun.append(m) or real(m, *a))
     changes = {"a": _cnn_task(1), "b": _cnn_task(2)}
     x = torch.randn(5, 3, 12, 12)
     tasks = ["a", None, "b", "a", "b"]
@@ -180,8 +180,8 @@ def test_layer_scales_take_each_items_gamma_without_running_again(monkeypatch):
                    "0.weight": TaskTensors(torch.tensor([3, 20], dtype=torch.int32), torch.randn(2, generator=g))}
                for t in ("a", "b")}
     rerun = []
-    real = mixed.functional_call
-    monkeypatch.setattr(mixed, "functional_call", lambda m, *a: rerun.append(m) or real(m, *a))
+    real = mixed._run_again
+    monkeypatch.setattr(mixed, "_run_again", lambda m, *a: rerun.append(m) or real(m, *a))
     x, tasks = torch.randn(4, 5, 6), ["a", None, "b", "a"]
     with torch.no_grad():
         rows = mixed_forward(model, x, tasks, changes)

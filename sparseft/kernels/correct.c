@@ -57,12 +57,18 @@ static int NAME(Plan *p, int64_t ntask, const int32_t **index, const T **value, 
         p->start[k] = at;                                                                       \
         int in_order = 1;                                                                       \
         const int64_t m = index[k] ? count[k] : 0;                                              \
+        const int plain = kh * kw == 1 && out_per_group == out_f; /* a Linear: (row, col) only */ \
         for (int64_t e = 0; e < m; ++e, ++at) {                                                 \
-            const int64_t flat = index[k][e], row = flat / per_row, rest = flat % per_row;      \
+            const int64_t flat = index[k][e], row = flat / per_row, rest = flat - row * per_row; \
             p->rows[at] = (int32_t)row;                                                         \
-            p->cols[at] = (int32_t)(row / out_per_group * in_per_group + rest / (kh * kw));     \
-            p->ki[at] = (int32_t)(rest / kw % kh);                                              \
-            p->kj[at] = (int32_t)(rest % kw);                                                   \
+            if (plain) {                                                                        \
+                p->cols[at] = (int32_t)rest; p->ki[at] = 0; p->kj[at] = 0;                      \
+            } else {                                                                            \
+                const int64_t tap = rest % (kh * kw);                                           \
+                p->cols[at] = (int32_t)(row / out_per_group * in_per_group + rest / (kh * kw)); \
+                p->ki[at] = (int32_t)(tap / kw);                                                \
+                p->kj[at] = (int32_t)(tap % kw);                                                \
+            }                                                                                   \
             delta[at] = value[k][e] - weight[flat];                                             \
             in_order = in_order && row == e;                                                    \
         }                                                                                       \
