@@ -221,9 +221,9 @@ class TaskBank:
         `mode`: "grouped" (the default) runs the model once per task on its items, each task switched in;
         "one-forward" runs the base once on the whole batch and corrects each task's items layer by layer
         (`sparseft.mixed`; outputs equal to float rounding). Measured on a CPU (docs/performance.md), one
-        forward costs 1.07-1.13× a base forward at 224 px and wins once a batch holds about one image per
-        task (64 tasks: 1.11× against grouping's 1.32×); at 28 px it wins from 4 tasks per batch (16 tasks:
-        2.1× against 6.1×). A task's first one-forward use is checked against its own
+        forward costs 1.07-1.14× a base forward at 224 px and wins once a batch holds about one image per
+        task (64 tasks: 1.11-1.14× against grouping's 1.32-1.37×); at 28 px it wins from 4 tasks per batch
+        (16 tasks: 1.9-2.1× against 6.1-6.3×). A task's first one-forward use is checked against its own
         forward on one image; a model or task one forward cannot serve runs grouped (`one_forward_refused`
         says why). The model runs in eval mode; the active task and every module's mode are restored after.
         """
