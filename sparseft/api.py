@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from sparseft import delta
 from sparseft.deltafile import DeltaFileError, TaskFile, TaskSource, base_mismatch, read_task
 from sparseft.errors import InputError
+from sparseft.hub.registry import REGISTRY
 from sparseft.kinds.base import kind_named_in
 from sparseft.methods import METHODS, Method
 from sparseft.train import evaluate
@@ -154,8 +155,6 @@ def describe_task(task_file: TaskSource) -> dict[str, Any]:
 def base_description(extra: dict[str, Any]) -> str | None:
     """In words, the base model a task record names and where its weights come from (the record's `pretrained`
     is timm's download flag only: an offline backbone's weights come with its name)."""
-    from sparseft.hub.registry import REGISTRY
-
     name = extra.get("model")
     if not isinstance(name, str):
         return None
