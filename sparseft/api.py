@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sparseft import delta
+from sparseft.data.resolve import resolve_spec
 from sparseft.deltafile import DeltaFileError, TaskFile, TaskSource, base_mismatch, read_task
 from sparseft.errors import InputError
 from sparseft.hub.registry import REGISTRY
@@ -168,6 +169,30 @@ def base_description(extra: dict[str, Any]) -> str | None:
     else:
         source = f"random initialisation (seed {extra.get('init_seed', 0)})"
     return f"{name}{size}, {extra.get('num_classes')} classes, from {source}"
+
+
+def trained_on(extra: dict[str, Any], data: str, split: str) -> str | None:
+    """Why scoring `split` of `data` reads images the task was trained on (its record's data and training
+    split: the final protocol trains on train800val200, so its val200 is training data), or None. Files
+    written before the record held `train_split` say nothing."""
+    trained = extra.get("train_split")
+    if not trained or not extra.get("data") or not _same_data(extra["data"], data):
+        return None
+    parts = {"train800val200": {"train800val200", "train800", "val200", "train", "val"},
+             "train800": {"train800", "train"}}.get(trained, {trained})
+    if split not in parts:
+        return None
+    return (f"this task was trained on {trained} of {extra['data']}, which holds the {split} split: the score is "
+            "on training images, not held-out ones (use --split test)")
+
+
+def _same_data(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return resolve_spec(a).path.resolve() == resolve_spec(b).path.resolve()
+    except Exception:  # noqa: BLE001 - data that does not resolve here is not the same data
+        return False
 
 
 def evaluate_task(task_file: TaskSource, data: str, split: str = "test", *, batch_size: int = 128,

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 
 import sparseft
 from sparseft import distributed
-from sparseft.api import describe_task, evaluate_task, load_for_inference, method_named_in
+from sparseft.api import describe_task, evaluate_task, load_for_inference, method_named_in, trained_on
 from sparseft.autolr import run_auto_lr
 from sparseft.bench import load_suite, run_suite, write_report
 from sparseft.bench import reproduce as reproduction
@@ -213,6 +213,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     folder = check_confusion_folder(args.confusion, overwrite=args.overwrite) if args.confusion is not None else None
     result = evaluate_task(task, args.data, args.split, batch_size=args.batch_size, weights=args.weights,
                            preprocessing=getattr(options, "preprocessing", None))
+    overlap = trained_on(task.header.get("extra") or {}, args.data, args.split)
+    if overlap:
+        print(f"warning: {overlap}", file=sys.stderr)
     record = {"task_file": str(args.task_file), "split": args.split, **result}
     written = write_confusion(result, folder, overwrite=args.overwrite) if folder is not None else []
     if args.json:

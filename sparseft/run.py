@@ -372,7 +372,7 @@ def _run(spec: RunSpec, run_dir: Path | None, *, resume: bool, overwrite: bool,
             "model": spec.model, "task": task, "num_classes": classes, "img_size": spec.img_size, "data": spec.data,
             "preprocessing": spec.preprocessing, "class_names": names,
             "weights": str(Path(spec.weights).resolve()) if spec.weights else None,
-            "pretrained": spec.pretrained, "init_seed": spec.train.seed})
+            "pretrained": spec.pretrained, "init_seed": spec.train.seed, "train_split": spec.train_split})
 
     if started is not None:
         write_text_atomic(run_dir / DATA_FILE, json.dumps(started, separators=(",", ":")))

@@ -347,3 +347,21 @@ def test_methods_lists_counts(capsys):
     out = capsys.readouterr().out
     for method in ("gps", "full", "linear", "bitfit"):
         assert method in out
+
+
+def test_eval_of_a_split_the_task_was_trained_on_says_so(tmp_path, task, capsys):
+    """The final protocol trains on train800val200: its val200 is training data, and eval says so (test does not)."""
+    from sparseft.api import trained_on
+
+    run = tmp_path / "run"
+    assert main(["train", "--method", "bitfit", "--data", str(task), "--out", str(run), *MODEL, *FAST]) == 0
+    capsys.readouterr()
+    task_file = str(run / "delta.safetensors")
+    assert main(["eval", task_file, "--data", str(task), "--split", "val200"]) == 0
+    assert "trained on train800val200" in capsys.readouterr().err
+    assert main(["eval", task_file, "--data", str(task), "--split", "test"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    record = {"data": "mini-vtab/x", "train_split": "train800"}
+    assert trained_on(record, "mini-vtab/x", "val200") is None and trained_on(record, "mini-vtab/x", "train800")
+    assert trained_on(record, "mini-vtab/y", "train800") is None  # other data
+    assert trained_on({"data": "mini-vtab/x"}, "mini-vtab/x", "val200") is None  # an older file's record
