@@ -17,12 +17,15 @@ import contextlib
 import dataclasses
 import json
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sparseft import distributed
-from sparseft.errors import InputError
+from sparseft.data.images import DataError
+from sparseft.data.spec import load_split
+from sparseft.errors import InputError, TrainingWarning
 from sparseft.fileutil import LOCK_FILE, write_text_atomic
 from sparseft.methods.rates import backbone_family, ladder, recommended_lr, search_grid
 from sparseft.models import create_model
@@ -61,6 +64,27 @@ def one_se_choice(tried: dict[float, float], center: float, n: int) -> float:
     p1, p2 = tried[best], tried[center]
     se = ((p1 * (1 - p1) + p2 * (1 - p2)) / n) ** 0.5
     return best if p1 - p2 > se else center
+
+
+def _within_noise(spec: RunSpec, tuning: list[dict[str, Any]], key: str, best: float,
+                  center: float) -> dict[str, Any]:
+    """Whether the chosen rate beat the recommended one by less than the validation split's noise (the one-SE
+    rule of `one_se_choice`), for accuracy on a classification split whose size can be read; {} otherwise."""
+    if key != "val_acc" or best == center:
+        return {}
+    scores = {t["lr"]: t[key] for t in tuning}
+    if center not in scores or None in scores.values():
+        return {}
+    try:
+        n = len(load_split(spec.data, "val200"))
+    except (DataError, InputError):
+        return {}
+    if n < 1:
+        return {}
+    p1, p2 = scores[best], scores[center]
+    se = ((p1 * (1 - p1) + p2 * (1 - p2)) / n) ** 0.5
+    return {"val_images": n, "margin_points": round(100 * (p1 - p2), 2), "se_points": round(100 * se, 2),
+            "within_noise": one_se_choice(scores, center, n) != best}
 
 
 def _center(spec: RunSpec) -> tuple[float, str]:
@@ -127,8 +151,14 @@ def run_auto_lr(spec: RunSpec, run_dir: str | Path | None, *, resume: bool = Fal
     edge = best["lr"] in (min(t["lr"] for t in tuning), max(t["lr"] for t in tuning))
     rule = (f"best val200 score at the last epoch of a train800 run; the recommended rate and its two ladder "
             f"neighbours, extended past an edge up to {extend} times")
+    noise = _within_noise(spec, tuning, key, best["lr"], center)
     choice = {"chosen_lr": best["lr"], "center": center, "center_source": source, "score": key, "tried": tuning,
-              "on_edge": edge, "rule": rule}
+              "on_edge": edge, "rule": rule, **noise}
+    if noise.get("within_noise") and distributed.is_main():
+        warnings.warn(f"--lr auto chose lr {best['lr']:g} over the recommended {center:g} by "
+                      f"{noise['margin_points']:.1f} points on {noise['val_images']} validation images, within the "
+                      f"split's noise (one standard error: {noise['se_points']:.1f} points); the recommended rate may "
+                      "do as well (docs/learning-rates.md)", TrainingWarning, stacklevel=2)
     if distributed.is_main():
         write_text_atomic(run_dir / SEARCH_DIR / "choice.json", json.dumps(choice, indent=1))
     if spec.train.progress is not False and distributed.is_main():

@@ -115,8 +115,12 @@ def test_lr_auto_tunes_on_val200_then_trains_on_everything(tmp_path, task, capsy
     assert summary["lr"] == choice["chosen_lr"] and summary["lr_search"]["chosen_lr"] == choice["chosen_lr"]
     config = json.loads((run / "config.json").read_text())["spec"]
     assert config["train_split"] == "train800val200" and "test_acc" in summary["final"]
-    out = capsys.readouterr().out
-    assert f"lr {choice['chosen_lr']:g} (--lr auto" in out
+    captured = capsys.readouterr()
+    assert f"lr {choice['chosen_lr']:g} (--lr auto" in captured.out
+    if choice["chosen_lr"] != choice["center"]:  # 6 validation images: a one-image margin is within the noise
+        assert choice["val_images"] == 6
+        assert choice["within_noise"] == (choice["margin_points"] <= choice["se_points"])
+        assert ("within the split's noise" in captured.err) == choice["within_noise"]
     # resumed (nothing left to do): the same choice and summary, nothing retrained
     mtime = (run / "delta.safetensors").stat().st_mtime_ns
     assert main(["train", "--method", "full", "--lr", "auto", "--data", str(task), "--out", str(run),
@@ -239,3 +243,19 @@ def test_the_one_se_candidate_keeps_the_recommended_rate_unless_clearly_beaten()
     assert one_se_choice({1e-3: 0.40, 3e-3: 0.40}, 3e-3, 10**9) == 3e-3  # a tie keeps it
     with pytest.raises(ValueError, match="not among the rates tried"):
         one_se_choice({1e-3: 0.4}, 3e-3, 200)
+
+
+def test_a_choice_within_the_validation_splits_noise_is_flagged(monkeypatch):
+    """The one-standard-error reading of `--lr auto`'s choice (200 images: about 4.9 points near 40 %)."""
+    from sparseft import autolr
+    from sparseft.run import RunSpec
+
+    monkeypatch.setattr(autolr, "load_split", lambda data, split: [None] * 200)
+    spec = RunSpec(model="test_vit", data="mini-vtab/x", method="gps")
+    tried = [{"lr": 1e-3, "val_acc": 0.42}, {"lr": 3e-3, "val_acc": 0.45}, {"lr": 1e-2, "val_acc": 0.30}]
+    near = autolr._within_noise(spec, tried, "val_acc", 3e-3, 1e-3)
+    assert near["within_noise"] and near["val_images"] == 200 and near["margin_points"] == 3.0
+    tried[1]["val_acc"] = 0.55
+    assert not autolr._within_noise(spec, tried, "val_acc", 3e-3, 1e-3)["within_noise"]
+    assert autolr._within_noise(spec, tried, "val_acc", 1e-3, 1e-3) == {}  # the recommended rate itself
+    assert autolr._within_noise(spec, tried, "val_miou", 3e-3, 1e-3) == {}  # not an accuracy
