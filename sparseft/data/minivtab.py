@@ -196,12 +196,17 @@ def render_clipart(raw: bytes, size: int = CLIPART_SIZE) -> Image.Image:
         if img.size[0] * img.size[1] > CLIPART_MAX_PIXELS:
             raise ValueError(f"{img.size[0]}x{img.size[1]} is too large to render cheaply")
         img.load()
-        rgb = to_rgb(img)
+        return fit_square(img, size, (255, 255, 255))
+
+
+def fit_square(img: Image.Image, size: int, background: tuple[int, int, int]) -> Image.Image:
+    """`img` (any mode; transparency composited on white) fitted, aspect kept, into a size x size square."""
+    rgb = to_rgb(img)
     w, h = rgb.size
     scale = size / max(w, h)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
     rgb = rgb.resize(new, Image.LANCZOS, reducing_gap=3.0)
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas = Image.new("RGB", (size, size), background)
     canvas.paste(rgb, ((size - new[0]) // 2, (size - new[1]) // 2))
     return canvas
 

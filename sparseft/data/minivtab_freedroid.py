@@ -25,25 +25,13 @@ from PIL import Image
 
 from sparseft.data import minivtab_more  # noqa: F401 - imported first, so its tasks come before these
 from sparseft.data._random import stable_permutation
-from sparseft.data.images import DataError, to_rgb
-from sparseft.data.minivtab import MINI_VTAB
+from sparseft.data.images import DataError
+from sparseft.data.minivtab import MINI_VTAB, fit_square
 from sparseft.data.minivtab_extra import Item, cap_groups, dedupe, grouped_task
 from sparseft.data.tasks import Task, TaskData
 from sparseft.provision import read_members
 
 FREEDROID_ROOT = "usr/share/freedroidrpg/data/"
-
-
-def fit_square(img: Image.Image, size: int, background: tuple[int, int, int]) -> Image.Image:
-    """`img` (any mode; transparency composited on white) fitted, aspect kept, into a size x size square."""
-    rgb = to_rgb(img)
-    w, h = rgb.size
-    scale = size / max(w, h)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    rgb = rgb.resize(new, Image.LANCZOS, reducing_gap=3.0)
-    canvas = Image.new("RGB", (size, size), background)
-    canvas.paste(rgb, ((size - new[0]) // 2, (size - new[1]) // 2))
-    return canvas
 
 
 def _open(raw: bytes) -> Image.Image:
