@@ -61,9 +61,12 @@ def one_se_choice(tried: dict[float, float], center: float, n: int) -> float:
     if center not in tried:
         raise ValueError(f"the recommended rate {center:g} is not among the rates tried ({sorted(tried)})")
     best = max(tried, key=lambda lr: (tried[lr], lr == center))  # a tie keeps the recommended rate
-    p1, p2 = tried[best], tried[center]
-    se = ((p1 * (1 - p1) + p2 * (1 - p2)) / n) ** 0.5
-    return best if p1 - p2 > se else center
+    return best if tried[best] - tried[center] > difference_se(tried[best], tried[center], n) else center
+
+
+def difference_se(p1: float, p2: float, n: int) -> float:
+    """The standard error of the difference of two accuracies `p1`, `p2` on `n` images."""
+    return ((p1 * (1 - p1) + p2 * (1 - p2)) / n) ** 0.5
 
 
 def _within_noise(spec: RunSpec, tuning: list[dict[str, Any]], key: str, best: float,
@@ -81,10 +84,9 @@ def _within_noise(spec: RunSpec, tuning: list[dict[str, Any]], key: str, best: f
         return {}
     if n < 1:
         return {}
-    p1, p2 = scores[best], scores[center]
-    se = ((p1 * (1 - p1) + p2 * (1 - p2)) / n) ** 0.5
-    return {"val_images": n, "margin_points": round(100 * (p1 - p2), 2), "se_points": round(100 * se, 2),
-            "within_noise": one_se_choice(scores, center, n) != best}
+    se = difference_se(scores[best], scores[center], n)
+    return {"val_images": n, "margin_points": round(100 * (scores[best] - scores[center]), 2),
+            "se_points": round(100 * se, 2), "within_noise": one_se_choice(scores, center, n) != best}
 
 
 def _center(spec: RunSpec) -> tuple[float, str]:
