@@ -128,23 +128,18 @@ def give_umask_permissions(path: str | Path) -> None:
     (safetensors' `save_file`) make their files 0600 whatever the umask. A file with an execute bit keeps
     execute bits (0777 & ~umask); links are left as they are."""
     mask = _umask()
-    path = Path(path)
-    if path.is_symlink():
-        return
-    if not path.is_dir():
-        executable = path.stat().st_mode & 0o111
-        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
-        return
-    os.chmod(path, 0o777 & ~mask)
-    for root, dirs, files in os.walk(path):
-        for name in dirs:
-            if not os.path.islink(os.path.join(root, name)):
-                os.chmod(os.path.join(root, name), 0o777 & ~mask)
-        for name in files:
-            item = os.path.join(root, name)
-            if not os.path.islink(item):
-                executable = os.stat(item).st_mode & 0o111
-                os.chmod(item, (0o777 if executable else 0o666) & ~mask)
+
+    def give(item: str | Path) -> None:
+        if os.path.islink(item):
+            return
+        mode = os.stat(item).st_mode
+        os.chmod(item, (0o777 if mode & 0o111 or os.path.isdir(item) else 0o666) & ~mask)
+
+    give(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                give(os.path.join(root, name))
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
