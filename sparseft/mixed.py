@@ -139,9 +139,13 @@ def _task_ids(group: Group, batch: int, device: torch.device,
 
 def _sparse_linear(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
     """A plain Linear whose weight the task changed at entries (or not at all) and whose bias it may change."""
-    if not leaves or set(leaves) - {"weight", "bias"} or not _plain_linear(module):
-        return False
-    return "weight" not in leaves or leaves["weight"].index is not None
+    return _entries_and_bias(leaves) and _plain_linear(module)
+
+
+def _entries_and_bias(leaves: dict[str, TaskTensors]) -> bool:
+    """The task changed a layer's weight at entries (or not at all) and may have changed its bias, nothing else."""
+    return bool(leaves) and not set(leaves) - {"weight", "bias"} and (
+        "weight" not in leaves or leaves["weight"].index is not None)
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -182,11 +186,8 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 def _sparse_conv(module: nn.Module, leaves: dict[str, TaskTensors]) -> bool:
     """A plain zero-padded Conv2d whose weight the task changed at entries (or not at all) and whose bias it
     may change."""
-    if not leaves or set(leaves) - {"weight", "bias"} or "forward" in vars(module):
-        return False
-    if type(module) is not nn.Conv2d or module.padding_mode != "zeros" or not isinstance(module.padding, tuple):
-        return False
-    return "weight" not in leaves or leaves["weight"].index is not None
+    return (_entries_and_bias(leaves) and type(module) is nn.Conv2d and "forward" not in vars(module)
+            and module.padding_mode == "zeros" and isinstance(module.padding, tuple))
 
 
 def _correct_conv(module: nn.Conv2d, x: torch.Tensor, output: torch.Tensor, group: Group,
