@@ -11,7 +11,6 @@ for other dtypes, a pure-torch path computes the same numbers.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
 
 import torch
 
@@ -36,11 +35,7 @@ def correct_rows(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, weight: t
     if not _correct_in_c(y, weight, changes, backend):
         correct_rows_torch(y, x, task, weight, bias, changes)
         return
-    x = x.to(y.dtype).contiguous()
-    lib = compiled_library()
-    fn = lib.correct_rows_f64 if y.dtype == torch.float64 else lib.correct_rows_f32  # type: ignore[union-attr]
-    _call_correct(fn, (y.data_ptr(), x.data_ptr(), *y.shape[:2], x.shape[2], y.shape[2]), task, weight, bias,
-                  changes)
+    _call_correct("correct_rows", y, x, (*y.shape[:2], x.shape[2], y.shape[2]), task, weight, bias, changes)
 
 
 def correct_conv(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, weight: torch.Tensor,
@@ -55,11 +50,8 @@ def correct_conv(y: torch.Tensor, x: torch.Tensor, task: torch.Tensor, weight: t
     if not _correct_in_c(y, weight, changes, backend):
         correct_conv_torch(y, x, task, weight, bias, changes, stride, padding, dilation, groups)
         return
-    x = x.to(y.dtype).contiguous()
-    lib = compiled_library()
-    fn = lib.correct_conv_f64 if y.dtype == torch.float64 else lib.correct_conv_f32  # type: ignore[union-attr]
-    _call_correct(fn, (y.data_ptr(), x.data_ptr(), *x.shape, *y.shape[1:], *weight.shape[2:], groups, *stride,
-                       *padding, *dilation), task, weight, bias, changes)
+    _call_correct("correct_conv", y, x, (*x.shape, *y.shape[1:], *weight.shape[2:], groups, *stride, *padding,
+                                         *dilation), task, weight, bias, changes)
 
 
 def _correct_in_c(y: torch.Tensor, weight: torch.Tensor, changes: list[TaskChange], backend: str | None) -> bool:
@@ -68,9 +60,12 @@ def _correct_in_c(y: torch.Tensor, weight: torch.Tensor, changes: list[TaskChang
             and weight.is_contiguous() and (backend or backend_for(y)) == "c")
 
 
-def _call_correct(fn: Any, shape_args: tuple, task: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  changes: list[TaskChange]) -> None:
-    """Pass each task's own tensors by pointer (the kernel decodes the entries and forms the changes)."""
+def _call_correct(family: str, y: torch.Tensor, x: torch.Tensor, shape: tuple, task: torch.Tensor,
+                  weight: torch.Tensor, bias: torch.Tensor | None, changes: list[TaskChange]) -> None:
+    """Run `<family>_{f32,f64}` on y in place, passing x (cast to y's dtype), `shape` and each task's own tensors
+    by pointer (the kernel decodes the entries and forms the changes)."""
+    x = x.to(y.dtype).contiguous()
+    fn = getattr(compiled_library(), f"{family}_{'f64' if y.dtype == torch.float64 else 'f32'}")
     held = [task.to(torch.int32).contiguous()]  # alive until the call returns
     pointers: dict[str, list[int | None]] = {"index": [], "value": [], "bias": []}
     count = torch.tensor([0 if index is None else index.numel() for index, _, _ in changes], dtype=torch.int64)
@@ -83,8 +78,8 @@ def _call_correct(fn: Any, shape_args: tuple, task: torch.Tensor, weight: torch.
             pointers[key].append(None if t is None else t.data_ptr())
     arrays = {key: (ctypes.c_void_p * len(changes))(*ptrs) for key, ptrs in pointers.items()}
     base_bias = None if bias is None else bias.detach().contiguous()
-    if fn(*shape_args, held[0].data_ptr(), len(changes), arrays["index"], arrays["value"], count.data_ptr(),
-          weight.data_ptr(), arrays["bias"], None if base_bias is None else base_bias.data_ptr(),
+    if fn(y.data_ptr(), x.data_ptr(), *shape, held[0].data_ptr(), len(changes), arrays["index"], arrays["value"],
+          count.data_ptr(), weight.data_ptr(), arrays["bias"], None if base_bias is None else base_bias.data_ptr(),
           torch.get_num_threads()) != 0:
         raise MemoryError("sparseft correction kernel could not allocate its entries")
 
