@@ -237,6 +237,23 @@ def write_deb(path: Path, files: dict[str, bytes], links: dict[str, str] | None 
     return path
 
 
+
+def pin_fake_deb(cache: Path, monkeypatch, key: str, files: dict[str, bytes]) -> Path:
+    """A fake .deb of `files` in `cache`'s kept sources for data source `key`, pinned (monkeypatched) by its own
+    sha256, so a fetch builds from it without downloading."""
+    from sparseft.data.sources import SOURCES
+    from sparseft.fileutil import sha256_file
+    from sparseft.provision import Source
+
+    src = SOURCES[key]
+    folder = cache / "data" / "sources" / src.key
+    folder.mkdir(parents=True)
+    deb = write_deb(folder / "fake.deb", files)
+    monkeypatch.setitem(SOURCES, key, Source(src.package, src.version, "deb", src.licence, sha256=sha256_file(deb),
+                                             pool_path=src.pool_path))
+    return deb
+
+
 def idx_gz(array: np.ndarray) -> bytes:
     """An array as a gzipped IDX (MNIST) file."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-from helpers import write_deb
+from helpers import pin_fake_deb, write_deb
 from PIL import Image
 
 from sparseft import provision
@@ -17,7 +17,6 @@ from sparseft.data import DataError
 from sparseft.data import minivtab_extra as mx
 from sparseft.data.sources import SOURCES, source_file
 from sparseft.data.tasks import fetch_suite
-from sparseft.fileutil import sha256_file
 from sparseft.provision import Source
 
 
@@ -158,12 +157,8 @@ def test_fetch_builds_oxygen_from_a_pinned_fake_deb_and_refuses_a_wrong_hash(tmp
              for ctx in mx.ICON_CLASSES for i in range(12) for size in ("22x22", "48x48")}
     files[mx.OXYGEN_ROOT + "16x16/apps/icon0.png"] = _png(rng, 16)  # a size not used
     cache = tmp_path / "cache"
+    deb = pin_fake_deb(cache, monkeypatch, "oxygen", files)
     src = SOURCES["oxygen"]
-    folder = cache / "data" / "sources" / src.key
-    folder.mkdir(parents=True)
-    deb = write_deb(folder / "fake.deb", files)
-    monkeypatch.setitem(SOURCES, "oxygen", Source(src.package, src.version, "deb", src.licence,
-                                                  sha256=sha256_file(deb), pool_path=src.pool_path))
     root = fetch_suite("mini-vtab", ["oxygen_icons"], cache, progress=False)
     info = json.loads((root / "oxygen_icons" / "info.json").read_text())
     assert info["splits"] == {"train800": 40, "val200": 10, "train800val200": 50, "test": 30}

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import write_deb
+from helpers import pin_fake_deb, write_deb
 from PIL import Image
 
 from sparseft import provision
@@ -16,8 +16,6 @@ from sparseft.data import minivtab_extra as mx
 from sparseft.data import minivtab_freedroid as fd
 from sparseft.data.sources import SOURCES
 from sparseft.data.tasks import fetch_suite, list_tasks
-from sparseft.fileutil import sha256_file
-from sparseft.provision import Source
 
 
 @pytest.fixture
@@ -193,18 +191,10 @@ def test_items_builder_keeps_an_item_in_one_split(tmp_path, small_sizes):
 
 # -- through the suite: a pinned fake package, and one that fails its pin --------------------------
 
-def _pin_fake(cache, monkeypatch, files) -> None:
-    src = SOURCES["freedroid"]
-    folder = cache / "data" / "sources" / src.key
-    folder.mkdir(parents=True)
-    deb = write_deb(folder / "fake.deb", files)
-    monkeypatch.setitem(SOURCES, "freedroid", Source(src.package, src.version, "deb", src.licence,
-                                                     sha256=sha256_file(deb), pool_path=src.pool_path))
-
-
 def test_fetch_builds_freedroid_facing_from_a_pinned_fake_deb(tmp_path, monkeypatch, small_sizes):
     cache = tmp_path / "cache"
-    _pin_fake(cache, monkeypatch, _fake_droids(np.random.default_rng(3), [f"m{i}" for i in range(8)])[0])
+    droids = _fake_droids(np.random.default_rng(3), [f"m{i}" for i in range(8)])[0]
+    pin_fake_deb(cache, monkeypatch, "freedroid", droids)
     root = fetch_suite("mini-vtab", ["freedroid_facing"], cache, progress=False)
     info = json.loads((root / "freedroid_facing" / "info.json").read_text())
     assert info["splits"] == {"train800": 40, "val200": 10, "train800val200": 50, "test": 30}

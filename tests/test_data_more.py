@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import write_deb
+from helpers import pin_fake_deb, write_deb
 from PIL import Image
 
 from sparseft.data import DataError
@@ -15,8 +15,6 @@ from sparseft.data import minivtab_extra as mx
 from sparseft.data import minivtab_more as mm
 from sparseft.data.sources import SOURCES
 from sparseft.data.tasks import fetch_suite, list_tasks
-from sparseft.fileutil import sha256_file
-from sparseft.provision import Source
 
 
 @pytest.fixture
@@ -161,12 +159,7 @@ def test_fetch_builds_crossfire_objects_from_a_pinned_fake_deb(tmp_path, monkeyp
     images["arch/spell/big.111"] = _png(rng, 64, 96, 0.8)
     images["arch/system/bug.111"] = _png(rng, 32, 32)
     cache = tmp_path / "cache"
-    src = SOURCES["crossfire"]
-    folder = cache / "data" / "sources" / src.key
-    folder.mkdir(parents=True)
-    deb = write_deb(folder / "fake.deb", {mm.CROSSFIRE_BASE: _crossfire_base(images)})
-    monkeypatch.setitem(SOURCES, "crossfire", Source(src.package, src.version, "deb", src.licence,
-                                                     sha256=sha256_file(deb), pool_path=src.pool_path))
+    pin_fake_deb(cache, monkeypatch, "crossfire", {mm.CROSSFIRE_BASE: _crossfire_base(images)})
     root = fetch_suite("mini-vtab", ["crossfire_objects"], cache, progress=False)
     info = json.loads((root / "crossfire_objects" / "info.json").read_text())
     assert info["splits"] == {"train800": 40, "val200": 10, "train800val200": 50, "test": 30}
